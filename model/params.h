@@ -1,0 +1,66 @@
+// Parameters under their Hugging Face names (SPEC.md §3), with gradients and training groups.
+//
+// Routed experts are stored fused, as transformers 5.x writes them:
+//   model.layers.{i}.mlp.experts.gate_up_proj  [E, 2*moe_I, D]   (gate rows first, then up)
+//   model.layers.{i}.mlp.experts.down_proj     [E, D, moe_I]
+// The per-expert names of older checkpoints are mapped to these by the converter.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "kernels/tensor.h"
+#include "model/config.h"
+
+namespace dsa {
+
+enum class ParamGroup : uint8_t {
+  Main,     // everything trained by the LM loss
+  Indexer,  // self_attn.indexer.*: trained by the indexer KL loss only
+  Buffer,   // mlp.gate.e_score_correction_bias: set by the balancing rule, never by gradients
+};
+const char* param_group_name(ParamGroup g);
+
+struct Param {
+  std::string name;  // Hugging Face name, e.g. "model.layers.0.self_attn.q_a_proj.weight"
+  Tensor value;      // master weights (f32, or f64 in gradient checks)
+  Tensor grad;       // same shape as value; undefined for buffers
+  ParamGroup group = ParamGroup::Main;
+  bool decay = true;  // weight decay applies (matrices: yes; norms, biases: no)
+};
+
+class ParamStore {
+ public:
+  Param& add(const std::string& name, const Shape& shape, ParamGroup group, bool decay, DType dtype, Device device);
+  Param& get(const std::string& name);
+  const Param& get(const std::string& name) const;
+  bool has(const std::string& name) const { return index_.count(name) > 0; }
+  Tensor& operator[](const std::string& name) { return get(name).value; }
+  const Tensor& operator[](const std::string& name) const { return get(name).value; }
+  Tensor& grad(const std::string& name) { return get(name).grad; }
+  std::vector<Param>& all() { return params_; }
+  const std::vector<Param>& all() const { return params_; }
+  size_t size() const { return params_.size(); }
+  int64_t numel() const;
+  void zero_grads();
+
+ private:
+  std::vector<Param> params_;
+  std::unordered_map<std::string, size_t> index_;
+};
+
+// Every tensor of the model with its name, shape and group (values uninitialized).
+ParamStore make_params(const ModelConfig& cfg, DType dtype = DType::F32, Device device = Device::CPU);
+// Deterministic initialization from a seed, independent of the order of tensors: each tensor draws
+// from its own stream seeded by (seed, name). Linear weights and embeddings ~ N(0, initializer_range);
+// RMSNorm and LayerNorm weights 1; biases and the routing bias 0.
+void init_params(ParamStore& params, const ModelConfig& cfg, uint64_t seed);
+// Initialize only the tensors of one group (e.g. a fresh indexer for a checkpoint without one).
+void init_params_group(ParamStore& params, const ModelConfig& cfg, uint64_t seed, ParamGroup group);
+
+// Name helpers.
+std::string layer_prefix(int64_t layer);  // "model.layers.{i}."
+
+}  // namespace dsa
