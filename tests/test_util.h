@@ -42,7 +42,7 @@ inline ::testing::AssertionResult all_close(const Tensor& a, const Tensor& b, do
   int64_t where = -1;
   for (int64_t i = 0; i < a.numel(); ++i) {
     const double x = a.item(i), y = b.item(i);
-    const double r = std::fabs(x - y) / (atol + rtol * std::fabs(y));
+    const double r = x == y ? 0.0 : std::fabs(x - y) / (atol + rtol * std::fabs(y));
     if (std::isnan(x) != std::isnan(y) || std::isnan(r) || r > worst) {
       if (std::isnan(x) || std::isnan(y) || std::isnan(r))
         return ::testing::AssertionFailure() << "NaN at " << i << ": " << x << " vs " << y;
