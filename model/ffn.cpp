@@ -1,0 +1,78 @@
+#include "model/ffn.h"
+
+namespace dsa {
+
+Tensor mlp_forward(const ParamStore& ps, const std::string& p, const Tensor& x, MlpCache& c) {
+  c.x = x;
+  c.gate = ops::linear_forward(x, ps[p + "gate_proj.weight"]);
+  c.up = ops::linear_forward(x, ps[p + "up_proj.weight"]);
+  c.h = ops::swiglu_forward(c.gate, c.up);
+  return ops::linear_forward(c.h, ps[p + "down_proj.weight"]);
+}
+
+Tensor mlp_backward(ParamStore& ps, const std::string& p, const Tensor& dy, const MlpCache& c) {
+  Tensor dh = ops::linear_backward(dy, c.h, ps[p + "down_proj.weight"], &ps.grad(p + "down_proj.weight"));
+  Tensor dgate, dup;
+  ops::swiglu_backward(dh, c.gate, c.up, &dgate, &dup);
+  Tensor dx = ops::linear_backward(dgate, c.x, ps[p + "gate_proj.weight"], &ps.grad(p + "gate_proj.weight"));
+  ops::add_(dx, ops::linear_backward(dup, c.x, ps[p + "up_proj.weight"], &ps.grad(p + "up_proj.weight")));
+  return dx;
+}
+
+ops::MoeRouteConfig route_config(const ModelConfig& cfg) {
+  ops::MoeRouteConfig r;
+  r.n_group = static_cast<int>(cfg.n_group);
+  r.topk_group = static_cast<int>(cfg.topk_group);
+  r.top_k = static_cast<int>(cfg.num_experts_per_tok);
+  r.norm_topk_prob = cfg.norm_topk_prob;
+  r.routed_scaling_factor = cfg.routed_scaling_factor;
+  return r;
+}
+
+Tensor moe_forward(const ParamStore& ps, const std::string& p, const ModelConfig& cfg, const Tensor& x, int64_t B,
+                   int64_t T, double balance_alpha, MoeCache& c) {
+  const int64_t E = cfg.n_routed_experts, K = cfg.num_experts_per_tok, I = cfg.moe_intermediate_size;
+  c = MoeCache{};
+  c.B = B;
+  c.T = T;
+  c.x = x;
+  c.logits = ops::linear_forward(x, ps[p + "gate.weight"]);
+  c.routing = ops::moe_route(c.logits, ps[p + "gate.e_score_correction_bias"], route_config(cfg));
+  c.perm = ops::moe_permutation(c.routing.experts, E);
+  c.xp = ops::moe_permute(x, c.perm, K);
+  c.gu = ops::grouped_linear_forward(c.xp, ps[p + "experts.gate_up_proj"], c.perm);
+  c.h = ops::swiglu_forward(ops::slice_last(c.gu, 0, I), ops::slice_last(c.gu, I, 2 * I));
+  c.yp = ops::grouped_linear_forward(c.h, ps[p + "experts.down_proj"], c.perm);
+  Tensor y = ops::moe_combine(c.yp, c.routing.weights, c.perm);
+  if (cfg.n_shared_experts > 0) ops::add_(y, mlp_forward(ps, p + "shared_experts.", x, c.shared));
+  if (balance_alpha > 0) c.balance_loss = ops::moe_seq_balance_loss(c.routing, E, B, T, balance_alpha, nullptr);
+  return y;
+}
+
+Tensor moe_backward(ParamStore& ps, const std::string& p, const ModelConfig& cfg, const Tensor& dy, const MoeCache& c,
+                    double balance_alpha) {
+  const int64_t E = cfg.n_routed_experts, I = cfg.moe_intermediate_size;
+  const int64_t N = c.x.size(0);
+  Tensor dyp, dweights;
+  ops::moe_combine_backward(dy, c.yp, c.routing.weights, c.perm, &dyp, &dweights);
+  Tensor dh = ops::grouped_linear_backward(dyp, c.h, ps[p + "experts.down_proj"], c.perm,
+                                           &ps.grad(p + "experts.down_proj"));
+  Tensor dgate, dup;
+  ops::swiglu_backward(dh, ops::slice_last(c.gu, 0, I), ops::slice_last(c.gu, I, 2 * I), &dgate, &dup);
+  Tensor dgu = ops::concat_last(dgate, dup);
+  Tensor dxp = ops::grouped_linear_backward(dgu, c.xp, ps[p + "experts.gate_up_proj"], c.perm,
+                                            &ps.grad(p + "experts.gate_up_proj"));
+  Tensor dx = ops::moe_permute_backward(dxp, c.perm, N, cfg.num_experts_per_tok);
+  // Router: through the combine weights, and through the balance loss's dependence on the scores.
+  Tensor dlogits = ops::moe_route_backward(dweights, c.routing, route_config(cfg));
+  if (balance_alpha > 0) {
+    Tensor dscores = Tensor::zeros({N, E}, dy.dtype(), dy.device());
+    ops::moe_seq_balance_loss(c.routing, E, c.B, c.T, balance_alpha, &dscores);
+    ops::add_(dlogits, ops::moe_scores_backward(dscores, c.routing));
+  }
+  ops::add_(dx, ops::linear_backward(dlogits, c.x, ps[p + "gate.weight"], &ps.grad(p + "gate.weight")));
+  if (cfg.n_shared_experts > 0) ops::add_(dx, mlp_backward(ps, p + "shared_experts.", dy, c.shared));
+  return dx;
+}
+
+}  // namespace dsa

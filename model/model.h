@@ -1,0 +1,104 @@
+// The DeepSeek-V3.2 model: embedding, layers of MLA (+ lightning indexer) and a dense SwiGLU or MoE
+// feed-forward, final RMSNorm, lm_head and cross-entropy. Forward and backward of one micro-batch.
+//
+//   layer i:  x += MLA(RMSNorm(x))        indexer reads RMSNorm(x) and MLA's query latent c_q
+//             x += FFN_i(RMSNorm(x))      SwiGLU for i < first_k_dense_replace, MoE otherwise
+//
+// The three training stages are switches of StepOptions (SPEC.md §2):
+//   dense:           attention Dense, indexer_loss None,   train_main
+//   indexer warm-up: attention Dense, indexer_loss Dense,  train_indexer only (no LM backward at all)
+//   sparse:          attention Sparse, indexer_loss Sparse, train_main and train_indexer, detached inputs
+#pragma once
+
+#include <vector>
+
+#include "model/config.h"
+#include "model/ffn.h"
+#include "model/indexer.h"
+#include "model/mla.h"
+#include "model/params.h"
+#include "model/rope_tables.h"
+
+namespace dsa {
+
+enum class AttentionMode { Dense, Sparse };
+enum class IndexerLossMode { None, Dense, Sparse };
+
+struct StepOptions {
+  AttentionMode attention = AttentionMode::Dense;
+  MlaForm form = MlaForm::MHA;  // dense attention's form; sparse attention always runs in MQA form
+  int64_t topk = 0;             // 0: the config's index_topk
+  IndexerLossMode indexer_loss = IndexerLossMode::None;
+  bool detach_indexer_input = true;  // x and c_q reach the indexer as constants
+  bool fp8_indexer = true;           // selection scores through Hadamard + FP8 (else f32/f64)
+  bool train_main = true;            // LM-loss backward into every non-indexer parameter
+  bool train_indexer = false;        // indexer-loss backward into the indexer's parameters
+  double lm_grad_scale = 1.0;        // gradient of (lm_grad_scale * sum of token losses)
+  double indexer_grad_scale = 1.0;   // gradient of (indexer_grad_scale * sum over layers and rows of KL)
+  double balance_alpha = 0.0;        // sequence-wise MoE balance loss weight (0 = off)
+  bool compute_recall = false;       // indexer recall against the dense attention (costs a dense pass)
+};
+
+// Sums, so micro-batches and ranks reduce exactly; means are formed by the caller.
+struct StepStats {
+  double lm_loss_sum = 0;
+  int64_t lm_tokens = 0;
+  double indexer_kl_sum = 0;  // over layers and query rows
+  int64_t indexer_rows = 0;   // layers * rows
+  double recall_sum = 0;      // over layers and rows
+  int64_t recall_rows = 0;
+  double balance_loss = 0;
+};
+
+class Model {
+ public:
+  Model(const ModelConfig& cfg, DType dtype = DType::F32, Device device = Device::CPU);
+
+  const ModelConfig& config() const { return cfg_; }
+  ParamStore& params() { return params_; }
+  const ParamStore& params() const { return params_; }
+  DType dtype() const { return dtype_; }
+  Device device() const { return device_; }
+
+  // One micro-batch of B sequences of T tokens: ids, targets [B*T] i32 (target -1 = ignored).
+  // With backward, parameter gradients ACCUMULATE (call params().zero_grads() per optimizer step).
+  StepStats step(const Tensor& ids, const Tensor& targets, int64_t B, int64_t T, const StepOptions& opts,
+                 bool backward);
+
+  // Tokens routed to each expert in the last step, one [E] f32 tensor per MoE layer (in layer order).
+  const std::vector<Tensor>& expert_loads() const { return expert_loads_; }
+  // Auxiliary-loss-free balancing: bias_e += rate * sign(mean_load - load_e), with loads summed over
+  // every data-parallel rank by the caller. The bias only steers selection, never the weights.
+  void update_moe_bias(const std::vector<Tensor>& loads, double rate);
+
+ private:
+  struct LayerCache {
+    Tensor x_in;      // [N, D] residual stream entering the layer
+    Tensor attn_rstd; // [N]
+    Tensor attn_in;   // [N, D] RMSNorm(x_in)
+    MlaCache mla;
+    IndexerCache indexer;
+    Tensor indices;   // [B, T, K] sparse selection (sparse attention only)
+    Tensor dx_from_indexer;   // [N, D]      indexer loss gradient at attn_in (not detached)
+    Tensor dcq_from_indexer;  // [N, q_lora] indexer loss gradient at c_q (not detached)
+    Tensor h_mid;     // [N, D] after the attention residual
+    Tensor ffn_rstd;  // [N]
+    Tensor ffn_in;    // [N, D]
+    bool moe = false;
+    MlpCache mlp;
+    MoeCache moe_cache;
+  };
+  void ensure_rope(int64_t T);
+  void indexer_loss_and_grads(int64_t l, LayerCache& lc, const Tensor& positions, int64_t B, int64_t T,
+                              const StepOptions& opts, bool backward, StepStats& stats);
+
+  ModelConfig cfg_;
+  DType dtype_;
+  Device device_;
+  ParamStore params_;
+  RopeTables rope_;
+  int64_t rope_positions_ = 0;
+  std::vector<Tensor> expert_loads_;
+};
+
+}  // namespace dsa
