@@ -71,8 +71,13 @@ Tensor layernorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, co
 
 // ---------------------------------------------------------------------------------------- rope
 enum class RopeStyle {
-  Interleaved,  // MLA: pairs (2i, 2i+1) rotate by frequency i (transformers' DeepseekV3 "interleave")
-  RotateHalf,   // indexer: pairs (i, i + R/2) rotate by frequency i (NeoX style)
+  // MLA: pairs (2i, 2i+1) rotate by frequency i, exactly as transformers' DeepseekV3/V32
+  // apply_rotary_pos_emb_interleave, which also DE-INTERLEAVES the output: with h = R/2,
+  //   y[i] = x[2i] c_i - x[2i+1] s_i,   y[i+h] = x[2i+1] c_i + x[2i] s_i   (evens first, then odds).
+  // Its backward maps the de-interleaved gradient back to the interleaved input layout:
+  //   dx[2i] = dy[i] c_i + dy[i+h] s_i,  dx[2i+1] = dy[i+h] c_i - dy[i] s_i.
+  Interleaved,
+  RotateHalf,  // indexer: pairs (i, i + R/2) rotate by frequency i (NeoX style), layout kept
 };
 // Rotates x[n, h, offset : offset+R] in place by angle pos[n] * inv_freq[i], R = 2 * cos.size(1).
 // cos/sin [P, R/2] hold cos(p * inv_freq_i) (YaRN's mscale already folded in by the caller when it
@@ -157,5 +162,9 @@ struct AdamWConfig {
 };
 // Decoupled weight decay; bias-corrected with step (1-based). param/m/v are f32 (master weights).
 void adamw_step_(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, const AdamWConfig& cfg, int64_t step);
+// sqrt of the sum of squares of all gradients (null/undefined entries skipped), accumulated in double.
+double global_grad_norm(const std::vector<const Tensor*>& grads);
+// Scales every gradient by max_norm / (norm + 1e-6) when that is < 1 (torch clip_grad_norm_).
+void clip_grads_(const std::vector<Tensor*>& grads, double max_norm, double norm);
 
 }  // namespace dsa::ops

@@ -1,0 +1,181 @@
+// Elementwise ops and slices along the last dimension (CPU reference).
+#include <cstring>
+
+#include "kernels/op_util.h"
+#include "kernels/ops.h"
+
+namespace dsa::ops {
+
+using detail::cuda_missing;
+using detail::dispatch_float;
+using detail::expect_same_dtype;
+using detail::on_cuda;
+
+namespace {
+
+void expect_same_shape(const char* op, const Tensor& a, const Tensor& b) {
+  DSA_CHECK(a.defined() && b.defined() && a.shape() == b.shape(), "[", op, "] shapes differ: ", a.desc(), " and ",
+            b.desc());
+}
+
+// a[i] = a[i] * sa + b[i] * sb over n elements.
+template <class T>
+void axpby(T* a, const T* b, int64_t n, T sa, T sb) {
+#pragma omp parallel for schedule(static) if (n > (1 << 16))
+  for (int64_t i = 0; i < n; ++i) a[i] = a[i] * sa + b[i] * sb;
+}
+
+// dst [rows, dd] (columns begin..begin+ds) += src [rows, ds].
+template <class T>
+void accumulate_cols(T* dst, int64_t dd, int64_t begin, const T* src, int64_t ds, int64_t rows) {
+#pragma omp parallel for schedule(static) if (rows * ds > (1 << 16))
+  for (int64_t r = 0; r < rows; ++r) {
+    T* d = dst + r * dd + begin;
+    const T* s = src + r * ds;
+    for (int64_t j = 0; j < ds; ++j) d[j] += s[j];
+  }
+}
+
+// Byte-wise column copy for any dtype: dst row r gets src row r's bytes [sb, sb+len) at db.
+void copy_bytes(char* dst, size_t drow, size_t db, const char* src, size_t srow, size_t sb, size_t len,
+                int64_t rows) {
+#pragma omp parallel for schedule(static) if (static_cast<int64_t>(len) * rows > (1 << 18))
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(dst + r * drow + db, src + r * srow + sb, len);
+}
+
+Shape with_last(const Shape& s, int64_t last) {
+  Shape r = s;
+  r.back() = last;
+  return r;
+}
+
+}  // namespace
+
+void add_(Tensor& a, const Tensor& b) { add_scaled_(a, b, 1.0); }
+
+void add_scaled_(Tensor& a, const Tensor& b, double s) {
+  const char* op = "add_scaled_";
+  expect_float(op, "a", a);
+  expect_same_dtype(op, "b", b, a);
+  expect_same_shape(op, a, b);
+  expect_same_device(op, a, b);
+  if (on_cuda(a)) cuda_missing(op);
+  dispatch_float(op, a.dtype(), [&](auto t) {
+    using T = decltype(t);
+    axpby<T>(a.data<T>(), b.data<T>(), a.numel(), T(1), static_cast<T>(s));
+  });
+}
+
+void scale_(Tensor& a, double s) {
+  const char* op = "scale_";
+  expect_float(op, "a", a);
+  if (on_cuda(a)) cuda_missing(op);
+  dispatch_float(op, a.dtype(), [&](auto t) {
+    using T = decltype(t);
+    T* p = a.data<T>();
+    const T ts = static_cast<T>(s);
+    const int64_t n = a.numel();
+#pragma omp parallel for schedule(static) if (n > (1 << 16))
+    for (int64_t i = 0; i < n; ++i) p[i] *= ts;
+  });
+}
+
+Tensor add(const Tensor& a, const Tensor& b) {
+  const char* op = "add";
+  expect_float(op, "a", a);
+  expect_same_dtype(op, "b", b, a);
+  expect_same_shape(op, a, b);
+  expect_same_device(op, a, b);
+  if (on_cuda(a)) cuda_missing(op);
+  Tensor y = a.clone();
+  add_(y, b);
+  return y;
+}
+
+Tensor slice_last(const Tensor& x, int64_t begin, int64_t end) {
+  const char* op = "slice_last";
+  DSA_CHECK(x.defined() && x.ndim() >= 1, "[", op, "] x must have at least one dimension, got ", x.desc());
+  const int64_t d = x.size(-1);
+  DSA_CHECK(0 <= begin && begin <= end && end <= d, "[", op, "] range [", begin, ", ", end, ") out of bounds for ",
+            x.desc());
+  if (on_cuda(x)) cuda_missing(op);
+  Tensor y = Tensor::empty(with_last(x.shape(), end - begin), x.dtype());
+  const int64_t rows = d ? x.numel() / d : 0;
+  const size_t es = static_cast<size_t>(dtype_size(x.dtype()));
+  if (end > begin)
+    copy_bytes(static_cast<char*>(y.raw()), (end - begin) * es, 0, static_cast<const char*>(x.raw()), d * es,
+               begin * es, (end - begin) * es, rows);
+  return y;
+}
+
+void slice_last_accumulate_(Tensor& dst, const Tensor& src, int64_t begin) {
+  const char* op = "slice_last_accumulate_";
+  expect_float(op, "dst", dst);
+  expect_same_dtype(op, "src", src, dst);
+  expect_same_device(op, dst, src);
+  DSA_CHECK(dst.ndim() >= 1 && src.ndim() == dst.ndim(), "[", op, "] src ", src.desc(), " and dst ", dst.desc(),
+            " must have the same rank");
+  const int64_t dd = dst.size(-1), ds = src.size(-1);
+  DSA_CHECK(src.shape() == with_last(dst.shape(), ds) && begin >= 0 && begin + ds <= dd, "[", op, "] src ",
+            src.desc(), " at column ", begin, " does not fit dst ", dst.desc());
+  if (on_cuda(dst)) cuda_missing(op);
+  if (ds == 0) return;
+  const int64_t rows = src.numel() / ds;
+  dispatch_float(op, dst.dtype(), [&](auto t) {
+    using T = decltype(t);
+    accumulate_cols<T>(dst.data<T>(), dd, begin, src.data<T>(), ds, rows);
+  });
+}
+
+Tensor concat_last(const Tensor& a, const Tensor& b) {
+  const char* op = "concat_last";
+  DSA_CHECK(a.defined() && b.defined() && a.ndim() >= 1 && a.ndim() == b.ndim() && a.dtype() == b.dtype() &&
+                b.shape() == with_last(a.shape(), b.size(-1)),
+            "[", op, "] a ", a.desc(), " and b ", b.desc(), " must agree in all but the last dimension");
+  expect_same_device(op, a, b);
+  if (on_cuda(a)) cuda_missing(op);
+  const int64_t da = a.size(-1), db = b.size(-1), d = da + db;
+  Tensor y = Tensor::empty(with_last(a.shape(), d), a.dtype());
+  const int64_t rows = a.numel() ? a.numel() / da : (db ? b.numel() / db : 0);
+  const size_t es = static_cast<size_t>(dtype_size(a.dtype()));
+  char* yp = static_cast<char*>(y.raw());
+  if (da) copy_bytes(yp, d * es, 0, static_cast<const char*>(a.raw()), da * es, 0, da * es, rows);
+  if (db) copy_bytes(yp, d * es, da * es, static_cast<const char*>(b.raw()), db * es, 0, db * es, rows);
+  return y;
+}
+
+double sum(const Tensor& x) {
+  const char* op = "sum";
+  expect_float(op, "x", x);
+  if (on_cuda(x)) cuda_missing(op);
+  double s = 0;
+  dispatch_float(op, x.dtype(), [&](auto t) {
+    using T = decltype(t);
+    const T* p = x.data<T>();
+    const int64_t n = x.numel();
+    double acc = 0;
+#pragma omp parallel for schedule(static) reduction(+ : acc) if (n > (1 << 16))
+    for (int64_t i = 0; i < n; ++i) acc += static_cast<double>(p[i]);
+    s = acc;
+  });
+  return s;
+}
+
+double sum_squares(const Tensor& x) {
+  const char* op = "sum_squares";
+  expect_float(op, "x", x);
+  if (on_cuda(x)) cuda_missing(op);
+  double s = 0;
+  dispatch_float(op, x.dtype(), [&](auto t) {
+    using T = decltype(t);
+    const T* p = x.data<T>();
+    const int64_t n = x.numel();
+    double acc = 0;
+#pragma omp parallel for schedule(static) reduction(+ : acc) if (n > (1 << 16))
+    for (int64_t i = 0; i < n; ++i) acc += static_cast<double>(p[i]) * static_cast<double>(p[i]);
+    s = acc;
+  });
+  return s;
+}
+
+}  // namespace dsa::ops
