@@ -51,6 +51,7 @@ void Model::indexer_loss_and_grads(int64_t l, LayerCache& lc, const Tensor& posi
   const bool need_grad = backward && (opts.train_indexer || (!opts.detach_indexer_input && opts.train_main));
   Tensor q4 = ic.q.view({B, T, Hi, di}), k3 = ic.k.view({B, T, di}), w3 = ic.w.view({B, T, Hi});
   ops::IndexerLossResult r;
+  ops::IndexerGrads g;
   if (opts.indexer_loss == IndexerLossMode::Dense) {
     Tensor q_main, k_main;
     if (m.form == MlaForm::MHA) {
@@ -60,12 +61,12 @@ void Model::indexer_loss_and_grads(int64_t l, LayerCache& lc, const Tensor& posi
       q_main = m.q_abs;
       k_main = m.kv_lat.view({B, T, 1, cfg_.kv_lora_rank + cfg_.qk_rope_head_dim});
     }
-    r = ops::indexer_kl_dense(q4, k3, w3, q_main, k_main, m.lse, cfg_.attention_scale(), opts.indexer_grad_scale,
-                              need_grad);
+    r = ops::indexer_kl_dense(q_main, k_main, m.lse, cfg_.attention_scale(), q4, k3, w3, opts.fp8_indexer,
+                              opts.indexer_grad_scale, need_grad ? &g : nullptr);
   } else {
     DSA_CHECK(m.sparse, "[model] the sparse indexer loss needs sparse attention in the same step");
-    r = ops::indexer_kl_sparse(q4, k3, w3, lc.indices, m.q_abs, m.kv_lat, m.lse, cfg_.attention_scale(),
-                               opts.indexer_grad_scale, need_grad);
+    r = ops::indexer_kl_sparse(m.q_abs, m.kv_lat, m.lse, cfg_.attention_scale(), lc.indices, q4, k3, w3,
+                               opts.fp8_indexer, opts.indexer_grad_scale, need_grad ? &g : nullptr);
   }
   stats.indexer_kl_sum += r.loss_sum;
   stats.indexer_rows += r.rows;
@@ -75,7 +76,7 @@ void Model::indexer_loss_and_grads(int64_t l, LayerCache& lc, const Tensor& posi
   const bool to_inputs = !opts.detach_indexer_input && opts.train_main;
   Tensor dx, dcq;
   indexer_backward(params_, layer_prefix(l), cfg_, rope_, positions,
-                   ic, r.dq.view({N, Hi, di}), r.dk.view({N, di}), r.dw.view({N, Hi}), to_inputs ? &dx : nullptr,
+                   ic, g.dq.view({N, Hi, di}), g.dk.view({N, di}), g.dw.view({N, Hi}), to_inputs ? &dx : nullptr,
                    to_inputs ? &dcq : nullptr);
   if (to_inputs) {
     lc.dx_from_indexer = dx;
@@ -136,8 +137,8 @@ StepStats Model::step(const Tensor& ids, const Tensor& targets, int64_t B, int64
       Tensor k_main = dense->form == MlaForm::MHA
                           ? dense->k
                           : dense->kv_lat.view({B, T, 1, cfg_.kv_lora_rank + cfg_.qk_rope_head_dim});
-      ops::RecallResult rr = ops::indexer_recall(lc.indices, q_main, k_main, dense->lse, cfg_.attention_scale());
-      stats.recall_sum += rr.sum;
+      ops::IndexerRecall rr = ops::indexer_recall(q_main, k_main, dense->lse, cfg_.attention_scale(), lc.indices);
+      stats.recall_sum += rr.recall_sum;
       stats.recall_rows += rr.rows;
     }
     if (opts.indexer_loss != IndexerLossMode::None) indexer_loss_and_grads(l, lc, positions, B, T, opts, backward, stats);
