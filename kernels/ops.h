@@ -134,6 +134,15 @@ struct MoeRouteConfig {
 MoeRouting moe_route(const Tensor& logits /*[N, E]*/, const Tensor& bias /*[E] f32*/, const MoeRouteConfig& cfg);
 // dlogits [N, E] from dweights [N, K] (selection is not differentiated).
 Tensor moe_route_backward(const Tensor& dweights, const MoeRouting& r, const MoeRouteConfig& cfg);
+// dlogits [N, E] = dscores * s * (1 - s): the sigmoid backward, for losses on r.scores.
+Tensor moe_scores_backward(const Tensor& dscores /*[N, E]*/, const MoeRouting& r);
+Tensor moe_expert_load(const MoeRouting& r, int64_t n_experts);  // [E] f32 count of tokens routed to each expert
+// DeepSeek-V3 sequence-wise balance loss (paper eq. 17-20), averaged over the batch's sequences:
+// L = alpha * sum_i f_i P_i, f_i = E/(K*T) * #tokens of the sequence choosing i, P_i = mean over the
+// sequence of s_i / sum_j s_j. Tokens are sequence-major (N = batch * seq). Gradient flows through P
+// only: dscores [N, E] += dL/dscores when given (then chain with moe_scores_backward).
+double moe_seq_balance_loss(const MoeRouting& r, int64_t n_experts, int64_t batch, int64_t seq, double alpha,
+                            Tensor* dscores /*[N, E] +=*/);
 
 // Tokens sorted by expert, stable within an expert (token order, then slot).
 struct MoePermutation {
@@ -148,7 +157,7 @@ Tensor moe_permute_backward(const Tensor& dxp /*[N*K, D]*/, const MoePermutation
                             int64_t top_k);
 // y[n] = sum_k weights[n,k] * yp[row of (n,k)]
 Tensor moe_combine(const Tensor& yp /*[N*K, D]*/, const Tensor& weights /*[N, K]*/, const MoePermutation& p);
-// dyp [N*K, D] and dweights [N, K]
+// dyp [N*K, D] and dweights [N, K], each written as a fresh tensor when its pointer is given
 void moe_combine_backward(const Tensor& dy /*[N, D]*/, const Tensor& yp, const Tensor& weights,
                           const MoePermutation& p, Tensor* dyp, Tensor* dweights);
 // Per expert e: y[rows of e] = xp[rows of e] @ w[e]^T.  w [E, out, in]
