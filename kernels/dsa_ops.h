@@ -72,8 +72,10 @@ void indexer_scores_backward(const Tensor& dI, const Tensor& q_I, const Tensor& 
 Tensor topk_causal(const Tensor& scores, int64_t t0, int64_t topk);
 // S_t for every token: indices [B, T, K] i32, scored row block by row block (never [B, T, T]).
 // fp8 = true scores the indexer_fp8_operands (Hadamard + FP8, as in production); fp8 = false scores
-// the unquantized q_I, k_I in f32/f64 (ablation and reference).
-Tensor indexer_topk(const Tensor& q_I, const Tensor& k_I, const Tensor& w_I, int64_t topk, bool fp8);
+// the unquantized q_I, k_I in f32/f64 (ablation and reference). block_rows: query rows per streamed
+// block (0 = automatic, about 32 MiB of scores); the result does not depend on it.
+Tensor indexer_topk(const Tensor& q_I, const Tensor& k_I, const Tensor& w_I, int64_t topk, bool fp8,
+                    int64_t block_rows = 0);
 
 // ------------------------------------------------------------------------------ sparse attention
 // MQA-form attention of each query over its selected latent rows (slots with index -1 are skipped;
@@ -110,10 +112,10 @@ struct IndexerGrads {
 // dense attention). softmax(I) over s <= t. When grads is non-null it receives fresh gradients of
 // grad_scale * loss_sum w.r.t. q_I, k_I, w_I (dI = grad_scale * (softmax(I) - p)).
 // fp8: I in the forward is scored on indexer_fp8_operands; the backward always differentiates the
-// unquantized scores (straight-through over the FP8 rounding).
+// unquantized scores (straight-through over the FP8 rounding). block_rows as in indexer_topk.
 IndexerLossResult indexer_kl_dense(const Tensor& q_main, const Tensor& k_main, const Tensor& lse_main, double scale,
                                    const Tensor& q_I, const Tensor& k_I, const Tensor& w_I, bool fp8,
-                                   double grad_scale, IndexerGrads* grads);
+                                   double grad_scale, IndexerGrads* grads, int64_t block_rows = 0);
 // Sparse loss over S_t = the valid slots of indices [B, T, K]: target p over S_t from the sparse
 // attention (q_main [B, T, H, Dk], kv [B, T, Dk], lse_sparse [B, H, T] from sparse_attention_forward
 // with the same indices and scale), renormalized over S_t; softmax(I) over S_t. Other arguments as
@@ -129,6 +131,6 @@ struct IndexerRecall {
   double mean() const { return rows ? recall_sum / static_cast<double>(rows) : 0.0; }
 };
 IndexerRecall indexer_recall(const Tensor& q_main, const Tensor& k_main, const Tensor& lse_main, double scale,
-                             const Tensor& indices);
+                             const Tensor& indices, int64_t block_rows = 0);
 
 }  // namespace dsa::ops

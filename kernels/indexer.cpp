@@ -332,7 +332,8 @@ Tensor topk_causal(const Tensor& scores, int64_t t0, int64_t topk) {
   return out;
 }
 
-Tensor indexer_topk(const Tensor& q_I, const Tensor& k_I, const Tensor& w_I, int64_t topk, bool fp8) {
+Tensor indexer_topk(const Tensor& q_I, const Tensor& k_I, const Tensor& w_I, int64_t topk, bool fp8,
+                    int64_t block_rows) {
   const char* op = "indexer_topk";
   check_indexer_operands(op, q_I, k_I, &w_I);
   DSA_CHECK(topk >= 1, "[", op, "] topk must be >= 1, got ", topk);
@@ -340,7 +341,8 @@ Tensor indexer_topk(const Tensor& q_I, const Tensor& k_I, const Tensor& w_I, int
   Tensor q = q_I, k = k_I;
   if (fp8) indexer_fp8_operands(q_I, k_I, &q, &k);
   Tensor out = Tensor::empty({B, T, topk}, DType::I32);
-  const int64_t rb = dsa_cpu::rows_per_block(T, T * std::max(B, Hi));
+  DSA_CHECK(block_rows >= 0, "[", op, "] block_rows must be >= 0, got ", block_rows);
+  const int64_t rb = block_rows > 0 ? block_rows : dsa_cpu::rows_per_block(T, T * std::max(B, Hi));
   for (int64_t t0 = 0; t0 < T; t0 += rb) {
     const int64_t t1 = std::min(T, t0 + rb);
     const Tensor idx = topk_causal(indexer_scores_forward(q, k, w_I, t0, t1), t0, topk);  // [B, t1-t0, K]

@@ -95,9 +95,10 @@ double row_kl(const T* p, const T* I, int64_t n, double gs, T* dI) {
 template <class T>
 IndexerLossResult kl_dense(const Tensor& q_main, const Tensor& k_main, const Tensor& lse, double scale,
                            const Tensor& q_I, const Tensor& k_I, const Tensor& w_I, const Tensor& q_s, const Tensor& k_s,
-                           double gs, IndexerGrads* grads) {
+                           double gs, IndexerGrads* grads, int64_t block_rows) {
   const int64_t B = q_main.size(0), T_ = q_main.size(1), H = q_main.size(2), Hi = q_I.size(2);
-  const int64_t rb = dsa_cpu::rows_per_block(T_, T_ * std::max({B, Hi, H}));
+  const int64_t rb =
+      block_rows > 0 ? std::min(block_rows, T_) : dsa_cpu::rows_per_block(T_, T_ * std::max({B, Hi, H}));
   std::vector<T> P(static_cast<size_t>(B * rb * T_));
   std::vector<double> row_loss(static_cast<size_t>(B * rb));
   IndexerLossResult res;
@@ -226,16 +227,18 @@ void init_grads(IndexerGrads* g, const Tensor& q_I, const Tensor& k_I, const Ten
 
 IndexerLossResult indexer_kl_dense(const Tensor& q_main, const Tensor& k_main, const Tensor& lse_main, double scale,
                                    const Tensor& q_I, const Tensor& k_I, const Tensor& w_I, bool fp8,
-                                   double grad_scale, IndexerGrads* grads) {
+                                   double grad_scale, IndexerGrads* grads, int64_t block_rows) {
   const char* op = "indexer_kl_dense";
   check_main(op, q_main, k_main, lse_main);
+  DSA_CHECK(block_rows >= 0, "[", op, "] block_rows must be >= 0, got ", block_rows);
   check_indexer(op, q_main, q_I, k_I, w_I);
   Tensor q_s = q_I, k_s = k_I;
   if (fp8) indexer_fp8_operands(q_I, k_I, &q_s, &k_s);
   init_grads(grads, q_I, k_I, w_I);
   if (q_I.dtype() == DType::F32)
-    return kl_dense<float>(q_main, k_main, lse_main, scale, q_I, k_I, w_I, q_s, k_s, grad_scale, grads);
-  return kl_dense<double>(q_main, k_main, lse_main, scale, q_I, k_I, w_I, q_s, k_s, grad_scale, grads);
+    return kl_dense<float>(q_main, k_main, lse_main, scale, q_I, k_I, w_I, q_s, k_s, grad_scale, grads,
+                           block_rows);
+  return kl_dense<double>(q_main, k_main, lse_main, scale, q_I, k_I, w_I, q_s, k_s, grad_scale, grads, block_rows);
 }
 
 IndexerLossResult indexer_kl_sparse(const Tensor& q_main, const Tensor& kv, const Tensor& lse_sparse, double scale,
@@ -259,9 +262,10 @@ IndexerLossResult indexer_kl_sparse(const Tensor& q_main, const Tensor& kv, cons
 
 namespace {
 template <class T>
-IndexerRecall recall_impl(const Tensor& q, const Tensor& k, const Tensor& lse, double scale, const Tensor& indices) {
+IndexerRecall recall_impl(const Tensor& q, const Tensor& k, const Tensor& lse, double scale, const Tensor& indices,
+                          int64_t block_rows) {
   const int64_t B = q.size(0), T_ = q.size(1), H = q.size(2), K = indices.size(2);
-  const int64_t rb = dsa_cpu::rows_per_block(T_, T_ * std::max(B, H));
+  const int64_t rb = block_rows > 0 ? std::min(block_rows, T_) : dsa_cpu::rows_per_block(T_, T_ * std::max(B, H));
   std::vector<T> P(static_cast<size_t>(B * rb * T_));
   std::vector<double> row(static_cast<size_t>(B * rb));
   const int32_t* idx = indices.data<int32_t>();
@@ -293,12 +297,13 @@ IndexerRecall recall_impl(const Tensor& q, const Tensor& k, const Tensor& lse, d
 }  // namespace
 
 IndexerRecall indexer_recall(const Tensor& q_main, const Tensor& k_main, const Tensor& lse_main, double scale,
-                             const Tensor& indices) {
+                             const Tensor& indices, int64_t block_rows) {
   const char* op = "indexer_recall";
   check_main(op, q_main, k_main, lse_main);
+  DSA_CHECK(block_rows >= 0, "[", op, "] block_rows must be >= 0, got ", block_rows);
   dsa_cpu::check_indices(op, indices, q_main.size(0), q_main.size(1));
-  if (q_main.dtype() == DType::F32) return recall_impl<float>(q_main, k_main, lse_main, scale, indices);
-  return recall_impl<double>(q_main, k_main, lse_main, scale, indices);
+  if (q_main.dtype() == DType::F32) return recall_impl<float>(q_main, k_main, lse_main, scale, indices, block_rows);
+  return recall_impl<double>(q_main, k_main, lse_main, scale, indices, block_rows);
 }
 
 }  // namespace dsa::ops
