@@ -1,0 +1,173 @@
+// Sparse MQA attention (CPU reference): each query attends over the latent rows [c_kv | k_pe] that its
+// index list selects; every head shares the gathered rows (DeepSeek runs DSA in this absorbed form).
+// Forward keeps each (query, head) row's log-sum-exp; the backward recomputes the probabilities from
+// it and scatter-adds the key/value gradients back to the tokens they came from.
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "kernels/dsa_cpu_util.h"
+#include "kernels/dsa_ops.h"
+
+namespace dsa::ops {
+
+namespace {
+constexpr const char* kFwd = "sparse_attention_forward";
+constexpr const char* kBwd = "sparse_attention_backward";
+
+struct Dims {
+  int64_t B, T, H, Dk, Dv, K;
+};
+
+Dims check_common(const char* op, const Tensor& q, const Tensor& kv, int64_t dv, const Tensor& indices) {
+  dsa_cpu::check_cpu_float(op, {&q, &kv});
+  expect_shape(op, "q", q, {-1, -1, -1, -1});
+  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), Dk = q.size(3);
+  expect_shape(op, "kv", kv, {B, T, Dk});
+  DSA_CHECK(dv >= 1 && dv <= Dk, "[", op, "] dv must be in [1, ", Dk, "], got ", dv);
+  dsa_cpu::check_indices(op, indices, B, T);
+  return {B, T, H, Dk, dv, indices.size(2)};
+}
+
+template <class T>
+T dot(const T* a, const T* b, int64_t n) {
+  T s = 0;
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// The valid slots of one query, in slot order (duplicates kept: one softmax term per slot).
+inline void valid_slots(const int32_t* idx, int64_t K, std::vector<int32_t>& out) {
+  out.clear();
+  for (int64_t k = 0; k < K; ++k)
+    if (idx[k] >= 0) out.push_back(idx[k]);
+}
+
+template <class T>
+void forward_impl(const Dims& d, const T* q, const T* kv, const int32_t* idx, T scale, T* out, T* lse) {
+#pragma omp parallel
+  {
+    std::vector<int32_t> sl;
+    std::vector<T> sc;
+#pragma omp for schedule(static)
+    for (int64_t bt = 0; bt < d.B * d.T; ++bt) {
+      const int64_t b = bt / d.T, t = bt % d.T;
+      valid_slots(idx + bt * d.K, d.K, sl);
+      const int64_t n = static_cast<int64_t>(sl.size());
+      sc.resize(sl.size());
+      for (int64_t h = 0; h < d.H; ++h) {
+        const T* qh = q + (bt * d.H + h) * d.Dk;
+        T* oh = out + (bt * d.H + h) * d.Dv;
+        std::fill(oh, oh + d.Dv, T(0));
+        T m = -std::numeric_limits<T>::infinity();
+        for (int64_t k = 0; k < n; ++k) {
+          sc[k] = scale * dot(qh, kv + (b * d.T + sl[k]) * d.Dk, d.Dk);
+          m = std::max(m, sc[k]);
+        }
+        T l = -std::numeric_limits<T>::infinity();
+        if (n > 0) {
+          T sum = 0;
+          for (int64_t k = 0; k < n; ++k) sum += (sc[k] = std::exp(sc[k] - m));
+          for (int64_t k = 0; k < n; ++k) {
+            const T p = sc[k] / sum;
+            const T* v = kv + (b * d.T + sl[k]) * d.Dk;
+            for (int64_t i = 0; i < d.Dv; ++i) oh[i] += p * v[i];
+          }
+          l = m + std::log(sum);
+        }
+        if (lse) lse[(b * d.H + h) * d.T + t] = l;
+      }
+    }
+  }
+}
+
+// NOTES: dkv is accumulated in one private [B, T, Dk] buffer per thread (a row is selected by many
+// queries, possibly twice by one), then the buffers are summed in thread order: deterministic for a
+// given thread count, no atomics.
+template <class T>
+void backward_impl(const Dims& d, const T* dout, const T* q, const T* kv, const int32_t* idx, const T* out,
+                   const T* lse, T scale, T* dq, T* dkv) {
+  const int64_t kv_elems = d.B * d.T * d.Dk;
+  const int nthreads = omp_get_max_threads();
+  std::vector<std::vector<T>> partial(static_cast<size_t>(nthreads));
+#pragma omp parallel num_threads(nthreads)
+  {
+    const int tid = omp_get_thread_num();
+    std::vector<T>& acc = partial[static_cast<size_t>(tid)];
+    acc.assign(static_cast<size_t>(kv_elems), T(0));
+    std::vector<int32_t> sl;
+#pragma omp for schedule(static)
+    for (int64_t bt = 0; bt < d.B * d.T; ++bt) {
+      const int64_t b = bt / d.T, t = bt % d.T;
+      valid_slots(idx + bt * d.K, d.K, sl);
+      for (int64_t h = 0; h < d.H; ++h) {
+        const T* qh = q + (bt * d.H + h) * d.Dk;
+        const T* gh = dout + (bt * d.H + h) * d.Dv;
+        T* dqh = dq + (bt * d.H + h) * d.Dk;
+        std::fill(dqh, dqh + d.Dk, T(0));
+        const T l = lse[(b * d.H + h) * d.T + t];
+        if (sl.empty() || !std::isfinite(l)) continue;
+        const T delta = dot(gh, out + (bt * d.H + h) * d.Dv, d.Dv);  // sum_k p_k dp_k
+        for (int32_t s : sl) {
+          const T* v = kv + (b * d.T + s) * d.Dk;
+          const T p = std::exp(scale * dot(qh, v, d.Dk) - l);
+          const T ds = p * (dot(gh, v, d.Dv) - delta) * scale;
+          T* a = acc.data() + (b * d.T + s) * d.Dk;
+          for (int64_t i = 0; i < d.Dk; ++i) {
+            dqh[i] += ds * v[i];
+            a[i] += ds * qh[i];
+          }
+          for (int64_t i = 0; i < d.Dv; ++i) a[i] += p * gh[i];
+        }
+      }
+    }
+  }
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < kv_elems; ++i) {
+    T s = 0;
+    for (int th = 0; th < nthreads; ++th)
+      if (!partial[static_cast<size_t>(th)].empty()) s += partial[static_cast<size_t>(th)][static_cast<size_t>(i)];
+    dkv[i] = s;
+  }
+}
+}  // namespace
+
+Tensor sparse_attention_forward(const Tensor& q, const Tensor& kv, int64_t dv, const Tensor& indices, double scale,
+                                Tensor* lse_out) {
+  const Dims d = check_common(kFwd, q, kv, dv, indices);
+  Tensor out = Tensor::empty({d.B, d.T, d.H, d.Dv}, q.dtype());
+  Tensor lse;
+  if (lse_out) lse = Tensor::empty({d.B, d.H, d.T}, q.dtype());
+  if (q.dtype() == DType::F32)
+    forward_impl<float>(d, q.data<float>(), kv.data<float>(), indices.data<int32_t>(), static_cast<float>(scale),
+                        out.data<float>(), lse_out ? lse.data<float>() : nullptr);
+  else
+    forward_impl<double>(d, q.data<double>(), kv.data<double>(), indices.data<int32_t>(), scale, out.data<double>(),
+                         lse_out ? lse.data<double>() : nullptr);
+  if (lse_out) *lse_out = lse;
+  return out;
+}
+
+SparseAttentionGrads sparse_attention_backward(const Tensor& dout, const Tensor& q, const Tensor& kv, int64_t dv,
+                                               const Tensor& indices, const Tensor& out, const Tensor& lse,
+                                               double scale) {
+  const Dims d = check_common(kBwd, q, kv, dv, indices);
+  dsa_cpu::check_cpu_float(kBwd, {&q, &dout, &out, &lse});
+  expect_shape(kBwd, "dout", dout, {d.B, d.T, d.H, d.Dv});
+  expect_shape(kBwd, "out", out, {d.B, d.T, d.H, d.Dv});
+  expect_shape(kBwd, "lse", lse, {d.B, d.H, d.T});
+  SparseAttentionGrads g{Tensor::empty(q.shape(), q.dtype()), Tensor::empty(kv.shape(), q.dtype())};
+  if (q.dtype() == DType::F32)
+    backward_impl<float>(d, dout.data<float>(), q.data<float>(), kv.data<float>(), indices.data<int32_t>(),
+                         out.data<float>(), lse.data<float>(), static_cast<float>(scale), g.dq.data<float>(),
+                         g.dkv.data<float>());
+  else
+    backward_impl<double>(d, dout.data<double>(), q.data<double>(), kv.data<double>(), indices.data<int32_t>(),
+                          out.data<double>(), lse.data<double>(), scale, g.dq.data<double>(), g.dkv.data<double>());
+  return g;
+}
+
+}  // namespace dsa::ops
