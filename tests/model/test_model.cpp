@@ -159,7 +159,7 @@ TEST(Model, MoeBiasSteersSelectionOnly) {
   const double mean = total / cfg.n_routed_experts;
   for (int64_t e = 0; e < cfg.n_routed_experts; ++e) {
     const double l = loads[0].item(e);
-    EXPECT_DOUBLE_EQ(bias.item(e), l < mean ? 0.01 : (l > mean ? -0.01 : 0.0));
+    EXPECT_FLOAT_EQ(bias.item(e), l < mean ? 0.01f : (l > mean ? -0.01f : 0.0f));
   }
 }
 
