@@ -1,0 +1,392 @@
+#include "trainer/trainer.h"
+
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <csignal>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+
+#include "data/loader.h"
+#include "kernels/ops.h"
+#include "trainer/checkpoint.h"
+#include "trainer/dist.h"
+#include "trainer/metrics.h"
+#include "trainer/schedule.h"
+
+namespace fs = std::filesystem;
+
+namespace dsa {
+
+namespace {
+
+std::atomic<int> g_stop{0};
+extern "C" void on_stop_signal(int) { g_stop.store(1); }
+
+double now_s() {
+  using namespace std::chrono;
+  return duration<double>(steady_clock::now().time_since_epoch()).count();
+}
+
+StepOptions step_options(const StageSpec& st, const ModelConfig& cfg) {
+  StepOptions o;
+  o.attention = st.attention == Attention::sparse ? AttentionMode::Sparse : AttentionMode::Dense;
+  o.form = MlaForm::MHA;
+  o.topk = st.topk > 0 ? st.topk : cfg.index_topk;
+  o.indexer_loss = st.indexer_loss == IndexerLoss::dense    ? IndexerLossMode::Dense
+                   : st.indexer_loss == IndexerLoss::sparse ? IndexerLossMode::Sparse
+                                                            : IndexerLossMode::None;
+  o.detach_indexer_input = st.detach_indexer_input;
+  o.fp8_indexer = st.indexer_precision == IndexerPrecision::fp8;
+  o.train_main = st.train_main;
+  o.train_indexer = st.train_indexer;
+  o.balance_alpha = st.train_main ? st.seq_balance_loss_alpha : 0.0;
+  return o;
+}
+
+bool trains(const StageSpec& st, const Param& p) {
+  return (p.group == ParamGroup::Main && st.train_main) || (p.group == ParamGroup::Indexer && st.train_indexer);
+}
+
+void add_stats(StepStats& a, const StepStats& b) {
+  a.lm_loss_sum += b.lm_loss_sum;
+  a.lm_tokens += b.lm_tokens;
+  a.indexer_kl_sum += b.indexer_kl_sum;
+  a.indexer_rows += b.indexer_rows;
+  a.recall_sum += b.recall_sum;
+  a.recall_rows += b.recall_rows;
+  a.balance_loss += b.balance_loss;
+}
+
+// Sums over data-parallel ranks, in place.
+void allreduce_stats(StepStats& s) {
+  double d[4] = {s.lm_loss_sum, s.indexer_kl_sum, s.recall_sum, s.balance_loss};
+  int64_t n[3] = {s.lm_tokens, s.indexer_rows, s.recall_rows};
+  Dist::allreduce_sum(d, 4);
+  Dist::allreduce_sum(n, 3);
+  s.lm_loss_sum = d[0];
+  s.indexer_kl_sum = d[1];
+  s.recall_sum = d[2];
+  s.balance_loss = d[3];
+  s.lm_tokens = n[0];
+  s.indexer_rows = n[1];
+  s.recall_rows = n[2];
+}
+
+void allreduce_tensor(Tensor& t) {
+  DSA_CHECK(t.is_cpu(), "[trainer] CPU all-reduce of a device tensor ", t.desc());
+  if (t.dtype() == DType::F32)
+    Dist::allreduce_sum(t.data<float>(), t.numel());
+  else
+    Dist::allreduce_sum(t.data<double>(), t.numel());
+}
+
+void write_atomically(const std::string& path, const std::string& text) {
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream f(tmp, std::ios::trunc);
+    f << text;
+    f.flush();
+    DSA_CHECK(f.good(), "[trainer] cannot write ", tmp);
+  }
+  fs::rename(tmp, path);
+}
+
+}  // namespace
+
+bool stop_requested() { return g_stop.load() != 0; }
+
+void install_stop_handlers() {
+  std::signal(SIGINT, on_stop_signal);
+  std::signal(SIGTERM, on_stop_signal);
+}
+
+Trainer::Trainer(const Recipe& recipe, const TrainOptions& opts) : recipe_(recipe), opts_(opts) {
+  model_ = std::make_unique<Model>(recipe_.model, DType::F32, dsa::Device::CPU);
+}
+
+Trainer::~Trainer() = default;
+
+void Trainer::init_or_load(int64_t first_stage, int64_t* stage_step) {
+  *stage_step = 0;
+  const StageSpec& st = recipe_.stages[first_stage];
+  std::string from = st.init_from;
+  if (from.empty() && !opts_.only_stage.empty() && first_stage > 0)
+    from = recipe_.final_checkpoint(recipe_.stages[first_stage - 1].name);
+  if (from.empty()) {
+    init_params(model_->params(), recipe_.model, recipe_.seed);
+    return;
+  }
+  TrainState ts;
+  load_checkpoint_into(from, &ts, model_->params(), nullptr);
+  global_step_ = ts.step;
+  if (Dist::is_root()) std::printf("[train] stage %s starts from %s (step %lld)\n", st.name.c_str(), from.c_str(),
+                                   static_cast<long long>(ts.step));
+}
+
+std::string Trainer::save(const StageSpec& stage, int64_t stage_step, bool stage_final) {
+  TrainState ts;
+  ts.step = global_step_;
+  ts.stage = stage.name;
+  ts.stage_step = stage_step;
+  ts.rank_data_states = Dist::allgather(data_state_);
+  ts.recipe_yaml = recipe_.resolved_yaml;
+  ts.model_config_yaml = recipe_.model.to_yaml();
+  ts.rng_seed = recipe_.seed;
+  std::string path;
+  if (Dist::is_root()) {
+    path = save_checkpoint(recipe_.checkpoint.dir, ts, model_->params(), moments_,
+                           static_cast<int>(recipe_.checkpoint.keep_last));
+    if (stage_final) {
+      // The stage's final checkpoint also stays under checkpoint.dir/NAME/final (a hard link: no copy),
+      // where `--stage NEXT` and ablation recipes' init_from find it.
+      const fs::path dir = recipe_.final_checkpoint(stage.name);
+      fs::create_directories(dir);
+      const fs::path target = dir / fs::path(path).filename();
+      std::error_code ec;
+      fs::remove(target, ec);
+      fs::create_hard_link(path, target, ec);
+      if (ec) fs::copy_file(path, target, fs::copy_options::overwrite_existing);
+      write_atomically((dir / "latest").string(), target.filename().string() + "\n");
+    }
+  }
+  Dist::barrier();
+  return Dist::broadcast(path);
+}
+
+void Trainer::run_stage(int64_t s, int64_t start_step, TrainReport& report) {
+  const StageSpec& st = recipe_.stages[s];
+  const ModelConfig& cfg = recipe_.model;
+  const int world = Dist::world(), rank = Dist::rank();
+  const int64_t mb = st.micro_batch(world);
+  const int64_t T = st.seq_len;
+  DSA_CHECK(!recipe_.data.shards.empty(), "[train] the recipe names no data (data.shards)");
+
+  LoaderConfig lc;
+  lc.dir = recipe_.data.shards.front();
+  lc.seq_len = T;
+  lc.batch_per_rank = mb;
+  lc.rank = rank;
+  lc.world = world;
+  lc.seed = recipe_.seed + static_cast<uint64_t>(s) * 1000003ull;
+  lc.keep_documents_contiguous = recipe_.data.keep_documents_contiguous;
+  Loader loader(lc);
+  loader.check_vocab(cfg.vocab_size);
+  if (start_step > 0 && !data_state_.empty()) loader.restore(data_state_);
+  std::vector<Batch> val;
+  if (st.eval_batches > 0) {
+    LoaderConfig vc = lc;
+    vc.split = "val";
+    val = validation_batches(vc, st.eval_batches);
+  }
+
+  const StepOptions so = step_options(st, cfg);
+  const double tokens_per_step = static_cast<double>(st.global_batch) * static_cast<double>(T);
+  // Gradients of the global-batch means: every rank scales by the global token count, sums follow.
+  StepOptions train_opts = so;
+  train_opts.lm_grad_scale = 1.0 / tokens_per_step;
+  train_opts.indexer_grad_scale =
+      st.indexer_loss_coef / (tokens_per_step * static_cast<double>(cfg.num_hidden_layers));
+
+  ParamStore& ps = model_->params();
+  std::vector<Param*> trained;
+  for (Param& p : ps.all()) {
+    if (!trains(st, p)) continue;
+    trained.push_back(&p);
+    for (const char* kind : {"optim/m/", "optim/v/"}) {
+      const std::string key = kind + p.name;
+      if (!moments_.count(key)) moments_[key] = Tensor::zeros(p.value.shape(), DType::F32, p.value.device());
+    }
+  }
+  DSA_CHECK(!trained.empty(), "[train] stage ", st.name, " trains nothing");
+  std::vector<const Tensor*> grads;
+  std::vector<Tensor*> grads_mut;
+  for (Param* p : trained) {
+    grads.push_back(&p->grad);
+    grads_mut.push_back(&p->grad);
+  }
+
+  MetricsLogger logger(recipe_.metrics_path(), Dist::is_root() && recipe_.logging.terminal ? stdout : nullptr);
+  const LrSchedule sched = LrSchedule::of(st);
+  std::vector<int32_t> inputs, targets;
+  const double stage_start = now_s();
+  double window_start = now_s();
+  int64_t window_steps = 0;
+  StepStats window;
+
+  auto evaluate = [&](int64_t step) {
+    if (val.empty()) return;
+    StepOptions eo = so;
+    eo.compute_recall = st.kind != StageKind::dense || st.train_indexer;
+    StepStats es;
+    for (const Batch& b : val) {
+      Tensor ids = Tensor::from_vector(b.inputs, {mb * T});
+      Tensor tg = Tensor::from_vector(b.targets, {mb * T});
+      add_stats(es, model_->step(ids, tg, mb, T, eo, false));
+    }
+    allreduce_stats(es);
+    MetricRecord r;
+    r.stage = st.name;
+    r.step = step;
+    if (es.lm_tokens) r.val_lm_loss = es.lm_loss_sum / es.lm_tokens;
+    if (es.indexer_rows) r.val_indexer_kl = es.indexer_kl_sum / es.indexer_rows;
+    if (es.recall_rows) r.recall = es.recall_sum / es.recall_rows;
+    if (Dist::is_root()) logger.log_eval(r, st.steps);
+  };
+
+  if (start_step == 0 && Dist::is_root())
+    std::printf("[train] stage %s (%s): %lld steps x %lld tokens (%d rank%s, micro-batch %lld x %lld, accum %lld)\n",
+                st.name.c_str(), to_string(st.kind), static_cast<long long>(st.steps),
+                static_cast<long long>(tokens_per_step), world, world > 1 ? "s" : "", static_cast<long long>(mb),
+                static_cast<long long>(T), static_cast<long long>(st.grad_accum));
+  if (start_step == 0 && st.eval_batches > 0) evaluate(0);
+
+  for (int64_t step = start_step; step < st.steps; ++step) {
+    ps.zero_grads();
+    StepStats stats;
+    for (int64_t a = 0; a < st.grad_accum; ++a) {
+      loader.next(inputs, targets);
+      Tensor ids = Tensor::from_vector(inputs, {mb * T});
+      Tensor tg = Tensor::from_vector(targets, {mb * T});
+      add_stats(stats, model_->step(ids, tg, mb, T, train_opts, true));
+    }
+    data_state_ = loader.state();
+    for (Param* p : trained) allreduce_tensor(p->grad);
+    allreduce_stats(stats);
+    std::vector<Tensor> loads = model_->expert_loads();
+    for (Tensor& l : loads) allreduce_tensor(l);
+
+    const double gnorm = ops::global_grad_norm(grads);
+    const bool finite = std::isfinite(stats.lm_loss_sum) && std::isfinite(stats.indexer_kl_sum) && std::isfinite(gnorm);
+    const double factor = sched.factor(step);
+    if (finite) {
+      if (recipe_.optimizer.grad_clip > 0) ops::clip_grads_(grads_mut, recipe_.optimizer.grad_clip, gnorm);
+      for (Param* p : trained) {
+        ops::AdamWConfig ac;
+        const bool idx = p->group == ParamGroup::Indexer;
+        ac.lr = (idx ? st.lr_indexer : st.lr_main) * factor;
+        ac.beta1 = recipe_.optimizer.beta1;
+        ac.beta2 = recipe_.optimizer.beta2;
+        ac.eps = recipe_.optimizer.eps;
+        ac.weight_decay = p->decay ? (idx ? recipe_.optimizer.weight_decay_indexer : recipe_.optimizer.weight_decay) : 0;
+        ops::adamw_step_(p->value, p->grad, moments_["optim/m/" + p->name], moments_["optim/v/" + p->name], ac,
+                         step + 1);
+      }
+      if (st.train_main && st.moe_bias_update_rate > 0 && !loads.empty())
+        model_->update_moe_bias(loads, st.moe_bias_update_rate);
+    } else if (Dist::is_root()) {
+      std::printf("[train] stage %s step %lld: non-finite loss or gradient (loss %g, kl %g, grad norm %g): %s\n",
+                  st.name.c_str(), static_cast<long long>(step + 1), stats.lm_loss_sum, stats.indexer_kl_sum, gnorm,
+                  recipe_.optimizer.on_nonfinite == OnNonfinite::skip ? "step skipped" : "stopping");
+    }
+    ++global_step_;
+    ++report.steps;
+    ++window_steps;
+    add_stats(window, stats);
+
+    const int64_t done = step + 1;
+    if (!finite && recipe_.optimizer.on_nonfinite == OnNonfinite::stop) {
+      report.last_checkpoint = save(st, done, false);
+      report.outcome = TrainOutcome::NonFinite;
+      return;
+    }
+    if (done % st.log_interval == 0 || done == st.steps) {
+      const double elapsed = now_s() - window_start;
+      MetricRecord r;
+      r.stage = st.name;
+      r.step = done;
+      if (window.lm_tokens) r.lm_loss = window.lm_loss_sum / window.lm_tokens;
+      if (window.indexer_rows) r.indexer_kl = window.indexer_kl_sum / window.indexer_rows;
+      r.grad_norm = gnorm;
+      r.lr = (st.train_main ? st.lr_main : st.lr_indexer) * factor;
+      r.tokens_per_s = elapsed > 0 ? window_steps * tokens_per_step / elapsed : 0;
+      const double stage_elapsed = now_s() - stage_start;
+      if (Dist::is_root())
+        logger.log_train(r, st.steps, stage_elapsed,
+                         MetricsLogger::eta_seconds(stage_elapsed, done - start_step, st.steps - start_step));
+      window = StepStats{};
+      window_steps = 0;
+      window_start = now_s();
+    }
+    if (st.eval_interval > 0 && done % st.eval_interval == 0 && done != st.steps) evaluate(done);
+
+    const bool time_up = opts_.time_limit_s > 0 && now_s() - start_time_ >= opts_.time_limit_s;
+    const bool stop = Dist::allreduce_max(stop_requested() ? 1.0 : 0.0) > 0;
+    const bool step_limit = opts_.max_steps >= 0 && report.steps >= opts_.max_steps;
+    if (done == st.steps) break;
+    if (recipe_.checkpoint.every_steps > 0 && done % recipe_.checkpoint.every_steps == 0)
+      report.last_checkpoint = save(st, done, false);
+    if (time_up || stop || step_limit) {
+      if (report.last_checkpoint.empty() || recipe_.checkpoint.every_steps <= 0 ||
+          done % recipe_.checkpoint.every_steps != 0)
+        report.last_checkpoint = save(st, done, false);
+      report.outcome = stop ? TrainOutcome::Interrupted : time_up ? TrainOutcome::TimeLimit : TrainOutcome::StepLimit;
+      if (Dist::is_root())
+        std::printf("[train] %s at stage %s step %lld: checkpoint %s (continue with --resume)\n",
+                    stop ? "interrupted" : time_up ? "time limit reached" : "step limit reached", st.name.c_str(),
+                    static_cast<long long>(done), report.last_checkpoint.c_str());
+      return;
+    }
+  }
+  if (st.eval_batches > 0) evaluate(st.steps);
+  report.last_checkpoint = save(st, st.steps, true);
+  if (Dist::is_root())
+    std::printf("[train] stage %s done in %s: %s\n", st.name.c_str(),
+                MetricsLogger::format_duration(now_s() - stage_start).c_str(), report.last_checkpoint.c_str());
+  // A step limit that lands exactly on a stage end still stops here.
+  if (opts_.max_steps >= 0 && report.steps >= opts_.max_steps) report.outcome = TrainOutcome::StepLimit;
+}
+
+TrainReport Trainer::run() {
+  start_time_ = now_s();
+  TrainReport report;
+  if (Dist::is_root()) {
+    fs::create_directories(recipe_.output_dir);
+    write_atomically((fs::path(recipe_.output_dir) / "recipe.yaml").string(), recipe_.resolved_yaml);
+    std::printf("[train] resolved recipe (%s):\n%s\n", recipe_.source.c_str(), recipe_.resolved_yaml.c_str());
+    std::printf("[train] model: %.2fM parameters, %d rank%s, cpu\n", model_->params().numel() / 1e6, Dist::world(),
+                Dist::world() > 1 ? "s" : "");
+  }
+  int64_t first = 0, stage_step = 0;
+  if (opts_.resume) {
+    const std::string path = resolve_checkpoint(recipe_.checkpoint.dir);
+    TrainState ts;
+    std::map<std::string, Tensor> extra;
+    load_checkpoint_into(path, &ts, model_->params(), &extra);
+    DSA_CHECK(static_cast<int>(ts.rank_data_states.size()) == Dist::world(), "[train] ", path, " was written by ",
+              ts.rank_data_states.size(), " ranks, this job has ", Dist::world(),
+              " (reshard it with dsa-convert first)");
+    moments_.clear();
+    for (auto& [k, t] : extra)
+      if (k.rfind("optim/", 0) == 0) moments_[k] = t.to(model_->device());
+    global_step_ = ts.step;
+    first = recipe_.stage_index(ts.stage);
+    stage_step = ts.stage_step;
+    data_state_ = ts.rank_data_states[Dist::rank()];
+    if (Dist::is_root())
+      std::printf("[train] resuming from %s: stage %s step %lld\n", path.c_str(), ts.stage.c_str(),
+                  static_cast<long long>(stage_step));
+    if (stage_step >= recipe_.stages[first].steps) {
+      ++first;
+      stage_step = 0;
+      moments_.clear();
+    }
+    if (!opts_.only_stage.empty()) DSA_CHECK(recipe_.stage_index(opts_.only_stage) == first || first == static_cast<int64_t>(recipe_.stages.size()),
+                                             "[train] --resume with --stage ", opts_.only_stage,
+                                             ": the checkpoint is in stage ", ts.stage);
+  } else {
+    first = opts_.only_stage.empty() ? 0 : recipe_.stage_index(opts_.only_stage);
+    init_or_load(first, &stage_step);
+  }
+  const int64_t last = opts_.only_stage.empty() ? static_cast<int64_t>(recipe_.stages.size()) - 1 : first;
+  for (int64_t s = first; s <= last && s < static_cast<int64_t>(recipe_.stages.size()); ++s) {
+    run_stage(s, s == first ? stage_step : 0, report);
+    if (report.outcome != TrainOutcome::Finished) break;
+    moments_.clear();  // AdamW starts fresh in each stage
+    data_state_.clear();
+  }
+  return report;
+}
+
+}  // namespace dsa

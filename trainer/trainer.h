@@ -1,0 +1,58 @@
+// The staged trainer: runs a recipe's stages (dense -> indexer warm-up -> sparse, SPEC.md §2) one
+// after another, or one alone, with AdamW on fp32 master weights, gradient accumulation, global-norm
+// clipping, MoE bias balancing, evaluation, metrics, and checkpoints that resume exactly.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+
+#include "model/model.h"
+#include "trainer/recipe.h"
+
+namespace dsa {
+
+struct TrainOptions {
+  std::string only_stage;   // --stage NAME: run this stage alone
+  bool resume = false;      // --resume: continue from the newest checkpoint in checkpoint.dir
+  double time_limit_s = 0;  // --time-limit: checkpoint and exit 0 once the run has lasted this long
+  int64_t max_steps = -1;   // --max-steps (tests): stop (with a checkpoint) after this many steps in total
+};
+
+enum class TrainOutcome { Finished, Interrupted, TimeLimit, StepLimit, NonFinite };
+
+// What a run ended with (also printed).
+struct TrainReport {
+  TrainOutcome outcome = TrainOutcome::Finished;
+  int64_t steps = 0;           // optimizer steps taken by this process
+  std::string last_checkpoint; // file written last ("" if none)
+};
+
+class Trainer {
+ public:
+  Trainer(const Recipe& recipe, const TrainOptions& opts);
+  ~Trainer();
+  TrainReport run();
+  Model& model() { return *model_; }
+
+ private:
+  struct StageRun;
+  void init_or_load(int64_t first_stage, int64_t* stage_step);
+  void run_stage(int64_t stage_index, int64_t start_step, TrainReport& report);
+  std::string save(const StageSpec& stage, int64_t stage_step, bool stage_final);
+
+  Recipe recipe_;
+  TrainOptions opts_;
+  std::unique_ptr<Model> model_;
+  std::map<std::string, Tensor> moments_;  // "optim/m/<name>", "optim/v/<name>" (trained groups only)
+  int64_t global_step_ = 0;
+  std::string data_state_;                 // this rank's loader position at the last step
+  double start_time_ = 0;
+};
+
+// 1 when SIGINT/SIGTERM arrived (the trainer checkpoints at the next step boundary and exits 0).
+bool stop_requested();
+void install_stop_handlers();
+
+}  // namespace dsa
