@@ -1,5 +1,6 @@
 // attention_forward / attention_backward against a naive materialized-softmax reference, f64 finite
-// differences for dq, dk, dv, f32 vs f64, T = 1, and shape errors.
+// differences for dq, dk, dv, f32 vs f64, T = 1, fresh/fully-written/deterministic outputs, shape errors,
+// and a timing printout.
 #include <gtest/gtest.h>
 
 #include <chrono>
@@ -201,19 +202,25 @@ TEST(Attention, ShapeErrors) {
 }
 
 TEST(Attention, TimingF32) {
-  // Throughput figure for the report (not a pass/fail bound): B=1, T=1024, H=8 MHA, Dk=96, Dv=64.
-  const int64_t B = 1, T = 1024, H = 8, Dk = 96, Dv = 64;
-  Tensor q = randn({B, T, H, Dk}, 1, 1.0, DType::F32), k = randn({B, T, H, Dk}, 2, 1.0, DType::F32);
-  Tensor v = randn({B, T, H, Dv}, 3, 1.0, DType::F32), dout = randn({B, T, H, Dv}, 4, 1.0, DType::F32);
-  Tensor lse;
-  auto t0 = std::chrono::steady_clock::now();
-  Tensor o = ops::attention_forward(q, k, v, 0.1, &lse);
-  auto t1 = std::chrono::steady_clock::now();
-  auto g = ops::attention_backward(dout, q, k, v, o, lse, 0.1);
-  auto t2 = std::chrono::steady_clock::now();
-  const double fwd = std::chrono::duration<double>(t1 - t0).count(), bwd = std::chrono::duration<double>(t2 - t1).count();
-  const double flops = 2.0 * B * H * (T * (T + 1) / 2.0) * (Dk + Dv);  // causal forward
-  std::printf("attention f32 B=%ld T=%ld H=%ld Dk=%ld Dv=%ld: fwd %.3f s (%.1f GFLOP/s), bwd %.3f s\n", (long)B,
-              (long)T, (long)H, (long)Dk, (long)Dv, fwd, flops / fwd * 1e-9, bwd);
-  EXPECT_TRUE(std::isfinite(dsa::testing::dot(g.dq, g.dq)));
+  // Throughput figures for the report (not pass/fail bounds), bench-small shapes at T = 1024:
+  // MHA form (H = Hk = 16, Dk = 96, Dv = 64) and the MLA absorbed MQA form (Hk = 1, Dk = 288, Dv = 256).
+  struct Shape4 { int64_t H, Hk, Dk, Dv; };
+  for (const Shape4& c : {Shape4{16, 16, 96, 64}, Shape4{16, 1, 288, 256}}) {
+    const int64_t B = 1, T = 1024;
+    Tensor q = randn({B, T, c.H, c.Dk}, 1, 1.0, DType::F32), k = randn({B, T, c.Hk, c.Dk}, 2, 1.0, DType::F32);
+    Tensor v = randn({B, T, c.Hk, c.Dv}, 3, 1.0, DType::F32), dout = randn({B, T, c.H, c.Dv}, 4, 1.0, DType::F32);
+    Tensor lse;
+    auto t0 = std::chrono::steady_clock::now();
+    Tensor o = ops::attention_forward(q, k, v, 0.1, &lse);
+    auto t1 = std::chrono::steady_clock::now();
+    auto g = ops::attention_backward(dout, q, k, v, o, lse, 0.1);
+    auto t2 = std::chrono::steady_clock::now();
+    const double fwd = std::chrono::duration<double>(t1 - t0).count();
+    const double bwd = std::chrono::duration<double>(t2 - t1).count();
+    const double flops = 2.0 * B * c.H * (T * (T + 1) / 2.0) * (c.Dk + c.Dv);  // causal forward
+    std::printf("attention f32 T=%ld H=%ld Hk=%ld Dk=%ld Dv=%ld: fwd %.3f s (%.1f GFLOP/s), bwd %.3f s (%.1f GFLOP/s)\n",
+                (long)T, (long)c.H, (long)c.Hk, (long)c.Dk, (long)c.Dv, fwd, flops / fwd * 1e-9, bwd,
+                2.5 * flops / bwd * 1e-9);
+    EXPECT_TRUE(std::isfinite(dsa::testing::dot(g.dk, g.dk)));
+  }
 }

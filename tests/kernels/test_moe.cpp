@@ -4,6 +4,8 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <chrono>
+#include <cstdio>
 #include <cmath>
 #include <numeric>
 #include <random>
@@ -376,4 +378,25 @@ TEST(MoeGroupedLinear, ShapeErrors) {
     EXPECT_NE(std::string(e.what()).find("[grouped_linear_forward] w must have shape [2, -1, 3]"), std::string::npos)
         << e.what();
   }
+}
+
+TEST(MoeGroupedLinear, TimingF32) {
+  // Throughput figure for the report (not a pass/fail bound): bench-small expert up-projection,
+  // 2048 tokens x 4 active of 16 experts, hidden 1024 -> moe_intermediate 512.
+  const int64_t N = 2048, K = 4, E = 16, in = 1024, out = 512;
+  ops::MoeRouting r = ops::moe_route(randn({N, E}, 1, 1.0, DType::F32), Tensor::zeros({E}, DType::F32), cfg_of(4, 2, K));
+  ops::MoePermutation p = ops::moe_permutation(r.experts, E);
+  Tensor xp = randn({N * K, in}, 2, 1.0, DType::F32), w = randn({E, out, in}, 3, 0.03, DType::F32);
+  Tensor gy = randn({N * K, out}, 4, 1.0, DType::F32), dw = Tensor::zeros({E, out, in}, DType::F32);
+  auto t0 = std::chrono::steady_clock::now();
+  Tensor y = ops::grouped_linear_forward(xp, w, p);
+  auto t1 = std::chrono::steady_clock::now();
+  Tensor dx = ops::grouped_linear_backward(gy, xp, w, p, &dw);
+  auto t2 = std::chrono::steady_clock::now();
+  const double f = 2.0 * N * K * in * out, fwd = std::chrono::duration<double>(t1 - t0).count();
+  const double bwd = std::chrono::duration<double>(t2 - t1).count();
+  std::printf("grouped_linear f32 M=%ld %ld->%ld E=%ld: fwd %.3f s (%.1f GFLOP/s), bwd %.3f s (%.1f GFLOP/s)\n",
+              (long)(N * K), (long)in, (long)out, (long)E, fwd, f / fwd * 1e-9, bwd, 2 * f / bwd * 1e-9);
+  EXPECT_EQ(y.shape(), Shape({N * K, out}));
+  EXPECT_EQ(dx.shape(), Shape({N * K, in}));
 }
