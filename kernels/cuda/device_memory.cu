@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "kernels/cuda/check.cuh"
+#include "kernels/cuda/context.h"
 #include "kernels/device_memory.h"
 #include "kernels/tensor.h"
 
@@ -95,12 +96,14 @@ void device_free(void* ptr, size_t bytes) {
 void memcpy(void* dst, bool dst_dev, const void* src, bool src_dev, size_t bytes) {
   cudaMemcpyKind kind = dst_dev ? (src_dev ? cudaMemcpyDeviceToDevice : cudaMemcpyHostToDevice)
                                 : (src_dev ? cudaMemcpyDeviceToHost : cudaMemcpyHostToHost);
-  DSA_CUDA_CHECK(cudaMemcpy(dst, src, bytes, kind));
+  // Ordered after the op stream's work; host transfers wait for completion.
+  DSA_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, kind, stream()));
+  if (!dst_dev || !src_dev) DSA_CUDA_CHECK(cudaStreamSynchronize(stream()));
 }
 
-void memset_zero(void* ptr, size_t bytes) { DSA_CUDA_CHECK(cudaMemsetAsync(ptr, 0, bytes, 0)); }
+void memset_zero(void* ptr, size_t bytes) { DSA_CUDA_CHECK(cudaMemsetAsync(ptr, 0, bytes, stream())); }
 
-void synchronize() { DSA_CUDA_CHECK(cudaDeviceSynchronize()); }
+void synchronize() { DSA_CUDA_CHECK(cudaStreamSynchronize(stream())); }
 
 AllocatorStats allocator_stats() {
   std::lock_guard<std::mutex> lock(cache().mu);

@@ -1,0 +1,50 @@
+// Helpers for the GPU tests: skip without a device, move tensors, compare with the CPU reference.
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <string>
+
+#include "kernels/device_memory.h"
+#include "kernels/tensor.h"
+
+namespace dsa::testing {
+
+#define DSA_REQUIRE_GPU()                                            \
+  do {                                                               \
+    if (!::dsa::cuda::available()) GTEST_SKIP() << "no CUDA device"; \
+  } while (0)
+
+// CPU tensor (f32/f64) -> GPU tensor of dtype (bf16 values are rounded on the host).
+inline Tensor to_gpu(const Tensor& cpu, DType dtype) {
+  Tensor host = cpu.dtype() == dtype ? cpu : cpu.to(dtype);
+  return host.to(Device::CUDA);
+}
+// GPU tensor -> CPU f64 (for comparisons).
+inline Tensor to_cpu64(const Tensor& gpu) { return gpu.to(Device::CPU).to(DType::F64); }
+// A GPU tensor full of NaN (poisoned output buffer).
+inline Tensor poisoned_gpu(const Shape& shape, DType dtype) {
+  Tensor host = Tensor::full(shape, dtype, std::nan(""));
+  return host.to(Device::CUDA);
+}
+
+// ||a - b|| / ||b|| <= tol, with NaN/Inf never passing.
+inline ::testing::AssertionResult rel_close(const Tensor& a, const Tensor& b, double tol) {
+  Tensor x = a.is_cpu() ? a.to(DType::F64) : to_cpu64(a);
+  Tensor y = b.is_cpu() ? b.to(DType::F64) : to_cpu64(b);
+  if (x.shape() != y.shape()) return ::testing::AssertionFailure() << "shape " << x.desc() << " vs " << y.desc();
+  double num = 0, den = 0;
+  for (int64_t i = 0; i < x.numel(); ++i) {
+    const double u = x.item(i), v = y.item(i);
+    if (!std::isfinite(u) || !std::isfinite(v))
+      return ::testing::AssertionFailure() << "non-finite at " << i << ": " << u << " vs " << v;
+    num += (u - v) * (u - v);
+    den += v * v;
+  }
+  const double rel = den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+  if (rel <= tol) return ::testing::AssertionSuccess() << "rel " << rel;
+  return ::testing::AssertionFailure() << "relative error " << rel << " > " << tol;
+}
+
+}  // namespace dsa::testing
