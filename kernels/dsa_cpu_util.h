@@ -11,6 +11,9 @@
 
 namespace dsa::ops::dsa_cpu {
 
+// Parallel regions run on one thread below this much work (elements touched): thread start-up costs more.
+constexpr int64_t kOmpMinWork = int64_t(1) << 15;
+
 // Every float tensor of a call must be on the CPU and share one dtype (f32 or f64); returns it.
 inline DType check_cpu_float(const char* op, std::initializer_list<const Tensor*> ts) {
   DType dt = DType::F32;

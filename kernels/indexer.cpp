@@ -22,7 +22,7 @@ namespace {
 template <class T>
 void hadamard_rows(T* x, int64_t rows, int64_t d) {
   const T norm = T(1) / std::sqrt(T(d));
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if(rows * d > dsa_cpu::kOmpMinWork)
   for (int64_t r = 0; r < rows; ++r) {
     T* v = x + r * d;
     for (int64_t h = 1; h < d; h *= 2)
@@ -68,7 +68,7 @@ namespace {
 template <class T, class F>
 void for_each_block(const T* x, int64_t n, int64_t d, int64_t block, F&& f) {
   const int64_t nb = (d + block - 1) / block;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if(n * d > dsa_cpu::kOmpMinWork)
   for (int64_t r = 0; r < n; ++r)
     for (int64_t blk = 0; blk < nb; ++blk) {
       const int64_t begin = blk * block, end = std::min(d, begin + block);
@@ -199,7 +199,7 @@ void scores_forward(const Tensor& q, const Tensor& k, const Tensor& w, int64_t t
   std::vector<T> z;
   for (int64_t b = 0; b < B; ++b) {
     block_dots(q.data<T>(), k.data<T>(), b, T_, Hi, D, t0, t1, z);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if(R * Hi * t1 > dsa_cpu::kOmpMinWork)
     for (int64_t r = 0; r < R; ++r) {
       const int64_t t = t0 + r;
       T* row = o + (b * R + r) * T_;
@@ -225,7 +225,7 @@ void scores_backward(const Tensor& dI, const Tensor& q, const Tensor& k, const T
   for (int64_t b = 0; b < B; ++b) {
     block_dots(q.data<T>(), k.data<T>(), b, T_, Hi, D, t0, t1, z);
     gz.assign(z.size(), T(0));
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if(R * Hi * t1 > dsa_cpu::kOmpMinWork)
     for (int64_t r = 0; r < R; ++r) {
       const int64_t t = t0 + r;
       const T* gr = g + (b * R + r) * T_;
@@ -292,7 +292,7 @@ void indexer_scores_backward(const Tensor& dI, const Tensor& q_I, const Tensor& 
 namespace {
 template <class T>
 void topk_rows(const T* scores, int64_t B, int64_t R, int64_t T_, int64_t t0, int64_t K, int32_t* out) {
-#pragma omp parallel
+#pragma omp parallel if(B * R * T_ > dsa_cpu::kOmpMinWork)
   {
     std::vector<int32_t> cand;
 #pragma omp for schedule(static)

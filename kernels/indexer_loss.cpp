@@ -56,7 +56,7 @@ void dense_target_block(const Tensor& q, const Tensor& k, const Tensor& lse, dou
       const int64_t hk = h / (H / Hk);
       dsa_cpu::gemm(false, true, R, t1, Dk, scale, qp + ((b * T_ + t0) * H + h) * Dk, H * Dk,
                     kp + (b * T_ * Hk + hk) * Dk, Hk * Dk, 0.0, S.data(), t1);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if(R * t1 > dsa_cpu::kOmpMinWork)
       for (int64_t r = 0; r < R; ++r) {
         const int64_t t = t0 + r;
         const T l = lp[(b * H + h) * T_ + t];
@@ -65,7 +65,7 @@ void dense_target_block(const Tensor& q, const Tensor& k, const Tensor& lse, dou
         for (int64_t s = 0; s <= t; ++s) pr[s] += std::exp(sr[s] - l);
       }
     }
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if(B * R * T_ > dsa_cpu::kOmpMinWork)
   for (int64_t br = 0; br < B * R; ++br) {
     const int64_t t = t0 + br % R;
     T* pr = P + br * T_;
@@ -109,7 +109,7 @@ IndexerLossResult kl_dense(const Tensor& q_main, const Tensor& k_main, const Ten
     Tensor dI;
     if (grads) dI = Tensor::zeros({B, R, T_}, q_I.dtype());
     T* dIp = grads ? dI.data<T>() : nullptr;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if(B * R * T_ > dsa_cpu::kOmpMinWork)
     for (int64_t br = 0; br < B * R; ++br) {
       const int64_t n = t0 + br % R + 1;
       row_loss[br] = row_kl(P.data() + br * T_, I.data<T>() + br * T_, n, gs, dIp ? dIp + br * T_ : nullptr);
@@ -138,7 +138,7 @@ IndexerLossResult kl_sparse(const Tensor& q_main, const Tensor& kv, const Tensor
   std::vector<char> counted(static_cast<size_t>(B * T_), 0);
   const int nthreads = omp_get_max_threads();
   std::vector<std::vector<T>> dk_part(static_cast<size_t>(nthreads));
-#pragma omp parallel num_threads(nthreads)
+#pragma omp parallel num_threads(nthreads) if(B * T_ * K * (H * Dk + Hi * D) > dsa_cpu::kOmpMinWork)
   {
     std::vector<T>& dk_acc = dk_part[static_cast<size_t>(omp_get_thread_num())];
     if (grads) dk_acc.assign(static_cast<size_t>(B * T_ * D), T(0));
@@ -161,6 +161,7 @@ IndexerLossResult kl_sparse(const Tensor& q_main, const Tensor& kv, const Tensor
         for (int64_t k = 0; k < n; ++k) {
           const T* v = kvp + (b * T_ + sl[k]) * Dk;
           T dotv = 0;
+#pragma omp simd reduction(+ : dotv)
           for (int64_t i = 0; i < Dk; ++i) dotv += qh[i] * v[i];
           p[k] += std::exp(static_cast<T>(scale) * dotv - l);
         }
@@ -172,6 +173,7 @@ IndexerLossResult kl_sparse(const Tensor& q_main, const Tensor& kv, const Tensor
         const T* kk = ks + (b * T_ + sl[k]) * D;
         for (int64_t j = 0; j < Hi; ++j) {
           T z = 0;
+#pragma omp simd reduction(+ : z)
           for (int64_t i = 0; i < D; ++i) z += qs[(bt * Hi + j) * D + i] * kk[i];
           I[k] += wi[bt * Hi + j] * c * std::max(z, T(0));
         }
@@ -187,6 +189,7 @@ IndexerLossResult kl_sparse(const Tensor& q_main, const Tensor& kv, const Tensor
         for (int64_t j = 0; j < Hi; ++j) {
           const T* qj = qi + (bt * Hi + j) * D;
           T z = 0;
+#pragma omp simd reduction(+ : z)
           for (int64_t i = 0; i < D; ++i) z += qj[i] * kk[i];
           if (z <= T(0)) continue;
           dw[j] += dI[k] * c * z;
@@ -201,7 +204,7 @@ IndexerLossResult kl_sparse(const Tensor& q_main, const Tensor& kv, const Tensor
   }
   if (grads) {
     T* dk = grads->dk.data<T>();
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if(B * T_ * D > dsa_cpu::kOmpMinWork)
     for (int64_t i = 0; i < B * T_ * D; ++i) {
       T s = 0;
       for (const auto& part : dk_part)
@@ -273,7 +276,7 @@ IndexerRecall recall_impl(const Tensor& q, const Tensor& k, const Tensor& lse, d
   for (int64_t t0 = 0; t0 < T_; t0 += rb) {
     const int64_t t1 = std::min(T_, t0 + rb), R = t1 - t0;
     dense_target_block<T>(q, k, lse, scale, t0, t1, P.data());
-#pragma omp parallel
+#pragma omp parallel if(B * R * (K + T_) > dsa_cpu::kOmpMinWork)
     {
       std::vector<int32_t> sl;
 #pragma omp for schedule(static)

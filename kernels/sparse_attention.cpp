@@ -35,6 +35,7 @@ Dims check_common(const char* op, const Tensor& q, const Tensor& kv, int64_t dv,
 template <class T>
 T dot(const T* a, const T* b, int64_t n) {
   T s = 0;
+#pragma omp simd reduction(+ : s)
   for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
   return s;
 }
@@ -48,37 +49,39 @@ inline void valid_slots(const int32_t* idx, int64_t K, std::vector<int32_t>& out
 
 template <class T>
 void forward_impl(const Dims& d, const T* q, const T* kv, const int32_t* idx, T scale, T* out, T* lse) {
-#pragma omp parallel
+#pragma omp parallel if(d.B * d.T * d.H * d.K * d.Dk > dsa_cpu::kOmpMinWork)
   {
     std::vector<int32_t> sl;
-    std::vector<T> sc;
+    std::vector<T> sc;  // [H, n] scores, then probabilities
 #pragma omp for schedule(static)
     for (int64_t bt = 0; bt < d.B * d.T; ++bt) {
       const int64_t b = bt / d.T, t = bt % d.T;
       valid_slots(idx + bt * d.K, d.K, sl);
       const int64_t n = static_cast<int64_t>(sl.size());
-      sc.resize(sl.size());
+      sc.resize(static_cast<size_t>(d.H * n));
+      // Slot-major loops: one gathered latent row stays in cache while every head reads it.
+      for (int64_t k = 0; k < n; ++k) {
+        const T* v = kv + (b * d.T + sl[k]) * d.Dk;
+        for (int64_t h = 0; h < d.H; ++h) sc[h * n + k] = scale * dot(q + (bt * d.H + h) * d.Dk, v, d.Dk);
+      }
       for (int64_t h = 0; h < d.H; ++h) {
-        const T* qh = q + (bt * d.H + h) * d.Dk;
-        T* oh = out + (bt * d.H + h) * d.Dv;
-        std::fill(oh, oh + d.Dv, T(0));
-        T m = -std::numeric_limits<T>::infinity();
-        for (int64_t k = 0; k < n; ++k) {
-          sc[k] = scale * dot(qh, kv + (b * d.T + sl[k]) * d.Dk, d.Dk);
-          m = std::max(m, sc[k]);
+        T* sh = sc.data() + h * n;
+        T m = -std::numeric_limits<T>::infinity(), sum = 0;
+        for (int64_t k = 0; k < n; ++k) m = std::max(m, sh[k]);
+        for (int64_t k = 0; k < n; ++k) sum += (sh[k] = std::exp(sh[k] - m));
+        for (int64_t k = 0; k < n; ++k) sh[k] /= sum;
+        if (lse) lse[(b * d.H + h) * d.T + t] = n > 0 ? m + std::log(sum) : -std::numeric_limits<T>::infinity();
+      }
+      T* o = out + bt * d.H * d.Dv;
+      std::fill(o, o + d.H * d.Dv, T(0));
+      for (int64_t k = 0; k < n; ++k) {
+        const T* v = kv + (b * d.T + sl[k]) * d.Dk;
+        for (int64_t h = 0; h < d.H; ++h) {
+          const T p = sc[h * n + k];
+          T* oh = o + h * d.Dv;
+#pragma omp simd
+          for (int64_t i = 0; i < d.Dv; ++i) oh[i] += p * v[i];
         }
-        T l = -std::numeric_limits<T>::infinity();
-        if (n > 0) {
-          T sum = 0;
-          for (int64_t k = 0; k < n; ++k) sum += (sc[k] = std::exp(sc[k] - m));
-          for (int64_t k = 0; k < n; ++k) {
-            const T p = sc[k] / sum;
-            const T* v = kv + (b * d.T + sl[k]) * d.Dk;
-            for (int64_t i = 0; i < d.Dv; ++i) oh[i] += p * v[i];
-          }
-          l = m + std::log(sum);
-        }
-        if (lse) lse[(b * d.H + h) * d.T + t] = l;
       }
     }
   }
@@ -93,39 +96,46 @@ void backward_impl(const Dims& d, const T* dout, const T* q, const T* kv, const 
   const int64_t kv_elems = d.B * d.T * d.Dk;
   const int nthreads = omp_get_max_threads();
   std::vector<std::vector<T>> partial(static_cast<size_t>(nthreads));
-#pragma omp parallel num_threads(nthreads)
+#pragma omp parallel num_threads(nthreads) if(d.B * d.T * d.H * d.K * d.Dk > dsa_cpu::kOmpMinWork)
   {
     const int tid = omp_get_thread_num();
     std::vector<T>& acc = partial[static_cast<size_t>(tid)];
     acc.assign(static_cast<size_t>(kv_elems), T(0));
     std::vector<int32_t> sl;
+    std::vector<T> delta, lrow;  // [H]: sum_k p_k dp_k = dout . out, and the row's lse
 #pragma omp for schedule(static)
     for (int64_t bt = 0; bt < d.B * d.T; ++bt) {
       const int64_t b = bt / d.T, t = bt % d.T;
       valid_slots(idx + bt * d.K, d.K, sl);
+      std::fill(dq + bt * d.H * d.Dk, dq + (bt + 1) * d.H * d.Dk, T(0));
+      delta.resize(static_cast<size_t>(d.H));
+      lrow.resize(static_cast<size_t>(d.H));
       for (int64_t h = 0; h < d.H; ++h) {
-        const T* qh = q + (bt * d.H + h) * d.Dk;
-        const T* gh = dout + (bt * d.H + h) * d.Dv;
-        T* dqh = dq + (bt * d.H + h) * d.Dk;
-        std::fill(dqh, dqh + d.Dk, T(0));
-        const T l = lse[(b * d.H + h) * d.T + t];
-        if (sl.empty() || !std::isfinite(l)) continue;
-        const T delta = dot(gh, out + (bt * d.H + h) * d.Dv, d.Dv);  // sum_k p_k dp_k
-        for (int32_t s : sl) {
-          const T* v = kv + (b * d.T + s) * d.Dk;
-          const T p = std::exp(scale * dot(qh, v, d.Dk) - l);
-          const T ds = p * (dot(gh, v, d.Dv) - delta) * scale;
-          T* a = acc.data() + (b * d.T + s) * d.Dk;
+        delta[h] = dot(dout + (bt * d.H + h) * d.Dv, out + (bt * d.H + h) * d.Dv, d.Dv);
+        lrow[h] = lse[(b * d.H + h) * d.T + t];
+      }
+      for (int32_t s : sl) {  // slot-major, as in the forward
+        const T* v = kv + (b * d.T + s) * d.Dk;
+        T* a = acc.data() + (b * d.T + s) * d.Dk;
+        for (int64_t h = 0; h < d.H; ++h) {
+          if (!std::isfinite(lrow[h])) continue;
+          const T* qh = q + (bt * d.H + h) * d.Dk;
+          const T* gh = dout + (bt * d.H + h) * d.Dv;
+          T* dqh = dq + (bt * d.H + h) * d.Dk;
+          const T p = std::exp(scale * dot(qh, v, d.Dk) - lrow[h]);
+          const T ds = p * (dot(gh, v, d.Dv) - delta[h]) * scale;
+#pragma omp simd
           for (int64_t i = 0; i < d.Dk; ++i) {
             dqh[i] += ds * v[i];
             a[i] += ds * qh[i];
           }
+#pragma omp simd
           for (int64_t i = 0; i < d.Dv; ++i) a[i] += p * gh[i];
         }
       }
     }
   }
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if(kv_elems * nthreads > dsa_cpu::kOmpMinWork)
   for (int64_t i = 0; i < kv_elems; ++i) {
     T s = 0;
     for (int th = 0; th < nthreads; ++th)
