@@ -354,9 +354,11 @@ CorpusSummary build_corpus(const CorpusOptions& opt, const Tokenizer& tok) {
     int fill = static_cast<int>(frac * 30);
     for (int i = 0; i < 30; ++i) bar[i] = i < fill ? '#' : '.';
     bar[30] = 0;
-    std::fprintf(stderr, "%s[corpus] [%s] %5.1f%% %s / %s  %s  ETA %d:%02d  docs %lld  tokens %lld%s", tty ? "\r" : "",
-                 bar, 100 * frac, human(done, "B").c_str(), human(total, "B").c_str(), human(rate, "B/s").c_str(),
-                 eta / 60, eta % 60, static_cast<long long>(sum.docs_train + sum.docs_val),
+    // Input bytes are compressed bytes for tarballs; text bytes are what the tokenizer saw.
+    std::fprintf(stderr, "%s[corpus] [%s] %5.1f%% %s / %s in  ETA %d:%02d  text %s at %s  docs %lld  tokens %lld%s",
+                 tty ? "\r" : "", bar, 100 * frac, human(done, "B").c_str(), human(total, "B").c_str(), eta / 60,
+                 eta % 60, human(sum.bytes, "B").c_str(), human(sum.bytes / std::max(secs, 1e-9), "B/s").c_str(),
+                 static_cast<long long>(sum.docs_train + sum.docs_val),
                  static_cast<long long>(sum.tokens_train + sum.tokens_val), tty && !final ? "" : "\n");
   };
 
