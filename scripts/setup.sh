@@ -39,4 +39,10 @@ if [[ ! -f $BUILD_DIR/build.ninja ]]; then
   cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release ${DSA_CMAKE_ARGS:-} >/dev/null
 fi
 cmake --build "$BUILD_DIR" -j "$JOBS"
+
+# The quickstart's small deterministic corpus slice (seconds); the full default corpora are
+# `scripts/prepare_corpus.sh all` (python-doc prose + the linux-6.1 tarball; minutes).
+if [[ ! -f deps/corpus/tiny/corpus.json && -x $BUILD_DIR/bin/dsa-prep ]]; then
+  DSA_BUILD_DIR=$BUILD_DIR bash scripts/prepare_corpus.sh tiny >/dev/null
+fi
 echo "[setup] done: binaries in $ROOT/$BUILD_DIR/bin"

@@ -1,0 +1,48 @@
+// Corpus preparation: text/code files, directories and tarballs in; token shards out (shards.h).
+//
+// Documents are whole files, enumerated in a fixed order (inputs as given, directories walked in
+// byte-sorted name order, tarball members in archive order). Files that look binary (a NUL byte in
+// the first 8 KiB), empty files and unreadable files are skipped with a count (unreadable ones also
+// with a warning naming them). Text is tokenized as bytes where it is not valid UTF-8. Each document
+// goes to "val" when a hash of (seed, its name) falls under val_fraction, else to "train", so the
+// split does not depend on --jobs or on which other files are present. Output is identical for
+// any number of jobs.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "data/tokenizer.h"
+
+namespace dsa {
+
+struct CorpusOptions {
+  std::string out_dir;
+  std::vector<std::string> inputs;
+  double val_fraction = 0.01;
+  uint64_t seed = 0;
+  int jobs = 0;                          // 0: all cores
+  int64_t max_bytes = 0;                 // 0: no limit; stop after this many document bytes
+  int64_t max_files = 0;                 // 0: no limit
+  int64_t shard_tokens = int64_t(1) << 28;  // start a new shard past this many tokens
+  bool progress = true;                  // progress bar on stderr
+};
+
+struct CorpusSummary {
+  int64_t docs_train = 0, docs_val = 0;
+  int64_t tokens_train = 0, tokens_val = 0;
+  int64_t bytes = 0;
+  int64_t skipped_binary = 0, skipped_empty = 0, skipped_unreadable = 0;
+  int64_t longest_tokens = 0;
+  std::string longest_name;
+  int64_t docs_over_16k = 0;  // documents longer than 16384 tokens (long-context material)
+  double seconds = 0;
+};
+
+CorpusSummary build_corpus(const CorpusOptions& opt, const Tokenizer& tok);
+
+// Human-readable summary lines (also written to OUT/corpus.json as JSON).
+std::string format_summary(const CorpusSummary& s);
+
+}  // namespace dsa
