@@ -485,6 +485,11 @@ const StageSpec& Recipe::stage(const std::string& name) const { return stages[st
 
 std::string Recipe::metrics_path() const { return output_dir + "/" + logging.metrics_file; }
 
+std::string Recipe::final_checkpoint(const std::string& stage_name) const {
+  stage_index(stage_name);  // throws for an unknown stage
+  return checkpoint.dir + "/" + stage_name + "/final";
+}
+
 std::string Recipe::to_yaml() const {
   std::ostringstream o;
   o << "# resolved recipe (source: " << source << ")\n";

@@ -117,6 +117,9 @@ struct Recipe {
   int64_t stage_index(const std::string& name) const;
   const StageSpec& stage(const std::string& name) const;
   std::string metrics_path() const;  // output_dir/logging.metrics_file
+  // Where stage `name` leaves its final checkpoint: checkpoint.dir/NAME/final. `--stage NEXT` starts from
+  // this of the previous stage unless NEXT sets init_from; ablation recipes point init_from here.
+  std::string final_checkpoint(const std::string& stage_name) const;
   // Canonical YAML of every key (model inline, defaults filled in); parse_recipe() reads it back to the
   // same recipe.
   std::string to_yaml() const;
