@@ -77,14 +77,16 @@ def smooth(ys, n):
 
 
 def series(recs, key, offset):
-    xs, ys = [], []
+    """One (xs, ys) segment per stage, in stage order: curves do not join across stage boundaries."""
+    segments = {}
     for r in recs:
         v = r.get(key)
         if v is None or (isinstance(v, float) and not math.isfinite(v)):
             continue
+        xs, ys = segments.setdefault(r["stage"], ([], []))
         xs.append(offset[r["stage"]] + int(r["step"]))
         ys.append(float(v))
-    return xs, ys
+    return sorted(segments.values(), key=lambda seg: seg[0][0])
 
 
 def plot(runs, out_dir, smooth_n, plt):
@@ -104,13 +106,11 @@ def plot(runs, out_dir, smooth_n, plt):
         for i, (label, recs) in enumerate(runs):
             color = colors[i % len(colors)]
             for key, style, markers in keys:
-                xs, ys = series(recs, key, offset)
-                if not xs:
-                    continue
-                if not markers:
-                    ys = smooth(ys, smooth_n)
-                ax.plot(xs, ys, style, color=color, marker="o" if markers else None, markersize=3,
-                        label=f"{label} {key}")
+                for j, (xs, ys) in enumerate(series(recs, key, offset)):
+                    if not markers:
+                        ys = smooth(ys, smooth_n)
+                    ax.plot(xs, ys, style, color=color, marker="o" if markers else None, markersize=3,
+                            label=f"{label} {key}" if j == 0 else None)
         for s in order:
             ax.axvline(offset[s], color="0.6", linewidth=0.8, linestyle=":")
             ax.annotate(s, (offset[s], 1.0), xycoords=("data", "axes fraction"), xytext=(3, -12),

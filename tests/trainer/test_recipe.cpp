@@ -1,6 +1,7 @@
 // Recipes (loading, base:, overrides, strict validation), the lr schedule, the metrics logger and the
 // plot tool.
 #include <gtest/gtest.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <cmath>
@@ -241,6 +242,18 @@ TEST(Recipe, StageDefaultsApplyAndStagesWin) {
   EXPECT_EQ(r.stages[0].seq_len, 128);  // from stage_defaults
   EXPECT_EQ(r.stages[1].seq_len, 64);   // the stage's own value wins
   for (const auto& s : r.stages) EXPECT_EQ(s.eval_interval, 7);
+}
+
+TEST(Recipe, ModelFromConfigJson) {
+  const std::string json = write_file("model/config.json", preset_config("tiny").to_hf_json());
+  const std::string text = "model: " + json + std::string(kMinimal).substr(std::string(kMinimal).find("\ndata:"));
+  const Recipe r = parse_recipe(text, "json_model.yaml");
+  EXPECT_EQ(r.model_source, json);
+  EXPECT_EQ(r.model.to_yaml(), preset_config("tiny").to_yaml());
+  EXPECT_EQ(parse_recipe(r.resolved_yaml, "again").model.to_yaml(), r.model.to_yaml());  // resolved inline
+  const std::string e = error_of([&] { parse_recipe("model: /nonexistent/config.json" + text.substr(text.find("\ndata:")), "m.yaml"); });
+  EXPECT_NE(e.find("[recipe] m.yaml:1: key 'model': [config] /nonexistent/config.json: cannot read the file"),
+            std::string::npos) << e;
 }
 
 // ---- overrides ----
@@ -555,6 +568,23 @@ TEST(Metrics, PlotToolWritesPngs) {
     ASSERT_GT(data.size(), 1000u) << png;
     EXPECT_EQ(data.substr(1, 3), "PNG") << png;
   }
+  // `dsa-train plot` goes through run_plot_command, which execs the same script.
+  const fs::path out2 = temp_dir() / "plots2";
+  std::vector<std::string> args = {(runs / "base").string(), "--out", out2.string()};
+  std::vector<char*> argv;
+  for (auto& a : args) argv.push_back(a.data());
+  std::fflush(nullptr);
+  const pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    std::freopen("/dev/null", "w", stdout);
+    _exit(run_plot_command(static_cast<int>(argv.size()), argv.data()));
+  }
+  int status = 0;
+  waitpid(pid, &status, 0);
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 0);
+  EXPECT_TRUE(fs::exists(out2 / "loss.png"));
   // A missing metrics file is an error with its path.
   const std::string bad = std::string(py) + " " + DSA_SOURCE_DIR + "/tools/dsa_plot.py /nonexistent/run --out " +
                           out.string() + " 2> /dev/null";
