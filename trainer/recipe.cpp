@@ -25,7 +25,7 @@ const char* to_string(IndexerLoss v) {
 }
 const char* to_string(IndexerPrecision v) { return v == IndexerPrecision::fp8 ? "fp8" : "bf16"; }
 const char* to_string(OnNonfinite v) { return v == OnNonfinite::skip ? "skip" : "stop"; }
-const char* to_string(Device v) { return v == Device::auto_ ? "auto" : v == Device::cpu ? "cpu" : "cuda"; }
+const char* to_string(RunDevice v) { return v == RunDevice::auto_ ? "auto" : v == RunDevice::cpu ? "cpu" : "cuda"; }
 
 namespace {
 
@@ -330,18 +330,17 @@ Recipe build_recipe(const RNode& root, const std::string& source, const std::vec
   }
 
   // data
-  const RNode& d = need_map(required("data"), "data", "shards, val_shards, tokenizer, val_fraction");
-  check_keys(d, "data", {"shards", "val_shards", "tokenizer", "val_fraction"});
+  const RNode& d = need_map(required("data"), "data", "shards, tokenizer, keep_documents_contiguous");
+  check_keys(d, "data", {"shards", "tokenizer", "keep_documents_contiguous"});
   if (!d.find("shards")) fail(d.where, "data.shards", "missing (the training shard directory or a list of them)");
   r.data.shards = as_str_list(*d.find("shards"), "data.shards");
   if (r.data.shards.empty()) fail(d.find("shards")->where, "data.shards", "must name at least one directory");
-  if (auto* v = d.find("val_shards")) r.data.val_shards = as_str_list(*v, "data.val_shards");
+  if (r.data.shards.size() > 1)
+    fail(d.find("shards")->where, "data.shards", "must name one corpus directory (merge corpora with dsa-prep corpus)");
   if (auto* v = d.find("tokenizer")) r.data.tokenizer = as_str(*v, "data.tokenizer");
-  if (auto* v = d.find("val_fraction")) {
-    r.data.val_fraction = as_num(*v, "data.val_fraction");
-    if (r.data.val_fraction < 0 || r.data.val_fraction >= 1)
-      fail(v->where, "data.val_fraction", "must be in [0, 1), got " + v->scalar);
-  }
+  if (auto* v = d.find("keep_documents_contiguous"))
+    r.data.keep_documents_contiguous = as_bool(*v, "data.keep_documents_contiguous");
+
 
   // optimizer
   if (auto* o = root.find("optimizer")) {
@@ -399,7 +398,7 @@ Recipe build_recipe(const RNode& root, const std::string& source, const std::vec
     r.seed = static_cast<uint64_t>(s);
   }
   if (auto* v = root.find("device"))
-    r.device = as_enum<Device>(*v, "device", {{"auto", Device::auto_}, {"cpu", Device::cpu}, {"cuda", Device::cuda}});
+    r.device = as_enum<RunDevice>(*v, "device", {{"auto", RunDevice::auto_}, {"cpu", RunDevice::cpu}, {"cuda", RunDevice::cuda}});
 
   // checkpointing
   r.checkpoint.dir = r.output_dir + "/checkpoints";
@@ -504,8 +503,8 @@ std::string Recipe::to_yaml() const {
     for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + quote(v[i]);
     return s + "]";
   };
-  o << "data:\n  shards: " << list(data.shards) << "\n  val_shards: " << list(data.val_shards)
-    << "\n  tokenizer: " << quote(data.tokenizer) << "\n  val_fraction: " << num(data.val_fraction) << "\n";
+  o << "data:\n  shards: " << list(data.shards) << "\n  tokenizer: " << quote(data.tokenizer)
+    << "\n  keep_documents_contiguous: " << (data.keep_documents_contiguous ? "true" : "false") << "\n";
   o << "stages:\n";
   for (const StageSpec& s : stages) {
     o << "  - name: " << s.name << "\n    kind: " << to_string(s.kind) << "\n    steps: " << s.steps

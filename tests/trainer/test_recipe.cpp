@@ -162,7 +162,7 @@ TEST(Recipe, QuickstartAndBenchSmall) {
   const Recipe b = load_recipe(std::string(DSA_SOURCE_DIR) + "/recipes/bench_small.yaml");
   EXPECT_EQ(b.model.to_yaml(), preset_config("bench-small").to_yaml());
   for (const auto& s : b.stages) EXPECT_EQ(s.tokens_per_step(), 16384);
-  EXPECT_EQ(b.device, Device::cuda);
+  EXPECT_EQ(b.device, RunDevice::cuda);
 }
 
 TEST(Recipe, AblationsChangeOnlyWhatTheySay) {
@@ -218,7 +218,7 @@ TEST(Recipe, KindDefaultsFollowTheSpec) {
   EXPECT_DOUBLE_EQ(s.lr_main, 7.3e-6);
   EXPECT_EQ(s.topk, 4);
   EXPECT_EQ(s.indexer_precision, IndexerPrecision::fp8);
-  EXPECT_EQ(r.device, Device::auto_);
+  EXPECT_EQ(r.device, RunDevice::auto_);
   EXPECT_EQ(r.checkpoint.dir, "runs/test/checkpoints");
   EXPECT_EQ(r.optimizer.on_nonfinite, OnNonfinite::skip);
 }
@@ -395,7 +395,7 @@ TEST(Recipe, BaseMergesByKeyAndStagesByName) {
       "base: parent.yaml\n"
       "output_dir: runs/child\n"
       "data:\n"
-      "  val_fraction: 0.25\n"
+      "  keep_documents_contiguous: true\n"
       "stages:\n"
       "  - {name: warmup, remove: true}\n"
       "  - name: sparse\n"
@@ -415,7 +415,7 @@ TEST(Recipe, BaseMergesByKeyAndStagesByName) {
   EXPECT_EQ(r.stages[2].name, "extra");
   EXPECT_EQ(r.output_dir, "runs/child");
   EXPECT_EQ(r.data.shards, std::vector<std::string>{"runs/data/test"});
-  EXPECT_DOUBLE_EQ(r.data.val_fraction, 0.25);
+  EXPECT_TRUE(r.data.keep_documents_contiguous);
 
   // Errors point into the file that holds the bad value.
   const std::string bad_child = write_file("base/bad_child.yaml", child_text + "    topk: -1\n");
