@@ -129,10 +129,8 @@ void write_strings(hid_t file, const char* name, const std::vector<std::string>&
 
 // Test hook: DSA_CKPT_SAVE_DELAY_MS sleeps after every tensor, so a test can kill a save midway.
 void save_delay() {
-  static const int ms = [] {
-    const char* e = std::getenv("DSA_CKPT_SAVE_DELAY_MS");
-    return e ? std::atoi(e) : 0;
-  }();
+  const char* e = std::getenv("DSA_CKPT_SAVE_DELAY_MS");  // read every time: a forked child may set it
+  const int ms = e ? std::atoi(e) : 0;
   if (ms > 0) std::this_thread::sleep_for(std::chrono::milliseconds(ms));
 }
 
