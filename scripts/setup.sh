@@ -9,7 +9,8 @@ ROOT=$PWD
 APT_PACKAGES=(cmake ninja-build g++ pkg-config git
   libopenmpi-dev openmpi-bin libhdf5-dev hdf5-tools libyaml-cpp-dev libfmt-dev libgtest-dev
   libopenblas-dev nlohmann-json3-dev libpcre2-dev
-  nodejs npm xz-utils python3.11-doc linux-source-6.1 python3-matplotlib)
+  nodejs npm xz-utils python3.11-doc linux-source-6.1 python3-matplotlib
+  clang libclang-rt-14-dev)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
