@@ -4,20 +4,25 @@ namespace dsa {
 
 Tensor mlp_forward(const ParamStore& ps, const std::string& p, const Tensor& x, MlpCache& c) {
   c.x = x;
-  c.gate = ops::linear_forward(x, ps[p + "gate_proj.weight"]);
-  c.up = ops::linear_forward(x, ps[p + "up_proj.weight"]);
+  c.gate = ops::linear_forward(x, ps.w(p + "gate_proj.weight"));
+  c.up = ops::linear_forward(x, ps.w(p + "up_proj.weight"));
   c.h = ops::swiglu_forward(c.gate, c.up);
-  return ops::linear_forward(c.h, ps[p + "down_proj.weight"]);
+  return ops::linear_forward(c.h, ps.w(p + "down_proj.weight"));
 }
 
 Tensor mlp_backward(ParamStore& ps, const std::string& p, const Tensor& dy, const MlpCache& c) {
-  Tensor dh = ops::linear_backward(dy, c.h, ps[p + "down_proj.weight"], &ps.grad(p + "down_proj.weight"));
+  Tensor dh = ops::linear_backward(dy, c.h, ps.w(p + "down_proj.weight"), &ps.grad(p + "down_proj.weight"));
   Tensor dgate, dup;
   ops::swiglu_backward(dh, c.gate, c.up, &dgate, &dup);
-  Tensor dx = ops::linear_backward(dgate, c.x, ps[p + "gate_proj.weight"], &ps.grad(p + "gate_proj.weight"));
-  ops::add_(dx, ops::linear_backward(dup, c.x, ps[p + "up_proj.weight"], &ps.grad(p + "up_proj.weight")));
+  Tensor dx = ops::linear_backward(dgate, c.x, ps.w(p + "gate_proj.weight"), &ps.grad(p + "gate_proj.weight"));
+  ops::add_(dx, ops::linear_backward(dup, c.x, ps.w(p + "up_proj.weight"), &ps.grad(p + "up_proj.weight")));
   return dx;
 }
+
+namespace {
+// The router computes in fp32 at least (bf16 activations are cast up; f64 stays f64 in tests).
+DType router_dtype(const Tensor& x) { return x.dtype() == DType::BF16 ? DType::F32 : x.dtype(); }
+}  // namespace
 
 ops::MoeRouteConfig route_config(const ModelConfig& cfg) {
   ops::MoeRouteConfig r;
@@ -36,13 +41,14 @@ Tensor moe_forward(const ParamStore& ps, const std::string& p, const ModelConfig
   c.B = B;
   c.T = T;
   c.x = x;
-  c.logits = ops::linear_forward(x, ps[p + "gate.weight"]);
+  // The router runs in fp32, as transformers does (master weight, input cast up).
+  c.logits = ops::linear_forward(ops::cast(x, router_dtype(x)), ps[p + "gate.weight"]);
   c.routing = ops::moe_route(c.logits, ps[p + "gate.e_score_correction_bias"], route_config(cfg));
   c.perm = ops::moe_permutation(c.routing.experts, E);
   c.xp = ops::moe_permute(x, c.perm, K);
-  c.gu = ops::grouped_linear_forward(c.xp, ps[p + "experts.gate_up_proj"], c.perm);
+  c.gu = ops::grouped_linear_forward(c.xp, ps.w(p + "experts.gate_up_proj"), c.perm);
   c.h = ops::swiglu_forward(ops::slice_last(c.gu, 0, I), ops::slice_last(c.gu, I, 2 * I));
-  c.yp = ops::grouped_linear_forward(c.h, ps[p + "experts.down_proj"], c.perm);
+  c.yp = ops::grouped_linear_forward(c.h, ps.w(p + "experts.down_proj"), c.perm);
   Tensor y = ops::moe_combine(c.yp, c.routing.weights, c.perm);
   if (cfg.n_shared_experts > 0) ops::add_(y, mlp_forward(ps, p + "shared_experts.", x, c.shared));
   if (balance_alpha > 0) c.balance_loss = ops::moe_seq_balance_loss(c.routing, E, B, T, balance_alpha, nullptr);
@@ -55,22 +61,24 @@ Tensor moe_backward(ParamStore& ps, const std::string& p, const ModelConfig& cfg
   const int64_t N = c.x.size(0);
   Tensor dyp, dweights;
   ops::moe_combine_backward(dy, c.yp, c.routing.weights, c.perm, &dyp, &dweights);
-  Tensor dh = ops::grouped_linear_backward(dyp, c.h, ps[p + "experts.down_proj"], c.perm,
+  Tensor dh = ops::grouped_linear_backward(dyp, c.h, ps.w(p + "experts.down_proj"), c.perm,
                                            &ps.grad(p + "experts.down_proj"));
   Tensor dgate, dup;
   ops::swiglu_backward(dh, ops::slice_last(c.gu, 0, I), ops::slice_last(c.gu, I, 2 * I), &dgate, &dup);
   Tensor dgu = ops::concat_last(dgate, dup);
-  Tensor dxp = ops::grouped_linear_backward(dgu, c.xp, ps[p + "experts.gate_up_proj"], c.perm,
+  Tensor dxp = ops::grouped_linear_backward(dgu, c.xp, ps.w(p + "experts.gate_up_proj"), c.perm,
                                             &ps.grad(p + "experts.gate_up_proj"));
   Tensor dx = ops::moe_permute_backward(dxp, c.perm, N, cfg.num_experts_per_tok);
   // Router: through the combine weights, and through the balance loss's dependence on the scores.
   Tensor dlogits = ops::moe_route_backward(dweights, c.routing, route_config(cfg));
   if (balance_alpha > 0) {
-    Tensor dscores = Tensor::zeros({N, E}, dy.dtype(), dy.device());
+    Tensor dscores = Tensor::zeros({N, E}, c.routing.scores.dtype(), dy.device());
     ops::moe_seq_balance_loss(c.routing, E, c.B, c.T, balance_alpha, &dscores);
     ops::add_(dlogits, ops::moe_scores_backward(dscores, c.routing));
   }
-  ops::add_(dx, ops::linear_backward(dlogits, c.x, ps[p + "gate.weight"], &ps.grad(p + "gate.weight")));
+  ops::add_(dx, ops::cast(ops::linear_backward(dlogits, ops::cast(c.x, router_dtype(c.x)), ps[p + "gate.weight"],
+                                               &ps.grad(p + "gate.weight")),
+                          dx.dtype()));
   if (cfg.n_shared_experts > 0) ops::add_(dx, mlp_backward(ps, p + "shared_experts.", dy, c.shared));
   return dx;
 }

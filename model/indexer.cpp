@@ -17,13 +17,13 @@ void indexer_forward(const ParamStore& ps, const std::string& prefix, const Mode
   c = IndexerCache{};
   c.x = x;
   c.cq = cq;
-  c.q = ops::linear_forward(cq, ps[p + "wq_b.weight"]).view({N, Hi, di});
+  c.q = ops::linear_forward(cq, ps.w(p + "wq_b.weight")).view({N, Hi, di});
   ops::rope_forward_(c.q, positions, rope.cos, rope.sin, 0, ops::RopeStyle::RotateHalf);
-  c.k_pre = ops::linear_forward(x, ps[p + "wk.weight"]);
-  c.k = ops::layernorm_forward(c.k_pre, ps[p + "k_norm.weight"], ps[p + "k_norm.bias"], kIndexerNormEps, &c.k_mean,
+  c.k_pre = ops::linear_forward(x, ps.w(p + "wk.weight"));
+  c.k = ops::layernorm_forward(c.k_pre, ps.w(p + "k_norm.weight"), ps.w(p + "k_norm.bias"), kIndexerNormEps, &c.k_mean,
                                &c.k_rstd);
   ops::rope_forward_(c.k, positions, rope.cos, rope.sin, 0, ops::RopeStyle::RotateHalf);
-  c.w = ops::linear_forward(x, ps[p + "weights_proj.weight"]);
+  c.w = ops::linear_forward(x, ps.w(p + "weights_proj.weight"));
   ops::scale_(c.w, 1.0 / std::sqrt(static_cast<double>(Hi)));
 }
 
@@ -37,16 +37,16 @@ void indexer_backward(ParamStore& ps, const std::string& prefix, const ModelConf
   expect_shape("indexer_backward", "dw", dw_in, {N, Hi});
   Tensor dq = dq_in.clone();
   ops::rope_backward_(dq, positions, rope.cos, rope.sin, 0, ops::RopeStyle::RotateHalf);
-  Tensor dcq_local = ops::linear_backward(dq.view({N, Hi * di}), c.cq, ps[p + "wq_b.weight"],
+  Tensor dcq_local = ops::linear_backward(dq.view({N, Hi * di}), c.cq, ps.w(p + "wq_b.weight"),
                                           &ps.grad(p + "wq_b.weight"), dcq != nullptr);
   Tensor dk = dk_in.clone();
   ops::rope_backward_(dk, positions, rope.cos, rope.sin, 0, ops::RopeStyle::RotateHalf);
-  Tensor dk_pre = ops::layernorm_backward(dk, c.k_pre, ps[p + "k_norm.weight"], c.k_mean, c.k_rstd,
+  Tensor dk_pre = ops::layernorm_backward(dk, c.k_pre, ps.w(p + "k_norm.weight"), c.k_mean, c.k_rstd,
                                           &ps.grad(p + "k_norm.weight"), &ps.grad(p + "k_norm.bias"));
-  Tensor dx_k = ops::linear_backward(dk_pre, c.x, ps[p + "wk.weight"], &ps.grad(p + "wk.weight"), dx != nullptr);
+  Tensor dx_k = ops::linear_backward(dk_pre, c.x, ps.w(p + "wk.weight"), &ps.grad(p + "wk.weight"), dx != nullptr);
   Tensor dw = dw_in.clone();
   ops::scale_(dw, 1.0 / std::sqrt(static_cast<double>(Hi)));
-  Tensor dx_w = ops::linear_backward(dw, c.x, ps[p + "weights_proj.weight"], &ps.grad(p + "weights_proj.weight"),
+  Tensor dx_w = ops::linear_backward(dw, c.x, ps.w(p + "weights_proj.weight"), &ps.grad(p + "weights_proj.weight"),
                                      dx != nullptr);
   if (dx) {
     *dx = dx_k;

@@ -26,8 +26,8 @@ void mla_prepare(const ParamStore& ps, const std::string& prefix, const ModelCon
   const std::string a = prefix + "self_attn.";
   c = MlaCache{};
   c.x = x;
-  c.cq_pre = ops::linear_forward(x, ps[a + "q_a_proj.weight"]);
-  c.cq = ops::rmsnorm_forward(c.cq_pre, ps[a + "q_a_layernorm.weight"], kLatentNormEps, &c.cq_rstd);
+  c.cq_pre = ops::linear_forward(x, ps.w(a + "q_a_proj.weight"));
+  c.cq = ops::rmsnorm_forward(c.cq_pre, ps.w(a + "q_a_layernorm.weight"), kLatentNormEps, &c.cq_rstd);
 }
 
 Tensor mla_forward(const ParamStore& ps, const std::string& prefix, const ModelConfig& cfg, const RopeTables& rope,
@@ -44,18 +44,18 @@ Tensor mla_forward(const ParamStore& ps, const std::string& prefix, const ModelC
   c.sparse = sparse_indices != nullptr;
 
   // Query path: c_q (low rank, normed, from mla_prepare) -> per-head [nope | rope].
-  c.q = ops::linear_forward(c.cq, ps[a + "q_b_proj.weight"]).view({d.N, d.H, d.dk});
+  c.q = ops::linear_forward(c.cq, ps.w(a + "q_b_proj.weight")).view({d.N, d.H, d.dk});
   ops::rope_forward_(c.q, positions, rope.cos, rope.sin, d.dn, ops::RopeStyle::Interleaved);
 
   // Key/value latent: x -> [c_kv | k_pe]; c_kv normed, k_pe roped (one per token, shared by heads).
-  c.kva = ops::linear_forward(x, ps[a + "kv_a_proj_with_mqa.weight"]);
-  c.ckv = ops::rmsnorm_forward(ops::narrow(c.kva, 1, 0, d.kvl), ps[a + "kv_a_layernorm.weight"], kLatentNormEps,
+  c.kva = ops::linear_forward(x, ps.w(a + "kv_a_proj_with_mqa.weight"));
+  c.ckv = ops::rmsnorm_forward(ops::narrow(c.kva, 1, 0, d.kvl), ps.w(a + "kv_a_layernorm.weight"), kLatentNormEps,
                                &c.ckv_rstd);
   c.kpe = ops::narrow(c.kva, 1, d.kvl, d.kvl + d.dr).view({d.N, 1, d.dr});
   ops::rope_forward_(c.kpe, positions, rope.cos, rope.sin, 0, ops::RopeStyle::Interleaved);
 
   const double scale = cfg.attention_scale();
-  const Tensor& w_kvb = ps[a + "kv_b_proj.weight"];  // [H*(dn+dv), kvl]
+  const Tensor& w_kvb = ps.w(a + "kv_b_proj.weight");  // [H*(dn+dv), kvl]
   if (form == MlaForm::MHA) {
     Tensor kvb = ops::linear_forward(c.ckv, w_kvb).view({d.N, d.H, d.dn + d.dv});
     Tensor k = Tensor::zeros({d.N, d.H, d.dk}, x.dtype(), x.device());
@@ -88,7 +88,7 @@ Tensor mla_forward(const ParamStore& ps, const std::string& prefix, const ModelC
     ops::gemm(ol_t, false, w_uv, true, o_t);
     c.o = ops::transpose01(o_t).view({d.N, d.H * d.dv});
   }
-  return ops::linear_forward(c.o, ps[a + "o_proj.weight"]);
+  return ops::linear_forward(c.o, ps.w(a + "o_proj.weight"));
 }
 
 Tensor mla_backward(ParamStore& ps, const std::string& prefix, const ModelConfig& cfg, const RopeTables& rope,
@@ -101,8 +101,8 @@ Tensor mla_backward(ParamStore& ps, const std::string& prefix, const ModelConfig
   const DType dt = dout.dtype();
   const Device dev = dout.device();
 
-  Tensor d_o = ops::linear_backward(dout, c.o, ps[a + "o_proj.weight"], &ps.grad(a + "o_proj.weight"));
-  const Tensor& w_kvb = ps[a + "kv_b_proj.weight"];
+  Tensor d_o = ops::linear_backward(dout, c.o, ps.w(a + "o_proj.weight"), &ps.grad(a + "o_proj.weight"));
+  const Tensor& w_kvb = ps.w(a + "kv_b_proj.weight");
   Tensor& dw_kvb = ps.grad(a + "kv_b_proj.weight");
   Tensor dq = Tensor::zeros({d.N, d.H, d.dk}, dt, dev);  // gradient at q after rope
   Tensor dckv, dkpe;                                       // [N, kvl], [N, 1, dr]
@@ -128,7 +128,7 @@ Tensor mla_backward(ParamStore& ps, const std::string& prefix, const ModelConfig
     Tensor ol_t = ops::transpose01(c.attn.view({d.N, d.H, d.kvl}));
     Tensor dol_t = Tensor::empty({d.H, d.N, d.kvl}, dt, dev);
     ops::gemm(do_t, false, w_uv, false, dol_t);
-    Tensor dw_uv = Tensor::empty({d.H, d.dv, d.kvl}, dt, dev);
+    Tensor dw_uv = Tensor::empty({d.H, d.dv, d.kvl}, dw_kvb.dtype(), dev);  // weight grads: master precision
     ops::gemm(do_t, true, ol_t, false, dw_uv);
     ops::narrow_accumulate_(dw3, dw_uv, 1, d.dn);
     Tensor dattn = ops::transpose01(dol_t).view({B, T, d.H, d.kvl});
@@ -155,7 +155,7 @@ Tensor mla_backward(ParamStore& ps, const std::string& prefix, const ModelConfig
     Tensor qn_t = ops::transpose01(ops::narrow(c.q, 2, 0, d.dn));    // [H, N, dn]
     Tensor dqn_t = Tensor::empty({d.H, d.N, d.dn}, dt, dev);
     ops::gemm(dql_t, false, w_uk, true, dqn_t);
-    Tensor dw_uk = Tensor::empty({d.H, d.dn, d.kvl}, dt, dev);
+    Tensor dw_uk = Tensor::empty({d.H, d.dn, d.kvl}, dw_kvb.dtype(), dev);
     ops::gemm(qn_t, true, dql_t, false, dw_uk);
     ops::narrow_accumulate_(dw3, dw_uk, 1, 0);
     ops::narrow_accumulate_(dq, ops::transpose01(dqn_t), 2, 0);
@@ -164,22 +164,22 @@ Tensor mla_backward(ParamStore& ps, const std::string& prefix, const ModelConfig
 
   // Query path back to x.
   ops::rope_backward_(dq, positions, rope.cos, rope.sin, d.dn, ops::RopeStyle::Interleaved);
-  Tensor dcq = ops::linear_backward(dq.view({d.N, d.H * d.dk}), c.cq, ps[a + "q_b_proj.weight"],
+  Tensor dcq = ops::linear_backward(dq.view({d.N, d.H * d.dk}), c.cq, ps.w(a + "q_b_proj.weight"),
                                     &ps.grad(a + "q_b_proj.weight"));
   if (dcq_extra) ops::add_(dcq, *dcq_extra);
-  Tensor dcq_pre = ops::rmsnorm_backward(dcq, c.cq_pre, ps[a + "q_a_layernorm.weight"], c.cq_rstd,
+  Tensor dcq_pre = ops::rmsnorm_backward(dcq, c.cq_pre, ps.w(a + "q_a_layernorm.weight"), c.cq_rstd,
                                          &ps.grad(a + "q_a_layernorm.weight"));
-  Tensor dx = ops::linear_backward(dcq_pre, c.x, ps[a + "q_a_proj.weight"], &ps.grad(a + "q_a_proj.weight"));
+  Tensor dx = ops::linear_backward(dcq_pre, c.x, ps.w(a + "q_a_proj.weight"), &ps.grad(a + "q_a_proj.weight"));
 
   // Latent path back to x.
   ops::rope_backward_(dkpe, positions, rope.cos, rope.sin, 0, ops::RopeStyle::Interleaved);
   Tensor dkva = Tensor::zeros({d.N, d.kvl + d.dr}, dt, dev);
   ops::narrow_accumulate_(dkva,
-                          ops::rmsnorm_backward(dckv, ops::narrow(c.kva, 1, 0, d.kvl), ps[a + "kv_a_layernorm.weight"],
+                          ops::rmsnorm_backward(dckv, ops::narrow(c.kva, 1, 0, d.kvl), ps.w(a + "kv_a_layernorm.weight"),
                                                 c.ckv_rstd, &ps.grad(a + "kv_a_layernorm.weight")),
                           1, 0);
   ops::narrow_accumulate_(dkva, dkpe.view({d.N, d.dr}), 1, d.kvl);
-  ops::add_(dx, ops::linear_backward(dkva, c.x, ps[a + "kv_a_proj_with_mqa.weight"],
+  ops::add_(dx, ops::linear_backward(dkva, c.x, ps.w(a + "kv_a_proj_with_mqa.weight"),
                                      &ps.grad(a + "kv_a_proj_with_mqa.weight")));
   return dx;
 }

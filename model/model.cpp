@@ -10,13 +10,16 @@ namespace dsa {
 Model::Model(const ModelConfig& cfg, DType dtype, Device device)
     : cfg_(cfg), dtype_(dtype), device_(device), params_(make_params(cfg, dtype, device)) {
   cfg_.validate("model");
+  // NOTES: on the GPU the model trains in mixed precision: fp32 master weights and gradients, bf16
+  // weight copies and activations. The router reads its fp32 master weight (it runs in fp32).
+  if (device_ == Device::CUDA) params_.make_compute_copies(DType::BF16, {"mlp.gate.weight"});
 }
 
 void Model::ensure_rope(int64_t T) {
   if (T <= rope_positions_) return;
   DSA_CHECK(T <= cfg_.max_position_embeddings * std::max(1.0, cfg_.rope_scaling.factor),
             "[model] sequence length ", T, " exceeds max_position_embeddings ", cfg_.max_position_embeddings);
-  rope_ = make_rope_tables(cfg_, T, dtype_, device_);
+  rope_ = make_rope_tables(cfg_, T, device_ == Device::CUDA ? DType::F32 : dtype_, device_);
   rope_positions_ = T;
 }
 
@@ -107,12 +110,12 @@ StepStats Model::step(const Tensor& ids, const Tensor& targets, int64_t B, int64
 
   std::vector<LayerCache> caches(cfg_.num_hidden_layers);
   expert_loads_.clear();
-  Tensor h = ops::embedding_forward(ids_d, params_["model.embed_tokens.weight"]);
+  Tensor h = ops::embedding_forward(ids_d, params_.w("model.embed_tokens.weight"));
   for (int64_t l = 0; l < cfg_.num_hidden_layers; ++l) {
     LayerCache& lc = caches[l];
     const std::string p = layer_prefix(l);
     lc.x_in = h;
-    lc.attn_in = ops::rmsnorm_forward(h, params_[p + "input_layernorm.weight"], cfg_.rms_norm_eps, &lc.attn_rstd);
+    lc.attn_in = ops::rmsnorm_forward(h, params_.w(p + "input_layernorm.weight"), cfg_.rms_norm_eps, &lc.attn_rstd);
     mla_prepare(params_, p, cfg_, lc.attn_in, lc.mla);
     if (need_indexer) {
       indexer_forward(params_, p, cfg_, rope_, positions, lc.attn_in, lc.mla.cq, lc.indexer);
@@ -148,7 +151,7 @@ StepStats Model::step(const Tensor& ids, const Tensor& targets, int64_t B, int64
     if (opts.indexer_loss != IndexerLossMode::None) indexer_loss_and_grads(l, lc, positions, B, T, opts, backward, stats);
     h = ops::add(h, attn_out);
     lc.h_mid = h;
-    lc.ffn_in = ops::rmsnorm_forward(h, params_[p + "post_attention_layernorm.weight"], cfg_.rms_norm_eps,
+    lc.ffn_in = ops::rmsnorm_forward(h, params_.w(p + "post_attention_layernorm.weight"), cfg_.rms_norm_eps,
                                      &lc.ffn_rstd);
     Tensor ffn_out;
     lc.moe = cfg_.is_moe_layer(l);
@@ -166,12 +169,12 @@ StepStats Model::step(const Tensor& ids, const Tensor& targets, int64_t B, int64
   }
 
   Tensor final_rstd;
-  Tensor hn = ops::rmsnorm_forward(h, params_["model.norm.weight"], cfg_.rms_norm_eps, &final_rstd);
+  Tensor hn = ops::rmsnorm_forward(h, params_.w("model.norm.weight"), cfg_.rms_norm_eps, &final_rstd);
   const std::string head = cfg_.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight";
-  if (opts.capture_logits) *opts.capture_logits = ops::linear_forward(hn, params_[head]);
+  if (opts.capture_logits) *opts.capture_logits = ops::linear_forward(hn, params_.w(head));
   const bool lm_backward = backward && opts.train_main;
   Tensor dhn;
-  ops::CrossEntropyResult ce = ops::lm_head_cross_entropy(hn, params_[head], targets_d, opts.lm_grad_scale,
+  ops::CrossEntropyResult ce = ops::lm_head_cross_entropy(hn, params_.w(head), targets_d, opts.lm_grad_scale,
                                                           lm_backward ? &dhn : nullptr,
                                                           lm_backward ? &params_.grad(head) : nullptr);
   stats.lm_loss_sum = ce.loss_sum;
@@ -179,18 +182,18 @@ StepStats Model::step(const Tensor& ids, const Tensor& targets, int64_t B, int64
   if (!lm_backward) return stats;
 
   // Backward through the layers, LM loss (plus the indexer loss where inputs are not detached).
-  Tensor dh = ops::rmsnorm_backward(dhn, h, params_["model.norm.weight"], final_rstd, &params_.grad("model.norm.weight"));
+  Tensor dh = ops::rmsnorm_backward(dhn, h, params_.w("model.norm.weight"), final_rstd, &params_.grad("model.norm.weight"));
   for (int64_t l = cfg_.num_hidden_layers - 1; l >= 0; --l) {
     LayerCache& lc = caches[l];
     const std::string p = layer_prefix(l);
     Tensor dffn_in = lc.moe ? moe_backward(params_, p + "mlp.", cfg_, dh, lc.moe_cache, opts.balance_alpha)
                             : mlp_backward(params_, p + "mlp.", dh, lc.mlp);
-    ops::add_(dh, ops::rmsnorm_backward(dffn_in, lc.h_mid, params_[p + "post_attention_layernorm.weight"], lc.ffn_rstd,
+    ops::add_(dh, ops::rmsnorm_backward(dffn_in, lc.h_mid, params_.w(p + "post_attention_layernorm.weight"), lc.ffn_rstd,
                                         &params_.grad(p + "post_attention_layernorm.weight")));
     Tensor dattn_in = mla_backward(params_, p, cfg_, rope_, positions, dh, lc.mla,
                                    lc.dcq_from_indexer.defined() ? &lc.dcq_from_indexer : nullptr);
     if (lc.dx_from_indexer.defined()) ops::add_(dattn_in, lc.dx_from_indexer);
-    ops::add_(dh, ops::rmsnorm_backward(dattn_in, lc.x_in, params_[p + "input_layernorm.weight"], lc.attn_rstd,
+    ops::add_(dh, ops::rmsnorm_backward(dattn_in, lc.x_in, params_.w(p + "input_layernorm.weight"), lc.attn_rstd,
                                         &params_.grad(p + "input_layernorm.weight")));
   }
   ops::embedding_backward(dh, ids_d, &params_.grad("model.embed_tokens.weight"));

@@ -2,6 +2,8 @@
 
 #include <cmath>
 
+#include "kernels/ops.h"
+
 namespace dsa {
 
 const char* param_group_name(ParamGroup g) {
@@ -43,6 +45,23 @@ int64_t ParamStore::numel() const {
   int64_t n = 0;
   for (const Param& p : params_) n += p.value.numel();
   return n;
+}
+
+void ParamStore::make_compute_copies(DType dtype, const std::vector<std::string>& keep_master_suffixes) {
+  for (Param& p : params_) {
+    if (p.group == ParamGroup::Buffer) continue;
+    bool keep = false;
+    for (const std::string& s : keep_master_suffixes)
+      keep = keep || (p.name.size() >= s.size() && p.name.compare(p.name.size() - s.size(), s.size(), s) == 0);
+    if (keep || p.value.dtype() == dtype) continue;
+    p.compute = Tensor::empty(p.value.shape(), dtype, p.value.device());
+  }
+  refresh_compute();
+}
+
+void ParamStore::refresh_compute() {
+  for (Param& p : params_)
+    if (p.compute.defined()) ops::copy_cast_(p.compute, p.value);
 }
 
 void ParamStore::zero_grads() {

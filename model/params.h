@@ -27,6 +27,7 @@ struct Param {
   std::string name;  // Hugging Face name, e.g. "model.layers.0.self_attn.q_a_proj.weight"
   Tensor value;      // master weights (f32, or f64 in gradient checks)
   Tensor grad;       // same shape as value; undefined for buffers
+  Tensor compute;    // bf16 copy the GPU ops read (mixed precision); undefined on the CPU
   ParamGroup group = ParamGroup::Main;
   bool decay = true;  // weight decay applies (matrices: yes; norms, biases: no)
 };
@@ -40,6 +41,15 @@ class ParamStore {
   Tensor& operator[](const std::string& name) { return get(name).value; }
   const Tensor& operator[](const std::string& name) const { return get(name).value; }
   Tensor& grad(const std::string& name) { return get(name).grad; }
+  // The weight ops read: the bf16 compute copy where one exists (GPU), else the master value.
+  const Tensor& w(const std::string& name) const {
+    const Param& p = get(name);
+    return p.compute.defined() ? p.compute : p.value;
+  }
+  // Mixed precision: give every trained tensor a compute copy of `dtype` (buffers and the names in
+  // `keep_master` are read in their master precision), and refresh them after each optimizer step.
+  void make_compute_copies(DType dtype, const std::vector<std::string>& keep_master_suffixes);
+  void refresh_compute();
   std::vector<Param>& all() { return params_; }
   const std::vector<Param>& all() const { return params_; }
   size_t size() const { return params_.size(); }
