@@ -20,7 +20,6 @@ namespace dsa {
 namespace {
 
 using testing::poisoned_gpu;
-using testing::rel_close;
 using testing::to_gpu;
 
 // f32 values exactly representable in bf16 (so both backends see the same operands).
@@ -31,6 +30,23 @@ Tensor randn_bf16(const Shape& s, uint64_t seed) { return testing::randn(s, seed
 void poison_pool(const std::vector<Shape>& shapes, DType dt) {
   std::vector<Tensor> held;
   for (const Shape& s : shapes) held.push_back(poisoned_gpu(s, dt));
+}
+
+// RMS error relative to max(RMS of the reference, floor), NaN never passing. The floor matters where
+// the exact gradient vanishes: with T = 1 (and for the first query in general) P = 1 and
+// dS = P (dO.V - dO.O) = 0, so the references of dq / dk are pure rounding noise.
+double rel_err(const Tensor& a, const Tensor& b, double floor) {
+  Tensor x = testing::to_cpu64(a), y = b.to(DType::F64);
+  EXPECT_EQ(x.shape(), y.shape());
+  double num = 0, den = 0;
+  for (int64_t i = 0; i < x.numel(); ++i) {
+    const double u = x.item(i), w = y.item(i);
+    if (!std::isfinite(u)) return INFINITY;
+    num += (u - w) * (u - w);
+    den += w * w;
+  }
+  const double n = double(std::max<int64_t>(1, x.numel()));
+  return std::sqrt(num / n) / std::max(std::sqrt(den / n), floor);
 }
 
 struct Case {
@@ -56,14 +72,19 @@ void check_case(const Case& c, uint64_t seed) {
   ASSERT_EQ(out.dtype(), DType::BF16);
   ASSERT_EQ(lse.dtype(), DType::F32);
   ASSERT_EQ(lse.shape(), Shape({c.B, c.H, c.T}));
-  EXPECT_TRUE(rel_close(out, out_ref, 1e-2)) << "out";
-  EXPECT_TRUE(rel_close(lse, lse_ref, 1e-4)) << "lse";
+  const double e_out = rel_err(out, out_ref, 0), e_lse = rel_err(lse, lse_ref, 0);
+  EXPECT_LE(e_out, 1e-2) << "out";
+  EXPECT_LE(e_lse, 1e-4) << "lse";
 
   poison_pool({{c.B, c.T, c.H, c.Dk}, {c.B, c.T, c.Hk, c.Dk}, {c.B, c.T, c.Hk, c.Dv}}, DType::BF16);
   ops::AttentionGrads g = ops::attention_backward(dog, qg, kg, vg, out, lse, scale);
-  EXPECT_TRUE(rel_close(g.dq, g_ref.dq, 2e-2)) << "dq";
-  EXPECT_TRUE(rel_close(g.dk, g_ref.dk, 2e-2)) << "dk";
-  EXPECT_TRUE(rel_close(g.dv, g_ref.dv, 2e-2)) << "dv";
+  const double e_dq = rel_err(g.dq, g_ref.dq, 0.05), e_dk = rel_err(g.dk, g_ref.dk, 0.05);
+  const double e_dv = rel_err(g.dv, g_ref.dv, 0.05);
+  EXPECT_LE(e_dq, 2e-2) << "dq";
+  EXPECT_LE(e_dk, 2e-2) << "dk";
+  EXPECT_LE(e_dv, 2e-2) << "dv";
+  std::printf("[attn] T=%lld Hk=%lld Dk=%lld Dv=%lld rel err: out %.2e lse %.2e dq %.2e dk %.2e dv %.2e\n",
+              (long long)c.T, (long long)c.Hk, (long long)c.Dk, (long long)c.Dv, e_out, e_lse, e_dq, e_dk, e_dv);
 }
 
 void run_dims(int64_t Dk, int64_t Dv) {
