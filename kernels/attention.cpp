@@ -28,6 +28,9 @@
 #include <vector>
 
 #include "kernels/ops.h"
+#ifdef DSA_HAVE_CUDA
+#include "kernels/cuda/ops_attention.h"
+#endif
 
 namespace dsa::ops {
 namespace {
@@ -60,7 +63,11 @@ struct Dims {
 };
 
 Dims check_inputs(const char* op, const Tensor& q, const Tensor& k, const Tensor& v) {
-  expect_float(op, "q", q);
+  if (q.device() == Device::CUDA) {
+    expect_dtype(op, "q", q, DType::BF16);
+  } else {
+    expect_float(op, "q", q);
+  }
   expect_shape(op, "q", q, {-1, -1, -1, -1});
   Dims d{q.size(0), q.size(1), q.size(2), 0, q.size(3), 0, 0};
   expect_shape(op, "k", k, {d.B, d.T, -1, d.Dk});
@@ -74,7 +81,6 @@ Dims check_inputs(const char* op, const Tensor& q, const Tensor& k, const Tensor
   DSA_CHECK(d.Hk > 0 && d.H % d.Hk == 0, "[", op, "] kv heads (", d.Hk, ") must divide query heads (", d.H,
             "), q ", q.desc(), ", k ", k.desc());
   DSA_CHECK(d.Dk > 0 && d.Dv > 0, "[", op, "] head dims must be positive, q ", q.desc(), ", v ", v.desc());
-  if (q.device() == Device::CUDA) fail("[attention] CUDA backend not implemented yet");
   d.rep = d.H / d.Hk;
   return d;
 }
@@ -238,6 +244,13 @@ void backward_impl(const Dims& d, const Tensor& dout, const Tensor& q, const Ten
 
 Tensor attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, double scale, Tensor* lse_out) {
   const Dims d = check_inputs("attention_forward", q, k, v);
+  if (q.device() == Device::CUDA) {
+#ifdef DSA_HAVE_CUDA
+    return cuda::attention_forward(q, k, v, scale, lse_out);
+#else
+    fail("[attention_forward] CUDA backend not built");
+#endif
+  }
   Tensor out = Tensor::empty({d.B, d.T, d.H, d.Dv}, q.dtype());
   Tensor lse = Tensor::empty({d.B, d.H, d.T}, q.dtype());
   if (q.dtype() == DType::F32)
@@ -257,10 +270,18 @@ AttentionGrads attention_backward(const Tensor& dout, const Tensor& q, const Ten
   expect_shape(op, "lse", lse, {d.B, d.H, d.T});
   expect_dtype(op, "dout", dout, q.dtype());
   expect_dtype(op, "out", out, q.dtype());
-  expect_dtype(op, "lse", lse, q.dtype());
   expect_same_device(op, q, dout);
   expect_same_device(op, q, out);
   expect_same_device(op, q, lse);
+  if (q.device() == Device::CUDA) {
+    expect_dtype(op, "lse", lse, DType::F32);  // bf16 activations, f32 row statistics
+#ifdef DSA_HAVE_CUDA
+    return cuda::attention_backward(dout, q, k, v, out, lse, scale);
+#else
+    fail("[attention_backward] CUDA backend not built");
+#endif
+  }
+  expect_dtype(op, "lse", lse, q.dtype());
   AttentionGrads g{Tensor::empty(q.shape(), q.dtype()), Tensor::empty(k.shape(), q.dtype()),
                    Tensor::empty(v.shape(), q.dtype())};
   if (q.dtype() == DType::F32)

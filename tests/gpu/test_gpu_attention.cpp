@@ -1,0 +1,195 @@
+// GPU dense causal attention vs the CPU reference: forward (out, lse) and backward (dq, dk, dv) for
+// MHA / GQA / MQA, odd T, the model's head dims (tiny 12/6, bench-small 96/64, production MHA 192/128)
+// and the padded fallbacks. DSA_GPU_BENCH=1 adds timings at bench-small and production shapes.
+#include <cuda_runtime.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <vector>
+
+#include "kernels/cuda/context.h"
+#include "kernels/ops.h"
+#include "tests/gpu/gpu_util.h"
+#include "tests/test_util.h"
+
+namespace dsa {
+namespace {
+
+using testing::poisoned_gpu;
+using testing::to_gpu;
+
+// f32 values exactly representable in bf16 (so both backends see the same operands).
+Tensor randn_bf16(const Shape& s, uint64_t seed) { return testing::randn(s, seed, 1.0, DType::F32).to(DType::BF16).to(DType::F32); }
+
+// Best-effort poisoning of the op-allocated outputs: NaN blocks of the same sizes are freed into the
+// caching allocator right before the call, which hands them back to the op.
+void poison_pool(const std::vector<Shape>& shapes, DType dt) {
+  std::vector<Tensor> held;
+  for (const Shape& s : shapes) held.push_back(poisoned_gpu(s, dt));
+}
+
+// RMS error relative to max(RMS of the reference, floor), NaN never passing. The floor matters where
+// the exact gradient vanishes: with T = 1 (and for the first query in general) P = 1 and
+// dS = P (dO.V - dO.O) = 0, so the references of dq / dk are pure rounding noise.
+double rel_err(const Tensor& a, const Tensor& b, double floor) {
+  Tensor x = testing::to_cpu64(a), y = b.to(DType::F64);
+  EXPECT_EQ(x.shape(), y.shape());
+  double num = 0, den = 0;
+  for (int64_t i = 0; i < x.numel(); ++i) {
+    const double u = x.item(i), w = y.item(i);
+    if (!std::isfinite(u)) return INFINITY;
+    num += (u - w) * (u - w);
+    den += w * w;
+  }
+  const double n = double(std::max<int64_t>(1, x.numel()));
+  return std::sqrt(num / n) / std::max(std::sqrt(den / n), floor);
+}
+
+struct Case {
+  int64_t B, T, H, Hk, Dk, Dv;
+};
+
+void check_case(const Case& c, uint64_t seed) {
+  SCOPED_TRACE(::testing::Message() << "B=" << c.B << " T=" << c.T << " H=" << c.H << " Hk=" << c.Hk
+                                    << " Dk=" << c.Dk << " Dv=" << c.Dv);
+  const double scale = 1.0 / std::sqrt(double(c.Dk));
+  Tensor q = randn_bf16({c.B, c.T, c.H, c.Dk}, seed), k = randn_bf16({c.B, c.T, c.Hk, c.Dk}, seed + 1);
+  Tensor v = randn_bf16({c.B, c.T, c.Hk, c.Dv}, seed + 2), dout = randn_bf16({c.B, c.T, c.H, c.Dv}, seed + 3);
+  Tensor lse_ref;
+  Tensor out_ref = ops::attention_forward(q, k, v, scale, &lse_ref);
+  ops::AttentionGrads g_ref = ops::attention_backward(dout, q, k, v, out_ref, lse_ref, scale);
+
+  Tensor qg = to_gpu(q, DType::BF16), kg = to_gpu(k, DType::BF16), vg = to_gpu(v, DType::BF16);
+  Tensor dog = to_gpu(dout, DType::BF16);
+  poison_pool({{c.B, c.T, c.H, c.Dv}}, DType::BF16);
+  poison_pool({{c.B, c.H, c.T}}, DType::F32);
+  Tensor lse;
+  Tensor out = ops::attention_forward(qg, kg, vg, scale, &lse);
+  ASSERT_EQ(out.dtype(), DType::BF16);
+  ASSERT_EQ(lse.dtype(), DType::F32);
+  ASSERT_EQ(lse.shape(), Shape({c.B, c.H, c.T}));
+  const double e_out = rel_err(out, out_ref, 0), e_lse = rel_err(lse, lse_ref, 0);
+  EXPECT_LE(e_out, 1e-2) << "out";
+  EXPECT_LE(e_lse, 1e-4) << "lse";
+
+  poison_pool({{c.B, c.T, c.H, c.Dk}, {c.B, c.T, c.Hk, c.Dk}, {c.B, c.T, c.Hk, c.Dv}}, DType::BF16);
+  ops::AttentionGrads g = ops::attention_backward(dog, qg, kg, vg, out, lse, scale);
+  const double e_dq = rel_err(g.dq, g_ref.dq, 0.05), e_dk = rel_err(g.dk, g_ref.dk, 0.05);
+  const double e_dv = rel_err(g.dv, g_ref.dv, 0.05);
+  EXPECT_LE(e_dq, 2e-2) << "dq";
+  EXPECT_LE(e_dk, 2e-2) << "dk";
+  EXPECT_LE(e_dv, 2e-2) << "dv";
+  std::printf("[attn] T=%lld Hk=%lld Dk=%lld Dv=%lld rel err: out %.2e lse %.2e dq %.2e dk %.2e dv %.2e\n",
+              (long long)c.T, (long long)c.Hk, (long long)c.Dk, (long long)c.Dv, e_out, e_lse, e_dq, e_dk, e_dv);
+}
+
+void run_dims(int64_t Dk, int64_t Dv) {
+  uint64_t seed = 100 * Dk + Dv;
+  for (int64_t T : {1, 13, 257})
+    for (int64_t Hk : {4, 2, 1}) check_case({2, T, 4, Hk, Dk, Dv}, seed += 10);
+}
+
+TEST(GpuAttention, TinyHeadDims12x6) {
+  DSA_REQUIRE_GPU();
+  run_dims(12, 6);
+}
+TEST(GpuAttention, BenchSmallHeadDims96x64) {
+  DSA_REQUIRE_GPU();
+  run_dims(96, 64);
+}
+TEST(GpuAttention, HeadDims128x128) {
+  DSA_REQUIRE_GPU();
+  run_dims(128, 128);
+}
+TEST(GpuAttention, ProductionMhaHeadDims192x128) {
+  DSA_REQUIRE_GPU();
+  run_dims(192, 128);
+}
+TEST(GpuAttention, HeadDims256x256) {
+  DSA_REQUIRE_GPU();
+  run_dims(256, 256);
+}
+TEST(GpuAttention, PaddedGeneralDims) {  // unequal, unaligned and odd dims on the padded paths
+  DSA_REQUIRE_GPU();
+  check_case({2, 13, 4, 2, 40, 200}, 7);
+  check_case({1, 70, 2, 1, 33, 17}, 8);
+  check_case({2, 257, 4, 4, 72, 56}, 9);
+}
+TEST(GpuAttention, LongSequenceManyBlocks) {
+  DSA_REQUIRE_GPU();
+  check_case({1, 1000, 2, 1, 96, 64}, 11);
+  check_case({1, 600, 2, 2, 192, 128}, 12);
+}
+
+TEST(GpuAttention, RejectsBadInputs) {
+  DSA_REQUIRE_GPU();
+  Tensor q = to_gpu(randn_bf16({1, 4, 2, 8}, 1), DType::BF16);
+  Tensor k3 = to_gpu(randn_bf16({1, 4, 3, 8}, 2), DType::BF16);  // 3 kv heads do not divide 2
+  EXPECT_THROW(ops::attention_forward(q, k3, k3, 0.3, nullptr), std::runtime_error);
+  Tensor big = to_gpu(randn_bf16({1, 4, 2, 264}, 3), DType::BF16);  // head dim > 256
+  EXPECT_THROW(ops::attention_forward(big, big, big, 0.3, nullptr), std::runtime_error);
+  Tensor q32 = randn_bf16({1, 4, 2, 8}, 4).to(Device::CUDA);  // f32 on the GPU
+  EXPECT_THROW(ops::attention_forward(q32, q32, q32, 0.3, nullptr), std::runtime_error);
+}
+
+// ------------------------------------------------------------------------------------ benchmark
+// Fast pseudo-random bf16 fill (the CPU randn is too slow for 10^8-element tensors).
+Tensor fill_gpu(const Shape& s, uint64_t seed) {
+  Tensor h = Tensor::empty(s, DType::BF16);
+  bf16* p = h.data<bf16>();
+  uint64_t x = seed * 0x9E3779B97F4A7C15ull + 1;
+  for (int64_t i = 0; i < h.numel(); ++i) {
+    x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+    p[i] = f32_to_bf16(float(int64_t(x >> 40) - (1ll << 23)) / float(1 << 23));  // uniform(-1, 1)
+  }
+  return h.to(Device::CUDA);
+}
+
+double median_ms(const std::function<void()>& f, int reps) {
+  cudaEvent_t a, b;
+  cudaEventCreate(&a);
+  cudaEventCreate(&b);
+  f();  // warm-up
+  f();
+  std::vector<float> ms;
+  for (int i = 0; i < reps; ++i) {
+    cudaEventRecord(a, cuda::stream());
+    f();
+    cudaEventRecord(b, cuda::stream());
+    cudaEventSynchronize(b);
+    float t = 0;
+    cudaEventElapsedTime(&t, a, b);
+    ms.push_back(t);
+  }
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  std::sort(ms.begin(), ms.end());
+  return ms[ms.size() / 2];
+}
+
+TEST(GpuAttention, Bench) {
+  DSA_REQUIRE_GPU();
+  const char* env = std::getenv("DSA_GPU_BENCH");
+  if (!env || std::string(env) != "1") GTEST_SKIP() << "set DSA_GPU_BENCH=1";
+  for (const Case& c : {Case{1, 16384, 16, 16, 96, 64}, Case{1, 8192, 128, 128, 192, 128}}) {
+    Tensor q = fill_gpu({c.B, c.T, c.H, c.Dk}, 1), k = fill_gpu({c.B, c.T, c.Hk, c.Dk}, 2);
+    Tensor v = fill_gpu({c.B, c.T, c.Hk, c.Dv}, 3), dout = fill_gpu({c.B, c.T, c.H, c.Dv}, 4);
+    const double scale = 1.0 / std::sqrt(double(c.Dk));
+    Tensor lse, out = ops::attention_forward(q, k, v, scale, &lse);
+    const double fwd_ms = median_ms([&] { ops::attention_forward(q, k, v, scale, &lse); }, 7);
+    const double bwd_ms = median_ms([&] { ops::attention_backward(dout, q, k, v, out, lse, scale); }, 5);
+    const double fwd_flop = 2.0 * c.B * c.H * (double(c.T) * c.T / 2) * (c.Dk + c.Dv);
+    std::printf("[bench] attention B=%lld T=%lld H=%lld Hk=%lld Dk=%lld Dv=%lld: fwd %.3f ms %.1f TFLOP/s, "
+                "bwd %.3f ms %.1f TFLOP/s, fwd+bwd %.1f TFLOP/s\n",
+                (long long)c.B, (long long)c.T, (long long)c.H, (long long)c.Hk, (long long)c.Dk, (long long)c.Dv,
+                fwd_ms, fwd_flop / fwd_ms * 1e-9, bwd_ms, 2.5 * fwd_flop / bwd_ms * 1e-9,
+                3.5 * fwd_flop / (fwd_ms + bwd_ms) * 1e-9);
+  }
+}
+
+}  // namespace
+}  // namespace dsa
