@@ -87,6 +87,66 @@ void Model::indexer_loss_and_grads(int64_t l, LayerCache& lc, const Tensor& posi
   }
 }
 
+Tensor Model::layer_forward(int64_t l, LayerCache& lc, const Tensor& h_in, const LayerContext& x, bool first_pass,
+                            StepStats& stats) {
+  const StepOptions& opts = x.opts;
+  const int64_t B = x.B, T = x.T;
+  const std::string p = layer_prefix(l);
+  lc.x_in = h_in;
+  lc.attn_in = ops::rmsnorm_forward(h_in, params_.w(p + "input_layernorm.weight"), cfg_.rms_norm_eps, &lc.attn_rstd);
+  mla_prepare(params_, p, cfg_, lc.attn_in, lc.mla);
+  if (x.need_indexer) {
+    indexer_forward(params_, p, cfg_, rope_, x.positions, lc.attn_in, lc.mla.cq, lc.indexer);
+    if (!first_pass) {
+      // Recomputation reuses the selection of the first pass (lc.indices kept).
+    } else if (opts.forced_indices) {
+      DSA_CHECK(opts.forced_indices->size() == static_cast<size_t>(cfg_.num_hidden_layers),
+                "[model] forced_indices needs one tensor per layer");
+      lc.indices = (*opts.forced_indices)[l].to(device_);
+    } else if (x.sparse || opts.compute_recall) {
+      lc.indices = ops::indexer_topk(lc.indexer.q.view({B, T, cfg_.index_n_heads, cfg_.index_head_dim}),
+                                     lc.indexer.k.view({B, T, cfg_.index_head_dim}),
+                                     lc.indexer.w.view({B, T, cfg_.index_n_heads}), x.topk, opts.fp8_indexer);
+    }
+  }
+  Tensor attn_out = mla_forward(params_, p, cfg_, rope_, x.positions, B, T, lc.attn_in, x.form,
+                                x.sparse ? &lc.indices : nullptr, lc.mla);
+  if (first_pass && opts.compute_recall) {
+    // Recall is measured against the dense attention's head-summed distribution (MHA form: the
+    // dense kernels' head dims).
+    const MlaCache* dense = &lc.mla;
+    MlaCache dense_cache;
+    if (x.sparse || lc.mla.form != MlaForm::MHA) {
+      mla_prepare(params_, p, cfg_, lc.attn_in, dense_cache);
+      mla_forward(params_, p, cfg_, rope_, x.positions, B, T, lc.attn_in, MlaForm::MHA, nullptr, dense_cache);
+      dense = &dense_cache;
+    }
+    ops::IndexerRecall rr =
+        ops::indexer_recall(dense->q.view({B, T, cfg_.num_attention_heads, cfg_.qk_head_dim()}), dense->k, dense->lse,
+                            cfg_.attention_scale(), lc.indices);
+    stats.recall_sum += rr.recall_sum;
+    stats.recall_rows += rr.rows;
+  }
+  if (first_pass && opts.indexer_loss != IndexerLossMode::None)
+    indexer_loss_and_grads(l, lc, x.positions, B, T, opts, x.backward, stats);
+  Tensor h = ops::add(h_in, attn_out);
+  lc.h_mid = h;
+  lc.ffn_in =
+      ops::rmsnorm_forward(h, params_.w(p + "post_attention_layernorm.weight"), cfg_.rms_norm_eps, &lc.ffn_rstd);
+  Tensor ffn_out;
+  lc.moe = cfg_.is_moe_layer(l);
+  if (lc.moe) {
+    ffn_out = moe_forward(params_, p + "mlp.", cfg_, lc.ffn_in, B, T, opts.balance_alpha, lc.moe_cache);
+    if (first_pass) {
+      stats.balance_loss += lc.moe_cache.balance_loss;
+      expert_loads_.push_back(ops::moe_expert_load(lc.moe_cache.routing, cfg_.n_routed_experts));
+    }
+  } else {
+    ffn_out = mlp_forward(params_, p + "mlp.", lc.ffn_in, lc.mlp);
+  }
+  return ops::add(h, ffn_out);
+}
+
 StepStats Model::step(const Tensor& ids, const Tensor& targets, int64_t B, int64_t T, const StepOptions& opts,
                       bool backward) {
   const int64_t N = B * T, D = cfg_.hidden_size;
@@ -110,62 +170,24 @@ StepStats Model::step(const Tensor& ids, const Tensor& targets, int64_t B, int64
 
   std::vector<LayerCache> caches(cfg_.num_hidden_layers);
   expert_loads_.clear();
+  const LayerContext ctx{positions, B, T, opts, backward, sparse, need_indexer, topk, form};
   Tensor h = ops::embedding_forward(ids_d, params_.w("model.embed_tokens.weight"));
   for (int64_t l = 0; l < cfg_.num_hidden_layers; ++l) {
     LayerCache& lc = caches[l];
-    const std::string p = layer_prefix(l);
-    lc.x_in = h;
-    lc.attn_in = ops::rmsnorm_forward(h, params_.w(p + "input_layernorm.weight"), cfg_.rms_norm_eps, &lc.attn_rstd);
-    mla_prepare(params_, p, cfg_, lc.attn_in, lc.mla);
-    if (need_indexer) {
-      indexer_forward(params_, p, cfg_, rope_, positions, lc.attn_in, lc.mla.cq, lc.indexer);
-      if (opts.forced_indices) {
-        DSA_CHECK(opts.forced_indices->size() == static_cast<size_t>(cfg_.num_hidden_layers),
-                  "[model] forced_indices needs one tensor per layer");
-        lc.indices = (*opts.forced_indices)[l].to(device_);
-      } else if (sparse || opts.compute_recall)
-        lc.indices = ops::indexer_topk(lc.indexer.q.view({B, T, cfg_.index_n_heads, cfg_.index_head_dim}),
-                                       lc.indexer.k.view({B, T, cfg_.index_head_dim}),
-                                       lc.indexer.w.view({B, T, cfg_.index_n_heads}), topk, opts.fp8_indexer);
-    }
-    Tensor attn_out = mla_forward(params_, p, cfg_, rope_, positions, B, T, lc.attn_in, form,
-                                  sparse ? &lc.indices : nullptr, lc.mla);
-    if (opts.compute_recall) {
-      // Recall is measured against the dense attention's head-summed distribution.
-      const MlaCache* dense = &lc.mla;
-      MlaCache dense_cache;
-      if (sparse) {
-        mla_prepare(params_, p, cfg_, lc.attn_in, dense_cache);
-        mla_forward(params_, p, cfg_, rope_, positions, B, T, lc.attn_in, MlaForm::MQA, nullptr, dense_cache);
-        dense = &dense_cache;
-      }
-      Tensor q_main = dense->form == MlaForm::MHA ? dense->q.view({B, T, cfg_.num_attention_heads, cfg_.qk_head_dim()})
-                                                  : dense->q_abs;
-      Tensor k_main = dense->form == MlaForm::MHA
-                          ? dense->k
-                          : dense->kv_lat.view({B, T, 1, cfg_.kv_lora_rank + cfg_.qk_rope_head_dim});
-      ops::IndexerRecall rr = ops::indexer_recall(q_main, k_main, dense->lse, cfg_.attention_scale(), lc.indices);
-      stats.recall_sum += rr.recall_sum;
-      stats.recall_rows += rr.rows;
-    }
-    if (opts.indexer_loss != IndexerLossMode::None) indexer_loss_and_grads(l, lc, positions, B, T, opts, backward, stats);
-    h = ops::add(h, attn_out);
-    lc.h_mid = h;
-    lc.ffn_in = ops::rmsnorm_forward(h, params_.w(p + "post_attention_layernorm.weight"), cfg_.rms_norm_eps,
-                                     &lc.ffn_rstd);
-    Tensor ffn_out;
-    lc.moe = cfg_.is_moe_layer(l);
-    if (lc.moe) {
-      ffn_out = moe_forward(params_, p + "mlp.", cfg_, lc.ffn_in, B, T, opts.balance_alpha, lc.moe_cache);
-      stats.balance_loss += lc.moe_cache.balance_loss;
-      expert_loads_.push_back(ops::moe_expert_load(lc.moe_cache.routing, cfg_.n_routed_experts));
-    } else {
-      ffn_out = mlp_forward(params_, p + "mlp.", lc.ffn_in, lc.mlp);
-    }
-    h = ops::add(h, ffn_out);
+    h = layer_forward(l, lc, h, ctx, /*first_pass=*/true, stats);
     if (opts.capture_layer_outputs) opts.capture_layer_outputs->push_back(h);
     if (opts.capture_indices && lc.indices.defined()) opts.capture_indices->push_back(lc.indices);
     if (opts.capture_indexer && need_indexer) opts.capture_indexer->push_back(lc.indexer);
+    // Activation recomputation: keep only what the backward cannot rebuild (the layer input, the
+    // selection, and the indexer-loss gradients already computed); the rest is recomputed.
+    if (opts.recompute && backward && opts.train_main) {
+      LayerCache slim;
+      slim.x_in = lc.x_in;
+      slim.indices = lc.indices;
+      slim.dx_from_indexer = lc.dx_from_indexer;
+      slim.dcq_from_indexer = lc.dcq_from_indexer;
+      lc = std::move(slim);
+    }
   }
 
   Tensor final_rstd;
@@ -186,6 +208,10 @@ StepStats Model::step(const Tensor& ids, const Tensor& targets, int64_t B, int64
   for (int64_t l = cfg_.num_hidden_layers - 1; l >= 0; --l) {
     LayerCache& lc = caches[l];
     const std::string p = layer_prefix(l);
+    if (opts.recompute) {
+      StepStats ignored;
+      layer_forward(l, lc, lc.x_in, ctx, /*first_pass=*/false, ignored);
+    }
     Tensor dffn_in = lc.moe ? moe_backward(params_, p + "mlp.", cfg_, dh, lc.moe_cache, opts.balance_alpha)
                             : mlp_backward(params_, p + "mlp.", dh, lc.mlp);
     ops::add_(dh, ops::rmsnorm_backward(dffn_in, lc.h_mid, params_.w(p + "post_attention_layernorm.weight"), lc.ffn_rstd,

@@ -36,6 +36,8 @@ struct StepOptions {
   double lm_grad_scale = 1.0;        // gradient of (lm_grad_scale * sum of token losses)
   double indexer_grad_scale = 1.0;   // gradient of (indexer_grad_scale * sum over layers and rows of KL)
   double balance_alpha = 0.0;        // sequence-wise MoE balance loss weight (0 = off)
+  bool recompute = false;            // activation recomputation: keep each layer's input only and
+                                     // recompute the layer in the backward (memory for time)
   bool compute_recall = false;       // indexer recall against the dense attention (costs a dense pass)
 
   // Inspection and testing hooks (null: off).
@@ -96,6 +98,18 @@ class Model {
     MlpCache mlp;
     MoeCache moe_cache;
   };
+  struct LayerContext {
+    const Tensor& positions;
+    int64_t B, T;
+    const StepOptions& opts;
+    bool backward, sparse, need_indexer;
+    int64_t topk;
+    MlaForm form;
+  };
+  // One layer's forward from its input h_in; fills lc. first_pass = false when recomputing for the
+  // backward (the selection in lc.indices is reused; losses and statistics are not counted again).
+  Tensor layer_forward(int64_t l, LayerCache& lc, const Tensor& h_in, const LayerContext& x, bool first_pass,
+                       StepStats& stats);
   void ensure_rope(int64_t T);
   void indexer_loss_and_grads(int64_t l, LayerCache& lc, const Tensor& positions, int64_t B, int64_t T,
                               const StepOptions& opts, bool backward, StepStats& stats);

@@ -119,7 +119,7 @@ const std::vector<std::string> kStageKeys = {
     "train_indexer", "attention",   "topk",           "indexer_loss",
     "indexer_loss_coef", "detach_indexer_input", "indexer_precision", "moe_bias_update_rate",
     "seq_balance_loss_alpha", "eval_interval", "eval_batches", "log_interval",
-    "init_from"};
+    "init_from", "recompute"};
 
 // What each kind does (SPEC.md §2) before the stage's own keys apply.
 void kind_defaults(StageSpec& s) {
@@ -189,6 +189,7 @@ StageSpec read_stage(const RNode& own, const RNode* defaults, int64_t index, con
         *v, key("indexer_loss"), {{"none", IndexerLoss::none}, {"dense", IndexerLoss::dense}, {"sparse", IndexerLoss::sparse}});
   if (auto* v = m.find("indexer_loss_coef")) s.indexer_loss_coef = as_num(*v, key("indexer_loss_coef"));
   if (auto* v = m.find("detach_indexer_input")) s.detach_indexer_input = as_bool(*v, key("detach_indexer_input"));
+  if (auto* v = m.find("recompute")) s.recompute = as_bool(*v, key("recompute"));
   if (auto* v = m.find("indexer_precision"))
     s.indexer_precision = as_enum<IndexerPrecision>(*v, key("indexer_precision"),
                                                     {{"fp8", IndexerPrecision::fp8}, {"bf16", IndexerPrecision::bf16}});
@@ -517,6 +518,7 @@ std::string Recipe::to_yaml() const {
       << "\n    attention: " << to_string(s.attention) << "\n    topk: " << s.topk
       << "\n    indexer_loss: " << to_string(s.indexer_loss) << "\n    indexer_loss_coef: " << num(s.indexer_loss_coef)
       << "\n    detach_indexer_input: " << (s.detach_indexer_input ? "true" : "false")
+      << "\n    recompute: " << (s.recompute ? "true" : "false")
       << "\n    indexer_precision: " << to_string(s.indexer_precision)
       << "\n    moe_bias_update_rate: " << num(s.moe_bias_update_rate)
       << "\n    seq_balance_loss_alpha: " << num(s.seq_balance_loss_alpha)

@@ -58,6 +58,7 @@ struct StageSpec {
   IndexerLoss indexer_loss = IndexerLoss::none;
   double indexer_loss_coef = 1.0;
   bool detach_indexer_input = true;  // indexer reads x and c_q detached from the main graph
+  bool recompute = false;            // activation recomputation per layer (memory for time)
   IndexerPrecision indexer_precision = IndexerPrecision::fp8;
   double moe_bias_update_rate = 1e-3;  // bias_e += rate * sign(mean_load - load_e) after each step
   double seq_balance_loss_alpha = 1e-4;

@@ -9,6 +9,7 @@
 #include <fstream>
 
 #include "data/loader.h"
+#include "kernels/device_memory.h"
 #include "kernels/ops.h"
 #include "trainer/checkpoint.h"
 #include "trainer/dist.h"
@@ -16,6 +17,13 @@
 #include "trainer/schedule.h"
 
 namespace fs = std::filesystem;
+
+#ifdef DSA_HAVE_CUDA
+#include "kernels/cuda/context.h"
+#define DSA_HAVE_CUDA_BUILD 1
+#else
+#define DSA_HAVE_CUDA_BUILD 0
+#endif
 
 namespace dsa {
 
@@ -42,6 +50,7 @@ StepOptions step_options(const StageSpec& st, const ModelConfig& cfg) {
   o.train_main = st.train_main;
   o.train_indexer = st.train_indexer;
   o.balance_alpha = st.train_main ? st.seq_balance_loss_alpha : 0.0;
+  o.recompute = st.recompute;
   return o;
 }
 
@@ -75,11 +84,26 @@ void allreduce_stats(StepStats& s) {
 }
 
 void allreduce_tensor(Tensor& t) {
-  DSA_CHECK(t.is_cpu(), "[trainer] CPU all-reduce of a device tensor ", t.desc());
+  if (Dist::world() == 1) return;
+  if (!t.is_cpu()) {
+    // NOTES: device tensors go through host memory here; the NCCL path replaces this on GPUs.
+    Tensor host = t.to(dsa::Device::CPU);
+    allreduce_tensor(host);
+    t.copy_from(host);
+    return;
+  }
   if (t.dtype() == DType::F32)
     Dist::allreduce_sum(t.data<float>(), t.numel());
   else
     Dist::allreduce_sum(t.data<double>(), t.numel());
+}
+
+dsa::Device pick_device(RunDevice d) {
+  if (d == RunDevice::cpu) return dsa::Device::CPU;
+  const bool have = cuda::available();
+  DSA_CHECK(have || d != RunDevice::cuda, "[train] device: cuda, but ",
+            DSA_HAVE_CUDA_BUILD ? "no CUDA device is visible" : "this build has no CUDA backend");
+  return have ? dsa::Device::CUDA : dsa::Device::CPU;
 }
 
 void write_atomically(const std::string& path, const std::string& text) {
@@ -103,7 +127,11 @@ void install_stop_handlers() {
 }
 
 Trainer::Trainer(const Recipe& recipe, const TrainOptions& opts) : recipe_(recipe), opts_(opts) {
-  model_ = std::make_unique<Model>(recipe_.model, DType::F32, dsa::Device::CPU);
+  const dsa::Device device = pick_device(recipe_.device);
+#ifdef DSA_HAVE_CUDA
+  if (device == dsa::Device::CUDA) cuda::set_device(Dist::local_rank());
+#endif
+  model_ = std::make_unique<Model>(recipe_.model, DType::F32, device);
 }
 
 Trainer::~Trainer() = default;
@@ -116,10 +144,12 @@ void Trainer::init_or_load(int64_t first_stage, int64_t* stage_step) {
     from = recipe_.final_checkpoint(recipe_.stages[first_stage - 1].name);
   if (from.empty()) {
     init_params(model_->params(), recipe_.model, recipe_.seed);
+    model_->params().refresh_compute();
     return;
   }
   TrainState ts;
   load_checkpoint_into(from, &ts, model_->params(), nullptr);
+  model_->params().refresh_compute();
   global_step_ = ts.step;
   if (Dist::is_root()) std::printf("[train] stage %s starts from %s (step %lld)\n", st.name.c_str(), from.c_str(),
                                    static_cast<long long>(ts.step));
@@ -273,6 +303,7 @@ void Trainer::run_stage(int64_t s, int64_t start_step, TrainReport& report) {
         ops::adamw_step_(p->value, p->grad, moments_["optim/m/" + p->name], moments_["optim/v/" + p->name], ac,
                          step + 1);
       }
+      model_->params().refresh_compute();  // bf16 weight copies (GPU) follow the fp32 masters
       if (st.train_main && st.moe_bias_update_rate > 0 && !loads.empty())
         model_->update_moe_bias(loads, st.moe_bias_update_rate);
     } else if (Dist::is_root()) {
@@ -345,8 +376,8 @@ TrainReport Trainer::run() {
     fs::create_directories(recipe_.output_dir);
     write_atomically((fs::path(recipe_.output_dir) / "recipe.yaml").string(), recipe_.resolved_yaml);
     std::printf("[train] resolved recipe (%s):\n%s\n", recipe_.source.c_str(), recipe_.resolved_yaml.c_str());
-    std::printf("[train] model: %.2fM parameters, %d rank%s, cpu\n", model_->params().numel() / 1e6, Dist::world(),
-                Dist::world() > 1 ? "s" : "");
+    std::printf("[train] model: %.2fM parameters, %d rank%s, %s\n", model_->params().numel() / 1e6, Dist::world(),
+                Dist::world() > 1 ? "s" : "", device_name(model_->device()));
   }
   int64_t first = 0, stage_step = 0;
   if (opts_.resume) {
@@ -354,6 +385,7 @@ TrainReport Trainer::run() {
     TrainState ts;
     std::map<std::string, Tensor> extra;
     load_checkpoint_into(path, &ts, model_->params(), &extra);
+    model_->params().refresh_compute();
     DSA_CHECK(static_cast<int>(ts.rank_data_states.size()) == Dist::world(), "[train] ", path, " was written by ",
               ts.rank_data_states.size(), " ranks, this job has ", Dist::world(),
               " (reshard it with dsa-convert first)");
