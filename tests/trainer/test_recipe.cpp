@@ -262,7 +262,7 @@ TEST(Recipe, OverridesParseAndApply) {
   const Recipe r = parse_recipe(kMinimal, "minimal.yaml",
                                 {"stages.1.steps=200", "output_dir=/tmp/run", "stages.sparse.topk=3",
                                  "optimizer.on_nonfinite=stop", "checkpointing.every_steps=7",
-                                 "data.shards=[a, b]", "stages.0.lr_main=1e-2", "stages.2.detach_indexer_input=false",
+                                 "data.shards=[a]", "stages.0.lr_main=1e-2", "stages.2.detach_indexer_input=false",
                                  "seed=42", "stages.2.init_from=", "model.hidden_size=48"});
   EXPECT_EQ(r.stages[1].steps, 200);
   EXPECT_EQ(r.output_dir, "/tmp/run");
@@ -270,7 +270,7 @@ TEST(Recipe, OverridesParseAndApply) {
   EXPECT_EQ(r.stages[2].topk, 3);
   EXPECT_EQ(r.optimizer.on_nonfinite, OnNonfinite::stop);
   EXPECT_EQ(r.checkpoint.every_steps, 7);
-  EXPECT_EQ(r.data.shards, (std::vector<std::string>{"a", "b"}));
+  EXPECT_EQ(r.data.shards, (std::vector<std::string>{"a"}));
   EXPECT_DOUBLE_EQ(r.stages[0].lr_main, 1e-2);
   EXPECT_FALSE(r.stages[2].detach_indexer_input);
   EXPECT_EQ(r.seed, 42u);
@@ -340,7 +340,7 @@ TEST(Recipe, BadRecipesStopWithFileLineAndKey) {
       {"missing_kind", replaced(kMinimal, "    kind: sparse\n", ""), "- name: sparse", "key 'stages.2.kind': missing"},
       {"missing_output_dir", replaced(kMinimal, "output_dir: runs/test\n", ""), "model:",
        "key 'output_dir': missing"},
-      {"missing_shards", replaced(kMinimal, "  shards: runs/data/test\n", "  val_fraction: 0.1\n"), "val_fraction",
+      {"missing_shards", replaced(kMinimal, "  shards: runs/data/test\n", "  keep_documents_contiguous: true\n"), "keep_documents",
        "key 'data.shards': missing"},
       {"sparse_topk_zero", replaced(kMinimal, sparse_head, sparse_head + "    topk: 0\n"), "topk: 0",
        "key 'stages.2.topk': must be > 0 with attention: sparse"},
