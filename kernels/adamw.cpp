@@ -8,6 +8,8 @@
 #include <cmath>
 
 #include "kernels/op_util.h"
+#include "kernels/cuda/ops_train.h"
+#include "kernels/cuda/ops_elementwise.h"
 #include "kernels/ops.h"
 
 namespace dsa::ops {
@@ -46,6 +48,7 @@ void adamw_kernel(T* p, const T* g, T* m, T* v, int64_t n, const AdamWConfig& cf
 
 void adamw_step_(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, const AdamWConfig& cfg, int64_t step) {
   const char* op = "adamw";
+  DSA_DISPATCH_CUDA(on_cuda(param), op, cuda::adamw_step_(param, grad, m, v, cfg, step));
   expect_float(op, "param", param);
   expect_same_dtype(op, "grad", grad, param);
   expect_same_dtype(op, "m", m, param);
@@ -56,7 +59,6 @@ void adamw_step_(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, const 
     expect_same_device(op, param, *t);
   }
   DSA_CHECK(step >= 1, "[", op, "] step is 1-based, got ", step);
-  if (on_cuda(param)) cuda_missing(op);
   dispatch_float(op, param.dtype(), [&](auto t) {
     using T = decltype(t);
     adamw_kernel<T>(param.data<T>(), grad.data<T>(), m.data<T>(), v.data<T>(), param.numel(), cfg, step);
@@ -66,12 +68,22 @@ void adamw_step_(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, const 
 // NOTES: null or undefined entries are skipped (parameters without gradients); the sum of squares is
 // accumulated in double, tensor by tensor in list order.
 double global_grad_norm(const std::vector<const Tensor*>& grads) {
-  const char* op = "global_grad_norm";
+  [[maybe_unused]] const char* op = "global_grad_norm";
   double ss = 0;
+  std::vector<const Tensor*> gpu;  // CUDA gradients: per-tensor f64 sums on the device, one host copy
   for (const Tensor* g : grads) {
     if (!g || !g->defined()) continue;
-    if (on_cuda(*g)) cuda_missing(op);
-    ss += sum_squares(*g);
+    if (on_cuda(*g))
+      gpu.push_back(g);
+    else
+      ss += sum_squares(*g);
+  }
+  if (!gpu.empty()) {
+#ifdef DSA_HAVE_CUDA
+    ss += cuda::sum_squares_all(gpu);
+#else
+    cuda_missing(op);
+#endif
   }
   return std::sqrt(ss);
 }
@@ -86,8 +98,7 @@ void clip_grads_(const std::vector<Tensor*>& grads, double max_norm, double norm
   if (coef >= 1.0) return;
   for (Tensor* g : grads) {
     if (!g || !g->defined()) continue;
-    if (on_cuda(*g)) cuda_missing(op);
-    scale_(*g, coef);
+    scale_(*g, coef);  // dispatches to the GPU for CUDA gradients
   }
 }
 

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "kernels/op_util.h"
+#include "kernels/cuda/ops_train.h"
 #include "kernels/ops.h"
 
 namespace dsa::ops {
@@ -66,6 +67,7 @@ void softmax_rows(T* lg /*[rows, V]*/, const int32_t* tgt /*[rows]*/, int64_t ro
 CrossEntropyResult lm_head_cross_entropy(const Tensor& x, const Tensor& w, const Tensor& targets,
                                          double grad_scale, Tensor* dx, Tensor* dw) {
   const char* op = "lm_head_cross_entropy";
+  DSA_DISPATCH_CUDA(on_cuda(x), op, cuda::lm_head_cross_entropy(x, w, targets, grad_scale, dx, dw));
   expect_float(op, "x", x);
   expect_shape(op, "x", x, {-1, -1});
   expect_same_dtype(op, "w", w, x);
@@ -74,7 +76,6 @@ CrossEntropyResult lm_head_cross_entropy(const Tensor& x, const Tensor& w, const
   expect_shape(op, "targets", targets, {x.size(0)});
   expect_same_device(op, x, w);
   expect_same_device(op, x, targets);
-  if (on_cuda(x)) cuda_missing(op);
   const int64_t n = x.size(0), v = w.size(0);
   DSA_CHECK(v > 0, "[", op, "] empty vocabulary: w ", w.desc());
   const int32_t* tgt = targets.data<int32_t>();

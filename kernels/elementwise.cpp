@@ -2,6 +2,7 @@
 #include <cstring>
 
 #include "kernels/op_util.h"
+#include "kernels/cuda/ops_elementwise.h"
 #include "kernels/ops.h"
 
 namespace dsa::ops {
@@ -55,11 +56,11 @@ void add_(Tensor& a, const Tensor& b) { add_scaled_(a, b, 1.0); }
 
 void add_scaled_(Tensor& a, const Tensor& b, double s) {
   const char* op = "add_scaled_";
+  DSA_DISPATCH_CUDA(on_cuda(a), op, cuda::add_scaled_(a, b, s));
   expect_float(op, "a", a);
   expect_same_dtype(op, "b", b, a);
   expect_same_shape(op, a, b);
   expect_same_device(op, a, b);
-  if (on_cuda(a)) cuda_missing(op);
   dispatch_float(op, a.dtype(), [&](auto t) {
     using T = decltype(t);
     axpby<T>(a.data<T>(), b.data<T>(), a.numel(), T(1), static_cast<T>(s));
@@ -68,8 +69,8 @@ void add_scaled_(Tensor& a, const Tensor& b, double s) {
 
 void scale_(Tensor& a, double s) {
   const char* op = "scale_";
+  DSA_DISPATCH_CUDA(on_cuda(a), op, cuda::scale_(a, s));
   expect_float(op, "a", a);
-  if (on_cuda(a)) cuda_missing(op);
   dispatch_float(op, a.dtype(), [&](auto t) {
     using T = decltype(t);
     T* p = a.data<T>();
@@ -82,11 +83,11 @@ void scale_(Tensor& a, double s) {
 
 Tensor add(const Tensor& a, const Tensor& b) {
   const char* op = "add";
+  DSA_DISPATCH_CUDA(on_cuda(a), op, cuda::add(a, b));
   expect_float(op, "a", a);
   expect_same_dtype(op, "b", b, a);
   expect_same_shape(op, a, b);
   expect_same_device(op, a, b);
-  if (on_cuda(a)) cuda_missing(op);
   Tensor y = a.clone();
   add_(y, b);
   return y;
@@ -98,7 +99,7 @@ Tensor slice_last(const Tensor& x, int64_t begin, int64_t end) {
   const int64_t d = x.size(-1);
   DSA_CHECK(0 <= begin && begin <= end && end <= d, "[", op, "] range [", begin, ", ", end, ") out of bounds for ",
             x.desc());
-  if (on_cuda(x)) cuda_missing(op);
+  DSA_DISPATCH_CUDA(on_cuda(x), op, cuda::slice_last(x, begin, end));
   Tensor y = Tensor::empty(with_last(x.shape(), end - begin), x.dtype());
   const int64_t rows = d ? x.numel() / d : 0;
   const size_t es = static_cast<size_t>(dtype_size(x.dtype()));
@@ -110,6 +111,7 @@ Tensor slice_last(const Tensor& x, int64_t begin, int64_t end) {
 
 void slice_last_accumulate_(Tensor& dst, const Tensor& src, int64_t begin) {
   const char* op = "slice_last_accumulate_";
+  DSA_DISPATCH_CUDA(on_cuda(dst), op, cuda::slice_last_accumulate_(dst, src, begin));
   expect_float(op, "dst", dst);
   expect_same_dtype(op, "src", src, dst);
   expect_same_device(op, dst, src);
@@ -118,7 +120,6 @@ void slice_last_accumulate_(Tensor& dst, const Tensor& src, int64_t begin) {
   const int64_t dd = dst.size(-1), ds = src.size(-1);
   DSA_CHECK(src.shape() == with_last(dst.shape(), ds) && begin >= 0 && begin + ds <= dd, "[", op, "] src ",
             src.desc(), " at column ", begin, " does not fit dst ", dst.desc());
-  if (on_cuda(dst)) cuda_missing(op);
   if (ds == 0) return;
   const int64_t rows = src.numel() / ds;
   dispatch_float(op, dst.dtype(), [&](auto t) {
@@ -133,7 +134,7 @@ Tensor concat_last(const Tensor& a, const Tensor& b) {
                 b.shape() == with_last(a.shape(), b.size(-1)),
             "[", op, "] a ", a.desc(), " and b ", b.desc(), " must agree in all but the last dimension");
   expect_same_device(op, a, b);
-  if (on_cuda(a)) cuda_missing(op);
+  DSA_DISPATCH_CUDA(on_cuda(a), op, cuda::concat_last(a, b));
   const int64_t da = a.size(-1), db = b.size(-1), d = da + db;
   Tensor y = Tensor::empty(with_last(a.shape(), d), a.dtype());
   const int64_t rows = a.numel() ? a.numel() / da : (db ? b.numel() / db : 0);
@@ -146,8 +147,8 @@ Tensor concat_last(const Tensor& a, const Tensor& b) {
 
 double sum(const Tensor& x) {
   const char* op = "sum";
+  DSA_DISPATCH_CUDA(on_cuda(x), op, cuda::sum(x));
   expect_float(op, "x", x);
-  if (on_cuda(x)) cuda_missing(op);
   double s = 0;
   dispatch_float(op, x.dtype(), [&](auto t) {
     using T = decltype(t);
@@ -163,8 +164,8 @@ double sum(const Tensor& x) {
 
 double sum_squares(const Tensor& x) {
   const char* op = "sum_squares";
+  DSA_DISPATCH_CUDA(on_cuda(x), op, cuda::sum_squares(x));
   expect_float(op, "x", x);
-  if (on_cuda(x)) cuda_missing(op);
   double s = 0;
   dispatch_float(op, x.dtype(), [&](auto t) {
     using T = decltype(t);
@@ -176,6 +177,35 @@ double sum_squares(const Tensor& x) {
     s = acc;
   });
   return s;
+}
+
+namespace {
+bool cpu_castable(DType t) { return t == DType::F32 || t == DType::F64 || t == DType::BF16; }
+}  // namespace
+
+Tensor cast(const Tensor& x, DType dtype) {
+  const char* op = "cast";
+  DSA_CHECK(x.defined(), "[", op, "] x is undefined");
+  if (x.dtype() == dtype) return x;
+  DSA_DISPATCH_CUDA(on_cuda(x), op, cuda::cast(x, dtype));
+  DSA_CHECK(cpu_castable(x.dtype()) && cpu_castable(dtype), "[", op, "] unsupported conversion ", x.desc(), " -> ",
+            dtype_name(dtype), " (f32, f64, bf16)");
+  return x.to(dtype);
+}
+
+void copy_cast_(Tensor& dst, const Tensor& src) {
+  const char* op = "copy_cast_";
+  DSA_CHECK(dst.defined() && src.defined() && dst.shape() == src.shape(), "[", op, "] dst ", dst.desc(),
+            " and src ", src.desc(), " must have the same shape");
+  expect_same_device(op, dst, src);
+  DSA_DISPATCH_CUDA(on_cuda(dst), op, cuda::copy_cast_(dst, src));
+  if (dst.dtype() == src.dtype()) {
+    dst.copy_from(src);
+    return;
+  }
+  DSA_CHECK(cpu_castable(src.dtype()) && cpu_castable(dst.dtype()), "[", op, "] unsupported conversion ",
+            src.desc(), " -> ", dtype_name(dst.dtype()), " (f32, f64, bf16)");
+  dst.copy_from(src.to(dst.dtype()));
 }
 
 }  // namespace dsa::ops

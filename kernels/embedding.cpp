@@ -2,6 +2,7 @@
 #include <cstring>
 
 #include "kernels/op_util.h"
+#include "kernels/cuda/ops_layers.h"
 #include "kernels/ops.h"
 
 namespace dsa::ops {
@@ -24,10 +25,10 @@ void check_ids(const char* op, const int32_t* ids /*[N]*/, int64_t n, int64_t vo
 // NOTES: ids may have any shape; the output is ids.shape + [D].
 Tensor embedding_forward(const Tensor& ids, const Tensor& table) {
   const char* op = "embedding_forward";
+  DSA_DISPATCH_CUDA(on_cuda(table), op, cuda::embedding_forward(ids, table));
   expect_dtype(op, "ids", ids, DType::I32);
   expect_shape(op, "table", table, {-1, -1});
   expect_same_device(op, ids, table);
-  if (on_cuda(table)) cuda_missing(op);
   const int64_t n = ids.numel(), v = table.size(0), d = table.size(1);
   const int32_t* id = ids.data<int32_t>();
   check_ids(op, id, n, v);
@@ -44,6 +45,7 @@ Tensor embedding_forward(const Tensor& ids, const Tensor& table) {
 
 void embedding_backward(const Tensor& dy, const Tensor& ids, Tensor* dtable) {
   const char* op = "embedding_backward";
+  DSA_DISPATCH_CUDA(on_cuda(dy), op, cuda::embedding_backward(dy, ids, dtable));
   expect_dtype(op, "ids", ids, DType::I32);
   expect_float(op, "dy", dy);
   DSA_CHECK(dtable && dtable->defined() && dtable->ndim() == 2, "[", op,
@@ -55,7 +57,6 @@ void embedding_backward(const Tensor& dy, const Tensor& ids, Tensor* dtable) {
   ys.push_back(d);
   DSA_CHECK(dy.shape() == ys, "[", op, "] dy must have shape ", ys, ", got ", dy.desc());
   detail::expect_same_dtype(op, "dtable", *dtable, dy);
-  if (on_cuda(dy)) cuda_missing(op);
   const int32_t* id = ids.data<int32_t>();
   check_ids(op, id, n, v);
   dispatch_float(op, dy.dtype(), [&](auto t) {

@@ -2,6 +2,7 @@
 #include <cblas.h>
 
 #include "kernels/op_util.h"
+#include "kernels/cuda/ops_gemm.h"
 #include "kernels/ops.h"
 
 namespace dsa::ops {
@@ -35,6 +36,7 @@ void scale_c(T* c, int64_t n, T beta) {
 
 void gemm(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor& c, double alpha, double beta) {
   const char* op = "gemm";
+  DSA_DISPATCH_CUDA(on_cuda(c), op, cuda::gemm(a, trans_a, b, trans_b, c, alpha, beta));
   expect_float(op, "a", a);
   expect_same_dtype(op, "b", b, a);
   expect_same_dtype(op, "c", c, a);
@@ -53,7 +55,6 @@ void gemm(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor& 
   DSA_CHECK(ka == kb && c.size(-2) == m && c.size(-1) == n, "[", op, "] shapes do not chain: a ", a.desc(),
             trans_a ? "^T" : "", " @ b ", b.desc(), trans_b ? "^T" : "", " into c ", c.desc());
   DSA_CHECK(m < (1ll << 31) && n < (1ll << 31) && ka < (1ll << 31), "[", op, "] dimensions exceed BLAS int range");
-  if (on_cuda(c)) cuda_missing(op);
   const int64_t sa = a.ndim() == 3 ? a.size(1) * a.size(2) : 0;  // batch strides (0 = shared)
   const int64_t sb = b.ndim() == 3 ? b.size(1) * b.size(2) : 0;
   const int64_t sc = m * n;
@@ -78,13 +79,13 @@ void gemm(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor& 
 // NOTES: x may carry extra leading dims ([..., in]); they are flattened into rows.
 Tensor linear_forward(const Tensor& x, const Tensor& w) {
   const char* op = "linear_forward";
+  DSA_DISPATCH_CUDA(on_cuda(x), op, cuda::linear_forward(x, w));
   expect_float(op, "x", x);
   expect_same_dtype(op, "w", w, x);
   expect_shape(op, "w", w, {-1, -1});
   expect_same_device(op, x, w);
   DSA_CHECK(x.ndim() >= 1 && x.size(-1) == w.size(1), "[", op, "] x must have shape [-1, ", w.size(1), "], got ",
             x.desc(), " (w ", w.desc(), ")");
-  if (on_cuda(x)) cuda_missing(op);
   Shape ys = x.shape();
   ys.back() = w.size(0);
   Tensor y = Tensor::empty(ys, x.dtype());
@@ -95,6 +96,7 @@ Tensor linear_forward(const Tensor& x, const Tensor& w) {
 
 Tensor linear_backward(const Tensor& dy, const Tensor& x, const Tensor& w, Tensor* dw, bool need_dx) {
   const char* op = "linear_backward";
+  DSA_DISPATCH_CUDA(on_cuda(x), op, cuda::linear_backward(dy, x, w, dw, need_dx));
   expect_float(op, "x", x);
   expect_same_dtype(op, "w", w, x);
   expect_same_dtype(op, "dy", dy, x);
@@ -106,7 +108,6 @@ Tensor linear_backward(const Tensor& dy, const Tensor& x, const Tensor& w, Tenso
   DSA_CHECK(x.ndim() >= 1 && x.size(-1) == in, "[", op, "] x must have shape [-1, ", in, "], got ", x.desc());
   ys.back() = out;
   DSA_CHECK(dy.shape() == ys, "[", op, "] dy must have shape ", ys, ", got ", dy.desc());
-  if (on_cuda(x)) cuda_missing(op);
   const Tensor x2 = x.view({-1, in}), dy2 = dy.view({-1, out});
   if (dw) {
     Tensor& g = detail::accum_arg(op, "dw", dw, w.shape(), w.dtype());

@@ -1,7 +1,9 @@
 // Layout ops (see kernels/layout_ops.h). Plain strided copies; memory-bound, parallel over rows.
 #include <cstring>
 
+#include "kernels/cuda/ops_elementwise.h"
 #include "kernels/layout_ops.h"
+#include "kernels/op_util.h"
 
 namespace dsa::ops {
 
@@ -22,7 +24,7 @@ Split split_at(const Tensor& t, int dim, const char* op) {
 
 void check_cpu(const char* op, const Tensor& t) {
   DSA_CHECK(t.defined(), "[", op, "] undefined input");
-  DSA_CHECK(t.is_cpu(), "[", op, "] CUDA backend not implemented yet for ", t.desc());
+  DSA_CHECK(t.is_cpu(), "[", op, "] tensors on different devices, got ", t.desc());
 }
 
 template <class T>
@@ -38,6 +40,7 @@ void accumulate_rows(T* dst, const T* src, int64_t outer, int64_t dst_stride, in
 }  // namespace
 
 Tensor narrow(const Tensor& x, int dim, int64_t begin, int64_t end) {
+  DSA_DISPATCH_CUDA(detail::on_cuda(x), "narrow", cuda::narrow(x, dim, begin, end));
   check_cpu("narrow", x);
   const Split s = split_at(x, dim, "narrow");
   DSA_CHECK(0 <= begin && begin <= end && end <= s.len, "[narrow] range [", begin, ", ", end, ") out of dim ", dim,
@@ -56,6 +59,7 @@ Tensor narrow(const Tensor& x, int dim, int64_t begin, int64_t end) {
 }
 
 void narrow_accumulate_(Tensor& dst, const Tensor& src, int dim, int64_t begin) {
+  DSA_DISPATCH_CUDA(detail::on_cuda(dst), "narrow_accumulate_", cuda::narrow_accumulate_(dst, src, dim, begin));
   check_cpu("narrow_accumulate_", dst);
   check_cpu("narrow_accumulate_", src);
   DSA_CHECK(dst.dtype() == src.dtype() && is_float(dst.dtype()), "[narrow_accumulate_] dtypes ", dst.desc(), " and ",
@@ -73,6 +77,7 @@ void narrow_accumulate_(Tensor& dst, const Tensor& src, int dim, int64_t begin) 
 }
 
 Tensor transpose01(const Tensor& x) {
+  DSA_DISPATCH_CUDA(detail::on_cuda(x), "transpose01", cuda::transpose01(x));
   check_cpu("transpose01", x);
   DSA_CHECK(x.ndim() >= 2, "[transpose01] needs at least 2 dims, got ", x.desc());
   const int64_t A = x.shape()[0], B = x.shape()[1];
@@ -91,6 +96,7 @@ Tensor transpose01(const Tensor& x) {
 }
 
 Tensor repeat_dim1(const Tensor& x, int64_t repeats) {
+  DSA_DISPATCH_CUDA(detail::on_cuda(x), "repeat_dim1", cuda::repeat_dim1(x, repeats));
   check_cpu("repeat_dim1", x);
   DSA_CHECK(x.ndim() == 3 && x.shape()[1] == 1 && repeats > 0, "[repeat_dim1] x must be [N, 1, C], got ", x.desc());
   const int64_t N = x.shape()[0], C = x.shape()[2];
@@ -120,6 +126,7 @@ void sum_dim1_impl(const T* x, T* y, int64_t N, int64_t R, int64_t C) {
 }  // namespace
 
 Tensor sum_dim1(const Tensor& x) {
+  DSA_DISPATCH_CUDA(detail::on_cuda(x), "sum_dim1", cuda::sum_dim1(x));
   check_cpu("sum_dim1", x);
   DSA_CHECK(x.ndim() == 3 && is_float(x.dtype()), "[sum_dim1] x must be f32/f64 [N, R, C], got ", x.desc());
   const int64_t N = x.shape()[0], R = x.shape()[1], C = x.shape()[2];

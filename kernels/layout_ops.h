@@ -1,5 +1,6 @@
 // Layout ops: copies that move data between layouts, used to compose the MLA forms.
-// All work on contiguous tensors of any float or int dtype (bytewise), CPU and (later) CUDA.
+// All work on contiguous tensors of any float or int dtype (bytewise), CPU and CUDA; the
+// accumulating ones (narrow_accumulate_, sum_dim1) take f32/f64 on the CPU, bf16/f32 on the GPU.
 #pragma once
 
 #include "kernels/tensor.h"

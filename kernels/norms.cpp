@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "kernels/op_util.h"
+#include "kernels/cuda/ops_layers.h"
 #include "kernels/ops.h"
 
 namespace dsa::ops {
@@ -138,8 +139,8 @@ void layernorm_bwd(const T* dy, const T* x, const T* w, const T* mean, const T* 
 
 Tensor rmsnorm_forward(const Tensor& x, const Tensor& w, double eps, Tensor* rstd_out) {
   const char* op = "rmsnorm";
+  DSA_DISPATCH_CUDA(on_cuda(x), op, cuda::rmsnorm_forward(x, w, eps, rstd_out));
   check_xw(op, x, w);
-  if (on_cuda(x)) cuda_missing(op);
   const int64_t n = x.size(0), d = x.size(1);
   Tensor y = Tensor::empty(x.shape(), x.dtype());
   Tensor rstd_local;
@@ -153,12 +154,12 @@ Tensor rmsnorm_forward(const Tensor& x, const Tensor& w, double eps, Tensor* rst
 
 Tensor rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd, Tensor* dw) {
   const char* op = "rmsnorm_backward";
+  DSA_DISPATCH_CUDA(on_cuda(x), op, cuda::rmsnorm_backward(dy, x, w, rstd, dw));
   check_xw(op, x, w);
   expect_same_dtype(op, "dy", dy, x);
   expect_shape(op, "dy", dy, x.shape());
   expect_same_device(op, dy, x);
   check_stat(op, "rstd", rstd, x);
-  if (on_cuda(x)) cuda_missing(op);
   const int64_t n = x.size(0), d = x.size(1);
   Tensor dx = Tensor::empty(x.shape(), x.dtype());
   Tensor* g = dw ? &detail::accum_arg(op, "dw", dw, w.shape(), w.dtype()) : nullptr;
@@ -173,11 +174,11 @@ Tensor rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, cons
 Tensor layernorm_forward(const Tensor& x, const Tensor& w, const Tensor& b, double eps, Tensor* mean_out,
                          Tensor* rstd_out) {
   const char* op = "layernorm";
+  DSA_DISPATCH_CUDA(on_cuda(x), op, cuda::layernorm_forward(x, w, b, eps, mean_out, rstd_out));
   check_xw(op, x, w);
   expect_same_dtype(op, "b", b, x);
   expect_shape(op, "b", b, w.shape());
   expect_same_device(op, x, b);
-  if (on_cuda(x)) cuda_missing(op);
   const int64_t n = x.size(0), d = x.size(1);
   Tensor y = Tensor::empty(x.shape(), x.dtype());
   Tensor mean_local, rstd_local;
@@ -194,13 +195,13 @@ Tensor layernorm_forward(const Tensor& x, const Tensor& w, const Tensor& b, doub
 Tensor layernorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& mean,
                           const Tensor& rstd, Tensor* dw, Tensor* db) {
   const char* op = "layernorm_backward";
+  DSA_DISPATCH_CUDA(on_cuda(x), op, cuda::layernorm_backward(dy, x, w, mean, rstd, dw, db));
   check_xw(op, x, w);
   expect_same_dtype(op, "dy", dy, x);
   expect_shape(op, "dy", dy, x.shape());
   expect_same_device(op, dy, x);
   check_stat(op, "mean", mean, x);
   check_stat(op, "rstd", rstd, x);
-  if (on_cuda(x)) cuda_missing(op);
   const int64_t n = x.size(0), d = x.size(1);
   Tensor dx = Tensor::empty(x.shape(), x.dtype());
   Tensor* gw = dw ? &detail::accum_arg(op, "dw", dw, w.shape(), w.dtype()) : nullptr;

@@ -14,6 +14,20 @@ inline bool on_cuda(const Tensor& t) { return t.defined() && t.device() == Devic
   fail(strcat_("[", op, "] CUDA backend not implemented yet"));
 }
 
+// At a public entry: when `cond` (an operand on the GPU), `return expr;` (the CUDA implementation, which
+// checks its own shapes and dtypes), or a clear error in a build without the CUDA backend.
+#ifdef DSA_HAVE_CUDA
+#define DSA_DISPATCH_CUDA(cond, op, expr) \
+  do {                                    \
+    if (cond) return expr;                \
+  } while (0)
+#else
+#define DSA_DISPATCH_CUDA(cond, op, expr)                  \
+  do {                                                     \
+    if (cond) ::dsa::ops::detail::cuda_missing(op);        \
+  } while (0)
+#endif
+
 inline void expect_same_dtype(const char* op, const char* name, const Tensor& t, const Tensor& ref) {
   DSA_CHECK(t.defined() && t.dtype() == ref.dtype(), "[", op, "] ", name, " must be ", dtype_name(ref.dtype()),
             " like the other operands, got ", t.desc());

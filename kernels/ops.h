@@ -48,6 +48,10 @@ Tensor cast(const Tensor& x, DType dtype);
 void copy_cast_(Tensor& dst, const Tensor& src);
 double sum(const Tensor& x);        // for tests and logging
 double sum_squares(const Tensor& x);
+// x converted to dtype (x itself when the dtype already matches). CPU: f32 / f64 / bf16; CUDA: f32 <-> bf16.
+Tensor cast(const Tensor& x, DType dtype);
+// dst = src converted to dst's dtype (same shape and device); refreshes bf16 copies of f32 masters.
+void copy_cast_(Tensor& dst, const Tensor& src);
 
 // ---------------------------------------------------------------------------------------- gemm
 // c = alpha * op(a) @ op(b) + beta * c. 2-D: a [M,K] (or [K,M] when trans_a), b [K,N] (or [N,K]),

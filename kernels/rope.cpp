@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "kernels/op_util.h"
+#include "kernels/cuda/ops_layers.h"
 #include "kernels/ops.h"
 
 namespace dsa::ops {
@@ -61,6 +62,7 @@ void rope_rows(T* x /*[N, H, D]*/, const int32_t* pos /*[N]*/, const T* cs /*[P,
 
 void rope_apply(const char* op, Tensor& x, const Tensor& positions, const Tensor& cos, const Tensor& sin,
                 int64_t offset, RopeStyle style, bool backward) {
+  DSA_DISPATCH_CUDA(on_cuda(x), op, cuda::rope_apply_(x, positions, cos, sin, offset, style, backward));
   expect_float(op, "x", x);
   DSA_CHECK(x.ndim() == 2 || x.ndim() == 3, "[", op, "] x must be [N, H, D] or [N, D], got ", x.desc());
   expect_shape(op, "cos", cos, {-1, -1});
@@ -74,7 +76,6 @@ void rope_apply(const char* op, Tensor& x, const Tensor& positions, const Tensor
   const int64_t p = cos.size(0), h = cos.size(1);
   DSA_CHECK(offset >= 0 && offset + 2 * h <= d, "[", op, "] rotating dims [", offset, ", ", offset + 2 * h,
             ") do not fit x ", x.desc());
-  if (on_cuda(x)) cuda_missing(op);
   const int32_t* pos = positions.data<int32_t>();
   for (int64_t t = 0; t < n; ++t)
     DSA_CHECK(pos[t] >= 0 && pos[t] < p, "[", op, "] position ", pos[t], " at row ", t,

@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "kernels/op_util.h"
+#include "kernels/cuda/ops_layers.h"
 #include "kernels/ops.h"
 
 namespace dsa::ops {
@@ -33,8 +34,8 @@ T sigmoid(T g) {
 // NOTES: any shape is accepted (elementwise); ops.h documents the usual [N, I].
 Tensor swiglu_forward(const Tensor& gate, const Tensor& up) {
   const char* op = "swiglu";
+  DSA_DISPATCH_CUDA(on_cuda(gate), op, cuda::swiglu_forward(gate, up));
   check_gate_up(op, gate, up);
-  if (on_cuda(gate)) cuda_missing(op);
   Tensor y = Tensor::empty(gate.shape(), gate.dtype());
   dispatch_float(op, gate.dtype(), [&](auto t) {
     using T = decltype(t);
@@ -52,11 +53,11 @@ Tensor swiglu_forward(const Tensor& gate, const Tensor& up) {
 // right shape is overwritten in place, an undefined one is allocated; nullptr skips that gradient.
 void swiglu_backward(const Tensor& dy, const Tensor& gate, const Tensor& up, Tensor* dgate, Tensor* dup) {
   const char* op = "swiglu_backward";
+  DSA_DISPATCH_CUDA(on_cuda(gate), op, cuda::swiglu_backward(dy, gate, up, dgate, dup));
   check_gate_up(op, gate, up);
   expect_same_dtype(op, "dy", dy, gate);
   DSA_CHECK(dy.shape() == gate.shape(), "[", op, "] dy must have shape ", gate.shape(), ", got ", dy.desc());
   expect_same_device(op, dy, gate);
-  if (on_cuda(gate)) cuda_missing(op);
   Tensor* dg = dgate ? &detail::output_arg(op, "dgate", dgate, gate.shape(), gate.dtype()) : nullptr;
   Tensor* du = dup ? &detail::output_arg(op, "dup", dup, gate.shape(), gate.dtype()) : nullptr;
   dispatch_float(op, gate.dtype(), [&](auto t) {
