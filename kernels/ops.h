@@ -42,10 +42,6 @@ Tensor slice_last(const Tensor& x, int64_t begin, int64_t end);
 void slice_last_accumulate_(Tensor& dst, const Tensor& src, int64_t begin);
 // concat along the last dim: [.., a] ++ [.., b] -> [.., a+b]
 Tensor concat_last(const Tensor& a, const Tensor& b);
-// dtype conversion: returns x itself when it already has `dtype` (CPU: f32/f64/bf16; CUDA: f32/bf16).
-Tensor cast(const Tensor& x, DType dtype);
-// dst = src converted to dst's dtype (same shape; e.g. refreshing bf16 weight copies from f32 masters).
-void copy_cast_(Tensor& dst, const Tensor& src);
 double sum(const Tensor& x);        // for tests and logging
 double sum_squares(const Tensor& x);
 // x converted to dtype (x itself when the dtype already matches). CPU: f32 / f64 / bf16; CUDA: f32 <-> bf16.
