@@ -1,0 +1,161 @@
+#!/usr/bin/env python3
+"""PyTorch peers of dsa-bench, run on the same GPU in the same job (SPEC.md §4).
+
+  train:   transformers 5.17 DeepseekV3ForCausalLM (dense attention) and DeepseekV32ForCausalLM
+           (indexer + top-k mask) on the bench-small config, bf16, fused AdamW, 16K tokens per step
+           (batch 16K/L below 16K): tokens/s and peak memory.
+  kernels: SDPA flash attention (MHA 192/128, 128 heads), torch.topk k=2048 per row, and sparse MLA
+           attention by gather (MQA 576/512, 128 heads, k=2048), fwd and fwd+bwd.
+
+Every figure: CUDA events, warm-up, the median of the repetitions; JSON lines appended to --json.
+Usage: python3 tools/bench_peers.py [--json FILE] [--seq-lens 4096,16384] [--skip-train] [--skip-kernels]
+"""
+import argparse
+import json
+import math
+import statistics
+import sys
+
+import torch
+
+BENCH_SMALL = dict(vocab_size=129280, hidden_size=1024, num_hidden_layers=8, first_k_dense_replace=1,
+                   num_attention_heads=16, num_key_value_heads=16, q_lora_rank=384, kv_lora_rank=256,
+                   qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, intermediate_size=2816,
+                   moe_intermediate_size=512, n_routed_experts=16, num_experts_per_tok=4, n_group=4,
+                   topk_group=2, n_shared_experts=1, routed_scaling_factor=2.5, tie_word_embeddings=False,
+                   index_n_heads=16, index_head_dim=64, index_topk=512, max_position_embeddings=65536)
+
+
+def median_ms(fn, warm=2, reps=5):
+    for _ in range(warm):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def emit(out, rec):
+    print(json.dumps(rec), flush=True)
+    if out:
+        with open(out, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
+def train_peers(args):
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, DeepseekV32Config, DeepseekV32ForCausalLM
+    for name, cfg_cls, model_cls in (("DeepseekV3", DeepseekV3Config, DeepseekV3ForCausalLM),
+                                     ("DeepseekV32", DeepseekV32Config, DeepseekV32ForCausalLM)):
+        kw = dict(BENCH_SMALL)
+        if name == "DeepseekV3":
+            for k in ("index_n_heads", "index_head_dim", "index_topk"):
+                kw.pop(k)
+        cfg = cfg_cls(**kw)
+        torch.manual_seed(0)
+        model = model_cls(cfg).to(device="cuda", dtype=torch.bfloat16)
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+        for L in args.seq_lens:
+            B = max(1, args.tokens // L)
+            ids = torch.randint(0, cfg.vocab_size, (B, L), device="cuda")
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+
+            def step():
+                out = model(input_ids=ids, labels=ids, use_cache=False)
+                out.loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            try:
+                ms = median_ms(step, warm=1, reps=3)
+                rec = dict(bench="peer_train", model=name, seq_len=L, tokens=B * L, ms=ms,
+                           tokens_per_s=B * L / (ms / 1e3), peak_gb=torch.cuda.max_memory_allocated() / 1e9)
+            except torch.OutOfMemoryError:
+                rec = dict(bench="peer_train", model=name, seq_len=L, tokens=B * L, error="out of memory")
+            emit(args.json, rec)
+            opt.zero_grad(set_to_none=True)
+        del model, opt
+        torch.cuda.empty_cache()
+
+
+def kernel_peers(args):
+    T, H, dqk, dv = args.seq_len, 128, 192, 128
+    dt = torch.bfloat16
+    q = torch.randn(1, H, T, dqk, device="cuda", dtype=dt, requires_grad=True)
+    k = torch.randn(1, H, T, dqk, device="cuda", dtype=dt, requires_grad=True)
+    v = torch.randn(1, H, T, dv, device="cuda", dtype=dt, requires_grad=True)
+    fl = 2.0 * H * (T * T / 2) * (dqk + dv)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        f = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        ms = median_ms(f)
+        emit(args.json, dict(bench="peer_kernel", name="dense attention fwd (MHA 192/128)", ms=ms, tflops=fl / ms / 1e9))
+        o = f()
+        g = torch.randn_like(o)
+        ms_b = median_ms(lambda: torch.autograd.grad(f(), (q, k, v), g)) - ms
+        emit(args.json, dict(bench="peer_kernel", name="dense attention bwd (MHA 192/128)", ms=ms_b,
+                             tflops=2.5 * fl / ms_b / 1e9))
+    del q, k, v
+    for L in (T, 4 * T):
+        scores = torch.randn(L, L, device="cuda", dtype=torch.float32)
+        ms = median_ms(lambda: torch.topk(scores, 2048, dim=-1))
+        emit(args.json, dict(bench="peer_kernel", name=f"indexer top-k fp8 (T={L})", ms=ms, what="torch.topk only"))
+        del scores
+    # Sparse MLA by gather (MQA form): each query's k latent rows gathered, all heads attend to them.
+    Ts, K, dl, dr = args.sparse_seq_len, 2048, 512, 64
+    qs = torch.randn(Ts, H, dl + dr, device="cuda", dtype=dt, requires_grad=True)
+    kv = torch.randn(Ts, dl + dr, device="cuda", dtype=dt, requires_grad=True)
+    t = torch.arange(Ts, device="cuda").unsqueeze(1)
+    idx = (torch.rand(Ts, K, device="cuda") * (t + 1)).long().clamp(max=Ts - 1)
+    idx = torch.where(torch.arange(K, device="cuda").unsqueeze(0) <= t, torch.minimum(idx, t), t)
+    scale = 1.0 / math.sqrt(192)
+
+    def sparse_fwd():
+        rows = kv[idx]                                      # [Ts, K, dl+dr]
+        s = torch.einsum("thd,tkd->thk", qs, rows) * scale
+        p = torch.softmax(s.float(), dim=-1).to(dt)
+        return torch.einsum("thk,tkd->thd", p, rows[..., :dl])
+
+    fl_s = 2.0 * Ts * K * H * ((dl + dr) + dl)
+    try:
+        ms = median_ms(sparse_fwd)
+        emit(args.json, dict(bench="peer_kernel", name="sparse MLA attention fwd", ms=ms, tflops=fl_s / ms / 1e9))
+        o = sparse_fwd()
+        g = torch.randn_like(o)
+        ms_fb = median_ms(lambda: torch.autograd.grad(sparse_fwd(), (qs, kv), g))
+        emit(args.json, dict(bench="peer_kernel", name="sparse MLA attention bwd", ms=ms_fb - ms,
+                             tflops=2.5 * fl_s / (ms_fb - ms) / 1e9))
+    except torch.OutOfMemoryError:
+        emit(args.json, dict(bench="peer_kernel", name="sparse MLA attention fwd", error="out of memory"))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", default="")
+    ap.add_argument("--seq-lens", default="4096,16384")
+    ap.add_argument("--tokens", type=int, default=16384)
+    ap.add_argument("--seq-len", type=int, default=8192)
+    ap.add_argument("--sparse-seq-len", type=int, default=4096)
+    ap.add_argument("--skip-train", action="store_true")
+    ap.add_argument("--skip-kernels", action="store_true")
+    args = ap.parse_args()
+    args.seq_lens = [int(x) for x in args.seq_lens.split(",")]
+    if not torch.cuda.is_available():
+        print("[bench_peers] no GPU", file=sys.stderr)
+        return 1
+    if not args.skip_kernels:
+        kernel_peers(args)
+    if not args.skip_train:
+        train_peers(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
