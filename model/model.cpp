@@ -153,7 +153,7 @@ StepStats Model::step(const Tensor& ids, const Tensor& targets, int64_t B, int64
     Tensor ffn_out;
     lc.moe = cfg_.is_moe_layer(l);
     if (lc.moe) {
-      ffn_out = moe_forward(params_, p + "mlp.", cfg_, lc.ffn_in, B, T, opts.balance_alpha, lc.moe_cache);
+      ffn_out = moe_forward(params_, p + "mlp.", cfg_, lc.ffn_in, B, T, opts.balance_alpha, lc.moe_cache, ep_);
       stats.balance_loss += lc.moe_cache.balance_loss;
       expert_loads_.push_back(ops::moe_expert_load(lc.moe_cache.routing, cfg_.n_routed_experts));
     } else {
@@ -183,7 +183,7 @@ StepStats Model::step(const Tensor& ids, const Tensor& targets, int64_t B, int64
   for (int64_t l = cfg_.num_hidden_layers - 1; l >= 0; --l) {
     LayerCache& lc = caches[l];
     const std::string p = layer_prefix(l);
-    Tensor dffn_in = lc.moe ? moe_backward(params_, p + "mlp.", cfg_, dh, lc.moe_cache, opts.balance_alpha)
+    Tensor dffn_in = lc.moe ? moe_backward(params_, p + "mlp.", cfg_, dh, lc.moe_cache, opts.balance_alpha, ep_)
                             : mlp_backward(params_, p + "mlp.", dh, lc.mlp);
     ops::add_(dh, ops::rmsnorm_backward(dffn_in, lc.h_mid, params_[p + "post_attention_layernorm.weight"], lc.ffn_rstd,
                                         &params_.grad(p + "post_attention_layernorm.weight")));
