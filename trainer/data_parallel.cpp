@@ -7,6 +7,7 @@
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <sstream>
 
@@ -92,6 +93,17 @@ struct DataParallel::Comms {
   int n_replicas = 1;
 };
 
+// One replica set's flat space under ZeRO-1.
+struct DataParallel::ZeroGroup {
+  MPI_Comm comm = MPI_COMM_NULL;
+  int n = 1, me = 0;
+  std::vector<Param*> params;
+  std::vector<int64_t> begin;  // [params] offset of each tensor (or expert slice) in the flat space
+  int64_t total = 0, lo = 0, hi = 0;  // my shard [lo, hi)
+  Tensor m, v;                        // [hi - lo] f32
+  std::vector<int> counts, displs;    // every member's shard, for the all-gather
+};
+
 std::string directory_fingerprint(const std::string& dir) {
   std::error_code ec;
   if (!fs::is_directory(dir, ec)) return "missing";
@@ -115,6 +127,7 @@ DataParallel::DataParallel(const Recipe& recipe, Model& model) : comms_(std::mak
             " ranks of the job");
   const int64_t E = recipe.model.n_routed_experts;
   DSA_CHECK(E == 0 || E % ep_ == 0, "[data_parallel] parallelism.ep = ", ep_, " does not divide n_routed_experts = ", E);
+  zero1_ = recipe.parallel.zero1 && world_ > 1;
   e0_ = E / ep_ * (rank_ % ep_);
   e1_ = e0_ + E / ep_;
   if (world_ > 1) {
@@ -130,8 +143,8 @@ DataParallel::DataParallel(const Recipe& recipe, Model& model) : comms_(std::mak
   }
   if (world_ > 1 && rank_ == 0)
     std::printf("[dist] %d ranks: data parallel over all, expert groups of %d (%lld routed experts per rank), "
-                "gradient buckets of %lld MiB\n", world_, ep_, static_cast<long long>(e1_ - e0_),
-                static_cast<long long>(kBucketBytes >> 20));
+                "gradient buckets of %lld MiB%s\n", world_, ep_, static_cast<long long>(e1_ - e0_),
+                static_cast<long long>(kBucketBytes >> 20), zero1_ ? ", ZeRO-1 optimizer shards" : "");
 }
 
 DataParallel::~DataParallel() {
@@ -213,8 +226,94 @@ double DataParallel::grad_norm(const std::vector<Param*>& trained) const {
   return std::sqrt(c * c + l);
 }
 
+namespace {
+
+// The flat f32 view of what a rank trains of p's tensor t (its expert slice when sharded).
+Tensor flat_part(const Tensor& t, bool sharded, int64_t e0, int64_t e1) {
+  return (sharded ? t.slice_rows(e0, e1) : t).view({-1});
+}
+
+}  // namespace
+
+void DataParallel::begin_stage(const std::vector<Param*>& trained, std::map<std::string, Tensor>& moments) {
+  if (!zero1_) return;
+  zero_.clear();
+  zero_.resize(2);
+  zero_[0].comm = MPI_COMM_WORLD;
+  zero_[1].comm = comms_->replicas;
+  for (ZeroGroup& g : zero_) {
+    MPI_Comm_size(g.comm, &g.n);
+    MPI_Comm_rank(g.comm, &g.me);
+  }
+  for (Param* p : trained) {
+    ZeroGroup& g = zero_[sharded(*p) ? 1 : 0];
+    g.params.push_back(p);
+    g.begin.push_back(g.total);
+    g.total += flat_part(p->value, sharded(*p), e0_, e1_).numel();
+  }
+  for (ZeroGroup& g : zero_) {
+    DSA_CHECK(g.total < (1ll << 31), "[data_parallel] ZeRO-1 flat space of ", g.total, " elements exceeds 2^31");
+    auto bound = [&](int64_t i) { return g.total * i / g.n; };
+    g.lo = bound(g.me);
+    g.hi = bound(g.me + 1);
+    for (int i = 0; i < g.n; ++i) {
+      g.counts.push_back(static_cast<int>(bound(i + 1) - bound(i)));
+      g.displs.push_back(static_cast<int>(bound(i)));
+    }
+    g.m = Tensor::zeros({g.hi - g.lo}, DType::F32);
+    g.v = Tensor::zeros({g.hi - g.lo}, DType::F32);
+    for (size_t k = 0; k < g.params.size(); ++k) {
+      Param* p = g.params[k];
+      const int64_t len = flat_part(p->value, sharded(*p), e0_, e1_).numel();
+      const int64_t a = std::max(g.lo, g.begin[k]), b = std::min(g.hi, g.begin[k] + len);
+      for (auto [kind, dst] : {std::pair<const char*, Tensor*>{"optim/m/", &g.m}, {"optim/v/", &g.v}}) {
+        auto it = moments.find(kind + p->name);
+        if (a >= b || it == moments.end()) continue;
+        Tensor src = flat_part(it->second, sharded(*p), e0_, e1_);
+        dst->slice_rows(a - g.lo, b - g.lo).copy_from(src.slice_rows(a - g.begin[k], b - g.begin[k]));
+      }
+    }
+  }
+  release_moments(moments);
+}
+
+void DataParallel::release_moments(std::map<std::string, Tensor>& moments) const {
+  if (zero1_) moments.clear();
+}
+
 void DataParallel::adamw_step(const std::vector<Param*>& trained, std::map<std::string, Tensor>& moments,
                               const std::function<ops::AdamWConfig(const Param&)>& config, int64_t step) {
+  if (zero1_) {
+    DSA_CHECK(!zero_.empty(), "[data_parallel] ZeRO-1: begin_stage() was not called");
+    for (ZeroGroup& g : zero_) {
+      for (size_t k = 0; k < g.params.size(); ++k) {
+        Param* p = g.params[k];
+        const bool sh = sharded(*p);
+        Tensor value = flat_part(p->value, sh, e0_, e1_);
+        const int64_t a = std::max(g.lo, g.begin[k]), b = std::min(g.hi, g.begin[k] + value.numel());
+        if (a >= b) continue;
+        Tensor pv = value.slice_rows(a - g.begin[k], b - g.begin[k]);
+        Tensor ms = g.m.slice_rows(a - g.lo, b - g.lo), vs = g.v.slice_rows(a - g.lo, b - g.lo);
+        ops::adamw_step_(pv, flat_part(p->grad, sh, e0_, e1_).slice_rows(a - g.begin[k], b - g.begin[k]), ms, vs,
+                         config(*p), step);
+      }
+      if (g.n == 1 || g.total == 0) continue;
+      // Every member's updated shard to every member: pack, all-gather, unpack.
+      std::vector<float> flat(static_cast<size_t>(g.total));
+      for (size_t k = 0; k < g.params.size(); ++k) {
+        Tensor value = flat_part(g.params[k]->value, sharded(*g.params[k]), e0_, e1_);
+        std::memcpy(flat.data() + g.begin[k], value.data<float>(), static_cast<size_t>(value.numel()) * sizeof(float));
+      }
+      check(MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, flat.data(), g.counts.data(), g.displs.data(),
+                           MPI_FLOAT, g.comm),
+            "MPI_Allgatherv");
+      for (size_t k = 0; k < g.params.size(); ++k) {
+        Tensor value = flat_part(g.params[k]->value, sharded(*g.params[k]), e0_, e1_);
+        std::memcpy(value.data<float>(), flat.data() + g.begin[k], static_cast<size_t>(value.numel()) * sizeof(float));
+      }
+    }
+    return;
+  }
   for (Param* p : trained) {
     const ops::AdamWConfig ac = config(*p);
     Tensor& m = moments.at("optim/m/" + p->name);
@@ -229,6 +328,28 @@ void DataParallel::adamw_step(const std::vector<Param*>& trained, std::map<std::
 }
 
 void DataParallel::gather_to_root(ParamStore& params, std::map<std::string, Tensor>& moments) {
+  // ZeRO-1: each replica set's moment shards to its first member (world rank 0, or for expert slice q
+  // world rank q < ep, whose slice the loop below forwards to rank 0).
+  for (ZeroGroup& g : zero_) {
+    if (g.total == 0) continue;
+    std::vector<float> fm(g.me == 0 ? static_cast<size_t>(g.total) : 0), fv(fm.size());
+    check(MPI_Gatherv(g.m.data<float>(), static_cast<int>(g.hi - g.lo), MPI_FLOAT, fm.data(), g.counts.data(),
+                      g.displs.data(), MPI_FLOAT, 0, g.comm),
+          "MPI_Gatherv");
+    check(MPI_Gatherv(g.v.data<float>(), static_cast<int>(g.hi - g.lo), MPI_FLOAT, fv.data(), g.counts.data(),
+                      g.displs.data(), MPI_FLOAT, 0, g.comm),
+          "MPI_Gatherv");
+    if (g.me != 0) continue;
+    for (size_t k = 0; k < g.params.size(); ++k) {
+      Param* p = g.params[k];
+      for (auto [kind, src] : {std::pair<const char*, const float*>{"optim/m/", fm.data()}, {"optim/v/", fv.data()}}) {
+        Tensor& full = moments[kind + p->name];
+        if (!full.defined()) full = Tensor::zeros(p->value.shape(), DType::F32);
+        Tensor part = flat_part(full, sharded(*p), e0_, e1_);
+        std::memcpy(part.data<float>(), src + g.begin[k], static_cast<size_t>(part.numel()) * sizeof(float));
+      }
+    }
+  }
   if (ep_ == 1 || rank_ >= ep_) return;  // rank 0's group is world ranks [0, ep)
   const int64_t E = e1_ - e0_;
   for (Param& p : params.all()) {

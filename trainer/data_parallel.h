@@ -14,6 +14,13 @@
 // gather_to_root() copies the slices of ranks 1..ep-1 into rank 0's tensors, so checkpoints hold full
 // tensors under their HF names and any EP layout loads any checkpoint unchanged (every rank reads the
 // whole file). This trades memory for simplicity; fine on the CPU backend's model sizes.
+//
+// ZeRO-1 (parallelism.zero1, world > 1): the trained tensors of one replica set form a flat space
+// (non-expert tensors over all ranks; expert slices over the shard's replicas), split in equal
+// contiguous shards. A rank keeps AdamW m/v for its shard only, updates that part of the parameters and
+// all-gathers the rest. The trainer's moments map then stays empty between checkpoints:
+// gather_to_root() assembles the full moments on rank 0 for the file, release_moments() drops them,
+// begin_stage() takes a resumed checkpoint's moments apart into shards. Bit-identical to zero1 off.
 #pragma once
 
 #include <cstdint>
@@ -58,8 +65,15 @@ class DataParallel {
   // AdamW on what this rank owns; moments["optim/m/<name>"], ["optim/v/<name>"] are full-sized.
   void adamw_step(const std::vector<Param*>& trained, std::map<std::string, Tensor>& moments,
                   const std::function<ops::AdamWConfig(const Param&)>& config, int64_t step);
-  // Rank 0's parameters and moments become the full state (expert slices from ranks 1..ep-1).
+  // Rank 0's parameters and moments become the full state (expert slices from ranks 1..ep-1, moment
+  // shards under ZeRO-1).
   void gather_to_root(ParamStore& params, std::map<std::string, Tensor>& moments);
+
+  // ZeRO-1 on: the trainer keeps no full moments (begin_stage builds the shards from what `moments`
+  // holds, zeros otherwise, and empties it; release_moments empties it after a checkpoint).
+  bool zero1() const { return zero1_; }
+  void begin_stage(const std::vector<Param*>& trained, std::map<std::string, Tensor>& moments);
+  void release_moments(std::map<std::string, Tensor>& moments) const;
 
   // Test hook, called at the start of every step with the global step about to run: with
   // DSA_FAIL_AT_STEP=N and DSA_FAIL_RANK=R, rank R raises SIGKILL on itself (DSA_FAIL_MODE=kill, the
@@ -74,6 +88,9 @@ class DataParallel {
   std::unique_ptr<MpiExpertParallel> expert_;
   int world_ = 1, rank_ = 0, ep_ = 1;
   int64_t e0_ = 0, e1_ = 0;
+  bool zero1_ = false;
+  struct ZeroGroup;
+  std::vector<ZeroGroup> zero_;
 };
 
 // FNV-1a 64 of the names and sizes of the regular files under dir (sorted), as hex; "missing" when

@@ -154,6 +154,7 @@ std::string Trainer::save(const StageSpec& stage, int64_t stage_step, bool stage
       write_atomically((dir / "latest").string(), target.filename().string() + "\n");
     }
   }
+  dp_->release_moments(moments_);
   Dist::barrier();
   return Dist::broadcast(path);
 }
@@ -200,12 +201,14 @@ void Trainer::run_stage(int64_t s, int64_t start_step, TrainReport& report) {
   for (Param& p : ps.all()) {
     if (!trains(st, p)) continue;
     trained.push_back(&p);
+    if (dp_->zero1()) continue;  // sharded moments live in dp_
     for (const char* kind : {"optim/m/", "optim/v/"}) {
       const std::string key = kind + p.name;
       if (!moments_.count(key)) moments_[key] = Tensor::zeros(p.value.shape(), DType::F32, p.value.device());
     }
   }
   DSA_CHECK(!trained.empty(), "[train] stage ", st.name, " trains nothing");
+  dp_->begin_stage(trained, moments_);
   std::vector<Tensor*> grads_mut;
   for (Param* p : trained) grads_mut.push_back(&p->grad);
 
