@@ -35,7 +35,7 @@ ops::MoeRouteConfig route_config(const ModelConfig& cfg) {
 }
 
 Tensor moe_forward(const ParamStore& ps, const std::string& p, const ModelConfig& cfg, const Tensor& x, int64_t B,
-                   int64_t T, double balance_alpha, MoeCache& c) {
+                   int64_t T, double balance_alpha, MoeCache& c, ExpertParallel* ep) {
   const int64_t E = cfg.n_routed_experts, K = cfg.num_experts_per_tok, I = cfg.moe_intermediate_size;
   c = MoeCache{};
   c.B = B;
@@ -46,9 +46,13 @@ Tensor moe_forward(const ParamStore& ps, const std::string& p, const ModelConfig
   c.routing = ops::moe_route(c.logits, ps[p + "gate.e_score_correction_bias"], route_config(cfg));
   c.perm = ops::moe_permutation(c.routing.experts, E);
   c.xp = ops::moe_permute(x, c.perm, K);
-  c.gu = ops::grouped_linear_forward(c.xp, ps.w(p + "experts.gate_up_proj"), c.perm);
-  c.h = ops::swiglu_forward(ops::slice_last(c.gu, 0, I), ops::slice_last(c.gu, I, 2 * I));
-  c.yp = ops::grouped_linear_forward(c.h, ps.w(p + "experts.down_proj"), c.perm);
+  if (ep && ep->size() > 1) {
+    c.yp = ep_experts_forward(*ep, c.xp, c.perm, ps.w(p + "experts.gate_up_proj"), ps.w(p + "experts.down_proj"), I, c.ep);
+  } else {
+    c.gu = ops::grouped_linear_forward(c.xp, ps.w(p + "experts.gate_up_proj"), c.perm);
+    c.h = ops::swiglu_forward(ops::slice_last(c.gu, 0, I), ops::slice_last(c.gu, I, 2 * I));
+    c.yp = ops::grouped_linear_forward(c.h, ps.w(p + "experts.down_proj"), c.perm);
+  }
   Tensor y = ops::moe_combine(c.yp, c.routing.weights, c.perm);
   if (cfg.n_shared_experts > 0) ops::add_(y, mlp_forward(ps, p + "shared_experts.", x, c.shared));
   if (balance_alpha > 0) c.balance_loss = ops::moe_seq_balance_loss(c.routing, E, B, T, balance_alpha, nullptr);
@@ -56,18 +60,24 @@ Tensor moe_forward(const ParamStore& ps, const std::string& p, const ModelConfig
 }
 
 Tensor moe_backward(ParamStore& ps, const std::string& p, const ModelConfig& cfg, const Tensor& dy, const MoeCache& c,
-                    double balance_alpha) {
+                    double balance_alpha, ExpertParallel* ep) {
   const int64_t E = cfg.n_routed_experts, I = cfg.moe_intermediate_size;
   const int64_t N = c.x.size(0);
   Tensor dyp, dweights;
   ops::moe_combine_backward(dy, c.yp, c.routing.weights, c.perm, &dyp, &dweights);
-  Tensor dh = ops::grouped_linear_backward(dyp, c.h, ps.w(p + "experts.down_proj"), c.perm,
-                                           &ps.grad(p + "experts.down_proj"));
-  Tensor dgate, dup;
-  ops::swiglu_backward(dh, ops::slice_last(c.gu, 0, I), ops::slice_last(c.gu, I, 2 * I), &dgate, &dup);
-  Tensor dgu = ops::concat_last(dgate, dup);
-  Tensor dxp = ops::grouped_linear_backward(dgu, c.xp, ps.w(p + "experts.gate_up_proj"), c.perm,
-                                            &ps.grad(p + "experts.gate_up_proj"));
+  Tensor dxp;
+  if (ep && ep->size() > 1) {
+    dxp = ep_experts_backward(*ep, dyp, ps.w(p + "experts.gate_up_proj"), ps.w(p + "experts.down_proj"), I, c.ep,
+                              ps.grad(p + "experts.gate_up_proj"), ps.grad(p + "experts.down_proj"));
+  } else {
+    Tensor dh = ops::grouped_linear_backward(dyp, c.h, ps.w(p + "experts.down_proj"), c.perm,
+                                             &ps.grad(p + "experts.down_proj"));
+    Tensor dgate, dup;
+    ops::swiglu_backward(dh, ops::slice_last(c.gu, 0, I), ops::slice_last(c.gu, I, 2 * I), &dgate, &dup);
+    Tensor dgu = ops::concat_last(dgate, dup);
+    dxp = ops::grouped_linear_backward(dgu, c.xp, ps.w(p + "experts.gate_up_proj"), c.perm,
+                                       &ps.grad(p + "experts.gate_up_proj"));
+  }
   Tensor dx = ops::moe_permute_backward(dxp, c.perm, N, cfg.num_experts_per_tok);
   // Router: through the combine weights, and through the balance loss's dependence on the scores.
   Tensor dlogits = ops::moe_route_backward(dweights, c.routing, route_config(cfg));

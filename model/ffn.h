@@ -4,6 +4,7 @@
 
 #include "kernels/ops.h"
 #include "model/config.h"
+#include "model/expert_parallel.h"
 #include "model/params.h"
 
 namespace dsa {
@@ -30,12 +31,15 @@ struct MoeCache {
   Tensor yp;                 // [N*K, D]   expert outputs before weighting
   MlpCache shared;           // shared experts
   double balance_loss = 0;   // sequence-wise balance loss value (0 when alpha is 0)
+  EpCache ep;                // expert parallel only (then gu, h stay empty: they live in ep)
 };
 ops::MoeRouteConfig route_config(const ModelConfig& cfg);
 // balance_alpha > 0 adds the sequence-wise balance loss; its gradient enters in the backward.
+// ep (size > 1): routed experts split over an expert-parallel group (model/expert_parallel.h); the
+// expert tensors stay full-sized and only this rank's slice is read and receives gradients.
 Tensor moe_forward(const ParamStore& ps, const std::string& prefix, const ModelConfig& cfg, const Tensor& x, int64_t B,
-                   int64_t T, double balance_alpha, MoeCache& c);
+                   int64_t T, double balance_alpha, MoeCache& c, ExpertParallel* ep = nullptr);
 Tensor moe_backward(ParamStore& ps, const std::string& prefix, const ModelConfig& cfg, const Tensor& dy,
-                    const MoeCache& c, double balance_alpha);
+                    const MoeCache& c, double balance_alpha, ExpertParallel* ep = nullptr);
 
 }  // namespace dsa

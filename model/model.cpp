@@ -136,7 +136,7 @@ Tensor Model::layer_forward(int64_t l, LayerCache& lc, const Tensor& h_in, const
   Tensor ffn_out;
   lc.moe = cfg_.is_moe_layer(l);
   if (lc.moe) {
-    ffn_out = moe_forward(params_, p + "mlp.", cfg_, lc.ffn_in, B, T, opts.balance_alpha, lc.moe_cache);
+    ffn_out = moe_forward(params_, p + "mlp.", cfg_, lc.ffn_in, B, T, opts.balance_alpha, lc.moe_cache, ep_);
     if (first_pass) {
       stats.balance_loss += lc.moe_cache.balance_loss;
       expert_loads_.push_back(ops::moe_expert_load(lc.moe_cache.routing, cfg_.n_routed_experts));
@@ -212,7 +212,7 @@ StepStats Model::step(const Tensor& ids, const Tensor& targets, int64_t B, int64
       StepStats ignored;
       layer_forward(l, lc, lc.x_in, ctx, /*first_pass=*/false, ignored);
     }
-    Tensor dffn_in = lc.moe ? moe_backward(params_, p + "mlp.", cfg_, dh, lc.moe_cache, opts.balance_alpha)
+    Tensor dffn_in = lc.moe ? moe_backward(params_, p + "mlp.", cfg_, dh, lc.moe_cache, opts.balance_alpha, ep_)
                             : mlp_backward(params_, p + "mlp.", dh, lc.mlp);
     ops::add_(dh, ops::rmsnorm_backward(dffn_in, lc.h_mid, params_.w(p + "post_attention_layernorm.weight"), lc.ffn_rstd,
                                         &params_.grad(p + "post_attention_layernorm.weight")));

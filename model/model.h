@@ -80,6 +80,9 @@ class Model {
   // Auxiliary-loss-free balancing: bias_e += rate * sign(mean_load - load_e), with loads summed over
   // every data-parallel rank by the caller. The bias only steers selection, never the weights.
   void update_moe_bias(const std::vector<Tensor>& loads, double rate);
+  // Expert parallelism (null or size 1: off). Not owned; must outlive the model's steps.
+  void set_expert_parallel(ExpertParallel* ep) { ep_ = ep; }
+  ExpertParallel* expert_parallel() const { return ep_; }
 
  private:
   struct LayerCache {
@@ -121,6 +124,7 @@ class Model {
   RopeTables rope_;
   int64_t rope_positions_ = 0;
   std::vector<Tensor> expert_loads_;
+  ExpertParallel* ep_ = nullptr;
 };
 
 }  // namespace dsa

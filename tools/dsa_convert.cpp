@@ -3,18 +3,24 @@
 //   dsa-convert import HF_DIR OUT [--keep-mtp] [--indexer-seed N]
 //   dsa-convert export CKPT HF_DIR [--dtype bf16|f32] [--max-shard-size 5GB] [--per-expert]
 //   dsa-convert init CONFIG OUT [--seed N]
+//   dsa-convert reshard CKPT OUT --ranks M
 //
 // OUT ending in .h5 is written as that file; any other OUT is a checkpoint directory (ckpt-<step>.h5
 // plus `latest`). CKPT is a file or a checkpoint directory. `init` makes a randomly initialized
-// checkpoint from a config.json or a YAML model mapping.
+// checkpoint from a config.json or a YAML model mapping. `reshard` rewrites the per-rank data positions of
+// a training checkpoint for a job of M ranks (tensors are stored whole, so the expert-parallel layout
+// may change freely); it refuses when the position is not a multiple of the new global step.
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "model/hf_io.h"
 #include "trainer/checkpoint.h"
+#include "trainer/recipe.h"
 
 using namespace dsa;
 
@@ -26,6 +32,7 @@ int usage() {
                "  dsa-convert import HF_DIR OUT [--keep-mtp] [--indexer-seed N]\n"
                "  dsa-convert export CKPT HF_DIR [--dtype bf16|f32] [--max-shard-size SIZE] [--per-expert]\n"
                "  dsa-convert init CONFIG OUT [--seed N]\n"
+               "  dsa-convert reshard CKPT OUT --ranks M\n"
                "OUT ending in .h5 is one file; otherwise a checkpoint directory. SIZE: bytes, or with KB/MB/GB.\n");
   return 2;
 }
@@ -65,6 +72,34 @@ void write_out(const std::string& out, const TrainState& st, const ParamStore& p
   } else {
     std::printf("wrote %s\n", save_checkpoint(out, st, ps, extra, 0).c_str());
   }
+}
+
+// The loader's position is the global window (loader.h), the same on every rank: M copies of it, once
+// it is checked to sit on a step boundary of an M-rank job of the checkpoint's recipe.
+void reshard_positions(const std::string& path, TrainState& st, int64_t ranks) {
+  DSA_CHECK(!st.rank_data_states.empty() && !st.recipe_yaml.empty(), "[dsa-convert] reshard: ", path,
+            " is not a training checkpoint (no recipe or data positions)");
+  const std::string pos = st.rank_data_states.front();
+  for (size_t r = 1; r < st.rank_data_states.size(); ++r)
+    DSA_CHECK(st.rank_data_states[r] == pos, "[dsa-convert] reshard: ", path, ": rank ", r,
+              "'s data position differs from rank 0's (", st.rank_data_states[r], " vs ", pos, ")");
+  const Recipe recipe = parse_recipe(st.recipe_yaml, path + ":/meta/recipe_yaml");
+  if (!pos.empty() && !st.stage.empty()) {
+    const StageSpec& stage = recipe.stage(st.stage);
+    const int64_t mb = stage.micro_batch(ranks);  // throws when global_batch does not split over M ranks
+    const int64_t G = ranks * mb;                 // windows per micro-step of the M-rank job
+    const int64_t window = nlohmann::json::parse(pos).at("window").get<int64_t>();
+    DSA_CHECK(window % G == 0, "[dsa-convert] reshard: the data position of stage ", st.stage, " (window ", window,
+              ") is not a multiple of ", ranks, " ranks x micro-batch ", mb, " = ", G,
+              " windows; resume on the old rank count to a step boundary first");
+  }
+  if (recipe.parallel.ep > 1 && ranks % recipe.parallel.ep)
+    std::fprintf(stderr, "[dsa-convert] warning: the checkpoint's recipe has parallelism.ep = %lld, which does not "
+                 "divide %lld ranks: set parallelism.ep when resuming\n", static_cast<long long>(recipe.parallel.ep),
+                 static_cast<long long>(ranks));
+  std::printf("reshard %s: %zu -> %lld ranks at stage %s step %lld\n", path.c_str(), st.rank_data_states.size(),
+              static_cast<long long>(ranks), st.stage.c_str(), static_cast<long long>(st.stage_step));
+  st.rank_data_states.assign(static_cast<size_t>(ranks), pos);
 }
 
 int run(int argc, char** argv) {
@@ -126,6 +161,19 @@ int run(int argc, char** argv) {
     st.model_config_yaml = cfg.to_yaml();
     st.rng_seed = seed;
     write_out(b, st, ps, {});
+    return 0;
+  }
+  if (cmd == "reshard") {
+    int64_t ranks = 0;
+    for (size_t i = 0; i < flags.size(); ++i) {
+      if (flags[i] == "--ranks") ranks = static_cast<int64_t>(parse_u64(value(i), "--ranks"));
+      else return usage();
+    }
+    DSA_CHECK(ranks >= 1, "[dsa-convert] reshard needs --ranks M (M >= 1)");
+    Checkpoint c = load_checkpoint(a);
+    TrainState st = c.state;
+    reshard_positions(c.path, st, ranks);
+    write_out(b, st, c.params, c.extra);
     return 0;
   }
   return usage();

@@ -4,6 +4,7 @@
 //   dsa-train plot [args of tools/dsa_plot.py]
 //   mpirun -np N dsa-train RECIPE.yaml ...        (data parallel: the recipe's batch is the global batch)
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <stdexcept>
@@ -65,6 +66,14 @@ int main(int argc, char** argv) {
       }
     }
     if (recipe_path.empty()) throw std::runtime_error("[dsa-train] no recipe given (see --help)");
+    // Test hook: DSA_TEST_RANK_OVERRIDE="R:key.path=value" adds an override on rank R only (the start-up
+    // agreement check must catch it).
+    if (const char* h = std::getenv("DSA_TEST_RANK_OVERRIDE")) {
+      const std::string hook = h;
+      const size_t colon = hook.find(':');
+      if (colon != std::string::npos && std::stoi(hook.substr(0, colon)) == dsa::Dist::rank())
+        overrides.push_back(hook.substr(colon + 1));
+    }
     dsa::Recipe recipe = dsa::load_recipe(recipe_path, overrides);
     if (!opts.only_stage.empty()) recipe.stage_index(opts.only_stage);  // fails early on a bad name
     dsa::install_stop_handlers();

@@ -371,8 +371,9 @@ Recipe build_recipe(const RNode& root, const std::string& source, const std::vec
 
   // parallelism
   if (auto* p = root.find("parallelism")) {
-    need_map(*p, "parallelism", "dp, ep");
-    check_keys(*p, "parallelism", {"dp", "ep"});
+    need_map(*p, "parallelism", "dp, ep, zero1");
+    check_keys(*p, "parallelism", {"dp", "ep", "zero1"});
+    if (auto* v = p->find("zero1")) r.parallel.zero1 = as_bool(*v, "parallelism.zero1");
     if (auto* v = p->find("dp")) {
       r.parallel.dp = as_int(*v, "parallelism.dp");
       if (r.parallel.dp < 0) fail(v->where, "parallelism.dp", "must be >= 0 (0: every MPI rank)");
@@ -530,7 +531,8 @@ std::string Recipe::to_yaml() const {
     << "\n  weight_decay_indexer: " << num(optimizer.weight_decay_indexer)
     << "\n  grad_clip: " << num(optimizer.grad_clip) << "\n  on_nonfinite: " << to_string(optimizer.on_nonfinite)
     << "\n";
-  o << "parallelism:\n  dp: " << parallel.dp << "\n  ep: " << parallel.ep << "\n";
+  o << "parallelism:\n  dp: " << parallel.dp << "\n  ep: " << parallel.ep
+    << "\n  zero1: " << (parallel.zero1 ? "true" : "false") << "\n";
   o << "checkpointing:\n";
   if (checkpoint.dir != output_dir + "/checkpoints") o << "  dir: " << quote(checkpoint.dir) << "\n";
   o << "  every_steps: " << checkpoint.every_steps << "\n  keep_last: " << checkpoint.keep_last

@@ -84,6 +84,7 @@ struct OptimizerSpec {  // AdamW, fp32 master weights
 struct ParallelSpec {
   int64_t dp = 0;  // data-parallel ranks; 0: every MPI rank
   int64_t ep = 1;  // expert-parallel group size; divides n_routed_experts
+  bool zero1 = false;  // ZeRO-1: AdamW moments sharded over the data-parallel replicas (trainer/data_parallel.h)
 };
 
 struct CheckpointSpec {

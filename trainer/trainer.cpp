@@ -12,6 +12,7 @@
 #include "kernels/device_memory.h"
 #include "kernels/ops.h"
 #include "trainer/checkpoint.h"
+#include "trainer/data_parallel.h"
 #include "trainer/dist.h"
 #include "trainer/metrics.h"
 #include "trainer/schedule.h"
@@ -132,6 +133,7 @@ Trainer::Trainer(const Recipe& recipe, const TrainOptions& opts) : recipe_(recip
   if (device == dsa::Device::CUDA) cuda::set_device(Dist::local_rank());
 #endif
   model_ = std::make_unique<Model>(recipe_.model, DType::F32, device);
+  dp_ = std::make_unique<DataParallel>(recipe_, *model_);
 }
 
 Trainer::~Trainer() = default;
@@ -165,6 +167,7 @@ std::string Trainer::save(const StageSpec& stage, int64_t stage_step, bool stage
   ts.model_config_yaml = recipe_.model.to_yaml();
   ts.rng_seed = recipe_.seed;
   std::string path;
+  dp_->gather_to_root(model_->params(), moments_);
   if (Dist::is_root()) {
     path = save_checkpoint(recipe_.checkpoint.dir, ts, model_->params(), moments_,
                            static_cast<int>(recipe_.checkpoint.keep_last));
@@ -181,6 +184,7 @@ std::string Trainer::save(const StageSpec& stage, int64_t stage_step, bool stage
       write_atomically((dir / "latest").string(), target.filename().string() + "\n");
     }
   }
+  dp_->release_moments(moments_);
   Dist::barrier();
   return Dist::broadcast(path);
 }
@@ -218,24 +222,25 @@ void Trainer::run_stage(int64_t s, int64_t start_step, TrainReport& report) {
   train_opts.lm_grad_scale = 1.0 / tokens_per_step;
   train_opts.indexer_grad_scale =
       st.indexer_loss_coef / (tokens_per_step * static_cast<double>(cfg.num_hidden_layers));
+  // The balance loss is a mean over a micro-batch's sequences: weighted by its share of the global batch,
+  // the sum over micro-batches and ranks is the global-batch mean (factor 1 on one rank without accumulation).
+  train_opts.balance_alpha = so.balance_alpha * static_cast<double>(mb) / static_cast<double>(st.global_batch);
 
   ParamStore& ps = model_->params();
   std::vector<Param*> trained;
   for (Param& p : ps.all()) {
     if (!trains(st, p)) continue;
     trained.push_back(&p);
+    if (dp_->zero1()) continue;  // sharded moments live in dp_
     for (const char* kind : {"optim/m/", "optim/v/"}) {
       const std::string key = kind + p.name;
       if (!moments_.count(key)) moments_[key] = Tensor::zeros(p.value.shape(), DType::F32, p.value.device());
     }
   }
   DSA_CHECK(!trained.empty(), "[train] stage ", st.name, " trains nothing");
-  std::vector<const Tensor*> grads;
+  dp_->begin_stage(trained, moments_);
   std::vector<Tensor*> grads_mut;
-  for (Param* p : trained) {
-    grads.push_back(&p->grad);
-    grads_mut.push_back(&p->grad);
-  }
+  for (Param* p : trained) grads_mut.push_back(&p->grad);
 
   MetricsLogger logger(recipe_.metrics_path(), Dist::is_root() && recipe_.logging.terminal ? stdout : nullptr);
   const LrSchedule sched = LrSchedule::of(st);
@@ -273,36 +278,44 @@ void Trainer::run_stage(int64_t s, int64_t start_step, TrainReport& report) {
   if (start_step == 0 && st.eval_batches > 0) evaluate(0);
 
   for (int64_t step = start_step; step < st.steps; ++step) {
+    DataParallel::fail_hook(global_step_);
     ps.zero_grads();
     StepStats stats;
+    std::vector<Tensor> loads;  // [E] per MoE layer, summed over micro-batches and ranks
     for (int64_t a = 0; a < st.grad_accum; ++a) {
       loader.next(inputs, targets);
       Tensor ids = Tensor::from_vector(inputs, {mb * T});
       Tensor tg = Tensor::from_vector(targets, {mb * T});
       add_stats(stats, model_->step(ids, tg, mb, T, train_opts, true));
+      const std::vector<Tensor>& micro = model_->expert_loads();
+      for (size_t i = 0; i < micro.size(); ++i) {
+        Tensor host = micro[i].to(dsa::Device::CPU);
+        if (loads.size() <= i)
+          loads.push_back(host.clone());
+        else
+          ops::add_(loads[i], host);
+      }
     }
     data_state_ = loader.state();
-    for (Param* p : trained) allreduce_tensor(p->grad);
+    dp_->allreduce_grads(trained);
     allreduce_stats(stats);
-    std::vector<Tensor> loads = model_->expert_loads();
     for (Tensor& l : loads) allreduce_tensor(l);
 
-    const double gnorm = ops::global_grad_norm(grads);
+    const double gnorm = dp_->grad_norm(trained);
     const bool finite = std::isfinite(stats.lm_loss_sum) && std::isfinite(stats.indexer_kl_sum) && std::isfinite(gnorm);
     const double factor = sched.factor(step);
     if (finite) {
       if (recipe_.optimizer.grad_clip > 0) ops::clip_grads_(grads_mut, recipe_.optimizer.grad_clip, gnorm);
-      for (Param* p : trained) {
+      dp_->adamw_step(trained, moments_, [&](const Param& p) {
         ops::AdamWConfig ac;
-        const bool idx = p->group == ParamGroup::Indexer;
+        const bool idx = p.group == ParamGroup::Indexer;
         ac.lr = (idx ? st.lr_indexer : st.lr_main) * factor;
         ac.beta1 = recipe_.optimizer.beta1;
         ac.beta2 = recipe_.optimizer.beta2;
         ac.eps = recipe_.optimizer.eps;
-        ac.weight_decay = p->decay ? (idx ? recipe_.optimizer.weight_decay_indexer : recipe_.optimizer.weight_decay) : 0;
-        ops::adamw_step_(p->value, p->grad, moments_["optim/m/" + p->name], moments_["optim/v/" + p->name], ac,
-                         step + 1);
-      }
+        ac.weight_decay = p.decay ? (idx ? recipe_.optimizer.weight_decay_indexer : recipe_.optimizer.weight_decay) : 0;
+        return ac;
+      }, step + 1);
       model_->params().refresh_compute();  // bf16 weight copies (GPU) follow the fp32 masters
       if (st.train_main && st.moe_bias_update_rate > 0 && !loads.empty())
         model_->update_moe_bias(loads, st.moe_bias_update_rate);
@@ -372,6 +385,7 @@ void Trainer::run_stage(int64_t s, int64_t start_step, TrainReport& report) {
 TrainReport Trainer::run() {
   start_time_ = now_s();
   TrainReport report;
+  dp_->check_agreement(recipe_);
   if (Dist::is_root()) {
     fs::create_directories(recipe_.output_dir);
     write_atomically((fs::path(recipe_.output_dir) / "recipe.yaml").string(), recipe_.resolved_yaml);

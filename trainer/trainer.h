@@ -29,6 +29,8 @@ struct TrainReport {
   std::string last_checkpoint; // file written last ("" if none)
 };
 
+class DataParallel;
+
 class Trainer {
  public:
   Trainer(const Recipe& recipe, const TrainOptions& opts);
@@ -45,6 +47,7 @@ class Trainer {
   Recipe recipe_;
   TrainOptions opts_;
   std::unique_ptr<Model> model_;
+  std::unique_ptr<DataParallel> dp_;      // ranks, gradient all-reduce, expert parallelism
   std::map<std::string, Tensor> moments_;  // "optim/m/<name>", "optim/v/<name>" (trained groups only)
   int64_t global_step_ = 0;
   std::string data_state_;                 // this rank's loader position at the last step
