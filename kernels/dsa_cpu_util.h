@@ -7,7 +7,17 @@
 #include <algorithm>
 #include <initializer_list>
 
+#include "kernels/op_util.h"
 #include "kernels/tensor.h"
+#ifdef DSA_HAVE_CUDA
+#include "kernels/cuda/ops_dsa.h"
+// Public entries call the CUDA implementation (kernels/cuda/ops_dsa.h) when `t` lives on the GPU.
+#define DSA_CUDA_DISPATCH(t, op, ...) \
+  if ((t).defined() && (t).device() == ::dsa::Device::CUDA) return __VA_ARGS__
+#else
+#define DSA_CUDA_DISPATCH(t, op, ...) \
+  if ((t).defined() && (t).device() == ::dsa::Device::CUDA) ::dsa::ops::detail::cuda_missing(op)
+#endif
 
 namespace dsa::ops::dsa_cpu {
 

@@ -38,6 +38,7 @@ void hadamard_rows(T* x, int64_t rows, int64_t d) {
 }  // namespace
 
 Tensor hadamard_transform(const Tensor& x) {
+  DSA_CUDA_DISPATCH(x, "hadamard_transform", cuda::hadamard_transform(x));
   const DType dt = check_cpu_float("hadamard_transform", {&x});
   DSA_CHECK(x.ndim() >= 1, "[hadamard_transform] x must have at least one dim, got ", x.desc());
   const int64_t d = x.size(-1);
@@ -110,6 +111,7 @@ void quantize_roundtrip(const Tensor& x, int64_t block, Tensor& y, float* scales
 }  // namespace
 
 Fp8Blocks fp8_block_quantize_codes(const Tensor& x, int64_t block) {
+  DSA_CUDA_DISPATCH(x, "fp8_block_quantize_codes", cuda::fp8_block_quantize_codes(x, block));
   check_quant_input("fp8_block_quantize_codes", x, block);
   const int64_t n = x.size(0), d = x.size(1), nb = (d + block - 1) / block;
   Fp8Blocks q{Tensor::empty({n, d}, DType::F8E4M3), Tensor::empty({n, nb}, DType::F32)};
@@ -121,6 +123,7 @@ Fp8Blocks fp8_block_quantize_codes(const Tensor& x, int64_t block) {
 }
 
 Tensor fp8_block_dequantize(const Fp8Blocks& q, int64_t block, DType dtype) {
+  DSA_CUDA_DISPATCH(q.codes, "fp8_block_dequantize", cuda::fp8_block_dequantize(q, block, dtype));
   const char* op = "fp8_block_dequantize";
   expect_shape(op, "codes", q.codes, {-1, -1});
   expect_dtype(op, "codes", q.codes, DType::F8E4M3);
@@ -138,6 +141,7 @@ Tensor fp8_block_dequantize(const Fp8Blocks& q, int64_t block, DType dtype) {
 }
 
 Tensor fp8_block_quantize(const Tensor& x, int64_t block, Tensor* scales_out) {
+  DSA_CUDA_DISPATCH(x, "fp8_block_quantize", cuda::fp8_block_quantize(x, block, scales_out));
   check_quant_input("fp8_block_quantize", x, block);
   const int64_t n = x.size(0), d = x.size(1), nb = (d + block - 1) / block;
   Tensor y = Tensor::empty({n, d}, x.dtype());
@@ -169,6 +173,7 @@ int64_t check_indexer_operands(const char* op, const Tensor& q, const Tensor& k,
 }  // namespace
 
 void indexer_fp8_operands(const Tensor& q_I, const Tensor& k_I, Tensor* q_hat, Tensor* k_hat) {
+  DSA_CUDA_DISPATCH(q_I, "indexer_fp8_operands", cuda::indexer_fp8_operands(q_I, k_I, q_hat, k_hat));
   const int64_t D = check_indexer_operands("indexer_fp8_operands", q_I, k_I, nullptr);
   DSA_CHECK(q_hat && k_hat, "[indexer_fp8_operands] q_hat and k_hat must be non-null");
   *q_hat = fp8_block_quantize(hadamard_transform(q_I).view({-1, D}), kFp8BlockSize, nullptr).view(q_I.shape());
@@ -254,6 +259,7 @@ void scores_backward(const Tensor& dI, const Tensor& q, const Tensor& k, const T
 }  // namespace
 
 Tensor indexer_scores_forward(const Tensor& q_I, const Tensor& k_I, const Tensor& w_I, int64_t t0, int64_t t1) {
+  DSA_CUDA_DISPATCH(q_I, kScoresFwd, cuda::indexer_scores_forward(q_I, k_I, w_I, t0, t1));
   check_indexer_operands(kScoresFwd, q_I, k_I, &w_I);
   const int64_t B = q_I.size(0), T = q_I.size(1);
   DSA_CHECK(0 <= t0 && t0 <= t1 && t1 <= T, "[", kScoresFwd, "] rows [", t0, ", ", t1, ") out of range for T = ", T);
@@ -267,6 +273,7 @@ Tensor indexer_scores_forward(const Tensor& q_I, const Tensor& k_I, const Tensor
 
 void indexer_scores_backward(const Tensor& dI, const Tensor& q_I, const Tensor& k_I, const Tensor& w_I, int64_t t0,
                              Tensor* dq_I, Tensor* dk_I, Tensor* dw_I) {
+  if (detail::on_cuda(q_I)) detail::cuda_missing(kScoresBwd);  // GPU losses run their own fused backward
   check_indexer_operands(kScoresBwd, q_I, k_I, &w_I);
   check_cpu_float(kScoresBwd, {&q_I, &dI});
   const int64_t B = q_I.size(0), T = q_I.size(1);
@@ -318,6 +325,7 @@ void topk_rows(const T* scores, int64_t B, int64_t R, int64_t T_, int64_t t0, in
 }  // namespace
 
 Tensor topk_causal(const Tensor& scores, int64_t t0, int64_t topk) {
+  DSA_CUDA_DISPATCH(scores, "topk_causal", cuda::topk_causal(scores, t0, topk));
   const char* op = "topk_causal";
   check_cpu_float(op, {&scores});
   expect_shape(op, "scores", scores, {-1, -1, -1});
@@ -334,7 +342,9 @@ Tensor topk_causal(const Tensor& scores, int64_t t0, int64_t topk) {
 
 Tensor indexer_topk(const Tensor& q_I, const Tensor& k_I, const Tensor& w_I, int64_t topk, bool fp8,
                     int64_t block_rows) {
+
   const char* op = "indexer_topk";
+  DSA_CUDA_DISPATCH(q_I, op, cuda::indexer_topk(q_I, k_I, w_I, topk, fp8, block_rows));
   check_indexer_operands(op, q_I, k_I, &w_I);
   DSA_CHECK(topk >= 1, "[", op, "] topk must be >= 1, got ", topk);
   const int64_t B = q_I.size(0), T = q_I.size(1), Hi = q_I.size(2);

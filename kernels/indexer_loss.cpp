@@ -232,6 +232,8 @@ IndexerLossResult indexer_kl_dense(const Tensor& q_main, const Tensor& k_main, c
                                    const Tensor& q_I, const Tensor& k_I, const Tensor& w_I, bool fp8,
                                    double grad_scale, IndexerGrads* grads, int64_t block_rows) {
   const char* op = "indexer_kl_dense";
+  DSA_CUDA_DISPATCH(q_main, op, cuda::indexer_kl_dense(q_main, k_main, lse_main, scale, q_I, k_I, w_I, fp8, grad_scale,
+                                                        grads, block_rows));
   check_main(op, q_main, k_main, lse_main);
   DSA_CHECK(block_rows >= 0, "[", op, "] block_rows must be >= 0, got ", block_rows);
   check_indexer(op, q_main, q_I, k_I, w_I);
@@ -248,6 +250,8 @@ IndexerLossResult indexer_kl_sparse(const Tensor& q_main, const Tensor& kv, cons
                                     const Tensor& indices, const Tensor& q_I, const Tensor& k_I, const Tensor& w_I,
                                     bool fp8, double grad_scale, IndexerGrads* grads) {
   const char* op = "indexer_kl_sparse";
+  DSA_CUDA_DISPATCH(q_main, op, cuda::indexer_kl_sparse(q_main, kv, lse_sparse, scale, indices, q_I, k_I, w_I, fp8,
+                                                         grad_scale, grads));
   check_cpu_float(op, {&q_main, &kv, &lse_sparse});
   expect_shape(op, "q_main", q_main, {-1, -1, -1, -1});
   const int64_t B = q_main.size(0), T = q_main.size(1), H = q_main.size(2);
@@ -302,6 +306,7 @@ IndexerRecall recall_impl(const Tensor& q, const Tensor& k, const Tensor& lse, d
 IndexerRecall indexer_recall(const Tensor& q_main, const Tensor& k_main, const Tensor& lse_main, double scale,
                              const Tensor& indices, int64_t block_rows) {
   const char* op = "indexer_recall";
+  DSA_CUDA_DISPATCH(q_main, op, cuda::indexer_recall(q_main, k_main, lse_main, scale, indices, block_rows));
   check_main(op, q_main, k_main, lse_main);
   DSA_CHECK(block_rows >= 0, "[", op, "] block_rows must be >= 0, got ", block_rows);
   dsa_cpu::check_indices(op, indices, q_main.size(0), q_main.size(1));

@@ -147,6 +147,7 @@ void backward_impl(const Dims& d, const T* dout, const T* q, const T* kv, const 
 
 Tensor sparse_attention_forward(const Tensor& q, const Tensor& kv, int64_t dv, const Tensor& indices, double scale,
                                 Tensor* lse_out) {
+  DSA_CUDA_DISPATCH(q, kFwd, cuda::sparse_attention_forward(q, kv, dv, indices, scale, lse_out));
   const Dims d = check_common(kFwd, q, kv, dv, indices);
   Tensor out = Tensor::empty({d.B, d.T, d.H, d.Dv}, q.dtype());
   Tensor lse;
@@ -164,6 +165,7 @@ Tensor sparse_attention_forward(const Tensor& q, const Tensor& kv, int64_t dv, c
 SparseAttentionGrads sparse_attention_backward(const Tensor& dout, const Tensor& q, const Tensor& kv, int64_t dv,
                                                const Tensor& indices, const Tensor& out, const Tensor& lse,
                                                double scale) {
+  DSA_CUDA_DISPATCH(q, kBwd, cuda::sparse_attention_backward(dout, q, kv, dv, indices, out, lse, scale));
   const Dims d = check_common(kBwd, q, kv, dv, indices);
   dsa_cpu::check_cpu_float(kBwd, {&q, &dout, &out, &lse});
   expect_shape(kBwd, "dout", dout, {d.B, d.T, d.H, d.Dv});

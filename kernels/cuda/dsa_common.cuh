@@ -1,0 +1,111 @@
+// Internal helpers of the DSA CUDA kernels (sm90_*_indexer.cu, sm90_bf16_sparse_attention.cu,
+// any_bf16_indexer_loss.cu): a row-major batched bf16 GEMM on cuBLASLt, casts and small device helpers.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "kernels/cuda/check.cuh"
+#include "kernels/cuda/context.h"
+#include "kernels/tensor.h"
+
+namespace dsa::cuda::dsa_detail {
+
+// C[M, N] = alpha * op(A) op(B) + beta * C, all row-major with leading dims, `batch` times with element
+// strides. A and B bf16 (op(A) = A [M, K] or, with ta, A stored [K, M]; op(B) = B [K, N] or, with tb,
+// B stored [N, K]); C f32 or bf16; compute f32.
+struct RowGemm {
+  bool ta = false, tb = false;
+  int64_t M = 0, N = 0, K = 0;
+  const void* A = nullptr;  // bf16
+  int64_t lda = 0, strideA = 0;
+  const void* B = nullptr;  // bf16
+  int64_t ldb = 0, strideB = 0;
+  void* C = nullptr;  // c_type
+  int64_t ldc = 0, strideC = 0;
+  DType c_type = DType::F32;
+  float alpha = 1.f, beta = 0.f;
+  int64_t batch = 1;
+};
+void row_gemm(const char* op, const RowGemm& g);
+
+// dst bf16 [n] = src f32 [n]
+void cast_f32_to_bf16(const float* src, __nv_bfloat16* dst, int64_t n, const char* op);
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline unsigned grid_1d(int64_t n, int threads) {
+  const int64_t g = ceil_div(n, threads);
+  return static_cast<unsigned>(g < 1 ? 1 : (g > (1 << 20) ? (1 << 20) : g));
+}
+
+inline void expect_cuda(const char* op, const char* name, const Tensor& t, DType dt) {
+  DSA_CHECK(t.defined() && t.device() == Device::CUDA && t.dtype() == dt, "[", op, "] ", name, " must be ",
+            dtype_name(dt), " on cuda, got ", t.defined() ? t.desc() : std::string("undefined"));
+}
+
+// Rows per streamed block so that `bytes_per_row` * rows stays near `budget` bytes.
+inline int64_t rows_for_budget(int64_t total, int64_t bytes_per_row, int64_t budget) {
+  int64_t r = budget / (bytes_per_row > 0 ? bytes_per_row : 1);
+  if (r < 1) r = 1;
+  return r < total ? r : total;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+// Block-wide reductions (blockDim.x a multiple of 32, <= 1024); `red` is 32 floats of shared memory.
+__device__ __forceinline__ float block_sum(float v, float* red) {
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  v = warp_sum(v);
+  __syncthreads();
+  if (lane == 0) red[w] = v;
+  __syncthreads();
+  float s = 0;
+  for (int i = 0; i < nw; ++i) s += red[i];  // fixed order: deterministic
+  return s;
+}
+__device__ __forceinline__ float block_max(float v, float* red) {
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  v = warp_max(v);
+  __syncthreads();
+  if (lane == 0) red[w] = v;
+  __syncthreads();
+  float s = -INFINITY;
+  for (int i = 0; i < nw; ++i) s = fmaxf(s, red[i]);
+  return s;
+}
+
+}  // namespace dsa::cuda::dsa_detail
+
+namespace dsa::cuda::dsa_detail {
+// kvg [R, K, Dk] bf16 = kv[b, idx[bt, k]] for flat tokens bt = bt0 .. bt0 + R - 1 (b = bt / T); rows of
+// invalid slots (-1) are zero. Defined in sm90_bf16_sparse_attention.cu.
+void gather_rows(const __nv_bfloat16* kv /*[B, T, Dk]*/, const int32_t* idx /*[B, T, K]*/, int64_t T, int64_t Dk,
+                 int64_t K, int64_t bt0, int64_t R, __nv_bfloat16* kvg /*[R, K, Dk]*/, const char* op);
+// Checks indices i32 [B, T, K] on cuda (values are checked by the kernels' -1 test only: on the GPU an
+// index outside [0, t] is the caller's contract, as documented in dsa_ops.h).
+void check_indices_gpu(const char* op, const Tensor& idx, int64_t B, int64_t T);
+}  // namespace dsa::cuda::dsa_detail
+
+namespace dsa::cuda::dsa_detail {
+// The indexer's scoring operands: fp8 codes + f32 scales of hadamard(q_I), hadamard(k_I), or the bf16
+// q_I, k_I themselves (fp8 = false). Defined in sm90_fp8_indexer.cu.
+struct ScoreOperands {
+  Tensor q, k;              // [B, T, Hi, D], [B, T, D]: f8e4m3 codes or bf16
+  Tensor q_scale, k_scale;  // [B*T*Hi, nb], [B*T, nb] f32 (fp8 only)
+  bool fp8 = false;
+};
+ScoreOperands make_operands(const Tensor& q_I, const Tensor& k_I, bool fp8);
+// out [B, R, T] f32: scores of rows t0 .. t0 + R - 1 against keys s <= t (other entries untouched).
+void launch_scores(const ScoreOperands& o, const Tensor& w_I /*[B, T, Hi] bf16*/, int B, int T, int Hi, int D, int t0,
+                   int R, float* out);
+}  // namespace dsa::cuda::dsa_detail

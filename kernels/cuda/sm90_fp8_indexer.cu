@@ -1,0 +1,624 @@
+// Lightning indexer on the GPU: Hadamard rotation, FP8 e4m3 block quantization (bit-identical to the
+// CPU reference), tensor-core scoring of query-row blocks against every key (FP8 e4m3 mma on sm_90, or
+// bf16 mma for the unquantized path) and a per-row causal top-k (radix select + bitonic sort).
+#include <cuda_fp8.h>
+
+#include <cmath>
+
+#include "kernels/cuda/dsa_common.cuh"
+#include "kernels/cuda/ops_dsa.h"
+
+namespace dsa::cuda {
+
+using namespace dsa_detail;
+
+namespace {
+
+// ------------------------------------------------------------------------------------ hadamard / fp8
+
+template <class In>
+__device__ __forceinline__ float load_f(const In* p, int64_t i) {
+  if constexpr (sizeof(In) == 4) return p[i];
+  else return __bfloat162float(p[i]);
+}
+template <class Out>
+__device__ __forceinline__ void store_f(Out* p, int64_t i, float v) {
+  if constexpr (sizeof(Out) == 4) p[i] = v;
+  else p[i] = __float2bfloat16_rn(v);
+}
+
+// One block per row; the butterflies pair (j, j + h) exactly like the CPU loop, in f32.
+template <class In, class Out>
+__global__ void hadamard_kernel(const In* __restrict__ x /*[rows, d]*/, Out* __restrict__ y /*[rows, d]*/, int d,
+                                float norm) {
+  extern __shared__ float v[];  // [d]
+  const int64_t row = blockIdx.x;
+  for (int i = threadIdx.x; i < d; i += blockDim.x) v[i] = load_f(x, row * d + i);
+  __syncthreads();
+  for (int h = 1; h < d; h *= 2) {
+    for (int p = threadIdx.x; p < d / 2; p += blockDim.x) {
+      const int j = (p / h) * 2 * h + p % h;
+      const float a = v[j], b = v[j + h];
+      v[j] = a + b;
+      v[j + h] = a - b;
+    }
+    __syncthreads();
+  }
+  for (int i = threadIdx.x; i < d; i += blockDim.x) store_f(y, row * d + i, v[i] * norm);
+}
+
+// 2^ceil(log2(max(amax, 1e-4) / 448)) from the bits, as ops::fp8_block_scale.
+__device__ __forceinline__ float fp8_scale_dev(float amax) {
+  const float a = amax < 1e-4f ? 1e-4f : amax;
+  const uint32_t bits = __float_as_uint(a * (1.0f / 448.0f));
+  const int e = static_cast<int>((bits >> 23) & 0xffu) - 127 + ((bits & 0x7fffffu) != 0 ? 1 : 0);
+  return __uint_as_float(static_cast<uint32_t>(e + 127) << 23);
+}
+
+// One warp per (row, block) of `block` values; any output pointer may be null.
+template <class In, class Out>
+__global__ void fp8_quant_kernel(const In* __restrict__ x /*[n, d]*/, int64_t n, int d, int block, int nb,
+                                 __nv_fp8_storage_t* __restrict__ codes /*[n, d]*/, float* __restrict__ scales /*[n, nb]*/,
+                                 Out* __restrict__ deq /*[n, d]*/) {
+  const int64_t wid = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  if (wid >= n * nb) return;
+  const int64_t r = wid / nb;
+  const int blk = static_cast<int>(wid % nb);
+  const int begin = blk * block, end = min(d, begin + block);
+  float amax = 0.f;
+  for (int i = begin + lane; i < end; i += 32) amax = fmaxf(amax, fabsf(load_f(x, r * d + i)));
+  amax = warp_max(amax);
+  const float s = fp8_scale_dev(amax);
+  if (scales && lane == 0) scales[r * nb + blk] = s;
+  for (int i = begin + lane; i < end; i += 32) {
+    const __nv_fp8_storage_t c = __nv_cvt_float_to_fp8(load_f(x, r * d + i) / s, __NV_SATFINITE, __NV_E4M3);
+    if (codes) codes[r * d + i] = c;
+    if (deq) {
+      const __half_raw h = __nv_cvt_fp8_to_halfraw(c, __NV_E4M3);
+      store_f(deq, r * d + i, __half2float(__half(h)) * s);
+    }
+  }
+}
+
+template <class Out>
+__global__ void fp8_dequant_kernel(const __nv_fp8_storage_t* __restrict__ codes /*[n, d]*/,
+                                   const float* __restrict__ scales /*[n, nb]*/, int64_t n, int d, int block, int nb,
+                                   Out* __restrict__ y /*[n, d]*/) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n * d; i += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t r = i / d;
+    const int c = static_cast<int>(i % d);
+    const __half_raw h = __nv_cvt_fp8_to_halfraw(codes[i], __NV_E4M3);
+    store_f(y, i, __half2float(__half(h)) * scales[r * nb + c / block]);
+  }
+}
+
+__global__ void fill_kernel(float* p, int64_t n, float v) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) p[i] = v;
+}
+
+// ------------------------------------------------------------------------------------------ scoring
+
+struct ScoreParams {
+  const uint8_t* q;       // [B, T, Hi, D] fp8 codes or bf16
+  const uint8_t* k;       // [B, T, D] fp8 codes or bf16
+  const float* q_scale;   // [B, T, Hi, nb] (fp8 only)
+  const float* k_scale;   // [B, T, nb] (fp8 only)
+  const __nv_bfloat16* w; // [B, T, Hi]
+  float* out;             // [B, R, T] f32: rows t0..t0+R-1, entries s <= t written
+  float c;                // D^-0.5
+  int B, T, Hi, D, nb, t0, R;
+  int Hp, Dw, QB;         // heads padded to 16, words per padded row (Dp bytes / 4, multiple of 8), queries per CTA
+};
+
+constexpr int kScoreWarps = 8;
+constexpr int kScoreBN = 64;  // keys per tile
+
+__device__ __forceinline__ void mma_fp8(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Copies `bytes` bytes of a row into a zero-padded shared row of Dw words.
+__device__ __forceinline__ void load_row(uint32_t* dst, const uint8_t* src, int bytes, int Dw, int lane_in,
+                                         int nlanes) {
+  if ((bytes & 3) == 0 && (reinterpret_cast<uintptr_t>(src) & 3) == 0) {
+    const uint32_t* s = reinterpret_cast<const uint32_t*>(src);
+    for (int i = lane_in; i < Dw; i += nlanes) dst[i] = i < bytes / 4 ? __ldg(s + i) : 0u;
+  } else {
+    for (int i = lane_in; i < Dw; i += nlanes) {
+      uint32_t v = 0;
+      for (int b = 0; b < 4; ++b)
+        if (i * 4 + b < bytes) v |= static_cast<uint32_t>(src[i * 4 + b]) << (8 * b);
+      dst[i] = v;
+    }
+  }
+}
+
+// NOTES: the GEMM is [QB * Hp query-heads, Dp] x [Dp, 64 keys] per tile with the query-heads as M, one
+// 16-row slab (16 heads of one query) per warp iteration; the epilogue applies the FP8 scales per
+// 128-value block (after the block's integer-exact products), relu and the head weight, sums the 16
+// heads with shuffles and the slabs of one query in fixed order (deterministic).
+template <bool kFp8>
+__global__ void __launch_bounds__(kScoreWarps * 32) score_kernel(ScoreParams p) {
+  extern __shared__ uint32_t smem[];
+  const int SW = p.Dw + 4;  // padded stride: conflict-free fragment loads
+  const int MQ = p.QB * p.Hp, nslab = MQ / 16;
+  uint32_t* Qs = smem;                                   // [MQ, SW]
+  uint32_t* Ks = Qs + MQ * SW;                           // [BN, SW]
+  float* weff = reinterpret_cast<float*>(Ks + kScoreBN * SW);  // [MQ]
+  float* qsc = weff + MQ;                                // [MQ, nb]
+  float* ksc = qsc + MQ * p.nb;                          // [BN, nb]
+  float* part = ksc + kScoreBN * p.nb;                   // [nslab, BN]
+  const int b = blockIdx.y, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, c4 = lane & 3;
+  const int r0 = blockIdx.x * p.QB;  // first row (relative to t0)
+  const int nq = min(p.QB, p.R - r0);
+  const int tmax = p.t0 + r0 + nq - 1;
+  const int bytes_q = kFp8 ? p.D : 2 * p.D;
+  // Query tile, weights and scales.
+  for (int row = warp; row < MQ; row += kScoreWarps) {
+    const int qi = row / p.Hp, j = row % p.Hp;
+    const bool valid = qi < nq && j < p.Hi;
+    const int64_t tok = static_cast<int64_t>(b) * p.T + p.t0 + r0 + qi;
+    if (valid) load_row(Qs + row * SW, p.q + (tok * p.Hi + j) * bytes_q, bytes_q, p.Dw, lane, 32);
+    else for (int i = lane; i < p.Dw; i += 32) Qs[row * SW + i] = 0u;
+    if (lane == 0) weff[row] = valid ? __bfloat162float(p.w[tok * p.Hi + j]) * p.c : 0.f;
+    if (kFp8)
+      for (int blk = lane; blk < p.nb; blk += 32) qsc[row * p.nb + blk] = valid ? p.q_scale[(tok * p.Hi + j) * p.nb + blk] : 0.f;
+  }
+  const int ksteps = p.Dw / 8;  // 32 bytes of k per mma
+  const int ksteps_per_blk = kFp8 ? 4 : ksteps;
+  const int nblk = kFp8 ? (ksteps + 3) / 4 : 1;
+  for (int s0 = 0; s0 <= tmax; s0 += kScoreBN) {
+    __syncthreads();
+    for (int row = warp; row < kScoreBN; row += kScoreWarps) {
+      const int s = s0 + row;
+      if (s < p.T) load_row(Ks + row * SW, p.k + (static_cast<int64_t>(b) * p.T + s) * bytes_q, bytes_q, p.Dw, lane, 32);
+      else for (int i = lane; i < p.Dw; i += 32) Ks[row * SW + i] = 0u;
+      if (kFp8)
+        for (int blk = lane; blk < p.nb; blk += 32)
+          ksc[row * p.nb + blk] = s < p.T ? p.k_scale[(static_cast<int64_t>(b) * p.T + s) * p.nb + blk] : 0.f;
+    }
+    __syncthreads();
+    for (int slab = warp; slab < nslab; slab += kScoreWarps) {
+      const int m0 = slab * 16;
+      float tot[8][4];
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) tot[nt][e] = 0.f;
+      for (int blk = 0; blk < nblk; ++blk) {
+        float acc[8][4];
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
+        const int ks_end = min(ksteps, (blk + 1) * ksteps_per_blk);
+        for (int ks = blk * ksteps_per_blk; ks < ks_end; ++ks) {
+          const int kw = ks * 8;
+          uint32_t a[4];
+          a[0] = Qs[(m0 + g) * SW + kw + c4];
+          a[1] = Qs[(m0 + g + 8) * SW + kw + c4];
+          a[2] = Qs[(m0 + g) * SW + kw + 4 + c4];
+          a[3] = Qs[(m0 + g + 8) * SW + kw + 4 + c4];
+#pragma unroll
+          for (int nt = 0; nt < 8; ++nt) {
+            const uint32_t b0 = Ks[(nt * 8 + g) * SW + kw + c4], b1 = Ks[(nt * 8 + g) * SW + kw + 4 + c4];
+            if constexpr (kFp8) mma_fp8(acc[nt], a, b0, b1);
+            else mma_bf16(acc[nt], a, b0, b1);
+          }
+        }
+        const float sa = kFp8 ? qsc[(m0 + g) * p.nb + blk] : 1.f, sb = kFp8 ? qsc[(m0 + g + 8) * p.nb + blk] : 1.f;
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt) {
+          const int col = nt * 8 + 2 * c4;
+          const float k0 = kFp8 ? ksc[col * p.nb + blk] : 1.f, k1 = kFp8 ? ksc[(col + 1) * p.nb + blk] : 1.f;
+          tot[nt][0] += acc[nt][0] * (sa * k0);
+          tot[nt][1] += acc[nt][1] * (sa * k1);
+          tot[nt][2] += acc[nt][2] * (sb * k0);
+          tot[nt][3] += acc[nt][3] * (sb * k1);
+        }
+      }
+      const float w0 = weff[m0 + g], w1 = weff[m0 + g + 8];
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) {
+        float v0 = fmaxf(tot[nt][0], 0.f) * w0 + fmaxf(tot[nt][2], 0.f) * w1;
+        float v1 = fmaxf(tot[nt][1], 0.f) * w0 + fmaxf(tot[nt][3], 0.f) * w1;
+#pragma unroll
+        for (int o = 4; o < 32; o <<= 1) {
+          v0 += __shfl_xor_sync(0xffffffffu, v0, o);
+          v1 += __shfl_xor_sync(0xffffffffu, v1, o);
+        }
+        if (g == 0) {
+          part[slab * kScoreBN + nt * 8 + 2 * c4] = v0;
+          part[slab * kScoreBN + nt * 8 + 2 * c4 + 1] = v1;
+        }
+      }
+    }
+    __syncthreads();
+    const int spq = p.Hp / 16;  // slabs per query
+    for (int i = tid; i < nq * kScoreBN; i += blockDim.x) {
+      const int qi = i / kScoreBN, col = i % kScoreBN, s = s0 + col, t = p.t0 + r0 + qi;
+      if (s > t) continue;
+      float v = 0.f;
+      for (int sl = 0; sl < spq; ++sl) v += part[(qi * spq + sl) * kScoreBN + col];
+      p.out[(static_cast<int64_t>(b) * p.R + r0 + qi) * p.T + s] = v;
+    }
+  }
+}
+
+// -------------------------------------------------------------------------------------------- top-k
+
+__device__ __forceinline__ uint32_t order_key(float f) {
+  if (f != f) return 0u;  // NaN ranks below -inf, as on the CPU
+  const uint32_t u = __float_as_uint(f);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+struct TopkParams {
+  const float* scores;  // [B, R, T] f32, row r is query t = t0 + r; entries s > t ignored
+  int32_t* out;         // [B, T_out, K] i32: row out_row0 + r
+  int B, R, T, t0, K, P;  // P = next power of two >= K
+  int T_out, out_row0;
+};
+
+constexpr int kTopkThreads = 512;
+
+// NOTES: one CTA per row. Radix select (4 passes of 8 bits over the order-preserving key) finds the
+// K-th largest key thr; then every key > thr is taken and the first keys == thr in index order (a
+// block-wide ordered scan), so ties go to the lower index as on the CPU; the K winners are sorted by
+// (key desc, index asc) with a bitonic sort of 64-bit composites in shared memory.
+__global__ void __launch_bounds__(kTopkThreads) topk_kernel(TopkParams p) {
+  extern __shared__ unsigned long long buf[];  // [P]
+  __shared__ uint32_t hist[256];
+  __shared__ uint32_t sh_sel[2];
+  __shared__ uint32_t warp_cnt[kTopkThreads / 32];
+  __shared__ uint32_t cnt_gt;
+  const int r = blockIdx.x, b = blockIdx.y, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int t = p.t0 + r, n = t + 1;
+  const float* row = p.scores + (static_cast<int64_t>(b) * p.R + r) * p.T;
+  for (int i = tid; i < p.P; i += blockDim.x) buf[i] = 0ull;
+  __syncthreads();
+  auto comp = [](uint32_t key, int idx) {
+    return (static_cast<unsigned long long>(key) << 32) | static_cast<uint32_t>(0xffffffffu - static_cast<uint32_t>(idx));
+  };
+  if (n <= p.K) {
+    for (int i = tid; i < n; i += blockDim.x) buf[i] = comp(order_key(row[i]), i);
+  } else {
+    uint32_t prefix = 0, mask = 0, kk = p.K;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+      for (int i = tid; i < 256; i += blockDim.x) hist[i] = 0;
+      __syncthreads();
+      for (int i = tid; i < n; i += blockDim.x) {
+        const uint32_t key = order_key(row[i]);
+        if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1u);
+      }
+      __syncthreads();
+      if (tid == 0) {
+        uint32_t cum = 0;
+        for (int d = 255; d >= 0; --d) {
+          if (cum + hist[d] >= kk) {
+            sh_sel[0] = static_cast<uint32_t>(d);
+            sh_sel[1] = kk - cum;
+            break;
+          }
+          cum += hist[d];
+        }
+      }
+      __syncthreads();
+      prefix |= sh_sel[0] << shift;
+      mask |= 255u << shift;
+      kk = sh_sel[1];
+      __syncthreads();
+    }
+    // thr = prefix; take every key > thr (K - kk of them) and the first kk keys == thr.
+    if (tid == 0) cnt_gt = 0;
+    __syncthreads();
+    uint32_t eq_base = 0;
+    for (int c0 = 0; c0 < n; c0 += blockDim.x) {
+      const int i = c0 + tid;
+      const uint32_t key = i < n ? order_key(row[i]) : 0u;
+      const bool gt = i < n && key > prefix, eq = i < n && key == prefix;
+      if (gt) buf[atomicAdd(&cnt_gt, 1u)] = comp(key, i);
+      const uint32_t bal = __ballot_sync(0xffffffffu, eq);
+      if (lane == 0) warp_cnt[warp] = __popc(bal);
+      __syncthreads();
+      uint32_t before = eq_base, total = 0;
+      for (int w = 0; w < (int)(blockDim.x >> 5); ++w) {
+        if (w < warp) before += warp_cnt[w];
+        total += warp_cnt[w];
+      }
+      before += __popc(bal & ((1u << lane) - 1u));
+      if (eq && before < kk) buf[p.K - kk + before] = comp(key, i);
+      eq_base += total;
+      __syncthreads();
+    }
+  }
+  __syncthreads();
+  for (int size = 2; size <= p.P; size <<= 1)
+    for (int stride = size >> 1; stride > 0; stride >>= 1) {
+      for (int i = tid; i < p.P; i += blockDim.x) {
+        const int j = i ^ stride;
+        if (j > i) {
+          const unsigned long long x = buf[i], y = buf[j];
+          const bool desc = (i & size) == 0;
+          if (desc ? x < y : x > y) {
+            buf[i] = y;
+            buf[j] = x;
+          }
+        }
+      }
+      __syncthreads();
+    }
+  int32_t* o = p.out + (static_cast<int64_t>(b) * p.T_out + p.out_row0 + r) * p.K;
+  const int kk = min(n, p.K);
+  for (int i = tid; i < p.K; i += blockDim.x)
+    o[i] = i < kk ? static_cast<int32_t>(0xffffffffu - static_cast<uint32_t>(buf[i] & 0xffffffffull)) : -1;
+}
+
+// ----------------------------------------------------------------------------------------- host side
+
+template <class F>
+void dispatch_in(const Tensor& x, F&& f) {
+  if (x.dtype() == DType::F32) f(x.data<float>());
+  else f(reinterpret_cast<const __nv_bfloat16*>(x.data<bf16>()));
+}
+
+void check_float_cuda(const char* op, const Tensor& x) {
+  DSA_CHECK(x.defined() && x.device() == Device::CUDA && (x.dtype() == DType::F32 || x.dtype() == DType::BF16), "[",
+            op, "] x must be f32 or bf16 on cuda, got ", x.desc());
+}
+
+// Codes and scales of hadamard(x) for x bf16 [rows, d].
+void hadamard_fp8(const Tensor& x, int64_t d, Tensor* codes, Tensor* scales) {
+  const int64_t rows = x.numel() / d;
+  Tensor h = Tensor::empty({rows, d}, DType::F32, Device::CUDA);
+  Tensor xv = x.view({rows, d});  // NOTES: transformed in f32 (a bf16 intermediate would round)
+  hadamard_kernel<__nv_bfloat16, float><<<static_cast<unsigned>(rows), 128, d * sizeof(float), stream()>>>(
+      reinterpret_cast<const __nv_bfloat16*>(xv.data<bf16>()), h.data<float>(), static_cast<int>(d),
+      1.0f / std::sqrt(static_cast<float>(d)));
+  check_launch("indexer_fp8_operands");
+  ops::Fp8Blocks q = fp8_block_quantize_codes(h, ops::kFp8BlockSize);
+  *codes = q.codes;
+  *scales = q.scales;
+}
+
+}  // namespace
+
+namespace dsa_detail {
+ScoreOperands make_operands(const Tensor& q_I, const Tensor& k_I, bool fp8) {
+  ScoreOperands o;
+  o.fp8 = fp8;
+  const int64_t D = q_I.size(3);
+  if (fp8) {
+    hadamard_fp8(q_I, D, &o.q, &o.q_scale);
+    hadamard_fp8(k_I, D, &o.k, &o.k_scale);
+  } else {
+    o.q = q_I;
+    o.k = k_I;
+  }
+  return o;
+}
+
+void launch_scores(const ScoreOperands& o, const Tensor& w_I, int B, int T, int Hi, int D, int t0, int R, float* out) {
+  if (R <= 0) return;
+  ScoreParams p{};
+  p.q = static_cast<const uint8_t*>(o.q.raw());
+  p.k = static_cast<const uint8_t*>(o.k.raw());
+  p.q_scale = o.fp8 ? o.q_scale.data<float>() : nullptr;
+  p.k_scale = o.fp8 ? o.k_scale.data<float>() : nullptr;
+  p.w = reinterpret_cast<const __nv_bfloat16*>(w_I.data<bf16>());
+  p.out = out;
+  p.c = 1.0f / std::sqrt(static_cast<float>(D));
+  p.B = B; p.T = T; p.Hi = Hi; p.D = D; p.t0 = t0; p.R = R;
+  p.nb = o.fp8 ? static_cast<int>(ceil_div(D, ops::kFp8BlockSize)) : 1;
+  p.Hp = static_cast<int>(ceil_div(Hi, 16) * 16);
+  const int bytes = o.fp8 ? D : 2 * D;
+  p.Dw = static_cast<int>(ceil_div(bytes, 32) * 8);
+  p.QB = std::max(1, 128 / p.Hp);
+  const int MQ = p.QB * p.Hp, SW = p.Dw + 4;
+  const size_t smem = sizeof(uint32_t) * (size_t)(MQ + kScoreBN) * SW +
+                      sizeof(float) * (size_t)(MQ + MQ * p.nb + kScoreBN * p.nb + (MQ / 16) * kScoreBN);
+  DSA_CHECK(smem <= 200 * 1024, "[indexer_scores] Hi=", Hi, " D=", D, " needs ", smem, " bytes of shared memory");
+  dim3 grid(static_cast<unsigned>(ceil_div(R, p.QB)), static_cast<unsigned>(B));
+  if (o.fp8) {
+    cudaFuncSetAttribute(score_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    score_kernel<true><<<grid, kScoreWarps * 32, smem, stream()>>>(p);
+  } else {
+    cudaFuncSetAttribute(score_kernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    score_kernel<false><<<grid, kScoreWarps * 32, smem, stream()>>>(p);
+  }
+  check_launch("indexer_scores");
+}
+}  // namespace dsa_detail
+
+namespace {
+
+void launch_topk(const float* scores, int B, int R, int T, int t0, int K, int32_t* out, int T_out, int out_row0) {
+  TopkParams p{scores, out, B, R, T, t0, K, 1, T_out, out_row0};
+  while (p.P < K) p.P <<= 1;
+  const size_t smem = sizeof(unsigned long long) * p.P;
+  DSA_CHECK(smem <= 200 * 1024, "[topk] K = ", K, " too large");
+  cudaFuncSetAttribute(topk_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  topk_kernel<<<dim3(static_cast<unsigned>(R), static_cast<unsigned>(B)), kTopkThreads, smem, stream()>>>(p);
+  check_launch("topk_causal");
+}
+
+void check_indexer_gpu(const char* op, const Tensor& q_I, const Tensor& k_I, const Tensor& w_I) {
+  expect_cuda(op, "q_I", q_I, DType::BF16);
+  expect_cuda(op, "k_I", k_I, DType::BF16);
+  expect_cuda(op, "w_I", w_I, DType::BF16);
+  expect_shape(op, "q_I", q_I, {-1, -1, -1, -1});
+  const int64_t B = q_I.size(0), T = q_I.size(1), Hi = q_I.size(2), D = q_I.size(3);
+  expect_shape(op, "k_I", k_I, {B, T, D});
+  expect_shape(op, "w_I", w_I, {B, T, Hi});
+}
+
+}  // namespace
+
+// --------------------------------------------------------------------------------------------- API
+
+Tensor hadamard_transform(const Tensor& x) {
+  const char* op = "hadamard_transform";
+  check_float_cuda(op, x);
+  DSA_CHECK(x.ndim() >= 1, "[", op, "] x must have at least one dim, got ", x.desc());
+  const int64_t d = x.size(-1);
+  DSA_CHECK(d >= 1 && (d & (d - 1)) == 0 && d <= 8192, "[", op, "] last dim must be a power of two <= 8192, got ",
+            x.desc());
+  Tensor y = Tensor::empty(x.shape(), x.dtype(), Device::CUDA);
+  const int64_t rows = x.numel() / d;
+  if (rows == 0) return y;
+  const float norm = 1.0f / std::sqrt(static_cast<float>(d));
+  const int threads = static_cast<int>(std::min<int64_t>(256, std::max<int64_t>(32, d / 2)));
+  const size_t smem = d * sizeof(float);
+  if (x.dtype() == DType::F32)
+    hadamard_kernel<float, float><<<static_cast<unsigned>(rows), threads, smem, stream()>>>(
+        x.data<float>(), y.data<float>(), static_cast<int>(d), norm);
+  else
+    hadamard_kernel<__nv_bfloat16, __nv_bfloat16><<<static_cast<unsigned>(rows), threads, smem, stream()>>>(
+        reinterpret_cast<const __nv_bfloat16*>(x.data<bf16>()), reinterpret_cast<__nv_bfloat16*>(y.data<bf16>()),
+        static_cast<int>(d), norm);
+  check_launch(op);
+  return y;
+}
+
+namespace {
+template <class Out>
+void launch_quant(const Tensor& x, int64_t block, __nv_fp8_storage_t* codes, float* scales, Out* deq, const char* op) {
+  const int64_t n = x.size(0), d = x.size(1), nb = ceil_div(d, block);
+  if (n * d == 0) return;
+  const int64_t warps = n * nb;
+  dispatch_in(x, [&](auto* xp) {
+    fp8_quant_kernel<std::remove_const_t<std::remove_pointer_t<decltype(xp)>>, Out>
+        <<<grid_1d(warps * 32, 256), 256, 0, stream()>>>(xp, n, static_cast<int>(d), static_cast<int>(block),
+                                                         static_cast<int>(nb), codes, scales, deq);
+  });
+  check_launch(op);
+}
+}  // namespace
+
+ops::Fp8Blocks fp8_block_quantize_codes(const Tensor& x, int64_t block) {
+  const char* op = "fp8_block_quantize_codes";
+  check_float_cuda(op, x);
+  expect_shape(op, "x", x, {-1, -1});
+  DSA_CHECK(block >= 1, "[", op, "] block must be >= 1, got ", block);
+  const int64_t n = x.size(0), d = x.size(1), nb = ceil_div(d, block);
+  ops::Fp8Blocks q{Tensor::empty({n, d}, DType::F8E4M3, Device::CUDA), Tensor::empty({n, nb}, DType::F32, Device::CUDA)};
+  launch_quant<float>(x, block, reinterpret_cast<__nv_fp8_storage_t*>(q.codes.data<fp8e4m3>()), q.scales.data<float>(),
+                      nullptr, op);
+  return q;
+}
+
+Tensor fp8_block_dequantize(const ops::Fp8Blocks& q, int64_t block, DType dtype) {
+  const char* op = "fp8_block_dequantize";
+  expect_cuda(op, "codes", q.codes, DType::F8E4M3);
+  expect_cuda(op, "scales", q.scales, DType::F32);
+  expect_shape(op, "codes", q.codes, {-1, -1});
+  DSA_CHECK(block >= 1 && (dtype == DType::F32 || dtype == DType::BF16), "[", op,
+            "] needs block >= 1 and dtype f32/bf16 on cuda");
+  const int64_t n = q.codes.size(0), d = q.codes.size(1), nb = ceil_div(d, block);
+  expect_shape(op, "scales", q.scales, {n, nb});
+  Tensor y = Tensor::empty({n, d}, dtype, Device::CUDA);
+  if (n * d == 0) return y;
+  const auto* c = reinterpret_cast<const __nv_fp8_storage_t*>(q.codes.data<fp8e4m3>());
+  if (dtype == DType::F32)
+    fp8_dequant_kernel<float><<<grid_1d(n * d, 256), 256, 0, stream()>>>(c, q.scales.data<float>(), n, (int)d,
+                                                                          (int)block, (int)nb, y.data<float>());
+  else
+    fp8_dequant_kernel<__nv_bfloat16><<<grid_1d(n * d, 256), 256, 0, stream()>>>(
+        c, q.scales.data<float>(), n, (int)d, (int)block, (int)nb, reinterpret_cast<__nv_bfloat16*>(y.data<bf16>()));
+  check_launch(op);
+  return y;
+}
+
+Tensor fp8_block_quantize(const Tensor& x, int64_t block, Tensor* scales_out) {
+  const char* op = "fp8_block_quantize";
+  check_float_cuda(op, x);
+  expect_shape(op, "x", x, {-1, -1});
+  DSA_CHECK(block >= 1, "[", op, "] block must be >= 1, got ", block);
+  const int64_t n = x.size(0), d = x.size(1), nb = ceil_div(d, block);
+  Tensor y = Tensor::empty({n, d}, x.dtype(), Device::CUDA);
+  float* scales = nullptr;
+  if (scales_out) {
+    *scales_out = Tensor::empty({n, nb}, DType::F32, Device::CUDA);
+    scales = scales_out->data<float>();
+  }
+  if (x.dtype() == DType::F32) launch_quant<float>(x, block, nullptr, scales, y.data<float>(), op);
+  else launch_quant<__nv_bfloat16>(x, block, nullptr, scales, reinterpret_cast<__nv_bfloat16*>(y.data<bf16>()), op);
+  return y;
+}
+
+void indexer_fp8_operands(const Tensor& q_I, const Tensor& k_I, Tensor* q_hat, Tensor* k_hat) {
+  const char* op = "indexer_fp8_operands";
+  expect_cuda(op, "q_I", q_I, DType::BF16);
+  expect_cuda(op, "k_I", k_I, DType::BF16);
+  expect_shape(op, "q_I", q_I, {-1, -1, -1, -1});
+  const int64_t D = q_I.size(3);
+  expect_shape(op, "k_I", k_I, {q_I.size(0), q_I.size(1), D});
+  DSA_CHECK(q_hat && k_hat, "[", op, "] q_hat and k_hat must be non-null");
+  for (auto [x, out] : {std::pair{&q_I, q_hat}, std::pair{&k_I, k_hat}}) {
+    Tensor codes, scales;
+    hadamard_fp8(*x, D, &codes, &scales);
+    *out = fp8_block_dequantize({codes, scales}, ops::kFp8BlockSize, DType::BF16).view(x->shape());
+  }
+}
+
+Tensor indexer_scores_forward(const Tensor& q_I, const Tensor& k_I, const Tensor& w_I, int64_t t0, int64_t t1) {
+  const char* op = "indexer_scores_forward";
+  check_indexer_gpu(op, q_I, k_I, w_I);
+  const int64_t B = q_I.size(0), T = q_I.size(1);
+  DSA_CHECK(0 <= t0 && t0 <= t1 && t1 <= T, "[", op, "] rows [", t0, ", ", t1, ") out of range for T = ", T);
+  Tensor out = Tensor::empty({B, t1 - t0, T}, DType::F32, Device::CUDA);
+  if (out.numel() == 0) return out;
+  fill_kernel<<<grid_1d(out.numel(), 256), 256, 0, stream()>>>(out.data<float>(), out.numel(), -INFINITY);
+  check_launch(op);
+  launch_scores(make_operands(q_I, k_I, false), w_I, (int)B, (int)T, (int)q_I.size(2), (int)q_I.size(3), (int)t0,
+                (int)(t1 - t0), out.data<float>());
+  return out;
+}
+
+Tensor topk_causal(const Tensor& scores, int64_t t0, int64_t topk) {
+  const char* op = "topk_causal";
+  expect_cuda(op, "scores", scores, DType::F32);
+  expect_shape(op, "scores", scores, {-1, -1, -1});
+  const int64_t B = scores.size(0), R = scores.size(1), T = scores.size(2);
+  DSA_CHECK(topk >= 1, "[", op, "] topk must be >= 1, got ", topk);
+  DSA_CHECK(t0 >= 0 && t0 + R <= T, "[", op, "] rows [", t0, ", ", t0 + R, ") out of range for T = ", T);
+  Tensor out = Tensor::empty({B, R, topk}, DType::I32, Device::CUDA);
+  if (B * R > 0) launch_topk(scores.data<float>(), (int)B, (int)R, (int)T, (int)t0, (int)topk, out.data<int32_t>(), (int)R, 0);
+  return out;
+}
+
+Tensor indexer_topk(const Tensor& q_I, const Tensor& k_I, const Tensor& w_I, int64_t topk, bool fp8,
+                    int64_t block_rows) {
+  const char* op = "indexer_topk";
+  check_indexer_gpu(op, q_I, k_I, w_I);
+  DSA_CHECK(topk >= 1, "[", op, "] topk must be >= 1, got ", topk);
+  DSA_CHECK(block_rows >= 0, "[", op, "] block_rows must be >= 0, got ", block_rows);
+  const int64_t B = q_I.size(0), T = q_I.size(1), Hi = q_I.size(2), D = q_I.size(3);
+  if (fp8) DSA_CHECK((D & (D - 1)) == 0, "[", op, "] fp8 needs a power-of-two head dim, got ", D);
+  Tensor out = Tensor::empty({B, T, topk}, DType::I32, Device::CUDA);
+  if (B * T == 0) return out;
+  const ScoreOperands o = make_operands(q_I, k_I, fp8);
+  // NOTES: about 256 MiB of f32 scores per streamed row block (all of T = 8K in one block).
+  const int64_t rb = block_rows > 0 ? std::min(block_rows, T) : rows_for_budget(T, B * T * 4, int64_t(256) << 20);
+  Tensor S = Tensor::empty({B, rb, T}, DType::F32, Device::CUDA);
+  for (int64_t t0 = 0; t0 < T; t0 += rb) {
+    const int64_t R = std::min(T, t0 + rb) - t0;
+    launch_scores(o, w_I, (int)B, (int)T, (int)Hi, (int)D, (int)t0, (int)R, S.data<float>());
+    launch_topk(S.data<float>(), (int)B, (int)R, (int)T, (int)t0, (int)topk, out.data<int32_t>(), (int)T, (int)t0);
+  }
+  return out;
+}
+
+}  // namespace dsa::cuda

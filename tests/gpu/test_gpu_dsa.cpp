@@ -1,0 +1,380 @@
+// GPU DSA ops (kernels/cuda/ops_dsa.h through the kernels/dsa_ops.h entries) against the CPU reference
+// fed the same bf16-rounded inputs in f32. DSA_GPU_BENCH=1 adds production-shape timings (not asserted).
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <random>
+#include <vector>
+
+#include "kernels/dsa_ops.h"
+#include "tests/gpu/gpu_util.h"
+#include "tests/test_util.h"
+
+namespace dsa {
+namespace {
+
+using testing::poisoned_gpu;
+using testing::randn;
+using testing::rel_close;
+using testing::to_gpu;
+
+// f32 CPU tensor holding bf16-rounded values of a random normal tensor, and its bf16 GPU copy.
+struct Pair {
+  Tensor cpu, gpu;
+};
+Pair rand_pair(const Shape& s, uint64_t seed, double sd = 1.0) {
+  Tensor x = randn(s, seed, sd, DType::F32).to(DType::BF16).to(DType::F32);
+  return {x, to_gpu(x, DType::BF16)};
+}
+Tensor f32_of(const Tensor& g) { return g.to(Device::CPU).to(DType::F32); }
+
+// Random causal indices [B, T, K]: slot 0 = t, others in [0, t] or -1 (duplicates allowed).
+Tensor rand_indices(int64_t B, int64_t T, int64_t K, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  Tensor idx = Tensor::empty({B, T, K}, DType::I32);
+  int32_t* p = idx.data<int32_t>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t k = 0; k < K; ++k) {
+        int32_t v = static_cast<int32_t>(rng() % static_cast<uint64_t>(t + 1));
+        if (k == 0) v = static_cast<int32_t>(t);
+        else if (rng() % 7 == 0) v = -1;
+        p[(b * T + t) * K + k] = v;
+      }
+  return idx;
+}
+
+// ------------------------------------------------------------------------------------ hadamard / fp8
+
+TEST(GpuDsa, HadamardBitExact) {
+  DSA_REQUIRE_GPU();
+  for (int64_t d : {16, 64, 128}) {
+    const Tensor x = randn({2, 37, 3, d}, 11 + d, 1.0, DType::F32);
+    const Tensor g = ops::hadamard_transform(to_gpu(x, DType::F32)).to(Device::CPU);
+    const Tensor c = ops::hadamard_transform(x);
+    ASSERT_EQ(g.shape(), c.shape());
+    EXPECT_EQ(0, std::memcmp(g.raw(), c.raw(), c.nbytes())) << "d = " << d;
+  }
+}
+
+TEST(GpuDsa, Fp8CodesBitExact) {
+  DSA_REQUIRE_GPU();
+  for (int64_t block : {128, 100, 32}) {
+    Tensor x = randn({75, 300}, 5 + block, 3.0, DType::F32);
+    float* p = x.data<float>();
+    // Edge cases: amax exactly 448 * 2^k, tiny blocks (below the 1e-4 floor), saturation, exact zeros.
+    for (int64_t i = 0; i < 300; ++i) {
+      p[0 * 300 + i] = i == 7 ? 448.0f * 0.25f : 0.001f * static_cast<float>(i % 13);
+      p[1 * 300 + i] = 1e-6f * static_cast<float>(i % 5 - 2);
+      p[2 * 300 + i] = 0.f;
+      p[3 * 300 + i] = std::ldexp(1.0f, static_cast<int>(i % 40) - 20) * (i % 2 ? -1.f : 1.f);
+    }
+    const ops::Fp8Blocks c = ops::fp8_block_quantize_codes(x, block);
+    const ops::Fp8Blocks g = ops::fp8_block_quantize_codes(to_gpu(x, DType::F32), block);
+    const Tensor gc = g.codes.to(Device::CPU), gs = g.scales.to(Device::CPU);
+    EXPECT_EQ(0, std::memcmp(gc.raw(), c.codes.raw(), c.codes.nbytes())) << "codes, block " << block;
+    EXPECT_EQ(0, std::memcmp(gs.raw(), c.scales.raw(), c.scales.nbytes())) << "scales, block " << block;
+    Tensor cs, gsc;
+    const Tensor cr = ops::fp8_block_quantize(x, block, &cs);
+    const Tensor gr = ops::fp8_block_quantize(to_gpu(x, DType::F32), block, &gsc).to(Device::CPU);
+    EXPECT_EQ(0, std::memcmp(gr.raw(), cr.raw(), cr.nbytes())) << "round trip, block " << block;
+    const Tensor gd = ops::fp8_block_dequantize(g, block, DType::F32).to(Device::CPU);
+    const Tensor cd = ops::fp8_block_dequantize(c, block, DType::F32);
+    EXPECT_EQ(0, std::memcmp(gd.raw(), cd.raw(), cd.nbytes())) << "dequantize, block " << block;
+  }
+}
+
+TEST(GpuDsa, Fp8OperandsExact) {
+  DSA_REQUIRE_GPU();
+  const Pair q = rand_pair({2, 37, 4, 128}, 1), k = rand_pair({2, 37, 128}, 2);
+  Tensor cq, ck, gq, gk;
+  ops::indexer_fp8_operands(q.cpu, k.cpu, &cq, &ck);
+  ops::indexer_fp8_operands(q.gpu, k.gpu, &gq, &gk);
+  EXPECT_TRUE(testing::all_close(f32_of(gq), cq, 0, 0));
+  EXPECT_TRUE(testing::all_close(f32_of(gk), ck, 0, 0));
+}
+
+// --------------------------------------------------------------------------------------- indexer
+
+struct IndexerCase {
+  int64_t B, T, Hi, D, K;
+};
+
+// Every GPU slot equals the CPU slot, or both point at scores equal within tol (a near-tie); -1 padding
+// must match exactly.
+::testing::AssertionResult same_selection(const Tensor& gpu_idx, const Tensor& cpu_idx, const Tensor& scores /*[B,T,T]*/,
+                                          double tol, int64_t* exact) {
+  const int64_t B = cpu_idx.size(0), T = cpu_idx.size(1), K = cpu_idx.size(2);
+  const int32_t* g = gpu_idx.data<int32_t>();
+  const int32_t* c = cpu_idx.data<int32_t>();
+  *exact = 0;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t i = (b * T + t) * K + k;
+        if (g[i] == c[i]) {
+          ++*exact;
+          continue;
+        }
+        if (g[i] < 0 || c[i] < 0 || g[i] > t)
+          return ::testing::AssertionFailure() << "slot (" << b << ", " << t << ", " << k << "): gpu " << g[i]
+                                               << " cpu " << c[i];
+        const double sg = scores.item((b * T + t) * T + g[i]), sc = scores.item((b * T + t) * T + c[i]);
+        if (std::fabs(sg - sc) > tol * (1.0 + std::fabs(sc)))
+          return ::testing::AssertionFailure() << "slot (" << b << ", " << t << ", " << k << "): gpu " << g[i] << " ("
+                                               << sg << ") cpu " << c[i] << " (" << sc << ")";
+      }
+  return ::testing::AssertionSuccess();
+}
+
+TEST(GpuDsa, IndexerScoresForward) {
+  DSA_REQUIRE_GPU();
+  for (const IndexerCase& c : {IndexerCase{2, 37, 4, 64, 8}, IndexerCase{2, 300, 16, 64, 64}, IndexerCase{1, 65, 20, 24, 8}}) {
+    const Pair q = rand_pair({c.B, c.T, c.Hi, c.D}, 3), k = rand_pair({c.B, c.T, c.D}, 4),
+               w = rand_pair({c.B, c.T, c.Hi}, 5, 0.5);
+    const int64_t t0 = c.T / 3, t1 = c.T;
+    const Tensor cs = ops::indexer_scores_forward(q.cpu, k.cpu, w.cpu, t0, t1);
+    const Tensor gs = ops::indexer_scores_forward(q.gpu, k.gpu, w.gpu, t0, t1).to(Device::CPU);
+    double num = 0, den = 0;
+    bool mask_ok = true;
+    for (int64_t i = 0; i < cs.numel(); ++i) {
+      const double a = gs.item(i), b = cs.item(i);
+      if (std::isinf(b)) {
+        mask_ok = mask_ok && std::isinf(a) && a < 0;
+        continue;
+      }
+      ASSERT_TRUE(std::isfinite(a)) << "at " << i;
+      num += (a - b) * (a - b);
+      den += b * b;
+    }
+    EXPECT_TRUE(mask_ok);
+    EXPECT_LE(std::sqrt(num / den), 1e-5) << "T = " << c.T;
+  }
+}
+
+void check_topk(const IndexerCase& c, bool fp8) {
+  const Pair q = rand_pair({c.B, c.T, c.Hi, c.D}, 30 + c.T), k = rand_pair({c.B, c.T, c.D}, 31 + c.T),
+             w = rand_pair({c.B, c.T, c.Hi}, 32 + c.T, 0.5);
+  const Tensor cpu = ops::indexer_topk(q.cpu, k.cpu, w.cpu, c.K, fp8);
+  const Tensor gpu = ops::indexer_topk(q.gpu, k.gpu, w.gpu, c.K, fp8, fp8 ? 0 : c.T / 4 + 1).to(Device::CPU);
+  Tensor qs = q.cpu, ks = k.cpu;
+  if (fp8) ops::indexer_fp8_operands(q.cpu, k.cpu, &qs, &ks);
+  const Tensor scores = ops::indexer_scores_forward(qs, ks, w.cpu, 0, c.T);
+  int64_t exact = 0;
+  EXPECT_TRUE(same_selection(gpu, cpu, scores, fp8 ? 2e-3 : 1e-4, &exact)) << "T = " << c.T << " fp8 = " << fp8;
+  const double frac = static_cast<double>(exact) / static_cast<double>(cpu.numel());
+  EXPECT_GE(frac, fp8 ? 0.95 : 0.995) << "exact fraction, T = " << c.T << " fp8 = " << fp8;
+  std::printf("[topk] T=%lld K=%lld fp8=%d exact %.5f\n", (long long)c.T, (long long)c.K, (int)fp8, frac);
+}
+
+TEST(GpuDsa, IndexerTopkBf16) {
+  DSA_REQUIRE_GPU();
+  for (const IndexerCase& c : {IndexerCase{2, 37, 4, 64, 8}, IndexerCase{2, 300, 16, 64, 64}, IndexerCase{2, 300, 4, 32, 300}})
+    check_topk(c, false);
+}
+
+TEST(GpuDsa, IndexerTopkFp8) {
+  DSA_REQUIRE_GPU();
+  for (const IndexerCase& c : {IndexerCase{2, 37, 4, 64, 8}, IndexerCase{2, 300, 16, 128, 64}, IndexerCase{1, 300, 64, 256, 32}})
+    check_topk(c, true);
+}
+
+TEST(GpuDsa, TopkCausalTies) {
+  DSA_REQUIRE_GPU();
+  // Many exact ties (integers), some NaN: order must be higher score first, then lower index.
+  const int64_t B = 2, R = 40, T = 300, K = 50;
+  Tensor s = Tensor::empty({B, R, T}, DType::F32);
+  std::mt19937 rng(7);
+  for (int64_t i = 0; i < s.numel(); ++i) s.data<float>()[i] = static_cast<float>(rng() % 5) - 2.f;
+  s.data<float>()[3] = std::nanf("");
+  const Tensor cpu = ops::topk_causal(s, T - R, K);
+  const Tensor gpu = ops::topk_causal(to_gpu(s, DType::F32), T - R, K).to(Device::CPU);
+  EXPECT_EQ(0, std::memcmp(gpu.raw(), cpu.raw(), cpu.nbytes()));
+}
+
+// ------------------------------------------------------------------------------- sparse attention
+
+struct AttnCase {
+  int64_t B, T, H, Dk, Dv, K;
+};
+
+TEST(GpuDsa, SparseAttentionForwardBackward) {
+  DSA_REQUIRE_GPU();
+  for (const AttnCase& c : {AttnCase{2, 37, 4, 16, 12, 8}, AttnCase{2, 300, 16, 288, 256, 64}, AttnCase{1, 65, 128, 576, 512, 48}}) {
+    const double scale = 1.0 / std::sqrt(static_cast<double>(c.Dk));
+    const Pair q = rand_pair({c.B, c.T, c.H, c.Dk}, 40), kv = rand_pair({c.B, c.T, c.Dk}, 41),
+               dout = rand_pair({c.B, c.T, c.H, c.Dv}, 42);
+    const Tensor idx = rand_indices(c.B, c.T, c.K, 43);
+    const Tensor idx_g = idx.to(Device::CUDA);
+    Tensor lse_c, lse_g = poisoned_gpu({c.B, c.H, c.T}, DType::F32);
+    const Tensor out_c = ops::sparse_attention_forward(q.cpu, kv.cpu, c.Dv, idx, scale, &lse_c);
+    const Tensor out_g = ops::sparse_attention_forward(q.gpu, kv.gpu, c.Dv, idx_g, scale, &lse_g);
+    EXPECT_TRUE(rel_close(out_g, out_c, 1e-2)) << "out, T = " << c.T;
+    EXPECT_TRUE(rel_close(lse_g, lse_c, 1e-4)) << "lse, T = " << c.T;
+    const ops::SparseAttentionGrads gc =
+        ops::sparse_attention_backward(dout.cpu, q.cpu, kv.cpu, c.Dv, idx, out_c, lse_c, scale);
+    const ops::SparseAttentionGrads gg =
+        ops::sparse_attention_backward(dout.gpu, q.gpu, kv.gpu, c.Dv, idx_g, out_g, lse_g, scale);
+    EXPECT_TRUE(rel_close(gg.dq, gc.dq, 2e-2)) << "dq, T = " << c.T;
+    EXPECT_TRUE(rel_close(gg.dkv, gc.dkv, 2e-2)) << "dkv, T = " << c.T;
+  }
+}
+
+// --------------------------------------------------------------------------------- indexer losses
+
+// lse [B, H, T] of dense causal attention (f64 loops), as f32.
+Tensor dense_lse(const Tensor& q, const Tensor& k, double scale) {
+  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), Dk = q.size(3), Hk = k.size(2);
+  Tensor lse = Tensor::empty({B, H, T}, DType::F32);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t t = 0; t < T; ++t) {
+        std::vector<double> s(static_cast<size_t>(t + 1));
+        double m = -1e300;
+        for (int64_t u = 0; u <= t; ++u) {
+          double d = 0;
+          for (int64_t i = 0; i < Dk; ++i)
+            d += q.item(((b * T + t) * H + h) * Dk + i) * k.item(((b * T + u) * Hk + h / (H / Hk)) * Dk + i);
+          s[u] = scale * d;
+          m = std::max(m, s[u]);
+        }
+        double z = 0;
+        for (double v : s) z += std::exp(v - m);
+        lse.set_item((b * H + h) * T + t, m + std::log(z));
+      }
+  return lse;
+}
+
+struct LossCase {
+  int64_t B, T, H, Hk, Dk, Hi, D, block_rows;
+};
+
+TEST(GpuDsa, IndexerKlDenseAndRecall) {
+  DSA_REQUIRE_GPU();
+  for (const LossCase& c : {LossCase{2, 37, 4, 4, 24, 4, 64, 0}, LossCase{2, 300, 4, 2, 32, 8, 128, 64}}) {
+    const double scale = 1.0 / std::sqrt(static_cast<double>(c.Dk));
+    const Pair qm = rand_pair({c.B, c.T, c.H, c.Dk}, 50), km = rand_pair({c.B, c.T, c.Hk, c.Dk}, 51);
+    const Pair q = rand_pair({c.B, c.T, c.Hi, c.D}, 52), k = rand_pair({c.B, c.T, c.D}, 53),
+               w = rand_pair({c.B, c.T, c.Hi}, 54, 0.3);
+    const Tensor lse = dense_lse(qm.cpu, km.cpu, scale);
+    const Tensor lse_g = lse.to(Device::CUDA);
+    for (bool fp8 : {false, true}) {
+      ops::IndexerGrads gc, gg;
+      const ops::IndexerLossResult rc =
+          ops::indexer_kl_dense(qm.cpu, km.cpu, lse, scale, q.cpu, k.cpu, w.cpu, fp8, 0.5, &gc, c.block_rows);
+      const ops::IndexerLossResult rg =
+          ops::indexer_kl_dense(qm.gpu, km.gpu, lse_g, scale, q.gpu, k.gpu, w.gpu, fp8, 0.5, &gg, c.block_rows);
+      EXPECT_EQ(rg.rows, rc.rows);
+      EXPECT_NEAR(rg.loss_sum, rc.loss_sum, 2e-3 * std::fabs(rc.loss_sum) + 1e-4) << "T = " << c.T << " fp8 " << fp8;
+      EXPECT_TRUE(rel_close(gg.dq, gc.dq, 2e-2)) << "dq T = " << c.T << " fp8 " << fp8;
+      EXPECT_TRUE(rel_close(gg.dk, gc.dk, 2e-2)) << "dk T = " << c.T << " fp8 " << fp8;
+      EXPECT_TRUE(rel_close(gg.dw, gc.dw, 2e-2)) << "dw T = " << c.T << " fp8 " << fp8;
+    }
+    const Tensor idx = rand_indices(c.B, c.T, 16, 55);
+    const ops::IndexerRecall rc = ops::indexer_recall(qm.cpu, km.cpu, lse, scale, idx, c.block_rows);
+    const ops::IndexerRecall rg = ops::indexer_recall(qm.gpu, km.gpu, lse_g, scale, idx.to(Device::CUDA), c.block_rows);
+    EXPECT_EQ(rg.rows, rc.rows);
+    EXPECT_NEAR(rg.recall_sum, rc.recall_sum, 1e-3 * rc.recall_sum) << "recall T = " << c.T;
+  }
+}
+
+TEST(GpuDsa, IndexerKlSparse) {
+  DSA_REQUIRE_GPU();
+  for (const LossCase& c : {LossCase{2, 37, 4, 1, 16, 4, 64, 0}, LossCase{2, 300, 16, 1, 288, 16, 64, 0}}) {
+    const int64_t K = 24;
+    const double scale = 1.0 / std::sqrt(static_cast<double>(c.Dk));
+    const Pair qm = rand_pair({c.B, c.T, c.H, c.Dk}, 60), kv = rand_pair({c.B, c.T, c.Dk}, 61);
+    const Pair q = rand_pair({c.B, c.T, c.Hi, c.D}, 62), k = rand_pair({c.B, c.T, c.D}, 63),
+               w = rand_pair({c.B, c.T, c.Hi}, 64, 0.3);
+    Tensor idx = rand_indices(c.B, c.T, K, 65);
+    for (int64_t k2 = 0; k2 < K; ++k2) idx.data<int32_t>()[(1 * c.T + 5) * K + k2] = -1;  // an empty row
+    Tensor lse;
+    ops::sparse_attention_forward(qm.cpu, kv.cpu, c.Dk, idx, scale, &lse);
+    const Tensor idx_g = idx.to(Device::CUDA), lse_g = lse.to(Device::CUDA);
+    for (bool fp8 : {false, true}) {
+      ops::IndexerGrads gc, gg;
+      const ops::IndexerLossResult rc =
+          ops::indexer_kl_sparse(qm.cpu, kv.cpu, lse, scale, idx, q.cpu, k.cpu, w.cpu, fp8, 0.5, &gc);
+      const ops::IndexerLossResult rg =
+          ops::indexer_kl_sparse(qm.gpu, kv.gpu, lse_g, scale, idx_g, q.gpu, k.gpu, w.gpu, fp8, 0.5, &gg);
+      EXPECT_EQ(rg.rows, rc.rows);
+      EXPECT_NEAR(rg.loss_sum, rc.loss_sum, 2e-3 * std::fabs(rc.loss_sum) + 1e-4) << "T = " << c.T << " fp8 " << fp8;
+      EXPECT_TRUE(rel_close(gg.dq, gc.dq, 2e-2)) << "dq T = " << c.T << " fp8 " << fp8;
+      EXPECT_TRUE(rel_close(gg.dk, gc.dk, 2e-2)) << "dk T = " << c.T << " fp8 " << fp8;
+      EXPECT_TRUE(rel_close(gg.dw, gc.dw, 2e-2)) << "dw T = " << c.T << " fp8 " << fp8;
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------- bench
+
+// Fast host fill of a bf16 GPU tensor with uniform values in [-a, a] (production sizes).
+Tensor fast_bf16(const Shape& s, uint64_t seed, float a) {
+  Tensor h = Tensor::empty(s, DType::BF16);
+  bf16* p = h.data<bf16>();
+  uint64_t x = seed * 0x9E3779B97F4A7C15ull + 1;
+  for (int64_t i = 0; i < h.numel(); ++i) {
+    x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+    p[i] = f32_to_bf16(a * (static_cast<float>(x >> 40) * (2.0f / 16777216.0f) - 1.0f));
+  }
+  return h.to(Device::CUDA);
+}
+
+double median_ms(const std::function<void()>& f, int reps = 5) {
+  f();
+  cuda::synchronize();
+  std::vector<double> ms;
+  for (int i = 0; i < reps; ++i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    f();
+    cuda::synchronize();
+    ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+  }
+  std::sort(ms.begin(), ms.end());
+  return ms[ms.size() / 2];
+}
+
+TEST(GpuDsa, Bench) {
+  DSA_REQUIRE_GPU();
+  const char* e = std::getenv("DSA_GPU_BENCH");
+  if (!e || std::string(e) != "1") GTEST_SKIP() << "set DSA_GPU_BENCH=1";
+  for (int64_t T : {8192, 32768}) {
+    const int64_t Hi = 64, D = 128, K = 2048;
+    const Tensor q = fast_bf16({1, T, Hi, D}, 1, 1.f), k = fast_bf16({1, T, D}, 2, 1.f), w = fast_bf16({1, T, Hi}, 3, 0.1f);
+    const double flop = static_cast<double>(T) * (T + 1) / 2 * Hi * D * 2;
+    for (bool fp8 : {true, false}) {
+      const double ms = median_ms([&] { ops::indexer_topk(q, k, w, K, fp8); }, 3);
+      std::printf("[bench] indexer_topk T=%lld Hi=64 D=128 K=2048 fp8=%d: %.2f ms, %.1f TFLOP/s (scoring FLOPs)\n",
+                  (long long)T, (int)fp8, ms, flop / ms * 1e-9);
+    }
+  }
+  {
+    const int64_t T = 4096, H = 128, Dk = 576, Dv = 512, K = 2048;
+    const Tensor q = fast_bf16({1, T, H, Dk}, 4, 0.05f), kv = fast_bf16({1, T, Dk}, 5, 1.f),
+                 dout = fast_bf16({1, T, H, Dv}, 6, 1.f);
+    Tensor idx = Tensor::empty({1, T, K}, DType::I32);
+    std::mt19937_64 rng(9);
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t kk = 0; kk < K; ++kk)
+        idx.data<int32_t>()[t * K + kk] =
+            t + 1 <= K ? (kk <= t ? static_cast<int32_t>(kk) : -1) : static_cast<int32_t>(rng() % (t + 1));
+    const Tensor idx_g = idx.to(Device::CUDA);
+    const double scale = 1.0 / std::sqrt(192.0);
+    Tensor lse, out;
+    const double fwd_flop = 2.0 * T * H * K * (Dk + Dv), bwd_flop = 2.0 * T * H * K * (2 * Dk + 2 * Dv);
+    const double ms_f = median_ms([&] { out = ops::sparse_attention_forward(q, kv, Dv, idx_g, scale, &lse); }, 3);
+    const double ms_b = median_ms([&] { ops::sparse_attention_backward(dout, q, kv, Dv, idx_g, out, lse, scale); }, 3);
+    std::printf("[bench] sparse_attention T=%lld H=128 Dk=576 Dv=512 K=2048: fwd %.2f ms (%.1f TFLOP/s), bwd %.2f ms, "
+                "fwd+bwd %.1f TFLOP/s\n",
+                (long long)T, ms_f, fwd_flop / ms_f * 1e-9, ms_b, (fwd_flop + bwd_flop) / (ms_f + ms_b) * 1e-9);
+  }
+}
+
+}  // namespace
+}  // namespace dsa
