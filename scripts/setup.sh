@@ -9,12 +9,16 @@ ROOT=$PWD
 APT_PACKAGES=(cmake ninja-build g++ pkg-config git
   libopenmpi-dev openmpi-bin libhdf5-dev hdf5-tools libyaml-cpp-dev libfmt-dev libgtest-dev
   libopenblas-dev nlohmann-json3-dev libpcre2-dev
-  nodejs npm xz-utils python3.11-doc linux-source-6.1)
+  xz-utils python3.11-doc linux-source-6.1 python3-matplotlib
+  clang libclang-rt-14-dev)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
 done
+# Node.js with npm: any installation will do (a machine may carry a newer Node that bundles npm and
+# conflicts with Debian's npm package).
+command -v npm >/dev/null 2>&1 || missing+=(nodejs npm)
 if ((${#missing[@]})); then
   echo "[setup] installing: ${missing[*]}"
   SUDO=""
