@@ -116,7 +116,11 @@ StepStats Model::step(const Tensor& ids, const Tensor& targets, int64_t B, int64
     mla_prepare(params_, p, cfg_, lc.attn_in, lc.mla);
     if (need_indexer) {
       indexer_forward(params_, p, cfg_, rope_, positions, lc.attn_in, lc.mla.cq, lc.indexer);
-      if (sparse || opts.compute_recall)
+      if (opts.forced_indices) {
+        DSA_CHECK(opts.forced_indices->size() == static_cast<size_t>(cfg_.num_hidden_layers),
+                  "[model] forced_indices needs one tensor per layer");
+        lc.indices = (*opts.forced_indices)[l].to(device_);
+      } else if (sparse || opts.compute_recall)
         lc.indices = ops::indexer_topk(lc.indexer.q.view({B, T, cfg_.index_n_heads, cfg_.index_head_dim}),
                                        lc.indexer.k.view({B, T, cfg_.index_head_dim}),
                                        lc.indexer.w.view({B, T, cfg_.index_n_heads}), topk, opts.fp8_indexer);
@@ -156,11 +160,15 @@ StepStats Model::step(const Tensor& ids, const Tensor& targets, int64_t B, int64
       ffn_out = mlp_forward(params_, p + "mlp.", lc.ffn_in, lc.mlp);
     }
     h = ops::add(h, ffn_out);
+    if (opts.capture_layer_outputs) opts.capture_layer_outputs->push_back(h);
+    if (opts.capture_indices && lc.indices.defined()) opts.capture_indices->push_back(lc.indices);
+    if (opts.capture_indexer && need_indexer) opts.capture_indexer->push_back(lc.indexer);
   }
 
   Tensor final_rstd;
   Tensor hn = ops::rmsnorm_forward(h, params_["model.norm.weight"], cfg_.rms_norm_eps, &final_rstd);
   const std::string head = cfg_.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight";
+  if (opts.capture_logits) *opts.capture_logits = ops::linear_forward(hn, params_[head]);
   const bool lm_backward = backward && opts.train_main;
   Tensor dhn;
   ops::CrossEntropyResult ce = ops::lm_head_cross_entropy(hn, params_[head], targets_d, opts.lm_grad_scale,

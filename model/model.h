@@ -37,6 +37,14 @@ struct StepOptions {
   double indexer_grad_scale = 1.0;   // gradient of (indexer_grad_scale * sum over layers and rows of KL)
   double balance_alpha = 0.0;        // sequence-wise MoE balance loss weight (0 = off)
   bool compute_recall = false;       // indexer recall against the dense attention (costs a dense pass)
+
+  // Inspection and testing hooks (null: off).
+  const std::vector<Tensor>* forced_indices = nullptr;  // per layer [B, T, K]: sparse sets to use instead
+                                                        // of the indexer's own selection
+  std::vector<Tensor>* capture_layer_outputs = nullptr; // per layer [N, D]: the residual stream after it
+  std::vector<Tensor>* capture_indices = nullptr;       // per layer [B, T, K]: the selection used
+  std::vector<IndexerCache>* capture_indexer = nullptr; // per layer: the indexer's q, k, w
+  Tensor* capture_logits = nullptr;                     // [N, V] logits (materialized: small vocabularies)
 };
 
 // Sums, so micro-batches and ranks reduce exactly; means are formed by the caller.

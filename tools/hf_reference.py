@@ -165,7 +165,9 @@ def main():
 
     os.makedirs(args.out, exist_ok=True)
     model_dir = os.path.join(args.out, "model")
-    cfg = DeepseekV32Config(**tiny_config_kwargs(args))
+    # The per-expert loop ("eager"): transformers' grouped_mm path needs 16-byte strides, which the
+    # tiny shapes do not have, and the loop is the plainest reference.
+    cfg = DeepseekV32Config(**tiny_config_kwargs(args), experts_implementation="eager")
     model = DeepseekV32ForCausalLM(cfg).to(torch.float32)
     randomize(model, args.seed, args.init_std)
     model.save_pretrained(model_dir, safe_serialization=True)
@@ -191,7 +193,8 @@ def main():
 
     # Reload from disk so the golden values come from exactly the saved file.
     def load(dtype):
-        m = DeepseekV32ForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="eager")
+        m = DeepseekV32ForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="eager",
+                                                   experts_implementation="eager")
         return m.to(args.device).eval()
 
     m32 = load(torch.float32)
