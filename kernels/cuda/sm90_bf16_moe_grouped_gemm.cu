@@ -15,6 +15,10 @@
 //    runs and the call is retried.
 //  - cuBLASLt assumes 256-byte aligned pointers unless told otherwise; the true alignment of each
 //    pointer (row blocks start at arbitrary rows) goes into the preference and the cache key.
+//  - Measured on H100 at bench-small (M = 16384 rows over 16 experts, 1024 x 512): ~120 TFLOP/s
+//    forward and backward, bound by the host (about 8 us per cublasLtMatmul, 16 per call), not by the
+//    GPU. A single-launch grouped GEMM kernel (per-expert tile scheduler over the row blocks) is the
+//    way past that.
 #include <cublasLt.h>
 #include <cuda_runtime.h>
 
