@@ -30,6 +30,9 @@
 #include <vector>
 
 #include "kernels/ops.h"
+#ifdef DSA_HAVE_CUDA
+#include "kernels/cuda/ops_moe.h"
+#endif
 
 namespace dsa::ops {
 namespace {
@@ -54,8 +57,19 @@ inline void gemm_rm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, double al
 }
 
 void cpu_only(const char* op, const Tensor& t) {
-  if (t.device() == Device::CUDA) fail(strcat_("[", op, "] CUDA backend not implemented yet"));
+  if (t.device() == Device::CUDA) fail(strcat_("[", op, "] operands must all be on one device, got ", t.desc()));
 }
+bool on_gpu(const Tensor& t) { return t.defined() && t.device() == Device::CUDA; }
+#ifndef DSA_HAVE_CUDA
+[[noreturn]] void no_cuda(const char* op) { fail(strcat_("[", op, "] this build has no CUDA backend")); }
+#endif
+
+// The CUDA entry of op `fn` for GPU operands (shapes already checked), or a clear failure without CUDA.
+#ifdef DSA_HAVE_CUDA
+#define MOE_CUDA(fn, ...) return cuda::fn(__VA_ARGS__)
+#else
+#define MOE_CUDA(fn, ...) no_cuda(#fn)
+#endif
 
 // Calls f.template operator()<T>() with T = float or double after the dtype of t.
 template <class F>
@@ -168,19 +182,19 @@ void route_impl(const Tensor& logits, const Tensor& bias, const MoeRouteConfig& 
 
 MoeRouting moe_route(const Tensor& logits, const Tensor& bias, const MoeRouteConfig& cfg) {
   const char* op = "moe_route";
-  expect_float(op, "logits", logits);
   expect_shape(op, "logits", logits, {-1, -1});
   const int64_t N = logits.size(0), E = logits.size(1);
   expect_float(op, "bias", bias);
   expect_shape(op, "bias", bias, {E});
-  cpu_only(op, logits);
-  cpu_only(op, bias);
   DSA_CHECK(cfg.n_group >= 1 && E % cfg.n_group == 0, "[moe_route] n_group (", cfg.n_group,
             ") must divide the number of experts (", E, ")");
   DSA_CHECK(cfg.topk_group >= 1 && cfg.topk_group <= cfg.n_group, "[moe_route] topk_group (", cfg.topk_group,
             ") must be in [1, n_group = ", cfg.n_group, "]");
   DSA_CHECK(cfg.top_k >= 1 && cfg.top_k <= cfg.topk_group * (E / cfg.n_group), "[moe_route] top_k (", cfg.top_k,
             ") must be in [1, topk_group * experts per group = ", cfg.topk_group * (E / cfg.n_group), "]");
+  if (on_gpu(logits)) MOE_CUDA(moe_route, logits, bias, cfg);
+  expect_float(op, "logits", logits);
+  cpu_only(op, bias);
   MoeRouting r{Tensor::empty({N, E}, logits.dtype()), Tensor::empty({N, cfg.top_k}, DType::I32),
                Tensor::empty({N, cfg.top_k}, logits.dtype())};
   dispatch_float(logits, [&](auto tag) { route_impl<decltype(tag)>(logits, bias, cfg, r); });
@@ -196,7 +210,8 @@ Tensor moe_route_backward(const Tensor& dweights, const MoeRouting& r, const Moe
   expect_dtype(op, "experts", r.experts, DType::I32);
   expect_shape(op, "dweights", dweights, {N, K});
   expect_dtype(op, "dweights", dweights, r.scores.dtype());
-  cpu_only(op, dweights);
+  if (on_gpu(dweights)) MOE_CUDA(moe_route_backward, dweights, r, cfg);
+  cpu_only(op, r.scores);
   Tensor dlogits = Tensor::zeros({N, E}, r.scores.dtype());
   dispatch_float(dweights, [&](auto tag) {
     using T = decltype(tag);
@@ -231,7 +246,8 @@ Tensor moe_scores_backward(const Tensor& dscores, const MoeRouting& r) {
   const char* op = "moe_scores_backward";
   expect_shape(op, "dscores", dscores, r.scores.shape());
   expect_dtype(op, "dscores", dscores, r.scores.dtype());
-  cpu_only(op, dscores);
+  if (on_gpu(dscores)) MOE_CUDA(moe_scores_backward, dscores, r);
+  cpu_only(op, r.scores);
   Tensor dlogits = Tensor::empty(r.scores.shape(), r.scores.dtype());
   dispatch_float(dscores, [&](auto tag) {
     using T = decltype(tag);
@@ -247,7 +263,7 @@ Tensor moe_scores_backward(const Tensor& dscores, const MoeRouting& r) {
 
 Tensor moe_expert_load(const MoeRouting& r, int64_t n_experts) {
   expect_dtype("moe_expert_load", "experts", r.experts, DType::I32);
-  cpu_only("moe_expert_load", r.experts);
+  if (on_gpu(r.experts)) MOE_CUDA(moe_expert_load, r, n_experts);
   std::vector<int64_t> count(static_cast<size_t>(n_experts), 0);
   const int32_t* ex = r.experts.data<int32_t>();
   for (int64_t i = 0; i < r.experts.numel(); ++i) {
@@ -266,11 +282,13 @@ double moe_seq_balance_loss(const MoeRouting& r, int64_t n_experts, int64_t batc
   const int64_t E = n_experts, K = r.experts.size(1);
   expect_shape(op, "scores", r.scores, {batch * seq, E});
   expect_shape(op, "experts", r.experts, {batch * seq, K});
-  cpu_only(op, r.scores);
   if (dscores) {
     expect_shape(op, "dscores", *dscores, {batch * seq, E});
     expect_dtype(op, "dscores", *dscores, r.scores.dtype());
   }
+  if (on_gpu(r.scores)) MOE_CUDA(moe_seq_balance_loss, r, n_experts, batch, seq, alpha, dscores);
+  cpu_only(op, r.experts);
+  if (dscores) cpu_only(op, *dscores);
   const int32_t* ids = r.experts.data<int32_t>();
   for (int64_t i = 0; i < r.experts.numel(); ++i)  // checked here: no throwing inside the parallel loop
     DSA_CHECK(ids[i] >= 0 && ids[i] < E, "[moe_seq_balance_loss] expert id ", ids[i], " out of range [0, ", E, ")");
@@ -317,7 +335,7 @@ MoePermutation moe_permutation(const Tensor& experts, int64_t n_experts) {
   const char* op = "moe_permutation";
   expect_dtype(op, "experts", experts, DType::I32);
   expect_shape(op, "experts", experts, {-1, -1});
-  cpu_only(op, experts);
+  if (on_gpu(experts)) MOE_CUDA(moe_permutation, experts, n_experts);
   const int64_t M = experts.numel();
   const int32_t* ex = experts.data<int32_t>();
   MoePermutation p;
@@ -339,8 +357,9 @@ MoePermutation moe_permutation(const Tensor& experts, int64_t n_experts) {
 Tensor moe_permute(const Tensor& x, const MoePermutation& p, int64_t top_k) {
   const char* op = "moe_permute";
   expect_shape(op, "x", x, {-1, -1});
-  cpu_only(op, x);
   const int64_t N = x.size(0), M = N * top_k;
+  if (on_gpu(x)) MOE_CUDA(moe_permute, x, p, top_k);
+  cpu_only(op, p.rows);
   check_permutation(op, p, M);
   Tensor xp = Tensor::empty({M, x.size(1)}, x.dtype());
   const size_t row_bytes = static_cast<size_t>(x.size(1)) * dtype_size(x.dtype());
@@ -354,9 +373,10 @@ Tensor moe_permute(const Tensor& x, const MoePermutation& p, int64_t top_k) {
 
 Tensor moe_permute_backward(const Tensor& dxp, const MoePermutation& p, int64_t n_tokens, int64_t top_k) {
   const char* op = "moe_permute_backward";
-  expect_float(op, "dxp", dxp);
   expect_shape(op, "dxp", dxp, {n_tokens * top_k, -1});
-  cpu_only(op, dxp);
+  if (on_gpu(dxp)) MOE_CUDA(moe_permute_backward, dxp, p, n_tokens, top_k);
+  expect_float(op, "dxp", dxp);
+  cpu_only(op, p.rows);
   check_permutation(op, p, n_tokens * top_k);
   const int64_t D = dxp.size(1);
   Tensor dx = Tensor::empty({n_tokens, D}, dxp.dtype());
@@ -386,8 +406,10 @@ Tensor moe_combine(const Tensor& yp, const Tensor& weights, const MoePermutation
   expect_shape(op, "weights", weights, {-1, -1});
   const int64_t N = weights.size(0), K = weights.size(1);
   expect_shape(op, "yp", yp, {N * K, -1});
+  if (on_gpu(yp)) MOE_CUDA(moe_combine, yp, weights, p);
   expect_dtype(op, "yp", yp, weights.dtype());
-  cpu_only(op, yp);
+  cpu_only(op, weights);
+  cpu_only(op, p.rows);
   check_permutation(op, p, N * K);
   const int64_t D = yp.size(1);
   Tensor y = Tensor::empty({N, D}, yp.dtype());
@@ -420,9 +442,12 @@ void moe_combine_backward(const Tensor& dy, const Tensor& yp, const Tensor& weig
   expect_shape(op, "yp", yp, {N * K, -1});
   const int64_t D = yp.size(1);
   expect_shape(op, "dy", dy, {N, D});
+  if (on_gpu(dy)) MOE_CUDA(moe_combine_backward, dy, yp, weights, p, dyp, dweights);
   expect_dtype(op, "yp", yp, weights.dtype());
   expect_dtype(op, "dy", dy, weights.dtype());
-  cpu_only(op, dy);
+  cpu_only(op, yp);
+  cpu_only(op, weights);
+  cpu_only(op, p.rows);
   check_permutation(op, p, N * K);
   const std::vector<int64_t> where = inverse_rows(p);
   if (dyp) *dyp = Tensor::empty({N * K, D}, dy.dtype());
@@ -474,12 +499,13 @@ void for_each_expert(const MoePermutation& p, F&& body) {
 
 Tensor grouped_linear_forward(const Tensor& xp, const Tensor& w, const MoePermutation& p) {
   const char* op = "grouped_linear_forward";
-  expect_float(op, "xp", xp);
   expect_shape(op, "xp", xp, {-1, -1});
   const int64_t E = static_cast<int64_t>(p.counts.size()), in = xp.size(1);
   expect_shape(op, "w", w, {E, -1, in});
+  if (on_gpu(xp)) MOE_CUDA(grouped_linear_forward, xp, w, p);
+  expect_float(op, "xp", xp);
   expect_dtype(op, "w", w, xp.dtype());
-  cpu_only(op, xp);
+  cpu_only(op, w);
   check_permutation(op, p, xp.size(0));
   const int64_t out = w.size(1);
   Tensor y = Tensor::empty({xp.size(0), out}, xp.dtype());
@@ -500,19 +526,22 @@ Tensor grouped_linear_forward(const Tensor& xp, const Tensor& w, const MoePermut
 Tensor grouped_linear_backward(const Tensor& dy, const Tensor& xp, const Tensor& w, const MoePermutation& p,
                                Tensor* dw) {
   const char* op = "grouped_linear_backward";
-  expect_float(op, "xp", xp);
   expect_shape(op, "xp", xp, {-1, -1});
   const int64_t E = static_cast<int64_t>(p.counts.size()), M = xp.size(0), in = xp.size(1);
   expect_shape(op, "w", w, {E, -1, in});
   const int64_t out = w.size(1);
   expect_shape(op, "dy", dy, {M, out});
+  if (dw) expect_shape(op, "dw", *dw, w.shape());
+  if (on_gpu(xp)) MOE_CUDA(grouped_linear_backward, dy, xp, w, p, dw);
+  expect_float(op, "xp", xp);
   expect_dtype(op, "w", w, xp.dtype());
   expect_dtype(op, "dy", dy, xp.dtype());
-  cpu_only(op, xp);
+  cpu_only(op, w);
+  cpu_only(op, dy);
   check_permutation(op, p, M);
   if (dw) {
-    expect_shape(op, "dw", *dw, w.shape());
     expect_dtype(op, "dw", *dw, w.dtype());
+    cpu_only(op, *dw);
   }
   Tensor dx = Tensor::empty({M, in}, xp.dtype());
   dispatch_float(xp, [&](auto tag) {
