@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# One call on a GPU machine (H100/H200): build with CUDA, run the GPU tests and compute-sanitizer,
+# a GPU training smoke run, the benchmarks and their PyTorch peers; the summary table prints last.
+#
+#   bash scripts/gpu_check.sh [all|tests|bench]      (results under $OUT, default /tmp/dsa_gpu)
+# The GPU image has no PCRE2 -dev package: pcre2.h comes from .carry/pcre2 when present.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+what=${1:-all}
+OUT=${OUT:-/tmp/dsa_gpu}
+mkdir -p "$OUT"
+BUILD=${DSA_GPU_BUILD:-build-gpu}
+pcre=()
+[[ -f .carry/pcre2/pcre2.h ]] && pcre=(-DDSA_PCRE2_INCLUDE="$PWD/.carry/pcre2")
+t0=$(date +%s)
+cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90a-real "${pcre[@]}" \
+  >"$OUT/cmake.log" 2>&1 || { tail -30 "$OUT/cmake.log"; exit 1; }
+ninja -C "$BUILD" >"$OUT/build.log" 2>&1 || { grep -E "error|FAILED" "$OUT/build.log" | head -40; exit 1; }
+echo "[gpu_check] build $(( $(date +%s) - t0 )) s"
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
+
+status=0
+if [[ $what == all || $what == tests ]]; then
+  (cd "$BUILD" && ctest -L gpu --output-on-failure -j 4 >"$OUT/gpu_tests.log" 2>&1) || status=1
+  grep -E "tests passed|tests failed|\*\*\*Failed|Failed  |Not Run" "$OUT/gpu_tests.log" | tail -15
+  if command -v compute-sanitizer >/dev/null; then
+    for t in test_gpu_basic test_gpu_moe test_gpu_attention test_gpu_dsa; do
+      compute-sanitizer --tool memcheck --error-exitcode 9 "$BUILD/bin/$t" --gtest_filter='-*Bench*' \
+        >"$OUT/memcheck_$t.log" 2>&1
+      rc=$?
+      echo "[gpu_check] memcheck $t: rc $rc, $(grep -c 'Invalid\|out of bounds' "$OUT/memcheck_$t.log") errors, $(grep -E '\[  PASSED  \]' "$OUT/memcheck_$t.log")"
+      [[ $rc == 0 ]] || status=1
+    done
+  fi
+  if [[ -d deps/corpus/tiny ]]; then
+    "$BUILD/bin/dsa-train" recipes/quickstart.yaml device=cuda output_dir="$OUT/qs" stages.dense.steps=60 \
+      stages.warmup.steps=30 stages.sparse.steps=30 >"$OUT/quickstart_gpu.log" 2>&1 || status=1
+    grep -E "^\[(dense|warmup|sparse|train)\]" "$OUT/quickstart_gpu.log" | grep -E "val|done|model" | tail -12
+  fi
+fi
+if [[ $what == all || $what == bench ]]; then
+  rm -f "$OUT/bench.jsonl"
+  "$BUILD/bin/dsa-bench" kernels --json "$OUT/bench.jsonl" 2>&1 | tail -12
+  "$BUILD/bin/dsa-bench" train --seq-len 4096,16384 --json "$OUT/bench.jsonl" 2>&1 | tail -10
+  PYTHONUNBUFFERED=1 python3 tools/bench_peers.py --json "$OUT/bench.jsonl" >"$OUT/peers.log" 2>&1 || status=1
+  tail -3 "$OUT/peers.log"
+  python3 tools/bench_table.py "$OUT/bench.jsonl" | tee "$OUT/table.md"
+fi
+echo "[gpu_check] total $(( $(date +%s) - t0 )) s, status $status"
+exit $status

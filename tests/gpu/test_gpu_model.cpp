@@ -1,0 +1,121 @@
+// The whole model on the GPU (bf16 mixed precision) against the CPU path (f32) on the same weights and
+// tokens: losses and every parameter gradient, for each stage's step. Sparse steps use the CPU's
+// selection on both sides (a bf16 ranking may break near-ties differently), so they compare the
+// same function.
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+#include "kernels/device_memory.h"
+#include "model/model.h"
+#include "tests/gpu/gpu_util.h"
+#include "tests/test_util.h"
+
+using namespace dsa;
+using namespace dsa::testing;
+
+namespace {
+
+ModelConfig gpu_test_config() {
+  ModelConfig c = preset_config("tiny");
+  c.vocab_size = 97;
+  c.initializer_range = 0.1;
+  c.index_topk = 5;
+  return c;
+}
+
+struct Pair {
+  ModelConfig cfg = gpu_test_config();
+  Model cpu{cfg, DType::F32, Device::CPU};
+  Model gpu{cfg, DType::F32, Device::CUDA};
+  Tensor ids, targets;
+  int64_t B = 2, T = 24;
+  Pair() {
+    init_params(cpu.params(), cfg, 3);
+    for (Param& p : gpu.params().all()) p.value.copy_from(cpu.params().get(p.name).value.to(Device::CUDA));
+    gpu.params().refresh_compute();
+    // The CPU sees the same bf16-rounded weights the GPU computes with.
+    for (Param& p : cpu.params().all())
+      if (gpu.params().get(p.name).compute.defined()) p.value.copy_from(p.value.to(DType::BF16).to(DType::F32));
+    ids = randint({B * T}, 5, 0, static_cast<int>(cfg.vocab_size));
+    targets = randint({B * T}, 6, 0, static_cast<int>(cfg.vocab_size));
+  }
+};
+
+void compare(StepOptions o, const char* what, double grad_tol) {
+  DSA_REQUIRE_GPU();
+  Pair p;
+  std::vector<Tensor> sel;
+  if (o.attention == AttentionMode::Sparse) {
+    StepOptions probe = o;
+    probe.capture_indices = &sel;
+    p.cpu.step(p.ids, p.targets, p.B, p.T, probe, false);
+    o.forced_indices = &sel;
+  }
+  p.cpu.params().zero_grads();
+  p.gpu.params().zero_grads();
+  StepStats c = p.cpu.step(p.ids, p.targets, p.B, p.T, o, true);
+  StepStats g = p.gpu.step(p.ids, p.targets, p.B, p.T, o, true);
+  cuda::synchronize();
+  EXPECT_NEAR(g.lm_loss_sum / g.lm_tokens, c.lm_loss_sum / c.lm_tokens, 2e-2) << what;
+  EXPECT_EQ(g.lm_tokens, c.lm_tokens);
+  if (c.indexer_rows) {
+    EXPECT_EQ(g.indexer_rows, c.indexer_rows);
+    EXPECT_NEAR(g.indexer_kl_sum / g.indexer_rows, c.indexer_kl_sum / c.indexer_rows,
+                0.05 * std::fabs(c.indexer_kl_sum / c.indexer_rows) + 1e-4)
+        << what;
+  }
+  for (const Param& cp : p.cpu.params().all()) {
+    if (!cp.grad.defined()) continue;
+    const Tensor& gg = p.gpu.params().get(cp.name).grad;
+    double norm = 0;
+    for (int64_t i = 0; i < cp.grad.numel(); ++i) norm += cp.grad.item(i) * cp.grad.item(i);
+    if (norm == 0) {
+      EXPECT_TRUE(rel_close(gg, cp.grad, 1e-6)) << what << " " << cp.name << " (zero on the CPU)";
+      continue;
+    }
+    EXPECT_TRUE(rel_close(gg, cp.grad, grad_tol)) << what << " " << cp.name;
+  }
+}
+
+}  // namespace
+
+TEST(GpuModel, DenseStepMatchesCpu) { compare(StepOptions{}, "dense", 5e-2); }
+
+TEST(GpuModel, DenseStepWithRecomputeMatchesCpu) {
+  StepOptions o;
+  o.recompute = true;
+  compare(o, "dense recompute", 5e-2);
+}
+
+TEST(GpuModel, WarmupStepMatchesCpu) {
+  StepOptions o;
+  o.indexer_loss = IndexerLossMode::Dense;
+  o.train_main = false;
+  o.train_indexer = true;
+  o.fp8_indexer = false;
+  compare(o, "warmup", 8e-2);
+}
+
+TEST(GpuModel, SparseStepMatchesCpu) {
+  StepOptions o;
+  o.attention = AttentionMode::Sparse;
+  o.indexer_loss = IndexerLossMode::Sparse;
+  o.train_indexer = true;
+  o.fp8_indexer = false;
+  compare(o, "sparse", 8e-2);
+}
+
+TEST(GpuModel, RecallAndFp8SelectionRun) {
+  DSA_REQUIRE_GPU();
+  Pair p;
+  StepOptions o;
+  o.attention = AttentionMode::Sparse;
+  o.compute_recall = true;
+  o.fp8_indexer = true;
+  StepStats c = p.cpu.step(p.ids, p.targets, p.B, p.T, o, false);
+  StepStats g = p.gpu.step(p.ids, p.targets, p.B, p.T, o, false);
+  ASSERT_GT(g.recall_rows, 0);
+  EXPECT_NEAR(g.recall_sum / g.recall_rows, c.recall_sum / c.recall_rows, 0.05);
+  EXPECT_NEAR(g.lm_loss_sum / g.lm_tokens, c.lm_loss_sum / c.lm_tokens, 5e-2);
+}

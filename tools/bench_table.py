@@ -1,0 +1,60 @@
+#!/usr/bin/env python3
+"""Summary table of dsa-bench and bench_peers.py results (JSON lines), with ratios to the peers.
+
+Usage: python3 tools/bench_table.py RESULTS.jsonl [...]
+"""
+import json
+import sys
+
+
+def load(paths):
+    recs = []
+    for p in paths:
+        with open(p) as f:
+            recs += [json.loads(line) for line in f if line.strip()]
+    return recs
+
+
+def main():
+    recs = load(sys.argv[1:])
+    ours_train = {(r["stage"], r["seq_len"]): r for r in recs if r.get("bench") == "train"}
+    peers_train = {(r["model"], r["seq_len"]): r for r in recs if r.get("bench") == "peer_train"}
+    ours_k = {r["name"]: r for r in recs if r.get("bench") == "kernel"}
+    peers_k = {r["name"]: r for r in recs if r.get("bench") == "peer_kernel"}
+    peer_of = {"dense": "DeepseekV3", "warmup": "DeepseekV32", "sparse": "DeepseekV32"}
+
+    def fmt_tps(r):
+        if r is None:
+            return "-"
+        if "error" in r:
+            return str(r["error"]) if isinstance(r["error"], str) else "failed"
+        return f"{r['tokens_per_s'] / 1e3:.1f}K"
+
+    print("\n## Training step, bench-small, 16K tokens per step")
+    print(f"| stage | seq | ours tok/s | MFU | peak GB | peer | peer tok/s | peer GB | ratio |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for (stage, L), r in sorted(ours_train.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        peer = peers_train.get((peer_of.get(stage, ""), L))
+        ratio = "-"
+        if peer and "tokens_per_s" in peer and "tokens_per_s" in r:
+            ratio = f"{r['tokens_per_s'] / peer['tokens_per_s']:.2f}x"
+        mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
+        gb = f"{r['peak_gb']:.1f}" if "peak_gb" in r else "-"
+        pgb = f"{peer['peak_gb']:.1f}" if peer and "peak_gb" in peer else "-"
+        print(f"| {stage} | {L} | {fmt_tps(r)} | {mfu} | {gb} | {peer_of.get(stage, '-')} | {fmt_tps(peer)} | {pgb} | {ratio} |")
+
+    print("\n## Kernels (production DSA shapes)")
+    print("| kernel | ours ms | ours TFLOP/s | peer ms | peer TFLOP/s | speed-up |")
+    print("|---|---|---|---|---|---|")
+    for name in sorted(set(ours_k) | set(peers_k)):
+        o, p = ours_k.get(name), peers_k.get(name)
+        oms = f"{o['ms']:.3f}" if o and "ms" in o else "-"
+        otf = f"{o['tflops']:.0f}" if o and "tflops" in o else "-"
+        pms = f"{p['ms']:.3f}" if p and "ms" in p else (p.get("error", "-") if p else "-")
+        ptf = f"{p['tflops']:.0f}" if p and "tflops" in p else "-"
+        sp = f"{p['ms'] / o['ms']:.2f}x" if o and p and "ms" in o and "ms" in p else "-"
+        print(f"| {name} | {oms} | {otf} | {pms} | {ptf} | {sp} |")
+
+
+if __name__ == "__main__":
+    main()
