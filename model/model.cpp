@@ -4,6 +4,7 @@
 
 #include "kernels/dsa_ops.h"
 #include "kernels/ops.h"
+#include "model/profile.h"
 
 namespace dsa {
 
@@ -64,10 +65,12 @@ void Model::indexer_loss_and_grads(int64_t l, LayerCache& lc, const Tensor& posi
       q_main = m.q_abs;
       k_main = m.kv_lat.view({B, T, 1, cfg_.kv_lora_rank + cfg_.qk_rope_head_dim});
     }
+    ProfileScope ps_("indexer KL (dense)");
     r = ops::indexer_kl_dense(q_main, k_main, m.lse, cfg_.attention_scale(), q4, k3, w3, opts.fp8_indexer,
                               opts.indexer_grad_scale, need_grad ? &g : nullptr);
   } else {
     DSA_CHECK(m.sparse, "[model] the sparse indexer loss needs sparse attention in the same step");
+    ProfileScope ps_("indexer KL (sparse)");
     r = ops::indexer_kl_sparse(m.q_abs, m.kv_lat, m.lse, cfg_.attention_scale(), lc.indices, q4, k3, w3,
                                opts.fp8_indexer, opts.indexer_grad_scale, need_grad ? &g : nullptr);
   }
@@ -77,6 +80,7 @@ void Model::indexer_loss_and_grads(int64_t l, LayerCache& lc, const Tensor& posi
   // NOTES: the gradient flows through the unquantized q and k (straight-through over FP8 rounding);
   // the KL target p is a stop-gradient and the top-k selection is not differentiated.
   const bool to_inputs = !opts.detach_indexer_input && opts.train_main;
+  ProfileScope ps_("indexer projections bwd");
   Tensor dx, dcq;
   indexer_backward(params_, layer_prefix(l), cfg_, rope_, positions,
                    ic, g.dq.view({N, Hi, di}), g.dk.view({N, di}), g.dw.view({N, Hi}), to_inputs ? &dx : nullptr,
@@ -93,10 +97,17 @@ Tensor Model::layer_forward(int64_t l, LayerCache& lc, const Tensor& h_in, const
   const int64_t B = x.B, T = x.T;
   const std::string p = layer_prefix(l);
   lc.x_in = h_in;
-  lc.attn_in = ops::rmsnorm_forward(h_in, params_.w(p + "input_layernorm.weight"), cfg_.rms_norm_eps, &lc.attn_rstd);
-  mla_prepare(params_, p, cfg_, lc.attn_in, lc.mla);
+  {
+    ProfileScope ps_("norms + q latent fwd");
+    lc.attn_in =
+        ops::rmsnorm_forward(h_in, params_.w(p + "input_layernorm.weight"), cfg_.rms_norm_eps, &lc.attn_rstd);
+    mla_prepare(params_, p, cfg_, lc.attn_in, lc.mla);
+  }
   if (x.need_indexer) {
-    indexer_forward(params_, p, cfg_, rope_, x.positions, lc.attn_in, lc.mla.cq, lc.indexer);
+    {
+      ProfileScope ps_("indexer projections fwd");
+      indexer_forward(params_, p, cfg_, rope_, x.positions, lc.attn_in, lc.mla.cq, lc.indexer);
+    }
     if (!first_pass) {
       // Recomputation reuses the selection of the first pass (lc.indices kept).
     } else if (opts.forced_indices) {
@@ -104,16 +115,22 @@ Tensor Model::layer_forward(int64_t l, LayerCache& lc, const Tensor& h_in, const
                 "[model] forced_indices needs one tensor per layer");
       lc.indices = (*opts.forced_indices)[l].to(device_);
     } else if (x.sparse || opts.compute_recall) {
+      ProfileScope ps_("indexer top-k");
       lc.indices = ops::indexer_topk(lc.indexer.q.view({B, T, cfg_.index_n_heads, cfg_.index_head_dim}),
                                      lc.indexer.k.view({B, T, cfg_.index_head_dim}),
                                      lc.indexer.w.view({B, T, cfg_.index_n_heads}), x.topk, opts.fp8_indexer);
     }
   }
-  Tensor attn_out = mla_forward(params_, p, cfg_, rope_, x.positions, B, T, lc.attn_in, x.form,
-                                x.sparse ? &lc.indices : nullptr, lc.mla);
+  Tensor attn_out;
+  {
+    ProfileScope ps_(x.sparse ? "MLA fwd (sparse)" : "MLA fwd (dense)");
+    attn_out = mla_forward(params_, p, cfg_, rope_, x.positions, B, T, lc.attn_in, x.form,
+                           x.sparse ? &lc.indices : nullptr, lc.mla);
+  }
   if (first_pass && opts.compute_recall) {
     // Recall is measured against the dense attention's head-summed distribution (MHA form: the
     // dense kernels' head dims).
+    ProfileScope ps_("recall");
     const MlaCache* dense = &lc.mla;
     MlaCache dense_cache;
     if (x.sparse || lc.mla.form != MlaForm::MHA) {
@@ -129,6 +146,7 @@ Tensor Model::layer_forward(int64_t l, LayerCache& lc, const Tensor& h_in, const
   }
   if (first_pass && opts.indexer_loss != IndexerLossMode::None)
     indexer_loss_and_grads(l, lc, x.positions, B, T, opts, x.backward, stats);
+  ProfileScope ps_ffn("FFN fwd (+ residual, norm)");
   Tensor h = ops::add(h_in, attn_out);
   lc.h_mid = h;
   lc.ffn_in =
@@ -196,9 +214,12 @@ StepStats Model::step(const Tensor& ids, const Tensor& targets, int64_t B, int64
   if (opts.capture_logits) *opts.capture_logits = ops::linear_forward(hn, params_.w(head));
   const bool lm_backward = backward && opts.train_main;
   Tensor dhn;
-  ops::CrossEntropyResult ce = ops::lm_head_cross_entropy(hn, params_.w(head), targets_d, opts.lm_grad_scale,
-                                                          lm_backward ? &dhn : nullptr,
-                                                          lm_backward ? &params_.grad(head) : nullptr);
+  ops::CrossEntropyResult ce;
+  {
+    ProfileScope ps_ce("lm head + CE (fwd+bwd)");
+    ce = ops::lm_head_cross_entropy(hn, params_.w(head), targets_d, opts.lm_grad_scale, lm_backward ? &dhn : nullptr,
+                                    lm_backward ? &params_.grad(head) : nullptr);
+  }
   stats.lm_loss_sum = ce.loss_sum;
   stats.lm_tokens = ce.count;
   if (!lm_backward) return stats;
@@ -209,9 +230,11 @@ StepStats Model::step(const Tensor& ids, const Tensor& targets, int64_t B, int64
     LayerCache& lc = caches[l];
     const std::string p = layer_prefix(l);
     if (opts.recompute) {
+      ProfileScope ps_r("recompute");
       StepStats ignored;
       layer_forward(l, lc, lc.x_in, ctx, /*first_pass=*/false, ignored);
     }
+    ProfileScope ps_b("layer bwd");
     Tensor dffn_in = lc.moe ? moe_backward(params_, p + "mlp.", cfg_, dh, lc.moe_cache, opts.balance_alpha, ep_)
                             : mlp_backward(params_, p + "mlp.", dh, lc.mlp);
     ops::add_(dh, ops::rmsnorm_backward(dffn_in, lc.h_mid, params_.w(p + "post_attention_layernorm.weight"), lc.ffn_rstd,

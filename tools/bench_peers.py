@@ -92,9 +92,10 @@ def kernel_peers(args):
     k = torch.randn(1, H, T, dqk, device="cuda", dtype=dt, requires_grad=True)
     v = torch.randn(1, H, T, dv, device="cuda", dtype=dt, requires_grad=True)
     fl = 2.0 * H * (T * T / 2) * (dqk + dv)
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-        f = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    # SDPA's own dispatch: flash needs equal q/k and v head dims, so 192/128 runs on cuDNN's fused
+    # attention (or the next available backend).
+    f = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    try:
         ms = median_ms(f)
         emit(args.json, dict(bench="peer_kernel", name="dense attention fwd (MHA 192/128)", ms=ms, tflops=fl / ms / 1e9))
         o = f()
@@ -102,6 +103,8 @@ def kernel_peers(args):
         ms_b = median_ms(lambda: torch.autograd.grad(f(), (q, k, v), g)) - ms
         emit(args.json, dict(bench="peer_kernel", name="dense attention bwd (MHA 192/128)", ms=ms_b,
                              tflops=2.5 * fl / ms_b / 1e9))
+    except RuntimeError as e:
+        emit(args.json, dict(bench="peer_kernel", name="dense attention fwd (MHA 192/128)", error=str(e)[:80]))
     del q, k, v
     for L in (T, 4 * T):
         scores = torch.randn(L, L, device="cuda", dtype=torch.float32)
@@ -151,7 +154,11 @@ def main():
         print("[bench_peers] no GPU", file=sys.stderr)
         return 1
     if not args.skip_kernels:
-        kernel_peers(args)
+        try:
+            kernel_peers(args)
+        except Exception as e:  # a failed peer must not hide the others
+            print(f"[bench_peers] kernels: {e}", file=sys.stderr)
+        torch.cuda.empty_cache()
     if not args.skip_train:
         train_peers(args)
     return 0

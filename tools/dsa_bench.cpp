@@ -23,6 +23,7 @@
 #include "kernels/dsa_ops.h"
 #include "kernels/ops.h"
 #include "model/model.h"
+#include "model/profile.h"
 
 using namespace dsa;
 
@@ -209,6 +210,12 @@ void train_bench(int argc, char** argv) {
           model.params().refresh_compute();
         };
         ms = 1e3 * time_median(dev, warm, steps, one);
+        if (Profile::enabled()) {
+          Profile::reset();
+          one();
+          std::printf("[profile] %s at %lld (one step, synchronized sections):\n%s", stage.c_str(),
+                      static_cast<long long>(T), Profile::report().c_str());
+        }
       } catch (const std::exception& e) {
         err = e.what();
       }
