@@ -7,7 +7,8 @@
 // then dx_c = dlogits @ w (bf16) and dw += dlogits^T x_c (f32 C, beta = 1). At the end one block sums
 // loss [N] in a fixed order and counts the targets; that pair is the call's only device->host copy.
 //
-// NOTES: the f32 logits buffer is capped at 256 MiB (chunk = 519 rows at V = 129280), the bf16
+// NOTES: the f32 logits buffer is capped at 1 GiB (chunk = 2076 rows at V = 129280: the weight-gradient
+// GEMM, whose inner dimension is the chunk, needs long chunks to run near peak), the bf16
 // dlogits buffer is half that. Targets are not range-checked on the host (that would need another
 // copy): a target outside [-1, V) gives a NaN loss, so the caller sees it.
 #include <algorithm>
@@ -20,7 +21,7 @@ namespace dsa::cuda {
 
 namespace {
 
-constexpr size_t kChunkBytes = size_t(256) << 20;
+constexpr size_t kChunkBytes = size_t(1) << 30;
 constexpr int kRowThreads = 512;
 
 struct CeRowParams {
