@@ -7,6 +7,7 @@
 namespace dsa::cuda {
 
 bool available();  // built with CUDA and a device is present
+int device_count();  // visible CUDA devices (0 without the CUDA backend)
 void* device_alloc(size_t bytes);
 void device_free(void* ptr, size_t bytes);
 void memcpy(void* dst, bool dst_on_device, const void* src, bool src_on_device, size_t bytes);

@@ -24,6 +24,13 @@ void Model::ensure_rope(int64_t T) {
   rope_positions_ = T;
 }
 
+int64_t Model::grad_group(const std::string& name) {
+  static const std::string layers = "model.layers.";
+  if (name.rfind(layers, 0) == 0) return std::stoll(name.substr(layers.size(), name.find('.', layers.size())));
+  if (name == "model.embed_tokens.weight") return -2;
+  return -1;  // lm_head.weight, model.norm.weight
+}
+
 void Model::update_moe_bias(const std::vector<Tensor>& loads, double rate) {
   size_t m = 0;
   for (int64_t l = 0; l < cfg_.num_hidden_layers; ++l) {
@@ -226,6 +233,7 @@ StepStats Model::step(const Tensor& ids, const Tensor& targets, int64_t B, int64
 
   // Backward through the layers, LM loss (plus the indexer loss where inputs are not detached).
   Tensor dh = ops::rmsnorm_backward(dhn, h, params_.w("model.norm.weight"), final_rstd, &params_.grad("model.norm.weight"));
+  if (grad_ready_hook_ && !cfg_.tie_word_embeddings) grad_ready_hook_(-1);
   for (int64_t l = cfg_.num_hidden_layers - 1; l >= 0; --l) {
     LayerCache& lc = caches[l];
     const std::string p = layer_prefix(l);
@@ -244,8 +252,10 @@ StepStats Model::step(const Tensor& ids, const Tensor& targets, int64_t B, int64
     if (lc.dx_from_indexer.defined()) ops::add_(dattn_in, lc.dx_from_indexer);
     ops::add_(dh, ops::rmsnorm_backward(dattn_in, lc.x_in, params_.w(p + "input_layernorm.weight"), lc.attn_rstd,
                                         &params_.grad(p + "input_layernorm.weight")));
+    if (grad_ready_hook_) grad_ready_hook_(l);
   }
   ops::embedding_backward(dh, ids_d, &params_.grad("model.embed_tokens.weight"));
+  if (grad_ready_hook_) grad_ready_hook_(-2);
   (void)D;
   return stats;
 }

@@ -10,6 +10,8 @@
 //   sparse:          attention Sparse, indexer_loss Sparse, train_main and train_indexer, detached inputs
 #pragma once
 
+#include <functional>
+#include <string>
 #include <vector>
 
 #include "model/config.h"
@@ -77,6 +79,12 @@ class Model {
 
   // Tokens routed to each expert in the last step, one [E] f32 tensor per MoE layer (in layer order).
   const std::vector<Tensor>& expert_loads() const { return expert_loads_; }
+  // Gradient groups, in the order the backward finishes them: -1 = lm_head and the final norm,
+  // l = layer l, -2 = the embedding. The hook (may be empty) is called as each group's gradients
+  // become final in a step's backward, so data parallelism can start their all-reduce early.
+  static int64_t grad_group(const std::string& param_name);
+  void set_grad_ready_hook(std::function<void(int64_t)> hook) { grad_ready_hook_ = std::move(hook); }
+
   // Auxiliary-loss-free balancing: bias_e += rate * sign(mean_load - load_e), with loads summed over
   // every data-parallel rank by the caller. The bias only steers selection, never the weights.
   void update_moe_bias(const std::vector<Tensor>& loads, double rate);
@@ -124,6 +132,7 @@ class Model {
   RopeTables rope_;
   int64_t rope_positions_ = 0;
   std::vector<Tensor> expert_loads_;
+  std::function<void(int64_t)> grad_ready_hook_;
   ExpertParallel* ep_ = nullptr;
 };
 

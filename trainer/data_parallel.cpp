@@ -1,5 +1,7 @@
 #include "trainer/data_parallel.h"
 
+#include "trainer/nccl_comm.h"
+
 #include <mpi.h>
 
 #include <algorithm>
@@ -138,8 +140,14 @@ DataParallel::DataParallel(const Recipe& recipe, Model& model) : comms_(std::mak
     MPI_Comm_size(comms_->replicas, &comms_->n_replicas);
   }
   if (ep_ > 1) {
+    DSA_CHECK(model.device() == Device::CPU, "[data_parallel] expert parallelism runs on the CPU backend only so far");
     expert_ = std::make_unique<MpiExpertParallel>(ep_);
     model.set_expert_parallel(expert_.get());
+  }
+  if (world_ > 1 && model.device() == Device::CUDA) {
+    DSA_CHECK(!zero1_, "[data_parallel] ZeRO-1 runs on the CPU backend only so far");
+    nccl_ = std::make_unique<NcclComm>();
+    model.set_grad_ready_hook([this](int64_t group) { on_grads_ready(group); });
   }
   if (world_ > 1 && rank_ == 0)
     std::printf("[dist] %d ranks: data parallel over all, expert groups of %d (%lld routed experts per rank), "
@@ -188,8 +196,37 @@ bool DataParallel::sharded(const Param& p) const {
   return ep_ > 1 && (ends_with(p.name, "mlp.experts.gate_up_proj") || ends_with(p.name, "mlp.experts.down_proj"));
 }
 
+void DataParallel::arm_overlap(const std::vector<Param*>& trained) {
+  if (!nccl_) return;
+  armed_ = true;
+  armed_params_ = trained;
+  reduced_.assign(trained.size(), false);
+}
+
+void DataParallel::on_grads_ready(int64_t group) {
+  if (!armed_) return;
+  std::vector<Tensor*> ready;
+  for (size_t i = 0; i < armed_params_.size(); ++i) {
+    if (reduced_[i] || Model::grad_group(armed_params_[i]->name) != group) continue;
+    reduced_[i] = true;
+    ready.push_back(&armed_params_[i]->grad);
+  }
+  nccl_->allreduce_async(ready);
+}
+
 void DataParallel::allreduce_grads(const std::vector<Param*>& trained) {
   if (world_ == 1) return;
+  if (nccl_) {
+    std::vector<Tensor*> rest;
+    for (size_t i = 0; i < trained.size(); ++i) {
+      const bool done = armed_ && i < reduced_.size() && armed_params_[i] == trained[i] && reduced_[i];
+      if (!done) rest.push_back(&trained[i]->grad);
+    }
+    nccl_->allreduce_async(rest);
+    nccl_->wait();
+    armed_ = false;
+    return;
+  }
   std::vector<Segment> all, experts;
   for (Param* p : trained) {
     DSA_CHECK(p->grad.is_cpu() && p->grad.dtype() == DType::F32, "[data_parallel] CPU all-reduce needs f32 host "

@@ -37,6 +37,7 @@
 namespace dsa {
 
 class MpiExpertParallel;
+class NcclComm;
 
 class DataParallel {
  public:
@@ -58,8 +59,12 @@ class DataParallel {
   int64_t expert_begin() const { return e0_; }  // this rank's experts [e0, e1)
   int64_t expert_end() const { return e1_; }
 
-  // Sums the trained gradients over their replicas, in flat f32 buckets of bucket_bytes.
+  // Sums the trained gradients over their replicas, in flat f32 buckets of bucket_bytes (CPU), or with
+  // NCCL (GPU; buckets already launched during the backward by arm_overlap are not sent again).
   void allreduce_grads(const std::vector<Param*>& trained);
+  // GPU data parallelism: before the last micro-batch's backward, arms the per-layer hook so each
+  // layer's gradients start their NCCL all-reduce as soon as the backward has finished that layer.
+  void arm_overlap(const std::vector<Param*>& trained);
   // Global L2 norm of the summed gradients (each expert slice counted once).
   double grad_norm(const std::vector<Param*>& trained) const;
   // AdamW on what this rank owns; moments["optim/m/<name>"], ["optim/v/<name>"] are full-sized.
@@ -86,6 +91,11 @@ class DataParallel {
   struct Comms;
   std::unique_ptr<Comms> comms_;
   std::unique_ptr<MpiExpertParallel> expert_;
+  std::unique_ptr<NcclComm> nccl_;      // GPU data parallelism (world > 1)
+  bool armed_ = false;
+  std::vector<Param*> armed_params_;
+  std::vector<bool> reduced_;            // per armed param: all-reduce already launched
+  void on_grads_ready(int64_t group);
   int world_ = 1, rank_ = 0, ep_ = 1;
   int64_t e0_ = 0, e1_ = 0;
   bool zero1_ = false;

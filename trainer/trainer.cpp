@@ -286,6 +286,7 @@ void Trainer::run_stage(int64_t s, int64_t start_step, TrainReport& report) {
       loader.next(inputs, targets);
       Tensor ids = Tensor::from_vector(inputs, {mb * T});
       Tensor tg = Tensor::from_vector(targets, {mb * T});
+      if (a == st.grad_accum - 1) dp_->arm_overlap(trained);  // GPU: all-reduce layers as they finish
       add_stats(stats, model_->step(ids, tg, mb, T, train_opts, true));
       const std::vector<Tensor>& micro = model_->expert_loads();
       for (size_t i = 0; i < micro.size(); ++i) {

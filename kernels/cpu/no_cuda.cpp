@@ -11,6 +11,7 @@ namespace {
 }  // namespace
 
 bool available() { return false; }
+int device_count() { return 0; }
 void* device_alloc(size_t) { absent(); }
 void device_free(void*, size_t) {}
 void memcpy(void*, bool, const void*, bool, size_t) { absent(); }

@@ -1,0 +1,135 @@
+// Shared by the distributed tests (tests/dist CPU/MPI, tests/gpu NCCL): a small learnable corpus, a
+// tiny MoE recipe, a command runner with a timeout, and checkpoint comparison.
+#pragma once
+
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <sstream>
+#include <string>
+
+#include "data/shards.h"
+#include "trainer/checkpoint.h"
+
+namespace dsa::dist_testing {
+
+namespace fs = std::filesystem;
+
+const std::string kBin = std::string(DSA_BINARY_DIR) + "/bin/";
+const std::string kMpi = "mpirun -np 2 --oversubscribe --allow-run-as-root -x OMP_NUM_THREADS=1";
+
+inline std::string temp(const std::string& name) { return ::testing::TempDir() + "/dsa_dist_" + name; }
+
+// The learnable synthetic corpus of tests/trainer/test_trainer.cpp.
+inline std::string make_corpus() {
+  static std::string dir;
+  if (!dir.empty()) return dir;
+  dir = temp("corpus");
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  std::mt19937 rng(7);
+  for (const char* split : {"train", "val"}) {
+    ShardWriter w(dir + "/" + split + "_00000.bin", 128, 0, 1);
+    const int docs = std::strcmp(split, "train") == 0 ? 120 : 12;
+    for (int d = 0; d < docs; ++d) {
+      std::vector<int32_t> ids;
+      int32_t t = 2 + static_cast<int32_t>(rng() % 96);
+      const int32_t stride = 1 + static_cast<int32_t>(rng() % 5);
+      const int len = 40 + static_cast<int>(rng() % 80);
+      for (int i = 0; i < len; ++i) {
+        t = (i >= 3 && rng() % 4 == 0) ? ids[i - 3] : 2 + (t - 2 + stride) % 96;
+        ids.push_back(t);
+      }
+      w.add_document(ids.data(), ids.size());
+    }
+    w.close();
+  }
+  return dir;
+}
+
+// A two-layer MoE model (4 routed experts, 2 per token), one dense stage; returns the recipe path.
+inline std::string write_recipe(const std::string& name, int64_t steps, const std::string& device = "cpu") {
+  const std::string out = temp(name);
+  fs::remove_all(out);
+  fs::create_directories(out);
+  std::ofstream f(out + "/recipe.in.yaml");
+  f << "model:\n"
+       "  vocab_size: 128\n  hidden_size: 32\n  num_hidden_layers: 2\n  first_k_dense_replace: 1\n"
+       "  num_attention_heads: 2\n  q_lora_rank: 16\n  kv_lora_rank: 16\n  qk_nope_head_dim: 8\n"
+       "  qk_rope_head_dim: 4\n  v_head_dim: 8\n  intermediate_size: 48\n  moe_intermediate_size: 16\n"
+       "  n_routed_experts: 4\n  num_experts_per_tok: 2\n  n_group: 2\n  topk_group: 1\n  n_shared_experts: 1\n"
+       "  max_position_embeddings: 256\n  index_n_heads: 2\n  index_head_dim: 16\n  index_topk: 8\n"
+       "  initializer_range: 0.02\n"
+       "data:\n  shards: "
+    << make_corpus()
+    << "\nstage_defaults:\n  seq_len: 32\n  global_batch: 4\n  eval_batches: 2\n  log_interval: 2\n"
+       "stages:\n  - {name: dense, kind: dense, steps: "
+    << steps
+    << ", lr_main: 1.0e-2, warmup_steps: 2, seq_balance_loss_alpha: 1.0e-2}\n"
+       "logging:\n  terminal: true\n"
+       "output_dir: "
+    << out << "\nseed: 5\ndevice: " << device << "\n";
+  return out + "/recipe.in.yaml";
+}
+
+struct RunResult {
+  int code = -1;
+  std::string log;
+  double seconds = 0;
+};
+
+// Runs a shell command under `timeout`, stdout and stderr into a log.
+inline RunResult run(const std::string& cmd, const std::string& log, int timeout_s = 240) {
+  const auto t0 = std::chrono::steady_clock::now();
+  const std::string full = "OMP_NUM_THREADS=1 timeout -s KILL " + std::to_string(timeout_s) + " sh -c '" + cmd +
+                           "' > " + log + " 2>&1";
+  const int st = std::system(full.c_str());
+  RunResult r;
+  r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  r.code = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+  std::ifstream f(log);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  r.log = ss.str();
+  return r;
+}
+
+inline std::string train(const std::string& recipe, const std::string& args = "") {
+  return kBin + "dsa-train " + recipe + " " + args;
+}
+
+// Largest per-tensor relative L2 difference between two checkpoints' parameters.
+inline double max_rel_diff(const std::string& a, const std::string& b, std::string* worst = nullptr) {
+  Checkpoint x = load_checkpoint(a), y = load_checkpoint(b);
+  double m = 0;
+  for (const Param& p : x.params.all()) {
+    const Tensor& u = p.value;
+    const Tensor& v = y.params[p.name];
+    EXPECT_EQ(u.shape(), v.shape()) << p.name;
+    double num = 0, den = 0;
+    for (int64_t i = 0; i < u.numel(); ++i) {
+      const double d = u.item(i) - v.item(i);
+      num += d * d;
+      den += u.item(i) * u.item(i);
+    }
+    const double rel = std::sqrt(num) / std::max(std::sqrt(den), 1e-30);
+    if (rel > m) {
+      m = rel;
+      if (worst) *worst = p.name;
+    }
+  }
+  return m;
+}
+
+inline std::string final_of(const std::string& recipe) {
+  return resolve_checkpoint(fs::path(recipe).parent_path().string() + "/checkpoints/dense/final");
+}
+
+}  // namespace dsa::dist_testing

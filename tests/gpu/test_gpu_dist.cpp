@@ -1,0 +1,44 @@
+// Data parallelism over NCCL on two GPUs (skipped with fewer): `mpirun -np 2 dsa-train` with device
+// cuda against one GPU on the same global batch, and a killed rank ending the job within the bound.
+#include <gtest/gtest.h>
+
+#include "kernels/device_memory.h"
+#include "tests/dist/dist_util.h"
+
+using namespace dsa;
+using namespace dsa::dist_testing;
+
+namespace {
+
+int gpu_count() { return cuda::device_count(); }
+
+#define DSA_REQUIRE_TWO_GPUS()                                          \
+  do {                                                                  \
+    if (gpu_count() < 2) GTEST_SKIP() << "needs 2 GPUs, found " << gpu_count(); \
+  } while (0)
+
+}  // namespace
+
+TEST(GpuDist, TwoGpuDataParallelEqualsOneGpu) {
+  DSA_REQUIRE_TWO_GPUS();
+  const std::string r1 = write_recipe("gpu1", 6, "cuda"), r2 = write_recipe("gpu2", 6, "cuda");
+  RunResult a = run(train(r1), temp("gpu1") + "/log.txt");
+  ASSERT_EQ(a.code, 0) << a.log;
+  RunResult b = run(kMpi + " " + train(r2), temp("gpu2") + "/log.txt");
+  ASSERT_EQ(b.code, 0) << b.log;
+  EXPECT_NE(b.log.find("2 ranks"), std::string::npos) << b.log;
+  std::string worst;
+  const double d = max_rel_diff(final_of(r1), final_of(r2), &worst);
+  // bf16 activations: the two runs sum the same gradients in another order.
+  EXPECT_LT(d, 2e-3) << worst;
+  std::printf("[gpu dist] 2 GPUs (NCCL) vs 1: max relative parameter difference %.3g (%s)\n", d, worst.c_str());
+}
+
+TEST(GpuDist, KilledRankEndsTheJob) {
+  DSA_REQUIRE_TWO_GPUS();
+  const std::string r = write_recipe("gpu_kill", 20, "cuda");
+  RunResult res = run(kMpi + " -x DSA_FAIL_AT_STEP=3 -x DSA_FAIL_RANK=1 " + train(r), temp("gpu_kill") + "/log.txt", 120);
+  EXPECT_NE(res.code, 0) << res.log;
+  EXPECT_LT(res.seconds, 90) << res.log;
+  EXPECT_NE(res.log.find("rank 1"), std::string::npos) << res.log;
+}

@@ -1,0 +1,37 @@
+// NCCL for the GPU collectives of data parallelism: the communicator is bootstrapped by broadcasting
+// NCCL's unique id over MPI; gradients are all-reduced on a communication stream, bucket by bucket
+// (one bucket per layer, launched as soon as the backward finishes that layer), so the transfers
+// overlap the rest of the backward. A watchdog thread ends the job (MPI_Abort, with a message naming
+// the rank) on an asynchronous NCCL error or when an all-reduce has not completed within the timeout
+// (DSA_NCCL_TIMEOUT_S, default 300 s): a dead peer never leaves the job hanging.
+#pragma once
+
+#include <memory>
+#include <vector>
+
+#include "kernels/tensor.h"
+
+namespace dsa {
+
+class NcclComm {
+ public:
+  static bool available();  // built with NCCL and CUDA
+  // Collective over MPI_COMM_WORLD: every rank calls it, with its GPU already selected.
+  NcclComm();
+  ~NcclComm();
+  NcclComm(const NcclComm&) = delete;
+  NcclComm& operator=(const NcclComm&) = delete;
+
+  // Sums the f32 device tensors over all ranks, in place, asynchronously: ordered after the work
+  // queued so far on the compute stream, running on the communication stream.
+  void allreduce_async(const std::vector<Tensor*>& tensors);
+  // Makes the compute stream wait for every all-reduce launched so far.
+  void wait();
+
+  struct Impl;
+
+ private:
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace dsa
