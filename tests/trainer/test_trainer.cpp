@@ -14,6 +14,7 @@
 #include <sstream>
 
 #include "data/shards.h"
+#include "tests/dist/dist_util.h"
 #include "trainer/checkpoint.h"
 #include "trainer/recipe.h"
 #include "trainer/trainer.h"
@@ -23,37 +24,8 @@ using namespace dsa;
 
 namespace {
 
-// Documents of a learnable structure: a random start and stride, then tokens that follow
-// t[i] = (t[i-1] + stride) mod 96 with an occasional repeat of the token 3 places back, so attention
-// has something to find and the LM loss falls well below log(V) in a few dozen steps.
-std::string make_corpus() {
-  static std::string dir;
-  if (!dir.empty()) return dir;
-  dir = ::testing::TempDir() + "/dsa_trainer_corpus";
-  fs::remove_all(dir);
-  fs::create_directories(dir);
-  std::mt19937 rng(7);
-  for (const char* split : {"train", "val"}) {
-    ShardWriter w(dir + "/" + split + "_00000.bin", 128, 0, 1);
-    const int docs = std::strcmp(split, "train") == 0 ? 120 : 12;
-    for (int d = 0; d < docs; ++d) {
-      std::vector<int32_t> ids;
-      int32_t t = 2 + static_cast<int32_t>(rng() % 96);
-      const int32_t stride = 1 + static_cast<int32_t>(rng() % 5);
-      const int len = 40 + static_cast<int>(rng() % 80);
-      for (int i = 0; i < len; ++i) {
-        if (i >= 3 && rng() % 4 == 0)
-          t = ids[i - 3];
-        else
-          t = 2 + (t - 2 + stride) % 96;
-        ids.push_back(t);
-      }
-      w.add_document(ids.data(), ids.size());
-    }
-    w.close();
-  }
-  return dir;
-}
+// The learnable synthetic corpus shared with the distributed tests (tests/dist/dist_util.h).
+using dist_testing::make_corpus;
 
 std::string recipe_text(const std::string& out) {
   std::ostringstream r;
