@@ -183,6 +183,15 @@ class TarReader {
   }
   bool finish() {
     if (child_ > 0) {
+      // Drain what the decompressor still writes (tar's end-of-archive padding) before waiting for
+      // it: closing the pipe early would kill it with SIGPIPE and read as a corrupt archive.
+      char sink[65536];
+      while (true) {
+        const ssize_t n = ::read(in_, sink, sizeof sink);
+        if (n > 0) continue;
+        if (n < 0 && errno == EINTR) continue;
+        break;
+      }
       ::close(in_);
       in_ = -1;
       int st = 0;
