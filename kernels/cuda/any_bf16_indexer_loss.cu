@@ -177,62 +177,164 @@ struct SparseKlParams {
 };
 
 constexpr int kSparseWarps = 8;
+constexpr int kSparseChunk = 64;   // slots per chunk
+constexpr int kSparseMaxTiles = 8; // persistent dq tiles per warp: ceil16(Hi) * ceil16(D) <= 8192
 
+__device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Shared-memory layout of sparse_kl_kernel (bf16 tiles addressed as 32-bit words; every row stride is
+// 4 mod 32 words, so the mma fragment loads are conflict-free). Hp = ceil16(Hi), Dp = ceil16(D).
+struct SparseSmem {
+  int QSW, HSW, CSW;  // words per row: Dp / 2 + 4, Hp / 2 + 4, kSparseChunk / 2 + 4
+  int Hp, Dp, nslab;
+  __host__ __device__ SparseSmem(int Hi, int D) {
+    Hp = (Hi + 15) / 16 * 16;
+    Dp = (D + 15) / 16 * 16;
+    nslab = Hp / 16;
+    QSW = Dp / 2 + 4;
+    HSW = Hp / 2 + 4;
+    CSW = kSparseChunk / 2 + 4;
+  }
+  // Offsets in words: Q [Hp, QSW], QT [Dp, HSW], Kc [C, QSW], KT [Dp, CSW], G [Hp, CSW], Gt [C, HSW],
+  // then f32: pk [K], Ik [K], wv [Hp], dwa [Hp], part [nslab, C].
+  __host__ __device__ int q() const { return 0; }
+  __host__ __device__ int qt() const { return Hp * QSW; }
+  __host__ __device__ int kc() const { return qt() + Dp * HSW; }
+  __host__ __device__ int kt() const { return kc() + kSparseChunk * QSW; }
+  __host__ __device__ int g() const { return kt() + Dp * CSW; }
+  __host__ __device__ int gt() const { return g() + Hp * CSW; }
+  __host__ __device__ int f32() const { return gt() + kSparseChunk * HSW; }
+  __host__ __device__ size_t bytes(int K) const {
+    return sizeof(uint32_t) * ((size_t)f32() + 2 * (size_t)K + 2 * (size_t)Hp + (size_t)nslab * kSparseChunk);
+  }
+};
+
+// NOTES: one CTA per (b, t). The main target p over the slots comes from the batched GEMM's S (a warp
+// per slot sums the heads); the indexer scores and the whole backward run on tensor cores, 64 slots
+// at a time with the heads as M: Z [Hp, 64] = q [Hp, Dp] k_chunk^T (forward on the scoring operands,
+// backward on the unquantized ones), G = dI * w * c * [Z > 0] (bf16, as the dense path's GEMMs), then
+// dq [Hp, Dp] += G k_chunk (accumulated in registers over the chunks) and dk_chunk [64, Dp] = G^T q,
+// scatter-added to the f32 dk with float2 atomics.
 __global__ void __launch_bounds__(kSparseWarps * 32) sparse_kl_kernel(SparseKlParams p) {
-  extern __shared__ float sm[];
-  const int DP = p.D + 1;
-  float* pk = sm;                        // [K] target mass per slot
-  float* Ik = pk + p.K;                  // [K] scores, then dI
-  float* qsm = Ik + p.K;                 // [Hi, D+1]
-  float* kbuf = qsm + p.Hi * DP;         // [warps, D]
-  float* dqa = kbuf + kSparseWarps * p.D;  // [Hi, D]
-  float* dwa = dqa + p.Hi * p.D;         // [Hi]
-  float* gbuf = dwa + p.Hi;              // [warps, Hi]
+  extern __shared__ uint32_t smw[];
+  const SparseSmem L(p.Hi, p.D);
+  __nv_bfloat16* Qb = reinterpret_cast<__nv_bfloat16*>(smw + L.q());
+  __nv_bfloat16* QTb = reinterpret_cast<__nv_bfloat16*>(smw + L.qt());
+  __nv_bfloat16* Kb = reinterpret_cast<__nv_bfloat16*>(smw + L.kc());
+  __nv_bfloat16* KTb = reinterpret_cast<__nv_bfloat16*>(smw + L.kt());
+  __nv_bfloat16* Gb = reinterpret_cast<__nv_bfloat16*>(smw + L.g());
+  __nv_bfloat16* Gtb = reinterpret_cast<__nv_bfloat16*>(smw + L.gt());
+  float* pk = reinterpret_cast<float*>(smw + L.f32());  // [K]
+  float* Ik = pk + p.K;                                 // [K] scores, then dI
+  float* wv = Ik + p.K;                                 // [Hp] w * c
+  float* dwa = wv + L.Hp;                               // [Hp]
+  float* part = dwa + L.Hp;                             // [nslab, C]
   __shared__ float red[32];
-  const int r = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int r = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, c4 = lane & 3;
+  const int nthr = kSparseWarps * 32;
   const int64_t bt = p.bt0 + r, b = bt / p.T, t = bt % p.T;
   const int32_t* ir = p.idx + bt * p.K;
-  for (int i = tid; i < p.Hi * p.D; i += blockDim.x)
-    qsm[(i / p.D) * DP + i % p.D] = __bfloat162float(p.qs[bt * p.Hi * p.D + i]);
-  __syncthreads();
+  const __nv_bfloat16 zero = __float2bfloat16(0.f);
+  // q tile [Hp, Dp] (zero padded) of `src`; with `transposed` also QT [Dp, Hp].
+  auto load_q = [&](const __nv_bfloat16* src, bool transposed) {
+    for (int e = tid; e < L.Hp * L.Dp; e += nthr) {
+      const int j = e / L.Dp, i = e % L.Dp;
+      const __nv_bfloat16 v = (j < p.Hi && i < p.D) ? src[(bt * p.Hi + j) * p.D + i] : zero;
+      Qb[j * 2 * L.QSW + i] = v;
+      if (transposed) QTb[i * 2 * L.HSW + j] = v;
+    }
+  };
+  // chunk rows [C, Dp] of `src` at the chunk's slots (zero for -1 slots and past K); with `transposed`
+  // also KT [Dp, C].
+  auto load_chunk = [&](const __nv_bfloat16* src, int k0, bool transposed) {
+    for (int e = tid; e < kSparseChunk * L.Dp; e += nthr) {
+      const int kk = e / L.Dp, i = e % L.Dp, k = k0 + kk;
+      const int32_t s = k < p.K ? ir[k] : -1;
+      const __nv_bfloat16 v = (s >= 0 && i < p.D) ? src[(b * p.T + s) * p.D + i] : zero;
+      Kb[kk * 2 * L.QSW + i] = v;
+      if (transposed) KTb[i * 2 * L.CSW + kk] = v;
+    }
+  };
+  // Z tile [16 heads of slab, 8 slots of n-tile nt] = Q Kc^T.
+  auto z_tile = [&](int slab, int nt, float (&acc)[4]) {
+    acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
+    const uint32_t* Q = smw + L.q();
+    const uint32_t* Kc = smw + L.kc();
+    for (int ks = 0; ks < L.Dp / 16; ++ks) {
+      const int kw = ks * 8;
+      uint32_t a[4];
+      a[0] = Q[(slab * 16 + g) * L.QSW + kw + c4];
+      a[1] = Q[(slab * 16 + g + 8) * L.QSW + kw + c4];
+      a[2] = Q[(slab * 16 + g) * L.QSW + kw + 4 + c4];
+      a[3] = Q[(slab * 16 + g + 8) * L.QSW + kw + 4 + c4];
+      mma_bf16_16816(acc, a, Kc[(nt * 8 + g) * L.QSW + kw + c4], Kc[(nt * 8 + g) * L.QSW + kw + 4 + c4]);
+    }
+  };
+  for (int j = tid; j < L.Hp; j += nthr) {
+    wv[j] = j < p.Hi ? __bfloat162float(p.w[bt * p.Hi + j]) * p.c : 0.f;
+    dwa[j] = 0.f;
+  }
+  load_q(p.qs, false);
+  // Target mass per slot (a warp per slot sums the heads).
   for (int k = warp; k < p.K; k += kSparseWarps) {
     const int32_t s = ir[k];
-    if (s < 0) {
-      if (lane == 0) { pk[k] = -1.f; Ik[k] = -INFINITY; }
-      continue;
-    }
     float a = 0.f;
-    for (int h = lane; h < p.H; h += 32)
-      a += expf(p.S[(static_cast<int64_t>(r) * p.H + h) * p.K + k] - p.lse[(b * p.H + h) * p.T + t]);
+    if (s >= 0)
+      for (int h = lane; h < p.H; h += 32)
+        a += expf(p.S[(static_cast<int64_t>(r) * p.H + h) * p.K + k] - p.lse[(b * p.H + h) * p.T + t]);
     a = warp_sum(a);
-    float* kb = kbuf + warp * p.D;
-    for (int i = lane; i < p.D; i += 32) kb[i] = __bfloat162float(p.ks[(b * p.T + s) * p.D + i]);
-    __syncwarp();
-    float sc = 0.f;
-    for (int j = lane; j < p.Hi; j += 32) {
-      float z = 0.f;
-      for (int i = 0; i < p.D; ++i) z += qsm[j * DP + i] * kb[i];
-      sc += __bfloat162float(p.w[bt * p.Hi + j]) * p.c * fmaxf(z, 0.f);
+    if (lane == 0) pk[k] = s >= 0 ? a : -1.f;
+  }
+  const int items_z = L.nslab * (kSparseChunk / 8);
+  for (int k0 = 0; k0 < p.K; k0 += kSparseChunk) {
+    __syncthreads();  // previous chunk's reads of Kc / part done (and Q, wv written)
+    load_chunk(p.ks, k0, false);
+    __syncthreads();
+    for (int it = warp; it < items_z; it += kSparseWarps) {
+      const int slab = it / (kSparseChunk / 8), nt = it % (kSparseChunk / 8);
+      float acc[4];
+      z_tile(slab, nt, acc);
+      const float w0 = wv[slab * 16 + g], w1 = wv[slab * 16 + g + 8];
+      float v0 = fmaxf(acc[0], 0.f) * w0 + fmaxf(acc[2], 0.f) * w1;
+      float v1 = fmaxf(acc[1], 0.f) * w0 + fmaxf(acc[3], 0.f) * w1;
+#pragma unroll
+      for (int o = 4; o < 32; o <<= 1) {
+        v0 += __shfl_xor_sync(0xffffffffu, v0, o);
+        v1 += __shfl_xor_sync(0xffffffffu, v1, o);
+      }
+      if (g == 0) {
+        part[slab * kSparseChunk + nt * 8 + 2 * c4] = v0;
+        part[slab * kSparseChunk + nt * 8 + 2 * c4 + 1] = v1;
+      }
     }
-    sc = warp_sum(sc);
-    __syncwarp();
-    if (lane == 0) { pk[k] = a; Ik[k] = sc; }
+    __syncthreads();
+    for (int kk = tid; kk < kSparseChunk && k0 + kk < p.K; kk += nthr) {
+      float v = 0.f;
+      for (int sl = 0; sl < L.nslab; ++sl) v += part[sl * kSparseChunk + kk];
+      Ik[k0 + kk] = v;
+    }
   }
   __syncthreads();
   float psum = 0.f, imax = -INFINITY, nvalid = 0.f;
-  for (int k = tid; k < p.K; k += blockDim.x)
+  for (int k = tid; k < p.K; k += nthr)
     if (pk[k] >= 0.f) { psum += pk[k]; imax = fmaxf(imax, Ik[k]); nvalid += 1.f; }
   psum = block_sum(psum, red);
   imax = block_max(imax, red);
   nvalid = block_sum(nvalid, red);
   float z = 0.f;
-  for (int k = tid; k < p.K; k += blockDim.x)
+  for (int k = tid; k < p.K; k += nthr)
     if (pk[k] >= 0.f) z += expf(Ik[k] - imax);
   z = block_sum(z, red);
   const float log_z = imax + logf(z);
   float kl = 0.f;
   __syncthreads();
-  for (int k = tid; k < p.K; k += blockDim.x) {
+  for (int k = tid; k < p.K; k += nthr) {
     if (pk[k] < 0.f) { Ik[k] = 0.f; continue; }
     const float pt = pk[k] / psum, log_q = Ik[k] - log_z;
     if (pt > 0.f) kl += pt * (logf(pt) - log_q);
@@ -245,47 +347,115 @@ __global__ void __launch_bounds__(kSparseWarps * 32) sparse_kl_kernel(SparseKlPa
   }
   if (!p.dq) return;
   // Backward through the unquantized scores.
-  for (int i = tid; i < p.Hi * p.D; i += blockDim.x) {
-    qsm[(i / p.D) * DP + i % p.D] = __bfloat162float(p.qi[bt * p.Hi * p.D + i]);
-    dqa[i] = 0.f;
+  if (nvalid == 0.f) {  // uniform: no slot, zero dq and dw
+    for (int i = tid; i < p.Hi * p.D; i += nthr) p.dq[bt * p.Hi * p.D + i] = zero;
+    for (int j = tid; j < p.Hi; j += nthr) p.dw[bt * p.Hi + j] = zero;
+    return;
   }
-  for (int j = tid; j < p.Hi; j += blockDim.x) dwa[j] = 0.f;
-  __syncthreads();
-  for (int k = warp; k < p.K; k += kSparseWarps) {
-    const int32_t s = ir[k];
-    if (s < 0 || nvalid == 0.f) continue;
-    const float g = Ik[k];
-    float* kb = kbuf + warp * p.D;
-    float* gb = gbuf + warp * p.Hi;
-    for (int i = lane; i < p.D; i += 32) kb[i] = __bfloat162float(p.ki[(b * p.T + s) * p.D + i]);
-    __syncwarp();
-    for (int j = lane; j < p.Hi; j += 32) {
-      float zz = 0.f;
-      for (int i = 0; i < p.D; ++i) zz += qsm[j * DP + i] * kb[i];
-      float gj = 0.f;
-      if (zz > 0.f) {
-        atomicAdd(&dwa[j], g * p.c * zz);
-        gj = g * __bfloat162float(p.w[bt * p.Hi + j]) * p.c;
+  load_q(p.qi, true);
+  const int ntd = L.Dp / 8;                 // n-tiles over D
+  const int items_dq = L.nslab * ntd;       // dq tiles [16 heads, 8 dims]
+  const int items_dk = (kSparseChunk / 16) * ntd;  // dk tiles [16 slots, 8 dims]
+  float accdq[kSparseMaxTiles][4];
+#pragma unroll
+  for (int e = 0; e < kSparseMaxTiles; ++e) accdq[e][0] = accdq[e][1] = accdq[e][2] = accdq[e][3] = 0.f;
+  for (int k0 = 0; k0 < p.K; k0 += kSparseChunk) {
+    __syncthreads();
+    load_chunk(p.ki, k0, true);
+    __syncthreads();
+    const uint32_t* Gw = smw + L.g();
+    const uint32_t* Gtw = smw + L.gt();
+    for (int it = warp; it < items_z; it += kSparseWarps) {
+      const int slab = it / (kSparseChunk / 8), nt = it % (kSparseChunk / 8);
+      float acc[4];
+      z_tile(slab, nt, acc);
+      const int j0 = slab * 16 + g, j1 = j0 + 8, kk0 = nt * 8 + 2 * c4;
+      const float d0 = k0 + kk0 < p.K ? Ik[k0 + kk0] : 0.f, d1 = k0 + kk0 + 1 < p.K ? Ik[k0 + kk0 + 1] : 0.f;
+      const float g00 = acc[0] > 0.f ? d0 * wv[j0] : 0.f, g01 = acc[1] > 0.f ? d1 * wv[j0] : 0.f;
+      const float g10 = acc[2] > 0.f ? d0 * wv[j1] : 0.f, g11 = acc[3] > 0.f ? d1 * wv[j1] : 0.f;
+      Gb[j0 * 2 * L.CSW + kk0] = __float2bfloat16_rn(g00);
+      Gb[j0 * 2 * L.CSW + kk0 + 1] = __float2bfloat16_rn(g01);
+      Gb[j1 * 2 * L.CSW + kk0] = __float2bfloat16_rn(g10);
+      Gb[j1 * 2 * L.CSW + kk0 + 1] = __float2bfloat16_rn(g11);
+      Gtb[kk0 * 2 * L.HSW + j0] = __float2bfloat16_rn(g00);
+      Gtb[(kk0 + 1) * 2 * L.HSW + j0] = __float2bfloat16_rn(g01);
+      Gtb[kk0 * 2 * L.HSW + j1] = __float2bfloat16_rn(g10);
+      Gtb[(kk0 + 1) * 2 * L.HSW + j1] = __float2bfloat16_rn(g11);
+      float e0 = d0 * fmaxf(acc[0], 0.f) + d1 * fmaxf(acc[1], 0.f);  // dw / c of head j0
+      float e1 = d0 * fmaxf(acc[2], 0.f) + d1 * fmaxf(acc[3], 0.f);
+      e0 += __shfl_xor_sync(0xffffffffu, e0, 1);
+      e1 += __shfl_xor_sync(0xffffffffu, e1, 1);
+      e0 += __shfl_xor_sync(0xffffffffu, e0, 2);
+      e1 += __shfl_xor_sync(0xffffffffu, e1, 2);
+      if (c4 == 0) {
+        atomicAdd(&dwa[j0], e0 * p.c);
+        atomicAdd(&dwa[j1], e1 * p.c);
       }
-      gb[j] = gj;
     }
-    __syncwarp();
-    for (int i = lane; i < p.D; i += 32) {
-      float acc = 0.f;
-      for (int j = 0; j < p.Hi; ++j) {
-        const float gj = gb[j];
-        if (gj != 0.f) {
-          acc += gj * qsm[j * DP + i];
-          atomicAdd(&dqa[j * p.D + i], gj * kb[i]);
+    __syncthreads();
+    // dq [Hp, Dp] += G [Hp, C] Kc [C, Dp]  (B^T = KT [Dp, C])
+    const uint32_t* KTw = smw + L.kt();
+#pragma unroll
+    for (int e = 0; e < kSparseMaxTiles; ++e) {
+      const int it = warp + e * kSparseWarps;
+      if (it >= items_dq) break;
+      const int mt = it / ntd, nt = it % ntd;
+#pragma unroll
+      for (int ks = 0; ks < kSparseChunk / 16; ++ks) {
+        const int kw = ks * 8;
+        uint32_t a[4];
+        a[0] = Gw[(mt * 16 + g) * L.CSW + kw + c4];
+        a[1] = Gw[(mt * 16 + g + 8) * L.CSW + kw + c4];
+        a[2] = Gw[(mt * 16 + g) * L.CSW + kw + 4 + c4];
+        a[3] = Gw[(mt * 16 + g + 8) * L.CSW + kw + 4 + c4];
+        mma_bf16_16816(accdq[e], a, KTw[(nt * 8 + g) * L.CSW + kw + c4], KTw[(nt * 8 + g) * L.CSW + kw + 4 + c4]);
+      }
+    }
+    // dk rows of the chunk [C, Dp] = Gt [C, Hp] Q [Hp, Dp]  (B^T = QT [Dp, Hp]), scatter-added.
+    const uint32_t* QTw = smw + L.qt();
+    for (int it = warp; it < items_dk; it += kSparseWarps) {
+      const int mt = it / ntd, nt = it % ntd;
+      float acc[4] = {0.f, 0.f, 0.f, 0.f};
+      for (int ks = 0; ks < L.Hp / 16; ++ks) {
+        const int kw = ks * 8;
+        uint32_t a[4];
+        a[0] = Gtw[(mt * 16 + g) * L.HSW + kw + c4];
+        a[1] = Gtw[(mt * 16 + g + 8) * L.HSW + kw + c4];
+        a[2] = Gtw[(mt * 16 + g) * L.HSW + kw + 4 + c4];
+        a[3] = Gtw[(mt * 16 + g + 8) * L.HSW + kw + 4 + c4];
+        mma_bf16_16816(acc, a, QTw[(nt * 8 + g) * L.HSW + kw + c4], QTw[(nt * 8 + g) * L.HSW + kw + 4 + c4]);
+      }
+      const int col = nt * 8 + 2 * c4;
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int k = k0 + mt * 16 + g + 8 * half;
+        const int32_t s = k < p.K ? ir[k] : -1;
+        if (s < 0) continue;
+        float* dst = p.dk + (b * p.T + s) * p.D + col;
+        const float x0 = acc[2 * half], x1 = acc[2 * half + 1];
+        if ((p.D & 1) == 0 && col + 1 < p.D) {
+          atomicAdd(reinterpret_cast<float2*>(dst), make_float2(x0, x1));
+        } else {
+          if (col < p.D) atomicAdd(dst, x0);
+          if (col + 1 < p.D) atomicAdd(dst + 1, x1);
         }
       }
-      atomicAdd(p.dk + (b * p.T + s) * p.D + i, acc);
     }
-    __syncwarp();
   }
   __syncthreads();
-  for (int i = tid; i < p.Hi * p.D; i += blockDim.x) p.dq[bt * p.Hi * p.D + i] = __float2bfloat16_rn(dqa[i]);
-  for (int j = tid; j < p.Hi; j += blockDim.x) p.dw[bt * p.Hi + j] = __float2bfloat16_rn(dwa[j]);
+  // dq out: accumulator (row g / g + 8 of m-tile, cols 2 c4, 2 c4 + 1 of n-tile).
+#pragma unroll
+  for (int e = 0; e < kSparseMaxTiles; ++e) {
+    const int it = warp + e * kSparseWarps;
+    if (it >= items_dq) break;
+    const int mt = it / ntd, nt = it % ntd;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const int j = mt * 16 + g + (q >= 2 ? 8 : 0), i = nt * 8 + 2 * c4 + (q & 1);
+      if (j < p.Hi && i < p.D) p.dq[(bt * p.Hi + j) * p.D + i] = __float2bfloat16_rn(accdq[e][q]);
+    }
+  }
+  for (int j = tid; j < p.Hi; j += nthr) p.dw[bt * p.Hi + j] = __float2bfloat16_rn(dwa[j]);
 }
 
 }  // namespace
@@ -399,7 +569,10 @@ ops::IndexerLossResult indexer_kl_sparse(const Tensor& q_main, const Tensor& kv,
     const int64_t rb = rows_for_budget(N, K * Dk * 2 + H * K * 4, int64_t(512) << 20);
     Tensor kvg = Tensor::empty({rb, K, Dk}, DType::BF16, Device::CUDA);
     Tensor S = Tensor::empty({rb, H, K}, DType::F32, Device::CUDA);
-    const size_t smem = sizeof(float) * (2 * K + Hi * (D + 1) + kSparseWarps * D + Hi * D + Hi + kSparseWarps * Hi);
+    const SparseSmem L(static_cast<int>(Hi), static_cast<int>(D));
+    DSA_CHECK(L.nslab * (L.Dp / 8) <= kSparseWarps * kSparseMaxTiles, "[", op, "] ceil16(Hi) * ceil16(D) = ",
+              L.Hp * L.Dp, " exceeds 8192 (Hi=", Hi, ", D=", D, ")");
+    const size_t smem = L.bytes(static_cast<int>(K));
     DSA_CHECK(smem <= 200 * 1024, "[", op, "] K=", K, " Hi=", Hi, " D=", D, " needs too much shared memory");
     cudaFuncSetAttribute(sparse_kl_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     for (int64_t bt0 = 0; bt0 < N; bt0 += rb) {

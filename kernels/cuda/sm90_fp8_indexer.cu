@@ -109,6 +109,7 @@ struct ScoreParams {
   float c;                // D^-0.5
   int B, T, Hi, D, nb, t0, R;
   int Hp, Dw, QB;         // heads padded to 16, words per padded row (Dp bytes / 4, multiple of 8), queries per CTA
+  int async_k;            // key rows 16-byte aligned: cp.async double buffering
 };
 
 constexpr int kScoreWarps = 8;
@@ -145,26 +146,70 @@ __device__ __forceinline__ void load_row(uint32_t* dst, const uint8_t* src, int 
   }
 }
 
+__device__ __forceinline__ void cp_async16z(void* dst, const void* src, int bytes /*16, or 0: zero fill*/) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(dst))),
+               "l"(src), "r"(bytes));
+}
+__device__ __forceinline__ void cp_async4(void* dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(dst))),
+               "l"(src));
+}
+__device__ __forceinline__ void cp_async_commit_group() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_1() { asm volatile("cp.async.wait_group 1;\n" ::); }
+
 // NOTES: the GEMM is [QB * Hp query-heads, Dp] x [Dp, 64 keys] per tile with the query-heads as M, one
 // 16-row slab (16 heads of one query) per warp iteration; the epilogue applies the FP8 scales per
 // 128-value block (after the block's integer-exact products), relu and the head weight, sums the 16
 // heads with shuffles and the slabs of one query in fixed order (deterministic).
+// Key tiles (and their FP8 scales) are double-buffered with cp.async when rows are 16-byte aligned
+// (synchronous loads otherwise); CTAs run from the last (longest) row block to the first, so the
+// causal work imbalance does not leave a tail of long CTAs.
 template <bool kFp8>
 __global__ void __launch_bounds__(kScoreWarps * 32) score_kernel(ScoreParams p) {
   extern __shared__ uint32_t smem[];
   const int SW = p.Dw + 4;  // padded stride: conflict-free fragment loads
   const int MQ = p.QB * p.Hp, nslab = MQ / 16;
   uint32_t* Qs = smem;                                   // [MQ, SW]
-  uint32_t* Ks = Qs + MQ * SW;                           // [BN, SW]
-  float* weff = reinterpret_cast<float*>(Ks + kScoreBN * SW);  // [MQ]
+  uint32_t* Ks = Qs + MQ * SW;                           // [2][BN, SW]
+  float* weff = reinterpret_cast<float*>(Ks + 2 * kScoreBN * SW);  // [MQ]
   float* qsc = weff + MQ;                                // [MQ, nb]
-  float* ksc = qsc + MQ * p.nb;                          // [BN, nb]
-  float* part = ksc + kScoreBN * p.nb;                   // [nslab, BN]
+  float* ksc_all = qsc + MQ * p.nb;                      // [2][BN, nb]
+  float* part = ksc_all + 2 * kScoreBN * p.nb;           // [nslab, BN]
   const int b = blockIdx.y, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, c4 = lane & 3;
-  const int r0 = blockIdx.x * p.QB;  // first row (relative to t0)
+  const int r0 = (gridDim.x - 1 - blockIdx.x) * p.QB;  // first row (relative to t0); longest blocks first
   const int nq = min(p.QB, p.R - r0);
   const int tmax = p.t0 + r0 + nq - 1;
   const int bytes_q = kFp8 ? p.D : 2 * p.D;
+  auto load_keys = [&](int buf, int s0) {
+    uint32_t* Kd = Ks + buf * kScoreBN * SW;
+    float* kd = ksc_all + buf * kScoreBN * p.nb;
+    if (p.async_k) {
+      const int cpr = p.Dw / 4;  // 16-byte chunks per padded row; bytes_q is a multiple of 16
+      for (int i = tid; i < kScoreBN * cpr; i += kScoreWarps * 32) {
+        const int row = i / cpr, ch = i % cpr, s = s0 + row;
+        const bool ok = s < p.T && ch * 16 < bytes_q;
+        const uint8_t* src = p.k + (static_cast<int64_t>(b) * p.T + (ok ? s : 0)) * bytes_q + (ok ? ch * 16 : 0);
+        cp_async16z(Kd + row * SW + ch * 4, src, ok ? 16 : 0);
+      }
+      if (kFp8)
+        for (int i = tid; i < kScoreBN * p.nb; i += kScoreWarps * 32) {
+          const int s = s0 + i / p.nb;
+          if (s < p.T) cp_async4(kd + i, p.k_scale + (static_cast<int64_t>(b) * p.T + s) * p.nb + i % p.nb);
+          else kd[i] = 0.f;
+        }
+    } else {
+      for (int row = warp; row < kScoreBN; row += kScoreWarps) {
+        const int s = s0 + row;
+        if (s < p.T) load_row(Kd + row * SW, p.k + (static_cast<int64_t>(b) * p.T + s) * bytes_q, bytes_q, p.Dw, lane, 32);
+        else for (int i = lane; i < p.Dw; i += 32) Kd[row * SW + i] = 0u;
+        if (kFp8)
+          for (int blk = lane; blk < p.nb; blk += 32)
+            kd[row * p.nb + blk] = s < p.T ? p.k_scale[(static_cast<int64_t>(b) * p.T + s) * p.nb + blk] : 0.f;
+      }
+    }
+    cp_async_commit_group();
+  };
+  load_keys(0, 0);
   // Query tile, weights and scales.
   for (int row = warp; row < MQ; row += kScoreWarps) {
     const int qi = row / p.Hp, j = row % p.Hp;
@@ -179,17 +224,15 @@ __global__ void __launch_bounds__(kScoreWarps * 32) score_kernel(ScoreParams p) 
   const int ksteps = p.Dw / 8;  // 32 bytes of k per mma
   const int ksteps_per_blk = kFp8 ? 4 : ksteps;
   const int nblk = kFp8 ? (ksteps + 3) / 4 : 1;
-  for (int s0 = 0; s0 <= tmax; s0 += kScoreBN) {
+  const int ntiles = tmax / kScoreBN + 1;
+  for (int it = 0; it < ntiles; ++it) {
+    const int s0 = it * kScoreBN;
+    if (it + 1 < ntiles) load_keys((it + 1) & 1, s0 + kScoreBN);
+    else cp_async_commit_group();
+    cp_async_wait_1();
     __syncthreads();
-    for (int row = warp; row < kScoreBN; row += kScoreWarps) {
-      const int s = s0 + row;
-      if (s < p.T) load_row(Ks + row * SW, p.k + (static_cast<int64_t>(b) * p.T + s) * bytes_q, bytes_q, p.Dw, lane, 32);
-      else for (int i = lane; i < p.Dw; i += 32) Ks[row * SW + i] = 0u;
-      if (kFp8)
-        for (int blk = lane; blk < p.nb; blk += 32)
-          ksc[row * p.nb + blk] = s < p.T ? p.k_scale[(static_cast<int64_t>(b) * p.T + s) * p.nb + blk] : 0.f;
-    }
-    __syncthreads();
+    const uint32_t* Ks_cur = Ks + (it & 1) * kScoreBN * SW;
+    const float* ksc = ksc_all + (it & 1) * kScoreBN * p.nb;
     for (int slab = warp; slab < nslab; slab += kScoreWarps) {
       const int m0 = slab * 16;
       float tot[8][4];
@@ -213,7 +256,7 @@ __global__ void __launch_bounds__(kScoreWarps * 32) score_kernel(ScoreParams p) 
           a[3] = Qs[(m0 + g + 8) * SW + kw + 4 + c4];
 #pragma unroll
           for (int nt = 0; nt < 8; ++nt) {
-            const uint32_t b0 = Ks[(nt * 8 + g) * SW + kw + c4], b1 = Ks[(nt * 8 + g) * SW + kw + 4 + c4];
+            const uint32_t b0 = Ks_cur[(nt * 8 + g) * SW + kw + c4], b1 = Ks_cur[(nt * 8 + g) * SW + kw + 4 + c4];
             if constexpr (kFp8) mma_fp8(acc[nt], a, b0, b1);
             else mma_bf16(acc[nt], a, b0, b1);
           }
@@ -270,49 +313,77 @@ struct TopkParams {
   int32_t* out;         // [B, T_out, K] i32: row out_row0 + r
   int B, R, T, t0, K, P;  // P = next power of two >= K
   int T_out, out_row0;
+  int cache;            // stage the row's keys in shared memory (T * 4 bytes after buf)
 };
 
 constexpr int kTopkThreads = 512;
 
-// NOTES: one CTA per row. Radix select (4 passes of 8 bits over the order-preserving key) finds the
-// K-th largest key thr; then every key > thr is taken and the first keys == thr in index order (a
-// block-wide ordered scan), so ties go to the lower index as on the CPU; the K winners are sorted by
-// (key desc, index asc) with a bitonic sort of 64-bit composites in shared memory.
+// NOTES: one CTA per row, rows from the last (longest) to the first. The row's order-preserving keys
+// are staged once in shared memory when the row fits (p.cache), else re-read from global per pass.
+// Radix select (4 passes of 8 bits) finds the K-th largest key thr; the histogram uses warp-aggregated
+// shared atomics (__match_any_sync: near-equal scores share the top digits, so plain atomics would
+// serialize) and one warp finds the digit with a suffix scan. Then every key > thr is taken and the
+// first keys == thr in index order (a block-wide ordered scan), so ties go to the lower index as on the
+// CPU; the K winners are sorted by (key desc, index asc) with a bitonic sort of 64-bit composites.
 __global__ void __launch_bounds__(kTopkThreads) topk_kernel(TopkParams p) {
-  extern __shared__ unsigned long long buf[];  // [P]
+  extern __shared__ unsigned long long buf[];  // [P], then (cache) keys u32 [T]
   __shared__ uint32_t hist[256];
   __shared__ uint32_t sh_sel[2];
   __shared__ uint32_t warp_cnt[kTopkThreads / 32];
   __shared__ uint32_t cnt_gt;
-  const int r = blockIdx.x, b = blockIdx.y, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int r = gridDim.x - 1 - blockIdx.x, b = blockIdx.y, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int t = p.t0 + r, n = t + 1;
   const float* row = p.scores + (static_cast<int64_t>(b) * p.R + r) * p.T;
+  uint32_t* kc = reinterpret_cast<uint32_t*>(buf + p.P);  // [T] (cache)
   for (int i = tid; i < p.P; i += blockDim.x) buf[i] = 0ull;
   __syncthreads();
   auto comp = [](uint32_t key, int idx) {
     return (static_cast<unsigned long long>(key) << 32) | static_cast<uint32_t>(0xffffffffu - static_cast<uint32_t>(idx));
   };
+  auto key_at = [&](int i) { return p.cache ? kc[i] : order_key(row[i]); };
   if (n <= p.K) {
     for (int i = tid; i < n; i += blockDim.x) buf[i] = comp(order_key(row[i]), i);
   } else {
+    if (p.cache) {
+      for (int i = tid; i < n; i += blockDim.x) kc[i] = order_key(row[i]);
+      __syncthreads();
+    }
     uint32_t prefix = 0, mask = 0, kk = p.K;
     for (int shift = 24; shift >= 0; shift -= 8) {
       for (int i = tid; i < 256; i += blockDim.x) hist[i] = 0;
       __syncthreads();
-      for (int i = tid; i < n; i += blockDim.x) {
-        const uint32_t key = order_key(row[i]);
-        if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1u);
+      for (int c0 = 0; c0 < n; c0 += blockDim.x) {  // uniform trip count: full-warp match_any
+        const int i = c0 + tid;
+        const uint32_t key = i < n ? key_at(i) : 0u;
+        const bool act = i < n && (key & mask) == prefix;
+        const uint32_t bin = (key >> shift) & 255u;
+        const uint32_t peers = __match_any_sync(0xffffffffu, act ? bin : 0xffffffffu);
+        if (act && __ffs(peers) - 1 == lane) atomicAdd(&hist[bin], static_cast<uint32_t>(__popc(peers)));
       }
       __syncthreads();
-      if (tid == 0) {
-        uint32_t cum = 0;
-        for (int d = 255; d >= 0; --d) {
-          if (cum + hist[d] >= kk) {
-            sh_sel[0] = static_cast<uint32_t>(d);
-            sh_sel[1] = kk - cum;
-            break;
+      if (warp == 0) {  // digit d with count(> d) < kk <= count(>= d); lane l owns bins 8l .. 8l + 7
+        uint32_t loc[8], sum = 0;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          loc[j] = hist[lane * 8 + j];
+          sum += loc[j];
+        }
+        uint32_t incl = sum;  // bins of lanes >= lane
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+          const uint32_t v = __shfl_down_sync(0xffffffffu, incl, o);
+          if (lane + o < 32) incl += v;
+        }
+        uint32_t cum = incl - sum;
+        if (cum < kk && kk <= incl) {
+          for (int j = 7; j >= 0; --j) {
+            if (cum + loc[j] >= kk) {
+              sh_sel[0] = static_cast<uint32_t>(lane * 8 + j);
+              sh_sel[1] = kk - cum;
+              break;
+            }
+            cum += loc[j];
           }
-          cum += hist[d];
         }
       }
       __syncthreads();
@@ -327,10 +398,11 @@ __global__ void __launch_bounds__(kTopkThreads) topk_kernel(TopkParams p) {
     uint32_t eq_base = 0;
     for (int c0 = 0; c0 < n; c0 += blockDim.x) {
       const int i = c0 + tid;
-      const uint32_t key = i < n ? order_key(row[i]) : 0u;
+      const uint32_t key = i < n ? key_at(i) : 0u;
       const bool gt = i < n && key > prefix, eq = i < n && key == prefix;
       if (gt) buf[atomicAdd(&cnt_gt, 1u)] = comp(key, i);
       const uint32_t bal = __ballot_sync(0xffffffffu, eq);
+      if (__syncthreads_or(bal != 0u) == 0) continue;  // no tie in this chunk (the common case)
       if (lane == 0) warp_cnt[warp] = __popc(bal);
       __syncthreads();
       uint32_t before = eq_base, total = 0;
@@ -425,10 +497,13 @@ void launch_scores(const ScoreOperands& o, const Tensor& w_I, int B, int T, int 
   p.Hp = static_cast<int>(ceil_div(Hi, 16) * 16);
   const int bytes = o.fp8 ? D : 2 * D;
   p.Dw = static_cast<int>(ceil_div(bytes, 32) * 8);
-  p.QB = std::max(1, 128 / p.Hp);
+  // NOTES: 256 query-heads per CTA (16 queries at Hi = 16, 4 at Hi = 64): each key tile feeds 16 slabs.
+  p.QB = std::max(1, 256 / p.Hp);
+  p.async_k = (bytes % 16 == 0 && reinterpret_cast<uintptr_t>(p.k) % 16 == 0 &&
+               (!o.fp8 || reinterpret_cast<uintptr_t>(p.k_scale) % 4 == 0)) ? 1 : 0;
   const int MQ = p.QB * p.Hp, SW = p.Dw + 4;
-  const size_t smem = sizeof(uint32_t) * (size_t)(MQ + kScoreBN) * SW +
-                      sizeof(float) * (size_t)(MQ + MQ * p.nb + kScoreBN * p.nb + (MQ / 16) * kScoreBN);
+  const size_t smem = sizeof(uint32_t) * (size_t)(MQ + 2 * kScoreBN) * SW +
+                      sizeof(float) * (size_t)(MQ + MQ * p.nb + 2 * kScoreBN * p.nb + (MQ / 16) * kScoreBN);
   DSA_CHECK(smem <= 200 * 1024, "[indexer_scores] Hi=", Hi, " D=", D, " needs ", smem, " bytes of shared memory");
   dim3 grid(static_cast<unsigned>(ceil_div(R, p.QB)), static_cast<unsigned>(B));
   if (o.fp8) {
@@ -445,9 +520,13 @@ void launch_scores(const ScoreOperands& o, const Tensor& w_I, int B, int T, int 
 namespace {
 
 void launch_topk(const float* scores, int B, int R, int T, int t0, int K, int32_t* out, int T_out, int out_row0) {
-  TopkParams p{scores, out, B, R, T, t0, K, 1, T_out, out_row0};
+  TopkParams p{scores, out, B, R, T, t0, K, 1, T_out, out_row0, 0};
   while (p.P < K) p.P <<= 1;
-  const size_t smem = sizeof(unsigned long long) * p.P;
+  size_t smem = sizeof(unsigned long long) * p.P;
+  if (smem + sizeof(uint32_t) * (size_t)T <= 160 * 1024) {
+    p.cache = 1;
+    smem += sizeof(uint32_t) * (size_t)T;
+  }
   DSA_CHECK(smem <= 200 * 1024, "[topk] K = ", K, " too large");
   cudaFuncSetAttribute(topk_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   topk_kernel<<<dim3(static_cast<unsigned>(R), static_cast<unsigned>(B)), kTopkThreads, smem, stream()>>>(p);

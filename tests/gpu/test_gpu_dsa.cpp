@@ -376,5 +376,53 @@ TEST(GpuDsa, Bench) {
   }
 }
 
+// Indexer top-k (scoring and selection timed apart) and the sparse KL (forward + backward) at the
+// bench-small shapes (T = 16K, Hi 16 x 64, K = 512, H = 16, Dk = 288) and the production shapes.
+TEST(GpuDsa, BenchIndexer) {
+  DSA_REQUIRE_GPU();
+  const char* e = std::getenv("DSA_GPU_BENCH");
+  if (!e || std::string(e) != "1") GTEST_SKIP() << "set DSA_GPU_BENCH=1";
+  struct Shape5 {
+    const char* name;
+    int64_t T, Hi, D, K;
+  };
+  for (const Shape5& c : {Shape5{"bench-small", 16384, 16, 64, 512}, Shape5{"production", 8192, 64, 128, 2048}}) {
+    const Tensor q = fast_bf16({1, c.T, c.Hi, c.D}, 1, 1.f), k = fast_bf16({1, c.T, c.D}, 2, 1.f),
+                 w = fast_bf16({1, c.T, c.Hi}, 3, 0.1f);
+    Tensor scores;
+    const double ms_s = median_ms([&] { scores = ops::indexer_scores_forward(q, k, w, 0, c.T); }, 3);
+    const double ms_k = median_ms([&] { ops::topk_causal(scores, 0, c.K); }, 3);
+    scores = Tensor();
+    const double ms_8 = median_ms([&] { ops::indexer_topk(q, k, w, c.K, true); }, 3);
+    const double ms_b = median_ms([&] { ops::indexer_topk(q, k, w, c.K, false); }, 3);
+    std::printf("[bench] %s T=%lld Hi=%lld D=%lld K=%lld: scores_forward(bf16, fill incl.) %.2f ms, topk_causal "
+                "%.2f ms, indexer_topk fp8 %.2f ms, bf16 %.2f ms\n",
+                c.name, (long long)c.T, (long long)c.Hi, (long long)c.D, (long long)c.K, ms_s, ms_k, ms_8, ms_b);
+  }
+  struct Shape8 {
+    const char* name;
+    int64_t T, H, Dk, Hi, D, K;
+  };
+  for (const Shape8& c : {Shape8{"bench-small", 16384, 16, 288, 16, 64, 512}, Shape8{"production", 4096, 128, 576, 64, 128, 2048}}) {
+    const Tensor qm = fast_bf16({1, c.T, c.H, c.Dk}, 4, 0.05f), kv = fast_bf16({1, c.T, c.Dk}, 5, 1.f);
+    const Tensor q = fast_bf16({1, c.T, c.Hi, c.D}, 6, 1.f), k = fast_bf16({1, c.T, c.D}, 7, 1.f),
+                 w = fast_bf16({1, c.T, c.Hi}, 8, 0.1f);
+    const Tensor idx = ops::indexer_topk(q, k, w, c.K, true);
+    const double scale = 1.0 / std::sqrt(static_cast<double>(c.Dk));
+    Tensor lse;
+    ops::sparse_attention_forward(qm, kv, c.Dk - 32, idx, scale, &lse);
+    ops::IndexerLossResult r;
+    const double ms_f = median_ms([&] { r = ops::indexer_kl_sparse(qm, kv, lse, scale, idx, q, k, w, true, 1e-3, nullptr); }, 3);
+    const double ms_fb = median_ms([&] {
+      ops::IndexerGrads g;
+      r = ops::indexer_kl_sparse(qm, kv, lse, scale, idx, q, k, w, true, 1e-3, &g);
+    }, 3);
+    std::printf("[bench] %s indexer_kl_sparse T=%lld H=%lld Dk=%lld Hi=%lld D=%lld K=%lld: fwd %.2f ms, fwd+bwd %.2f ms "
+                "(loss %.4f over %lld rows)\n",
+                c.name, (long long)c.T, (long long)c.H, (long long)c.Dk, (long long)c.Hi, (long long)c.D, (long long)c.K,
+                ms_f, ms_fb, r.loss_sum / std::max<int64_t>(1, r.rows), (long long)r.rows);
+  }
+}
+
 }  // namespace
 }  // namespace dsa
