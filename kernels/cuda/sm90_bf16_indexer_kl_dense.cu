@@ -12,6 +12,7 @@
 // NOTES: the fp8 scores use the dequantized Hadamard/FP8 operands (indexer_fp8_operands) in bf16: an
 // e4m3 code times a power-of-two scale is exact in bf16, and the products and f32 sums equal the
 // CPU reference's up to summation order.
+#include <algorithm>
 #include <cmath>
 
 #include "kernels/cuda/dsa_common.cuh"
@@ -54,23 +55,66 @@ __device__ __forceinline__ float ex2(float x) {
   return y;
 }
 
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 16 : 0) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory"); }
+
 // dst [rows, ld] (smem) = src rows r (at src + r * stride, `d` values each) for r < nvalid, zero elsewhere
-// and in columns d .. dpad-1 (dpad a multiple of 16). vec: d % 8 == 0, stride % 8 == 0, src 16-byte aligned.
-__device__ __forceinline__ void load_tile(bf16_t* dst, int ld, int dpad, const bf16_t* src, int64_t stride,
-                                          int nvalid, int d, int rows, bool vec) {
+// and in columns d .. dpad-1 (dpad a multiple of 16). vec: d % 8 == 0, stride % 8 == 0, src 16-byte aligned:
+// asynchronous 16-byte copies (the caller commits and waits); otherwise plain stores.
+__device__ __forceinline__ void load_tile_async(bf16_t* dst, int ld, int dpad, const bf16_t* src, int64_t stride,
+                                                int nvalid, int d, int rows, bool vec) {
   if (vec) {
     const int cpr = dpad / 8;
     for (int i = threadIdx.x; i < rows * cpr; i += blockDim.x) {
       const int r = i / cpr, c = (i % cpr) * 8;
-      uint4 v = make_uint4(0u, 0u, 0u, 0u);
-      if (r < nvalid && c < d) v = __ldg(reinterpret_cast<const uint4*>(src + r * stride + c));
-      *reinterpret_cast<uint4*>(dst + r * ld + c) = v;
+      const bool ok = r < nvalid && c < d;
+      cp_async16(dst + r * ld + c, ok ? src + r * stride + c : src, ok);
     }
   } else {
     for (int i = threadIdx.x; i < rows * dpad; i += blockDim.x) {
       const int r = i / dpad, c = i % dpad;
       dst[r * ld + c] = (r < nvalid && c < d) ? src[r * stride + c] : __float2bfloat16_rn(0.f);
     }
+  }
+}
+// As load_tile_async, then waits for every copy of this thread (the caller still syncs the block).
+__device__ __forceinline__ void load_tile(bf16_t* dst, int ld, int dpad, const bf16_t* src, int64_t stride, int nvalid,
+                                          int d, int rows, bool vec) {
+  load_tile_async(dst, ld, dpad, src, stride, nvalid, d, rows, vec);
+  cp_async_commit();
+  cp_async_wait<0>();
+}
+
+// For heads i = 0 .. n-1: a per-head A tile (load_a(buf, i)) against a fixed B tile (load_b()), then
+// fn(buf, i) on the block's loaded tiles. dbl: the next head's tile is prefetched into the second
+// buffer while fn runs. Starts with a block barrier (earlier readers of the buffers are done).
+template <class LoadB, class LoadA, class Fn>
+__device__ __forceinline__ void head_loop(int n, bool dbl, bf16_t* buf0, bf16_t* buf1, LoadB load_b, LoadA load_a,
+                                          Fn fn) {
+  __syncthreads();
+  load_b();
+  load_a(buf0, 0);
+  cp_async_commit();
+  for (int i = 0; i < n; ++i) {
+    if (i > 0) __syncthreads();
+    if (dbl && i + 1 < n) {
+      load_a((i & 1) ? buf0 : buf1, i + 1);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else if (!dbl && i > 0) {
+      load_a(buf0, i);
+      cp_async_commit();
+      cp_async_wait<0>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    fn((dbl && (i & 1)) ? buf1 : buf0, i);
   }
 }
 
@@ -124,6 +168,7 @@ struct FusedParams {
   int T, H, Hk, Dk, DkP, Hi, D, DP, t0, R, Tw;
   float scale_log2, c, gs;
   bool vec_main, vec_idx;
+  bool dbl_main, dbl_idx;  // double-buffered per-head tiles (when shared memory allows)
 };
 
 // 8 warps: warp w owns rows 16 (w % 4) .. +15 of the CTA's 64 and keys 64 (w / 4) .. +63 of each tile.
@@ -132,10 +177,14 @@ __global__ void __launch_bounds__(kFusedThreads) fused_kernel(FusedParams p) {
   extern __shared__ __align__(16) unsigned char smraw[];
   __shared__ float fin[kBM][5];
   const int SK = p.DkP + 8, SI = p.DP + 8;
-  bf16_t* Qs = reinterpret_cast<bf16_t*>(smraw);  // [kBM, SK] one head's queries
-  bf16_t* Ks = Qs + kBM * SK;                      // [kBN, SK] one key head's keys
-  bf16_t* QIs = Qs;                                // [kBM, SI] (index phase reuses the region)
-  bf16_t* KIs = Qs + kBM * SI;                     // [kBN, SI]
+  // Main phase: Qs [kBM, SK] (and Qs2 when dbl_main) one head's queries, Ks [kBN, SK] one key head's keys;
+  // the index phase reuses the region: QIs [kBM, SI] (QIs2 when dbl_idx), KIs [kBN, SI].
+  bf16_t* Qs = reinterpret_cast<bf16_t*>(smraw);
+  bf16_t* Qs2 = Qs + kBM * SK;
+  bf16_t* Ks = Qs + (p.dbl_main ? 2 : 1) * kBM * SK;
+  bf16_t* QIs = Qs;
+  bf16_t* QIs2 = Qs + kBM * SI;
+  bf16_t* KIs = Qs + (p.dbl_idx ? 2 : 1) * kBM * SI;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, c4 = lane & 3;
   const int rs = warp & 3, kh = warp >> 2;
   const int b = blockIdx.y, r0 = blockIdx.x * kBM;
@@ -162,32 +211,35 @@ __global__ void __launch_bounds__(kFusedThreads) fused_kernel(FusedParams p) {
       for (int e = 0; e < 4; ++e) A[nt][e] = 0.f;
     // (1) head-summed main attention probabilities.
     for (int hk = 0; hk < p.Hk; ++hk) {
-      __syncthreads();
-      load_tile(Ks, SK, p.DkP, p.km + ((b * T + s0) * p.Hk + hk) * p.Dk, (int64_t)p.Hk * p.Dk, kvalid, p.Dk, kBN,
-                p.vec_main);
-      for (int i = 0; i < grp; ++i) {
-        const int h = hk * grp + i;
-        if (i > 0) __syncthreads();
-        load_tile(Qs, SK, p.DkP, p.qm + ((b * T + p.t0 + r0) * p.H + h) * p.Dk, (int64_t)p.H * p.Dk, nrows, p.Dk,
-                  kBM, p.vec_main);
-        __syncthreads();
-        float S[8][4];
+      head_loop(
+          grp, p.dbl_main, Qs, Qs2,
+          [&] {
+            load_tile_async(Ks, SK, p.DkP, p.km + ((b * T + s0) * p.Hk + hk) * p.Dk, (int64_t)p.Hk * p.Dk, kvalid,
+                            p.Dk, kBN, p.vec_main);
+          },
+          [&](bf16_t* dst, int i) {
+            load_tile_async(dst, SK, p.DkP, p.qm + ((b * T + p.t0 + r0) * p.H + hk * grp + i) * p.Dk,
+                            (int64_t)p.H * p.Dk, nrows, p.Dk, kBM, p.vec_main);
+          },
+          [&](const bf16_t* Qc, int i) {
+            const int h = hk * grp + i;
+            float S[8][4];
 #pragma unroll
-        for (int nt = 0; nt < 8; ++nt)
+            for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) S[nt][e] = 0.f;
-        warp_gemm_nt(S, Qs + rs * 16 * SK, SK, Ks + kh * 64 * SK, SK, p.DkP / 16, g, c4);
-        const float la = va ? p.lse[(b * p.H + h) * T + ta] * 1.4426950408889634f : 0.f;
-        const float lb = vb ? p.lse[(b * p.H + h) * T + tb] * 1.4426950408889634f : 0.f;
+              for (int e = 0; e < 4; ++e) S[nt][e] = 0.f;
+            warp_gemm_nt(S, Qc + rs * 16 * SK, SK, Ks + kh * 64 * SK, SK, p.DkP / 16, g, c4);
+            const float la = va ? p.lse[(b * p.H + h) * T + ta] * 1.4426950408889634f : 0.f;
+            const float lb = vb ? p.lse[(b * p.H + h) * T + tb] * 1.4426950408889634f : 0.f;
 #pragma unroll
-        for (int nt = 0; nt < 8; ++nt)
+            for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int s = s0 + kh * 64 + nt * 8 + 2 * c4 + (e & 1);
-            const bool ok = e < 2 ? (va && s <= ta) : (vb && s <= tb);
-            if (ok) A[nt][e] += ex2(S[nt][e] * p.scale_log2 - (e < 2 ? la : lb));
-          }
-      }
+              for (int e = 0; e < 4; ++e) {
+                const int s = s0 + kh * 64 + nt * 8 + 2 * c4 + (e & 1);
+                const bool ok = e < 2 ? (va && s <= ta) : (vb && s <= tb);
+                if (ok) A[nt][e] += ex2(S[nt][e] * p.scale_log2 - (e < 2 ? la : lb));
+              }
+          });
     }
     if constexpr (kMode == kRecall) {
 #pragma unroll
@@ -209,26 +261,27 @@ __global__ void __launch_bounds__(kFusedThreads) fused_kernel(FusedParams p) {
       for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) I[nt][e] = 0.f;
-      __syncthreads();
-      load_tile(KIs, SI, p.DP, p.ks + (b * T + s0) * p.D, p.D, kvalid, p.D, kBN, p.vec_idx);
-      for (int j = 0; j < p.Hi; ++j) {
-        if (j > 0) __syncthreads();
-        load_tile(QIs, SI, p.DP, p.qs + ((b * T + p.t0 + r0) * p.Hi + j) * p.D, (int64_t)p.Hi * p.D, nrows, p.D, kBM,
-                  p.vec_idx);
-        __syncthreads();
-        float Z[8][4];
+      head_loop(
+          p.Hi, p.dbl_idx, QIs, QIs2,
+          [&] { load_tile_async(KIs, SI, p.DP, p.ks + (b * T + s0) * p.D, p.D, kvalid, p.D, kBN, p.vec_idx); },
+          [&](bf16_t* dst, int j) {
+            load_tile_async(dst, SI, p.DP, p.qs + ((b * T + p.t0 + r0) * p.Hi + j) * p.D, (int64_t)p.Hi * p.D, nrows,
+                            p.D, kBM, p.vec_idx);
+          },
+          [&](const bf16_t* QIc, int j) {
+            float Z[8][4];
 #pragma unroll
-        for (int nt = 0; nt < 8; ++nt)
+            for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) Z[nt][e] = 0.f;
-        warp_gemm_nt(Z, QIs + rs * 16 * SI, SI, KIs + kh * 64 * SI, SI, p.DP / 16, g, c4);
-        const float wa = va ? __bfloat162float(p.w[(b * T + ta) * p.Hi + j]) * p.c : 0.f;
-        const float wb = vb ? __bfloat162float(p.w[(b * T + tb) * p.Hi + j]) * p.c : 0.f;
+              for (int e = 0; e < 4; ++e) Z[nt][e] = 0.f;
+            warp_gemm_nt(Z, QIc + rs * 16 * SI, SI, KIs + kh * 64 * SI, SI, p.DP / 16, g, c4);
+            const float wa = va ? __bfloat162float(p.w[(b * T + ta) * p.Hi + j]) * p.c : 0.f;
+            const float wb = vb ? __bfloat162float(p.w[(b * T + tb) * p.Hi + j]) * p.c : 0.f;
 #pragma unroll
-        for (int nt = 0; nt < 8; ++nt)
+            for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) I[nt][e] += (e < 2 ? wa : wb) * fmaxf(Z[nt][e], 0.f);
-      }
+              for (int e = 0; e < 4; ++e) I[nt][e] += (e < 2 ? wa : wb) * fmaxf(Z[nt][e], 0.f);
+          });
       // (3) row statistics (stats) or dI (grad).
       if constexpr (kMode == kStats) {
 #pragma unroll
@@ -422,9 +475,9 @@ __global__ void __launch_bounds__(kBwdThreads) idx_dk_kernel(IdxBwdParams p) {
   constexpr int S = kDP + 8;
   extern __shared__ __align__(16) unsigned char smraw[];
   bf16_t* Ks = reinterpret_cast<bf16_t*>(smraw);  // [64, S] keys
-  bf16_t* Qs = Ks + 64 * S;                        // [64, S] one head's queries
-  float(*dIs)[65] = reinterpret_cast<float(*)[65]>(Qs + 64 * S);  // [64 tokens, 65]
-  __shared__ float ws[64];
+  bf16_t* Qs = Ks + 64 * S;                        // [2][64, S] one head's queries (double-buffered)
+  float(*dIs)[65] = reinterpret_cast<float(*)[65]>(Qs + 2 * 64 * S);  // [64 tokens, 65]
+  __shared__ float ws[2][64];  // per buffer: w_j c of the tile's tokens
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, c4 = lane & 3;
   const int b = blockIdx.y, k0 = blockIdx.x * 64;
   const int64_t T = p.T;
@@ -438,31 +491,38 @@ __global__ void __launch_bounds__(kBwdThreads) idx_dk_kernel(IdxBwdParams p) {
   const int ka = warp * 16 + g;  // local keys ka, ka + 8
   for (int tb0 = max(p.t0, k0); tb0 < t1; tb0 += 64) {
     const int ntok = min(64, t1 - tb0);
-    __syncthreads();
-    for (int i = tid; i < 64 * 64; i += blockDim.x) {
-      const int tt = i >> 6, ss = i & 63, t = tb0 + tt, s = k0 + ss;
-      dIs[tt][ss] = (tt < ntok && s <= t) ? p.dI[((int64_t)b * p.R + (t - p.t0)) * T + s] : 0.f;
-    }
-    for (int j = 0; j < p.Hi; ++j) {
-      __syncthreads();
-      load_tile(Qs, S, kDP, p.q + ((b * T + tb0) * p.Hi + j) * p.D, (int64_t)p.Hi * p.D, ntok, p.D, 64, p.vec);
-      if (tid < 64) ws[tid] = tid < ntok ? __bfloat162float(p.w[(b * T + tb0 + tid) * p.Hi + j]) * p.c : 0.f;
-      __syncthreads();
-      float Z[8][4];
+    head_loop(
+        p.Hi, true, Qs, Qs + 64 * S,
+        [&] {
+          for (int i = tid; i < 64 * 64; i += blockDim.x) {
+            const int tt = i >> 6, ss = i & 63, t = tb0 + tt, s = k0 + ss;
+            dIs[tt][ss] = (tt < ntok && s <= t) ? p.dI[((int64_t)b * p.R + (t - p.t0)) * T + s] : 0.f;
+          }
+        },
+        [&](bf16_t* dst, int j) {
+          load_tile_async(dst, S, kDP, p.q + ((b * T + tb0) * p.Hi + j) * p.D, (int64_t)p.Hi * p.D, ntok, p.D, 64,
+                          p.vec);
+          if (tid < 64)
+            ws[dst == Qs ? 0 : 1][tid] =
+                tid < ntok ? __bfloat162float(p.w[(b * T + tb0 + tid) * p.Hi + j]) * p.c : 0.f;
+        },
+        [&](const bf16_t* Qc, int) {
+          const float* wb = ws[Qc == Qs ? 0 : 1];
+          float Z[8][4];
 #pragma unroll
-      for (int nt = 0; nt < 8; ++nt)
+          for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) Z[nt][e] = 0.f;
-      warp_gemm_nt(Z, Ks + warp * 16 * S, S, Qs, S, kDP / 16, g, c4);
+            for (int e = 0; e < 4; ++e) Z[nt][e] = 0.f;
+          warp_gemm_nt(Z, Ks + warp * 16 * S, S, Qc, S, kDP / 16, g, c4);
 #pragma unroll
-      for (int nt = 0; nt < 8; ++nt)
+          for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int tt = nt * 8 + 2 * c4 + (e & 1), kl = e < 2 ? ka : ka + 8;
-          Z[nt][e] = Z[nt][e] > 0.f ? dIs[tt][kl] * ws[tt] : 0.f;
-        }
-      warp_gemm_pv<kDP>(O, Z, Qs, S, g, c4);
-    }
+            for (int e = 0; e < 4; ++e) {
+              const int tt = nt * 8 + 2 * c4 + (e & 1), kl = e < 2 ? ka : ka + 8;
+              Z[nt][e] = Z[nt][e] > 0.f ? dIs[tt][kl] * wb[tt] : 0.f;
+            }
+          warp_gemm_pv<kDP>(O, Z, Qc, S, g, c4);
+        });
   }
 #pragma unroll
   for (int dn = 0; dn < kDP / 8; ++dn)
@@ -539,10 +599,14 @@ FusedParams main_params(const Tensor& q_main, const Tensor& k_main, const Tensor
 }
 
 template <int kMode>
-void launch_fused(const char* op, const FusedParams& p, int64_t B) {
-  const int64_t cols = kMode == kRecall ? p.DkP + 8 : std::max(p.DkP + 8, p.DP + 8);
-  const size_t smem = sizeof(bf16_t) * static_cast<size_t>((kBM + kBN) * cols);
-  DSA_CHECK(smem + sizeof(float) * kBM * 5 <= 227 * 1024, "[", op, "] head dim ", p.Dk, " (or indexer dim ", p.D,
+void launch_fused(const char* op, FusedParams p, int64_t B) {
+  constexpr size_t kLimit = 227 * 1024 - sizeof(float) * kBM * 5;
+  auto bytes = [](int nbuf, int cols) { return sizeof(bf16_t) * static_cast<size_t>((nbuf * kBM + kBN) * (cols + 8)); };
+  p.dbl_main = bytes(2, p.DkP) <= kLimit;
+  p.dbl_idx = bytes(2, p.DP) <= kLimit;
+  size_t smem = bytes(p.dbl_main ? 2 : 1, p.DkP);
+  if (kMode != kRecall) smem = std::max(smem, bytes(p.dbl_idx ? 2 : 1, p.DP));
+  DSA_CHECK(smem <= kLimit, "[", op, "] head dim ", p.Dk, " (or indexer dim ", p.D,
             ") too large for the fused kernel's shared memory");
   DSA_CUDA_CHECK(cudaFuncSetAttribute(fused_kernel<kMode>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
   const dim3 grid(static_cast<unsigned>(ceil_div(p.R, kBM)), static_cast<unsigned>(B));
@@ -552,7 +616,8 @@ void launch_fused(const char* op, const FusedParams& p, int64_t B) {
 
 template <int kDP>
 void launch_idx_bwd(const char* op, const IdxBwdParams& p, int64_t B) {
-  const size_t smem_q = sizeof(bf16_t) * 2 * 64 * (kDP + 8), smem_k = smem_q + sizeof(float) * 64 * 65;
+  const size_t smem_q = sizeof(bf16_t) * 2 * 64 * (kDP + 8);
+  const size_t smem_k = sizeof(bf16_t) * 3 * 64 * (kDP + 8) + sizeof(float) * 64 * 65;
   DSA_CUDA_CHECK(cudaFuncSetAttribute(idx_dq_kernel<kDP>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_q));
   DSA_CUDA_CHECK(cudaFuncSetAttribute(idx_dk_kernel<kDP>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_k));
   const dim3 gq(static_cast<unsigned>(ceil_div((int64_t)p.R * p.Hi, 64)), static_cast<unsigned>(B));
