@@ -1,9 +1,6 @@
-// Indexer KL losses and recall on the GPU, streamed by query-row blocks (never [B, T, T] or [H, T, T]):
-// the main attention's head-summed probabilities are rebuilt from q_main / k_main / lse with batched
-// cuBLASLt GEMMs into a bounded f32 scratch [H, R, t1]; the indexer scores come from the tensor-core
-// scoring kernel (fp8 or bf16); one CTA per row does the softmax / KL / dI; the scoring backward runs
-// as GEMMs (dq_I = G k_I, dk_I += G^T q_I with G = dI * w * D^-0.5 * [z > 0]) into f32 scratch.
-// The sparse loss gathers the selected latent rows like the sparse attention and works slot by slot.
+// Sparse indexer KL loss on the GPU (the dense loss and the recall are flash-style kernels in
+// sm90_bf16_indexer_kl_dense.cu): the selected latent rows are gathered like the sparse attention
+// and the loss works slot by slot.
 // NOTES: straight-through over FP8 as on the CPU: the forward I uses the FP8 operands, the backward the
 // unquantized bf16 q_I, k_I.
 #include <cmath>
@@ -20,122 +17,6 @@ namespace {
 
 const __nv_bfloat16* bf(const Tensor& t) { return reinterpret_cast<const __nv_bfloat16*>(t.data<bf16>()); }
 __nv_bfloat16* bf(Tensor& t) { return reinterpret_cast<__nv_bfloat16*>(t.data<bf16>()); }
-
-struct DenseRowParams {
-  const float* S;        // [H, R, t1] scaled scores of batch b
-  const float* lse;      // [B, H, T]
-  const float* I;        // [B, R, T] indexer scores (KL mode)
-  float* dI;             // [B, R, T]: scratch for the target, then dI (KL mode)
-  const int32_t* idx;    // [B, T, K] (recall mode)
-  float* row_out;        // [B, T]: KL or recall per row
-  int b, B, T, H, R, t0, t1, K;
-  float gs;
-  int with_grad;
-};
-
-// Mode 0: KL(p || softmax(I)) and dI; mode 1: recall over the distinct valid indices (bitmap in smem).
-template <int kMode>
-__global__ void dense_row_kernel(DenseRowParams p) {
-  extern __shared__ uint32_t bitmap[];  // [ceil(T / 32)] (recall)
-  __shared__ float red[32];
-  const int r = blockIdx.x, t = p.t0 + r, n = t + 1, tid = threadIdx.x;
-  const int64_t Rt = static_cast<int64_t>(p.R) * p.t1;
-  float* drow = p.dI ? p.dI + (static_cast<int64_t>(p.b) * p.R + r) * p.T : nullptr;
-  auto target = [&](int s) {
-    float v = 0.f;
-    for (int h = 0; h < p.H; ++h)
-      v += expf(p.S[h * Rt + static_cast<int64_t>(r) * p.t1 + s] - p.lse[(static_cast<int64_t>(p.b) * p.H + h) * p.T + t]);
-    return v;
-  };
-  float psum = 0.f;
-  if constexpr (kMode == 0) {
-    const float* irow = p.I + (static_cast<int64_t>(p.b) * p.R + r) * p.T;
-    float imax = -INFINITY;
-    for (int s = tid; s < n; s += blockDim.x) {
-      const float v = target(s);
-      drow[s] = v;
-      psum += v;
-      imax = fmaxf(imax, irow[s]);
-    }
-    psum = block_sum(psum, red);
-    imax = block_max(imax, red);
-    float z = 0.f;
-    for (int s = tid; s < n; s += blockDim.x) z += expf(irow[s] - imax);
-    z = block_sum(z, red);
-    const float log_z = imax + logf(z);
-    float kl = 0.f;
-    for (int s = tid; s < n; s += blockDim.x) {
-      const float pt = drow[s] / psum, log_q = irow[s] - log_z;
-      if (pt > 0.f) kl += pt * (logf(pt) - log_q);
-      drow[s] = p.gs * (expf(log_q) - pt);
-    }
-    kl = block_sum(kl, red);
-    if (tid == 0) p.row_out[static_cast<int64_t>(p.b) * p.T + t] = kl;
-  } else {
-    for (int i = tid; i < (p.T + 31) / 32; i += blockDim.x) bitmap[i] = 0u;
-    for (int s = tid; s < n; s += blockDim.x) psum += target(s);
-    psum = block_sum(psum, red);  // (syncs: the bitmap is cleared before use)
-    const int32_t* ir = p.idx + (static_cast<int64_t>(p.b) * p.T + t) * p.K;
-    float m = 0.f;
-    for (int k = tid; k < p.K; k += blockDim.x) {
-      const int32_t s = ir[k];
-      if (s < 0 || s > t) continue;
-      const uint32_t bit = 1u << (s & 31);
-      if (atomicOr(&bitmap[s >> 5], bit) & bit) continue;  // each token's mass counts once
-      m += target(s);
-    }
-    m = block_sum(m, red);
-    if (tid == 0) p.row_out[static_cast<int64_t>(p.b) * p.T + t] = m / psum;
-  }
-}
-
-// G [R*Hi, t1] bf16 = dI * w * c * [z > 0] (s <= t), dw[b, t, j] = c * sum_s dI * z * [z > 0]; one CTA per (r, j).
-__global__ void indexer_grad_rows_kernel(const float* __restrict__ Z /*[R*Hi, t1]*/, const float* __restrict__ dI /*[R, T] of b*/,
-                                         const __nv_bfloat16* __restrict__ w /*[B, T, Hi]*/, int b, int T, int Hi, int t0,
-                                         int t1, float c, __nv_bfloat16* __restrict__ G, float* __restrict__ dw /*[B, T, Hi]*/) {
-  __shared__ float red[32];
-  const int row = blockIdx.x, r = row / Hi, j = row % Hi, t = t0 + r;
-  const int64_t tok = static_cast<int64_t>(b) * T + t;
-  const float wj = __bfloat162float(w[tok * Hi + j]) * c;
-  float acc = 0.f;
-  for (int s = threadIdx.x; s < t1; s += blockDim.x) {
-    const float z = Z[static_cast<int64_t>(row) * t1 + s];
-    const float g = (s <= t && z > 0.f) ? dI[static_cast<int64_t>(r) * T + s] : 0.f;
-    G[static_cast<int64_t>(row) * t1 + s] = __float2bfloat16_rn(g * wj);
-    acc += g * z;
-  }
-  acc = block_sum(acc, red);
-  if (threadIdx.x == 0) dw[tok * Hi + j] = acc * c;
-}
-
-// Head-summed main scores of batch b, rows t0..t0+R-1, keys 0..t1-1: S [H, R, t1] = scale * q k^T.
-void main_scores(const char* op, const Tensor& q_main, const Tensor& k_main, double scale, int64_t b, int64_t t0,
-                 int64_t R, int64_t t1, float* S) {
-  const int64_t T = q_main.size(1), H = q_main.size(2), Dk = q_main.size(3), Hk = k_main.size(2), g = H / Hk;
-  for (int64_t i = 0; i < g; ++i) {  // heads h = hk * g + i share key head hk
-    RowGemm m;
-    m.tb = true;
-    m.M = R; m.N = t1; m.K = Dk;
-    m.A = bf(q_main) + ((b * T + t0) * H + i) * Dk; m.lda = H * Dk; m.strideA = g * Dk;
-    m.B = bf(k_main) + (b * T * Hk) * Dk; m.ldb = Hk * Dk; m.strideB = Dk;
-    m.C = S + i * R * t1; m.ldc = t1; m.strideC = g * R * t1;
-    m.alpha = static_cast<float>(scale);
-    m.batch = Hk;
-    row_gemm(op, m);
-  }
-}
-
-void check_main_gpu(const char* op, const Tensor& q, const Tensor& k, const Tensor& lse) {
-  expect_cuda(op, "q_main", q, DType::BF16);
-  expect_cuda(op, "k_main", k, DType::BF16);
-  expect_cuda(op, "lse_main", lse, DType::F32);
-  expect_shape(op, "q_main", q, {-1, -1, -1, -1});
-  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), Dk = q.size(3);
-  expect_shape(op, "k_main", k, {B, T, -1, Dk});
-  const int64_t Hk = k.size(2);
-  DSA_CHECK(Hk >= 1 && H % Hk == 0, "[", op, "] key heads ", Hk, " must divide query heads ", H);
-  expect_shape(op, "lse_main", lse, {B, H, T});
-}
 
 void check_indexer_gpu(const char* op, const Tensor& q_main, const Tensor& q_I, const Tensor& k_I, const Tensor& w_I) {
   expect_cuda(op, "q_I", q_I, DType::BF16);
@@ -460,84 +341,6 @@ __global__ void __launch_bounds__(kSparseWarps * 32) sparse_kl_kernel(SparseKlPa
 
 }  // namespace
 
-ops::IndexerLossResult indexer_kl_dense(const Tensor& q_main, const Tensor& k_main, const Tensor& lse_main,
-                                        double scale, const Tensor& q_I, const Tensor& k_I, const Tensor& w_I, bool fp8,
-                                        double grad_scale, ops::IndexerGrads* grads, int64_t block_rows) {
-  const char* op = "indexer_kl_dense";
-  check_main_gpu(op, q_main, k_main, lse_main);
-  check_indexer_gpu(op, q_main, q_I, k_I, w_I);
-  DSA_CHECK(block_rows >= 0, "[", op, "] block_rows must be >= 0, got ", block_rows);
-  const int64_t B = q_main.size(0), T = q_main.size(1), H = q_main.size(2), Hi = q_I.size(2), D = q_I.size(3);
-  if (fp8) DSA_CHECK((D & (D - 1)) == 0, "[", op, "] fp8 needs a power-of-two head dim, got ", D);
-  ops::IndexerLossResult res;
-  if (B * T == 0) return res;
-  const ScoreOperands o = make_operands(q_I, k_I, fp8);
-  const int64_t per_row = T * (8 * B + 4 * H + (grads ? 6 * Hi : 0));
-  const int64_t rb = block_rows > 0 ? std::min(block_rows, T) : rows_for_budget(T, per_row, int64_t(512) << 20);
-  Tensor I = Tensor::empty({B, rb, T}, DType::F32, Device::CUDA);
-  Tensor dI = Tensor::empty({B, rb, T}, DType::F32, Device::CUDA);
-  Tensor S = Tensor::empty({H, rb, T}, DType::F32, Device::CUDA);
-  Tensor row_loss = Tensor::empty({B, T}, DType::F32, Device::CUDA);
-  Tensor Z, G, dq32, dk32, dw32;
-  if (grads) {
-    Z = Tensor::empty({rb * Hi, T}, DType::F32, Device::CUDA);
-    G = Tensor::empty({rb * Hi, T}, DType::BF16, Device::CUDA);
-    dq32 = Tensor::empty(q_I.shape(), DType::F32, Device::CUDA);
-    dk32 = Tensor::zeros(k_I.shape(), DType::F32, Device::CUDA);
-    dw32 = Tensor::empty(w_I.shape(), DType::F32, Device::CUDA);
-  }
-  const float c = 1.0f / std::sqrt(static_cast<float>(D));
-  for (int64_t t0 = 0; t0 < T; t0 += rb) {
-    const int64_t t1 = std::min(T, t0 + rb), R = t1 - t0;
-    launch_scores(o, w_I, (int)B, (int)T, (int)Hi, (int)D, (int)t0, (int)R, I.data<float>());
-    for (int64_t b = 0; b < B; ++b) {
-      main_scores(op, q_main, k_main, scale, b, t0, R, t1, S.data<float>());
-      DenseRowParams p{S.data<float>(), lse_main.data<float>(), I.data<float>(), dI.data<float>(), nullptr,
-                       row_loss.data<float>(), (int)b, (int)B, (int)T, (int)H, (int)R, (int)t0, (int)t1, 0,
-                       static_cast<float>(grad_scale), grads ? 1 : 0};
-      dense_row_kernel<0><<<static_cast<unsigned>(R), 256, 0, stream()>>>(p);
-      check_launch(op);
-      if (!grads) continue;
-      RowGemm zg;  // Z [R*Hi, t1] = q_I[b, t0:t1] k_I[b, 0:t1]^T
-      zg.tb = true;
-      zg.M = R * Hi; zg.N = t1; zg.K = D;
-      zg.A = bf(q_I) + (b * T + t0) * Hi * D; zg.lda = D;
-      zg.B = bf(k_I) + b * T * D; zg.ldb = D;
-      zg.C = Z.data<float>(); zg.ldc = t1;
-      row_gemm(op, zg);
-      indexer_grad_rows_kernel<<<static_cast<unsigned>(R * Hi), 128, 0, stream()>>>(
-          Z.data<float>(), dI.data<float>() + b * R * T, bf(w_I), (int)b, (int)T, (int)Hi, (int)t0, (int)t1, c, bf(G),
-          dw32.data<float>());
-      check_launch(op);
-      RowGemm qg;  // dq_I rows = G [R*Hi, t1] k_I [t1, D]
-      qg.M = R * Hi; qg.N = D; qg.K = t1;
-      qg.A = bf(G); qg.lda = t1;
-      qg.B = bf(k_I) + b * T * D; qg.ldb = D;
-      qg.C = dq32.data<float>() + (b * T + t0) * Hi * D; qg.ldc = D;
-      row_gemm(op, qg);
-      RowGemm kg;  // dk_I[b, 0:t1] += G^T [t1, R*Hi] q_I rows [R*Hi, D]
-      kg.ta = true;
-      kg.M = t1; kg.N = D; kg.K = R * Hi;
-      kg.A = bf(G); kg.lda = t1;
-      kg.B = bf(q_I) + (b * T + t0) * Hi * D; kg.ldb = D;
-      kg.C = dk32.data<float>() + b * T * D; kg.ldc = D;
-      kg.beta = 1.f;
-      row_gemm(op, kg);
-    }
-  }
-  res.loss_sum = host_sum(row_loss);
-  res.rows = B * T;
-  if (grads) {
-    grads->dq = Tensor::empty(q_I.shape(), DType::BF16, Device::CUDA);
-    grads->dk = Tensor::empty(k_I.shape(), DType::BF16, Device::CUDA);
-    grads->dw = Tensor::empty(w_I.shape(), DType::BF16, Device::CUDA);
-    cast_f32_to_bf16(dq32.data<float>(), bf(grads->dq), dq32.numel(), op);
-    cast_f32_to_bf16(dk32.data<float>(), bf(grads->dk), dk32.numel(), op);
-    cast_f32_to_bf16(dw32.data<float>(), bf(grads->dw), dw32.numel(), op);
-  }
-  return res;
-}
-
 ops::IndexerLossResult indexer_kl_sparse(const Tensor& q_main, const Tensor& kv, const Tensor& lse_sparse,
                                          double scale, const Tensor& indices, const Tensor& q_I, const Tensor& k_I,
                                          const Tensor& w_I, bool fp8, double grad_scale, ops::IndexerGrads* grads) {
@@ -602,37 +405,6 @@ ops::IndexerLossResult indexer_kl_sparse(const Tensor& q_main, const Tensor& kv,
   if (grads) cast_f32_to_bf16(dk32.data<float>(), bf(grads->dk), dk32.numel(), op);
   res.loss_sum = host_sum(row_loss);
   res.rows = static_cast<int64_t>(std::llround(host_sum(counted)));
-  return res;
-}
-
-ops::IndexerRecall indexer_recall(const Tensor& q_main, const Tensor& k_main, const Tensor& lse_main, double scale,
-                                  const Tensor& indices, int64_t block_rows) {
-  const char* op = "indexer_recall";
-  check_main_gpu(op, q_main, k_main, lse_main);
-  DSA_CHECK(block_rows >= 0, "[", op, "] block_rows must be >= 0, got ", block_rows);
-  const int64_t B = q_main.size(0), T = q_main.size(1), H = q_main.size(2);
-  check_indices_gpu(op, indices, B, T);
-  ops::IndexerRecall res;
-  if (B * T == 0) return res;
-  const int64_t rb = block_rows > 0 ? std::min(block_rows, T) : rows_for_budget(T, T * 4 * H, int64_t(512) << 20);
-  Tensor S = Tensor::empty({H, rb, T}, DType::F32, Device::CUDA);
-  Tensor row = Tensor::empty({B, T}, DType::F32, Device::CUDA);
-  const size_t smem = sizeof(uint32_t) * static_cast<size_t>((T + 31) / 32);
-  DSA_CHECK(smem <= 200 * 1024, "[", op, "] T = ", T, " too large for the row bitmap");
-  cudaFuncSetAttribute(dense_row_kernel<1>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-  for (int64_t t0 = 0; t0 < T; t0 += rb) {
-    const int64_t t1 = std::min(T, t0 + rb), R = t1 - t0;
-    for (int64_t b = 0; b < B; ++b) {
-      main_scores(op, q_main, k_main, scale, b, t0, R, t1, S.data<float>());
-      DenseRowParams p{S.data<float>(), lse_main.data<float>(), nullptr, nullptr, indices.data<int32_t>(),
-                       row.data<float>(), (int)b, (int)B, (int)T, (int)H, (int)R, (int)t0, (int)t1,
-                       (int)indices.size(2), 0.f, 0};
-      dense_row_kernel<1><<<static_cast<unsigned>(R), 256, smem, stream()>>>(p);
-      check_launch(op);
-    }
-  }
-  res.recall_sum = host_sum(row);
-  res.rows = B * T;
   return res;
 }
 

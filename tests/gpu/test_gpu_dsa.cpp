@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
@@ -257,7 +258,10 @@ struct LossCase {
 
 TEST(GpuDsa, IndexerKlDenseAndRecall) {
   DSA_REQUIRE_GPU();
-  for (const LossCase& c : {LossCase{2, 37, 4, 4, 24, 4, 64, 0}, LossCase{2, 300, 4, 2, 32, 8, 128, 64}}) {
+  // Cases: MHA-like heads, grouped keys with row chunks, unaligned head dims (scalar tile loads, 3 indexer
+  // heads: query-head rows straddle CTAs), and the bench-small MQA shape (absorbed MLA, Dk 288).
+  for (const LossCase& c : {LossCase{2, 37, 4, 4, 24, 4, 64, 0}, LossCase{2, 300, 4, 2, 32, 8, 128, 64},
+                            LossCase{1, 70, 6, 3, 20, 3, 16, 0}, LossCase{1, 261, 16, 1, 288, 16, 64, 100}}) {
     const double scale = 1.0 / std::sqrt(static_cast<double>(c.Dk));
     const Pair qm = rand_pair({c.B, c.T, c.H, c.Dk}, 50), km = rand_pair({c.B, c.T, c.Hk, c.Dk}, 51);
     const Pair q = rand_pair({c.B, c.T, c.Hi, c.D}, 52), k = rand_pair({c.B, c.T, c.D}, 53),
@@ -344,6 +348,28 @@ TEST(GpuDsa, Bench) {
   DSA_REQUIRE_GPU();
   const char* e = std::getenv("DSA_GPU_BENCH");
   if (!e || std::string(e) != "1") GTEST_SKIP() << "set DSA_GPU_BENCH=1";
+  for (const auto& sh : {std::array<int64_t, 7>{16384, 16, 288, 16, 64, 1, 0}, std::array<int64_t, 7>{4096, 128, 576, 64, 128, 1, 0}}) {
+    // Dense indexer KL (warm-up): T, H, Dk (MQA, one key head), Hi, D.
+    const int64_t T = sh[0], H = sh[1], Dk = sh[2], Hi = sh[3], D = sh[4];
+    const Tensor qm = fast_bf16({1, T, H, Dk}, 7, 0.05f), km = fast_bf16({1, T, 1, Dk}, 8, 1.f);
+    const Tensor q = fast_bf16({1, T, Hi, D}, 9, 1.f), k = fast_bf16({1, T, D}, 10, 1.f), w = fast_bf16({1, T, Hi}, 11, 0.1f);
+    Tensor lse_h = Tensor::empty({1, H, T}, DType::F32);
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t t = 0; t < T; ++t) lse_h.data<float>()[h * T + t] = std::log(static_cast<float>(t + 1));
+    const Tensor lse = lse_h.to(Device::CUDA);
+    const double scale = 1.0 / std::sqrt(static_cast<double>(Dk));
+    const double tri = static_cast<double>(T) * (T + 1) / 2;
+    const double f_main = 2.0 * tri * H * Dk, f_idx = 2.0 * tri * Hi * D;
+    ops::IndexerGrads g;
+    const double ms_f = median_ms([&] { ops::indexer_kl_dense(qm, km, lse, scale, q, k, w, true, 1.0, nullptr); }, 3);
+    const double ms_b = median_ms([&] { ops::indexer_kl_dense(qm, km, lse, scale, q, k, w, true, 1.0, &g); }, 3);
+    Tensor idx = Tensor::zeros({1, T, 512}, DType::I32, Device::CUDA);
+    const double ms_r = median_ms([&] { ops::indexer_recall(qm, km, lse, scale, idx); }, 3);
+    std::printf("[bench] indexer_kl_dense T=%lld H=%lld Dk=%lld Hi=%lld D=%lld fp8: loss %.2f ms (%.1f TFLOP/s), "
+                "loss+grads %.2f ms (%.1f TFLOP/s); recall %.2f ms\n",
+                (long long)T, (long long)H, (long long)Dk, (long long)Hi, (long long)D, ms_f,
+                (f_main + f_idx) / ms_f * 1e-9, ms_b, (2 * f_main + 6 * f_idx) / ms_b * 1e-9, ms_r);
+  }
   for (int64_t T : {8192, 32768}) {
     const int64_t Hi = 64, D = 128, K = 2048;
     const Tensor q = fast_bf16({1, T, Hi, D}, 1, 1.f), k = fast_bf16({1, T, D}, 2, 1.f), w = fast_bf16({1, T, Hi}, 3, 0.1f);
