@@ -10,7 +10,7 @@
 // Backward, per block: recompute P = exp(S - lse) and dP = dO V^T for the warp's BN/2 columns,
 // dS = P (dP - delta) scale, both bf16 to shared memory; dQ[:, half * Dk/2 ...] += dS K in registers; then
 // the token's warps share dKV[idx] += dS^T Q (+ P^T dO on the value columns), contracted over all the CTA's
-// heads and scattered with float2 atomics into an f32 [B, T, Dk] scratch (cast to bf16 by the caller).
+// heads and scattered with float4 atomics (sm_90) into an f32 [B, T, Dk] scratch (cast to bf16 by the caller).
 //
 // NOTES:
 // - Blocks in which no token of the CTA has a valid slot are skipped (__syncthreads_or at the top of the
@@ -121,7 +121,7 @@ template <int NS, int KS>
 __device__ __forceinline__ void mma_abt(float (&acc)[NS][4], const __nv_bfloat16* a, int sa, const __nv_bfloat16* b,
                                         int sb) {
   const int lane = threadIdx.x & 31;
-#pragma unroll
+#pragma unroll 2
   for (int kk = 0; kk < KS; ++kk) {
     uint32_t af[4];
     ldsm4(af, su32(a + (lane % 16) * sa + kk * 16 + (lane / 16) * 8));
@@ -399,13 +399,18 @@ __global__ void __launch_bounds__(64 * HT * NT, 1) sparse_attn_bwd_kernel(const 
           if (col0 < DV)
             mma_atb16(acc, pt + hk * 16 * C::kPS + mt * 16, C::kPS, dot + hk * 16 * kOS + col0, kOS);
         }
+        // Lanes c, c^1 of a quad swap halves so each holds 4 consecutive columns: one float4 atomic per row.
+        const bool odd = c & 1;
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
+          const float sx = odd ? acc[0][2 * i] : acc[1][2 * i], sy = odd ? acc[0][2 * i + 1] : acc[1][2 * i + 1];
+          const float rx = __shfl_xor_sync(0xffffffffu, sx, 1), ry = __shfl_xor_sync(0xffffffffu, sy, 1);
           const int s = idx_t[mt * 16 + g + 8 * i];
           if (s < 0) continue;
-          float* row = p.dkv + (b * p.T + s) * DK + col0 + 2 * c;
-          atomicAdd(reinterpret_cast<float2*>(row), make_float2(acc[0][2 * i], acc[0][2 * i + 1]));
-          atomicAdd(reinterpret_cast<float2*>(row + 8), make_float2(acc[1][2 * i], acc[1][2 * i + 1]));
+          const float4 v = odd ? make_float4(rx, ry, acc[1][2 * i], acc[1][2 * i + 1])
+                               : make_float4(acc[0][2 * i], acc[0][2 * i + 1], rx, ry);
+          float* row = p.dkv + (b * p.T + s) * DK + col0 + (odd ? 8 + 2 * (c - 1) : 2 * c);
+          atomicAdd(reinterpret_cast<float4*>(row), v);
         }
       }
     }
