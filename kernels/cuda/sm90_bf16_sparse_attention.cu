@@ -4,9 +4,12 @@
 // in f32; dkv is scatter-added with f32 atomics into an f32 scratch, then cast to bf16.
 //
 // NOTES: this is the "gather + batched GEMM" formulation (bf16 operands, f32 accumulation, P and dS
-// rounded to bf16 as the GEMM operands, like FlashAttention's P); a fused single-pass kernel would avoid
-// the [R, H, K] f32 round trips through memory.
+// rounded to bf16 as the GEMM operands, like FlashAttention's P). The shapes the models use (Dk, Dv) =
+// (288, 256) / (576, 512) with H a multiple of 16 run the fused kernels of sm90_bf16_sparse_attention_mma.cu
+// instead; this path serves every other shape, and DSA_SPARSE_ATTN_GEMM=1 forces it (benchmarks, tests).
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 
 #include "kernels/cuda/dsa_common.cuh"
 #include "kernels/cuda/ops_dsa.h"
@@ -124,6 +127,11 @@ Dims check_common(const char* op, const Tensor& q, const Tensor& kv, int64_t dv,
   return {B, T, H, Dk, dv, indices.size(2)};
 }
 
+bool force_gemm_path() {
+  const char* e = std::getenv("DSA_SPARSE_ATTN_GEMM");
+  return e && std::strcmp(e, "1") == 0;
+}
+
 const __nv_bfloat16* bf(const Tensor& t) { return reinterpret_cast<const __nv_bfloat16*>(t.data<bf16>()); }
 __nv_bfloat16* bf(Tensor& t) { return reinterpret_cast<__nv_bfloat16*>(t.data<bf16>()); }
 
@@ -162,7 +170,9 @@ Tensor sparse_attention_forward(const Tensor& q, const Tensor& kv, int64_t dv, c
   Tensor out = Tensor::empty({d.B, d.T, d.H, d.Dv}, DType::BF16, Device::CUDA);
   Tensor lse = Tensor::empty({d.B, d.H, d.T}, DType::F32, Device::CUDA);
   const int64_t N = d.B * d.T;
-  if (N > 0 && d.K > 0) {
+  if (N > 0 && d.K > 0 && !force_gemm_path() && sparse_attention_mma_forward(q, kv, dv, indices, scale, out, lse)) {
+    // fused tensor-core kernel
+  } else if (N > 0 && d.K > 0) {
     const int64_t per_row = d.K * d.Dk * 2 + d.H * d.K * 6;
     const int64_t rb = rows_for_budget(N, per_row, int64_t(1) << 30);
     Tensor kvg = Tensor::empty({rb, d.K, d.Dk}, DType::BF16, Device::CUDA);
@@ -210,7 +220,10 @@ ops::SparseAttentionGrads sparse_attention_backward(const Tensor& dout, const Te
   Tensor dkv32 = Tensor::zeros(kv.shape(), DType::F32, Device::CUDA);
   const int64_t N = d.B * d.T;
   if (N > 0 && d.K == 0) g.dq.zero_();
-  if (N > 0 && d.K > 0) {
+  if (N > 0 && d.K > 0 && !force_gemm_path() &&
+      sparse_attention_mma_backward(dout, q, kv, dv, indices, out, lse, scale, g.dq, dkv32)) {
+    // fused tensor-core kernel
+  } else if (N > 0 && d.K > 0) {
     const int64_t per_row = d.K * d.Dk * 6 + d.H * d.K * 12 + d.H * 4;
     const int64_t rb = rows_for_budget(N, per_row, int64_t(1) << 30);
     Tensor kvg = Tensor::empty({rb, d.K, d.Dk}, DType::BF16, Device::CUDA);

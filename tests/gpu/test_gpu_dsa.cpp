@@ -207,7 +207,12 @@ struct AttnCase {
 
 TEST(GpuDsa, SparseAttentionForwardBackward) {
   DSA_REQUIRE_GPU();
-  for (const AttnCase& c : {AttnCase{2, 37, 4, 16, 12, 8}, AttnCase{2, 300, 16, 288, 256, 64}, AttnCase{1, 65, 128, 576, 512, 48}}) {
+  // Fused tensor-core path: (288, 256) and (576, 512) with H % 16 == 0 (H % 64 == 0: 64 heads per CTA; else
+  // 16 with several tokens per CTA; K not a multiple of the 32-row block); the rest: gather + cuBLASLt.
+  for (const AttnCase& c : {AttnCase{2, 37, 4, 16, 12, 8}, AttnCase{2, 300, 16, 288, 256, 64},
+                            AttnCase{1, 65, 128, 576, 512, 48}, AttnCase{1, 70, 32, 288, 256, 100},
+                            AttnCase{2, 37, 64, 288, 256, 40}, AttnCase{1, 33, 16, 576, 512, 64},
+                            AttnCase{1, 50, 12, 288, 256, 24}}) {
     const double scale = 1.0 / std::sqrt(static_cast<double>(c.Dk));
     const Pair q = rand_pair({c.B, c.T, c.H, c.Dk}, 40), kv = rand_pair({c.B, c.T, c.Dk}, 41),
                dout = rand_pair({c.B, c.T, c.H, c.Dv}, 42);
@@ -380,8 +385,21 @@ TEST(GpuDsa, Bench) {
                   (long long)T, (int)fp8, ms, flop / ms * 1e-9);
     }
   }
-  {
-    const int64_t T = 4096, H = 128, Dk = 576, Dv = 512, K = 2048;
+}
+
+// Sparse attention at production and bench-small shapes, fused kernels and (DSA_SPARSE_ATTN_GEMM=1) the
+// gather + cuBLASLt path.
+TEST(GpuDsa, BenchSparseAttention) {
+  DSA_REQUIRE_GPU();
+  const char* e = std::getenv("DSA_GPU_BENCH");
+  if (!e || std::string(e) != "1") GTEST_SKIP() << "set DSA_GPU_BENCH=1";
+  struct Shape5 {
+    int64_t T, H, Dk, Dv, K;
+  };
+  for (const Shape5& sh : {Shape5{4096, 128, 576, 512, 2048}, Shape5{16384, 16, 288, 256, 512}})
+  for (const char* path : {"mma", "gemm"}) {
+    setenv("DSA_SPARSE_ATTN_GEMM", std::string(path) == "gemm" ? "1" : "0", 1);
+    const int64_t T = sh.T, H = sh.H, Dk = sh.Dk, Dv = sh.Dv, K = sh.K;
     const Tensor q = fast_bf16({1, T, H, Dk}, 4, 0.05f), kv = fast_bf16({1, T, Dk}, 5, 1.f),
                  dout = fast_bf16({1, T, H, Dv}, 6, 1.f);
     Tensor idx = Tensor::empty({1, T, K}, DType::I32);
@@ -396,10 +414,12 @@ TEST(GpuDsa, Bench) {
     const double fwd_flop = 2.0 * T * H * K * (Dk + Dv), bwd_flop = 2.0 * T * H * K * (2 * Dk + 2 * Dv);
     const double ms_f = median_ms([&] { out = ops::sparse_attention_forward(q, kv, Dv, idx_g, scale, &lse); }, 3);
     const double ms_b = median_ms([&] { ops::sparse_attention_backward(dout, q, kv, Dv, idx_g, out, lse, scale); }, 3);
-    std::printf("[bench] sparse_attention T=%lld H=128 Dk=576 Dv=512 K=2048: fwd %.2f ms (%.1f TFLOP/s), bwd %.2f ms, "
-                "fwd+bwd %.1f TFLOP/s\n",
-                (long long)T, ms_f, fwd_flop / ms_f * 1e-9, ms_b, (fwd_flop + bwd_flop) / (ms_f + ms_b) * 1e-9);
+    std::printf("[bench] sparse_attention %s T=%lld H=%lld Dk=%lld Dv=%lld K=%lld: fwd %.2f ms (%.1f TFLOP/s), "
+                "bwd %.2f ms (%.1f TFLOP/s), fwd+bwd %.1f TFLOP/s\n",
+                path, (long long)T, (long long)H, (long long)Dk, (long long)Dv, (long long)K, ms_f,
+                fwd_flop / ms_f * 1e-9, ms_b, bwd_flop / ms_b * 1e-9, (fwd_flop + bwd_flop) / (ms_f + ms_b) * 1e-9);
   }
+  unsetenv("DSA_SPARSE_ATTN_GEMM");
 }
 
 // Indexer top-k (scoring and selection timed apart) and the sparse KL (forward + backward) at the

@@ -1,0 +1,544 @@
+// Fused sparse MQA attention on tensor cores (mma.sync m16n8k16 bf16, f32 accumulation), FlashMLA-style:
+// a CTA owns NT query tokens x (HT * 16) heads; each (token, 16-head tile) is a warp pair. The K selected
+// latent rows of every token are gathered by index into shared memory in blocks of BN rows (cp.async,
+// 16-byte chunks, -1 slots zero-filled and masked; ST-stage pipeline), and every block is used for both
+// the scores (all Dk columns) and the values (its first Dv columns).
+//
+// Forward, per block: warp `half` of a pair computes S = Q K^T for its BN/2 columns, the pair exchanges row
+// maxima through shared memory (online softmax in f32 registers, exp2 with the scale folded in), writes P
+// (bf16) to shared memory, then each warp accumulates O[:, half * Dv/2 ...] += P V over all BN rows.
+// Backward, per block: recompute P = exp(S - lse) and dP = dO V^T for the warp's BN/2 columns,
+// dS = P (dP - delta) scale, both bf16 to shared memory; dQ[:, half * Dk/2 ...] += dS K in registers; then
+// the token's warps share dKV[idx] += dS^T Q (+ P^T dO on the value columns), contracted over all the CTA's
+// heads and scattered with float4 atomics (sm_90) into an f32 [B, T, Dk] scratch (cast to bf16 by the caller).
+//
+// NOTES:
+// - Blocks in which no token of the CTA has a valid slot are skipped (__syncthreads_or at the top of the
+//   iteration), which removes most of the causal prefix work (t < K) at no cost.
+// - Shared-memory rows are padded by 16 bytes (stride Dk + 8) so ldmatrix rows fall in distinct banks.
+// - Registers: the production backward keeps dQ for 16 heads x 288 columns per warp (144 f32 registers);
+//   one CTA per SM with 8 warps, so the 255-register cap leaves room for the S/dP tiles.
+// - Instantiations: (Dk, Dv) = (288, 256) (bench-small) and (576, 512) (production), H a multiple of 16;
+//   other shapes return false and the caller uses the gather + cuBLASLt path.
+#include <cmath>
+
+#include "kernels/cuda/dsa_common.cuh"
+
+namespace dsa::cuda::dsa_detail {
+
+namespace {
+
+struct MmaParams {
+  const __nv_bfloat16* q;     // [B, T, H, Dk]
+  const __nv_bfloat16* kv;    // [B, T, Dk]
+  const int32_t* idx;         // [B, T, K], -1 = invalid
+  __nv_bfloat16* out;         // [B, T, H, Dv] (forward)
+  float* lse;                 // [B, H, T] (written by the forward, read by the backward)
+  const __nv_bfloat16* dout;  // [B, T, H, Dv] (backward)
+  const float* delta;         // [B * T, H] = rowsum(dout * out) (backward)
+  __nv_bfloat16* dq;          // [B, T, H, Dk] (backward)
+  float* dkv;                 // [B, T, Dk] f32, zeroed, scatter-accumulated (backward)
+  int B, T, H, K;
+  float scale;
+};
+
+__device__ __forceinline__ uint32_t su32(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
+__device__ __forceinline__ void ldsm4(uint32_t (&r)[4], uint32_t a) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+}
+__device__ __forceinline__ void ldsm4t(uint32_t (&r)[4], uint32_t a) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+}
+__device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+               "{%0,%1,%2,%3};\n"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes));
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+__device__ __forceinline__ void pair_bar(int pair) { asm volatile("bar.sync %0, 64;\n" ::"r"(pair + 1)); }
+__device__ __forceinline__ uint32_t pack_bf16(float a, float b) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// Shared-memory plan and the kv-block loader common to both kernels.
+template <int DK, int DV, int HT, int NT, int BN, int ST> struct Cfg {
+  static constexpr int kR = HT * 16;              // heads per CTA
+  static constexpr int kWarps = 2 * HT * NT, kThreads = 32 * kWarps;
+  static constexpr int kQS = DK + 8, kPS = BN + 8;  // padded row strides (elements); dO rows: DV + 8
+  static constexpr int kRows = NT * BN;           // kv rows per stage
+  static constexpr int kTpr = kThreads >= kRows ? kThreads / kRows : 1;  // loader threads per row
+  static constexpr int kQ = NT * kR * kQS;        // elements of sQ
+  static constexpr int kKV = ST * kRows * kQS;    // elements of sKV
+  static constexpr int kP = NT * kR * kPS;        // elements of sP / sdS
+  static constexpr size_t fwd_smem() { return size_t(kQ + kKV + kP) * 2 + NT * HT * 32 * 4 + ST * kRows * 4; }
+  static constexpr size_t bwd_smem() { return size_t(kQ + NT * kR * (DV + 8) + kKV + 2 * kP) * 2 + ST * kRows * 4; }
+  static_assert(DK % 32 == 0 && DV % 32 == 0 && BN % 32 == 0, "tile shapes");
+  static_assert(kThreads % kRows == 0 || kRows % kThreads == 0, "loader mapping");
+
+  // Issues the cp.async gather of block `blk` of the CTA's tokens into stage `st` (rows of invalid slots
+  // zero-filled, their index -1 in sIdx). Returns whether this thread saw a valid slot.
+  static __device__ __forceinline__ bool load(const MmaParams& p, int64_t bt0, int blk, int st, __nv_bfloat16* sKV,
+                                              int* sIdx) {
+    const int64_t N = int64_t(p.B) * p.T;
+    bool any = false;
+    for (int row = threadIdx.x / kTpr; row < kRows; row += kThreads / kTpr) {
+      const int tk = row / BN, r = row % BN, slot = blk * BN + r;
+      const int64_t bt = bt0 + tk;
+      int s = -1;
+      if (bt < N && slot < p.K) s = __ldg(p.idx + bt * p.K + slot);
+      any |= s >= 0;
+      if (threadIdx.x % kTpr == 0) sIdx[st * kRows + row] = s;
+      const __nv_bfloat16* src = s >= 0 ? p.kv + ((bt / p.T) * p.T + s) * DK : p.kv;
+      __nv_bfloat16* dst = sKV + (st * kRows + row) * kQS;
+      for (int ch = threadIdx.x % kTpr; ch < DK / 8; ch += kTpr) cp_async16(su32(dst + ch * 8), src + ch * 8, s >= 0 ? 16 : 0);
+    }
+    return any;
+  }
+  // Rows [NT][kR] of a [B*T, H, D] tensor (heads h0 ..) into a padded smem tile; tokens past N zero-filled.
+  template <int D, int S>
+  static __device__ __forceinline__ void load_rows(const __nv_bfloat16* g, int64_t bt0, int64_t N, int H, int h0,
+                                                   __nv_bfloat16* s) {
+    for (int i = threadIdx.x; i < NT * kR * (D / 8); i += kThreads) {
+      const int tk = i / (kR * D / 8), rem = i % (kR * D / 8), r = rem / (D / 8), ch = rem % (D / 8);
+      const int64_t bt = bt0 + tk;
+      const bool ok = bt < N;
+      cp_async16(su32(s + (tk * kR + r) * S + ch * 8), g + ((ok ? bt : 0) * H + h0 + r) * D + ch * 8, ok ? 16 : 0);
+    }
+  }
+};
+
+// acc[NS][4] (+)= A[16 x 16*KS] (row-major smem, stride sa) x B^T where B rows are [n][k] (row-major smem,
+// stride sb): the S = Q K^T form. NS n8 tiles (even).
+template <int NS, int KS>
+__device__ __forceinline__ void mma_abt(float (&acc)[NS][4], const __nv_bfloat16* a, int sa, const __nv_bfloat16* b,
+                                        int sb) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll 2
+  for (int kk = 0; kk < KS; ++kk) {
+    uint32_t af[4];
+    ldsm4(af, su32(a + (lane % 16) * sa + kk * 16 + (lane / 16) * 8));
+#pragma unroll
+    for (int n2 = 0; n2 < NS / 2; ++n2) {
+      uint32_t bf[4];
+      ldsm4(bf, su32(b + (n2 * 16 + (lane / 16) * 8 + lane % 8) * sb + kk * 16 + ((lane / 8) % 2) * 8));
+      mma(acc[2 * n2], af, bf[0], bf[1]);
+      mma(acc[2 * n2 + 1], af, bf[2], bf[3]);
+    }
+  }
+}
+// acc[NS][4] += A[16 x 16*KS] (row-major, stride sa) x B[16*KS x 8*NS] (row-major [k][n], stride sb): the P V form.
+template <int NS, int KS>
+__device__ __forceinline__ void mma_ab(float (&acc)[NS][4], const __nv_bfloat16* a, int sa, const __nv_bfloat16* b,
+                                       int sb) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int kk = 0; kk < KS; ++kk) {
+    uint32_t af[4];
+    ldsm4(af, su32(a + (lane % 16) * sa + kk * 16 + (lane / 16) * 8));
+#pragma unroll
+    for (int n2 = 0; n2 < NS / 2; ++n2) {
+      uint32_t bf[4];
+      ldsm4t(bf, su32(b + (kk * 16 + ((lane / 8) % 2) * 8 + lane % 8) * sb + n2 * 16 + (lane / 16) * 8));
+      mma(acc[2 * n2], af, bf[0], bf[1]);
+      mma(acc[2 * n2 + 1], af, bf[2], bf[3]);
+    }
+  }
+}
+// acc[2][4] += A^T B for one 16x16 output tile: A stored [k=16][m] (columns m0.., stride sa), B stored
+// [k=16][n] (columns n0.., stride sb): the dKV = dS^T Q form (contraction over 16 heads).
+__device__ __forceinline__ void mma_atb16(float (&acc)[2][4], const __nv_bfloat16* a, int sa,
+                                          const __nv_bfloat16* b, int sb) {
+  const int lane = threadIdx.x & 31;
+  uint32_t af[4], bf[4];
+  ldsm4t(af, su32(a + ((lane / 16) * 8 + lane % 8) * sa + ((lane / 8) % 2) * 8));
+  ldsm4t(bf, su32(b + (((lane / 8) % 2) * 8 + lane % 8) * sb + (lane / 16) * 8));
+  mma(acc[0], af, bf[0], bf[1]);
+  mma(acc[1], af, bf[2], bf[3]);
+}
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+// ------------------------------------------------------------------------------------------- forward
+template <int DK, int DV, int HT, int NT, int BN, int ST>
+__global__ void __launch_bounds__(64 * HT * NT, 1) sparse_attn_fwd_kernel(const MmaParams p) {
+  using C = Cfg<DK, DV, HT, NT, BN, ST>;
+  extern __shared__ __align__(16) unsigned char smem[];
+  __nv_bfloat16* sQ = reinterpret_cast<__nv_bfloat16*>(smem);  // [NT][kR][kQS]
+  __nv_bfloat16* sKV = sQ + C::kQ;                               // [ST][NT * BN][kQS]
+  __nv_bfloat16* sP = sKV + C::kKV;                              // [NT * HT][16][kPS]
+  float* sRed = reinterpret_cast<float*>(sP + C::kP);            // [NT * HT][2][16]
+  int* sIdx = reinterpret_cast<int*>(sRed + NT * HT * 32);       // [ST][NT * BN]
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+  const int pair = warp / 2, half = warp % 2, tok = pair / HT, ht = pair % HT;
+  const int groups = p.H / C::kR;
+  const int64_t N = int64_t(p.B) * p.T, bt0 = int64_t(blockIdx.x / groups) * NT;
+  const int h0 = (blockIdx.x % groups) * C::kR;
+  const int nblk = (p.K + BN - 1) / BN;
+
+  C::template load_rows<DK, C::kQS>(p.q, bt0, N, p.H, h0, sQ);
+  unsigned live_bits = 0;
+#pragma unroll
+  for (int i = 0; i < ST - 1; ++i) {
+    if (i < nblk && C::load(p, bt0, i, i, sKV, sIdx)) live_bits |= 1u << i;
+    cp_commit();
+  }
+  constexpr int NS = BN / 16, NO = DV / 16;  // n8 tiles of the warp's S columns / O columns
+  float o[NO][4];
+#pragma unroll
+  for (int n = 0; n < NO; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+  const float sl2 = p.scale * kLog2e;
+  const __nv_bfloat16* q_w = sQ + (tok * C::kR + ht * 16) * C::kQS;
+  __nv_bfloat16* p_w = sP + pair * 16 * C::kPS;
+  float* red = sRed + pair * 32;
+
+  for (int blk = 0; blk < nblk; ++blk) {
+    const int st = blk % ST;
+    cp_wait<ST - 2>();
+    const bool live = __syncthreads_or((live_bits >> st) & 1u);
+    {
+      const int nb = blk + ST - 1, ns = nb % ST;
+      live_bits &= ~(1u << ns);
+      if (nb < nblk && C::load(p, bt0, nb, ns, sKV, sIdx)) live_bits |= 1u << ns;
+      cp_commit();
+    }
+    if (!live) continue;
+    const __nv_bfloat16* kv_t = sKV + (st * C::kRows + tok * BN) * C::kQS;
+    const int* idx_t = sIdx + st * C::kRows + tok * BN;
+    float s[NS][4];
+#pragma unroll
+    for (int n = 0; n < NS; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+    mma_abt<NS, DK / 16>(s, q_w, C::kQS, kv_t + half * (BN / 2) * C::kQS, C::kQS);
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int n = 0; n < NS; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = half * (BN / 2) + n * 8 + 2 * c + (e & 1);
+        const float v = idx_t[col] >= 0 ? s[n][e] * sl2 : -INFINITY;
+        s[n][e] = v;
+        mx[e / 2] = fmaxf(mx[e / 2], v);
+      }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+    }
+    if (c == 0) {
+      red[half * 16 + g] = mx[0];
+      red[half * 16 + g + 8] = mx[1];
+    }
+    pair_bar(pair);
+    float alpha[2], mu[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const float m_new = fmaxf(m_run[i], fmaxf(mx[i], red[(1 - half) * 16 + g + 8 * i]));
+      alpha[i] = m_new == -INFINITY ? 1.f : exp2f(m_run[i] - m_new);
+      mu[i] = m_new == -INFINITY ? 0.f : m_new;
+      m_run[i] = m_new;
+      l_run[i] *= alpha[i];
+    }
+#pragma unroll
+    for (int n = 0; n < NS; ++n) {
+      const float p0 = exp2f(s[n][0] - mu[0]), p1 = exp2f(s[n][1] - mu[0]);
+      const float p2 = exp2f(s[n][2] - mu[1]), p3 = exp2f(s[n][3] - mu[1]);
+      l_run[0] += p0 + p1;
+      l_run[1] += p2 + p3;
+      const int col = half * (BN / 2) + n * 8 + 2 * c;
+      *reinterpret_cast<uint32_t*>(p_w + g * C::kPS + col) = pack_bf16(p0, p1);
+      *reinterpret_cast<uint32_t*>(p_w + (g + 8) * C::kPS + col) = pack_bf16(p2, p3);
+    }
+#pragma unroll
+    for (int n = 0; n < NO; ++n) {
+      o[n][0] *= alpha[0]; o[n][1] *= alpha[0];
+      o[n][2] *= alpha[1]; o[n][3] *= alpha[1];
+    }
+    pair_bar(pair);
+    mma_ab<NO, BN / 16>(o, p_w, C::kPS, kv_t + half * (DV / 2), C::kQS);
+  }
+  cp_wait<0>();
+  // Row sums: lanes of a quad, then the two warps of the pair.
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    l_run[i] += __shfl_xor_sync(0xffffffffu, l_run[i], 1);
+    l_run[i] += __shfl_xor_sync(0xffffffffu, l_run[i], 2);
+  }
+  pair_bar(pair);  // the partner is done reading `red` of the last block
+  if (c == 0) {
+    red[half * 16 + g] = l_run[0];
+    red[half * 16 + g + 8] = l_run[1];
+  }
+  pair_bar(pair);
+  const int64_t bt = bt0 + tok;
+  if (bt >= N) return;
+  const int64_t b = bt / p.T, t = bt % p.T;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const float l = l_run[i] + red[(1 - half) * 16 + g + 8 * i];
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    const int h = h0 + ht * 16 + g + 8 * i;
+    __nv_bfloat16* orow = p.out + (bt * p.H + h) * DV + half * (DV / 2);
+#pragma unroll
+    for (int n = 0; n < NO; ++n)
+      *reinterpret_cast<uint32_t*>(orow + n * 8 + 2 * c) = pack_bf16(o[n][2 * i] * inv, o[n][2 * i + 1] * inv);
+    if (half == 0 && c == 0)
+      p.lse[(b * p.H + h) * p.T + t] = l > 0.f ? m_run[i] * 0.6931471805599453f + logf(l) : -INFINITY;
+  }
+}
+
+// ------------------------------------------------------------------------------------------ backward
+template <int DK, int DV, int HT, int NT, int BN, int ST>
+__global__ void __launch_bounds__(64 * HT * NT, 1) sparse_attn_bwd_kernel(const MmaParams p) {
+  using C = Cfg<DK, DV, HT, NT, BN, ST>;
+  constexpr int kOS = DV + 8;  // dO row stride
+  extern __shared__ __align__(16) unsigned char smem[];
+  __nv_bfloat16* sQ = reinterpret_cast<__nv_bfloat16*>(smem);  // [NT][kR][kQS]
+  __nv_bfloat16* sdO = sQ + C::kQ;                               // [NT][kR][kOS]
+  __nv_bfloat16* sKV = sdO + NT * C::kR * kOS;                   // [ST][NT * BN][kQS]
+  __nv_bfloat16* sP = sKV + C::kKV;                              // [NT * HT][16][kPS]
+  __nv_bfloat16* sdS = sP + C::kP;                               // [NT * HT][16][kPS]
+  int* sIdx = reinterpret_cast<int*>(sdS + C::kP);               // [ST][NT * BN]
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+  const int pair = warp / 2, half = warp % 2, tok = pair / HT, ht = pair % HT;
+  const int groups = p.H / C::kR;
+  const int64_t N = int64_t(p.B) * p.T, bt0 = int64_t(blockIdx.x / groups) * NT;
+  const int h0 = (blockIdx.x % groups) * C::kR;
+  const int nblk = (p.K + BN - 1) / BN;
+  const int64_t bt = bt0 + tok;
+  const int64_t b = (bt < N ? bt : 0) / p.T, t = (bt < N ? bt : 0) % p.T;
+
+  C::template load_rows<DK, C::kQS>(p.q, bt0, N, p.H, h0, sQ);
+  C::template load_rows<DV, kOS>(p.dout, bt0, N, p.H, h0, sdO);
+  unsigned live_bits = 0;
+#pragma unroll
+  for (int i = 0; i < ST - 1; ++i) {
+    if (i < nblk && C::load(p, bt0, i, i, sKV, sIdx)) live_bits |= 1u << i;
+    cp_commit();
+  }
+  // Per-row statistics of rows g and g + 8: lse in log2 units (+inf for an empty row: P = 0) and delta.
+  float lse2[2], dlt[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int h = h0 + ht * 16 + g + 8 * i;
+    const float l = bt < N ? p.lse[(b * p.H + h) * p.T + t] : -INFINITY;
+    lse2[i] = l == -INFINITY ? INFINITY : l * kLog2e;
+    dlt[i] = bt < N ? p.delta[bt * p.H + h] : 0.f;
+  }
+  constexpr int NS = BN / 16, NQ = DK / 16;  // n8 tiles of the warp's S columns / dQ columns
+  float dq[NQ][4];
+#pragma unroll
+  for (int n = 0; n < NQ; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.f;
+  const float sl2 = p.scale * kLog2e;
+  const __nv_bfloat16* q_w = sQ + (tok * C::kR + ht * 16) * C::kQS;
+  const __nv_bfloat16* do_w = sdO + (tok * C::kR + ht * 16) * kOS;
+  __nv_bfloat16* p_w = sP + pair * 16 * C::kPS;
+  __nv_bfloat16* ds_w = sdS + pair * 16 * C::kPS;
+
+  for (int blk = 0; blk < nblk; ++blk) {
+    const int st = blk % ST;
+    cp_wait<ST - 2>();
+    const bool live = __syncthreads_or((live_bits >> st) & 1u);
+    {
+      const int nb = blk + ST - 1, ns = nb % ST;
+      live_bits &= ~(1u << ns);
+      if (nb < nblk && C::load(p, bt0, nb, ns, sKV, sIdx)) live_bits |= 1u << ns;
+      cp_commit();
+    }
+    if (!live) continue;
+    const __nv_bfloat16* kv_t = sKV + (st * C::kRows + tok * BN) * C::kQS;
+    const int* idx_t = sIdx + st * C::kRows + tok * BN;
+    {
+      float s[NS][4], dp[NS][4];
+#pragma unroll
+      for (int n = 0; n < NS; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[n][e] = dp[n][e] = 0.f;
+      mma_abt<NS, DK / 16>(s, q_w, C::kQS, kv_t + half * (BN / 2) * C::kQS, C::kQS);
+      mma_abt<NS, DV / 16>(dp, do_w, kOS, kv_t + half * (BN / 2) * C::kQS, C::kQS);
+#pragma unroll
+      for (int n = 0; n < NS; ++n) {
+        const int col = half * (BN / 2) + n * 8 + 2 * c;
+        float pv[4], dsv[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const bool ok = idx_t[col + (e & 1)] >= 0;
+          pv[e] = ok ? exp2f(s[n][e] * sl2 - lse2[e / 2]) : 0.f;
+          dsv[e] = pv[e] * (dp[n][e] - dlt[e / 2]) * p.scale;
+        }
+        *reinterpret_cast<uint32_t*>(p_w + g * C::kPS + col) = pack_bf16(pv[0], pv[1]);
+        *reinterpret_cast<uint32_t*>(p_w + (g + 8) * C::kPS + col) = pack_bf16(pv[2], pv[3]);
+        *reinterpret_cast<uint32_t*>(ds_w + g * C::kPS + col) = pack_bf16(dsv[0], dsv[1]);
+        *reinterpret_cast<uint32_t*>(ds_w + (g + 8) * C::kPS + col) = pack_bf16(dsv[2], dsv[3]);
+      }
+    }
+    __syncthreads();  // dS / P of every head of the CTA's tokens are in shared memory
+    // dQ[16 heads, half of Dk] += dS [16, BN] x K [BN, half of Dk]
+    mma_ab<NQ, BN / 16>(dq, ds_w, C::kPS, kv_t + half * (DK / 2), C::kQS);
+    // dKV[idx[slot], :] += dS^T Q (+ P^T dO on the first Dv columns), 16 x 16 output tiles shared by the
+    // token's 2 * HT warps, contracted over the CTA's kR heads.
+    if (bt < N) {
+      const __nv_bfloat16* qt = sQ + tok * C::kR * C::kQS;
+      const __nv_bfloat16* dot = sdO + tok * C::kR * kOS;
+      const __nv_bfloat16* pt = sP + tok * HT * 16 * C::kPS;
+      const __nv_bfloat16* dst = sdS + tok * HT * 16 * C::kPS;
+      constexpr int kColTiles = DK / 16, kItems = (BN / 16) * kColTiles;
+      for (int it = ht * 2 + half; it < kItems; it += 2 * HT) {
+        const int mt = it / kColTiles, col0 = (it % kColTiles) * 16;
+        float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+        for (int hk = 0; hk < HT; ++hk) {
+          mma_atb16(acc, dst + hk * 16 * C::kPS + mt * 16, C::kPS, qt + hk * 16 * C::kQS + col0, C::kQS);
+          if (col0 < DV)
+            mma_atb16(acc, pt + hk * 16 * C::kPS + mt * 16, C::kPS, dot + hk * 16 * kOS + col0, kOS);
+        }
+        // Lanes c, c^1 of a quad swap halves so each holds 4 consecutive columns: one float4 atomic per row.
+        const bool odd = c & 1;
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          const float sx = odd ? acc[0][2 * i] : acc[1][2 * i], sy = odd ? acc[0][2 * i + 1] : acc[1][2 * i + 1];
+          const float rx = __shfl_xor_sync(0xffffffffu, sx, 1), ry = __shfl_xor_sync(0xffffffffu, sy, 1);
+          const int s = idx_t[mt * 16 + g + 8 * i];
+          if (s < 0) continue;
+          const float4 v = odd ? make_float4(rx, ry, acc[1][2 * i], acc[1][2 * i + 1])
+                               : make_float4(acc[0][2 * i], acc[0][2 * i + 1], rx, ry);
+          float* row = p.dkv + (b * p.T + s) * DK + col0 + (odd ? 8 + 2 * (c - 1) : 2 * c);
+          atomicAdd(reinterpret_cast<float4*>(row), v);
+        }
+      }
+    }
+  }
+  cp_wait<0>();
+  if (bt >= N) return;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int h = h0 + ht * 16 + g + 8 * i;
+    __nv_bfloat16* row = p.dq + (bt * p.H + h) * DK + half * (DK / 2);
+#pragma unroll
+    for (int n = 0; n < NQ; ++n)
+      *reinterpret_cast<uint32_t*>(row + n * 8 + 2 * c) = pack_bf16(dq[n][2 * i], dq[n][2 * i + 1]);
+  }
+}
+
+// delta[r] = dout[r, :] . out[r, :] over Dv (one warp per row, 16-byte loads)
+__global__ void delta_kernel(const __nv_bfloat16* __restrict__ dout, const __nv_bfloat16* __restrict__ out,
+                             int64_t rows, int dv, float* __restrict__ delta) {
+  const int64_t w = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  if (w >= rows) return;
+  float s = 0.f;
+  for (int i = lane * 8; i < dv; i += 256) {
+    const uint4 a = *reinterpret_cast<const uint4*>(dout + w * dv + i);
+    const uint4 o = *reinterpret_cast<const uint4*>(out + w * dv + i);
+    const __nv_bfloat162* a2 = reinterpret_cast<const __nv_bfloat162*>(&a);
+    const __nv_bfloat162* o2 = reinterpret_cast<const __nv_bfloat162*>(&o);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float2 x = __bfloat1622float2(a2[j]), y = __bfloat1622float2(o2[j]);
+      s += x.x * y.x + x.y * y.y;
+    }
+  }
+  s = warp_sum(s);
+  if (lane == 0) delta[w] = s;
+}
+
+template <int DK, int DV, int HT, int NT, int BN, int ST>
+void launch_fwd(const MmaParams& p, const char* op) {
+  using C = Cfg<DK, DV, HT, NT, BN, ST>;
+  auto kern = sparse_attn_fwd_kernel<DK, DV, HT, NT, BN, ST>;
+  const size_t smem = C::fwd_smem();
+  DSA_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  const int64_t blocks = ceil_div(int64_t(p.B) * p.T, NT) * (p.H / C::kR);
+  kern<<<static_cast<unsigned>(blocks), C::kThreads, smem, stream()>>>(p);
+  check_launch(op);
+}
+template <int DK, int DV, int HT, int NT, int BN, int ST>
+void launch_bwd(const MmaParams& p, const char* op) {
+  using C = Cfg<DK, DV, HT, NT, BN, ST>;
+  auto kern = sparse_attn_bwd_kernel<DK, DV, HT, NT, BN, ST>;
+  const size_t smem = C::bwd_smem();
+  DSA_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  const int64_t blocks = ceil_div(int64_t(p.B) * p.T, NT) * (p.H / C::kR);
+  kern<<<static_cast<unsigned>(blocks), C::kThreads, smem, stream()>>>(p);
+  check_launch(op);
+}
+
+// Tile configuration by (Dk, Dv, H): HT = 4 (64 heads per CTA, one token) when H % 64 == 0, else HT = 1
+// with several tokens per CTA. 0 = no instantiation.
+int config_of(int64_t H, int64_t Dk, int64_t Dv) {
+  const bool dims = (Dk == 288 && Dv == 256) || (Dk == 576 && Dv == 512);
+  if (!dims || H % 16 != 0 || H == 0) return 0;
+  return H % 64 == 0 ? 4 : 1;
+}
+
+MmaParams make_params(const Tensor& q, const Tensor& kv, const Tensor& idx, double scale) {
+  MmaParams p{};
+  p.q = reinterpret_cast<const __nv_bfloat16*>(q.data<bf16>());
+  p.kv = reinterpret_cast<const __nv_bfloat16*>(kv.data<bf16>());
+  p.idx = idx.data<int32_t>();
+  p.B = static_cast<int>(q.size(0));
+  p.T = static_cast<int>(q.size(1));
+  p.H = static_cast<int>(q.size(2));
+  p.K = static_cast<int>(idx.size(2));
+  p.scale = static_cast<float>(scale);
+  return p;
+}
+
+}  // namespace
+
+bool sparse_attention_mma_forward(const Tensor& q, const Tensor& kv, int64_t dv, const Tensor& indices, double scale,
+                                  Tensor& out, Tensor& lse) {
+  const char* op = "sparse_attention_forward";
+  const int64_t Dk = q.size(3), H = q.size(2);
+  const int cfg = config_of(H, Dk, dv);
+  if (cfg == 0 || q.numel() == 0 || indices.size(2) == 0) return false;
+  MmaParams p = make_params(q, kv, indices, scale);
+  p.out = reinterpret_cast<__nv_bfloat16*>(out.data<bf16>());
+  p.lse = lse.data<float>();
+  if (Dk == 288) {
+    if (cfg == 4) launch_fwd<288, 256, 4, 1, 32, 3>(p, op);
+    else launch_fwd<288, 256, 1, 2, 32, 2>(p, op);
+  } else {
+    if (cfg == 4) launch_fwd<576, 512, 4, 1, 32, 3>(p, op);
+    else launch_fwd<576, 512, 1, 2, 32, 2>(p, op);
+  }
+  return true;
+}
+
+bool sparse_attention_mma_backward(const Tensor& dout, const Tensor& q, const Tensor& kv, int64_t dv,
+                                   const Tensor& indices, const Tensor& out, const Tensor& lse, double scale,
+                                   Tensor& dq, Tensor& dkv32) {
+  const char* op = "sparse_attention_backward";
+  const int64_t Dk = q.size(3), H = q.size(2);
+  const int cfg = config_of(H, Dk, dv);
+  if (cfg == 0 || q.numel() == 0 || indices.size(2) == 0) return false;
+  const int64_t rows = q.size(0) * q.size(1) * H;
+  Tensor delta = Tensor::empty({rows}, DType::F32, Device::CUDA);
+  delta_kernel<<<grid_1d(rows * 32, 256), 256, 0, stream()>>>(
+      reinterpret_cast<const __nv_bfloat16*>(dout.data<bf16>()), reinterpret_cast<const __nv_bfloat16*>(out.data<bf16>()),
+      rows, static_cast<int>(dv), delta.data<float>());
+  check_launch(op);
+  MmaParams p = make_params(q, kv, indices, scale);
+  p.lse = const_cast<float*>(lse.data<float>());
+  p.dout = reinterpret_cast<const __nv_bfloat16*>(dout.data<bf16>());
+  p.delta = delta.data<float>();
+  p.dq = reinterpret_cast<__nv_bfloat16*>(dq.data<bf16>());
+  p.dkv = dkv32.data<float>();
+  if (Dk == 288) {
+    if (cfg == 4) launch_bwd<288, 256, 4, 1, 32, 2>(p, op);
+    else launch_bwd<288, 256, 1, 3, 32, 2>(p, op);
+  } else {
+    if (cfg == 4) launch_bwd<576, 512, 4, 1, 32, 2>(p, op);
+    else launch_bwd<576, 512, 1, 1, 32, 2>(p, op);
+  }
+  return true;
+}
+
+}  // namespace dsa::cuda::dsa_detail
