@@ -4,6 +4,7 @@
 
 #include <gtest/gtest.h>
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <cmath>
@@ -25,7 +26,11 @@ namespace fs = std::filesystem;
 const std::string kBin = std::string(DSA_BINARY_DIR) + "/bin/";
 const std::string kMpi = "mpirun -np 2 --oversubscribe --allow-run-as-root -x OMP_NUM_THREADS=1";
 
-inline std::string temp(const std::string& name) { return ::testing::TempDir() + "/dsa_dist_" + name; }
+// Per process: ctest runs each test in its own process, several at a time, and they must not share
+// (and clean up) each other's folders.
+inline std::string temp(const std::string& name) {
+  return ::testing::TempDir() + "/dsa_dist_" + std::to_string(::getpid()) + "_" + name;
+}
 
 // Documents of a learnable structure: a random start and stride, then tokens that follow
 // t[i] = (t[i-1] + stride) mod 96 with an occasional repeat of the token 3 places back, so attention
