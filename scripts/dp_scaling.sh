@@ -10,7 +10,7 @@ DATA=${1:-deps/corpus/tiny}
 SEQ=${DSA_SEQ:-16384}
 common=(recipes/bench_small.yaml "data.shards=$DATA" data.keep_documents_contiguous=false "stage_defaults.seq_len=$SEQ"
   stages.dense.steps=12 stages.dense.warmup_steps=2 stages.dense.eval_interval=0 stages.dense.eval_batches=0
-  stages.dense.log_interval=4 checkpointing.every_steps=0 device=cuda --stage dense)
+  stages.dense.log_interval=4 checkpointing.every_steps=0 parallelism.dp=0 device=cuda --stage dense)
 rate() { grep -E "^\[dense\] step +12/12" "$1" | sed -E 's/.*\| ([0-9.]+)(K?) tok\/s.*/\1 \2/' |
   awk '{ print ($2 == "K" ? $1 * 1000 : $1) }'; }
 "$BUILD/bin/dsa-train" "${common[@]}" stages.dense.global_batch=1 output_dir="$OUT/dp1" >"$OUT/dp1.log" 2>&1 ||
