@@ -2,7 +2,6 @@
 // rank owning their expert and back by all-to-all.
 #include "model/expert_parallel.h"
 
-#include <cstring>
 
 namespace dsa {
 
@@ -10,26 +9,23 @@ namespace {
 
 size_t row_bytes_of(const Tensor& t) { return static_cast<size_t>(t.size(1)) * dtype_size(t.dtype()); }
 
-// dst row i = src row idx[i]
+// dst row i = src row idx[i], on the rows' device (moe_permute with one slot per row is that gather).
 Tensor gather_rows(const Tensor& src, const std::vector<int64_t>& idx) {
-  Tensor dst = Tensor::empty({static_cast<int64_t>(idx.size()), src.size(1)}, src.dtype());
-  const size_t rb = row_bytes_of(src);
-  const char* s = static_cast<const char*>(src.raw());
-  char* d = static_cast<char*>(dst.raw());
-#pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < static_cast<int64_t>(idx.size()); ++i) std::memcpy(d + i * rb, s + idx[i] * rb, rb);
-  return dst;
+  const int64_t R = static_cast<int64_t>(idx.size());
+  if (R == 0) return Tensor::empty({0, src.size(1)}, src.dtype(), src.device());
+  std::vector<int32_t> rows(idx.begin(), idx.end());
+  ops::MoePermutation p;
+  p.rows = Tensor::from_vector(rows, {R}).to(src.device());
+  p.counts = {R};
+  p.offsets = {0, R};
+  return ops::moe_permute(src, p, 1);
 }
 
-// dst row idx[i] = src row i
+// dst row idx[i] = src row i: the gather by the inverse permutation.
 Tensor scatter_rows(const Tensor& src, const std::vector<int64_t>& idx) {
-  Tensor dst = Tensor::empty({static_cast<int64_t>(idx.size()), src.size(1)}, src.dtype());
-  const size_t rb = row_bytes_of(src);
-  const char* s = static_cast<const char*>(src.raw());
-  char* d = static_cast<char*>(dst.raw());
-#pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < static_cast<int64_t>(idx.size()); ++i) std::memcpy(d + idx[i] * rb, s + i * rb, rb);
-  return dst;
+  std::vector<int64_t> inv(idx.size());
+  for (size_t i = 0; i < idx.size(); ++i) inv[static_cast<size_t>(idx[i])] = static_cast<int64_t>(i);
+  return gather_rows(src, inv);
 }
 
 int64_t total(const std::vector<int64_t>& v) {
@@ -40,7 +36,7 @@ int64_t total(const std::vector<int64_t>& v) {
 
 Tensor exchange(ExpertParallel& ep, const Tensor& rows, const std::vector<int64_t>& send_rows,
                 const std::vector<int64_t>& recv_rows) {
-  Tensor out = Tensor::empty({total(recv_rows), rows.size(1)}, rows.dtype());
+  Tensor out = Tensor::empty({total(recv_rows), rows.size(1)}, rows.dtype(), rows.device());
   ep.alltoallv(rows.raw(), send_rows, out.raw(), recv_rows, row_bytes_of(rows));
   return out;
 }
@@ -50,7 +46,6 @@ Tensor exchange(ExpertParallel& ep, const Tensor& rows, const std::vector<int64_
 Tensor ep_experts_forward(ExpertParallel& ep, const Tensor& xp, const ops::MoePermutation& perm,
                           const Tensor& gate_up, const Tensor& down, int64_t moe_I, EpCache& c) {
   const char* op = "ep_experts_forward";
-  DSA_CHECK(xp.is_cpu(), "[", op, "] expert parallelism runs on the CPU backend only, got ", xp.desc());
   const int P = ep.size(), me = ep.rank();
   const int64_t E = static_cast<int64_t>(perm.counts.size());
   DSA_CHECK(P > 0 && E % P == 0, "[", op, "] ", E, " experts do not split over ", P, " ranks");
@@ -87,8 +82,9 @@ Tensor ep_experts_forward(ExpertParallel& ep, const Tensor& xp, const ops::MoePe
     pl.local.offsets[j + 1] = static_cast<int64_t>(pl.gather.size());
   }
   // The grouped GEMMs read counts and offsets only; rows is the identity over the R local rows.
-  pl.local.rows = Tensor::empty({R}, DType::I32);
-  for (int64_t i = 0; i < R; ++i) pl.local.rows.data<int32_t>()[i] = static_cast<int32_t>(i);
+  Tensor identity = Tensor::empty({R}, DType::I32);
+  for (int64_t i = 0; i < R; ++i) identity.data<int32_t>()[i] = static_cast<int32_t>(i);
+  pl.local.rows = identity.to(xp.device());
 
   Tensor xr = exchange(ep, xp, pl.send_rows, pl.recv_rows);
   c.xe = gather_rows(xr, pl.gather);

@@ -22,7 +22,8 @@ struct ExpertParallel {
   virtual int size() const = 0;  // ranks in the expert-parallel group
   virtual int rank() const = 0;  // this rank's place in the group
   // send_rows[q] rows (row_bytes each, consecutive in send, ordered by q) go to group rank q; recv gets
-  // recv_rows[q] rows from rank q, ordered by q. Collective over the group.
+  // recv_rows[q] rows from rank q, ordered by q. Collective over the group. The buffers live where the
+  // model's tensors live (host memory for the MPI transport, device memory for NCCL).
   virtual void alltoallv(const void* send, const std::vector<int64_t>& send_rows, void* recv,
                          const std::vector<int64_t>& recv_rows, size_t row_bytes) = 0;
   // send [size*n]: n values for each rank; recv [size*n]: n values from each rank.

@@ -139,15 +139,18 @@ DataParallel::DataParallel(const Recipe& recipe, Model& model) : comms_(std::mak
     MPI_Comm_set_errhandler(comms_->group, MPI_ERRORS_RETURN);
     MPI_Comm_size(comms_->replicas, &comms_->n_replicas);
   }
-  if (ep_ > 1) {
-    DSA_CHECK(model.device() == Device::CPU, "[data_parallel] expert parallelism runs on the CPU backend only so far");
-    expert_ = std::make_unique<MpiExpertParallel>(ep_);
-    model.set_expert_parallel(expert_.get());
-  }
   if (world_ > 1 && model.device() == Device::CUDA) {
     DSA_CHECK(!zero1_, "[data_parallel] ZeRO-1 runs on the CPU backend only so far");
     nccl_ = std::make_unique<NcclComm>();
+    if (ep_ > 1 && comms_->n_replicas > 1) nccl_replicas_ = nccl_->split(rank_ % ep_, rank_);
     model.set_grad_ready_hook([this](int64_t group) { on_grads_ready(group); });
+  }
+  if (ep_ > 1) {
+    if (nccl_)
+      expert_ = nccl_->make_expert_parallel(ep_);
+    else
+      expert_ = std::make_unique<MpiExpertParallel>(ep_);
+    model.set_expert_parallel(expert_.get());
   }
   if (world_ > 1 && rank_ == 0)
     std::printf("[dist] %d ranks: data parallel over all, expert groups of %d (%lld routed experts per rank), "
@@ -205,25 +208,43 @@ void DataParallel::arm_overlap(const std::vector<Param*>& trained) {
 
 void DataParallel::on_grads_ready(int64_t group) {
   if (!armed_) return;
-  std::vector<Tensor*> ready;
+  std::vector<Param*> ready;
   for (size_t i = 0; i < armed_params_.size(); ++i) {
     if (reduced_[i] || Model::grad_group(armed_params_[i]->name) != group) continue;
     reduced_[i] = true;
-    ready.push_back(&armed_params_[i]->grad);
+    ready.push_back(armed_params_[i]);
   }
-  nccl_->allreduce_async(ready);
+  nccl_reduce(ready);
+}
+
+// Non-expert gradients over every rank; expert slices over their shard's replicas only.
+void DataParallel::nccl_reduce(const std::vector<Param*>& params) {
+  std::vector<Tensor*> all, experts;
+  std::vector<Tensor> slices;
+  slices.reserve(params.size());
+  for (Param* p : params) {
+    if (sharded(*p)) {
+      slices.push_back(p->grad.slice_rows(e0_, e1_));
+      experts.push_back(&slices.back());
+    } else {
+      all.push_back(&p->grad);
+    }
+  }
+  nccl_->allreduce_async(all);
+  if (nccl_replicas_) nccl_replicas_->allreduce_async(experts);
 }
 
 void DataParallel::allreduce_grads(const std::vector<Param*>& trained) {
   if (world_ == 1) return;
   if (nccl_) {
-    std::vector<Tensor*> rest;
+    std::vector<Param*> rest;
     for (size_t i = 0; i < trained.size(); ++i) {
       const bool done = armed_ && i < reduced_.size() && armed_params_[i] == trained[i] && reduced_[i];
-      if (!done) rest.push_back(&trained[i]->grad);
+      if (!done) rest.push_back(trained[i]);
     }
-    nccl_->allreduce_async(rest);
+    nccl_reduce(rest);
     nccl_->wait();
+    if (nccl_replicas_) nccl_replicas_->wait();
     armed_ = false;
     return;
   }
@@ -397,16 +418,20 @@ void DataParallel::gather_to_root(ParamStore& params, std::map<std::string, Tens
       if (it != moments.end()) parts.push_back(&it->second);
     }
     for (Tensor* t : parts) {
-      DSA_CHECK(t->is_cpu() && t->dtype() == DType::F32, "[data_parallel] gather of ", p.name, ": f32 host tensor expected");
+      DSA_CHECK(t->dtype() == DType::F32, "[data_parallel] gather of ", p.name, ": f32 tensor expected");
       const int64_t row = t->numel() / t->size(0);
       const int count = static_cast<int>(E * row);
+      // Device tensors travel through host memory (a checkpoint is rare; MPI is the transport here).
       if (rank_ == 0) {
-        for (int q = 1; q < ep_; ++q)
-          check(MPI_Recv(t->slice_rows(q * E, (q + 1) * E).data<float>(), count, MPI_FLOAT, q, 7, MPI_COMM_WORLD,
-                         MPI_STATUS_IGNORE),
-                "MPI_Recv");
+        for (int q = 1; q < ep_; ++q) {
+          Tensor dst = t->slice_rows(q * E, (q + 1) * E);
+          Tensor host = dst.is_cpu() ? dst : Tensor::empty(dst.shape(), DType::F32);
+          check(MPI_Recv(host.data<float>(), count, MPI_FLOAT, q, 7, MPI_COMM_WORLD, MPI_STATUS_IGNORE), "MPI_Recv");
+          if (!dst.is_cpu()) dst.copy_from(host);
+        }
       } else {
-        check(MPI_Send(t->slice_rows(e0_, e1_).data<float>(), count, MPI_FLOAT, 0, 7, MPI_COMM_WORLD), "MPI_Send");
+        Tensor host = t->slice_rows(e0_, e1_).to(Device::CPU);
+        check(MPI_Send(host.data<float>(), count, MPI_FLOAT, 0, 7, MPI_COMM_WORLD), "MPI_Send");
       }
     }
   }

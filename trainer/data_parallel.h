@@ -90,12 +90,14 @@ class DataParallel {
  private:
   struct Comms;
   std::unique_ptr<Comms> comms_;
-  std::unique_ptr<MpiExpertParallel> expert_;
-  std::unique_ptr<NcclComm> nccl_;      // GPU data parallelism (world > 1)
+  std::unique_ptr<ExpertParallel> expert_;
+  std::unique_ptr<NcclComm> nccl_;           // GPU data parallelism (world > 1)
+  std::unique_ptr<NcclComm> nccl_replicas_;  // GPU: the replicas of this rank's expert shard (ep > 1)
   bool armed_ = false;
   std::vector<Param*> armed_params_;
   std::vector<bool> reduced_;            // per armed param: all-reduce already launched
   void on_grads_ready(int64_t group);
+  void nccl_reduce(const std::vector<Param*>& params);
   int world_ = 1, rank_ = 0, ep_ = 1;
   int64_t e0_ = 0, e1_ = 0;
   bool zero1_ = false;

@@ -18,6 +18,7 @@
 #include <thread>
 
 #include "kernels/cuda/context.h"
+#include "trainer/expert_parallel.h"
 
 namespace dsa {
 
@@ -68,6 +69,64 @@ struct NcclComm::Impl {
 };
 
 bool NcclComm::available() { return true; }
+
+NcclComm::NcclComm(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {
+  cuda_ok(cudaStreamCreateWithFlags(&impl_->comm_stream, cudaStreamNonBlocking), "cudaStreamCreate");
+  impl_->watchdog = std::thread([this] { impl_->watch(); });
+}
+
+std::unique_ptr<NcclComm> NcclComm::split(int color, int key) {
+  auto impl = std::make_unique<Impl>();
+  impl->timeout_s = impl_->timeout_s;
+  nccl_ok(ncclCommSplit(impl_->comm, color, key, &impl->comm, nullptr), "ncclCommSplit");
+  return std::unique_ptr<NcclComm>(new NcclComm(std::move(impl)));
+}
+
+namespace {
+// Token rows of the MoE layers between the ranks of an expert group.
+class NcclExpertParallel : public ExpertParallel {
+ public:
+  NcclExpertParallel(int ep, std::unique_ptr<NcclComm> group, ncclComm_t comm)
+      : counts_(ep), group_(std::move(group)), comm_(comm) {}
+  int size() const override { return counts_.size(); }
+  int rank() const override { return counts_.rank(); }
+  void alltoallv(const void* send, const std::vector<int64_t>& send_rows, void* recv,
+                 const std::vector<int64_t>& recv_rows, size_t row_bytes) override {
+    const int P = size();
+    DSA_CHECK(static_cast<int>(send_rows.size()) == P && static_cast<int>(recv_rows.size()) == P,
+              "[expert_parallel] alltoallv needs ", P, " counts per direction");
+    const char* s = static_cast<const char*>(send);
+    char* r = static_cast<char*>(recv);
+    int64_t so = 0, ro = 0;
+    nccl_ok(ncclGroupStart(), "ncclGroupStart");
+    for (int q = 0; q < P; ++q) {
+      if (send_rows[q] > 0)
+        nccl_ok(ncclSend(s + so * row_bytes, static_cast<size_t>(send_rows[q]) * row_bytes, ncclInt8, q, comm_,
+                         cuda::stream()),
+                "ncclSend");
+      if (recv_rows[q] > 0)
+        nccl_ok(ncclRecv(r + ro * row_bytes, static_cast<size_t>(recv_rows[q]) * row_bytes, ncclInt8, q, comm_,
+                         cuda::stream()),
+                "ncclRecv");
+      so += send_rows[q];
+      ro += recv_rows[q];
+    }
+    nccl_ok(ncclGroupEnd(), "ncclGroupEnd");
+  }
+  void alltoall(const int64_t* send, int64_t* recv, int64_t n) override { counts_.alltoall(send, recv, n); }
+
+ private:
+  MpiExpertParallel counts_;         // row counts: host values over the MPI group communicator
+  std::unique_ptr<NcclComm> group_;  // owns comm_
+  ncclComm_t comm_;
+};
+}  // namespace
+
+std::unique_ptr<ExpertParallel> NcclComm::make_expert_parallel(int ep) {
+  std::unique_ptr<NcclComm> group = split(Dist::rank() / ep, Dist::rank());
+  ncclComm_t c = group->impl_->comm;
+  return std::make_unique<NcclExpertParallel>(ep, std::move(group), c);
+}
 
 NcclComm::NcclComm() : impl_(std::make_unique<Impl>()) {
   if (const char* t = std::getenv("DSA_NCCL_TIMEOUT_S")) impl_->timeout_s = std::atof(t);
@@ -131,6 +190,9 @@ NcclComm::NcclComm() { fail("[nccl] this build has no NCCL (GPU data parallelism
 NcclComm::~NcclComm() = default;
 void NcclComm::allreduce_async(const std::vector<Tensor*>&) {}
 void NcclComm::wait() {}
+NcclComm::NcclComm(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+std::unique_ptr<NcclComm> NcclComm::split(int, int) { return nullptr; }
+std::unique_ptr<ExpertParallel> NcclComm::make_expert_parallel(int) { return nullptr; }
 }  // namespace dsa
 
 #endif

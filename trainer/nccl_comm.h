@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "kernels/tensor.h"
+#include "model/expert_parallel.h"
 
 namespace dsa {
 
@@ -27,10 +28,17 @@ class NcclComm {
   void allreduce_async(const std::vector<Tensor*>& tensors);
   // Makes the compute stream wait for every all-reduce launched so far.
   void wait();
+  // A communicator over the ranks of this one with the same color (ncclCommSplit), e.g. the replicas
+  // of one expert shard. Collective over this communicator.
+  std::unique_ptr<NcclComm> split(int color, int key);
+  // Expert parallelism over groups of `ep` consecutive ranks: token rows move by NCCL send/receive on
+  // the compute stream; the per-rank row counts by MPI (they are needed on the host anyway).
+  std::unique_ptr<ExpertParallel> make_expert_parallel(int ep);
 
   struct Impl;
 
  private:
+  NcclComm(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
 };
 
