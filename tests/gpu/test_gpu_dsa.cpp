@@ -233,7 +233,9 @@ TEST(GpuDsa, SparseAttentionForwardBackward) {
       EXPECT_TRUE(rel_close(out_g2, out_c, 1e-2)) << "out with probs_sum, T = " << c.T;
       const Tensor ps_h = ps_g.to(Device::CPU);
       for (int64_t i = 0; i < idx.numel(); ++i) {
-        if (idx.data<int32_t>()[i] < 0) ASSERT_EQ(ps_h.data<float>()[i], 0.f) << "slot " << i;
+        if (idx.data<int32_t>()[i] < 0) {
+          ASSERT_EQ(ps_h.data<float>()[i], 0.f) << "slot " << i;
+        }
       }
     }
     const ops::SparseAttentionGrads gc =
