@@ -85,8 +85,11 @@ Tensor indexer_topk(const Tensor& q_I, const Tensor& k_I, const Tensor& w_I, int
 // q [B, T, H, Dk] (absorbed queries), kv [B, T, Dk] (latent rows [c_kv | k_pe]; the values are their
 // first Dv dims), indices [B, T, K] i32 -> out [B, T, H, Dv]; lse_out [B, H, T] (nullptr = not needed)
 // gets each row's log-sum-exp of the scaled scores (-inf and out = 0 for a row without valid slots).
+// probs_sum_out [B, T, K] (nullptr = not needed; CPU: q's dtype, CUDA: f32) gets, per slot, the sum over
+// heads of that slot's attention probability p[b,t,h,k] (0 for -1 slots; a duplicated index gets each
+// slot's own term): the sparse indexer loss's target before renormalization (indexer_kl_sparse_from_probs).
 Tensor sparse_attention_forward(const Tensor& q, const Tensor& kv, int64_t dv, const Tensor& indices, double scale,
-                                Tensor* lse_out);
+                                Tensor* lse_out, Tensor* probs_sum_out = nullptr);
 struct SparseAttentionGrads {
   Tensor dq;   // [B, T, H, Dk]
   Tensor dkv;  // [B, T, Dk]: scatter-added over every (query, head, slot) that selected the row
@@ -123,6 +126,12 @@ IndexerLossResult indexer_kl_dense(const Tensor& q_main, const Tensor& k_main, c
 IndexerLossResult indexer_kl_sparse(const Tensor& q_main, const Tensor& kv, const Tensor& lse_sparse, double scale,
                                     const Tensor& indices, const Tensor& q_I, const Tensor& k_I, const Tensor& w_I,
                                     bool fp8, double grad_scale, IndexerGrads* grads);
+// The same loss with the target taken from probs_sum [B, T, K] (sparse_attention_forward's probs_sum_out for
+// these indices): p = probs_sum renormalized over the valid slots of S_t, exactly indexer_kl_sparse's
+// target, without recomputing the main attention scores. probs_sum: CPU q_I's dtype, CUDA f32.
+IndexerLossResult indexer_kl_sparse_from_probs(const Tensor& probs_sum, const Tensor& indices, const Tensor& q_I,
+                                               const Tensor& k_I, const Tensor& w_I, bool fp8, double grad_scale,
+                                               IndexerGrads* grads);
 // Recall of the selection: per row, the mass of the dense head-summed, L1-normalized attention p[t, :]
 // (as in indexer_kl_dense) that falls on the distinct valid indices of S_t; summed over rows.
 struct IndexerRecall {

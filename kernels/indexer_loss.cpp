@@ -123,14 +123,15 @@ IndexerLossResult kl_dense(const Tensor& q_main, const Tensor& k_main, const Ten
 
 // NOTES: the sparse loss works slot by slot (O(T * K * Hi * D)), with dk_I accumulated in one private
 // buffer per thread and summed in thread order (deterministic for a given thread count).
-template <class T>
-IndexerLossResult kl_sparse(const Tensor& q_main, const Tensor& kv, const Tensor& lse, double scale,
-                            const Tensor& indices, const Tensor& q_I, const Tensor& k_I, const Tensor& w_I,
-                            const Tensor& q_s, const Tensor& k_s, double gs, IndexerGrads* grads) {
-  const int64_t B = q_main.size(0), T_ = q_main.size(1), H = q_main.size(2), Dk = q_main.size(3);
+// `target(bt, b, slot, sl, p)` fills the unnormalized target p[j] of the j-th valid slot (slot[j], key sl[j])
+// of row bt; `work` sizes the OpenMP threshold.
+template <class T, class Target>
+IndexerLossResult kl_sparse_core(const Tensor& indices, const Tensor& q_I, const Tensor& k_I, const Tensor& w_I,
+                                 const Tensor& q_s, const Tensor& k_s, double gs, IndexerGrads* grads, int64_t work,
+                                 const Target& target) {
+  const int64_t B = q_I.size(0), T_ = q_I.size(1);
   const int64_t Hi = q_I.size(2), D = q_I.size(3), K = indices.size(2);
   const T c = T(1) / std::sqrt(T(D));
-  const T *qm = q_main.data<T>(), *kvp = kv.data<T>(), *lp = lse.data<T>();
   const T *qi = q_I.data<T>(), *ki = k_I.data<T>(), *wi = w_I.data<T>();
   const T *qs = q_s.data<T>(), *ks = k_s.data<T>();
   const int32_t* idx = indices.data<int32_t>();
@@ -138,34 +139,28 @@ IndexerLossResult kl_sparse(const Tensor& q_main, const Tensor& kv, const Tensor
   std::vector<char> counted(static_cast<size_t>(B * T_), 0);
   const int nthreads = omp_get_max_threads();
   std::vector<std::vector<T>> dk_part(static_cast<size_t>(nthreads));
-#pragma omp parallel num_threads(nthreads) if(B * T_ * K * (H * Dk + Hi * D) > dsa_cpu::kOmpMinWork)
+#pragma omp parallel num_threads(nthreads) if(work > dsa_cpu::kOmpMinWork)
   {
     std::vector<T>& dk_acc = dk_part[static_cast<size_t>(omp_get_thread_num())];
     if (grads) dk_acc.assign(static_cast<size_t>(B * T_ * D), T(0));
-    std::vector<int32_t> sl;
+    std::vector<int32_t> sl, slot;
     std::vector<T> p, I, dI;
 #pragma omp for schedule(static)
     for (int64_t bt = 0; bt < B * T_; ++bt) {
       const int64_t b = bt / T_;
       sl.clear();
+      slot.clear();
       for (int64_t k = 0; k < K; ++k)
-        if (idx[bt * K + k] >= 0) sl.push_back(idx[bt * K + k]);
+        if (idx[bt * K + k] >= 0) {
+          sl.push_back(idx[bt * K + k]);
+          slot.push_back(static_cast<int32_t>(k));
+        }
       const int64_t n = static_cast<int64_t>(sl.size());
       if (n == 0) continue;
       p.assign(sl.size(), T(0));
       I.assign(sl.size(), T(0));
       dI.assign(sl.size(), T(0));
-      for (int64_t h = 0; h < H; ++h) {
-        const T l = lp[(b * H + h) * T_ + bt % T_];
-        const T* qh = qm + (bt * H + h) * Dk;
-        for (int64_t k = 0; k < n; ++k) {
-          const T* v = kvp + (b * T_ + sl[k]) * Dk;
-          T dotv = 0;
-#pragma omp simd reduction(+ : dotv)
-          for (int64_t i = 0; i < Dk; ++i) dotv += qh[i] * v[i];
-          p[k] += std::exp(static_cast<T>(scale) * dotv - l);
-        }
-      }
+      target(bt, b, slot, sl, p);
       T psum = 0;
       for (int64_t k = 0; k < n; ++k) psum += p[k];
       for (int64_t k = 0; k < n; ++k) p[k] /= psum;
@@ -220,6 +215,47 @@ IndexerLossResult kl_sparse(const Tensor& q_main, const Tensor& kv, const Tensor
   return res;
 }
 
+// Target from the main attention's scores rebuilt on the gathered rows: p[j] = sum_h exp(scale q_h . kv[sl[j]] - lse_h).
+template <class T>
+IndexerLossResult kl_sparse(const Tensor& q_main, const Tensor& kv, const Tensor& lse, double scale,
+                            const Tensor& indices, const Tensor& q_I, const Tensor& k_I, const Tensor& w_I,
+                            const Tensor& q_s, const Tensor& k_s, double gs, IndexerGrads* grads) {
+  const int64_t T_ = q_main.size(1), H = q_main.size(2), Dk = q_main.size(3);
+  const T *qm = q_main.data<T>(), *kvp = kv.data<T>(), *lp = lse.data<T>();
+  const int64_t work = q_main.size(0) * T_ * indices.size(2) * (H * Dk + q_I.size(2) * q_I.size(3));
+  auto target = [&](int64_t bt, int64_t b, const std::vector<int32_t>&, const std::vector<int32_t>& sl,
+                    std::vector<T>& p) {
+    const int64_t n = static_cast<int64_t>(sl.size());
+    for (int64_t h = 0; h < H; ++h) {
+      const T l = lp[(b * H + h) * T_ + bt % T_];
+      const T* qh = qm + (bt * H + h) * Dk;
+      for (int64_t k = 0; k < n; ++k) {
+        const T* v = kvp + (b * T_ + sl[k]) * Dk;
+        T dotv = 0;
+#pragma omp simd reduction(+ : dotv)
+        for (int64_t i = 0; i < Dk; ++i) dotv += qh[i] * v[i];
+        p[k] += std::exp(static_cast<T>(scale) * dotv - l);
+      }
+    }
+  };
+  return kl_sparse_core<T>(indices, q_I, k_I, w_I, q_s, k_s, gs, grads, work, target);
+}
+
+// Target from the forward's head-summed probabilities: p[j] = probs_sum[bt, ks[j]].
+template <class T>
+IndexerLossResult kl_sparse_probs(const Tensor& probs_sum, const Tensor& indices, const Tensor& q_I, const Tensor& k_I,
+                                  const Tensor& w_I, const Tensor& q_s, const Tensor& k_s, double gs,
+                                  IndexerGrads* grads) {
+  const int64_t K = indices.size(2);
+  const T* ps = probs_sum.data<T>();
+  const int64_t work = q_I.size(0) * q_I.size(1) * K * q_I.size(2) * q_I.size(3);
+  auto target = [&](int64_t bt, int64_t, const std::vector<int32_t>& ks, const std::vector<int32_t>&,
+                    std::vector<T>& p) {
+    for (size_t j = 0; j < ks.size(); ++j) p[j] = ps[bt * K + ks[j]];
+  };
+  return kl_sparse_core<T>(indices, q_I, k_I, w_I, q_s, k_s, gs, grads, work, target);
+}
+
 void init_grads(IndexerGrads* g, const Tensor& q_I, const Tensor& k_I, const Tensor& w_I) {
   if (!g) return;
   g->dq = Tensor::zeros(q_I.shape(), q_I.dtype());
@@ -265,6 +301,26 @@ IndexerLossResult indexer_kl_sparse(const Tensor& q_main, const Tensor& kv, cons
   if (q_I.dtype() == DType::F32)
     return kl_sparse<float>(q_main, kv, lse_sparse, scale, indices, q_I, k_I, w_I, q_s, k_s, grad_scale, grads);
   return kl_sparse<double>(q_main, kv, lse_sparse, scale, indices, q_I, k_I, w_I, q_s, k_s, grad_scale, grads);
+}
+
+IndexerLossResult indexer_kl_sparse_from_probs(const Tensor& probs_sum, const Tensor& indices, const Tensor& q_I,
+                                               const Tensor& k_I, const Tensor& w_I, bool fp8, double grad_scale,
+                                               IndexerGrads* grads) {
+  const char* op = "indexer_kl_sparse_from_probs";
+  DSA_CUDA_DISPATCH(q_I, op, cuda::indexer_kl_sparse_from_probs(probs_sum, indices, q_I, k_I, w_I, fp8, grad_scale,
+                                                                 grads));
+  check_cpu_float(op, {&probs_sum, &q_I, &k_I, &w_I});
+  expect_shape(op, "q_I", q_I, {-1, -1, -1, -1});
+  const int64_t B = q_I.size(0), T = q_I.size(1);
+  dsa_cpu::check_indices(op, indices, B, T);
+  expect_shape(op, "probs_sum", probs_sum, {B, T, indices.size(2)});
+  check_indexer(op, q_I, q_I, k_I, w_I);
+  Tensor q_s = q_I, k_s = k_I;
+  if (fp8) indexer_fp8_operands(q_I, k_I, &q_s, &k_s);
+  init_grads(grads, q_I, k_I, w_I);
+  if (q_I.dtype() == DType::F32)
+    return kl_sparse_probs<float>(probs_sum, indices, q_I, k_I, w_I, q_s, k_s, grad_scale, grads);
+  return kl_sparse_probs<double>(probs_sum, indices, q_I, k_I, w_I, q_s, k_s, grad_scale, grads);
 }
 
 namespace {

@@ -48,7 +48,7 @@ inline void valid_slots(const int32_t* idx, int64_t K, std::vector<int32_t>& out
 }
 
 template <class T>
-void forward_impl(const Dims& d, const T* q, const T* kv, const int32_t* idx, T scale, T* out, T* lse) {
+void forward_impl(const Dims& d, const T* q, const T* kv, const int32_t* idx, T scale, T* out, T* lse, T* psum) {
 #pragma omp parallel if(d.B * d.T * d.H * d.K * d.Dk > dsa_cpu::kOmpMinWork)
   {
     std::vector<int32_t> sl;
@@ -71,6 +71,17 @@ void forward_impl(const Dims& d, const T* q, const T* kv, const int32_t* idx, T 
         for (int64_t k = 0; k < n; ++k) sum += (sh[k] = std::exp(sh[k] - m));
         for (int64_t k = 0; k < n; ++k) sh[k] /= sum;
         if (lse) lse[(b * d.H + h) * d.T + t] = n > 0 ? m + std::log(sum) : -std::numeric_limits<T>::infinity();
+      }
+      if (psum) {  // head-summed probability of each slot; the j-th valid slot is the j-th entry of sc[h]
+        T* ps = psum + bt * d.K;
+        for (int64_t k = 0, j = 0; k < d.K; ++k) {
+          T a = 0;
+          if (idx[bt * d.K + k] >= 0) {
+            for (int64_t h = 0; h < d.H; ++h) a += sc[h * n + j];
+            ++j;
+          }
+          ps[k] = a;
+        }
       }
       T* o = out + bt * d.H * d.Dv;
       std::fill(o, o + d.H * d.Dv, T(0));
@@ -146,19 +157,22 @@ void backward_impl(const Dims& d, const T* dout, const T* q, const T* kv, const 
 }  // namespace
 
 Tensor sparse_attention_forward(const Tensor& q, const Tensor& kv, int64_t dv, const Tensor& indices, double scale,
-                                Tensor* lse_out) {
-  DSA_CUDA_DISPATCH(q, kFwd, cuda::sparse_attention_forward(q, kv, dv, indices, scale, lse_out));
+                                Tensor* lse_out, Tensor* probs_sum_out) {
+  DSA_CUDA_DISPATCH(q, kFwd, cuda::sparse_attention_forward(q, kv, dv, indices, scale, lse_out, probs_sum_out));
   const Dims d = check_common(kFwd, q, kv, dv, indices);
   Tensor out = Tensor::empty({d.B, d.T, d.H, d.Dv}, q.dtype());
-  Tensor lse;
+  Tensor lse, psum;
   if (lse_out) lse = Tensor::empty({d.B, d.H, d.T}, q.dtype());
+  if (probs_sum_out) psum = Tensor::empty({d.B, d.T, d.K}, q.dtype());
   if (q.dtype() == DType::F32)
     forward_impl<float>(d, q.data<float>(), kv.data<float>(), indices.data<int32_t>(), static_cast<float>(scale),
-                        out.data<float>(), lse_out ? lse.data<float>() : nullptr);
+                        out.data<float>(), lse_out ? lse.data<float>() : nullptr,
+                        probs_sum_out ? psum.data<float>() : nullptr);
   else
     forward_impl<double>(d, q.data<double>(), kv.data<double>(), indices.data<int32_t>(), scale, out.data<double>(),
-                         lse_out ? lse.data<double>() : nullptr);
+                         lse_out ? lse.data<double>() : nullptr, probs_sum_out ? psum.data<double>() : nullptr);
   if (lse_out) *lse_out = lse;
+  if (probs_sum_out) *probs_sum_out = psum;
   return out;
 }
 

@@ -77,7 +77,7 @@ Tensor mla_forward(const ParamStore& ps, const std::string& prefix, const ModelC
     c.kv_lat = ops::concat_last(c.ckv, c.kpe.view({d.N, d.dr})).view({B, T, d.kvl + d.dr});
     if (c.sparse) {
       c.indices = *sparse_indices;
-      c.attn = ops::sparse_attention_forward(c.q_abs, c.kv_lat, d.kvl, c.indices, scale, &c.lse);
+      c.attn = ops::sparse_attention_forward(c.q_abs, c.kv_lat, d.kvl, c.indices, scale, &c.lse, &c.probs_sum);
     } else {
       c.attn = ops::attention_forward(c.q_abs, c.kv_lat.view({B, T, 1, d.kvl + d.dr}), c.ckv.view({B, T, 1, d.kvl}),
                                       scale, &c.lse);

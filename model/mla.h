@@ -39,6 +39,8 @@ struct MlaCache {
   // both
   Tensor attn;      // MHA: [B, T, H, dv]; MQA: [B, T, H, kvl] (the attention kernel's output)
   Tensor lse;       // [B, H, T]         per-head log-sum-exp of the scaled scores
+  Tensor probs_sum; // [B, T, K] f32     sparse only: head-summed attention probability per slot (the
+                    //                   sparse indexer loss's target; CPU: the activations' dtype)
   Tensor o;         // [N, H*dv]         input of o_proj
 };
 

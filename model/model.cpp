@@ -78,8 +78,11 @@ void Model::indexer_loss_and_grads(int64_t l, LayerCache& lc, const Tensor& posi
   } else {
     DSA_CHECK(m.sparse, "[model] the sparse indexer loss needs sparse attention in the same step");
     ProfileScope ps_("indexer KL (sparse)");
-    r = ops::indexer_kl_sparse(m.q_abs, m.kv_lat, m.lse, cfg_.attention_scale(), lc.indices, q4, k3, w3,
-                               opts.fp8_indexer, opts.indexer_grad_scale, need_grad ? &g : nullptr);
+    // The target comes from the sparse forward's head sums (no recomputation of the main scores);
+    // its [B, T, K] buffer is not needed after this.
+    r = ops::indexer_kl_sparse_from_probs(m.probs_sum, lc.indices, q4, k3, w3, opts.fp8_indexer,
+                                          opts.indexer_grad_scale, need_grad ? &g : nullptr);
+    lc.mla.probs_sum = Tensor();
   }
   stats.indexer_kl_sum += r.loss_sum;
   stats.indexer_rows += r.rows;

@@ -39,8 +39,9 @@ double host_sum(const Tensor& x) {
 // ------------------------------------------------------------------------------------------ sparse
 
 struct SparseKlParams {
-  const float* S;             // [R, H, K] scaled main scores of the gathered rows
+  const float* S;             // [R, H, K] scaled main scores of the gathered rows (null when probs is set)
   const float* lse;           // [B, H, T] (sparse attention's)
+  const float* probs;         // [B, T, K] head-summed attention probabilities, or null (target from S, lse)
   const int32_t* idx;         // [B, T, K]
   const __nv_bfloat16* qs;    // [B, T, Hi, D] scoring operands (fp8-dequantized or q_I)
   const __nv_bfloat16* ks;    // [B, T, D]
@@ -162,15 +163,19 @@ __global__ void __launch_bounds__(kSparseWarps * 32) sparse_kl_kernel(SparseKlPa
     dwa[j] = 0.f;
   }
   load_q(p.qs, false);
-  // Target mass per slot (a warp per slot sums the heads).
-  for (int k = warp; k < p.K; k += kSparseWarps) {
-    const int32_t s = ir[k];
-    float a = 0.f;
-    if (s >= 0)
-      for (int h = lane; h < p.H; h += 32)
-        a += expf(p.S[(static_cast<int64_t>(r) * p.H + h) * p.K + k] - p.lse[(b * p.H + h) * p.T + t]);
-    a = warp_sum(a);
-    if (lane == 0) pk[k] = s >= 0 ? a : -1.f;
+  // Target mass per slot: the forward's head sums, or a warp per slot sums the heads of S.
+  if (p.probs) {
+    for (int k = tid; k < p.K; k += nthr) pk[k] = ir[k] >= 0 ? p.probs[bt * p.K + k] : -1.f;
+  } else {
+    for (int k = warp; k < p.K; k += kSparseWarps) {
+      const int32_t s = ir[k];
+      float a = 0.f;
+      if (s >= 0)
+        for (int h = lane; h < p.H; h += 32)
+          a += expf(p.S[(static_cast<int64_t>(r) * p.H + h) * p.K + k] - p.lse[(b * p.H + h) * p.T + t]);
+      a = warp_sum(a);
+      if (lane == 0) pk[k] = s >= 0 ? a : -1.f;
+    }
   }
   const int items_z = L.nslab * (kSparseChunk / 8);
   for (int k0 = 0; k0 < p.K; k0 += kSparseChunk) {
@@ -341,6 +346,66 @@ __global__ void __launch_bounds__(kSparseWarps * 32) sparse_kl_kernel(SparseKlPa
 
 }  // namespace
 
+namespace {
+// Shared host side of both sparse entries: operands, gradient buffers and the kernel's parameters (S, lse,
+// probs and bt0 set per launch).
+struct SparseKlRun {
+  Tensor qs, ks;           // scoring operands [B, T, Hi, D], [B, T, D]
+  Tensor dk32;             // [B, T, D] f32 (grads only)
+  Tensor row_loss, counted;  // [B, T] f32
+  SparseKlParams p{};
+  size_t smem = 0;
+};
+
+SparseKlRun sparse_kl_begin(const char* op, const Tensor& indices, const Tensor& q_I, const Tensor& k_I,
+                            const Tensor& w_I, bool fp8, double grad_scale, ops::IndexerGrads* grads, int64_t H) {
+  const int64_t B = q_I.size(0), T = q_I.size(1), Hi = q_I.size(2), D = q_I.size(3), K = indices.size(2);
+  SparseKlRun run;
+  run.qs = q_I;
+  run.ks = k_I;
+  if (fp8) indexer_fp8_operands(q_I, k_I, &run.qs, &run.ks);
+  if (grads) {
+    grads->dq = Tensor::empty(q_I.shape(), DType::BF16, Device::CUDA);
+    grads->dk = Tensor::empty(k_I.shape(), DType::BF16, Device::CUDA);
+    grads->dw = Tensor::empty(w_I.shape(), DType::BF16, Device::CUDA);
+    run.dk32 = Tensor::zeros(k_I.shape(), DType::F32, Device::CUDA);
+  }
+  run.row_loss = Tensor::zeros({B, T}, DType::F32, Device::CUDA);
+  run.counted = Tensor::zeros({B, T}, DType::F32, Device::CUDA);
+  const SparseSmem L(static_cast<int>(Hi), static_cast<int>(D));
+  DSA_CHECK(L.nslab * (L.Dp / 8) <= kSparseWarps * kSparseMaxTiles, "[", op, "] ceil16(Hi) * ceil16(D) = ",
+            L.Hp * L.Dp, " exceeds 8192 (Hi=", Hi, ", D=", D, ")");
+  run.smem = L.bytes(static_cast<int>(K));
+  DSA_CHECK(run.smem <= 200 * 1024, "[", op, "] K=", K, " Hi=", Hi, " D=", D, " needs too much shared memory");
+  run.p = SparseKlParams{nullptr, nullptr, nullptr, indices.data<int32_t>(), bf(run.qs), bf(run.ks), bf(q_I), bf(k_I),
+                         bf(w_I), run.row_loss.data<float>(), run.counted.data<float>(),
+                         grads ? bf(grads->dq) : nullptr, grads ? bf(grads->dw) : nullptr,
+                         grads ? run.dk32.data<float>() : nullptr, (int)T, (int)H, (int)Hi, (int)D, (int)K, 0,
+                         1.0f / std::sqrt(static_cast<float>(D)), static_cast<float>(grad_scale)};
+  return run;
+}
+
+// Rows [bt0, bt0 + R) of the flattened [B * T].
+void sparse_kl_launch(const char* op, SparseKlRun& run, int64_t bt0, int64_t R) {
+  cudaFuncSetAttribute(sparse_kl_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)run.smem);
+  run.p.bt0 = bt0;
+  sparse_kl_kernel<<<static_cast<unsigned>(R), kSparseWarps * 32, run.smem, stream()>>>(run.p);
+  check_launch(op);
+}
+
+ops::IndexerLossResult sparse_kl_end(const char* op, SparseKlRun& run, int64_t K, ops::IndexerGrads* grads) {
+  if (grads && K == 0) {
+    grads->dq.zero_();
+    grads->dw.zero_();
+  }
+  if (grads) cast_f32_to_bf16(run.dk32.data<float>(), bf(grads->dk), run.dk32.numel(), op);
+  ops::IndexerLossResult res;
+  res.loss_sum = host_sum(run.row_loss);
+  res.rows = static_cast<int64_t>(std::llround(host_sum(run.counted)));
+  return res;
+}
+}  // namespace
+
 ops::IndexerLossResult indexer_kl_sparse(const Tensor& q_main, const Tensor& kv, const Tensor& lse_sparse,
                                          double scale, const Tensor& indices, const Tensor& q_I, const Tensor& k_I,
                                          const Tensor& w_I, bool fp8, double grad_scale, ops::IndexerGrads* grads) {
@@ -354,30 +419,20 @@ ops::IndexerLossResult indexer_kl_sparse(const Tensor& q_main, const Tensor& kv,
   expect_shape(op, "lse_sparse", lse_sparse, {B, H, T});
   check_indices_gpu(op, indices, B, T);
   check_indexer_gpu(op, q_main, q_I, k_I, w_I);
-  const int64_t Hi = q_I.size(2), D = q_I.size(3), K = indices.size(2);
-  Tensor qs = q_I, ks = k_I;
-  if (fp8) indexer_fp8_operands(q_I, k_I, &qs, &ks);
-  ops::IndexerLossResult res;
-  if (grads) {
-    grads->dq = Tensor::empty(q_I.shape(), DType::BF16, Device::CUDA);
-    grads->dk = Tensor::empty(k_I.shape(), DType::BF16, Device::CUDA);
-    grads->dw = Tensor::empty(w_I.shape(), DType::BF16, Device::CUDA);
+  const int64_t K = indices.size(2), N = B * T;
+  if (N == 0) {
+    if (grads) *grads = ops::IndexerGrads{Tensor::empty(q_I.shape(), DType::BF16, Device::CUDA),
+                                          Tensor::empty(k_I.shape(), DType::BF16, Device::CUDA),
+                                          Tensor::empty(w_I.shape(), DType::BF16, Device::CUDA)};
+    return {};
   }
-  const int64_t N = B * T;
-  if (N == 0) return res;
-  Tensor dk32 = grads ? Tensor::zeros(k_I.shape(), DType::F32, Device::CUDA) : Tensor();
-  Tensor row_loss = Tensor::zeros({B, T}, DType::F32, Device::CUDA);
-  Tensor counted = Tensor::zeros({B, T}, DType::F32, Device::CUDA);
+  SparseKlRun run = sparse_kl_begin(op, indices, q_I, k_I, w_I, fp8, grad_scale, grads, H);
   if (K > 0) {
     const int64_t rb = rows_for_budget(N, K * Dk * 2 + H * K * 4, int64_t(512) << 20);
     Tensor kvg = Tensor::empty({rb, K, Dk}, DType::BF16, Device::CUDA);
     Tensor S = Tensor::empty({rb, H, K}, DType::F32, Device::CUDA);
-    const SparseSmem L(static_cast<int>(Hi), static_cast<int>(D));
-    DSA_CHECK(L.nslab * (L.Dp / 8) <= kSparseWarps * kSparseMaxTiles, "[", op, "] ceil16(Hi) * ceil16(D) = ",
-              L.Hp * L.Dp, " exceeds 8192 (Hi=", Hi, ", D=", D, ")");
-    const size_t smem = L.bytes(static_cast<int>(K));
-    DSA_CHECK(smem <= 200 * 1024, "[", op, "] K=", K, " Hi=", Hi, " D=", D, " needs too much shared memory");
-    cudaFuncSetAttribute(sparse_kl_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    run.p.S = S.data<float>();
+    run.p.lse = lse_sparse.data<float>();
     for (int64_t bt0 = 0; bt0 < N; bt0 += rb) {
       const int64_t R = std::min(N, bt0 + rb) - bt0;
       gather_rows(bf(kv), indices.data<int32_t>(), T, Dk, K, bt0, R, bf(kvg), op);
@@ -390,22 +445,38 @@ ops::IndexerLossResult indexer_kl_sparse(const Tensor& q_main, const Tensor& kv,
       m.alpha = static_cast<float>(scale);
       m.batch = R;
       row_gemm(op, m);
-      SparseKlParams p{S.data<float>(), lse_sparse.data<float>(), indices.data<int32_t>(), bf(qs), bf(ks), bf(q_I),
-                       bf(k_I), bf(w_I), row_loss.data<float>(), counted.data<float>(),
-                       grads ? bf(grads->dq) : nullptr, grads ? bf(grads->dw) : nullptr,
-                       grads ? dk32.data<float>() : nullptr, (int)T, (int)H, (int)Hi, (int)D, (int)K, bt0,
-                       1.0f / std::sqrt(static_cast<float>(D)), static_cast<float>(grad_scale)};
-      sparse_kl_kernel<<<static_cast<unsigned>(R), kSparseWarps * 32, smem, stream()>>>(p);
-      check_launch(op);
+      sparse_kl_launch(op, run, bt0, R);
     }
-  } else if (grads) {
-    grads->dq.zero_();
-    grads->dw.zero_();
   }
-  if (grads) cast_f32_to_bf16(dk32.data<float>(), bf(grads->dk), dk32.numel(), op);
-  res.loss_sum = host_sum(row_loss);
-  res.rows = static_cast<int64_t>(std::llround(host_sum(counted)));
-  return res;
+  return sparse_kl_end(op, run, K, grads);
+}
+
+// NOTES: no gather and no score GEMM: the target comes straight from the forward's head sums, so the
+// kernel runs over all rows in one launch.
+ops::IndexerLossResult indexer_kl_sparse_from_probs(const Tensor& probs_sum, const Tensor& indices, const Tensor& q_I,
+                                                    const Tensor& k_I, const Tensor& w_I, bool fp8, double grad_scale,
+                                                    ops::IndexerGrads* grads) {
+  const char* op = "indexer_kl_sparse_from_probs";
+  expect_cuda(op, "q_I", q_I, DType::BF16);
+  expect_shape(op, "q_I", q_I, {-1, -1, -1, -1});
+  const int64_t B = q_I.size(0), T = q_I.size(1);
+  check_indices_gpu(op, indices, B, T);
+  const int64_t K = indices.size(2), N = B * T;
+  expect_cuda(op, "probs_sum", probs_sum, DType::F32);
+  expect_shape(op, "probs_sum", probs_sum, {B, T, K});
+  check_indexer_gpu(op, q_I, q_I, k_I, w_I);
+  if (N == 0) {
+    if (grads) *grads = ops::IndexerGrads{Tensor::empty(q_I.shape(), DType::BF16, Device::CUDA),
+                                          Tensor::empty(k_I.shape(), DType::BF16, Device::CUDA),
+                                          Tensor::empty(w_I.shape(), DType::BF16, Device::CUDA)};
+    return {};
+  }
+  SparseKlRun run = sparse_kl_begin(op, indices, q_I, k_I, w_I, fp8, grad_scale, grads, 0);
+  if (K > 0) {
+    run.p.probs = probs_sum.data<float>();
+    sparse_kl_launch(op, run, 0, N);
+  }
+  return sparse_kl_end(op, run, K, grads);
 }
 
 }  // namespace dsa::cuda

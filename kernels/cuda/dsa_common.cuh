@@ -96,9 +96,10 @@ void gather_rows(const __nv_bfloat16* kv /*[B, T, Dk]*/, const int32_t* idx /*[B
 void check_indices_gpu(const char* op, const Tensor& idx, int64_t B, int64_t T);
 // Fused tensor-core sparse attention (sm90_bf16_sparse_attention_mma.cu) on checked inputs: false (nothing
 // launched) when (H, Dk, Dv) has no instantiation. out bf16 [B, T, H, Dv], lse f32 [B, H, T] written;
+// probs_sum f32 [B, T, K] (zeroed by the caller; undefined = not needed) accumulated with the head sums;
 // backward: dq bf16 [B, T, H, Dk] written, dkv32 f32 [B, T, Dk] (zeroed by the caller) accumulated.
 bool sparse_attention_mma_forward(const Tensor& q, const Tensor& kv, int64_t dv, const Tensor& indices, double scale,
-                                  Tensor& out, Tensor& lse);
+                                  Tensor& out, Tensor& lse, Tensor& probs_sum);
 bool sparse_attention_mma_backward(const Tensor& dout, const Tensor& q, const Tensor& kv, int64_t dv,
                                    const Tensor& indices, const Tensor& out, const Tensor& lse, double scale,
                                    Tensor& dq, Tensor& dkv32);

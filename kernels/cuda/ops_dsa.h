@@ -31,9 +31,10 @@ Tensor topk_causal(const Tensor& scores, int64_t t0, int64_t topk);
 Tensor indexer_topk(const Tensor& q_I, const Tensor& k_I, const Tensor& w_I, int64_t topk, bool fp8,
                     int64_t block_rows);
 
-// q bf16 [B, T, H, Dk], kv bf16 [B, T, Dk], indices i32 [B, T, K] -> out bf16 [B, T, H, Dv], lse f32 [B, H, T].
+// q bf16 [B, T, H, Dk], kv bf16 [B, T, Dk], indices i32 [B, T, K] -> out bf16 [B, T, H, Dv], lse f32 [B, H, T],
+// probs_sum f32 [B, T, K] (optional).
 Tensor sparse_attention_forward(const Tensor& q, const Tensor& kv, int64_t dv, const Tensor& indices, double scale,
-                                Tensor* lse_out);
+                                Tensor* lse_out, Tensor* probs_sum_out);
 ops::SparseAttentionGrads sparse_attention_backward(const Tensor& dout, const Tensor& q, const Tensor& kv, int64_t dv,
                                                     const Tensor& indices, const Tensor& out, const Tensor& lse,
                                                     double scale);
@@ -44,6 +45,10 @@ ops::IndexerLossResult indexer_kl_dense(const Tensor& q_main, const Tensor& k_ma
 ops::IndexerLossResult indexer_kl_sparse(const Tensor& q_main, const Tensor& kv, const Tensor& lse_sparse,
                                          double scale, const Tensor& indices, const Tensor& q_I, const Tensor& k_I,
                                          const Tensor& w_I, bool fp8, double grad_scale, ops::IndexerGrads* grads);
+// probs_sum f32 [B, T, K].
+ops::IndexerLossResult indexer_kl_sparse_from_probs(const Tensor& probs_sum, const Tensor& indices, const Tensor& q_I,
+                                                    const Tensor& k_I, const Tensor& w_I, bool fp8, double grad_scale,
+                                                    ops::IndexerGrads* grads);
 ops::IndexerRecall indexer_recall(const Tensor& q_main, const Tensor& k_main, const Tensor& lse_main, double scale,
                                   const Tensor& indices, int64_t block_rows);
 

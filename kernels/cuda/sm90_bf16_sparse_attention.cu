@@ -67,6 +67,22 @@ __global__ void softmax_kernel(const float* __restrict__ S /*[R, H, K] scaled*/,
   if (lane == 0 && lse) lse[(b * H + h) * T + t] = l;
 }
 
+// probs[bt, k] = sum_h exp(S[r, h, k] - lse[b, h, t]) over valid slots (0 for -1 slots), one thread per (r, k).
+__global__ void probs_sum_kernel(const float* __restrict__ S /*[R, H, K] scaled*/, const int32_t* __restrict__ idx,
+                                 const float* __restrict__ lse /*[B, H, T]*/, int64_t T, int64_t H, int64_t K,
+                                 int64_t bt0, int64_t R, float* __restrict__ probs /*[B, T, K]*/) {
+  const int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+  if (i >= R * K) return;
+  const int64_t r = i / K, k = i % K, bt = bt0 + r, b = bt / T, t = bt % T;
+  float a = 0.f;
+  if (idx[bt * K + k] >= 0)
+    for (int64_t h = 0; h < H; ++h) {
+      const float l = lse[(b * H + h) * T + t];
+      if (isfinite(l)) a += expf(S[(r * H + h) * K + k] - l);
+    }
+  probs[bt * K + k] = a;
+}
+
 // delta[r, h] = dout . out over Dv (one warp per row)
 __global__ void delta_kernel(const __nv_bfloat16* __restrict__ dout, const __nv_bfloat16* __restrict__ out,
                              int64_t rows, int64_t Dv, float* __restrict__ delta) {
@@ -164,13 +180,16 @@ void check_indices_gpu(const char* op, const Tensor& idx, int64_t B, int64_t T) 
 }  // namespace dsa_detail
 
 Tensor sparse_attention_forward(const Tensor& q, const Tensor& kv, int64_t dv, const Tensor& indices, double scale,
-                                Tensor* lse_out) {
+                                Tensor* lse_out, Tensor* probs_sum_out) {
   const char* op = "sparse_attention_forward";
   const Dims d = check_common(op, q, kv, dv, indices);
   Tensor out = Tensor::empty({d.B, d.T, d.H, d.Dv}, DType::BF16, Device::CUDA);
   Tensor lse = Tensor::empty({d.B, d.H, d.T}, DType::F32, Device::CUDA);
+  Tensor psum;
+  if (probs_sum_out) psum = Tensor::zeros({d.B, d.T, d.K}, DType::F32, Device::CUDA);
   const int64_t N = d.B * d.T;
-  if (N > 0 && d.K > 0 && !force_gemm_path() && sparse_attention_mma_forward(q, kv, dv, indices, scale, out, lse)) {
+  if (N > 0 && d.K > 0 && !force_gemm_path() &&
+      sparse_attention_mma_forward(q, kv, dv, indices, scale, out, lse, psum)) {
     // fused tensor-core kernel
   } else if (N > 0 && d.K > 0) {
     const int64_t per_row = d.K * d.Dk * 2 + d.H * d.K * 6;
@@ -186,6 +205,12 @@ Tensor sparse_attention_forward(const Tensor& q, const Tensor& kv, int64_t dv, c
       softmax_kernel<<<grid_1d(R * d.H * 32, 256), 256, 0, stream()>>>(S.data<float>(), indices.data<int32_t>(), d.T,
                                                                         d.H, d.K, bt0, R, bf(P), lse.data<float>());
       check_launch(op);
+      if (probs_sum_out) {
+        probs_sum_kernel<<<grid_1d(R * d.K, 256), 256, 0, stream()>>>(S.data<float>(), indices.data<int32_t>(),
+                                                                        lse.data<float>(), d.T, d.H, d.K, bt0, R,
+                                                                        psum.data<float>());
+        check_launch(op);
+      }
       RowGemm g;  // out_r [H, Dv] = P_r [H, K] x kvg_r [K, 0:Dv]
       g.M = d.H; g.N = d.Dv; g.K = d.K;
       g.A = bf(P); g.lda = d.K; g.strideA = d.H * d.K;
@@ -201,6 +226,7 @@ Tensor sparse_attention_forward(const Tensor& q, const Tensor& kv, int64_t dv, c
     lse.copy_from(ninf.to(Device::CUDA));
   }
   if (lse_out) *lse_out = lse;
+  if (probs_sum_out) *probs_sum_out = psum;
   return out;
 }
 

@@ -38,6 +38,7 @@ struct MmaParams {
   const float* delta;         // [B * T, H] = rowsum(dout * out) (backward)
   __nv_bfloat16* dq;          // [B, T, H, Dk] (backward)
   float* dkv;                 // [B, T, Dk] f32, zeroed, scatter-accumulated (backward)
+  float* probs;               // [B, T, K] f32, zeroed, head sums of the probabilities accumulated (probs pass)
   int B, T, H, K;
   float scale;
 };
@@ -294,6 +295,86 @@ __global__ void __launch_bounds__(64 * HT * NT, 1) sparse_attn_fwd_kernel(const 
   }
 }
 
+// --------------------------------------------------------------------------------------- probs pass
+// After the forward (lse known): probs[bt, slot] += sum over the warp's 16 heads of exp(S - lse), i.e. the
+// final softmax probabilities, recomputed with the forward's own S tiles and exp2 formulation.
+// NOTES: the online softmax of the forward only knows each row's normalizer at the end, and the head sum
+// needs per-head rescaling, so the head-summed probabilities cost a second S pass (gather + Q K^T, no P V
+// and no P through shared memory). With one 16-head tile per token (H = 16) every (token, slot) gets a
+// single atomicAdd onto zero (deterministic); otherwise H / 16 adds per slot in f32.
+template <int DK, int DV, int HT, int NT, int BN, int ST>
+__global__ void __launch_bounds__(64 * HT * NT, 1) sparse_attn_probs_kernel(const MmaParams p) {
+  using C = Cfg<DK, DV, HT, NT, BN, ST>;
+  extern __shared__ __align__(16) unsigned char smem[];
+  __nv_bfloat16* sQ = reinterpret_cast<__nv_bfloat16*>(smem);  // [NT][kR][kQS]
+  __nv_bfloat16* sKV = sQ + C::kQ;                               // [ST][NT * BN][kQS]
+  int* sIdx = reinterpret_cast<int*>(sKV + C::kKV);              // [ST][NT * BN]
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+  const int pair = warp / 2, half = warp % 2, tok = pair / HT, ht = pair % HT;
+  const int groups = p.H / C::kR;
+  const int64_t N = int64_t(p.B) * p.T, bt0 = int64_t(blockIdx.x / groups) * NT;
+  const int h0 = (blockIdx.x % groups) * C::kR;
+  const int nblk = (p.K + BN - 1) / BN;
+
+  C::template load_rows<DK, C::kQS>(p.q, bt0, N, p.H, h0, sQ);
+  unsigned live_bits = 0;
+#pragma unroll
+  for (int i = 0; i < ST - 1; ++i) {
+    if (i < nblk && C::load(p, bt0, i, i, sKV, sIdx)) live_bits |= 1u << i;
+    cp_commit();
+  }
+  constexpr int NS = BN / 16;
+  const float sl2 = p.scale * kLog2e;
+  const int64_t bt = bt0 + tok;
+  float l2[2];  // the rows' lse in log2 units (-inf: no valid slot, probability 0)
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int h = h0 + ht * 16 + g + 8 * i;
+    l2[i] = bt < N ? p.lse[((bt / p.T) * p.H + h) * p.T + bt % p.T] * kLog2e : -INFINITY;
+  }
+  const __nv_bfloat16* q_w = sQ + (tok * C::kR + ht * 16) * C::kQS;
+
+  for (int blk = 0; blk < nblk; ++blk) {
+    const int st = blk % ST;
+    cp_wait<ST - 2>();
+    const bool live = __syncthreads_or((live_bits >> st) & 1u);
+    {
+      const int nb = blk + ST - 1, ns = nb % ST;
+      live_bits &= ~(1u << ns);
+      if (nb < nblk && C::load(p, bt0, nb, ns, sKV, sIdx)) live_bits |= 1u << ns;
+      cp_commit();
+    }
+    if (!live) continue;
+    const __nv_bfloat16* kv_t = sKV + (st * C::kRows + tok * BN) * C::kQS;
+    const int* idx_t = sIdx + st * C::kRows + tok * BN;
+    float s[NS][4];
+#pragma unroll
+    for (int n = 0; n < NS; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+    mma_abt<NS, DK / 16>(s, q_w, C::kQS, kv_t + half * (BN / 2) * C::kQS, C::kQS);
+#pragma unroll
+    for (int n = 0; n < NS; ++n) {
+      float cs[2];
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int col = half * (BN / 2) + n * 8 + 2 * c + j;
+        const bool ok = idx_t[col] >= 0;
+        const float p0 = ok && l2[0] != -INFINITY ? exp2f(s[n][j] * sl2 - l2[0]) : 0.f;
+        const float p1 = ok && l2[1] != -INFINITY ? exp2f(s[n][2 + j] * sl2 - l2[1]) : 0.f;
+        cs[j] = p0 + p1;
+#pragma unroll
+        for (int o = 4; o < 32; o <<= 1) cs[j] += __shfl_xor_sync(0xffffffffu, cs[j], o);
+      }
+      if (g == 0 && bt < N)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const int col = half * (BN / 2) + n * 8 + 2 * c + j;
+          if (idx_t[col] >= 0) atomicAdd(p.probs + bt * p.K + blk * BN + col, cs[j]);
+        }
+    }
+  }
+  cp_wait<0>();
+}
+
 // ------------------------------------------------------------------------------------------ backward
 template <int DK, int DV, int HT, int NT, int BN, int ST>
 __global__ void __launch_bounds__(64 * HT * NT, 1) sparse_attn_bwd_kernel(const MmaParams p) {
@@ -460,6 +541,16 @@ void launch_fwd(const MmaParams& p, const char* op) {
   check_launch(op);
 }
 template <int DK, int DV, int HT, int NT, int BN, int ST>
+void launch_probs(const MmaParams& p, const char* op) {
+  using C = Cfg<DK, DV, HT, NT, BN, ST>;
+  auto kern = sparse_attn_probs_kernel<DK, DV, HT, NT, BN, ST>;
+  const size_t smem = size_t(C::kQ + C::kKV) * 2 + ST * C::kRows * 4;
+  DSA_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  const int64_t blocks = ceil_div(int64_t(p.B) * p.T, NT) * (p.H / C::kR);
+  kern<<<static_cast<unsigned>(blocks), C::kThreads, smem, stream()>>>(p);
+  check_launch(op);
+}
+template <int DK, int DV, int HT, int NT, int BN, int ST>
 void launch_bwd(const MmaParams& p, const char* op) {
   using C = Cfg<DK, DV, HT, NT, BN, ST>;
   auto kern = sparse_attn_bwd_kernel<DK, DV, HT, NT, BN, ST>;
@@ -494,7 +585,7 @@ MmaParams make_params(const Tensor& q, const Tensor& kv, const Tensor& idx, doub
 }  // namespace
 
 bool sparse_attention_mma_forward(const Tensor& q, const Tensor& kv, int64_t dv, const Tensor& indices, double scale,
-                                  Tensor& out, Tensor& lse) {
+                                  Tensor& out, Tensor& lse, Tensor& probs_sum) {
   const char* op = "sparse_attention_forward";
   const int64_t Dk = q.size(3), H = q.size(2);
   const int cfg = config_of(H, Dk, dv);
@@ -508,6 +599,16 @@ bool sparse_attention_mma_forward(const Tensor& q, const Tensor& kv, int64_t dv,
   } else {
     if (cfg == 4) launch_fwd<576, 512, 4, 1, 32, 3>(p, op);
     else launch_fwd<576, 512, 1, 2, 32, 2>(p, op);
+  }
+  if (probs_sum.defined()) {
+    p.probs = probs_sum.data<float>();
+    if (Dk == 288) {
+      if (cfg == 4) launch_probs<288, 256, 4, 1, 32, 3>(p, op);
+      else launch_probs<288, 256, 1, 2, 32, 2>(p, op);
+    } else {
+      if (cfg == 4) launch_probs<576, 512, 4, 1, 32, 3>(p, op);
+      else launch_probs<576, 512, 1, 2, 32, 2>(p, op);
+    }
   }
   return true;
 }

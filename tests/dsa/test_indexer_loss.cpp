@@ -199,6 +199,52 @@ TEST(IndexerLossSparse, EqualsMaterializedReferenceAndFiniteDifferences) {
   EXPECT_TRUE(grad_check("w_I", pr.w, g.dw, loss));
 }
 
+// The target from the forward's head-summed probabilities is indexer_kl_sparse's target: same loss and
+// gradients (f64, 1e-12), with holes, duplicated indices, and the FP8 scoring.
+TEST(IndexerLossSparse, FromProbsEqualsRecomputedTarget) {
+  const int64_t B = 2, T = 11, H = 3, Dk = 6, K = 5, Dv = 4;
+  Problem pr = make_problem(B, T, H, 1, Dk, 2, 4, 310);
+  const Tensor kv = pr.km.view({B, T, Dk});
+  Tensor idx = ops::indexer_topk(pr.q, pr.k, pr.w, K, false);  // -1 padding in rows t < 4
+  int32_t* ip = idx.data<int32_t>();
+  ip[(1 * T + 9) * K + 2] = -1;                 // a hole in a full row
+  ip[(0 * T + 8) * K + 3] = ip[(0 * T + 8) * K + 1];  // a duplicated index: two softmax terms
+  ip[(1 * T + 2) * K + 4] = 0;                  // a valid slot after a -1 slot
+  Tensor lse, psum;
+  ops::sparse_attention_forward(pr.qm, kv, Dv, idx, pr.scale, &lse, &psum);
+  ASSERT_EQ(psum.shape(), (Shape{B, T, K}));
+  EXPECT_EQ(psum.dtype(), DType::F64);
+  for (int64_t bt = 0; bt < B * T; ++bt) {  // each head's probabilities sum to 1 over the valid slots
+    double tot = 0;
+    bool any = false;
+    for (int64_t k = 0; k < K; ++k) {
+      if (ip[bt * K + k] < 0) EXPECT_EQ(psum.item(bt * K + k), 0.0);
+      else any = true, tot += psum.item(bt * K + k);
+    }
+    EXPECT_NEAR(tot, any ? double(H) : 0.0, 1e-12);
+  }
+  for (bool fp8 : {false, true}) {
+    ops::IndexerGrads ga, gb;
+    const auto ra = ops::indexer_kl_sparse(pr.qm, kv, lse, pr.scale, idx, pr.q, pr.k, pr.w, fp8, 1.7, &ga);
+    const auto rb = ops::indexer_kl_sparse_from_probs(psum, idx, pr.q, pr.k, pr.w, fp8, 1.7, &gb);
+    EXPECT_EQ(ra.rows, rb.rows);
+    EXPECT_NEAR(ra.loss_sum, rb.loss_sum, 1e-12);
+    EXPECT_GT(rb.loss_sum, 0.0);
+    EXPECT_TRUE(all_close(ga.dq, gb.dq, 0, 1e-12));
+    EXPECT_TRUE(all_close(ga.dk, gb.dk, 0, 1e-12));
+    EXPECT_TRUE(all_close(ga.dw, gb.dw, 0, 1e-12));
+    const auto rn = ops::indexer_kl_sparse_from_probs(psum, idx, pr.q, pr.k, pr.w, fp8, 1.7, nullptr);
+    EXPECT_NEAR(rn.loss_sum, ra.loss_sum, 1e-12);
+  }
+  // The old signature still works and gives the same output.
+  Tensor lse2;
+  const Tensor o1 = ops::sparse_attention_forward(pr.qm, kv, Dv, idx, pr.scale, &lse2);
+  const Tensor o2 = ops::sparse_attention_forward(pr.qm, kv, Dv, idx, pr.scale, nullptr, &psum);
+  EXPECT_TRUE(all_close(o1, o2, 0, 0));
+  EXPECT_THROW(ops::indexer_kl_sparse_from_probs(psum.view({B * T, K}), idx, pr.q, pr.k, pr.w, false, 1.0, nullptr),
+               std::runtime_error);
+}
+
 // I[t, s] = w * D^-0.5 * relu(q[t] . e_s) = q[t, s] when k_s is the one-hot e_s and w = sqrt(D): setting
 // q[t, s] = log p[t, s] + 40 makes softmax(I_t) = p_t exactly (up to rounding).
 TEST(IndexerLoss, KlIsZeroWhenSoftmaxMatchesTheTargetAndPositiveOtherwise) {

@@ -223,6 +223,21 @@ TEST(GpuDsa, SparseAttentionForwardBackward) {
     const Tensor out_g = ops::sparse_attention_forward(q.gpu, kv.gpu, c.Dv, idx_g, scale, &lse_g);
     EXPECT_TRUE(rel_close(out_g, out_c, 1e-2)) << "out, T = " << c.T;
     EXPECT_TRUE(rel_close(lse_g, lse_c, 1e-4)) << "lse, T = " << c.T;
+    {  // head-summed probabilities (the sparse indexer loss's target): same out and lse, psum f32 [B, T, K]
+      Tensor lse_c2, ps_c, lse_g2, ps_g;
+      ops::sparse_attention_forward(q.cpu, kv.cpu, c.Dv, idx, scale, &lse_c2, &ps_c);
+      const Tensor out_g2 = ops::sparse_attention_forward(q.gpu, kv.gpu, c.Dv, idx_g, scale, &lse_g2, &ps_g);
+      ASSERT_EQ(ps_g.dtype(), DType::F32);
+      ASSERT_EQ(ps_g.shape(), (Shape{c.B, c.T, c.K}));
+      EXPECT_TRUE(rel_close(ps_g, ps_c, 1e-4)) << "probs_sum, T = " << c.T << " H = " << c.H;
+      EXPECT_TRUE(rel_close(out_g2, out_c, 1e-2)) << "out with probs_sum, T = " << c.T;
+      const Tensor ps_h = ps_g.to(Device::CPU);
+      for (int64_t i = 0; i < idx.numel(); ++i) {
+        if (idx.data<int32_t>()[i] < 0) {
+          ASSERT_EQ(ps_h.data<float>()[i], 0.f) << "slot " << i;
+        }
+      }
+    }
     const ops::SparseAttentionGrads gc =
         ops::sparse_attention_backward(dout.cpu, q.cpu, kv.cpu, c.Dv, idx, out_c, lse_c, scale);
     const ops::SparseAttentionGrads gg =
@@ -317,6 +332,24 @@ TEST(GpuDsa, IndexerKlSparse) {
       EXPECT_TRUE(rel_close(gg.dq, gc.dq, 2e-2)) << "dq T = " << c.T << " fp8 " << fp8;
       EXPECT_TRUE(rel_close(gg.dk, gc.dk, 2e-2)) << "dk T = " << c.T << " fp8 " << fp8;
       EXPECT_TRUE(rel_close(gg.dw, gc.dw, 2e-2)) << "dw T = " << c.T << " fp8 " << fp8;
+      // Target from the forward's head sums: the CPU's (f32 on the GPU: isolates the loss kernel) and the
+      // GPU forward's own (fused path for Dv = 256 at Dk = 288).
+      const int64_t dv = c.Dk == 288 ? 256 : c.Dk;
+      Tensor lse2, ps_c, lse_g2, ps_g;
+      ops::sparse_attention_forward(qm.cpu, kv.cpu, dv, idx, scale, &lse2, &ps_c);
+      ops::sparse_attention_forward(qm.gpu, kv.gpu, dv, idx_g, scale, &lse_g2, &ps_g);
+      for (const Tensor* ps : {&ps_c, &ps_g}) {
+        ops::IndexerGrads gp;
+        const Tensor psd = ps->device() == Device::CUDA ? *ps : ps->to(Device::CUDA);
+        const ops::IndexerLossResult rp =
+            ops::indexer_kl_sparse_from_probs(psd, idx_g, q.gpu, k.gpu, w.gpu, fp8, 0.5, &gp);
+        const char* which = ps == &ps_c ? "cpu probs" : "gpu probs";
+        EXPECT_EQ(rp.rows, rc.rows);
+        EXPECT_NEAR(rp.loss_sum, rc.loss_sum, 2e-3 * std::fabs(rc.loss_sum) + 1e-4) << which << " fp8 " << fp8;
+        EXPECT_TRUE(rel_close(gp.dq, gc.dq, 2e-2)) << "dq " << which << " T = " << c.T << " fp8 " << fp8;
+        EXPECT_TRUE(rel_close(gp.dk, gc.dk, 2e-2)) << "dk " << which << " T = " << c.T << " fp8 " << fp8;
+        EXPECT_TRUE(rel_close(gp.dw, gc.dw, 2e-2)) << "dw " << which << " T = " << c.T << " fp8 " << fp8;
+      }
     }
   }
 }
@@ -467,6 +500,21 @@ TEST(GpuDsa, BenchIndexer) {
                 "(loss %.4f over %lld rows)\n",
                 c.name, (long long)c.T, (long long)c.H, (long long)c.Dk, (long long)c.Hi, (long long)c.D, (long long)c.K,
                 ms_f, ms_fb, r.loss_sum / std::max<int64_t>(1, r.rows), (long long)r.rows);
+    // The model's route: the sparse forward (fused path: Dv = Dk - 32 at bench-small, 512 in production)
+    // also returns the head-summed probabilities, and the loss reads them.
+    const int64_t dv = c.Dk == 576 ? 512 : c.Dk - 32;
+    Tensor ps;
+    const double ms_a0 = median_ms([&] { ops::sparse_attention_forward(qm, kv, dv, idx, scale, &lse); }, 3);
+    const double ms_a1 = median_ms([&] { ops::sparse_attention_forward(qm, kv, dv, idx, scale, &lse, &ps); }, 3);
+    ops::IndexerLossResult rp;
+    const double ms_pf = median_ms([&] { rp = ops::indexer_kl_sparse_from_probs(ps, idx, q, k, w, true, 1e-3, nullptr); }, 3);
+    const double ms_pfb = median_ms([&] {
+      ops::IndexerGrads g;
+      rp = ops::indexer_kl_sparse_from_probs(ps, idx, q, k, w, true, 1e-3, &g);
+    }, 3);
+    std::printf("[bench] %s sparse_attention_forward Dv=%lld: %.2f ms, with probs_sum %.2f ms; "
+                "indexer_kl_sparse_from_probs fwd %.2f ms, fwd+bwd %.2f ms (loss %.4f)\n",
+                c.name, (long long)dv, ms_a0, ms_a1, ms_pf, ms_pfb, rp.loss_sum / std::max<int64_t>(1, rp.rows));
   }
 }
 
