@@ -42,3 +42,17 @@ TEST(GpuDist, KilledRankEndsTheJob) {
   EXPECT_LT(res.seconds, 90) << res.log;
   EXPECT_NE(res.log.find("rank 1"), std::string::npos) << res.log;
 }
+
+TEST(GpuDist, ExpertParallelOverNcclEqualsOneGpu) {
+  DSA_REQUIRE_TWO_GPUS();
+  const std::string r1 = write_recipe("gpu_ep1", 6, "cuda"), r2 = write_recipe("gpu_ep2", 6, "cuda");
+  RunResult a = run(train(r1), temp("gpu_ep1") + "/log.txt");
+  ASSERT_EQ(a.code, 0) << a.log;
+  RunResult b = run(kMpi + " " + train(r2, "parallelism.ep=2"), temp("gpu_ep2") + "/log.txt");
+  ASSERT_EQ(b.code, 0) << b.log;
+  EXPECT_NE(b.log.find("expert groups of 2"), std::string::npos) << b.log;
+  std::string worst;
+  const double d = max_rel_diff(final_of(r1), final_of(r2), &worst);
+  EXPECT_LT(d, 2e-3) << worst;
+  std::printf("[gpu dist] ep=2 over NCCL vs 1 GPU: max relative parameter difference %.3g (%s)\n", d, worst.c_str());
+}
