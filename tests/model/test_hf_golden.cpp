@@ -212,3 +212,31 @@ TEST(HfGolden, TransformersSelectionIsATopkOfOurIndexerScores) {
   }
   EXPECT_EQ(rows, c.num_hidden_layers * g.B * g.T);
 }
+
+TEST(HfGolden, SparseOnTheBf16IndexersSelection) {
+  // transformers in bf16 (weights and activations; its indexer scores in bf16): our f32 model on the
+  // same selection agrees to bf16 precision.
+  Golden g;
+  std::vector<Tensor> forced;
+  for (int64_t l = 0; l < g.hf.cfg.num_hidden_layers; ++l)
+    forced.push_back(read_npy(kGolden + "/bf16_sparse/indexer_topk_layer" + std::to_string(l) + ".npy"));
+  auto m = g.model();
+  Tensor logits;
+  StepOptions o;
+  o.attention = AttentionMode::Sparse;
+  o.forced_indices = &forced;
+  o.capture_logits = &logits;
+  StepStats s = m->step(g.ids, g.targets, g.B, g.T, o, false);
+  const double ref = read_npy(kGolden + "/bf16_sparse/loss.npy").item(0);
+  EXPECT_NEAR(s.lm_loss_sum / s.lm_tokens, ref, 2e-2);
+  Tensor ref_logits = read_npy(kGolden + "/bf16_sparse/logits.npy");
+  double num = 0, den = 0;
+  for (int64_t i = 0; i < logits.numel(); ++i) {
+    const double d = logits.item(i) - ref_logits.item(i);
+    num += d * d;
+    den += ref_logits.item(i) * ref_logits.item(i);
+  }
+  EXPECT_LT(std::sqrt(num / den), 2e-2);
+  std::printf("[golden] bf16_sparse: loss %.6f vs transformers bf16 %.6f, relative logits error %.3g\n",
+              s.lm_loss_sum / s.lm_tokens, ref, std::sqrt(num / den));
+}
