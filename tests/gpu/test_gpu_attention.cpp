@@ -149,27 +149,6 @@ Tensor fill_gpu(const Shape& s, uint64_t seed) {
   return h.to(Device::CUDA);
 }
 
-double median_ms(const std::function<void()>& f, int reps) {
-  cudaEvent_t a, b;
-  cudaEventCreate(&a);
-  cudaEventCreate(&b);
-  f();  // warm-up
-  f();
-  std::vector<float> ms;
-  for (int i = 0; i < reps; ++i) {
-    cudaEventRecord(a, cuda::stream());
-    f();
-    cudaEventRecord(b, cuda::stream());
-    cudaEventSynchronize(b);
-    float t = 0;
-    cudaEventElapsedTime(&t, a, b);
-    ms.push_back(t);
-  }
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
-  std::sort(ms.begin(), ms.end());
-  return ms[ms.size() / 2];
-}
 
 TEST(GpuAttention, Bench) {
   DSA_REQUIRE_GPU();
@@ -180,8 +159,8 @@ TEST(GpuAttention, Bench) {
     Tensor v = fill_gpu({c.B, c.T, c.Hk, c.Dv}, 3), dout = fill_gpu({c.B, c.T, c.H, c.Dv}, 4);
     const double scale = 1.0 / std::sqrt(double(c.Dk));
     Tensor lse, out = ops::attention_forward(q, k, v, scale, &lse);
-    const double fwd_ms = median_ms([&] { ops::attention_forward(q, k, v, scale, &lse); }, 7);
-    const double bwd_ms = median_ms([&] { ops::attention_backward(dout, q, k, v, out, lse, scale); }, 5);
+    const double fwd_ms = dsa::testing::gpu_median_ms([&] { ops::attention_forward(q, k, v, scale, &lse); }, 7);
+    const double bwd_ms = dsa::testing::gpu_median_ms([&] { ops::attention_backward(dout, q, k, v, out, lse, scale); }, 5);
     const double fwd_flop = 2.0 * c.B * c.H * (double(c.T) * c.T / 2) * (c.Dk + c.Dv);
     std::printf("[bench] attention B=%lld T=%lld H=%lld Hk=%lld Dk=%lld Dv=%lld: fwd %.3f ms %.1f TFLOP/s, "
                 "bwd %.3f ms %.1f TFLOP/s, fwd+bwd %.1f TFLOP/s\n",

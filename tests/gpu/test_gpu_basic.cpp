@@ -446,26 +446,6 @@ TEST(GpuAdamW, GlobalNormAndClip) {
 }
 
 // ----------------------------------------------------------------------------------------- bench
-double time_ms(const std::function<void()>& f, int reps = 10) {
-  for (int i = 0; i < 3; ++i) f();
-  cudaEvent_t a, b;
-  cudaEventCreate(&a);
-  cudaEventCreate(&b);
-  std::vector<float> ms;
-  for (int i = 0; i < reps; ++i) {
-    cudaEventRecord(a, cuda::stream());
-    f();
-    cudaEventRecord(b, cuda::stream());
-    cudaEventSynchronize(b);
-    float t = 0;
-    cudaEventElapsedTime(&t, a, b);
-    ms.push_back(t);
-  }
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
-  std::sort(ms.begin(), ms.end());
-  return ms[ms.size() / 2];
-}
 
 TEST(GpuBench, GemmAndCrossEntropy) {
   DSA_REQUIRE_GPU();
@@ -480,7 +460,7 @@ TEST(GpuBench, GemmAndCrossEntropy) {
     Tensor a = ops::cast(to_gpu(randn({s, s}, 1, 1.0, DType::F32), DType::F32), DType::BF16);
     Tensor b = ops::cast(to_gpu(randn({s, s}, 2, 1.0, DType::F32), DType::F32), DType::BF16);
     Tensor c = bf_gpu({s, s});
-    const double ms = time_ms([&] { ops::gemm(a, false, b, true, c); });
+    const double ms = dsa::testing::gpu_median_ms([&] { ops::gemm(a, false, b, true, c); });
     std::printf("[bench] gemm 4096^3 bf16 (NT): %.3f ms, %.1f TFLOP/s\n", ms, 2.0 * s * s * s / ms * 1e-9);
   }
   const int64_t N = 16384;  // tokens per bench-small step
@@ -497,9 +477,9 @@ TEST(GpuBench, GemmAndCrossEntropy) {
     Tensor dy = ops::cast(to_gpu(randn({n, l.out}, 5, 1.0, DType::F32), DType::F32), DType::BF16);
     Tensor dw = Tensor::zeros({l.out, l.in}, DType::F32, Device::CUDA);
     const double fl = 2.0 * n * l.in * l.out * 1e-9;
-    const double f = time_ms([&] { ops::linear_forward(x, w); });
-    const double dx = time_ms([&] { ops::linear_backward(dy, x, w, nullptr, true); });
-    const double wg = time_ms([&] { ops::linear_backward(dy, x, w, &dw, false); });
+    const double f = dsa::testing::gpu_median_ms([&] { ops::linear_forward(x, w); });
+    const double dx = dsa::testing::gpu_median_ms([&] { ops::linear_backward(dy, x, w, nullptr, true); });
+    const double wg = dsa::testing::gpu_median_ms([&] { ops::linear_backward(dy, x, w, &dw, false); });
     std::printf("[bench] linear %-30s N=%lld  fwd %.1f  dgrad %.1f  wgrad(f32 +=) %.1f TFLOP/s\n", l.name,
                 static_cast<long long>(n), fl / f, fl / dx, fl / wg);
   }
@@ -509,8 +489,8 @@ TEST(GpuBench, GemmAndCrossEntropy) {
     Tensor w = ops::cast(to_gpu(randn({v, d}, 7, 0.03, DType::F32), DType::F32), DType::BF16);
     Tensor tg = randint({n}, 8, 0, static_cast<int>(v)).to(Device::CUDA);
     Tensor dx = Tensor::empty({n, d}, DType::BF16, Device::CUDA), dw = Tensor::zeros({v, d}, DType::F32, Device::CUDA);
-    const double ms = time_ms([&] { ops::lm_head_cross_entropy(x, w, tg, 1.0 / n, &dx, &dw); }, 5);
-    const double msf = time_ms([&] { ops::lm_head_cross_entropy(x, w, tg, 1.0 / n, nullptr, nullptr); }, 5);
+    const double ms = dsa::testing::gpu_median_ms([&] { ops::lm_head_cross_entropy(x, w, tg, 1.0 / n, &dx, &dw); }, 5);
+    const double msf = dsa::testing::gpu_median_ms([&] { ops::lm_head_cross_entropy(x, w, tg, 1.0 / n, nullptr, nullptr); }, 5);
     const double fl = 2.0 * n * d * v * 1e-9;
     std::printf("[bench] lm_head_cross_entropy N=2048 D=1024 V=129280: fwd %.3f ms (%.1f TFLOP/s), fwd+bwd %.3f ms "
                 "(%.1f TFLOP/s)\n", msf, fl / msf, ms, 3 * fl / ms);

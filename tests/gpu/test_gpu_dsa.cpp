@@ -368,19 +368,6 @@ Tensor fast_bf16(const Shape& s, uint64_t seed, float a) {
   return h.to(Device::CUDA);
 }
 
-double median_ms(const std::function<void()>& f, int reps = 5) {
-  f();
-  cuda::synchronize();
-  std::vector<double> ms;
-  for (int i = 0; i < reps; ++i) {
-    const auto t0 = std::chrono::steady_clock::now();
-    f();
-    cuda::synchronize();
-    ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
-  }
-  std::sort(ms.begin(), ms.end());
-  return ms[ms.size() / 2];
-}
 
 TEST(GpuDsa, Bench) {
   DSA_REQUIRE_GPU();
@@ -399,10 +386,10 @@ TEST(GpuDsa, Bench) {
     const double tri = static_cast<double>(T) * (T + 1) / 2;
     const double f_main = 2.0 * tri * H * Dk, f_idx = 2.0 * tri * Hi * D;
     ops::IndexerGrads g;
-    const double ms_f = median_ms([&] { ops::indexer_kl_dense(qm, km, lse, scale, q, k, w, true, 1.0, nullptr); }, 3);
-    const double ms_b = median_ms([&] { ops::indexer_kl_dense(qm, km, lse, scale, q, k, w, true, 1.0, &g); }, 3);
+    const double ms_f = dsa::testing::gpu_median_ms([&] { ops::indexer_kl_dense(qm, km, lse, scale, q, k, w, true, 1.0, nullptr); }, 3);
+    const double ms_b = dsa::testing::gpu_median_ms([&] { ops::indexer_kl_dense(qm, km, lse, scale, q, k, w, true, 1.0, &g); }, 3);
     Tensor idx = Tensor::zeros({1, T, 512}, DType::I32, Device::CUDA);
-    const double ms_r = median_ms([&] { ops::indexer_recall(qm, km, lse, scale, idx); }, 3);
+    const double ms_r = dsa::testing::gpu_median_ms([&] { ops::indexer_recall(qm, km, lse, scale, idx); }, 3);
     std::printf("[bench] indexer_kl_dense T=%lld H=%lld Dk=%lld Hi=%lld D=%lld fp8: loss %.2f ms (%.1f TFLOP/s), "
                 "loss+grads %.2f ms (%.1f TFLOP/s); recall %.2f ms\n",
                 (long long)T, (long long)H, (long long)Dk, (long long)Hi, (long long)D, ms_f,
@@ -413,7 +400,7 @@ TEST(GpuDsa, Bench) {
     const Tensor q = fast_bf16({1, T, Hi, D}, 1, 1.f), k = fast_bf16({1, T, D}, 2, 1.f), w = fast_bf16({1, T, Hi}, 3, 0.1f);
     const double flop = static_cast<double>(T) * (T + 1) / 2 * Hi * D * 2;
     for (bool fp8 : {true, false}) {
-      const double ms = median_ms([&] { ops::indexer_topk(q, k, w, K, fp8); }, 3);
+      const double ms = dsa::testing::gpu_median_ms([&] { ops::indexer_topk(q, k, w, K, fp8); }, 3);
       std::printf("[bench] indexer_topk T=%lld Hi=64 D=128 K=2048 fp8=%d: %.2f ms, %.1f TFLOP/s (scoring FLOPs)\n",
                   (long long)T, (int)fp8, ms, flop / ms * 1e-9);
     }
@@ -445,8 +432,8 @@ TEST(GpuDsa, BenchSparseAttention) {
     const double scale = 1.0 / std::sqrt(192.0);
     Tensor lse, out;
     const double fwd_flop = 2.0 * T * H * K * (Dk + Dv), bwd_flop = 2.0 * T * H * K * (2 * Dk + 2 * Dv);
-    const double ms_f = median_ms([&] { out = ops::sparse_attention_forward(q, kv, Dv, idx_g, scale, &lse); }, 3);
-    const double ms_b = median_ms([&] { ops::sparse_attention_backward(dout, q, kv, Dv, idx_g, out, lse, scale); }, 3);
+    const double ms_f = dsa::testing::gpu_median_ms([&] { out = ops::sparse_attention_forward(q, kv, Dv, idx_g, scale, &lse); }, 3);
+    const double ms_b = dsa::testing::gpu_median_ms([&] { ops::sparse_attention_backward(dout, q, kv, Dv, idx_g, out, lse, scale); }, 3);
     std::printf("[bench] sparse_attention %s T=%lld H=%lld Dk=%lld Dv=%lld K=%lld: fwd %.2f ms (%.1f TFLOP/s), "
                 "bwd %.2f ms (%.1f TFLOP/s), fwd+bwd %.1f TFLOP/s\n",
                 path, (long long)T, (long long)H, (long long)Dk, (long long)Dv, (long long)K, ms_f,
@@ -469,11 +456,11 @@ TEST(GpuDsa, BenchIndexer) {
     const Tensor q = fast_bf16({1, c.T, c.Hi, c.D}, 1, 1.f), k = fast_bf16({1, c.T, c.D}, 2, 1.f),
                  w = fast_bf16({1, c.T, c.Hi}, 3, 0.1f);
     Tensor scores;
-    const double ms_s = median_ms([&] { scores = ops::indexer_scores_forward(q, k, w, 0, c.T); }, 3);
-    const double ms_k = median_ms([&] { ops::topk_causal(scores, 0, c.K); }, 3);
+    const double ms_s = dsa::testing::gpu_median_ms([&] { scores = ops::indexer_scores_forward(q, k, w, 0, c.T); }, 3);
+    const double ms_k = dsa::testing::gpu_median_ms([&] { ops::topk_causal(scores, 0, c.K); }, 3);
     scores = Tensor();
-    const double ms_8 = median_ms([&] { ops::indexer_topk(q, k, w, c.K, true); }, 3);
-    const double ms_b = median_ms([&] { ops::indexer_topk(q, k, w, c.K, false); }, 3);
+    const double ms_8 = dsa::testing::gpu_median_ms([&] { ops::indexer_topk(q, k, w, c.K, true); }, 3);
+    const double ms_b = dsa::testing::gpu_median_ms([&] { ops::indexer_topk(q, k, w, c.K, false); }, 3);
     std::printf("[bench] %s T=%lld Hi=%lld D=%lld K=%lld: scores_forward(bf16, fill incl.) %.2f ms, topk_causal "
                 "%.2f ms, indexer_topk fp8 %.2f ms, bf16 %.2f ms\n",
                 c.name, (long long)c.T, (long long)c.Hi, (long long)c.D, (long long)c.K, ms_s, ms_k, ms_8, ms_b);
@@ -491,8 +478,8 @@ TEST(GpuDsa, BenchIndexer) {
     Tensor lse;
     ops::sparse_attention_forward(qm, kv, c.Dk - 32, idx, scale, &lse);
     ops::IndexerLossResult r;
-    const double ms_f = median_ms([&] { r = ops::indexer_kl_sparse(qm, kv, lse, scale, idx, q, k, w, true, 1e-3, nullptr); }, 3);
-    const double ms_fb = median_ms([&] {
+    const double ms_f = dsa::testing::gpu_median_ms([&] { r = ops::indexer_kl_sparse(qm, kv, lse, scale, idx, q, k, w, true, 1e-3, nullptr); }, 3);
+    const double ms_fb = dsa::testing::gpu_median_ms([&] {
       ops::IndexerGrads g;
       r = ops::indexer_kl_sparse(qm, kv, lse, scale, idx, q, k, w, true, 1e-3, &g);
     }, 3);
@@ -504,11 +491,11 @@ TEST(GpuDsa, BenchIndexer) {
     // also returns the head-summed probabilities, and the loss reads them.
     const int64_t dv = c.Dk == 576 ? 512 : c.Dk - 32;
     Tensor ps;
-    const double ms_a0 = median_ms([&] { ops::sparse_attention_forward(qm, kv, dv, idx, scale, &lse); }, 3);
-    const double ms_a1 = median_ms([&] { ops::sparse_attention_forward(qm, kv, dv, idx, scale, &lse, &ps); }, 3);
+    const double ms_a0 = dsa::testing::gpu_median_ms([&] { ops::sparse_attention_forward(qm, kv, dv, idx, scale, &lse); }, 3);
+    const double ms_a1 = dsa::testing::gpu_median_ms([&] { ops::sparse_attention_forward(qm, kv, dv, idx, scale, &lse, &ps); }, 3);
     ops::IndexerLossResult rp;
-    const double ms_pf = median_ms([&] { rp = ops::indexer_kl_sparse_from_probs(ps, idx, q, k, w, true, 1e-3, nullptr); }, 3);
-    const double ms_pfb = median_ms([&] {
+    const double ms_pf = dsa::testing::gpu_median_ms([&] { rp = ops::indexer_kl_sparse_from_probs(ps, idx, q, k, w, true, 1e-3, nullptr); }, 3);
+    const double ms_pfb = dsa::testing::gpu_median_ms([&] {
       ops::IndexerGrads g;
       rp = ops::indexer_kl_sparse_from_probs(ps, idx, q, k, w, true, 1e-3, &g);
     }, 3);

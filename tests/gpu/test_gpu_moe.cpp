@@ -348,28 +348,6 @@ TEST(GpuMoeGroupedLinear, DtypeAndDeviceErrors) {
 // ------------------------------------------------------------------------------------- timing
 
 #ifdef DSA_HAVE_CUDA
-// Median milliseconds of fn over reps runs (CUDA events on the op stream) after 3 warm-up runs.
-template <class F>
-double median_ms(F&& fn, int reps = 20) {
-  for (int i = 0; i < 3; ++i) fn();
-  cudaEvent_t a, b;
-  cudaEventCreate(&a);
-  cudaEventCreate(&b);
-  std::vector<double> t;
-  for (int i = 0; i < reps; ++i) {
-    cudaEventRecord(a, cuda::stream());
-    fn();
-    cudaEventRecord(b, cuda::stream());
-    cudaEventSynchronize(b);
-    float ms = 0;
-    cudaEventElapsedTime(&ms, a, b);
-    t.push_back(ms);
-  }
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
-}
 #endif
 
 TEST(GpuMoeGroupedLinear, BenchTiming) {
@@ -392,9 +370,9 @@ TEST(GpuMoeGroupedLinear, BenchTiming) {
     const Tensor dy = to_gpu(randn({M, out}, 134, 1.0, DType::F32), DType::BF16);
     Tensor dw = Tensor::zeros({E, out, in}, DType::F32, Device::CUDA);
     const double flop = 2.0 * double(M) * double(in) * double(out);
-    const double fwd = median_ms([&] { ops::grouped_linear_forward(a, w, p); });
-    const double bwd = median_ms([&] { ops::grouped_linear_backward(dy, a, w, p, &dw); });
-    const double bwd_dx = median_ms([&] { ops::grouped_linear_backward(dy, a, w, p, nullptr); });
+    const double fwd = dsa::testing::gpu_median_ms([&] { ops::grouped_linear_forward(a, w, p); });
+    const double bwd = dsa::testing::gpu_median_ms([&] { ops::grouped_linear_backward(dy, a, w, p, &dw); });
+    const double bwd_dx = dsa::testing::gpu_median_ms([&] { ops::grouped_linear_backward(dy, a, w, p, nullptr); });
     // host time of one call (launch + descriptor + cached heuristic), GPU idle before
     cuda::synchronize();
     const auto h0 = std::chrono::steady_clock::now();
@@ -409,13 +387,13 @@ TEST(GpuMoeGroupedLinear, BenchTiming) {
   }
   const Tensor yp = to_gpu(randn({M, D}, 135, 1.0, DType::F32), DType::BF16);
   const Tensor dyb = to_gpu(randn({N, D}, 136, 1.0, DType::F32), DType::BF16);
-  const double t_route = median_ms([&] { ops::moe_route(logits, bias, cfg); });
-  const double t_perm = median_ms([&] { ops::moe_permutation(r.experts, E); });
-  const double t_permute = median_ms([&] { ops::moe_permute(x, p, K); });
-  const double t_permute_b = median_ms([&] { ops::moe_permute_backward(yp, p, N, K); });
-  const double t_combine = median_ms([&] { ops::moe_combine(yp, r.weights, p); });
+  const double t_route = dsa::testing::gpu_median_ms([&] { ops::moe_route(logits, bias, cfg); });
+  const double t_perm = dsa::testing::gpu_median_ms([&] { ops::moe_permutation(r.experts, E); });
+  const double t_permute = dsa::testing::gpu_median_ms([&] { ops::moe_permute(x, p, K); });
+  const double t_permute_b = dsa::testing::gpu_median_ms([&] { ops::moe_permute_backward(yp, p, N, K); });
+  const double t_combine = dsa::testing::gpu_median_ms([&] { ops::moe_combine(yp, r.weights, p); });
   Tensor g1, g2;
-  const double t_combine_b = median_ms([&] { ops::moe_combine_backward(dyb, yp, r.weights, p, &g1, &g2); });
+  const double t_combine_b = dsa::testing::gpu_median_ms([&] { ops::moe_combine_backward(dyb, yp, r.weights, p, &g1, &g2); });
   std::printf("[bench] N=%lld D=%lld E=%lld K=%d: route %.1f us | permutation (incl. sync) %.1f us | permute %.1f us | "
               "permute bwd %.1f us | combine %.1f us | combine bwd %.1f us\n",
               (long long)N, (long long)D, (long long)E, K, t_route * 1e3, t_perm * 1e3, t_permute * 1e3,
