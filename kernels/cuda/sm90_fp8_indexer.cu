@@ -3,6 +3,7 @@
 // bf16 mma for the unquantized path) and a per-row causal top-k (radix select + bitonic sort).
 #include <cuda_fp8.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "kernels/cuda/dsa_common.cuh"
@@ -160,7 +161,8 @@ __device__ __forceinline__ void cp_async_wait_1() { asm volatile("cp.async.wait_
 // NOTES: the GEMM is [QB * Hp query-heads, Dp] x [Dp, 64 keys] per tile with the query-heads as M, one
 // 16-row slab (16 heads of one query) per warp iteration; the epilogue applies the FP8 scales per
 // 128-value block (after the block's integer-exact products), relu and the head weight, sums the 16
-// heads with shuffles and the slabs of one query in fixed order (deterministic).
+// heads with shuffles and the slabs of one query in fixed order (deterministic); with one slab per query
+// (Hi <= 16) the warp stores its row directly, skipping the `part` round trip.
 // Key tiles (and their FP8 scales) are double-buffered with cp.async when rows are 16-byte aligned
 // (synchronous loads otherwise); CTAs run from the last (longest) row block to the first, so the
 // causal work imbalance does not leave a tail of long CTAs.
@@ -221,6 +223,7 @@ __global__ void __launch_bounds__(kScoreWarps * 32) score_kernel(ScoreParams p) 
     if (kFp8)
       for (int blk = lane; blk < p.nb; blk += 32) qsc[row * p.nb + blk] = valid ? p.q_scale[(tok * p.Hi + j) * p.nb + blk] : 0.f;
   }
+  const int spq = p.Hp / 16;    // slabs per query
   const int ksteps = p.Dw / 8;  // 32 bytes of k per mma
   const int ksteps_per_blk = kFp8 ? 4 : ksteps;
   const int nblk = kFp8 ? (ksteps + 3) / 4 : 1;
@@ -282,14 +285,20 @@ __global__ void __launch_bounds__(kScoreWarps * 32) score_kernel(ScoreParams p) 
           v0 += __shfl_xor_sync(0xffffffffu, v0, o);
           v1 += __shfl_xor_sync(0xffffffffu, v1, o);
         }
-        if (g == 0) {
+        if (g == 0 && spq == 1) {  // one slab per query (Hi <= 16): straight to global, no part round trip
+          // lim = t - s for this lane's first column (t = t0 + r0 + slab); rows past nq store nothing
+          const int lim = slab < nq ? p.t0 + r0 + slab - s0 - 2 * c4 - nt * 8 : -1;
+          float* o = p.out + (static_cast<int64_t>(b) * p.R + r0 + slab) * p.T + s0 + nt * 8 + 2 * c4;
+          if (lim >= 0) o[0] = __fadd_rn(0.f, v0);  // 0 + v as the slab sum below (-0 -> +0)
+          if (lim >= 1) o[1] = __fadd_rn(0.f, v1);
+        } else if (g == 0) {
           part[slab * kScoreBN + nt * 8 + 2 * c4] = v0;
           part[slab * kScoreBN + nt * 8 + 2 * c4 + 1] = v1;
         }
       }
     }
-    __syncthreads();
-    const int spq = p.Hp / 16;  // slabs per query
+    __syncthreads();  // also: every warp is done with this key buffer before the next tile's load
+    if (spq == 1) continue;
     for (int i = tid; i < nq * kScoreBN; i += blockDim.x) {
       const int qi = i / kScoreBN, col = i % kScoreBN, s = s0 + col, t = p.t0 + r0 + qi;
       if (s > t) continue;
@@ -313,107 +322,119 @@ struct TopkParams {
   int32_t* out;         // [B, T_out, K] i32: row out_row0 + r
   int B, R, T, t0, K, P;  // P = next power of two >= K
   int T_out, out_row0;
-  int cache;            // stage the row's keys in shared memory (T * 4 bytes after buf)
+  int cap;              // capacity of the candidate list (u64 entries after buf)
 };
 
 constexpr int kTopkThreads = 512;
+constexpr int kTopkBins = 4096;  // first pass: the top 12 bits of the composite; later passes 10 or 12 bits
 
-// NOTES: one CTA per row, rows from the last (longest) to the first. The row's order-preserving keys
-// are staged once in shared memory when the row fits (p.cache), else re-read from global per pass.
-// Radix select (4 passes of 8 bits) finds the K-th largest key thr; the histogram uses warp-aggregated
-// shared atomics (__match_any_sync: near-equal scores share the top digits, so plain atomics would
-// serialize) and one warp finds the digit with a suffix scan. Then every key > thr is taken and the
-// first keys == thr in index order (a block-wide ordered scan), so ties go to the lower index as on the
-// CPU; the K winners are sorted by (key desc, index asc) with a bitonic sort of 64-bit composites.
+// NOTES: one CTA per row, rows from the last (longest) to the first. Each key s is ranked by the unique
+// 64-bit composite (order_key(score) << 32 | ~s): larger = higher score, then lower index, so the K
+// winners are exactly the K largest composites and ties need no ordered scan. Radix select over the
+// composite's digits (12, 10, 10 bits of the key, then 12, 10, 10 of ~s): the first pass reads the row
+// from global memory; a second read writes every key above the threshold digit to the winners and
+// compacts the threshold digit's candidates (a few percent of the row for real scores) into shared
+// memory, and the later passes read only those. A pass stops the search as soon as the threshold
+// bin holds exactly the kk still missing (then all of it is taken): usually after the key's 32 bits,
+// the index digits only run on exact ties. When the candidates overflow the list (tie-heavy rows)
+// the later passes re-read the whole row. Histograms use warp-aggregated shared atomics
+// (__match_any_sync: near-equal scores share the top digits, so plain atomics would serialize); the
+// digit is found with a block-wide suffix scan (8 or 2 bins per thread). The K winners are sorted
+// by composite with a bitonic sort.
 __global__ void __launch_bounds__(kTopkThreads) topk_kernel(TopkParams p) {
-  extern __shared__ unsigned long long buf[];  // [P], then (cache) keys u32 [T]
-  __shared__ uint32_t hist[256];
-  __shared__ uint32_t sh_sel[2];
-  __shared__ uint32_t warp_cnt[kTopkThreads / 32];
-  __shared__ uint32_t cnt_gt;
+  extern __shared__ unsigned long long buf[];  // [P] winners, then candidates [cap]
+  __shared__ uint32_t hist[kTopkBins];
+  __shared__ uint32_t warp_sum[kTopkThreads / 32];
+  __shared__ uint32_t sh_sel[3];  // digit, kk left inside it, the digit's count
+  __shared__ uint32_t cnt_win, cnt_cand;
   const int r = gridDim.x - 1 - blockIdx.x, b = blockIdx.y, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int t = p.t0 + r, n = t + 1;
   const float* row = p.scores + (static_cast<int64_t>(b) * p.R + r) * p.T;
-  uint32_t* kc = reinterpret_cast<uint32_t*>(buf + p.P);  // [T] (cache)
+  unsigned long long* cand = buf + p.P;  // [cap]
   for (int i = tid; i < p.P; i += blockDim.x) buf[i] = 0ull;
+  if (tid == 0) cnt_win = cnt_cand = 0;
   __syncthreads();
-  auto comp = [](uint32_t key, int idx) {
-    return (static_cast<unsigned long long>(key) << 32) | static_cast<uint32_t>(0xffffffffu - static_cast<uint32_t>(idx));
+  auto comp = [&](int i) {
+    return (static_cast<unsigned long long>(order_key(row[i])) << 32) |
+           static_cast<uint32_t>(0xffffffffu - static_cast<uint32_t>(i));
   };
-  auto key_at = [&](int i) { return p.cache ? kc[i] : order_key(row[i]); };
   if (n <= p.K) {
-    for (int i = tid; i < n; i += blockDim.x) buf[i] = comp(order_key(row[i]), i);
+    for (int i = tid; i < n; i += blockDim.x) buf[i] = comp(i);
   } else {
-    if (p.cache) {
-      for (int i = tid; i < n; i += blockDim.x) kc[i] = order_key(row[i]);
+    unsigned long long prefix = 0, mask = 0;
+    uint32_t kk = p.K, in_bin = 0;
+    bool use_cand = false;
+    int len = n;
+    auto at = [&](int i) { return use_cand ? cand[i] : comp(i); };
+    // One radix pass on bits [shift, shift + bits) of the composites matching prefix under mask.
+    auto pass = [&](int shift, int bits) {
+      const uint32_t nb = 1u << bits;
+      for (int i = tid; i < (int)nb; i += blockDim.x) hist[i] = 0;
       __syncthreads();
-    }
-    uint32_t prefix = 0, mask = 0, kk = p.K;
-    for (int shift = 24; shift >= 0; shift -= 8) {
-      for (int i = tid; i < 256; i += blockDim.x) hist[i] = 0;
-      __syncthreads();
-      for (int c0 = 0; c0 < n; c0 += blockDim.x) {  // uniform trip count: full-warp match_any
+      for (int c0 = 0; c0 < len; c0 += blockDim.x) {  // uniform trip count: full-warp match_any
         const int i = c0 + tid;
-        const uint32_t key = i < n ? key_at(i) : 0u;
-        const bool act = i < n && (key & mask) == prefix;
-        const uint32_t bin = (key >> shift) & 255u;
+        const unsigned long long c = i < len ? at(i) : 0ull;
+        const bool act = i < len && (c & mask) == prefix;
+        const uint32_t bin = static_cast<uint32_t>(c >> shift) & (nb - 1u);
         const uint32_t peers = __match_any_sync(0xffffffffu, act ? bin : 0xffffffffu);
         if (act && __ffs(peers) - 1 == lane) atomicAdd(&hist[bin], static_cast<uint32_t>(__popc(peers)));
       }
       __syncthreads();
-      if (warp == 0) {  // digit d with count(> d) < kk <= count(>= d); lane l owns bins 8l .. 8l + 7
-        uint32_t loc[8], sum = 0;
+      // digit d with count(> d) < kk <= count(>= d); thread tid owns bins per * tid .. per * tid + per - 1
+      const int per = static_cast<int>(nb) / kTopkThreads;
+      uint32_t loc[kTopkBins / kTopkThreads], sum = 0;
 #pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          loc[j] = hist[lane * 8 + j];
-          sum += loc[j];
-        }
-        uint32_t incl = sum;  // bins of lanes >= lane
+      for (int j = 0; j < kTopkBins / kTopkThreads; ++j) {
+        loc[j] = j < per ? hist[tid * per + j] : 0u;
+        sum += loc[j];
+      }
+      uint32_t incl = sum;  // bins of lanes >= lane in this warp
 #pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-          const uint32_t v = __shfl_down_sync(0xffffffffu, incl, o);
-          if (lane + o < 32) incl += v;
-        }
-        uint32_t cum = incl - sum;
-        if (cum < kk && kk <= incl) {
-          for (int j = 7; j >= 0; --j) {
-            if (cum + loc[j] >= kk) {
-              sh_sel[0] = static_cast<uint32_t>(lane * 8 + j);
-              sh_sel[1] = kk - cum;
-              break;
-            }
-            cum += loc[j];
+      for (int o = 1; o < 32; o <<= 1) {
+        const uint32_t v = __shfl_down_sync(0xffffffffu, incl, o);
+        if (lane + o < 32) incl += v;
+      }
+      if (lane == 0) warp_sum[warp] = incl;
+      __syncthreads();
+      for (int w = warp + 1; w < kTopkThreads / 32; ++w) incl += warp_sum[w];
+      uint32_t cum = incl - sum;
+      if (cum < kk && kk <= incl) {
+        for (int j = per - 1; j >= 0; --j) {
+          if (cum + loc[j] >= kk) {
+            sh_sel[0] = static_cast<uint32_t>(tid * per + j);
+            sh_sel[1] = kk - cum;
+            sh_sel[2] = loc[j];
+            break;
           }
+          cum += loc[j];
         }
       }
       __syncthreads();
-      prefix |= sh_sel[0] << shift;
-      mask |= 255u << shift;
+      prefix |= static_cast<unsigned long long>(sh_sel[0]) << shift;
+      mask |= static_cast<unsigned long long>(nb - 1u) << shift;
       kk = sh_sel[1];
-      __syncthreads();
-    }
-    // thr = prefix; take every key > thr (K - kk of them) and the first kk keys == thr.
-    if (tid == 0) cnt_gt = 0;
-    __syncthreads();
-    uint32_t eq_base = 0;
-    for (int c0 = 0; c0 < n; c0 += blockDim.x) {
-      const int i = c0 + tid;
-      const uint32_t key = i < n ? key_at(i) : 0u;
-      const bool gt = i < n && key > prefix, eq = i < n && key == prefix;
-      if (gt) buf[atomicAdd(&cnt_gt, 1u)] = comp(key, i);
-      const uint32_t bal = __ballot_sync(0xffffffffu, eq);
-      if (__syncthreads_or(bal != 0u) == 0) continue;  // no tie in this chunk (the common case)
-      if (lane == 0) warp_cnt[warp] = __popc(bal);
-      __syncthreads();
-      uint32_t before = eq_base, total = 0;
-      for (int w = 0; w < (int)(blockDim.x >> 5); ++w) {
-        if (w < warp) before += warp_cnt[w];
-        total += warp_cnt[w];
+      in_bin = sh_sel[2];
+    };
+    pass(52, 12);
+    if (in_bin != kk && static_cast<int>(in_bin) <= p.cap) {
+      for (int i = tid; i < n; i += blockDim.x) {
+        const unsigned long long c = comp(i), m = c & mask;
+        if (m > prefix) buf[atomicAdd(&cnt_win, 1u)] = c;
+        else if (m == prefix) cand[atomicAdd(&cnt_cand, 1u)] = c;
       }
-      before += __popc(bal & ((1u << lane) - 1u));
-      if (eq && before < kk) buf[p.K - kk + before] = comp(key, i);
-      eq_base += total;
       __syncthreads();
+      use_cand = true;
+      len = static_cast<int>(in_bin);
+    }
+    if (in_bin != kk) pass(42, 10);
+    if (in_bin != kk) pass(32, 10);
+    if (in_bin != kk) pass(20, 12);  // exact ties from here on
+    if (in_bin != kk) pass(10, 10);
+    if (in_bin != kk) pass(0, 10);
+    // K - kk composites lie above the threshold bin and it holds exactly kk: take all of them.
+    for (int i = tid; i < len; i += blockDim.x) {
+      const unsigned long long c = at(i);
+      if ((c & mask) >= prefix) buf[atomicAdd(&cnt_win, 1u)] = c;
     }
   }
   __syncthreads();
@@ -522,11 +543,9 @@ namespace {
 void launch_topk(const float* scores, int B, int R, int T, int t0, int K, int32_t* out, int T_out, int out_row0) {
   TopkParams p{scores, out, B, R, T, t0, K, 1, T_out, out_row0, 0};
   while (p.P < K) p.P <<= 1;
-  size_t smem = sizeof(unsigned long long) * p.P;
-  if (smem + sizeof(uint32_t) * (size_t)T <= 160 * 1024) {
-    p.cache = 1;
-    smem += sizeof(uint32_t) * (size_t)T;
-  }
+  // NOTES: 4096 candidates (32 KB) + 16 KB of histogram: 4 CTAs per SM at K = 512, 3 at K = 2048.
+  p.cap = std::min(T, 4096);
+  const size_t smem = sizeof(unsigned long long) * (size_t)(p.P + p.cap);
   DSA_CHECK(smem <= 200 * 1024, "[topk] K = ", K, " too large");
   cudaFuncSetAttribute(topk_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   topk_kernel<<<dim3(static_cast<unsigned>(R), static_cast<unsigned>(B)), kTopkThreads, smem, stream()>>>(p);

@@ -199,6 +199,30 @@ TEST(GpuDsa, TopkCausalTies) {
   EXPECT_EQ(0, std::memcmp(gpu.raw(), cpu.raw(), cpu.nbytes()));
 }
 
+TEST(GpuDsa, TopkCausalLongRows) {
+  DSA_REQUIRE_GPU();
+  // Long rows through each path of the radix select: few candidates after the first digit (normal
+  // scores), exact ties resolved on the index digits (3 values: ~3000 candidates), and candidate-list
+  // overflow (2 values; or all scores within one binade) re-reading the whole row.
+  const int64_t B = 1, R = 24, T = 9000;
+  for (int dist = 0; dist < 4; ++dist)
+    for (const int64_t K : {64, 2048}) {
+      Tensor s = Tensor::empty({B, R, T}, DType::F32);
+      std::mt19937 rng(11 + dist);
+      std::normal_distribution<float> nd(0.f, 1.f);
+      for (int64_t i = 0; i < s.numel(); ++i) {
+        float v = nd(rng);
+        if (dist == 1) v = static_cast<float>(rng() % 3) - 1.f;
+        if (dist == 2) v = static_cast<float>(rng() % 2);
+        if (dist == 3) v = 1.f + 1e-3f * v;
+        s.data<float>()[i] = v;
+      }
+      const Tensor cpu = ops::topk_causal(s, T - R, K);
+      const Tensor gpu = ops::topk_causal(to_gpu(s, DType::F32), T - R, K).to(Device::CPU);
+      EXPECT_EQ(0, std::memcmp(gpu.raw(), cpu.raw(), cpu.nbytes())) << "dist " << dist << " K " << K;
+    }
+}
+
 // ------------------------------------------------------------------------------- sparse attention
 
 struct AttnCase {
