@@ -161,8 +161,7 @@ __device__ __forceinline__ void cp_async_wait_1() { asm volatile("cp.async.wait_
 // NOTES: the GEMM is [QB * Hp query-heads, Dp] x [Dp, 64 keys] per tile with the query-heads as M, one
 // 16-row slab (16 heads of one query) per warp iteration; the epilogue applies the FP8 scales per
 // 128-value block (after the block's integer-exact products), relu and the head weight, sums the 16
-// heads with shuffles and the slabs of one query in fixed order (deterministic); with one slab per query
-// (Hi <= 16) the warp stores its row directly, skipping the `part` round trip.
+// heads with shuffles and the slabs of one query in fixed order (deterministic).
 // Key tiles (and their FP8 scales) are double-buffered with cp.async when rows are 16-byte aligned
 // (synchronous loads otherwise); CTAs run from the last (longest) row block to the first, so the
 // causal work imbalance does not leave a tail of long CTAs.
@@ -223,7 +222,6 @@ __global__ void __launch_bounds__(kScoreWarps * 32) score_kernel(ScoreParams p) 
     if (kFp8)
       for (int blk = lane; blk < p.nb; blk += 32) qsc[row * p.nb + blk] = valid ? p.q_scale[(tok * p.Hi + j) * p.nb + blk] : 0.f;
   }
-  const int spq = p.Hp / 16;    // slabs per query
   const int ksteps = p.Dw / 8;  // 32 bytes of k per mma
   const int ksteps_per_blk = kFp8 ? 4 : ksteps;
   const int nblk = kFp8 ? (ksteps + 3) / 4 : 1;
@@ -285,20 +283,14 @@ __global__ void __launch_bounds__(kScoreWarps * 32) score_kernel(ScoreParams p) 
           v0 += __shfl_xor_sync(0xffffffffu, v0, o);
           v1 += __shfl_xor_sync(0xffffffffu, v1, o);
         }
-        if (g == 0 && spq == 1) {  // one slab per query (Hi <= 16): straight to global, no part round trip
-          // lim = t - s for this lane's first column (t = t0 + r0 + slab); rows past nq store nothing
-          const int lim = slab < nq ? p.t0 + r0 + slab - s0 - 2 * c4 - nt * 8 : -1;
-          float* o = p.out + (static_cast<int64_t>(b) * p.R + r0 + slab) * p.T + s0 + nt * 8 + 2 * c4;
-          if (lim >= 0) o[0] = __fadd_rn(0.f, v0);  // 0 + v as the slab sum below (-0 -> +0)
-          if (lim >= 1) o[1] = __fadd_rn(0.f, v1);
-        } else if (g == 0) {
+        if (g == 0) {
           part[slab * kScoreBN + nt * 8 + 2 * c4] = v0;
           part[slab * kScoreBN + nt * 8 + 2 * c4 + 1] = v1;
         }
       }
     }
-    __syncthreads();  // also: every warp is done with this key buffer before the next tile's load
-    if (spq == 1) continue;
+    __syncthreads();
+    const int spq = p.Hp / 16;  // slabs per query
     for (int i = tid; i < nq * kScoreBN; i += blockDim.x) {
       const int qi = i / kScoreBN, col = i % kScoreBN, s = s0 + col, t = p.t0 + r0 + qi;
       if (s > t) continue;
