@@ -177,7 +177,7 @@ Tensor Model::layer_forward(int64_t l, LayerCache& lc, const Tensor& h_in, const
 
 StepStats Model::step(const Tensor& ids, const Tensor& targets, int64_t B, int64_t T, const StepOptions& opts,
                       bool backward) {
-  const int64_t N = B * T, D = cfg_.hidden_size;
+  const int64_t N = B * T;
   expect_shape("model", "ids", ids, {N});
   expect_shape("model", "targets", targets, {N});
   expect_dtype("model", "ids", ids, DType::I32);
@@ -259,7 +259,6 @@ StepStats Model::step(const Tensor& ids, const Tensor& targets, int64_t B, int64
   }
   ops::embedding_backward(dh, ids_d, &params_.grad("model.embed_tokens.weight"));
   if (grad_ready_hook_) grad_ready_hook_(-2);
-  (void)D;
   return stats;
 }
 
