@@ -20,7 +20,7 @@
 //    asked to stay single-threaded while OpenMP spreads the tasks (BlasSerial below); nested BLAS
 //    threads on top of OpenMP threads only oversubscribe the cores.
 //  - f32 inputs keep f32 GEMMs and exps; the row max / row sums / rowsum(dO*O) accumulate in double.
-#include <cblas.h>
+#include "kernels/cpu_blas.h"
 
 #include <algorithm>
 #include <cmath>
@@ -37,26 +37,8 @@ namespace {
 
 constexpr int64_t kBlock = 64;  // query rows (forward, backward phase 1) or key rows (phase 2) per task
 
-// OpenBLAS single-threaded for the lifetime of the guard (restored afterwards).
-struct BlasSerial {
-  int prev;
-  BlasSerial() : prev(openblas_get_num_threads()) { openblas_set_num_threads(1); }
-  ~BlasSerial() { openblas_set_num_threads(prev); }
-  BlasSerial(const BlasSerial&) = delete;
-  BlasSerial& operator=(const BlasSerial&) = delete;
-};
-
-// Row-major C[M,N] = alpha * op(A) op(B) + beta * C with explicit leading dimensions.
-inline void gemm_rm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
-                    const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
-  cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, (int)M, (int)N, (int)K,
-              alpha, A, (int)lda, B, (int)ldb, beta, C, (int)ldc);
-}
-inline void gemm_rm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, double alpha, const double* A, int64_t lda,
-                    const double* B, int64_t ldb, double beta, double* C, int64_t ldc) {
-  cblas_dgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, (int)M, (int)N, (int)K,
-              alpha, A, (int)lda, B, (int)ldb, beta, C, (int)ldc);
-}
+using detail::BlasSerial;
+using detail::gemm_rm;
 
 struct Dims {
   int64_t B, T, H, Hk, Dk, Dv, rep;  // rep = H / Hk heads per kv head

@@ -1,8 +1,8 @@
 // Internal helpers of the DSA CPU kernels (indexer.cpp, sparse_attention.cpp, indexer_loss.cpp):
-// entry checks and a row-major cblas GEMM templated on float/double. Not part of the op API.
+// entry checks and the row-major GEMM of kernels/cpu_blas.h. Not part of the op API.
 #pragma once
 
-#include <cblas.h>
+#include "kernels/cpu_blas.h"
 
 #include <algorithm>
 #include <initializer_list>
@@ -55,20 +55,8 @@ inline void check_indices(const char* op, const Tensor& idx, int64_t B, int64_t 
       }
 }
 
-// C [M, N] = alpha * op(A) op(B) + beta * C, row-major with leading dimensions. Called outside OpenMP
-// regions only (OpenBLAS here is the pthread build, which must not be nested inside OpenMP threads).
-inline void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, double alpha, const float* A, int64_t lda,
-                 const float* B, int64_t ldb, double beta, float* C, int64_t ldc) {
-  if (M == 0 || N == 0) return;
-  cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, (int)M, (int)N, (int)K,
-              (float)alpha, A, (int)lda, B, (int)ldb, (float)beta, C, (int)ldc);
-}
-inline void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, double alpha, const double* A, int64_t lda,
-                 const double* B, int64_t ldb, double beta, double* C, int64_t ldc) {
-  if (M == 0 || N == 0) return;
-  cblas_dgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, (int)M, (int)N, (int)K,
-              alpha, A, (int)lda, B, (int)ldb, beta, C, (int)ldc);
-}
+// Row-major products (kernels/cpu_blas.h); called outside OpenMP regions only.
+using detail::gemm_rm;
 
 // Rows per streamed block so that a [rows, width] f64 buffer stays near 32 MiB.
 inline int64_t rows_per_block(int64_t total_rows, int64_t width) {

@@ -1,5 +1,5 @@
 // GEMM (2-D and batched 3-D, transposes, alpha/beta) and the linear layer, on OpenBLAS (CPU reference).
-#include <cblas.h>
+#include "kernels/cpu_blas.h"
 
 #include "kernels/op_util.h"
 #include "kernels/cuda/ops_gemm.h"
@@ -14,17 +14,6 @@ using detail::on_cuda;
 
 namespace {
 
-// One row-major product c [m, n] = alpha op(a) op(b) + beta c with leading dims lda/ldb/ldc.
-void blas_gemm(bool ta, bool tb, int m, int n, int k, float alpha, const float* a, int lda, const float* b,
-               int ldb, float beta, float* c, int ldc) {
-  cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, m, n, k, alpha, a,
-              lda, b, ldb, beta, c, ldc);
-}
-void blas_gemm(bool ta, bool tb, int m, int n, int k, double alpha, const double* a, int lda, const double* b,
-               int ldb, double beta, double* c, int ldc) {
-  cblas_dgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, m, n, k, alpha, a,
-              lda, b, ldb, beta, c, ldc);
-}
 
 // c [M, N] *= beta, where beta == 0 overwrites (so NaN garbage in c never survives).
 template <class T>
@@ -70,7 +59,7 @@ void gemm(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor& 
     }
     const int lda = static_cast<int>(a.size(-1)), ldb = static_cast<int>(b.size(-1));
     for (int64_t i = 0; i < batch; ++i)
-      blas_gemm(trans_a, trans_b, static_cast<int>(m), static_cast<int>(n), static_cast<int>(ka),
+      detail::gemm_rm(trans_a, trans_b, static_cast<int>(m), static_cast<int>(n), static_cast<int>(ka),
                 static_cast<T>(alpha), pa + i * sa, lda, pb + i * sb, ldb, static_cast<T>(beta), pc + i * sc,
                 static_cast<int>(n));
   });

@@ -14,7 +14,7 @@
 namespace dsa::ops {
 
 using dsa_cpu::check_cpu_float;
-using dsa_cpu::gemm;
+using detail::gemm_rm;
 
 // ---------------------------------------------------------------------------------------- hadamard
 
@@ -192,7 +192,7 @@ void block_dots(const T* q, const T* k, int64_t b, int64_t T_, int64_t Hi, int64
                 std::vector<T>& z) {
   const int64_t R = t1 - t0;
   z.assign(static_cast<size_t>(R * Hi * t1), T(0));
-  gemm(false, true, R * Hi, t1, D, 1.0, q + (b * T_ + t0) * Hi * D, D, k + b * T_ * D, D, 0.0, z.data(), t1);
+  gemm_rm(false, true, R * Hi, t1, D, 1.0, q + (b * T_ + t0) * Hi * D, D, k + b * T_ * D, D, 0.0, z.data(), t1);
 }
 
 template <class T>
@@ -249,10 +249,10 @@ void scores_backward(const Tensor& dI, const Tensor& q, const Tensor& k, const T
       }
     }
     if (dq)
-      gemm(false, false, R * Hi, D, t1, 1.0, gz.data(), t1, k.data<T>() + b * T_ * D, D, 1.0,
+      gemm_rm(false, false, R * Hi, D, t1, 1.0, gz.data(), t1, k.data<T>() + b * T_ * D, D, 1.0,
            dq->data<T>() + (b * T_ + t0) * Hi * D, D);
     if (dk)
-      gemm(true, false, t1, D, R * Hi, 1.0, gz.data(), t1, q.data<T>() + (b * T_ + t0) * Hi * D, D, 1.0,
+      gemm_rm(true, false, t1, D, R * Hi, 1.0, gz.data(), t1, q.data<T>() + (b * T_ + t0) * Hi * D, D, 1.0,
            dk->data<T>() + b * T_ * D, D);
   }
 }

@@ -54,7 +54,7 @@ void dense_target_block(const Tensor& q, const Tensor& k, const Tensor& lse, dou
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < H; ++h) {
       const int64_t hk = h / (H / Hk);
-      dsa_cpu::gemm(false, true, R, t1, Dk, scale, qp + ((b * T_ + t0) * H + h) * Dk, H * Dk,
+      dsa_cpu::gemm_rm(false, true, R, t1, Dk, scale, qp + ((b * T_ + t0) * H + h) * Dk, H * Dk,
                     kp + (b * T_ * Hk + hk) * Dk, Hk * Dk, 0.0, S.data(), t1);
 #pragma omp parallel for schedule(static) if(R * t1 > dsa_cpu::kOmpMinWork)
       for (int64_t r = 0; r < R; ++r) {

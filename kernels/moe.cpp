@@ -21,7 +21,7 @@
 //    then slot order. The inverse map (n, k) -> row is rebuilt where needed (O(N*K), cheap).
 //  - Per-expert GEMMs run in parallel over experts with single-threaded OpenBLAS when there are at
 //    least as many experts as threads, else one after another with OpenBLAS's own threads.
-#include <cblas.h>
+#include "kernels/cpu_blas.h"
 #include <omp.h>
 
 #include <cmath>
@@ -37,24 +37,8 @@
 namespace dsa::ops {
 namespace {
 
-struct BlasSerial {  // OpenBLAS single-threaded for the lifetime of the guard
-  int prev;
-  BlasSerial() : prev(openblas_get_num_threads()) { openblas_set_num_threads(1); }
-  ~BlasSerial() { openblas_set_num_threads(prev); }
-  BlasSerial(const BlasSerial&) = delete;
-  BlasSerial& operator=(const BlasSerial&) = delete;
-};
-
-inline void gemm_rm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
-                    const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
-  cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, (int)M, (int)N, (int)K,
-              alpha, A, (int)lda, B, (int)ldb, beta, C, (int)ldc);
-}
-inline void gemm_rm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, double alpha, const double* A, int64_t lda,
-                    const double* B, int64_t ldb, double beta, double* C, int64_t ldc) {
-  cblas_dgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, (int)M, (int)N, (int)K,
-              alpha, A, (int)lda, B, (int)ldb, beta, C, (int)ldc);
-}
+using detail::BlasSerial;
+using detail::gemm_rm;
 
 void cpu_only(const char* op, const Tensor& t) {
   if (t.device() == Device::CUDA) fail(strcat_("[", op, "] operands must all be on one device, got ", t.desc()));
