@@ -145,9 +145,10 @@ Tensor concat_last(const Tensor& a, const Tensor& b) {
   return y;
 }
 
-double sum(const Tensor& x) {
-  const char* op = "sum";
-  DSA_DISPATCH_CUDA(on_cuda(x), op, cuda::sum(x));
+namespace {
+// Sum of f(x_i) in f64 over a CPU f32/f64 tensor, in a fixed order for a given thread count.
+template <class F>
+double reduce_f64(const char* op, const Tensor& x, F f) {
   expect_float(op, "x", x);
   double s = 0;
   dispatch_float(op, x.dtype(), [&](auto t) {
@@ -156,27 +157,21 @@ double sum(const Tensor& x) {
     const int64_t n = x.numel();
     double acc = 0;
 #pragma omp parallel for schedule(static) reduction(+ : acc) if (n > (1 << 16))
-    for (int64_t i = 0; i < n; ++i) acc += static_cast<double>(p[i]);
+    for (int64_t i = 0; i < n; ++i) acc += f(static_cast<double>(p[i]));
     s = acc;
   });
   return s;
 }
+}  // namespace
+
+double sum(const Tensor& x) {
+  DSA_DISPATCH_CUDA(on_cuda(x), "sum", cuda::sum(x));
+  return reduce_f64("sum", x, [](double v) { return v; });
+}
 
 double sum_squares(const Tensor& x) {
-  const char* op = "sum_squares";
-  DSA_DISPATCH_CUDA(on_cuda(x), op, cuda::sum_squares(x));
-  expect_float(op, "x", x);
-  double s = 0;
-  dispatch_float(op, x.dtype(), [&](auto t) {
-    using T = decltype(t);
-    const T* p = x.data<T>();
-    const int64_t n = x.numel();
-    double acc = 0;
-#pragma omp parallel for schedule(static) reduction(+ : acc) if (n > (1 << 16))
-    for (int64_t i = 0; i < n; ++i) acc += static_cast<double>(p[i]) * static_cast<double>(p[i]);
-    s = acc;
-  });
-  return s;
+  DSA_DISPATCH_CUDA(on_cuda(x), "sum_squares", cuda::sum_squares(x));
+  return reduce_f64("sum_squares", x, [](double v) { return v * v; });
 }
 
 namespace {
