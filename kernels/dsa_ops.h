@@ -73,9 +73,11 @@ Tensor topk_causal(const Tensor& scores, int64_t t0, int64_t topk);
 // S_t for every token: indices [B, T, K] i32, scored row block by row block (never [B, T, T]).
 // fp8 = true scores the indexer_fp8_operands (Hadamard + FP8, as in production); fp8 = false scores
 // the unquantized q_I, k_I in f32/f64 (ablation and reference). block_rows: query rows per streamed
-// block (0 = automatic, about 32 MiB of scores); the result does not depend on it.
+// block (0 = automatic, about 32 MiB of scores); the result does not depend on it. scores_out (may be
+// null) gets [B, T, K] the selected slots' scores (-inf on -1 slots; CPU: q_I's dtype, CUDA: f32), which
+// indexer_kl_sparse_from_probs can take instead of scoring the slots again.
 Tensor indexer_topk(const Tensor& q_I, const Tensor& k_I, const Tensor& w_I, int64_t topk, bool fp8,
-                    int64_t block_rows = 0);
+                    int64_t block_rows = 0, Tensor* scores_out = nullptr);
 
 // ------------------------------------------------------------------------------ sparse attention
 // MQA-form attention of each query over its selected latent rows (slots with index -1 are skipped;
@@ -91,13 +93,14 @@ Tensor indexer_topk(const Tensor& q_I, const Tensor& k_I, const Tensor& w_I, int
 Tensor sparse_attention_forward(const Tensor& q, const Tensor& kv, int64_t dv, const Tensor& indices, double scale,
                                 Tensor* lse_out, Tensor* probs_sum_out = nullptr);
 struct SparseAttentionGrads {
-  Tensor dq;   // [B, T, H, Dk]
-  Tensor dkv;  // [B, T, Dk]: scatter-added over every (query, head, slot) that selected the row
+  Tensor dq;         // [B, T, H, Dk]
+  Tensor dkv;        // [B, T, Dk]: scatter-added over every (query, head, slot) that selected the row
+  Tensor probs_sum;  // [B, T, K] when asked for: the forward's probs_sum_out, recomputed by the backward
 };
 SparseAttentionGrads sparse_attention_backward(const Tensor& dout /*[B, T, H, Dv]*/, const Tensor& q,
                                                const Tensor& kv, int64_t dv, const Tensor& indices,
                                                const Tensor& out /*[B, T, H, Dv]*/, const Tensor& lse /*[B, H, T]*/,
-                                               double scale);
+                                               double scale, bool probs_sum = false);
 
 // --------------------------------------------------------------------------------- indexer loss
 struct IndexerLossResult {
@@ -129,9 +132,12 @@ IndexerLossResult indexer_kl_sparse(const Tensor& q_main, const Tensor& kv, cons
 // The same loss with the target taken from probs_sum [B, T, K] (sparse_attention_forward's probs_sum_out for
 // these indices): p = probs_sum renormalized over the valid slots of S_t, exactly indexer_kl_sparse's
 // target, without recomputing the main attention scores. probs_sum: CPU q_I's dtype, CUDA f32.
+// slot_scores (may be null): [B, T, K] the indexer scores of the slots (indexer_topk's scores_out for the
+// same operands and fp8 flag), used as I instead of scoring the slots again (the forward's gather); the
+// backward still reads the unquantized rows.
 IndexerLossResult indexer_kl_sparse_from_probs(const Tensor& probs_sum, const Tensor& indices, const Tensor& q_I,
                                                const Tensor& k_I, const Tensor& w_I, bool fp8, double grad_scale,
-                                               IndexerGrads* grads);
+                                               IndexerGrads* grads, const Tensor* slot_scores = nullptr);
 // Recall of the selection: per row, the mass of the dense head-summed, L1-normalized attention p[t, :]
 // (as in indexer_kl_dense) that falls on the distinct valid indices of S_t; summed over rows.
 struct IndexerRecall {

@@ -341,10 +341,9 @@ Tensor topk_causal(const Tensor& scores, int64_t t0, int64_t topk) {
 }
 
 Tensor indexer_topk(const Tensor& q_I, const Tensor& k_I, const Tensor& w_I, int64_t topk, bool fp8,
-                    int64_t block_rows) {
-
+                    int64_t block_rows, Tensor* scores_out) {
   const char* op = "indexer_topk";
-  DSA_CUDA_DISPATCH(q_I, op, cuda::indexer_topk(q_I, k_I, w_I, topk, fp8, block_rows));
+  DSA_CUDA_DISPATCH(q_I, op, cuda::indexer_topk(q_I, k_I, w_I, topk, fp8, block_rows, scores_out));
   check_indexer_operands(op, q_I, k_I, &w_I);
   DSA_CHECK(topk >= 1, "[", op, "] topk must be >= 1, got ", topk);
   const int64_t B = q_I.size(0), T = q_I.size(1), Hi = q_I.size(2);
@@ -353,13 +352,23 @@ Tensor indexer_topk(const Tensor& q_I, const Tensor& k_I, const Tensor& w_I, int
   Tensor out = Tensor::empty({B, T, topk}, DType::I32);
   DSA_CHECK(block_rows >= 0, "[", op, "] block_rows must be >= 0, got ", block_rows);
   const int64_t rb = block_rows > 0 ? block_rows : dsa_cpu::rows_per_block(T, T * std::max(B, Hi));
+  Tensor vals;
+  if (scores_out) vals = Tensor::empty({B, T, topk}, q_I.dtype());
   for (int64_t t0 = 0; t0 < T; t0 += rb) {
-    const int64_t t1 = std::min(T, t0 + rb);
-    const Tensor idx = topk_causal(indexer_scores_forward(q, k, w_I, t0, t1), t0, topk);  // [B, t1-t0, K]
-    for (int64_t b = 0; b < B; ++b)
-      std::copy_n(idx.data<int32_t>() + b * (t1 - t0) * topk, (t1 - t0) * topk,
-                  out.data<int32_t>() + (b * T + t0) * topk);
+    const int64_t t1 = std::min(T, t0 + rb), R = t1 - t0;
+    const Tensor S = indexer_scores_forward(q, k, w_I, t0, t1);  // [B, R, T]
+    const Tensor idx = topk_causal(S, t0, topk);                   // [B, R, K]
+    for (int64_t b = 0; b < B; ++b) {
+      std::copy_n(idx.data<int32_t>() + b * R * topk, R * topk, out.data<int32_t>() + (b * T + t0) * topk);
+      if (!scores_out) continue;
+      for (int64_t i = 0; i < R * topk; ++i) {
+        const int32_t s = idx.data<int32_t>()[b * R * topk + i];
+        const double v = s >= 0 ? S.item((b * R + i / topk) * T + s) : -std::numeric_limits<double>::infinity();
+        vals.set_item((b * T + t0) * topk + i, v);
+      }
+    }
   }
+  if (scores_out) *scores_out = vals;
   return out;
 }
 

@@ -128,7 +128,7 @@ IndexerLossResult kl_dense(const Tensor& q_main, const Tensor& k_main, const Ten
 template <class T, class Target>
 IndexerLossResult kl_sparse_core(const Tensor& indices, const Tensor& q_I, const Tensor& k_I, const Tensor& w_I,
                                  const Tensor& q_s, const Tensor& k_s, double gs, IndexerGrads* grads, int64_t work,
-                                 const Target& target) {
+                                 const Target& target, const T* slot_scores = nullptr /*[B, T, K] or null*/) {
   const int64_t B = q_I.size(0), T_ = q_I.size(1);
   const int64_t Hi = q_I.size(2), D = q_I.size(3), K = indices.size(2);
   const T c = T(1) / std::sqrt(T(D));
@@ -164,7 +164,8 @@ IndexerLossResult kl_sparse_core(const Tensor& indices, const Tensor& q_I, const
       T psum = 0;
       for (int64_t k = 0; k < n; ++k) psum += p[k];
       for (int64_t k = 0; k < n; ++k) p[k] /= psum;
-      for (int64_t k = 0; k < n; ++k) {
+      for (int64_t k = 0; k < n && slot_scores; ++k) I[k] = slot_scores[bt * K + slot[k]];
+      for (int64_t k = 0; k < n && !slot_scores; ++k) {
         const T* kk = ks + (b * T_ + sl[k]) * D;
         for (int64_t j = 0; j < Hi; ++j) {
           T z = 0;
@@ -245,7 +246,7 @@ IndexerLossResult kl_sparse(const Tensor& q_main, const Tensor& kv, const Tensor
 template <class T>
 IndexerLossResult kl_sparse_probs(const Tensor& probs_sum, const Tensor& indices, const Tensor& q_I, const Tensor& k_I,
                                   const Tensor& w_I, const Tensor& q_s, const Tensor& k_s, double gs,
-                                  IndexerGrads* grads) {
+                                  IndexerGrads* grads, const Tensor* slot_scores) {
   const int64_t K = indices.size(2);
   const T* ps = probs_sum.data<T>();
   const int64_t work = q_I.size(0) * q_I.size(1) * K * q_I.size(2) * q_I.size(3);
@@ -253,7 +254,8 @@ IndexerLossResult kl_sparse_probs(const Tensor& probs_sum, const Tensor& indices
                     std::vector<T>& p) {
     for (size_t j = 0; j < ks.size(); ++j) p[j] = ps[bt * K + ks[j]];
   };
-  return kl_sparse_core<T>(indices, q_I, k_I, w_I, q_s, k_s, gs, grads, work, target);
+  return kl_sparse_core<T>(indices, q_I, k_I, w_I, q_s, k_s, gs, grads, work, target,
+                           slot_scores ? slot_scores->data<T>() : nullptr);
 }
 
 void init_grads(IndexerGrads* g, const Tensor& q_I, const Tensor& k_I, const Tensor& w_I) {
@@ -305,22 +307,26 @@ IndexerLossResult indexer_kl_sparse(const Tensor& q_main, const Tensor& kv, cons
 
 IndexerLossResult indexer_kl_sparse_from_probs(const Tensor& probs_sum, const Tensor& indices, const Tensor& q_I,
                                                const Tensor& k_I, const Tensor& w_I, bool fp8, double grad_scale,
-                                               IndexerGrads* grads) {
+                                               IndexerGrads* grads, const Tensor* slot_scores) {
   const char* op = "indexer_kl_sparse_from_probs";
   DSA_CUDA_DISPATCH(q_I, op, cuda::indexer_kl_sparse_from_probs(probs_sum, indices, q_I, k_I, w_I, fp8, grad_scale,
-                                                                 grads));
+                                                                 grads, slot_scores));
   check_cpu_float(op, {&probs_sum, &q_I, &k_I, &w_I});
   expect_shape(op, "q_I", q_I, {-1, -1, -1, -1});
   const int64_t B = q_I.size(0), T = q_I.size(1);
   dsa_cpu::check_indices(op, indices, B, T);
   expect_shape(op, "probs_sum", probs_sum, {B, T, indices.size(2)});
   check_indexer(op, q_I, q_I, k_I, w_I);
+  if (slot_scores) {
+    expect_shape(op, "slot_scores", *slot_scores, {B, T, indices.size(2)});
+    expect_dtype(op, "slot_scores", *slot_scores, q_I.dtype());
+  }
   Tensor q_s = q_I, k_s = k_I;
   if (fp8) indexer_fp8_operands(q_I, k_I, &q_s, &k_s);
   init_grads(grads, q_I, k_I, w_I);
   if (q_I.dtype() == DType::F32)
-    return kl_sparse_probs<float>(probs_sum, indices, q_I, k_I, w_I, q_s, k_s, grad_scale, grads);
-  return kl_sparse_probs<double>(probs_sum, indices, q_I, k_I, w_I, q_s, k_s, grad_scale, grads);
+    return kl_sparse_probs<float>(probs_sum, indices, q_I, k_I, w_I, q_s, k_s, grad_scale, grads, slot_scores);
+  return kl_sparse_probs<double>(probs_sum, indices, q_I, k_I, w_I, q_s, k_s, grad_scale, grads, slot_scores);
 }
 
 namespace {

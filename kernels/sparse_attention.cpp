@@ -103,7 +103,7 @@ void forward_impl(const Dims& d, const T* q, const T* kv, const int32_t* idx, T 
 // given thread count, no atomics.
 template <class T>
 void backward_impl(const Dims& d, const T* dout, const T* q, const T* kv, const int32_t* idx, const T* out,
-                   const T* lse, T scale, T* dq, T* dkv) {
+                   const T* lse, T scale, T* dq, T* dkv, T* psum) {
   const int64_t kv_elems = d.B * d.T * d.Dk;
   const int nthreads = omp_get_max_threads();
   std::vector<std::vector<T>> partial(static_cast<size_t>(nthreads));
@@ -112,20 +112,21 @@ void backward_impl(const Dims& d, const T* dout, const T* q, const T* kv, const 
     const int tid = omp_get_thread_num();
     std::vector<T>& acc = partial[static_cast<size_t>(tid)];
     acc.assign(static_cast<size_t>(kv_elems), T(0));
-    std::vector<int32_t> sl;
     std::vector<T> delta, lrow;  // [H]: sum_k p_k dp_k = dout . out, and the row's lse
 #pragma omp for schedule(static)
     for (int64_t bt = 0; bt < d.B * d.T; ++bt) {
       const int64_t b = bt / d.T, t = bt % d.T;
-      valid_slots(idx + bt * d.K, d.K, sl);
       std::fill(dq + bt * d.H * d.Dk, dq + (bt + 1) * d.H * d.Dk, T(0));
+      if (psum) std::fill(psum + bt * d.K, psum + (bt + 1) * d.K, T(0));
       delta.resize(static_cast<size_t>(d.H));
       lrow.resize(static_cast<size_t>(d.H));
       for (int64_t h = 0; h < d.H; ++h) {
         delta[h] = dot(dout + (bt * d.H + h) * d.Dv, out + (bt * d.H + h) * d.Dv, d.Dv);
         lrow[h] = lse[(b * d.H + h) * d.T + t];
       }
-      for (int32_t s : sl) {  // slot-major, as in the forward
+      for (int64_t k = 0; k < d.K; ++k) {  // slot-major, as in the forward
+        const int32_t s = idx[bt * d.K + k];
+        if (s < 0) continue;
         const T* v = kv + (b * d.T + s) * d.Dk;
         T* a = acc.data() + (b * d.T + s) * d.Dk;
         for (int64_t h = 0; h < d.H; ++h) {
@@ -134,6 +135,7 @@ void backward_impl(const Dims& d, const T* dout, const T* q, const T* kv, const 
           const T* gh = dout + (bt * d.H + h) * d.Dv;
           T* dqh = dq + (bt * d.H + h) * d.Dk;
           const T p = std::exp(scale * dot(qh, v, d.Dk) - lrow[h]);
+          if (psum) psum[bt * d.K + k] += p;
           const T ds = p * (dot(gh, v, d.Dv) - delta[h]) * scale;
 #pragma omp simd
           for (int64_t i = 0; i < d.Dk; ++i) {
@@ -178,21 +180,23 @@ Tensor sparse_attention_forward(const Tensor& q, const Tensor& kv, int64_t dv, c
 
 SparseAttentionGrads sparse_attention_backward(const Tensor& dout, const Tensor& q, const Tensor& kv, int64_t dv,
                                                const Tensor& indices, const Tensor& out, const Tensor& lse,
-                                               double scale) {
-  DSA_CUDA_DISPATCH(q, kBwd, cuda::sparse_attention_backward(dout, q, kv, dv, indices, out, lse, scale));
+                                               double scale, bool probs_sum) {
+  DSA_CUDA_DISPATCH(q, kBwd, cuda::sparse_attention_backward(dout, q, kv, dv, indices, out, lse, scale, probs_sum));
   const Dims d = check_common(kBwd, q, kv, dv, indices);
   dsa_cpu::check_cpu_float(kBwd, {&q, &dout, &out, &lse});
   expect_shape(kBwd, "dout", dout, {d.B, d.T, d.H, d.Dv});
   expect_shape(kBwd, "out", out, {d.B, d.T, d.H, d.Dv});
   expect_shape(kBwd, "lse", lse, {d.B, d.H, d.T});
-  SparseAttentionGrads g{Tensor::empty(q.shape(), q.dtype()), Tensor::empty(kv.shape(), q.dtype())};
+  SparseAttentionGrads g{Tensor::empty(q.shape(), q.dtype()), Tensor::empty(kv.shape(), q.dtype()), Tensor()};
+  if (probs_sum) g.probs_sum = Tensor::empty({d.B, d.T, d.K}, q.dtype());
   if (q.dtype() == DType::F32)
     backward_impl<float>(d, dout.data<float>(), q.data<float>(), kv.data<float>(), indices.data<int32_t>(),
                          out.data<float>(), lse.data<float>(), static_cast<float>(scale), g.dq.data<float>(),
-                         g.dkv.data<float>());
+                         g.dkv.data<float>(), probs_sum ? g.probs_sum.data<float>() : nullptr);
   else
     backward_impl<double>(d, dout.data<double>(), q.data<double>(), kv.data<double>(), indices.data<int32_t>(),
-                          out.data<double>(), lse.data<double>(), scale, g.dq.data<double>(), g.dkv.data<double>());
+                          out.data<double>(), lse.data<double>(), scale, g.dq.data<double>(), g.dkv.data<double>(),
+                          probs_sum ? g.probs_sum.data<double>() : nullptr);
   return g;
 }
 

@@ -77,7 +77,8 @@ Tensor mla_forward(const ParamStore& ps, const std::string& prefix, const ModelC
     c.kv_lat = ops::concat_last(c.ckv, c.kpe.view({d.N, d.dr})).view({B, T, d.kvl + d.dr});
     if (c.sparse) {
       c.indices = *sparse_indices;
-      c.attn = ops::sparse_attention_forward(c.q_abs, c.kv_lat, d.kvl, c.indices, scale, &c.lse, &c.probs_sum);
+      c.attn = ops::sparse_attention_forward(c.q_abs, c.kv_lat, d.kvl, c.indices, scale, &c.lse,
+                                             c.probs_in_forward ? &c.probs_sum : nullptr);
     } else {
       c.attn = ops::attention_forward(c.q_abs, c.kv_lat.view({B, T, 1, d.kvl + d.dr}), c.ckv.view({B, T, 1, d.kvl}),
                                       scale, &c.lse);
@@ -92,7 +93,8 @@ Tensor mla_forward(const ParamStore& ps, const std::string& prefix, const ModelC
 }
 
 Tensor mla_backward(ParamStore& ps, const std::string& prefix, const ModelConfig& cfg, const RopeTables& rope,
-                    const Tensor& positions, const Tensor& dout, const MlaCache& c, const Tensor* dcq_extra) {
+                    const Tensor& positions, const Tensor& dout, const MlaCache& c, const Tensor* dcq_extra,
+                    Tensor* probs_sum_out) {
   const int64_t B = c.B, T = c.T;
   const Dims d = dims_of(cfg, B * T);
   expect_shape("mla_backward", "dout", dout, {d.N, d.D});
@@ -134,10 +136,11 @@ Tensor mla_backward(ParamStore& ps, const std::string& prefix, const ModelConfig
     Tensor dattn = ops::transpose01(dol_t).view({B, T, d.H, d.kvl});
     Tensor dq_abs, dkv_lat;  // [B, T, H, kvl+dr], [B, T, kvl+dr] (value gradient folded in)
     if (c.sparse) {
-      ops::SparseAttentionGrads g =
-          ops::sparse_attention_backward(dattn, c.q_abs, c.kv_lat, d.kvl, c.indices, c.attn, c.lse, scale);
+      ops::SparseAttentionGrads g = ops::sparse_attention_backward(dattn, c.q_abs, c.kv_lat, d.kvl, c.indices, c.attn,
+                                                                   c.lse, scale, probs_sum_out != nullptr);
       dq_abs = g.dq;
       dkv_lat = g.dkv;
+      if (probs_sum_out) *probs_sum_out = g.probs_sum;
     } else {
       ops::AttentionGrads g = ops::attention_backward(dattn, c.q_abs, c.kv_lat.view({B, T, 1, d.kvl + d.dr}),
                                                       c.ckv.view({B, T, 1, d.kvl}), c.attn, c.lse, scale);

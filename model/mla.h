@@ -41,6 +41,7 @@ struct MlaCache {
   Tensor lse;       // [B, H, T]         per-head log-sum-exp of the scaled scores
   Tensor probs_sum; // [B, T, K] f32     sparse only: head-summed attention probability per slot (the
                     //                   sparse indexer loss's target; CPU: the activations' dtype)
+  bool probs_in_forward = true;  // false: the forward skips probs_sum (mla_backward returns it instead)
   Tensor o;         // [N, H*dv]         input of o_proj
 };
 
@@ -56,7 +57,10 @@ Tensor mla_forward(const ParamStore& ps, const std::string& prefix, const ModelC
 
 // Returns dx [N, D]; accumulates parameter gradients into ps. `dcq_extra` [N, q_lora] (may be null)
 // is a gradient arriving at the query latent from elsewhere (the indexer when it is not detached).
+// `probs_sum_out` (sparse only, may be null) gets the forward's probs_sum, recomputed by the attention
+// backward at almost no cost (it rebuilds every probability anyway).
 Tensor mla_backward(ParamStore& ps, const std::string& prefix, const ModelConfig& cfg, const RopeTables& rope,
-                    const Tensor& positions, const Tensor& dout, const MlaCache& c, const Tensor* dcq_extra);
+                    const Tensor& positions, const Tensor& dout, const MlaCache& c, const Tensor* dcq_extra,
+                    Tensor* probs_sum_out = nullptr);
 
 }  // namespace dsa

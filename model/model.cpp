@@ -81,8 +81,10 @@ void Model::indexer_loss_and_grads(int64_t l, LayerCache& lc, const Tensor& posi
     // The target comes from the sparse forward's head sums (no recomputation of the main scores);
     // its [B, T, K] buffer is not needed after this.
     r = ops::indexer_kl_sparse_from_probs(m.probs_sum, lc.indices, q4, k3, w3, opts.fp8_indexer,
-                                          opts.indexer_grad_scale, need_grad ? &g : nullptr);
+                                          opts.indexer_grad_scale, need_grad ? &g : nullptr,
+                                          lc.index_scores.defined() ? &lc.index_scores : nullptr);
     lc.mla.probs_sum = Tensor();
+    lc.index_scores = Tensor();
   }
   stats.indexer_kl_sum += r.loss_sum;
   stats.indexer_rows += r.rows;
@@ -112,6 +114,7 @@ Tensor Model::layer_forward(int64_t l, LayerCache& lc, const Tensor& h_in, const
     lc.attn_in =
         ops::rmsnorm_forward(h_in, params_.w(p + "input_layernorm.weight"), cfg_.rms_norm_eps, &lc.attn_rstd);
     mla_prepare(params_, p, cfg_, lc.attn_in, lc.mla);
+    lc.mla.probs_in_forward = !x.kl_in_backward;
   }
   if (x.need_indexer) {
     {
@@ -126,9 +129,12 @@ Tensor Model::layer_forward(int64_t l, LayerCache& lc, const Tensor& h_in, const
       lc.indices = (*opts.forced_indices)[l].to(device_);
     } else if (x.sparse || opts.compute_recall) {
       ProfileScope ps_("indexer top-k");
+      // The sparse KL reads the winners' scores instead of scoring the slots again.
+      const bool keep_scores = x.sparse && opts.indexer_loss == IndexerLossMode::Sparse;
       lc.indices = ops::indexer_topk(lc.indexer.q.view({B, T, cfg_.index_n_heads, cfg_.index_head_dim}),
                                      lc.indexer.k.view({B, T, cfg_.index_head_dim}),
-                                     lc.indexer.w.view({B, T, cfg_.index_n_heads}), x.topk, opts.fp8_indexer);
+                                     lc.indexer.w.view({B, T, cfg_.index_n_heads}), x.topk, opts.fp8_indexer, 0,
+                                     keep_scores ? &lc.index_scores : nullptr);
     }
   }
   Tensor attn_out;
@@ -154,7 +160,7 @@ Tensor Model::layer_forward(int64_t l, LayerCache& lc, const Tensor& h_in, const
     stats.recall_sum += rr.recall_sum;
     stats.recall_rows += rr.rows;
   }
-  if (first_pass && opts.indexer_loss != IndexerLossMode::None)
+  if (first_pass && opts.indexer_loss != IndexerLossMode::None && !x.kl_in_backward)
     indexer_loss_and_grads(l, lc, x.positions, B, T, opts, x.backward, stats);
   ProfileScope ps_ffn("FFN fwd (+ residual, norm)");
   Tensor h = ops::add(h_in, attn_out);
@@ -198,7 +204,12 @@ StepStats Model::step(const Tensor& ids, const Tensor& targets, int64_t B, int64
 
   std::vector<LayerCache> caches(cfg_.num_hidden_layers);
   expert_loads_.clear();
-  const LayerContext ctx{positions, B, T, opts, backward, sparse, need_indexer, topk, form};
+  // NOTES: with detached indexer inputs the sparse indexer loss feeds nothing upstream, so in a training
+  // step it moves into the layer's backward, whose attention kernel recomputes every probability anyway
+  // and returns their head sums (the loss's target): the forward's separate head-sum pass disappears.
+  const bool kl_in_backward = backward && opts.train_main && opts.indexer_loss == IndexerLossMode::Sparse &&
+                              opts.detach_indexer_input;
+  const LayerContext ctx{positions, B, T, opts, backward, sparse, need_indexer, kl_in_backward, topk, form};
   Tensor h = ops::embedding_forward(ids_d, params_.w("model.embed_tokens.weight"));
   for (int64_t l = 0; l < cfg_.num_hidden_layers; ++l) {
     LayerCache& lc = caches[l];
@@ -212,6 +223,7 @@ StepStats Model::step(const Tensor& ids, const Tensor& targets, int64_t B, int64
       LayerCache slim;
       slim.x_in = lc.x_in;
       slim.indices = lc.indices;
+      slim.index_scores = lc.index_scores;
       slim.dx_from_indexer = lc.dx_from_indexer;
       slim.dcq_from_indexer = lc.dcq_from_indexer;
       lc = std::move(slim);
@@ -245,16 +257,20 @@ StepStats Model::step(const Tensor& ids, const Tensor& targets, int64_t B, int64
       StepStats ignored;
       layer_forward(l, lc, lc.x_in, ctx, /*first_pass=*/false, ignored);
     }
-    ProfileScope ps_b("layer bwd");
-    Tensor dffn_in = lc.moe ? moe_backward(params_, p + "mlp.", cfg_, dh, lc.moe_cache, opts.balance_alpha, ep_)
-                            : mlp_backward(params_, p + "mlp.", dh, lc.mlp);
-    ops::add_(dh, ops::rmsnorm_backward(dffn_in, lc.h_mid, params_.w(p + "post_attention_layernorm.weight"), lc.ffn_rstd,
-                                        &params_.grad(p + "post_attention_layernorm.weight")));
-    Tensor dattn_in = mla_backward(params_, p, cfg_, rope_, positions, dh, lc.mla,
-                                   lc.dcq_from_indexer.defined() ? &lc.dcq_from_indexer : nullptr);
-    if (lc.dx_from_indexer.defined()) ops::add_(dattn_in, lc.dx_from_indexer);
-    ops::add_(dh, ops::rmsnorm_backward(dattn_in, lc.x_in, params_.w(p + "input_layernorm.weight"), lc.attn_rstd,
-                                        &params_.grad(p + "input_layernorm.weight")));
+    {
+      ProfileScope ps_b("layer bwd");
+      Tensor dffn_in = lc.moe ? moe_backward(params_, p + "mlp.", cfg_, dh, lc.moe_cache, opts.balance_alpha, ep_)
+                              : mlp_backward(params_, p + "mlp.", dh, lc.mlp);
+      ops::add_(dh, ops::rmsnorm_backward(dffn_in, lc.h_mid, params_.w(p + "post_attention_layernorm.weight"),
+                                          lc.ffn_rstd, &params_.grad(p + "post_attention_layernorm.weight")));
+      Tensor dattn_in = mla_backward(params_, p, cfg_, rope_, positions, dh, lc.mla,
+                                     lc.dcq_from_indexer.defined() ? &lc.dcq_from_indexer : nullptr,
+                                     kl_in_backward ? &lc.mla.probs_sum : nullptr);
+      if (lc.dx_from_indexer.defined()) ops::add_(dattn_in, lc.dx_from_indexer);
+      ops::add_(dh, ops::rmsnorm_backward(dattn_in, lc.x_in, params_.w(p + "input_layernorm.weight"), lc.attn_rstd,
+                                          &params_.grad(p + "input_layernorm.weight")));
+    }
+    if (kl_in_backward) indexer_loss_and_grads(l, lc, positions, B, T, opts, /*backward=*/true, stats);
     if (grad_ready_hook_) grad_ready_hook_(l);
   }
   ops::embedding_backward(dh, ids_d, &params_.grad("model.embed_tokens.weight"));

@@ -100,6 +100,7 @@ class Model {
     MlaCache mla;
     IndexerCache indexer;
     Tensor indices;   // [B, T, K] sparse selection (sparse attention only)
+    Tensor index_scores;  // [B, T, K] the selected slots' indexer scores (from the top-k; the sparse KL's I)
     Tensor dx_from_indexer;   // [N, D]      indexer loss gradient at attn_in (not detached)
     Tensor dcq_from_indexer;  // [N, q_lora] indexer loss gradient at c_q (not detached)
     Tensor h_mid;     // [N, D] after the attention residual
@@ -114,6 +115,7 @@ class Model {
     int64_t B, T;
     const StepOptions& opts;
     bool backward, sparse, need_indexer;
+    bool kl_in_backward;  // the sparse indexer loss runs in the layer's backward (target from the attention bwd)
     int64_t topk;
     MlaForm form;
   };

@@ -4,6 +4,7 @@
 // NOTES: straight-through over FP8 as on the CPU: the forward I uses the FP8 operands, the backward the
 // unquantized bf16 q_I, k_I.
 #include <cmath>
+#include <initializer_list>
 #include <vector>
 
 #include "kernels/cuda/dsa_common.cuh"
@@ -42,6 +43,7 @@ struct SparseKlParams {
   const float* S;             // [R, H, K] scaled main scores of the gathered rows (null when probs is set)
   const float* lse;           // [B, H, T] (sparse attention's)
   const float* probs;         // [B, T, K] head-summed attention probabilities, or null (target from S, lse)
+  const float* scores;        // [B, T, K] the slots' indexer scores (top-k's), or null: scored here
   const int32_t* idx;         // [B, T, K]
   const __nv_bfloat16* qs;    // [B, T, Hi, D] scoring operands (fp8-dequantized or q_I)
   const __nv_bfloat16* ks;    // [B, T, D]
@@ -56,6 +58,7 @@ struct SparseKlParams {
   int T, H, Hi, D, K;
   int64_t bt0;
   float c, gs;
+  int vec;                    // D % 16 == 0 and 16-byte aligned rows: 16-byte loads; dk: float4 atomics
 };
 
 constexpr int kSparseWarps = 8;
@@ -125,6 +128,21 @@ __global__ void __launch_bounds__(kSparseWarps * 32) sparse_kl_kernel(SparseKlPa
   const __nv_bfloat16 zero = __float2bfloat16(0.f);
   // q tile [Hp, Dp] (zero padded) of `src`; with `transposed` also QT [Dp, Hp].
   auto load_q = [&](const __nv_bfloat16* src, bool transposed) {
+    if (p.vec) {  // Dp == D: 8 columns per 16-byte load
+      const int cpr = p.D / 8;
+      for (int e = tid; e < L.Hp * cpr; e += nthr) {
+        const int j = e / cpr, i = (e % cpr) * 8;
+        const uint4 v = j < p.Hi ? __ldg(reinterpret_cast<const uint4*>(src + (bt * p.Hi + j) * p.D + i))
+                                 : make_uint4(0u, 0u, 0u, 0u);
+        *reinterpret_cast<uint4*>(Qb + j * 2 * L.QSW + i) = v;
+        if (transposed) {
+          const __nv_bfloat16* h = reinterpret_cast<const __nv_bfloat16*>(&v);
+#pragma unroll
+          for (int u = 0; u < 8; ++u) QTb[(i + u) * 2 * L.HSW + j] = h[u];
+        }
+      }
+      return;
+    }
     for (int e = tid; e < L.Hp * L.Dp; e += nthr) {
       const int j = e / L.Dp, i = e % L.Dp;
       const __nv_bfloat16 v = (j < p.Hi && i < p.D) ? src[(bt * p.Hi + j) * p.D + i] : zero;
@@ -135,6 +153,22 @@ __global__ void __launch_bounds__(kSparseWarps * 32) sparse_kl_kernel(SparseKlPa
   // chunk rows [C, Dp] of `src` at the chunk's slots (zero for -1 slots and past K); with `transposed`
   // also KT [Dp, C].
   auto load_chunk = [&](const __nv_bfloat16* src, int k0, bool transposed) {
+    if (p.vec) {
+      const int cpr = p.D / 8;
+      for (int e = tid; e < kSparseChunk * cpr; e += nthr) {
+        const int kk = e / cpr, i = (e % cpr) * 8, k = k0 + kk;
+        const int32_t s = k < p.K ? ir[k] : -1;
+        const uint4 v = s >= 0 ? __ldg(reinterpret_cast<const uint4*>(src + (b * p.T + s) * p.D + i))
+                               : make_uint4(0u, 0u, 0u, 0u);
+        *reinterpret_cast<uint4*>(Kb + kk * 2 * L.QSW + i) = v;
+        if (transposed) {
+          const __nv_bfloat16* h = reinterpret_cast<const __nv_bfloat16*>(&v);
+#pragma unroll
+          for (int u = 0; u < 8; ++u) KTb[(i + u) * 2 * L.CSW + kk] = h[u];
+        }
+      }
+      return;
+    }
     for (int e = tid; e < kSparseChunk * L.Dp; e += nthr) {
       const int kk = e / L.Dp, i = e % L.Dp, k = k0 + kk;
       const int32_t s = k < p.K ? ir[k] : -1;
@@ -162,7 +196,6 @@ __global__ void __launch_bounds__(kSparseWarps * 32) sparse_kl_kernel(SparseKlPa
     wv[j] = j < p.Hi ? __bfloat162float(p.w[bt * p.Hi + j]) * p.c : 0.f;
     dwa[j] = 0.f;
   }
-  load_q(p.qs, false);
   // Target mass per slot: the forward's head sums, or a warp per slot sums the heads of S.
   if (p.probs) {
     for (int k = tid; k < p.K; k += nthr) pk[k] = ir[k] >= 0 ? p.probs[bt * p.K + k] : -1.f;
@@ -178,7 +211,12 @@ __global__ void __launch_bounds__(kSparseWarps * 32) sparse_kl_kernel(SparseKlPa
     }
   }
   const int items_z = L.nslab * (kSparseChunk / 8);
-  for (int k0 = 0; k0 < p.K; k0 += kSparseChunk) {
+  if (p.scores) {  // the slots' scores come from the top-k: no gather, no Z
+    for (int k = tid; k < p.K; k += nthr) Ik[k] = p.scores[bt * p.K + k];
+  } else {
+    load_q(p.qs, false);
+  }
+  for (int k0 = 0; k0 < p.K && !p.scores; k0 += kSparseChunk) {
     __syncthreads();  // previous chunk's reads of Kc / part done (and Q, wv written)
     load_chunk(p.ks, k0, false);
     __syncthreads();
@@ -312,6 +350,19 @@ __global__ void __launch_bounds__(kSparseWarps * 32) sparse_kl_kernel(SparseKlPa
         mma_bf16_16816(acc, a, QTw[(nt * 8 + g) * L.HSW + kw + c4], QTw[(nt * 8 + g) * L.HSW + kw + 4 + c4]);
       }
       const int col = nt * 8 + 2 * c4;
+      if (p.vec) {
+        // Lanes c4, c4 ^ 1 swap halves: the even lane gets 4 columns of row g, the odd one 4 of row g + 8.
+        const bool odd = c4 & 1;
+        const float sx = odd ? acc[0] : acc[2], sy = odd ? acc[1] : acc[3];
+        const float rx = __shfl_xor_sync(0xffffffffu, sx, 1), ry = __shfl_xor_sync(0xffffffffu, sy, 1);
+        const int k = k0 + mt * 16 + g + (odd ? 8 : 0);
+        const int32_t s = k < p.K ? ir[k] : -1;
+        if (s >= 0) {
+          const float4 v = odd ? make_float4(rx, ry, acc[2], acc[3]) : make_float4(acc[0], acc[1], rx, ry);
+          atomicAdd(reinterpret_cast<float4*>(p.dk + (b * p.T + s) * p.D + nt * 8 + (odd ? 2 * (c4 - 1) : 2 * c4)), v);
+        }
+        continue;
+      }
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         const int k = k0 + mt * 16 + g + 8 * half;
@@ -377,11 +428,15 @@ SparseKlRun sparse_kl_begin(const char* op, const Tensor& indices, const Tensor&
             L.Hp * L.Dp, " exceeds 8192 (Hi=", Hi, ", D=", D, ")");
   run.smem = L.bytes(static_cast<int>(K));
   DSA_CHECK(run.smem <= 200 * 1024, "[", op, "] K=", K, " Hi=", Hi, " D=", D, " needs too much shared memory");
-  run.p = SparseKlParams{nullptr, nullptr, nullptr, indices.data<int32_t>(), bf(run.qs), bf(run.ks), bf(q_I), bf(k_I),
-                         bf(w_I), run.row_loss.data<float>(), run.counted.data<float>(),
+  run.p = SparseKlParams{nullptr, nullptr, nullptr, nullptr, indices.data<int32_t>(), bf(run.qs), bf(run.ks), bf(q_I),
+                         bf(k_I), bf(w_I), run.row_loss.data<float>(), run.counted.data<float>(),
                          grads ? bf(grads->dq) : nullptr, grads ? bf(grads->dw) : nullptr,
                          grads ? run.dk32.data<float>() : nullptr, (int)T, (int)H, (int)Hi, (int)D, (int)K, 0,
-                         1.0f / std::sqrt(static_cast<float>(D)), static_cast<float>(grad_scale)};
+                         1.0f / std::sqrt(static_cast<float>(D)), static_cast<float>(grad_scale), 0};
+  bool vec = D % 16 == 0;  // Dp == D: the 16-byte path fills every padded column
+  for (const void* ptr : std::initializer_list<const void*>{run.qs.raw(), run.ks.raw(), q_I.raw(), k_I.raw()})
+    vec = vec && reinterpret_cast<uintptr_t>(ptr) % 16 == 0;
+  run.p.vec = vec ? 1 : 0;
   return run;
 }
 
@@ -455,7 +510,7 @@ ops::IndexerLossResult indexer_kl_sparse(const Tensor& q_main, const Tensor& kv,
 // kernel runs over all rows in one launch.
 ops::IndexerLossResult indexer_kl_sparse_from_probs(const Tensor& probs_sum, const Tensor& indices, const Tensor& q_I,
                                                     const Tensor& k_I, const Tensor& w_I, bool fp8, double grad_scale,
-                                                    ops::IndexerGrads* grads) {
+                                                    ops::IndexerGrads* grads, const Tensor* slot_scores) {
   const char* op = "indexer_kl_sparse_from_probs";
   expect_cuda(op, "q_I", q_I, DType::BF16);
   expect_shape(op, "q_I", q_I, {-1, -1, -1, -1});
@@ -465,15 +520,21 @@ ops::IndexerLossResult indexer_kl_sparse_from_probs(const Tensor& probs_sum, con
   expect_cuda(op, "probs_sum", probs_sum, DType::F32);
   expect_shape(op, "probs_sum", probs_sum, {B, T, K});
   check_indexer_gpu(op, q_I, q_I, k_I, w_I);
+  if (slot_scores) {
+    expect_cuda(op, "slot_scores", *slot_scores, DType::F32);
+    expect_shape(op, "slot_scores", *slot_scores, {B, T, K});
+  }
   if (N == 0) {
     if (grads) *grads = ops::IndexerGrads{Tensor::empty(q_I.shape(), DType::BF16, Device::CUDA),
                                           Tensor::empty(k_I.shape(), DType::BF16, Device::CUDA),
                                           Tensor::empty(w_I.shape(), DType::BF16, Device::CUDA)};
     return {};
   }
-  SparseKlRun run = sparse_kl_begin(op, indices, q_I, k_I, w_I, fp8, grad_scale, grads, 0);
+  // NOTES: with the top-k's slot scores the scoring operands are not needed (no FP8 re-quantization).
+  SparseKlRun run = sparse_kl_begin(op, indices, q_I, k_I, w_I, fp8 && !slot_scores, grad_scale, grads, 0);
   if (K > 0) {
     run.p.probs = probs_sum.data<float>();
+    run.p.scores = slot_scores ? slot_scores->data<float>() : nullptr;
     sparse_kl_launch(op, run, 0, N);
   }
   return sparse_kl_end(op, run, K, grads);

@@ -102,7 +102,7 @@ bool sparse_attention_mma_forward(const Tensor& q, const Tensor& kv, int64_t dv,
                                   Tensor& out, Tensor& lse, Tensor& probs_sum);
 bool sparse_attention_mma_backward(const Tensor& dout, const Tensor& q, const Tensor& kv, int64_t dv,
                                    const Tensor& indices, const Tensor& out, const Tensor& lse, double scale,
-                                   Tensor& dq, Tensor& dkv32);
+                                   Tensor& dq, Tensor& dkv32, Tensor& probs_sum /*undefined: not wanted*/);
 }  // namespace dsa::cuda::dsa_detail
 
 namespace dsa::cuda::dsa_detail {

@@ -29,7 +29,7 @@ Tensor indexer_scores_forward(const Tensor& q_I, const Tensor& k_I, const Tensor
 // scores f32 [B, R, T] -> indices i32 [B, R, K].
 Tensor topk_causal(const Tensor& scores, int64_t t0, int64_t topk);
 Tensor indexer_topk(const Tensor& q_I, const Tensor& k_I, const Tensor& w_I, int64_t topk, bool fp8,
-                    int64_t block_rows);
+                    int64_t block_rows, Tensor* scores_out);
 
 // q bf16 [B, T, H, Dk], kv bf16 [B, T, Dk], indices i32 [B, T, K] -> out bf16 [B, T, H, Dv], lse f32 [B, H, T],
 // probs_sum f32 [B, T, K] (optional).
@@ -37,7 +37,7 @@ Tensor sparse_attention_forward(const Tensor& q, const Tensor& kv, int64_t dv, c
                                 Tensor* lse_out, Tensor* probs_sum_out);
 ops::SparseAttentionGrads sparse_attention_backward(const Tensor& dout, const Tensor& q, const Tensor& kv, int64_t dv,
                                                     const Tensor& indices, const Tensor& out, const Tensor& lse,
-                                                    double scale);
+                                                    double scale, bool probs_sum);
 
 ops::IndexerLossResult indexer_kl_dense(const Tensor& q_main, const Tensor& k_main, const Tensor& lse_main,
                                         double scale, const Tensor& q_I, const Tensor& k_I, const Tensor& w_I, bool fp8,
@@ -48,7 +48,7 @@ ops::IndexerLossResult indexer_kl_sparse(const Tensor& q_main, const Tensor& kv,
 // probs_sum f32 [B, T, K].
 ops::IndexerLossResult indexer_kl_sparse_from_probs(const Tensor& probs_sum, const Tensor& indices, const Tensor& q_I,
                                                     const Tensor& k_I, const Tensor& w_I, bool fp8, double grad_scale,
-                                                    ops::IndexerGrads* grads);
+                                                    ops::IndexerGrads* grads, const Tensor* slot_scores);
 ops::IndexerRecall indexer_recall(const Tensor& q_main, const Tensor& k_main, const Tensor& lse_main, double scale,
                                   const Tensor& indices, int64_t block_rows);
 

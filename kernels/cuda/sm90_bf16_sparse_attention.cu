@@ -232,7 +232,7 @@ Tensor sparse_attention_forward(const Tensor& q, const Tensor& kv, int64_t dv, c
 
 ops::SparseAttentionGrads sparse_attention_backward(const Tensor& dout, const Tensor& q, const Tensor& kv, int64_t dv,
                                                     const Tensor& indices, const Tensor& out, const Tensor& lse,
-                                                    double scale) {
+                                                    double scale, bool probs_sum) {
   const char* op = "sparse_attention_backward";
   const Dims d = check_common(op, q, kv, dv, indices);
   expect_cuda(op, "dout", dout, DType::BF16);
@@ -242,12 +242,13 @@ ops::SparseAttentionGrads sparse_attention_backward(const Tensor& dout, const Te
   expect_shape(op, "out", out, {d.B, d.T, d.H, d.Dv});
   expect_shape(op, "lse", lse, {d.B, d.H, d.T});
   ops::SparseAttentionGrads g{Tensor::empty(q.shape(), DType::BF16, Device::CUDA),
-                              Tensor::empty(kv.shape(), DType::BF16, Device::CUDA)};
+                              Tensor::empty(kv.shape(), DType::BF16, Device::CUDA), Tensor()};
+  if (probs_sum) g.probs_sum = Tensor::zeros({d.B, d.T, d.K}, DType::F32, Device::CUDA);
   Tensor dkv32 = Tensor::zeros(kv.shape(), DType::F32, Device::CUDA);
   const int64_t N = d.B * d.T;
   if (N > 0 && d.K == 0) g.dq.zero_();
   if (N > 0 && d.K > 0 && !force_gemm_path() &&
-      sparse_attention_mma_backward(dout, q, kv, dv, indices, out, lse, scale, g.dq, dkv32)) {
+      sparse_attention_mma_backward(dout, q, kv, dv, indices, out, lse, scale, g.dq, dkv32, g.probs_sum)) {
     // fused tensor-core kernel
   } else if (N > 0 && d.K > 0) {
     const int64_t per_row = d.K * d.Dk * 6 + d.H * d.K * 12 + d.H * 4;
@@ -274,6 +275,11 @@ ops::SparseAttentionGrads sparse_attention_backward(const Tensor& dout, const Te
           S.data<float>(), dP.data<float>(), idx, lse.data<float>(), delta.data<float>(), d.T, d.H, d.K, bt0, R,
           static_cast<float>(scale), bf(P), bf(dS));
       check_launch(op);
+      if (probs_sum) {
+        probs_sum_kernel<<<grid_1d(R * d.K, 256), 256, 0, stream()>>>(S.data<float>(), idx, lse.data<float>(), d.T, d.H,
+                                                                        d.K, bt0, R, g.probs_sum.data<float>());
+        check_launch(op);
+      }
       RowGemm gq;  // dq_r [H, Dk] = dS_r [H, K] x kvg_r [K, Dk]
       gq.M = d.H; gq.N = d.Dk; gq.K = d.K;
       gq.A = bf(dS); gq.lda = d.K; gq.strideA = d.H * d.K;

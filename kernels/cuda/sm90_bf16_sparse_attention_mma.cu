@@ -38,7 +38,8 @@ struct MmaParams {
   const float* delta;         // [B * T, H] = rowsum(dout * out) (backward)
   __nv_bfloat16* dq;          // [B, T, H, Dk] (backward)
   float* dkv;                 // [B, T, Dk] f32, zeroed, scatter-accumulated (backward)
-  float* probs;               // [B, T, K] f32, zeroed, head sums of the probabilities accumulated (probs pass)
+  float* probs;               // [B, T, K] f32, zeroed, head sums of the probabilities accumulated (probs pass,
+                              // or the backward when non-null)
   int B, T, H, K;
   float scale;
 };
@@ -454,6 +455,17 @@ __global__ void __launch_bounds__(64 * HT * NT, 1) sparse_attn_bwd_kernel(const 
           pv[e] = ok ? exp2f(s[n][e] * sl2 - lse2[e / 2]) : 0.f;
           dsv[e] = pv[e] * (dp[n][e] - dlt[e / 2]) * p.scale;
         }
+        if (p.probs) {  // head sums of the final probabilities: the probs pass's sums, bit for bit
+          float cs[2] = {pv[0] + pv[2], pv[1] + pv[3]};
+#pragma unroll
+          for (int j = 0; j < 2; ++j)
+#pragma unroll
+            for (int o = 4; o < 32; o <<= 1) cs[j] += __shfl_xor_sync(0xffffffffu, cs[j], o);
+          if (g == 0 && bt < N)
+#pragma unroll
+            for (int j = 0; j < 2; ++j)
+              if (idx_t[col + j] >= 0) atomicAdd(p.probs + bt * p.K + blk * BN + col + j, cs[j]);
+        }
         *reinterpret_cast<uint32_t*>(p_w + g * C::kPS + col) = pack_bf16(pv[0], pv[1]);
         *reinterpret_cast<uint32_t*>(p_w + (g + 8) * C::kPS + col) = pack_bf16(pv[2], pv[3]);
         *reinterpret_cast<uint32_t*>(ds_w + g * C::kPS + col) = pack_bf16(dsv[0], dsv[1]);
@@ -615,7 +627,7 @@ bool sparse_attention_mma_forward(const Tensor& q, const Tensor& kv, int64_t dv,
 
 bool sparse_attention_mma_backward(const Tensor& dout, const Tensor& q, const Tensor& kv, int64_t dv,
                                    const Tensor& indices, const Tensor& out, const Tensor& lse, double scale,
-                                   Tensor& dq, Tensor& dkv32) {
+                                   Tensor& dq, Tensor& dkv32, Tensor& probs_sum) {
   const char* op = "sparse_attention_backward";
   const int64_t Dk = q.size(3), H = q.size(2);
   const int cfg = config_of(H, Dk, dv);
@@ -632,6 +644,7 @@ bool sparse_attention_mma_backward(const Tensor& dout, const Tensor& q, const Te
   p.delta = delta.data<float>();
   p.dq = reinterpret_cast<__nv_bfloat16*>(dq.data<bf16>());
   p.dkv = dkv32.data<float>();
+  p.probs = probs_sum.defined() ? probs_sum.data<float>() : nullptr;
   if (Dk == 288) {
     if (cfg == 4) launch_bwd<288, 256, 4, 1, 32, 2>(p, op);
     else launch_bwd<288, 256, 1, 3, 32, 2>(p, op);

@@ -82,6 +82,56 @@ __global__ void fp8_quant_kernel(const In* __restrict__ x /*[n, d]*/, int64_t n,
   }
 }
 
+// Hadamard transform and FP8 block quantization of bf16 rows fused, one warp per row (32 <= d <= 1024, a
+// power of two; the block a multiple of d / 32): lane l holds the E = d / 32 consecutive values
+// [l E, l E + E) in f32 registers. Butterflies of stride h < E stay in the lane, wider ones pair lane l
+// with l ^ (h / E); either way each pair computes (a + b, a - b) from the same two f32 values as the CPU
+// loop, so the transform is bit-exact, and the quantization is fp8_quant_kernel's (the block's amax by
+// shuffles over its 128 / E lanes).
+template <int E>
+__global__ void hadamard_fp8_warp_kernel(const __nv_bfloat16* __restrict__ x /*[rows, d]*/, int64_t rows, float norm,
+                                         int block, __nv_fp8_storage_t* __restrict__ codes /*[rows, d]*/,
+                                         float* __restrict__ scales /*[rows, nb = ceil(d / block)]*/) {
+  constexpr int d = 32 * E;
+  const int nb = (d + block - 1) / block;
+  const int64_t row = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  if (row >= rows) return;
+  float v[E];
+#pragma unroll
+  for (int e = 0; e < E; ++e) v[e] = __bfloat162float(x[row * d + lane * E + e]);
+#pragma unroll
+  for (int h = 1; h < E; h *= 2)
+#pragma unroll
+    for (int e = 0; e < E; ++e)
+      if ((e & h) == 0) {
+        const float a = v[e], b = v[e + h];
+        v[e] = a + b;
+        v[e + h] = a - b;
+      }
+#pragma unroll
+  for (int h = E; h < d; h *= 2) {
+    const bool upper = lane & (h / E);
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+      const float o = __shfl_xor_sync(0xffffffffu, v[e], h / E);
+      v[e] = upper ? o - v[e] : v[e] + o;
+    }
+  }
+  float amax = 0.f;
+#pragma unroll
+  for (int e = 0; e < E; ++e) {
+    v[e] *= norm;
+    amax = fmaxf(amax, fabsf(v[e]));
+  }
+  const int lanes_per_block = min(32, block / E);  // a power of two
+  for (int o = 1; o < lanes_per_block; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+  const float s = fp8_scale_dev(amax);
+  if (lane % lanes_per_block == 0) scales[row * nb + lane * E / block] = s;
+#pragma unroll
+  for (int e = 0; e < E; ++e) codes[row * d + lane * E + e] = __nv_cvt_float_to_fp8(v[e] / s, __NV_SATFINITE, __NV_E4M3);
+}
+
 template <class Out>
 __global__ void fp8_dequant_kernel(const __nv_fp8_storage_t* __restrict__ codes /*[n, d]*/,
                                    const float* __restrict__ scales /*[n, nb]*/, int64_t n, int d, int block, int nb,
@@ -158,24 +208,33 @@ __device__ __forceinline__ void cp_async4(void* dst, const void* src) {
 __device__ __forceinline__ void cp_async_commit_group() { asm volatile("cp.async.commit_group;\n" ::); }
 __device__ __forceinline__ void cp_async_wait_1() { asm volatile("cp.async.wait_group 1;\n" ::); }
 
-// NOTES: the GEMM is [QB * Hp query-heads, Dp] x [Dp, 64 keys] per tile with the query-heads as M, one
-// 16-row slab (16 heads of one query) per warp iteration; the epilogue applies the FP8 scales per
-// 128-value block (after the block's integer-exact products), relu and the head weight, sums the 16
-// heads with shuffles and the slabs of one query in fixed order (deterministic).
-// Key tiles (and their FP8 scales) are double-buffered with cp.async when rows are 16-byte aligned
-// (synchronous loads otherwise); CTAs run from the last (longest) row block to the first, so the
-// causal work imbalance does not leave a tail of long CTAs.
-template <bool kFp8>
-__global__ void __launch_bounds__(kScoreWarps * 32) score_kernel(ScoreParams p) {
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(p))));
+}
+
+// NOTES: the GEMM is transposed, [64 keys, Dp] x [Dp, Hp heads] per (key tile, query): keys are M (four
+// m16 tiles), the 16 heads of a slab are N (two n8 tiles), so each thread's accumulator holds 4 heads of
+// 8 keys and the head sum is in-thread adds plus one 4-lane reduce-scatter (6 shuffles per 64 keys and
+// query; the query-heads-as-M layout needed 10 shuffles per 8 keys and 16 heads). One warp owns one query
+// per tile and walks its Hp/16 slabs in order, so the head sum is deterministic and needs no shared
+// partials. Operand fragments come from ldmatrix (an m16n8k32 e4m3 fragment is byte-for-byte an m16n8k16
+// bf16 one). With one scale block (D <= 128, or bf16), relu(z * sq * sk) * w = relu(z) * (w * sq) * sk:
+// the query scale folds into the head weight and the key scale multiplies the head sum once; several
+// blocks apply both scales per block before the relu. Key tiles (and their FP8 scales) are
+// double-buffered with cp.async when rows are 16-byte aligned (synchronous loads otherwise); CTAs run
+// from the last (longest) row block to the first, so the causal work imbalance leaves no tail.
+template <bool kFp8, bool kMultiBlock>
+__global__ void __launch_bounds__(kScoreWarps * 32, 2) score_kernel(ScoreParams p) {
   extern __shared__ uint32_t smem[];
-  const int SW = p.Dw + 4;  // padded stride: conflict-free fragment loads
-  const int MQ = p.QB * p.Hp, nslab = MQ / 16;
-  uint32_t* Qs = smem;                                   // [MQ, SW]
-  uint32_t* Ks = Qs + MQ * SW;                           // [2][BN, SW]
-  float* weff = reinterpret_cast<float*>(Ks + 2 * kScoreBN * SW);  // [MQ]
-  float* qsc = weff + MQ;                                // [MQ, nb]
-  float* ksc_all = qsc + MQ * p.nb;                      // [2][BN, nb]
-  float* part = ksc_all + 2 * kScoreBN * p.nb;           // [nslab, BN]
+  const int SW = p.Dw + 4;  // padded stride (words; 16-byte multiple): conflict-free ldmatrix rows
+  const int MQ = p.QB * p.Hp;
+  uint32_t* Qs = smem;                                             // [MQ, SW]
+  uint32_t* Ks = Qs + MQ * SW;                                     // [2][BN, SW]
+  float* weff = reinterpret_cast<float*>(Ks + 2 * kScoreBN * SW);  // [MQ] w * D^-0.5 (* q scale, one block)
+  float* qsc = weff + MQ;                                          // [MQ, nb] (several blocks)
+  float* ksc_all = qsc + MQ * p.nb;                                // [2][BN, nb]
   const int b = blockIdx.y, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, c4 = lane & 3;
   const int r0 = (gridDim.x - 1 - blockIdx.x) * p.QB;  // first row (relative to t0); longest blocks first
   const int nq = min(p.QB, p.R - r0);
@@ -218,14 +277,23 @@ __global__ void __launch_bounds__(kScoreWarps * 32) score_kernel(ScoreParams p) 
     const int64_t tok = static_cast<int64_t>(b) * p.T + p.t0 + r0 + qi;
     if (valid) load_row(Qs + row * SW, p.q + (tok * p.Hi + j) * bytes_q, bytes_q, p.Dw, lane, 32);
     else for (int i = lane; i < p.Dw; i += 32) Qs[row * SW + i] = 0u;
-    if (lane == 0) weff[row] = valid ? __bfloat162float(p.w[tok * p.Hi + j]) * p.c : 0.f;
-    if (kFp8)
+    if (lane == 0) {
+      float we = valid ? __bfloat162float(p.w[tok * p.Hi + j]) * p.c : 0.f;
+      if (kFp8 && !kMultiBlock && valid) we *= p.q_scale[tok * p.Hi + j];
+      weff[row] = we;
+    }
+    if (kMultiBlock)
       for (int blk = lane; blk < p.nb; blk += 32) qsc[row * p.nb + blk] = valid ? p.q_scale[(tok * p.Hi + j) * p.nb + blk] : 0.f;
   }
   const int ksteps = p.Dw / 8;  // 32 bytes of k per mma
-  const int ksteps_per_blk = kFp8 ? 4 : ksteps;
-  const int nblk = kFp8 ? (ksteps + 3) / 4 : 1;
+  const int ksteps_per_blk = kMultiBlock ? 4 : ksteps;
+  const int nblk = kMultiBlock ? (ksteps + 3) / 4 : 1;
+  const int spq = p.Hp / 16;  // slabs per query
   const int ntiles = tmax / kScoreBN + 1;
+  // ldmatrix row addresses: A (keys) lane l -> key row (l & 7) + 8 * ((l >> 3) & 1), 16-byte half l >> 4;
+  // B (heads) lane l -> head row (l & 7) + 8 * (l >> 4), half (l >> 3) & 1.
+  const int a_row = (lane & 7) + 8 * ((lane >> 3) & 1), a_half = lane >> 4;
+  const int b_row = (lane & 7) + 8 * (lane >> 4), b_half = (lane >> 3) & 1;
   for (int it = 0; it < ntiles; ++it) {
     const int s0 = it * kScoreBN;
     if (it + 1 < ntiles) load_keys((it + 1) & 1, s0 + kScoreBN);
@@ -234,70 +302,100 @@ __global__ void __launch_bounds__(kScoreWarps * 32) score_kernel(ScoreParams p) 
     __syncthreads();
     const uint32_t* Ks_cur = Ks + (it & 1) * kScoreBN * SW;
     const float* ksc = ksc_all + (it & 1) * kScoreBN * p.nb;
-    for (int slab = warp; slab < nslab; slab += kScoreWarps) {
-      const int m0 = slab * 16;
-      float tot[8][4];
+    for (int qi = warp; qi < nq; qi += kScoreWarps) {
+      const int t = p.t0 + r0 + qi;
+      if (s0 > t) continue;  // the whole tile is in the future of this query
+      float v[4][2];         // [m tile][row g, g + 8]: head-summed scores of keys mt * 16 + g (+ 8)
 #pragma unroll
-      for (int nt = 0; nt < 8; ++nt)
+      for (int mt = 0; mt < 4; ++mt) v[mt][0] = v[mt][1] = 0.f;
+#pragma unroll 1
+      for (int sl = 0; sl < spq; ++sl) {
+        const int h0 = qi * p.Hp + sl * 16;
+        float tot[4][2][4];
 #pragma unroll
-        for (int e = 0; e < 4; ++e) tot[nt][e] = 0.f;
-      for (int blk = 0; blk < nblk; ++blk) {
-        float acc[8][4];
+        for (int mt = 0; mt < 4; ++mt)
 #pragma unroll
-        for (int nt = 0; nt < 8; ++nt)
+          for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
-        const int ks_end = min(ksteps, (blk + 1) * ksteps_per_blk);
-        for (int ks = blk * ksteps_per_blk; ks < ks_end; ++ks) {
-          const int kw = ks * 8;
-          uint32_t a[4];
-          a[0] = Qs[(m0 + g) * SW + kw + c4];
-          a[1] = Qs[(m0 + g + 8) * SW + kw + c4];
-          a[2] = Qs[(m0 + g) * SW + kw + 4 + c4];
-          a[3] = Qs[(m0 + g + 8) * SW + kw + 4 + c4];
+            for (int e = 0; e < 4; ++e) tot[mt][nt][e] = 0.f;
+        float acc[4][2][4];
+#pragma unroll 1
+        for (int blk = 0; blk < nblk; ++blk) {
 #pragma unroll
-          for (int nt = 0; nt < 8; ++nt) {
-            const uint32_t b0 = Ks_cur[(nt * 8 + g) * SW + kw + c4], b1 = Ks_cur[(nt * 8 + g) * SW + kw + 4 + c4];
-            if constexpr (kFp8) mma_fp8(acc[nt], a, b0, b1);
-            else mma_bf16(acc[nt], a, b0, b1);
+          for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+            for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+              for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.f;
+          const int ks_end = min(ksteps, (blk + 1) * ksteps_per_blk);
+#pragma unroll 1
+          for (int ks = blk * ksteps_per_blk; ks < ks_end; ++ks) {
+            const int kw = ks * 8;
+            uint32_t bq[4];  // {nt 0 lo, nt 0 hi, nt 1 lo, nt 1 hi}
+            ldmatrix_x4(bq, Qs + (h0 + b_row) * SW + kw + 4 * b_half);
+#pragma unroll
+            for (int mt = 0; mt < 4; ++mt) {
+              uint32_t a[4];
+              ldmatrix_x4(a, Ks_cur + (mt * 16 + a_row) * SW + kw + 4 * a_half);
+              if constexpr (kFp8) {
+                mma_fp8(acc[mt][0], a, bq[0], bq[1]);
+                mma_fp8(acc[mt][1], a, bq[2], bq[3]);
+              } else {
+                mma_bf16(acc[mt][0], a, bq[0], bq[1]);
+                mma_bf16(acc[mt][1], a, bq[2], bq[3]);
+              }
+            }
+          }
+          if constexpr (kMultiBlock) {
+#pragma unroll
+            for (int nt = 0; nt < 2; ++nt) {
+              const int h = h0 + nt * 8 + 2 * c4;
+              const float sq0 = qsc[h * p.nb + blk], sq1 = qsc[(h + 1) * p.nb + blk];
+#pragma unroll
+              for (int mt = 0; mt < 4; ++mt) {
+                const float sk0 = ksc[(mt * 16 + g) * p.nb + blk], sk1 = ksc[(mt * 16 + g + 8) * p.nb + blk];
+                tot[mt][nt][0] += acc[mt][nt][0] * (sq0 * sk0);
+                tot[mt][nt][1] += acc[mt][nt][1] * (sq1 * sk0);
+                tot[mt][nt][2] += acc[mt][nt][2] * (sq0 * sk1);
+                tot[mt][nt][3] += acc[mt][nt][3] * (sq1 * sk1);
+              }
+            }
           }
         }
-        const float sa = kFp8 ? qsc[(m0 + g) * p.nb + blk] : 1.f, sb = kFp8 ? qsc[(m0 + g + 8) * p.nb + blk] : 1.f;
 #pragma unroll
-        for (int nt = 0; nt < 8; ++nt) {
-          const int col = nt * 8 + 2 * c4;
-          const float k0 = kFp8 ? ksc[col * p.nb + blk] : 1.f, k1 = kFp8 ? ksc[(col + 1) * p.nb + blk] : 1.f;
-          tot[nt][0] += acc[nt][0] * (sa * k0);
-          tot[nt][1] += acc[nt][1] * (sa * k1);
-          tot[nt][2] += acc[nt][2] * (sb * k0);
-          tot[nt][3] += acc[nt][3] * (sb * k1);
+        for (int nt = 0; nt < 2; ++nt) {
+          const int h = h0 + nt * 8 + 2 * c4;
+          const float w0 = weff[h], w1 = weff[h + 1];
+#pragma unroll
+          for (int mt = 0; mt < 4; ++mt) {
+            float z[4];
+#pragma unroll
+            for (int e = 0; e < 4; ++e) z[e] = kMultiBlock ? tot[mt][nt][e] : acc[mt][nt][e];
+            v[mt][0] += fmaxf(z[0], 0.f) * w0 + fmaxf(z[1], 0.f) * w1;
+            v[mt][1] += fmaxf(z[2], 0.f) * w0 + fmaxf(z[3], 0.f) * w1;
+          }
         }
       }
-      const float w0 = weff[m0 + g], w1 = weff[m0 + g + 8];
+      // Reduce-scatter over the quad: lane c4 ends with m tile c4 (keys c4 * 16 + g and + 8).
+      const bool hi2 = c4 & 2, hi1 = c4 & 1;
+      float u[2][2];
 #pragma unroll
-      for (int nt = 0; nt < 8; ++nt) {
-        float v0 = fmaxf(tot[nt][0], 0.f) * w0 + fmaxf(tot[nt][2], 0.f) * w1;
-        float v1 = fmaxf(tot[nt][1], 0.f) * w0 + fmaxf(tot[nt][3], 0.f) * w1;
+      for (int i = 0; i < 2; ++i)
 #pragma unroll
-        for (int o = 4; o < 32; o <<= 1) {
-          v0 += __shfl_xor_sync(0xffffffffu, v0, o);
-          v1 += __shfl_xor_sync(0xffffffffu, v1, o);
+        for (int r = 0; r < 2; ++r) {
+          const float send = hi2 ? v[i][r] : v[i + 2][r];
+          u[i][r] = (hi2 ? v[i + 2][r] : v[i][r]) + __shfl_xor_sync(0xffffffffu, send, 2);
         }
-        if (g == 0) {
-          part[slab * kScoreBN + nt * 8 + 2 * c4] = v0;
-          part[slab * kScoreBN + nt * 8 + 2 * c4 + 1] = v1;
-        }
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const float send = hi1 ? u[0][r] : u[1][r];
+        float x = (hi1 ? u[1][r] : u[0][r]) + __shfl_xor_sync(0xffffffffu, send, 1);
+        const int key = c4 * 16 + g + 8 * r, s = s0 + key;
+        if (kFp8 && !kMultiBlock) x *= ksc[key * p.nb];
+        if (s <= t) p.out[(static_cast<int64_t>(b) * p.R + r0 + qi) * p.T + s] = x;
       }
     }
-    __syncthreads();
-    const int spq = p.Hp / 16;  // slabs per query
-    for (int i = tid; i < nq * kScoreBN; i += blockDim.x) {
-      const int qi = i / kScoreBN, col = i % kScoreBN, s = s0 + col, t = p.t0 + r0 + qi;
-      if (s > t) continue;
-      float v = 0.f;
-      for (int sl = 0; sl < spq; ++sl) v += part[(qi * spq + sl) * kScoreBN + col];
-      p.out[(static_cast<int64_t>(b) * p.R + r0 + qi) * p.T + s] = v;
-    }
+    __syncthreads();  // every warp is done with this key buffer before the next iteration refills it
   }
 }
 
@@ -312,6 +410,7 @@ __device__ __forceinline__ uint32_t order_key(float f) {
 struct TopkParams {
   const float* scores;  // [B, R, T] f32, row r is query t = t0 + r; entries s > t ignored
   int32_t* out;         // [B, T_out, K] i32: row out_row0 + r
+  float* values;        // [B, T_out, K] f32 or null: the winners' scores, -inf on -1 slots
   int B, R, T, t0, K, P;  // P = next power of two >= K
   int T_out, out_row0;
   int cap;              // capacity of the candidate list (u64 entries after buf)
@@ -449,6 +548,13 @@ __global__ void __launch_bounds__(kTopkThreads) topk_kernel(TopkParams p) {
   const int kk = min(n, p.K);
   for (int i = tid; i < p.K; i += blockDim.x)
     o[i] = i < kk ? static_cast<int32_t>(0xffffffffu - static_cast<uint32_t>(buf[i] & 0xffffffffull)) : -1;
+  if (p.values) {  // the score bits back from the composite's upper half (order_key inverted; NaN stays NaN)
+    float* v = p.values + (static_cast<int64_t>(b) * p.T_out + p.out_row0 + r) * p.K;
+    for (int i = tid; i < p.K; i += blockDim.x) {
+      const uint32_t key = static_cast<uint32_t>(buf[i] >> 32);
+      v[i] = i < kk ? __uint_as_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key) : -INFINITY;
+    }
+  }
 }
 
 // ----------------------------------------------------------------------------------------- host side
@@ -467,6 +573,26 @@ void check_float_cuda(const char* op, const Tensor& x) {
 // Codes and scales of hadamard(x) for x bf16 [rows, d].
 void hadamard_fp8(const Tensor& x, int64_t d, Tensor* codes, Tensor* scales) {
   const int64_t rows = x.numel() / d;
+  const int64_t block = ops::kFp8BlockSize;
+  if (d >= 32 && d <= 512 && (d & (d - 1)) == 0 && block % (d / 32) == 0) {
+    *codes = Tensor::empty({rows, d}, DType::F8E4M3, Device::CUDA);
+    *scales = Tensor::empty({rows, ceil_div(d, block)}, DType::F32, Device::CUDA);
+    if (rows == 0) return;
+    const auto* xp = reinterpret_cast<const __nv_bfloat16*>(x.data<bf16>());
+    auto* cp = reinterpret_cast<__nv_fp8_storage_t*>(codes->data<fp8e4m3>());
+    float* sp = scales->data<float>();
+    const float norm = 1.0f / std::sqrt(static_cast<float>(d));
+    const unsigned grid = static_cast<unsigned>(ceil_div(rows * 32, int64_t(256)));
+    switch (d) {
+      case 32: hadamard_fp8_warp_kernel<1><<<grid, 256, 0, stream()>>>(xp, rows, norm, (int)block, cp, sp); break;
+      case 64: hadamard_fp8_warp_kernel<2><<<grid, 256, 0, stream()>>>(xp, rows, norm, (int)block, cp, sp); break;
+      case 128: hadamard_fp8_warp_kernel<4><<<grid, 256, 0, stream()>>>(xp, rows, norm, (int)block, cp, sp); break;
+      case 256: hadamard_fp8_warp_kernel<8><<<grid, 256, 0, stream()>>>(xp, rows, norm, (int)block, cp, sp); break;
+      default: hadamard_fp8_warp_kernel<16><<<grid, 256, 0, stream()>>>(xp, rows, norm, (int)block, cp, sp); break;
+    }
+    check_launch("indexer_fp8_operands");
+    return;
+  }
   Tensor h = Tensor::empty({rows, d}, DType::F32, Device::CUDA);
   Tensor xv = x.view({rows, d});  // NOTES: transformed in f32 (a bf16 intermediate would round)
   hadamard_kernel<__nv_bfloat16, float><<<static_cast<unsigned>(rows), 128, d * sizeof(float), stream()>>>(
@@ -510,30 +636,33 @@ void launch_scores(const ScoreOperands& o, const Tensor& w_I, int B, int T, int 
   p.Hp = static_cast<int>(ceil_div(Hi, 16) * 16);
   const int bytes = o.fp8 ? D : 2 * D;
   p.Dw = static_cast<int>(ceil_div(bytes, 32) * 8);
-  // NOTES: 256 query-heads per CTA (16 queries at Hi = 16, 4 at Hi = 64): each key tile feeds 16 slabs.
-  p.QB = std::max(1, 256 / p.Hp);
+  // NOTES: at least 256 query-heads and 8 queries per CTA (16 queries at Hi = 16, 8 at Hi = 64): each key
+  // tile feeds every warp; fewer queries only when the query tile would not fit in shared memory.
+  p.QB = std::max(kScoreWarps, 256 / p.Hp);
+  while (p.QB > 1 && static_cast<size_t>(p.QB) * p.Hp * (p.Dw + 4) * 4 > (size_t)150 * 1024) --p.QB;
   p.async_k = (bytes % 16 == 0 && reinterpret_cast<uintptr_t>(p.k) % 16 == 0 &&
                (!o.fp8 || reinterpret_cast<uintptr_t>(p.k_scale) % 4 == 0)) ? 1 : 0;
   const int MQ = p.QB * p.Hp, SW = p.Dw + 4;
   const size_t smem = sizeof(uint32_t) * (size_t)(MQ + 2 * kScoreBN) * SW +
-                      sizeof(float) * (size_t)(MQ + MQ * p.nb + 2 * kScoreBN * p.nb + (MQ / 16) * kScoreBN);
+                      sizeof(float) * (size_t)(MQ + MQ * p.nb + 2 * kScoreBN * p.nb);
   DSA_CHECK(smem <= 200 * 1024, "[indexer_scores] Hi=", Hi, " D=", D, " needs ", smem, " bytes of shared memory");
   dim3 grid(static_cast<unsigned>(ceil_div(R, p.QB)), static_cast<unsigned>(B));
-  if (o.fp8) {
-    cudaFuncSetAttribute(score_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-    score_kernel<true><<<grid, kScoreWarps * 32, smem, stream()>>>(p);
-  } else {
-    cudaFuncSetAttribute(score_kernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-    score_kernel<false><<<grid, kScoreWarps * 32, smem, stream()>>>(p);
-  }
+  auto launch = [&](auto kernel) {
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    kernel<<<grid, kScoreWarps * 32, smem, stream()>>>(p);
+  };
+  if (!o.fp8) launch(score_kernel<false, false>);
+  else if (p.nb == 1) launch(score_kernel<true, false>);
+  else launch(score_kernel<true, true>);
   check_launch("indexer_scores");
 }
 }  // namespace dsa_detail
 
 namespace {
 
-void launch_topk(const float* scores, int B, int R, int T, int t0, int K, int32_t* out, int T_out, int out_row0) {
-  TopkParams p{scores, out, B, R, T, t0, K, 1, T_out, out_row0, 0};
+void launch_topk(const float* scores, int B, int R, int T, int t0, int K, int32_t* out, int T_out, int out_row0,
+                 float* values = nullptr) {
+  TopkParams p{scores, out, values, B, R, T, t0, K, 1, T_out, out_row0, 0};
   while (p.P < K) p.P <<= 1;
   // NOTES: 4096 candidates (32 KB) + 16 KB of histogram: 4 CTAs per SM at K = 512, 3 at K = 2048.
   p.cap = std::min(T, 4096);
@@ -690,7 +819,7 @@ Tensor topk_causal(const Tensor& scores, int64_t t0, int64_t topk) {
 }
 
 Tensor indexer_topk(const Tensor& q_I, const Tensor& k_I, const Tensor& w_I, int64_t topk, bool fp8,
-                    int64_t block_rows) {
+                    int64_t block_rows, Tensor* scores_out) {
   const char* op = "indexer_topk";
   check_indexer_gpu(op, q_I, k_I, w_I);
   DSA_CHECK(topk >= 1, "[", op, "] topk must be >= 1, got ", topk);
@@ -698,7 +827,9 @@ Tensor indexer_topk(const Tensor& q_I, const Tensor& k_I, const Tensor& w_I, int
   const int64_t B = q_I.size(0), T = q_I.size(1), Hi = q_I.size(2), D = q_I.size(3);
   if (fp8) DSA_CHECK((D & (D - 1)) == 0, "[", op, "] fp8 needs a power-of-two head dim, got ", D);
   Tensor out = Tensor::empty({B, T, topk}, DType::I32, Device::CUDA);
+  if (scores_out) *scores_out = Tensor::empty({B, T, topk}, DType::F32, Device::CUDA);
   if (B * T == 0) return out;
+  float* vals = scores_out ? scores_out->data<float>() : nullptr;
   const ScoreOperands o = make_operands(q_I, k_I, fp8);
   // NOTES: about 256 MiB of f32 scores per streamed row block (all of T = 8K in one block).
   const int64_t rb = block_rows > 0 ? std::min(block_rows, T) : rows_for_budget(T, B * T * 4, int64_t(256) << 20);
@@ -706,7 +837,8 @@ Tensor indexer_topk(const Tensor& q_I, const Tensor& k_I, const Tensor& w_I, int
   for (int64_t t0 = 0; t0 < T; t0 += rb) {
     const int64_t R = std::min(T, t0 + rb) - t0;
     launch_scores(o, w_I, (int)B, (int)T, (int)Hi, (int)D, (int)t0, (int)R, S.data<float>());
-    launch_topk(S.data<float>(), (int)B, (int)R, (int)T, (int)t0, (int)topk, out.data<int32_t>(), (int)T, (int)t0);
+    launch_topk(S.data<float>(), (int)B, (int)R, (int)T, (int)t0, (int)topk, out.data<int32_t>(), (int)T, (int)t0,
+                vals);
   }
   return out;
 }

@@ -245,6 +245,45 @@ TEST(IndexerLossSparse, FromProbsEqualsRecomputedTarget) {
                std::runtime_error);
 }
 
+// The top-k's winner scores are the indexer scores of the selected slots (-inf on -1 slots), for any row
+// block, and the sparse loss taking them as I equals the one scoring the slots itself.
+TEST(IndexerLossSparse, SlotScoresFromTheTopkReplaceTheRescoring) {
+  const int64_t B = 2, T = 13, H = 2, Dk = 6, K = 5, Dv = 4;
+  Problem pr = make_problem(B, T, H, 1, Dk, 3, 8, 320);
+  const Tensor kv = pr.km.view({B, T, Dk});
+  for (bool fp8 : {false, true}) {
+    Tensor sc, sc3;
+    const Tensor idx = ops::indexer_topk(pr.q, pr.k, pr.w, K, fp8, 0, &sc);
+    const Tensor idx3 = ops::indexer_topk(pr.q, pr.k, pr.w, K, fp8, 3, &sc3);
+    ASSERT_EQ(sc.shape(), (Shape{B, T, K}));
+    EXPECT_TRUE(all_close(idx, idx3, 0, 0));
+    EXPECT_TRUE(all_close(sc, sc3, 0, 0));
+    Tensor qs = pr.q, ks = pr.k;
+    if (fp8) ops::indexer_fp8_operands(pr.q, pr.k, &qs, &ks);
+    const Tensor full = ops::indexer_scores_forward(qs, ks, pr.w, 0, T);  // [B, T, T]
+    for (int64_t bt = 0; bt < B * T; ++bt)
+      for (int64_t k = 0; k < K; ++k) {
+        const int32_t s = idx.data<int32_t>()[bt * K + k];
+        if (s < 0) EXPECT_EQ(sc.item(bt * K + k), -std::numeric_limits<double>::infinity());
+        else EXPECT_EQ(sc.item(bt * K + k), full.item(bt * T + s)) << "row " << bt << " slot " << k;
+      }
+    Tensor psum;
+    ops::sparse_attention_forward(pr.qm, kv, Dv, idx, pr.scale, nullptr, &psum);
+    ops::IndexerGrads ga, gb;
+    const auto ra = ops::indexer_kl_sparse_from_probs(psum, idx, pr.q, pr.k, pr.w, fp8, 0.8, &ga);
+    const auto rb = ops::indexer_kl_sparse_from_probs(psum, idx, pr.q, pr.k, pr.w, fp8, 0.8, &gb, &sc);
+    EXPECT_EQ(ra.rows, rb.rows);
+    EXPECT_GT(ra.loss_sum, 0.0);
+    EXPECT_NEAR(ra.loss_sum, rb.loss_sum, 1e-12);
+    EXPECT_TRUE(all_close(ga.dq, gb.dq, 0, 1e-12));
+    EXPECT_TRUE(all_close(ga.dk, gb.dk, 0, 1e-12));
+    EXPECT_TRUE(all_close(ga.dw, gb.dw, 0, 1e-12));
+    const Tensor flat = sc.view({B * T, K});
+    EXPECT_THROW(ops::indexer_kl_sparse_from_probs(psum, idx, pr.q, pr.k, pr.w, fp8, 0.8, nullptr, &flat),
+                 std::runtime_error);
+  }
+}
+
 // I[t, s] = w * D^-0.5 * relu(q[t] . e_s) = q[t, s] when k_s is the one-hot e_s and w = sqrt(D): setting
 // q[t, s] = log p[t, s] + 40 makes softmax(I_t) = p_t exactly (up to rounding).
 TEST(IndexerLoss, KlIsZeroWhenSoftmaxMatchesTheTargetAndPositiveOtherwise) {

@@ -195,6 +195,17 @@ TEST(SparseAttention, GradientsWithDuplicatesAndMinusOneMatchFiniteDifferences) 
   };
   EXPECT_TRUE(grad_check("q", q, sg.dq, loss));
   EXPECT_TRUE(grad_check("kv", kv, sg.dkv, loss));
+
+  // The backward's head-summed probabilities equal the forward's (duplicates: one term per slot, -1: 0),
+  // and asking for them changes neither gradient.
+  Tensor ps;
+  ops::sparse_attention_forward(q, kv, Dv, idx, scale, nullptr, &ps);
+  const ops::SparseAttentionGrads sp = ops::sparse_attention_backward(g, q, kv, Dv, idx, out, lse, scale, true);
+  ASSERT_EQ(sp.probs_sum.shape(), ps.shape());
+  for (int64_t i = 0; i < ps.numel(); ++i) EXPECT_NEAR(sp.probs_sum.item(i), ps.item(i), 1e-12) << "slot " << i;
+  EXPECT_EQ(sp.probs_sum.item((1 * T + 6) * K + 0), sp.probs_sum.item((1 * T + 6) * K + 1));
+  for (int64_t i = 0; i < sg.dq.numel(); ++i) ASSERT_EQ(sp.dq.item(i), sg.dq.item(i));
+  for (int64_t i = 0; i < sg.dkv.numel(); ++i) ASSERT_EQ(sp.dkv.item(i), sg.dkv.item(i));
 }
 
 TEST(SparseAttention, MqaOverLatentRowsEqualsMhaWithPerHeadKeys) {

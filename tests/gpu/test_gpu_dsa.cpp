@@ -93,12 +93,16 @@ TEST(GpuDsa, Fp8CodesBitExact) {
 
 TEST(GpuDsa, Fp8OperandsExact) {
   DSA_REQUIRE_GPU();
-  const Pair q = rand_pair({2, 37, 4, 128}, 1), k = rand_pair({2, 37, 128}, 2);
-  Tensor cq, ck, gq, gk;
-  ops::indexer_fp8_operands(q.cpu, k.cpu, &cq, &ck);
-  ops::indexer_fp8_operands(q.gpu, k.gpu, &gq, &gk);
-  EXPECT_TRUE(testing::all_close(f32_of(gq), cq, 0, 0));
-  EXPECT_TRUE(testing::all_close(f32_of(gk), ck, 0, 0));
+  // Every head dim of the warp-per-row kernel (32 .. 512, one scale block or several) and the block-per-row
+  // fallback (16, 1024).
+  for (int64_t d : {16, 32, 64, 128, 256, 512, 1024}) {
+    const Pair q = rand_pair({2, 37, 3, d}, 1 + d), k = rand_pair({2, 37, d}, 2 + d);
+    Tensor cq, ck, gq, gk;
+    ops::indexer_fp8_operands(q.cpu, k.cpu, &cq, &ck);
+    ops::indexer_fp8_operands(q.gpu, k.gpu, &gq, &gk);
+    EXPECT_TRUE(testing::all_close(f32_of(gq), cq, 0, 0)) << "d = " << d;
+    EXPECT_TRUE(testing::all_close(f32_of(gk), ck, 0, 0)) << "d = " << d;
+  }
 }
 
 // --------------------------------------------------------------------------------------- indexer
@@ -163,10 +167,28 @@ void check_topk(const IndexerCase& c, bool fp8) {
   const Pair q = rand_pair({c.B, c.T, c.Hi, c.D}, 30 + c.T), k = rand_pair({c.B, c.T, c.D}, 31 + c.T),
              w = rand_pair({c.B, c.T, c.Hi}, 32 + c.T, 0.5);
   const Tensor cpu = ops::indexer_topk(q.cpu, k.cpu, w.cpu, c.K, fp8);
-  const Tensor gpu = ops::indexer_topk(q.gpu, k.gpu, w.gpu, c.K, fp8, fp8 ? 0 : c.T / 4 + 1).to(Device::CPU);
+  Tensor vals_g;
+  const Tensor gpu = ops::indexer_topk(q.gpu, k.gpu, w.gpu, c.K, fp8, fp8 ? 0 : c.T / 4 + 1, &vals_g).to(Device::CPU);
   Tensor qs = q.cpu, ks = k.cpu;
   if (fp8) ops::indexer_fp8_operands(q.cpu, k.cpu, &qs, &ks);
   const Tensor scores = ops::indexer_scores_forward(qs, ks, w.cpu, 0, c.T);
+  {  // the winners' scores: the CPU scores at the GPU's indices, -inf on -1 slots
+    ASSERT_EQ(vals_g.shape(), (Shape{c.B, c.T, c.K}));
+    const Tensor v = vals_g.to(Device::CPU);
+    double num = 0, den = 0;
+    for (int64_t i = 0; i < gpu.numel(); ++i) {
+      const int32_t s = gpu.data<int32_t>()[i];
+      const double a = v.item(i);
+      if (s < 0) {
+        ASSERT_TRUE(std::isinf(a) && a < 0) << "slot " << i;
+        continue;
+      }
+      const double b = scores.item((i / c.K) * c.T + s);
+      num += (a - b) * (a - b);
+      den += b * b;
+    }
+    EXPECT_LE(std::sqrt(num / std::max(den, 1e-30)), 1e-5) << "top-k values, T = " << c.T << " fp8 = " << fp8;
+  }
   int64_t exact = 0;
   EXPECT_TRUE(same_selection(gpu, cpu, scores, fp8 ? 2e-3 : 1e-4, &exact)) << "T = " << c.T << " fp8 = " << fp8;
   const double frac = static_cast<double>(exact) / static_cast<double>(cpu.numel());
@@ -268,6 +290,22 @@ TEST(GpuDsa, SparseAttentionForwardBackward) {
         ops::sparse_attention_backward(dout.gpu, q.gpu, kv.gpu, c.Dv, idx_g, out_g, lse_g, scale);
     EXPECT_TRUE(rel_close(gg.dq, gc.dq, 2e-2)) << "dq, T = " << c.T;
     EXPECT_TRUE(rel_close(gg.dkv, gc.dkv, 2e-2)) << "dkv, T = " << c.T;
+    {  // the backward's head sums: the forward's probs_sum (bit for bit on the fused path), same dq/dkv
+      Tensor ps_c, ps_f;
+      ops::sparse_attention_forward(q.cpu, kv.cpu, c.Dv, idx, scale, nullptr, &ps_c);
+      ops::sparse_attention_forward(q.gpu, kv.gpu, c.Dv, idx_g, scale, nullptr, &ps_f);
+      const ops::SparseAttentionGrads gp =
+          ops::sparse_attention_backward(dout.gpu, q.gpu, kv.gpu, c.Dv, idx_g, out_g, lse_g, scale, true);
+      ASSERT_EQ(gp.probs_sum.dtype(), DType::F32);
+      ASSERT_EQ(gp.probs_sum.shape(), (Shape{c.B, c.T, c.K}));
+      EXPECT_TRUE(rel_close(gp.probs_sum, ps_c, 1e-4)) << "backward probs_sum, T = " << c.T << " H = " << c.H;
+      if (c.H == 16 && (c.Dk == 288 || c.Dk == 576)) {
+        const Tensor a = gp.probs_sum.to(Device::CPU), b = ps_f.to(Device::CPU);
+        EXPECT_EQ(std::memcmp(a.raw(), b.raw(), a.numel() * sizeof(float)), 0) << "bitwise, T = " << c.T;
+      }
+      EXPECT_TRUE(rel_close(gp.dq, gc.dq, 2e-2)) << "dq with probs_sum, T = " << c.T;
+      EXPECT_TRUE(rel_close(gp.dkv, gc.dkv, 2e-2)) << "dkv with probs_sum, T = " << c.T;
+    }
   }
 }
 
@@ -334,7 +372,8 @@ TEST(GpuDsa, IndexerKlDenseAndRecall) {
 
 TEST(GpuDsa, IndexerKlSparse) {
   DSA_REQUIRE_GPU();
-  for (const LossCase& c : {LossCase{2, 37, 4, 1, 16, 4, 64, 0}, LossCase{2, 300, 16, 1, 288, 16, 64, 0}}) {
+  for (const LossCase& c : {LossCase{2, 37, 4, 1, 16, 4, 64, 0}, LossCase{2, 300, 16, 1, 288, 16, 64, 0},
+                            LossCase{1, 45, 4, 1, 16, 3, 4, 0}, LossCase{1, 45, 4, 1, 16, 3, 8, 0}}) {
     const int64_t K = 24;
     const double scale = 1.0 / std::sqrt(static_cast<double>(c.Dk));
     const Pair qm = rand_pair({c.B, c.T, c.H, c.Dk}, 60), kv = rand_pair({c.B, c.T, c.Dk}, 61);
@@ -373,6 +412,25 @@ TEST(GpuDsa, IndexerKlSparse) {
         EXPECT_TRUE(rel_close(gp.dq, gc.dq, 2e-2)) << "dq " << which << " T = " << c.T << " fp8 " << fp8;
         EXPECT_TRUE(rel_close(gp.dk, gc.dk, 2e-2)) << "dk " << which << " T = " << c.T << " fp8 " << fp8;
         EXPECT_TRUE(rel_close(gp.dw, gc.dw, 2e-2)) << "dw " << which << " T = " << c.T << " fp8 " << fp8;
+      }
+      {  // I from given slot scores (the top-k's, here the CPU scores gathered at idx): no rescoring
+        Tensor qs = q.cpu, ks = k.cpu;
+        if (fp8) ops::indexer_fp8_operands(q.cpu, k.cpu, &qs, &ks);
+        const Tensor full = ops::indexer_scores_forward(qs, ks, w.cpu, 0, c.T);
+        Tensor sc = Tensor::empty({c.B, c.T, K}, DType::F32);
+        for (int64_t i = 0; i < idx.numel(); ++i) {
+          const int32_t s = idx.data<int32_t>()[i];
+          sc.data<float>()[i] = s >= 0 ? static_cast<float>(full.item((i / K) * c.T + s)) : -INFINITY;
+        }
+        const Tensor sc_g = sc.to(Device::CUDA);
+        ops::IndexerGrads gs;
+        const ops::IndexerLossResult rs =
+            ops::indexer_kl_sparse_from_probs(ps_g, idx_g, q.gpu, k.gpu, w.gpu, fp8, 0.5, &gs, &sc_g);
+        EXPECT_EQ(rs.rows, rc.rows);
+        EXPECT_NEAR(rs.loss_sum, rc.loss_sum, 2e-3 * std::fabs(rc.loss_sum) + 1e-4) << "slot scores fp8 " << fp8;
+        EXPECT_TRUE(rel_close(gs.dq, gc.dq, 2e-2)) << "dq slot scores T = " << c.T << " fp8 " << fp8;
+        EXPECT_TRUE(rel_close(gs.dk, gc.dk, 2e-2)) << "dk slot scores T = " << c.T << " fp8 " << fp8;
+        EXPECT_TRUE(rel_close(gs.dw, gc.dw, 2e-2)) << "dw slot scores T = " << c.T << " fp8 " << fp8;
       }
     }
   }
@@ -497,7 +555,8 @@ TEST(GpuDsa, BenchIndexer) {
     const Tensor qm = fast_bf16({1, c.T, c.H, c.Dk}, 4, 0.05f), kv = fast_bf16({1, c.T, c.Dk}, 5, 1.f);
     const Tensor q = fast_bf16({1, c.T, c.Hi, c.D}, 6, 1.f), k = fast_bf16({1, c.T, c.D}, 7, 1.f),
                  w = fast_bf16({1, c.T, c.Hi}, 8, 0.1f);
-    const Tensor idx = ops::indexer_topk(q, k, w, c.K, true);
+    Tensor slot_scores;
+    const Tensor idx = ops::indexer_topk(q, k, w, c.K, true, 0, &slot_scores);
     const double scale = 1.0 / std::sqrt(static_cast<double>(c.Dk));
     Tensor lse;
     ops::sparse_attention_forward(qm, kv, c.Dk - 32, idx, scale, &lse);
@@ -523,9 +582,20 @@ TEST(GpuDsa, BenchIndexer) {
       ops::IndexerGrads g;
       rp = ops::indexer_kl_sparse_from_probs(ps, idx, q, k, w, true, 1e-3, &g);
     }, 3);
-    std::printf("[bench] %s sparse_attention_forward Dv=%lld: %.2f ms, with probs_sum %.2f ms; "
-                "indexer_kl_sparse_from_probs fwd %.2f ms, fwd+bwd %.2f ms (loss %.4f)\n",
-                c.name, (long long)dv, ms_a0, ms_a1, ms_pf, ms_pfb, rp.loss_sum / std::max<int64_t>(1, rp.rows));
+    const double ms_sfb = dsa::testing::gpu_median_ms([&] {
+      ops::IndexerGrads g;
+      rp = ops::indexer_kl_sparse_from_probs(ps, idx, q, k, w, true, 1e-3, &g, &slot_scores);
+    }, 3);
+    // The training step's route: the backward returns the head sums.
+    const Tensor dout = fast_bf16({1, c.T, c.H, dv}, 9, 0.05f);
+    const Tensor out = ops::sparse_attention_forward(qm, kv, dv, idx, scale, &lse);
+    const double ms_b0 = dsa::testing::gpu_median_ms([&] { ops::sparse_attention_backward(dout, qm, kv, dv, idx, out, lse, scale); }, 3);
+    const double ms_b1 = dsa::testing::gpu_median_ms([&] { ops::sparse_attention_backward(dout, qm, kv, dv, idx, out, lse, scale, true); }, 3);
+    std::printf("[bench] %s sparse_attention_forward Dv=%lld: %.2f ms, with probs_sum %.2f ms; backward %.2f ms, "
+                "with probs_sum %.2f ms; indexer_kl_sparse_from_probs fwd %.2f ms, fwd+bwd %.2f ms, fwd+bwd with the "
+                "top-k's slot scores %.2f ms (loss %.4f)\n",
+                c.name, (long long)dv, ms_a0, ms_a1, ms_b0, ms_b1, ms_pf, ms_pfb, ms_sfb,
+                rp.loss_sum / std::max<int64_t>(1, rp.rows));
   }
 }
 
