@@ -73,28 +73,36 @@ __device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_u32(p)));
+}
+__device__ __forceinline__ void ldsm_x2_trans(uint32_t& r0, uint32_t& r1, const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n" : "=r"(r0), "=r"(r1) : "r"(smem_u32(p)));
+}
+
 // Shared-memory layout of sparse_kl_kernel (bf16 tiles addressed as 32-bit words; every row stride is
-// 4 mod 32 words, so the mma fragment loads are conflict-free). Hp = ceil16(Hi), Dp = ceil16(D).
+// 4 mod 8 words and a multiple of 16 bytes, so the fragment loads and ldmatrix rows are conflict-free).
+// Hp = ceil16(Hi), Dp = ceil16(D). The transposed operands of the backward GEMMs come from ldmatrix.trans.
 struct SparseSmem {
-  int QSW, HSW, CSW;  // words per row: Dp / 2 + 4, Hp / 2 + 4, kSparseChunk / 2 + 4
+  int QSW, CSW;  // words per row: Dp / 2 + 4, kSparseChunk / 2 + 4
   int Hp, Dp, nslab;
   __host__ __device__ SparseSmem(int Hi, int D) {
     Hp = (Hi + 15) / 16 * 16;
     Dp = (D + 15) / 16 * 16;
     nslab = Hp / 16;
     QSW = Dp / 2 + 4;
-    HSW = Hp / 2 + 4;
     CSW = kSparseChunk / 2 + 4;
   }
-  // Offsets in words: Q [Hp, QSW], QT [Dp, HSW], Kc [C, QSW], KT [Dp, CSW], G [Hp, CSW], Gt [C, HSW],
-  // then f32: pk [K], Ik [K], wv [Hp], dwa [Hp], part [nslab, C].
+  // Offsets in words: Q [Hp, QSW], Kc [C, QSW], G [Hp, CSW], then f32: pk [K], Ik [K], wv [Hp], dwa [Hp],
+  // part [nslab, C].
   __host__ __device__ int q() const { return 0; }
-  __host__ __device__ int qt() const { return Hp * QSW; }
-  __host__ __device__ int kc() const { return qt() + Dp * HSW; }
-  __host__ __device__ int kt() const { return kc() + kSparseChunk * QSW; }
-  __host__ __device__ int g() const { return kt() + Dp * CSW; }
-  __host__ __device__ int gt() const { return g() + Hp * CSW; }
-  __host__ __device__ int f32() const { return gt() + kSparseChunk * HSW; }
+  __host__ __device__ int kc() const { return Hp * QSW; }
+  __host__ __device__ int g() const { return kc() + kSparseChunk * QSW; }
+  __host__ __device__ int f32() const { return g() + Hp * CSW; }
   __host__ __device__ size_t bytes(int K) const {
     return sizeof(uint32_t) * ((size_t)f32() + 2 * (size_t)K + 2 * (size_t)Hp + (size_t)nslab * kSparseChunk);
   }
@@ -110,11 +118,8 @@ __global__ void __launch_bounds__(kSparseWarps * 32) sparse_kl_kernel(SparseKlPa
   extern __shared__ uint32_t smw[];
   const SparseSmem L(p.Hi, p.D);
   __nv_bfloat16* Qb = reinterpret_cast<__nv_bfloat16*>(smw + L.q());
-  __nv_bfloat16* QTb = reinterpret_cast<__nv_bfloat16*>(smw + L.qt());
   __nv_bfloat16* Kb = reinterpret_cast<__nv_bfloat16*>(smw + L.kc());
-  __nv_bfloat16* KTb = reinterpret_cast<__nv_bfloat16*>(smw + L.kt());
   __nv_bfloat16* Gb = reinterpret_cast<__nv_bfloat16*>(smw + L.g());
-  __nv_bfloat16* Gtb = reinterpret_cast<__nv_bfloat16*>(smw + L.gt());
   float* pk = reinterpret_cast<float*>(smw + L.f32());  // [K]
   float* Ik = pk + p.K;                                 // [K] scores, then dI
   float* wv = Ik + p.K;                                 // [Hp] w * c
@@ -126,8 +131,8 @@ __global__ void __launch_bounds__(kSparseWarps * 32) sparse_kl_kernel(SparseKlPa
   const int64_t bt = p.bt0 + r, b = bt / p.T, t = bt % p.T;
   const int32_t* ir = p.idx + bt * p.K;
   const __nv_bfloat16 zero = __float2bfloat16(0.f);
-  // q tile [Hp, Dp] (zero padded) of `src`; with `transposed` also QT [Dp, Hp].
-  auto load_q = [&](const __nv_bfloat16* src, bool transposed) {
+  // q tile [Hp, Dp] (zero padded) of `src`.
+  auto load_q = [&](const __nv_bfloat16* src) {
     if (p.vec) {  // Dp == D: 8 columns per 16-byte load
       const int cpr = p.D / 8;
       for (int e = tid; e < L.Hp * cpr; e += nthr) {
@@ -135,11 +140,6 @@ __global__ void __launch_bounds__(kSparseWarps * 32) sparse_kl_kernel(SparseKlPa
         const uint4 v = j < p.Hi ? __ldg(reinterpret_cast<const uint4*>(src + (bt * p.Hi + j) * p.D + i))
                                  : make_uint4(0u, 0u, 0u, 0u);
         *reinterpret_cast<uint4*>(Qb + j * 2 * L.QSW + i) = v;
-        if (transposed) {
-          const __nv_bfloat16* h = reinterpret_cast<const __nv_bfloat16*>(&v);
-#pragma unroll
-          for (int u = 0; u < 8; ++u) QTb[(i + u) * 2 * L.HSW + j] = h[u];
-        }
       }
       return;
     }
@@ -147,12 +147,10 @@ __global__ void __launch_bounds__(kSparseWarps * 32) sparse_kl_kernel(SparseKlPa
       const int j = e / L.Dp, i = e % L.Dp;
       const __nv_bfloat16 v = (j < p.Hi && i < p.D) ? src[(bt * p.Hi + j) * p.D + i] : zero;
       Qb[j * 2 * L.QSW + i] = v;
-      if (transposed) QTb[i * 2 * L.HSW + j] = v;
     }
   };
-  // chunk rows [C, Dp] of `src` at the chunk's slots (zero for -1 slots and past K); with `transposed`
-  // also KT [Dp, C].
-  auto load_chunk = [&](const __nv_bfloat16* src, int k0, bool transposed) {
+  // chunk rows [C, Dp] of `src` at the chunk's slots (zero for -1 slots and past K).
+  auto load_chunk = [&](const __nv_bfloat16* src, int k0) {
     if (p.vec) {
       const int cpr = p.D / 8;
       for (int e = tid; e < kSparseChunk * cpr; e += nthr) {
@@ -161,11 +159,6 @@ __global__ void __launch_bounds__(kSparseWarps * 32) sparse_kl_kernel(SparseKlPa
         const uint4 v = s >= 0 ? __ldg(reinterpret_cast<const uint4*>(src + (b * p.T + s) * p.D + i))
                                : make_uint4(0u, 0u, 0u, 0u);
         *reinterpret_cast<uint4*>(Kb + kk * 2 * L.QSW + i) = v;
-        if (transposed) {
-          const __nv_bfloat16* h = reinterpret_cast<const __nv_bfloat16*>(&v);
-#pragma unroll
-          for (int u = 0; u < 8; ++u) KTb[(i + u) * 2 * L.CSW + kk] = h[u];
-        }
       }
       return;
     }
@@ -174,7 +167,6 @@ __global__ void __launch_bounds__(kSparseWarps * 32) sparse_kl_kernel(SparseKlPa
       const int32_t s = k < p.K ? ir[k] : -1;
       const __nv_bfloat16 v = (s >= 0 && i < p.D) ? src[(b * p.T + s) * p.D + i] : zero;
       Kb[kk * 2 * L.QSW + i] = v;
-      if (transposed) KTb[i * 2 * L.CSW + kk] = v;
     }
   };
   // Z tile [16 heads of slab, 8 slots of n-tile nt] = Q Kc^T.
@@ -214,11 +206,11 @@ __global__ void __launch_bounds__(kSparseWarps * 32) sparse_kl_kernel(SparseKlPa
   if (p.scores) {  // the slots' scores come from the top-k: no gather, no Z
     for (int k = tid; k < p.K; k += nthr) Ik[k] = p.scores[bt * p.K + k];
   } else {
-    load_q(p.qs, false);
+    load_q(p.qs);
   }
   for (int k0 = 0; k0 < p.K && !p.scores; k0 += kSparseChunk) {
     __syncthreads();  // previous chunk's reads of Kc / part done (and Q, wv written)
-    load_chunk(p.ks, k0, false);
+    load_chunk(p.ks, k0);
     __syncthreads();
     for (int it = warp; it < items_z; it += kSparseWarps) {
       const int slab = it / (kSparseChunk / 8), nt = it % (kSparseChunk / 8);
@@ -276,7 +268,7 @@ __global__ void __launch_bounds__(kSparseWarps * 32) sparse_kl_kernel(SparseKlPa
     for (int j = tid; j < p.Hi; j += nthr) p.dw[bt * p.Hi + j] = zero;
     return;
   }
-  load_q(p.qi, true);
+  load_q(p.qi);
   const int ntd = L.Dp / 8;                 // n-tiles over D
   const int items_dq = L.nslab * ntd;       // dq tiles [16 heads, 8 dims]
   const int items_dk = (kSparseChunk / 16) * ntd;  // dk tiles [16 slots, 8 dims]
@@ -285,10 +277,9 @@ __global__ void __launch_bounds__(kSparseWarps * 32) sparse_kl_kernel(SparseKlPa
   for (int e = 0; e < kSparseMaxTiles; ++e) accdq[e][0] = accdq[e][1] = accdq[e][2] = accdq[e][3] = 0.f;
   for (int k0 = 0; k0 < p.K; k0 += kSparseChunk) {
     __syncthreads();
-    load_chunk(p.ki, k0, true);
+    load_chunk(p.ki, k0);
     __syncthreads();
     const uint32_t* Gw = smw + L.g();
-    const uint32_t* Gtw = smw + L.gt();
     for (int it = warp; it < items_z; it += kSparseWarps) {
       const int slab = it / (kSparseChunk / 8), nt = it % (kSparseChunk / 8);
       float acc[4];
@@ -301,10 +292,6 @@ __global__ void __launch_bounds__(kSparseWarps * 32) sparse_kl_kernel(SparseKlPa
       Gb[j0 * 2 * L.CSW + kk0 + 1] = __float2bfloat16_rn(g01);
       Gb[j1 * 2 * L.CSW + kk0] = __float2bfloat16_rn(g10);
       Gb[j1 * 2 * L.CSW + kk0 + 1] = __float2bfloat16_rn(g11);
-      Gtb[kk0 * 2 * L.HSW + j0] = __float2bfloat16_rn(g00);
-      Gtb[(kk0 + 1) * 2 * L.HSW + j0] = __float2bfloat16_rn(g01);
-      Gtb[kk0 * 2 * L.HSW + j1] = __float2bfloat16_rn(g10);
-      Gtb[(kk0 + 1) * 2 * L.HSW + j1] = __float2bfloat16_rn(g11);
       float e0 = d0 * fmaxf(acc[0], 0.f) + d1 * fmaxf(acc[1], 0.f);  // dw / c of head j0
       float e1 = d0 * fmaxf(acc[2], 0.f) + d1 * fmaxf(acc[3], 0.f);
       e0 += __shfl_xor_sync(0xffffffffu, e0, 1);
@@ -317,8 +304,7 @@ __global__ void __launch_bounds__(kSparseWarps * 32) sparse_kl_kernel(SparseKlPa
       }
     }
     __syncthreads();
-    // dq [Hp, Dp] += G [Hp, C] Kc [C, Dp]  (B^T = KT [Dp, C])
-    const uint32_t* KTw = smw + L.kt();
+    // dq [Hp, Dp] += G [Hp, C] Kc [C, Dp]  (B fragments: ldmatrix.trans of Kc's rows)
 #pragma unroll
     for (int e = 0; e < kSparseMaxTiles; ++e) {
       const int it = warp + e * kSparseWarps;
@@ -332,22 +318,20 @@ __global__ void __launch_bounds__(kSparseWarps * 32) sparse_kl_kernel(SparseKlPa
         a[1] = Gw[(mt * 16 + g + 8) * L.CSW + kw + c4];
         a[2] = Gw[(mt * 16 + g) * L.CSW + kw + 4 + c4];
         a[3] = Gw[(mt * 16 + g + 8) * L.CSW + kw + 4 + c4];
-        mma_bf16_16816(accdq[e], a, KTw[(nt * 8 + g) * L.CSW + kw + c4], KTw[(nt * 8 + g) * L.CSW + kw + 4 + c4]);
+        uint32_t b0, b1;
+        ldsm_x2_trans(b0, b1, Kb + (ks * 16 + (lane & 15)) * 2 * L.QSW + nt * 8);
+        mma_bf16_16816(accdq[e], a, b0, b1);
       }
     }
-    // dk rows of the chunk [C, Dp] = Gt [C, Hp] Q [Hp, Dp]  (B^T = QT [Dp, Hp]), scatter-added.
-    const uint32_t* QTw = smw + L.qt();
+    // dk rows of the chunk [C, Dp] = G^T [C, Hp] Q [Hp, Dp] (A: ldmatrix.trans of G, B: of Q), scatter-added.
     for (int it = warp; it < items_dk; it += kSparseWarps) {
       const int mt = it / ntd, nt = it % ntd;
       float acc[4] = {0.f, 0.f, 0.f, 0.f};
       for (int ks = 0; ks < L.Hp / 16; ++ks) {
-        const int kw = ks * 8;
-        uint32_t a[4];
-        a[0] = Gtw[(mt * 16 + g) * L.HSW + kw + c4];
-        a[1] = Gtw[(mt * 16 + g + 8) * L.HSW + kw + c4];
-        a[2] = Gtw[(mt * 16 + g) * L.HSW + kw + 4 + c4];
-        a[3] = Gtw[(mt * 16 + g + 8) * L.HSW + kw + 4 + c4];
-        mma_bf16_16816(acc, a, QTw[(nt * 8 + g) * L.HSW + kw + c4], QTw[(nt * 8 + g) * L.HSW + kw + 4 + c4]);
+        uint32_t a[4], b0, b1;
+        ldsm_x4_trans(a, Gb + (ks * 16 + (lane & 7) + 8 * (lane >> 4)) * 2 * L.CSW + mt * 16 + 8 * ((lane >> 3) & 1));
+        ldsm_x2_trans(b0, b1, Qb + (ks * 16 + (lane & 15)) * 2 * L.QSW + nt * 8);
+        mma_bf16_16816(acc, a, b0, b1);
       }
       const int col = nt * 8 + 2 * c4;
       if (p.vec) {

@@ -225,8 +225,9 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
 // blocks apply both scales per block before the relu. Key tiles (and their FP8 scales) are
 // double-buffered with cp.async when rows are 16-byte aligned (synchronous loads otherwise); CTAs run
 // from the last (longest) row block to the first, so the causal work imbalance leaves no tail.
-template <bool kFp8, bool kMultiBlock>
+template <bool kFp8, bool kMultiBlock, int KS /*ksteps, 0: runtime*/>
 __global__ void __launch_bounds__(kScoreWarps * 32, 2) score_kernel(ScoreParams p) {
+  constexpr int QP = kMultiBlock ? 1 : 2;  // slabs per warp pass (two queries' or one query's two)
   extern __shared__ uint32_t smem[];
   const int SW = p.Dw + 4;  // padded stride (words; 16-byte multiple): conflict-free ldmatrix rows
   const int MQ = p.QB * p.Hp;
@@ -285,15 +286,17 @@ __global__ void __launch_bounds__(kScoreWarps * 32, 2) score_kernel(ScoreParams 
     if (kMultiBlock)
       for (int blk = lane; blk < p.nb; blk += 32) qsc[row * p.nb + blk] = valid ? p.q_scale[(tok * p.Hi + j) * p.nb + blk] : 0.f;
   }
-  const int ksteps = p.Dw / 8;  // 32 bytes of k per mma
+  const int ksteps = KS > 0 ? KS : p.Dw / 8;  // 32 bytes of k per mma
   const int ksteps_per_blk = kMultiBlock ? 4 : ksteps;
   const int nblk = kMultiBlock ? (ksteps + 3) / 4 : 1;
-  const int spq = p.Hp / 16;  // slabs per query
+  const int spq = p.Hp / 16;                   // slabs per query: 1, or even (Hp padded to 32)
+  const int qstep = spq == 1 ? QP : 1;         // queries per warp pass
+  const int passes = spq == 1 ? 1 : spq / QP;  // slab groups per query
   const int ntiles = tmax / kScoreBN + 1;
   // ldmatrix row addresses: A (keys) lane l -> key row (l & 7) + 8 * ((l >> 3) & 1), 16-byte half l >> 4;
   // B (heads) lane l -> head row (l & 7) + 8 * (l >> 4), half (l >> 3) & 1.
-  const int a_row = (lane & 7) + 8 * ((lane >> 3) & 1), a_half = lane >> 4;
-  const int b_row = (lane & 7) + 8 * (lane >> 4), b_half = (lane >> 3) & 1;
+  const int a_off = ((lane & 7) + 8 * ((lane >> 3) & 1)) * SW + 4 * (lane >> 4);
+  const int b_off = ((lane & 7) + 8 * (lane >> 4)) * SW + 4 * ((lane >> 3) & 1);
   for (int it = 0; it < ntiles; ++it) {
     const int s0 = it * kScoreBN;
     if (it + 1 < ntiles) load_keys((it + 1) & 1, s0 + kScoreBN);
@@ -302,97 +305,120 @@ __global__ void __launch_bounds__(kScoreWarps * 32, 2) score_kernel(ScoreParams 
     __syncthreads();
     const uint32_t* Ks_cur = Ks + (it & 1) * kScoreBN * SW;
     const float* ksc = ksc_all + (it & 1) * kScoreBN * p.nb;
-    for (int qi = warp; qi < nq; qi += kScoreWarps) {
-      const int t = p.t0 + r0 + qi;
-      if (s0 > t) continue;  // the whole tile is in the future of this query
-      float v[4][2];         // [m tile][row g, g + 8]: head-summed scores of keys mt * 16 + g (+ 8)
+    for (int q0 = warp * qstep; q0 < nq; q0 += kScoreWarps * qstep) {
+      // Slab j of a pass belongs to query q0 + j (one slab per query) or to q0 (several slabs per query).
+      const int t_last = p.t0 + r0 + min(q0 + qstep, nq) - 1;
+      if (s0 > t_last) continue;  // the whole tile is in the future of these queries
+      float v[QP][4][2];          // [query of the pass][m tile][row g, g + 8]: head-summed scores
 #pragma unroll
-      for (int mt = 0; mt < 4; ++mt) v[mt][0] = v[mt][1] = 0.f;
+      for (int j = 0; j < QP; ++j)
+#pragma unroll
+        for (int mt = 0; mt < 4; ++mt) v[j][mt][0] = v[j][mt][1] = 0.f;
 #pragma unroll 1
-      for (int sl = 0; sl < spq; ++sl) {
-        const int h0 = qi * p.Hp + sl * 16;
-        float tot[4][2][4];
+      for (int ps = 0; ps < passes; ++ps) {
+        int h0[QP];  // first query-head row of each slab
 #pragma unroll
-        for (int mt = 0; mt < 4; ++mt)
+        for (int j = 0; j < QP; ++j) h0[j] = spq == 1 ? (q0 + j) * p.Hp : q0 * p.Hp + (ps * QP + j) * 16;
+        float tot[QP][4][2][4];
+        float acc[QP][4][2][4];
 #pragma unroll
-          for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) tot[mt][nt][e] = 0.f;
-        float acc[4][2][4];
-#pragma unroll 1
-        for (int blk = 0; blk < nblk; ++blk) {
+        for (int j = 0; j < QP; ++j)
 #pragma unroll
           for (int mt = 0; mt < 4; ++mt)
 #pragma unroll
             for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
-              for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.f;
-          const int ks_end = min(ksteps, (blk + 1) * ksteps_per_blk);
+              for (int e = 0; e < 4; ++e) tot[j][mt][nt][e] = 0.f;
 #pragma unroll 1
-          for (int ks = blk * ksteps_per_blk; ks < ks_end; ++ks) {
+        for (int blk = 0; blk < nblk; ++blk) {
+#pragma unroll
+          for (int j = 0; j < QP; ++j)
+#pragma unroll
+            for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+              for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) acc[j][mt][nt][e] = 0.f;
+          const int ks_end = KS > 0 ? KS : min(ksteps, (blk + 1) * ksteps_per_blk);
+#pragma unroll(KS == 2 ? 2 : 1)
+          for (int ks = KS > 0 ? 0 : blk * ksteps_per_blk; ks < ks_end; ++ks) {
             const int kw = ks * 8;
-            uint32_t bq[4];  // {nt 0 lo, nt 0 hi, nt 1 lo, nt 1 hi}
-            ldmatrix_x4(bq, Qs + (h0 + b_row) * SW + kw + 4 * b_half);
+            uint32_t bq[QP][4];  // {nt 0 lo, nt 0 hi, nt 1 lo, nt 1 hi} per slab
+#pragma unroll
+            for (int j = 0; j < QP; ++j) ldmatrix_x4(bq[j], Qs + h0[j] * SW + b_off + kw);
 #pragma unroll
             for (int mt = 0; mt < 4; ++mt) {
               uint32_t a[4];
-              ldmatrix_x4(a, Ks_cur + (mt * 16 + a_row) * SW + kw + 4 * a_half);
-              if constexpr (kFp8) {
-                mma_fp8(acc[mt][0], a, bq[0], bq[1]);
-                mma_fp8(acc[mt][1], a, bq[2], bq[3]);
-              } else {
-                mma_bf16(acc[mt][0], a, bq[0], bq[1]);
-                mma_bf16(acc[mt][1], a, bq[2], bq[3]);
+              ldmatrix_x4(a, Ks_cur + mt * 16 * SW + a_off + kw);
+#pragma unroll
+              for (int j = 0; j < QP; ++j) {
+                if constexpr (kFp8) {
+                  mma_fp8(acc[j][mt][0], a, bq[j][0], bq[j][1]);
+                  mma_fp8(acc[j][mt][1], a, bq[j][2], bq[j][3]);
+                } else {
+                  mma_bf16(acc[j][mt][0], a, bq[j][0], bq[j][1]);
+                  mma_bf16(acc[j][mt][1], a, bq[j][2], bq[j][3]);
+                }
               }
             }
           }
           if constexpr (kMultiBlock) {
 #pragma unroll
-            for (int nt = 0; nt < 2; ++nt) {
-              const int h = h0 + nt * 8 + 2 * c4;
-              const float sq0 = qsc[h * p.nb + blk], sq1 = qsc[(h + 1) * p.nb + blk];
+            for (int j = 0; j < QP; ++j)
 #pragma unroll
-              for (int mt = 0; mt < 4; ++mt) {
-                const float sk0 = ksc[(mt * 16 + g) * p.nb + blk], sk1 = ksc[(mt * 16 + g + 8) * p.nb + blk];
-                tot[mt][nt][0] += acc[mt][nt][0] * (sq0 * sk0);
-                tot[mt][nt][1] += acc[mt][nt][1] * (sq1 * sk0);
-                tot[mt][nt][2] += acc[mt][nt][2] * (sq0 * sk1);
-                tot[mt][nt][3] += acc[mt][nt][3] * (sq1 * sk1);
+              for (int nt = 0; nt < 2; ++nt) {
+                const int h = h0[j] + nt * 8 + 2 * c4;
+                const float sq0 = qsc[h * p.nb + blk], sq1 = qsc[(h + 1) * p.nb + blk];
+#pragma unroll
+                for (int mt = 0; mt < 4; ++mt) {
+                  const float sk0 = ksc[(mt * 16 + g) * p.nb + blk], sk1 = ksc[(mt * 16 + g + 8) * p.nb + blk];
+                  tot[j][mt][nt][0] += acc[j][mt][nt][0] * (sq0 * sk0);
+                  tot[j][mt][nt][1] += acc[j][mt][nt][1] * (sq1 * sk0);
+                  tot[j][mt][nt][2] += acc[j][mt][nt][2] * (sq0 * sk1);
+                  tot[j][mt][nt][3] += acc[j][mt][nt][3] * (sq1 * sk1);
+                }
               }
+          }
+        }
+#pragma unroll
+        for (int j = 0; j < QP; ++j)
+#pragma unroll
+          for (int nt = 0; nt < 2; ++nt) {
+            const int h = h0[j] + nt * 8 + 2 * c4;
+            const float w0 = weff[h], w1 = weff[h + 1];
+            float(&vj)[4][2] = v[spq == 1 ? j : 0];
+#pragma unroll
+            for (int mt = 0; mt < 4; ++mt) {
+              float z[4];
+#pragma unroll
+              for (int e = 0; e < 4; ++e) z[e] = kMultiBlock ? tot[j][mt][nt][e] : acc[j][mt][nt][e];
+              vj[mt][0] += fmaxf(z[0], 0.f) * w0 + fmaxf(z[1], 0.f) * w1;
+              vj[mt][1] += fmaxf(z[2], 0.f) * w0 + fmaxf(z[3], 0.f) * w1;
             }
           }
-        }
-#pragma unroll
-        for (int nt = 0; nt < 2; ++nt) {
-          const int h = h0 + nt * 8 + 2 * c4;
-          const float w0 = weff[h], w1 = weff[h + 1];
-#pragma unroll
-          for (int mt = 0; mt < 4; ++mt) {
-            float z[4];
-#pragma unroll
-            for (int e = 0; e < 4; ++e) z[e] = kMultiBlock ? tot[mt][nt][e] : acc[mt][nt][e];
-            v[mt][0] += fmaxf(z[0], 0.f) * w0 + fmaxf(z[1], 0.f) * w1;
-            v[mt][1] += fmaxf(z[2], 0.f) * w0 + fmaxf(z[3], 0.f) * w1;
-          }
-        }
       }
       // Reduce-scatter over the quad: lane c4 ends with m tile c4 (keys c4 * 16 + g and + 8).
       const bool hi2 = c4 & 2, hi1 = c4 & 1;
-      float u[2][2];
 #pragma unroll
-      for (int i = 0; i < 2; ++i)
+      for (int j = 0; j < QP; ++j) {
+        const int qi = q0 + j, t = p.t0 + r0 + qi;
+        if (j > 0 && (spq != 1 || qi >= nq)) break;
+        float u[2][2];
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const float send = hi2 ? v[j][i][r] : v[j][i + 2][r];
+            u[i][r] = (hi2 ? v[j][i + 2][r] : v[j][i][r]) + __shfl_xor_sync(0xffffffffu, send, 2);
+          }
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-          const float send = hi2 ? v[i][r] : v[i + 2][r];
-          u[i][r] = (hi2 ? v[i + 2][r] : v[i][r]) + __shfl_xor_sync(0xffffffffu, send, 2);
+          const float send = hi1 ? u[0][r] : u[1][r];
+          float x = (hi1 ? u[1][r] : u[0][r]) + __shfl_xor_sync(0xffffffffu, send, 1);
+          const int key = c4 * 16 + g + 8 * r, s = s0 + key;
+          if (kFp8 && !kMultiBlock) x *= ksc[key * p.nb];
+          if (s <= t) p.out[(static_cast<int64_t>(b) * p.R + r0 + qi) * p.T + s] = x;
         }
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const float send = hi1 ? u[0][r] : u[1][r];
-        float x = (hi1 ? u[1][r] : u[0][r]) + __shfl_xor_sync(0xffffffffu, send, 1);
-        const int key = c4 * 16 + g + 8 * r, s = s0 + key;
-        if (kFp8 && !kMultiBlock) x *= ksc[key * p.nb];
-        if (s <= t) p.out[(static_cast<int64_t>(b) * p.R + r0 + qi) * p.T + s] = x;
       }
     }
     __syncthreads();  // every warp is done with this key buffer before the next iteration refills it
@@ -633,7 +659,8 @@ void launch_scores(const ScoreOperands& o, const Tensor& w_I, int B, int T, int 
   p.c = 1.0f / std::sqrt(static_cast<float>(D));
   p.B = B; p.T = T; p.Hi = Hi; p.D = D; p.t0 = t0; p.R = R;
   p.nb = o.fp8 ? static_cast<int>(ceil_div(D, ops::kFp8BlockSize)) : 1;
-  p.Hp = static_cast<int>(ceil_div(Hi, 16) * 16);
+  // NOTES: heads padded to 16, or to 32 above 16 so a warp pass always takes two slabs of one query.
+  p.Hp = static_cast<int>(Hi <= 16 ? 16 : ceil_div(Hi, 32) * 32);
   const int bytes = o.fp8 ? D : 2 * D;
   p.Dw = static_cast<int>(ceil_div(bytes, 32) * 8);
   // NOTES: at least 256 query-heads and 8 queries per CTA (16 queries at Hi = 16, 8 at Hi = 64): each key
@@ -651,9 +678,18 @@ void launch_scores(const ScoreOperands& o, const Tensor& w_I, int B, int T, int 
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     kernel<<<grid, kScoreWarps * 32, smem, stream()>>>(p);
   };
-  if (!o.fp8) launch(score_kernel<false, false>);
-  else if (p.nb == 1) launch(score_kernel<true, false>);
-  else launch(score_kernel<true, true>);
+  const int ks = p.Dw / 8;
+  if (!o.fp8) {
+    if (ks == 4) launch(score_kernel<false, false, 4>);
+    else if (ks == 8) launch(score_kernel<false, false, 8>);
+    else launch(score_kernel<false, false, 0>);
+  } else if (p.nb == 1) {
+    if (ks == 2) launch(score_kernel<true, false, 2>);
+    else if (ks == 4) launch(score_kernel<true, false, 4>);
+    else launch(score_kernel<true, false, 0>);
+  } else {
+    launch(score_kernel<true, true, 0>);
+  }
   check_launch("indexer_scores");
 }
 }  // namespace dsa_detail
