@@ -76,6 +76,11 @@ __device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int bytes /*16, or 0: zero fill*/) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait1() { asm volatile("cp.async.wait_group 1;\n" ::); }
 __device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_u32(p)));
@@ -97,11 +102,11 @@ struct SparseSmem {
     QSW = Dp / 2 + 4;
     CSW = kSparseChunk / 2 + 4;
   }
-  // Offsets in words: Q [Hp, QSW], Kc [C, QSW], G [Hp, CSW], then f32: pk [K], Ik [K], wv [Hp], dwa [Hp],
-  // part [nslab, C].
+  // Offsets in words: Q [Hp, QSW], Kc [2][C, QSW] (double-buffered gather), G [Hp, CSW], then f32: pk [K],
+  // Ik [K], wv [Hp], dwa [Hp], part [nslab, C].
   __host__ __device__ int q() const { return 0; }
   __host__ __device__ int kc() const { return Hp * QSW; }
-  __host__ __device__ int g() const { return kc() + kSparseChunk * QSW; }
+  __host__ __device__ int g() const { return kc() + 2 * kSparseChunk * QSW; }
   __host__ __device__ int f32() const { return g() + Hp * CSW; }
   __host__ __device__ size_t bytes(int K) const {
     return sizeof(uint32_t) * ((size_t)f32() + 2 * (size_t)K + 2 * (size_t)Hp + (size_t)nslab * kSparseChunk);
@@ -149,16 +154,17 @@ __global__ void __launch_bounds__(kSparseWarps * 32) sparse_kl_kernel(SparseKlPa
       Qb[j * 2 * L.QSW + i] = v;
     }
   };
-  // chunk rows [C, Dp] of `src` at the chunk's slots (zero for -1 slots and past K).
-  auto load_chunk = [&](const __nv_bfloat16* src, int k0) {
+  // chunk rows [C, Dp] of `src` at the chunk's slots (zero for -1 slots and past K) into buffer `buf`:
+  // cp.async on the 16-byte path (completes at the caller's wait), plain stores otherwise.
+  auto load_chunk = [&](const __nv_bfloat16* src, int k0, int buf) {
+    __nv_bfloat16* dst = Kb + buf * kSparseChunk * 2 * L.QSW;
+    if (k0 >= p.K) return;
     if (p.vec) {
       const int cpr = p.D / 8;
       for (int e = tid; e < kSparseChunk * cpr; e += nthr) {
         const int kk = e / cpr, i = (e % cpr) * 8, k = k0 + kk;
         const int32_t s = k < p.K ? ir[k] : -1;
-        const uint4 v = s >= 0 ? __ldg(reinterpret_cast<const uint4*>(src + (b * p.T + s) * p.D + i))
-                               : make_uint4(0u, 0u, 0u, 0u);
-        *reinterpret_cast<uint4*>(Kb + kk * 2 * L.QSW + i) = v;
+        cp_async16(dst + kk * 2 * L.QSW + i, src + (s >= 0 ? (b * p.T + s) * p.D + i : 0), s >= 0 ? 16 : 0);
       }
       return;
     }
@@ -166,14 +172,22 @@ __global__ void __launch_bounds__(kSparseWarps * 32) sparse_kl_kernel(SparseKlPa
       const int kk = e / L.Dp, i = e % L.Dp, k = k0 + kk;
       const int32_t s = k < p.K ? ir[k] : -1;
       const __nv_bfloat16 v = (s >= 0 && i < p.D) ? src[(b * p.T + s) * p.D + i] : zero;
-      Kb[kk * 2 * L.QSW + i] = v;
+      dst[kk * 2 * L.QSW + i] = v;
     }
   };
-  // Z tile [16 heads of slab, 8 slots of n-tile nt] = Q Kc^T.
-  auto z_tile = [&](int slab, int nt, float (&acc)[4]) {
+  // Chunk loop prologue / step: chunk k0 + C streams into the other buffer while chunk k0 is used.
+  auto next_chunk = [&](const __nv_bfloat16* src, int k0, int buf) {
+    __syncthreads();  // every warp is done with the other buffer (the previous chunk)
+    load_chunk(src, k0 + kSparseChunk, buf ^ 1);
+    cp_async_commit();
+    cp_async_wait1();  // chunk k0 has landed
+    __syncthreads();
+  };
+  // Z tile [16 heads of slab, 8 slots of n-tile nt] = Q Kc^T over the chunk in buffer `buf`.
+  auto z_tile = [&](int slab, int nt, int buf, float (&acc)[4]) {
     acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
     const uint32_t* Q = smw + L.q();
-    const uint32_t* Kc = smw + L.kc();
+    const uint32_t* Kc = smw + L.kc() + buf * kSparseChunk * L.QSW;
     for (int ks = 0; ks < L.Dp / 16; ++ks) {
       const int kw = ks * 8;
       uint32_t a[4];
@@ -208,14 +222,16 @@ __global__ void __launch_bounds__(kSparseWarps * 32) sparse_kl_kernel(SparseKlPa
   } else {
     load_q(p.qs);
   }
-  for (int k0 = 0; k0 < p.K && !p.scores; k0 += kSparseChunk) {
-    __syncthreads();  // previous chunk's reads of Kc / part done (and Q, wv written)
-    load_chunk(p.ks, k0);
-    __syncthreads();
+  if (!p.scores) {
+    load_chunk(p.ks, 0, 0);
+    cp_async_commit();
+  }
+  for (int k0 = 0, buf = 0; k0 < p.K && !p.scores; k0 += kSparseChunk, buf ^= 1) {
+    next_chunk(p.ks, k0, buf);  // (its first barrier also orders Q, wv and the previous part reads)
     for (int it = warp; it < items_z; it += kSparseWarps) {
       const int slab = it / (kSparseChunk / 8), nt = it % (kSparseChunk / 8);
       float acc[4];
-      z_tile(slab, nt, acc);
+      z_tile(slab, nt, buf, acc);
       const float w0 = wv[slab * 16 + g], w1 = wv[slab * 16 + g + 8];
       float v0 = fmaxf(acc[0], 0.f) * w0 + fmaxf(acc[2], 0.f) * w1;
       float v1 = fmaxf(acc[1], 0.f) * w0 + fmaxf(acc[3], 0.f) * w1;
@@ -275,15 +291,17 @@ __global__ void __launch_bounds__(kSparseWarps * 32) sparse_kl_kernel(SparseKlPa
   float accdq[kSparseMaxTiles][4];
 #pragma unroll
   for (int e = 0; e < kSparseMaxTiles; ++e) accdq[e][0] = accdq[e][1] = accdq[e][2] = accdq[e][3] = 0.f;
-  for (int k0 = 0; k0 < p.K; k0 += kSparseChunk) {
-    __syncthreads();
-    load_chunk(p.ki, k0);
-    __syncthreads();
+  __syncthreads();  // the forward's last reads of buffer 0 are done
+  load_chunk(p.ki, 0, 0);
+  cp_async_commit();
+  for (int k0 = 0, buf = 0; k0 < p.K; k0 += kSparseChunk, buf ^= 1) {
+    next_chunk(p.ki, k0, buf);
+    const __nv_bfloat16* Kcur = Kb + buf * kSparseChunk * 2 * L.QSW;
     const uint32_t* Gw = smw + L.g();
     for (int it = warp; it < items_z; it += kSparseWarps) {
       const int slab = it / (kSparseChunk / 8), nt = it % (kSparseChunk / 8);
       float acc[4];
-      z_tile(slab, nt, acc);
+      z_tile(slab, nt, buf, acc);
       const int j0 = slab * 16 + g, j1 = j0 + 8, kk0 = nt * 8 + 2 * c4;
       const float d0 = k0 + kk0 < p.K ? Ik[k0 + kk0] : 0.f, d1 = k0 + kk0 + 1 < p.K ? Ik[k0 + kk0 + 1] : 0.f;
       const float g00 = acc[0] > 0.f ? d0 * wv[j0] : 0.f, g01 = acc[1] > 0.f ? d1 * wv[j0] : 0.f;
@@ -319,7 +337,7 @@ __global__ void __launch_bounds__(kSparseWarps * 32) sparse_kl_kernel(SparseKlPa
         a[2] = Gw[(mt * 16 + g) * L.CSW + kw + 4 + c4];
         a[3] = Gw[(mt * 16 + g + 8) * L.CSW + kw + 4 + c4];
         uint32_t b0, b1;
-        ldsm_x2_trans(b0, b1, Kb + (ks * 16 + (lane & 15)) * 2 * L.QSW + nt * 8);
+        ldsm_x2_trans(b0, b1, Kcur + (ks * 16 + (lane & 15)) * 2 * L.QSW + nt * 8);
         mma_bf16_16816(accdq[e], a, b0, b1);
       }
     }
