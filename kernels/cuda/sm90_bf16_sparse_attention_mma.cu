@@ -11,6 +11,8 @@
 // dS = P (dP - delta) scale, both bf16 to shared memory; dQ[:, half * Dk/2 ...] += dS K in registers; then
 // the token's warps share dKV[idx] += dS^T Q (+ P^T dO on the value columns), contracted over all the CTA's
 // heads and scattered with float4 atomics (sm_90) into an f32 [B, T, Dk] scratch (cast to bf16 by the caller).
+// With p.probs set the backward also sums the recomputed P over each warp's 16 heads (the probs pass's
+// sums, bit for bit): a training step gets the sparse KL's target without the forward's second S pass.
 //
 // NOTES:
 // - Blocks in which no token of the CTA has a valid slot are skipped (__syncthreads_or at the top of the
@@ -301,7 +303,8 @@ __global__ void __launch_bounds__(64 * HT * NT, 1) sparse_attn_fwd_kernel(const 
 // final softmax probabilities, recomputed with the forward's own S tiles and exp2 formulation.
 // NOTES: the online softmax of the forward only knows each row's normalizer at the end, and the head sum
 // needs per-head rescaling, so the head-summed probabilities cost a second S pass (gather + Q K^T, no P V
-// and no P through shared memory). With one 16-head tile per token (H = 16) every (token, slot) gets a
+// and no P through shared memory). Only forward-only steps use it; a training step takes the sums from
+// the backward kernel, which recomputes P anyway. With one 16-head tile per token (H = 16) every (token, slot) gets a
 // single atomicAdd onto zero (deterministic); otherwise H / 16 adds per slot in f32.
 template <int DK, int DV, int HT, int NT, int BN, int ST>
 __global__ void __launch_bounds__(64 * HT * NT, 1) sparse_attn_probs_kernel(const MmaParams p) {
