@@ -214,12 +214,25 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
                : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(p))));
 }
 
+template <int N>
+__device__ __forceinline__ void zero_frags(float (&x)[N][4][2][4]) {
+#pragma unroll
+  for (int j = 0; j < N; ++j)
+#pragma unroll
+    for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) x[j][mt][nt][e] = 0.f;
+}
+
 // NOTES: the GEMM is transposed, [64 keys, Dp] x [Dp, Hp heads] per (key tile, query): keys are M (four
 // m16 tiles), the 16 heads of a slab are N (two n8 tiles), so each thread's accumulator holds 4 heads of
 // 8 keys and the head sum is in-thread adds plus one 4-lane reduce-scatter (6 shuffles per 64 keys and
-// query; the query-heads-as-M layout needed 10 shuffles per 8 keys and 16 heads). One warp owns one query
-// per tile and walks its Hp/16 slabs in order, so the head sum is deterministic and needs no shared
-// partials. Operand fragments come from ldmatrix (an m16n8k32 e4m3 fragment is byte-for-byte an m16n8k16
+// query; the query-heads-as-M layout needed 10 shuffles per 8 keys and 16 heads). A warp pass takes two
+// slabs that share the key fragments: two queries (Hi <= 16) or two slabs of one query (Hp padded to 32);
+// a query's slabs stay in one warp, in order, so the head sum is deterministic and needs no shared
+// partials (one slab per pass with several scale blocks: registers). Operand fragments come from ldmatrix (an m16n8k32 e4m3 fragment is byte-for-byte an m16n8k16
 // bf16 one). With one scale block (D <= 128, or bf16), relu(z * sq * sk) * w = relu(z) * (w * sq) * sk:
 // the query scale folds into the head weight and the key scale multiplies the head sum once; several
 // blocks apply both scales per block before the relu. Key tiles (and their FP8 scales) are
@@ -319,26 +332,12 @@ __global__ void __launch_bounds__(kScoreWarps * 32, 2) score_kernel(ScoreParams 
         int h0[QP];  // first query-head row of each slab
 #pragma unroll
         for (int j = 0; j < QP; ++j) h0[j] = spq == 1 ? (q0 + j) * p.Hp : q0 * p.Hp + (ps * QP + j) * 16;
-        float tot[QP][4][2][4];
-        float acc[QP][4][2][4];
-#pragma unroll
-        for (int j = 0; j < QP; ++j)
-#pragma unroll
-          for (int mt = 0; mt < 4; ++mt)
-#pragma unroll
-            for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-              for (int e = 0; e < 4; ++e) tot[j][mt][nt][e] = 0.f;
+        float tot[QP][4][2][4];  // [slab][m tile][n tile][fragment], scaled sums over the blocks
+        float acc[QP][4][2][4];  // one block's integer-exact products
+        zero_frags(tot);
 #pragma unroll 1
         for (int blk = 0; blk < nblk; ++blk) {
-#pragma unroll
-          for (int j = 0; j < QP; ++j)
-#pragma unroll
-            for (int mt = 0; mt < 4; ++mt)
-#pragma unroll
-              for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) acc[j][mt][nt][e] = 0.f;
+          zero_frags(acc);
           const int ks_end = KS > 0 ? KS : min(ksteps, (blk + 1) * ksteps_per_blk);
 #pragma unroll(KS == 2 ? 2 : 1)
           for (int ks = KS > 0 ? 0 : blk * ksteps_per_blk; ks < ks_end; ++ks) {
