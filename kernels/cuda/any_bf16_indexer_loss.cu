@@ -19,23 +19,6 @@ namespace {
 const __nv_bfloat16* bf(const Tensor& t) { return reinterpret_cast<const __nv_bfloat16*>(t.data<bf16>()); }
 __nv_bfloat16* bf(Tensor& t) { return reinterpret_cast<__nv_bfloat16*>(t.data<bf16>()); }
 
-void check_indexer_gpu(const char* op, const Tensor& q_main, const Tensor& q_I, const Tensor& k_I, const Tensor& w_I) {
-  expect_cuda(op, "q_I", q_I, DType::BF16);
-  expect_cuda(op, "k_I", k_I, DType::BF16);
-  expect_cuda(op, "w_I", w_I, DType::BF16);
-  const int64_t B = q_main.size(0), T = q_main.size(1);
-  expect_shape(op, "q_I", q_I, {B, T, -1, -1});
-  expect_shape(op, "k_I", k_I, {B, T, q_I.size(3)});
-  expect_shape(op, "w_I", w_I, {B, T, q_I.size(2)});
-}
-
-double host_sum(const Tensor& x) {
-  const Tensor h = x.to(Device::CPU);
-  const float* p = h.data<float>();
-  double s = 0;
-  for (int64_t i = 0; i < h.numel(); ++i) s += p[i];
-  return s;
-}
 
 // ------------------------------------------------------------------------------------------ sparse
 

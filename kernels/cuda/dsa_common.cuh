@@ -94,6 +94,26 @@ void gather_rows(const __nv_bfloat16* kv /*[B, T, Dk]*/, const int32_t* idx /*[B
 // Checks indices i32 [B, T, K] on cuda (values are checked by the kernels' -1 test only: on the GPU an
 // index outside [0, t] is the caller's contract, as documented in dsa_ops.h).
 void check_indices_gpu(const char* op, const Tensor& idx, int64_t B, int64_t T);
+// Indexer operands bf16 on the GPU: q_I [B, T, Hi, D], k_I [B, T, D], w_I [B, T, Hi], with B and T those
+// of `ref` ([B, T, ...]: the main queries, or q_I itself).
+inline void check_indexer_gpu(const char* op, const Tensor& ref, const Tensor& q_I, const Tensor& k_I,
+                              const Tensor& w_I) {
+  expect_cuda(op, "q_I", q_I, DType::BF16);
+  expect_cuda(op, "k_I", k_I, DType::BF16);
+  expect_cuda(op, "w_I", w_I, DType::BF16);
+  const int64_t B = ref.size(0), T = ref.size(1);
+  expect_shape(op, "q_I", q_I, {B, T, -1, -1});
+  expect_shape(op, "k_I", k_I, {B, T, q_I.size(3)});
+  expect_shape(op, "w_I", w_I, {B, T, q_I.size(2)});
+}
+// Sum of an f32 tensor, copied to the host and added in index order (deterministic).
+inline double host_sum(const Tensor& x) {
+  const Tensor h = x.to(Device::CPU);
+  const float* p = h.data<float>();
+  double s = 0;
+  for (int64_t i = 0; i < h.numel(); ++i) s += p[i];
+  return s;
+}
 // Fused tensor-core sparse attention (sm90_bf16_sparse_attention_mma.cu) on checked inputs: false (nothing
 // launched) when (H, Dk, Dv) has no instantiation. out bf16 [B, T, H, Dv], lse f32 [B, H, T] written;
 // probs_sum f32 [B, T, K] (zeroed by the caller; undefined = not needed) accumulated with the head sums;

@@ -561,23 +561,6 @@ void check_main_gpu(const char* op, const Tensor& q, const Tensor& k, const Tens
   expect_shape(op, "lse_main", lse, {B, H, T});
 }
 
-void check_indexer_gpu(const char* op, const Tensor& q_main, const Tensor& q_I, const Tensor& k_I, const Tensor& w_I) {
-  expect_cuda(op, "q_I", q_I, DType::BF16);
-  expect_cuda(op, "k_I", k_I, DType::BF16);
-  expect_cuda(op, "w_I", w_I, DType::BF16);
-  const int64_t B = q_main.size(0), T = q_main.size(1);
-  expect_shape(op, "q_I", q_I, {B, T, -1, -1});
-  expect_shape(op, "k_I", k_I, {B, T, q_I.size(3)});
-  expect_shape(op, "w_I", w_I, {B, T, q_I.size(2)});
-}
-
-double host_sum(const Tensor& x) {
-  const Tensor h = x.to(Device::CPU);
-  const float* p = h.data<float>();
-  double s = 0;
-  for (int64_t i = 0; i < h.numel(); ++i) s += p[i];
-  return s;
-}
 
 int pad16(int64_t d) { return static_cast<int>((d + 15) / 16 * 16); }
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }

@@ -106,6 +106,43 @@ template <int DK, int DV, int HT, int NT, int BN, int ST> struct Cfg {
     }
     return any;
   }
+  // The CTA's place: tokens bt0 .. bt0 + NT - 1, heads h0 .. h0 + kR - 1; warp pair `pair` owns token
+  // `tok`, 16-head tile `ht`, and `half` of every block's columns.
+  struct Geom {
+    int warp, lane, g, c, pair, half, tok, ht, h0, nblk;
+    int64_t N, bt0;
+    __device__ explicit Geom(const MmaParams& p) {
+      warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+      pair = warp / 2, half = warp % 2, tok = pair / HT, ht = pair % HT;
+      const int groups = p.H / kR;
+      N = int64_t(p.B) * p.T, bt0 = int64_t(blockIdx.x / groups) * NT;
+      h0 = (blockIdx.x % groups) * kR;
+      nblk = (p.K + BN - 1) / BN;
+    }
+  };
+  // The ST-stage ring of gathered kv blocks: prologue() issues the first ST - 1 blocks; next(blk) waits
+  // for block blk, issues block blk + ST - 1 into the stage just freed and returns whether any token of
+  // the CTA has a valid slot in block blk (a block-uniform answer: the caller skips the block if not).
+  struct Ring {
+    unsigned live_bits = 0;
+    __device__ void prologue(const MmaParams& p, const Geom& G, __nv_bfloat16* sKV, int* sIdx) {
+#pragma unroll
+      for (int i = 0; i < ST - 1; ++i) {
+        if (i < G.nblk && load(p, G.bt0, i, i, sKV, sIdx)) live_bits |= 1u << i;
+        cp_commit();
+      }
+    }
+    __device__ bool next(const MmaParams& p, const Geom& G, int blk, __nv_bfloat16* sKV, int* sIdx) {
+      const int st = blk % ST;
+      cp_wait<ST - 2>();
+      const bool live = __syncthreads_or((live_bits >> st) & 1u);
+      const int nb = blk + ST - 1, ns = nb % ST;
+      live_bits &= ~(1u << ns);
+      if (nb < G.nblk && load(p, G.bt0, nb, ns, sKV, sIdx)) live_bits |= 1u << ns;
+      cp_commit();
+      return live;
+    }
+  };
   // Rows [NT][kR] of a [B*T, H, D] tensor (heads h0 ..) into a padded smem tile; tokens past N zero-filled.
   template <int D, int S>
   static __device__ __forceinline__ void load_rows(const __nv_bfloat16* g, int64_t bt0, int64_t N, int H, int h0,
@@ -137,6 +174,15 @@ __device__ __forceinline__ void mma_abt(float (&acc)[NS][4], const __nv_bfloat16
       mma(acc[2 * n2 + 1], af, bf[2], bf[3]);
     }
   }
+}
+// s = S [16 heads, the warp's BN / 2 columns of the block] = Q K^T, the first step of the forward and of
+// the probs pass (q_w: the warp's 16 query rows, kv_t: the token's BN gathered rows, both stride qs).
+template <int DK, int BN, int NS>
+__device__ __forceinline__ void block_scores(float (&s)[NS][4], const __nv_bfloat16* q_w, const __nv_bfloat16* kv_t,
+                                             int half, int qs) {
+#pragma unroll
+  for (int n = 0; n < NS; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+  mma_abt<NS, DK / 16>(s, q_w, qs, kv_t + half * (BN / 2) * qs, qs);
 }
 // acc[NS][4] += A[16 x 16*KS] (row-major, stride sa) x B[16*KS x 8*NS] (row-major [k][n], stride sb): the P V form.
 template <int NS, int KS>
@@ -180,20 +226,11 @@ __global__ void __launch_bounds__(64 * HT * NT, 1) sparse_attn_fwd_kernel(const 
   __nv_bfloat16* sP = sKV + C::kKV;                              // [NT * HT][16][kPS]
   float* sRed = reinterpret_cast<float*>(sP + C::kP);            // [NT * HT][2][16]
   int* sIdx = reinterpret_cast<int*>(sRed + NT * HT * 32);       // [ST][NT * BN]
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
-  const int pair = warp / 2, half = warp % 2, tok = pair / HT, ht = pair % HT;
-  const int groups = p.H / C::kR;
-  const int64_t N = int64_t(p.B) * p.T, bt0 = int64_t(blockIdx.x / groups) * NT;
-  const int h0 = (blockIdx.x % groups) * C::kR;
-  const int nblk = (p.K + BN - 1) / BN;
-
-  C::template load_rows<DK, C::kQS>(p.q, bt0, N, p.H, h0, sQ);
-  unsigned live_bits = 0;
-#pragma unroll
-  for (int i = 0; i < ST - 1; ++i) {
-    if (i < nblk && C::load(p, bt0, i, i, sKV, sIdx)) live_bits |= 1u << i;
-    cp_commit();
-  }
+  const typename C::Geom G(p);
+  const int g = G.g, c = G.c, pair = G.pair, half = G.half, tok = G.tok, ht = G.ht;
+  C::template load_rows<DK, C::kQS>(p.q, G.bt0, G.N, p.H, G.h0, sQ);
+  typename C::Ring ring;
+  ring.prologue(p, G, sKV, sIdx);
   constexpr int NS = BN / 16, NO = DV / 16;  // n8 tiles of the warp's S columns / O columns
   float o[NO][4];
 #pragma unroll
@@ -204,23 +241,13 @@ __global__ void __launch_bounds__(64 * HT * NT, 1) sparse_attn_fwd_kernel(const 
   __nv_bfloat16* p_w = sP + pair * 16 * C::kPS;
   float* red = sRed + pair * 32;
 
-  for (int blk = 0; blk < nblk; ++blk) {
+  for (int blk = 0; blk < G.nblk; ++blk) {
     const int st = blk % ST;
-    cp_wait<ST - 2>();
-    const bool live = __syncthreads_or((live_bits >> st) & 1u);
-    {
-      const int nb = blk + ST - 1, ns = nb % ST;
-      live_bits &= ~(1u << ns);
-      if (nb < nblk && C::load(p, bt0, nb, ns, sKV, sIdx)) live_bits |= 1u << ns;
-      cp_commit();
-    }
-    if (!live) continue;
+    if (!ring.next(p, G, blk, sKV, sIdx)) continue;
     const __nv_bfloat16* kv_t = sKV + (st * C::kRows + tok * BN) * C::kQS;
     const int* idx_t = sIdx + st * C::kRows + tok * BN;
     float s[NS][4];
-#pragma unroll
-    for (int n = 0; n < NS; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
-    mma_abt<NS, DK / 16>(s, q_w, C::kQS, kv_t + half * (BN / 2) * C::kQS, C::kQS);
+    block_scores<DK, BN>(s, q_w, kv_t, half, C::kQS);
     float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int n = 0; n < NS; ++n)
@@ -281,14 +308,14 @@ __global__ void __launch_bounds__(64 * HT * NT, 1) sparse_attn_fwd_kernel(const 
     red[half * 16 + g + 8] = l_run[1];
   }
   pair_bar(pair);
-  const int64_t bt = bt0 + tok;
-  if (bt >= N) return;
+  const int64_t bt = G.bt0 + tok;
+  if (bt >= G.N) return;
   const int64_t b = bt / p.T, t = bt % p.T;
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const float l = l_run[i] + red[(1 - half) * 16 + g + 8 * i];
     const float inv = l > 0.f ? 1.f / l : 0.f;
-    const int h = h0 + ht * 16 + g + 8 * i;
+    const int h = G.h0 + ht * 16 + g + 8 * i;
     __nv_bfloat16* orow = p.out + (bt * p.H + h) * DV + half * (DV / 2);
 #pragma unroll
     for (int n = 0; n < NO; ++n)
@@ -313,23 +340,15 @@ __global__ void __launch_bounds__(64 * HT * NT, 1) sparse_attn_probs_kernel(cons
   __nv_bfloat16* sQ = reinterpret_cast<__nv_bfloat16*>(smem);  // [NT][kR][kQS]
   __nv_bfloat16* sKV = sQ + C::kQ;                               // [ST][NT * BN][kQS]
   int* sIdx = reinterpret_cast<int*>(sKV + C::kKV);              // [ST][NT * BN]
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
-  const int pair = warp / 2, half = warp % 2, tok = pair / HT, ht = pair % HT;
-  const int groups = p.H / C::kR;
-  const int64_t N = int64_t(p.B) * p.T, bt0 = int64_t(blockIdx.x / groups) * NT;
-  const int h0 = (blockIdx.x % groups) * C::kR;
-  const int nblk = (p.K + BN - 1) / BN;
-
-  C::template load_rows<DK, C::kQS>(p.q, bt0, N, p.H, h0, sQ);
-  unsigned live_bits = 0;
-#pragma unroll
-  for (int i = 0; i < ST - 1; ++i) {
-    if (i < nblk && C::load(p, bt0, i, i, sKV, sIdx)) live_bits |= 1u << i;
-    cp_commit();
-  }
+  const typename C::Geom G(p);
+  const int g = G.g, c = G.c, half = G.half, tok = G.tok, ht = G.ht, h0 = G.h0;
+  const int64_t N = G.N;
+  C::template load_rows<DK, C::kQS>(p.q, G.bt0, N, p.H, h0, sQ);
+  typename C::Ring ring;
+  ring.prologue(p, G, sKV, sIdx);
   constexpr int NS = BN / 16;
   const float sl2 = p.scale * kLog2e;
-  const int64_t bt = bt0 + tok;
+  const int64_t bt = G.bt0 + tok;
   float l2[2];  // the rows' lse in log2 units (-inf: no valid slot, probability 0)
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
@@ -338,23 +357,13 @@ __global__ void __launch_bounds__(64 * HT * NT, 1) sparse_attn_probs_kernel(cons
   }
   const __nv_bfloat16* q_w = sQ + (tok * C::kR + ht * 16) * C::kQS;
 
-  for (int blk = 0; blk < nblk; ++blk) {
+  for (int blk = 0; blk < G.nblk; ++blk) {
     const int st = blk % ST;
-    cp_wait<ST - 2>();
-    const bool live = __syncthreads_or((live_bits >> st) & 1u);
-    {
-      const int nb = blk + ST - 1, ns = nb % ST;
-      live_bits &= ~(1u << ns);
-      if (nb < nblk && C::load(p, bt0, nb, ns, sKV, sIdx)) live_bits |= 1u << ns;
-      cp_commit();
-    }
-    if (!live) continue;
+    if (!ring.next(p, G, blk, sKV, sIdx)) continue;
     const __nv_bfloat16* kv_t = sKV + (st * C::kRows + tok * BN) * C::kQS;
     const int* idx_t = sIdx + st * C::kRows + tok * BN;
     float s[NS][4];
-#pragma unroll
-    for (int n = 0; n < NS; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
-    mma_abt<NS, DK / 16>(s, q_w, C::kQS, kv_t + half * (BN / 2) * C::kQS, C::kQS);
+    block_scores<DK, BN>(s, q_w, kv_t, half, C::kQS);
 #pragma unroll
     for (int n = 0; n < NS; ++n) {
       float cs[2];
@@ -391,23 +400,14 @@ __global__ void __launch_bounds__(64 * HT * NT, 1) sparse_attn_bwd_kernel(const 
   __nv_bfloat16* sP = sKV + C::kKV;                              // [NT * HT][16][kPS]
   __nv_bfloat16* sdS = sP + C::kP;                               // [NT * HT][16][kPS]
   int* sIdx = reinterpret_cast<int*>(sdS + C::kP);               // [ST][NT * BN]
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
-  const int pair = warp / 2, half = warp % 2, tok = pair / HT, ht = pair % HT;
-  const int groups = p.H / C::kR;
-  const int64_t N = int64_t(p.B) * p.T, bt0 = int64_t(blockIdx.x / groups) * NT;
-  const int h0 = (blockIdx.x % groups) * C::kR;
-  const int nblk = (p.K + BN - 1) / BN;
-  const int64_t bt = bt0 + tok;
+  const typename C::Geom G(p);
+  const int g = G.g, c = G.c, pair = G.pair, half = G.half, tok = G.tok, ht = G.ht, h0 = G.h0;
+  const int64_t N = G.N, bt = G.bt0 + tok;
   const int64_t b = (bt < N ? bt : 0) / p.T, t = (bt < N ? bt : 0) % p.T;
-
-  C::template load_rows<DK, C::kQS>(p.q, bt0, N, p.H, h0, sQ);
-  C::template load_rows<DV, kOS>(p.dout, bt0, N, p.H, h0, sdO);
-  unsigned live_bits = 0;
-#pragma unroll
-  for (int i = 0; i < ST - 1; ++i) {
-    if (i < nblk && C::load(p, bt0, i, i, sKV, sIdx)) live_bits |= 1u << i;
-    cp_commit();
-  }
+  C::template load_rows<DK, C::kQS>(p.q, G.bt0, N, p.H, h0, sQ);
+  C::template load_rows<DV, kOS>(p.dout, G.bt0, N, p.H, h0, sdO);
+  typename C::Ring ring;
+  ring.prologue(p, G, sKV, sIdx);
   // Per-row statistics of rows g and g + 8: lse in log2 units (+inf for an empty row: P = 0) and delta.
   float lse2[2], dlt[2];
 #pragma unroll
@@ -427,17 +427,9 @@ __global__ void __launch_bounds__(64 * HT * NT, 1) sparse_attn_bwd_kernel(const 
   __nv_bfloat16* p_w = sP + pair * 16 * C::kPS;
   __nv_bfloat16* ds_w = sdS + pair * 16 * C::kPS;
 
-  for (int blk = 0; blk < nblk; ++blk) {
+  for (int blk = 0; blk < G.nblk; ++blk) {
     const int st = blk % ST;
-    cp_wait<ST - 2>();
-    const bool live = __syncthreads_or((live_bits >> st) & 1u);
-    {
-      const int nb = blk + ST - 1, ns = nb % ST;
-      live_bits &= ~(1u << ns);
-      if (nb < nblk && C::load(p, bt0, nb, ns, sKV, sIdx)) live_bits |= 1u << ns;
-      cp_commit();
-    }
-    if (!live) continue;
+    if (!ring.next(p, G, blk, sKV, sIdx)) continue;
     const __nv_bfloat16* kv_t = sKV + (st * C::kRows + tok * BN) * C::kQS;
     const int* idx_t = sIdx + st * C::kRows + tok * BN;
     {
@@ -545,35 +537,30 @@ __global__ void delta_kernel(const __nv_bfloat16* __restrict__ dout, const __nv_
   if (lane == 0) delta[w] = s;
 }
 
-template <int DK, int DV, int HT, int NT, int BN, int ST>
-void launch_fwd(const MmaParams& p, const char* op) {
+// One CTA per NT tokens and kR-head group.
+template <int DK, int DV, int HT, int NT, int BN, int ST, class Kernel>
+void launch_kernel(Kernel kern, size_t smem, const MmaParams& p, const char* op) {
   using C = Cfg<DK, DV, HT, NT, BN, ST>;
-  auto kern = sparse_attn_fwd_kernel<DK, DV, HT, NT, BN, ST>;
-  const size_t smem = C::fwd_smem();
   DSA_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   const int64_t blocks = ceil_div(int64_t(p.B) * p.T, NT) * (p.H / C::kR);
   kern<<<static_cast<unsigned>(blocks), C::kThreads, smem, stream()>>>(p);
   check_launch(op);
+}
+template <int DK, int DV, int HT, int NT, int BN, int ST>
+void launch_fwd(const MmaParams& p, const char* op) {
+  launch_kernel<DK, DV, HT, NT, BN, ST>(sparse_attn_fwd_kernel<DK, DV, HT, NT, BN, ST>,
+                                        Cfg<DK, DV, HT, NT, BN, ST>::fwd_smem(), p, op);
 }
 template <int DK, int DV, int HT, int NT, int BN, int ST>
 void launch_probs(const MmaParams& p, const char* op) {
   using C = Cfg<DK, DV, HT, NT, BN, ST>;
-  auto kern = sparse_attn_probs_kernel<DK, DV, HT, NT, BN, ST>;
-  const size_t smem = size_t(C::kQ + C::kKV) * 2 + ST * C::kRows * 4;
-  DSA_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  const int64_t blocks = ceil_div(int64_t(p.B) * p.T, NT) * (p.H / C::kR);
-  kern<<<static_cast<unsigned>(blocks), C::kThreads, smem, stream()>>>(p);
-  check_launch(op);
+  launch_kernel<DK, DV, HT, NT, BN, ST>(sparse_attn_probs_kernel<DK, DV, HT, NT, BN, ST>,
+                                        size_t(C::kQ + C::kKV) * 2 + ST * C::kRows * 4, p, op);
 }
 template <int DK, int DV, int HT, int NT, int BN, int ST>
 void launch_bwd(const MmaParams& p, const char* op) {
-  using C = Cfg<DK, DV, HT, NT, BN, ST>;
-  auto kern = sparse_attn_bwd_kernel<DK, DV, HT, NT, BN, ST>;
-  const size_t smem = C::bwd_smem();
-  DSA_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  const int64_t blocks = ceil_div(int64_t(p.B) * p.T, NT) * (p.H / C::kR);
-  kern<<<static_cast<unsigned>(blocks), C::kThreads, smem, stream()>>>(p);
-  check_launch(op);
+  launch_kernel<DK, DV, HT, NT, BN, ST>(sparse_attn_bwd_kernel<DK, DV, HT, NT, BN, ST>,
+                                        Cfg<DK, DV, HT, NT, BN, ST>::bwd_smem(), p, op);
 }
 
 // Tile configuration by (Dk, Dv, H): HT = 4 (64 heads per CTA, one token) when H % 64 == 0, else HT = 1

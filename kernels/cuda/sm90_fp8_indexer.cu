@@ -708,15 +708,6 @@ void launch_topk(const float* scores, int B, int R, int T, int t0, int K, int32_
   check_launch("topk_causal");
 }
 
-void check_indexer_gpu(const char* op, const Tensor& q_I, const Tensor& k_I, const Tensor& w_I) {
-  expect_cuda(op, "q_I", q_I, DType::BF16);
-  expect_cuda(op, "k_I", k_I, DType::BF16);
-  expect_cuda(op, "w_I", w_I, DType::BF16);
-  expect_shape(op, "q_I", q_I, {-1, -1, -1, -1});
-  const int64_t B = q_I.size(0), T = q_I.size(1), Hi = q_I.size(2), D = q_I.size(3);
-  expect_shape(op, "k_I", k_I, {B, T, D});
-  expect_shape(op, "w_I", w_I, {B, T, Hi});
-}
 
 }  // namespace
 
@@ -829,7 +820,8 @@ void indexer_fp8_operands(const Tensor& q_I, const Tensor& k_I, Tensor* q_hat, T
 
 Tensor indexer_scores_forward(const Tensor& q_I, const Tensor& k_I, const Tensor& w_I, int64_t t0, int64_t t1) {
   const char* op = "indexer_scores_forward";
-  check_indexer_gpu(op, q_I, k_I, w_I);
+  expect_shape(op, "q_I", q_I, {-1, -1, -1, -1});
+  check_indexer_gpu(op, q_I, q_I, k_I, w_I);
   const int64_t B = q_I.size(0), T = q_I.size(1);
   DSA_CHECK(0 <= t0 && t0 <= t1 && t1 <= T, "[", op, "] rows [", t0, ", ", t1, ") out of range for T = ", T);
   Tensor out = Tensor::empty({B, t1 - t0, T}, DType::F32, Device::CUDA);
@@ -856,7 +848,8 @@ Tensor topk_causal(const Tensor& scores, int64_t t0, int64_t topk) {
 Tensor indexer_topk(const Tensor& q_I, const Tensor& k_I, const Tensor& w_I, int64_t topk, bool fp8,
                     int64_t block_rows, Tensor* scores_out) {
   const char* op = "indexer_topk";
-  check_indexer_gpu(op, q_I, k_I, w_I);
+  expect_shape(op, "q_I", q_I, {-1, -1, -1, -1});
+  check_indexer_gpu(op, q_I, q_I, k_I, w_I);
   DSA_CHECK(topk >= 1, "[", op, "] topk must be >= 1, got ", topk);
   DSA_CHECK(block_rows >= 0, "[", op, "] block_rows must be >= 0, got ", block_rows);
   const int64_t B = q_I.size(0), T = q_I.size(1), Hi = q_I.size(2), D = q_I.size(3);

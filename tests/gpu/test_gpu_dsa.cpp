@@ -380,7 +380,7 @@ TEST(GpuDsa, IndexerKlSparse) {
     const Pair q = rand_pair({c.B, c.T, c.Hi, c.D}, 62), k = rand_pair({c.B, c.T, c.D}, 63),
                w = rand_pair({c.B, c.T, c.Hi}, 64, 0.3);
     Tensor idx = rand_indices(c.B, c.T, K, 65);
-    for (int64_t k2 = 0; k2 < K; ++k2) idx.data<int32_t>()[(1 * c.T + 5) * K + k2] = -1;  // an empty row
+    for (int64_t k2 = 0; k2 < K; ++k2) idx.data<int32_t>()[((c.B - 1) * c.T + 5) * K + k2] = -1;  // an empty row
     Tensor lse;
     ops::sparse_attention_forward(qm.cpu, kv.cpu, c.Dk, idx, scale, &lse);
     const Tensor idx_g = idx.to(Device::CUDA), lse_g = lse.to(Device::CUDA);
