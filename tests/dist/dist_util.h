@@ -61,8 +61,19 @@ inline std::string make_corpus() {
   return dir;
 }
 
-// A two-layer MoE model (4 routed experts, 2 per token), one dense stage; returns the recipe path.
-inline std::string write_recipe(const std::string& name, int64_t steps, const std::string& device = "cpu") {
+// The three stages in a row: dense, indexer warm-up (dense KL), sparse (top-8 of 32, sparse KL, detached
+// indexer inputs): with write_recipe's `stages`, the whole DSA pipeline under data parallelism.
+inline std::string dsa_stages(int64_t steps_each) {
+  const std::string n = std::to_string(steps_each);
+  return "  - {name: dense, kind: dense, steps: " + n + ", lr_main: 1.0e-2, warmup_steps: 1}\n"
+         "  - {name: warmup, kind: indexer_warmup, steps: " + n + ", lr_indexer: 1.0e-2, warmup_steps: 1}\n"
+         "  - {name: sparse, kind: sparse, steps: " + n + ", lr_main: 1.0e-2, lr_indexer: 1.0e-2, warmup_steps: 1}\n";
+}
+
+// A two-layer MoE model (4 routed experts, 2 per token), one dense stage of `steps` (or the `stages` YAML
+// list given); returns the recipe path.
+inline std::string write_recipe(const std::string& name, int64_t steps, const std::string& device = "cpu",
+                                const std::string& stages = "") {
   const std::string out = temp(name);
   fs::remove_all(out);
   fs::create_directories(out);
@@ -77,10 +88,13 @@ inline std::string write_recipe(const std::string& name, int64_t steps, const st
        "data:\n  shards: "
     << make_corpus()
     << "\nstage_defaults:\n  seq_len: 32\n  global_batch: 4\n  eval_batches: 2\n  log_interval: 2\n"
-       "stages:\n  - {name: dense, kind: dense, steps: "
-    << steps
-    << ", lr_main: 1.0e-2, warmup_steps: 2, seq_balance_loss_alpha: 1.0e-2}\n"
-       "logging:\n  terminal: true\n"
+       "stages:\n";
+  if (stages.empty())
+    f << "  - {name: dense, kind: dense, steps: " << steps
+      << ", lr_main: 1.0e-2, warmup_steps: 2, seq_balance_loss_alpha: 1.0e-2}\n";
+  else
+    f << stages;
+  f << "logging:\n  terminal: true\n"
        "output_dir: "
     << out << "\nseed: 5\ndevice: " << device << "\n";
   return out + "/recipe.in.yaml";

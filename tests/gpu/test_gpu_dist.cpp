@@ -34,6 +34,24 @@ TEST(GpuDist, TwoGpuDataParallelEqualsOneGpu) {
   std::printf("[gpu dist] 2 GPUs (NCCL) vs 1: max relative parameter difference %.3g (%s)\n", d, worst.c_str());
 }
 
+// The three DSA stages over NCCL: the sparse stage's indexer gradients (from the KL in the layer
+// backward) must be ready before each layer's all-reduce starts.
+TEST(GpuDist, TwoGpuDataParallelEqualsOneGpuThroughTheDsaStages) {
+  DSA_REQUIRE_TWO_GPUS();
+  const std::string r1 = write_recipe("gpu_dsa1", 0, "cuda", dsa_stages(3)),
+                    r2 = write_recipe("gpu_dsa2", 0, "cuda", dsa_stages(3));
+  RunResult a = run(train(r1), temp("gpu_dsa1") + "/log.txt");
+  ASSERT_EQ(a.code, 0) << a.log;
+  RunResult b = run(kMpi + " " + train(r2), temp("gpu_dsa2") + "/log.txt");
+  ASSERT_EQ(b.code, 0) << b.log;
+  EXPECT_NE(b.log.find("stage sparse done"), std::string::npos) << b.log;
+  std::string worst;
+  const double d = max_rel_diff(final_of(r1), final_of(r2), &worst);
+  EXPECT_LT(d, 2e-3) << worst;
+  std::printf("[gpu dist] 2 GPUs vs 1 through dense, warm-up, sparse: max relative parameter difference %.3g (%s)\n",
+              d, worst.c_str());
+}
+
 TEST(GpuDist, KilledRankEndsTheJob) {
   DSA_REQUIRE_TWO_GPUS();
   const std::string r = write_recipe("gpu_kill", 20, "cuda");
