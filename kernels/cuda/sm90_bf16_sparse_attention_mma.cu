@@ -537,30 +537,20 @@ __global__ void delta_kernel(const __nv_bfloat16* __restrict__ dout, const __nv_
   if (lane == 0) delta[w] = s;
 }
 
+// A tile configuration as a type, so one dispatch serves several launchers.
+template <int DK_, int DV_, int HT_, int NT_, int BN_, int ST_>
+struct Tiles {
+  static constexpr int DK = DK_, DV = DV_, HT = HT_, NT = NT_, BN = BN_, ST = ST_;
+  using C = Cfg<DK, DV, HT, NT, BN, ST>;
+};
+
 // One CTA per NT tokens and kR-head group.
-template <int DK, int DV, int HT, int NT, int BN, int ST, class Kernel>
+template <class T, class Kernel>
 void launch_kernel(Kernel kern, size_t smem, const MmaParams& p, const char* op) {
-  using C = Cfg<DK, DV, HT, NT, BN, ST>;
   DSA_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  const int64_t blocks = ceil_div(int64_t(p.B) * p.T, NT) * (p.H / C::kR);
-  kern<<<static_cast<unsigned>(blocks), C::kThreads, smem, stream()>>>(p);
+  const int64_t blocks = ceil_div(int64_t(p.B) * p.T, T::NT) * (p.H / T::C::kR);
+  kern<<<static_cast<unsigned>(blocks), T::C::kThreads, smem, stream()>>>(p);
   check_launch(op);
-}
-template <int DK, int DV, int HT, int NT, int BN, int ST>
-void launch_fwd(const MmaParams& p, const char* op) {
-  launch_kernel<DK, DV, HT, NT, BN, ST>(sparse_attn_fwd_kernel<DK, DV, HT, NT, BN, ST>,
-                                        Cfg<DK, DV, HT, NT, BN, ST>::fwd_smem(), p, op);
-}
-template <int DK, int DV, int HT, int NT, int BN, int ST>
-void launch_probs(const MmaParams& p, const char* op) {
-  using C = Cfg<DK, DV, HT, NT, BN, ST>;
-  launch_kernel<DK, DV, HT, NT, BN, ST>(sparse_attn_probs_kernel<DK, DV, HT, NT, BN, ST>,
-                                        size_t(C::kQ + C::kKV) * 2 + ST * C::kRows * 4, p, op);
-}
-template <int DK, int DV, int HT, int NT, int BN, int ST>
-void launch_bwd(const MmaParams& p, const char* op) {
-  launch_kernel<DK, DV, HT, NT, BN, ST>(sparse_attn_bwd_kernel<DK, DV, HT, NT, BN, ST>,
-                                        Cfg<DK, DV, HT, NT, BN, ST>::bwd_smem(), p, op);
 }
 
 // Tile configuration by (Dk, Dv, H): HT = 4 (64 heads per CTA, one token) when H % 64 == 0, else HT = 1
@@ -595,22 +585,27 @@ bool sparse_attention_mma_forward(const Tensor& q, const Tensor& kv, int64_t dv,
   MmaParams p = make_params(q, kv, indices, scale);
   p.out = reinterpret_cast<__nv_bfloat16*>(out.data<bf16>());
   p.lse = lse.data<float>();
-  if (Dk == 288) {
-    if (cfg == 4) launch_fwd<288, 256, 4, 1, 32, 3>(p, op);
-    else launch_fwd<288, 256, 1, 2, 32, 2>(p, op);
-  } else {
-    if (cfg == 4) launch_fwd<576, 512, 4, 1, 32, 3>(p, op);
-    else launch_fwd<576, 512, 1, 2, 32, 2>(p, op);
-  }
+  // The forward and the probs pass share their tiles.
+  auto fwd_side = [&](auto launch) {
+    if (Dk == 288) {
+      if (cfg == 4) launch(Tiles<288, 256, 4, 1, 32, 3>{});
+      else launch(Tiles<288, 256, 1, 2, 32, 2>{});
+    } else {
+      if (cfg == 4) launch(Tiles<576, 512, 4, 1, 32, 3>{});
+      else launch(Tiles<576, 512, 1, 2, 32, 2>{});
+    }
+  };
+  fwd_side([&](auto t) {
+    using T = decltype(t);
+    launch_kernel<T>(sparse_attn_fwd_kernel<T::DK, T::DV, T::HT, T::NT, T::BN, T::ST>, T::C::fwd_smem(), p, op);
+  });
   if (probs_sum.defined()) {
     p.probs = probs_sum.data<float>();
-    if (Dk == 288) {
-      if (cfg == 4) launch_probs<288, 256, 4, 1, 32, 3>(p, op);
-      else launch_probs<288, 256, 1, 2, 32, 2>(p, op);
-    } else {
-      if (cfg == 4) launch_probs<576, 512, 4, 1, 32, 3>(p, op);
-      else launch_probs<576, 512, 1, 2, 32, 2>(p, op);
-    }
+    fwd_side([&](auto t) {
+      using T = decltype(t);
+      launch_kernel<T>(sparse_attn_probs_kernel<T::DK, T::DV, T::HT, T::NT, T::BN, T::ST>,
+                       size_t(T::C::kQ + T::C::kKV) * 2 + T::ST * T::C::kRows * 4, p, op);
+    });
   }
   return true;
 }
@@ -635,12 +630,16 @@ bool sparse_attention_mma_backward(const Tensor& dout, const Tensor& q, const Te
   p.dq = reinterpret_cast<__nv_bfloat16*>(dq.data<bf16>());
   p.dkv = dkv32.data<float>();
   p.probs = probs_sum.defined() ? probs_sum.data<float>() : nullptr;
+  auto launch = [&](auto t) {
+    using T = decltype(t);
+    launch_kernel<T>(sparse_attn_bwd_kernel<T::DK, T::DV, T::HT, T::NT, T::BN, T::ST>, T::C::bwd_smem(), p, op);
+  };
   if (Dk == 288) {
-    if (cfg == 4) launch_bwd<288, 256, 4, 1, 32, 2>(p, op);
-    else launch_bwd<288, 256, 1, 3, 32, 2>(p, op);
+    if (cfg == 4) launch(Tiles<288, 256, 4, 1, 32, 2>{});
+    else launch(Tiles<288, 256, 1, 3, 32, 2>{});
   } else {
-    if (cfg == 4) launch_bwd<576, 512, 4, 1, 32, 2>(p, op);
-    else launch_bwd<576, 512, 1, 1, 32, 2>(p, op);
+    if (cfg == 4) launch(Tiles<576, 512, 4, 1, 32, 2>{});
+    else launch(Tiles<576, 512, 1, 1, 32, 2>{});
   }
   return true;
 }

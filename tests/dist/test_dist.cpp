@@ -89,14 +89,9 @@ TEST(Dist, ExpertParallelEqualsOneRank) {
 // Dense, indexer warm-up and sparse stages (the sparse KL runs in the layer backward): two ranks end with
 // the parameters of one.
 TEST(Dist, TwoRankDataParallelEqualsOneRankThroughTheDsaStages) {
-  const std::string r1 = write_recipe("dsa1", 0, "cpu", dsa_stages(2)), r2 = write_recipe("dsa2", 0, "cpu", dsa_stages(2));
-  RunResult a = run(train(r1), temp("dsa1") + "/log.txt");
-  ASSERT_EQ(a.code, 0) << a.log;
-  RunResult b = run(kMpi + " " + train(r2), temp("dsa2") + "/log.txt");
-  ASSERT_EQ(b.code, 0) << b.log;
-  EXPECT_NE(b.log.find("stage sparse done"), std::string::npos) << b.log;
-  std::string worst;
-  const double d = max_rel_diff(final_of(r1), final_of(r2), &worst);
+  std::string worst, log2;
+  const double d = one_vs_two_ranks("dsa", 0, "cpu", dsa_stages(2), {"dense", "warmup", "sparse"}, "", &worst, &log2);
+  EXPECT_NE(log2.find("stage sparse done"), std::string::npos) << log2;
   EXPECT_LT(d, 1e-5) << worst;
   std::printf("[dist] dp=2 vs 1 rank through dense, warm-up, sparse: max relative difference %.3g (%s)\n", d,
               worst.c_str());

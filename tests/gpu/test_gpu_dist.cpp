@@ -21,14 +21,9 @@ int gpu_count() { return cuda::device_count(); }
 
 TEST(GpuDist, TwoGpuDataParallelEqualsOneGpu) {
   DSA_REQUIRE_TWO_GPUS();
-  const std::string r1 = write_recipe("gpu1", 6, "cuda"), r2 = write_recipe("gpu2", 6, "cuda");
-  RunResult a = run(train(r1), temp("gpu1") + "/log.txt");
-  ASSERT_EQ(a.code, 0) << a.log;
-  RunResult b = run(kMpi + " " + train(r2), temp("gpu2") + "/log.txt");
-  ASSERT_EQ(b.code, 0) << b.log;
-  EXPECT_NE(b.log.find("2 ranks"), std::string::npos) << b.log;
-  std::string worst;
-  const double d = max_rel_diff(final_of(r1), final_of(r2), &worst);
+  std::string worst, log2;
+  const double d = one_vs_two_ranks("gpu", 6, "cuda", "", {"dense"}, "", &worst, &log2);
+  EXPECT_NE(log2.find("2 ranks"), std::string::npos) << log2;
   // bf16 activations: the two runs sum the same gradients in another order.
   EXPECT_LT(d, 2e-3) << worst;
   std::printf("[gpu dist] 2 GPUs (NCCL) vs 1: max relative parameter difference %.3g (%s)\n", d, worst.c_str());
@@ -38,15 +33,9 @@ TEST(GpuDist, TwoGpuDataParallelEqualsOneGpu) {
 // backward) must be ready before each layer's all-reduce starts.
 TEST(GpuDist, TwoGpuDataParallelEqualsOneGpuThroughTheDsaStages) {
   DSA_REQUIRE_TWO_GPUS();
-  const std::string r1 = write_recipe("gpu_dsa1", 0, "cuda", dsa_stages(3)),
-                    r2 = write_recipe("gpu_dsa2", 0, "cuda", dsa_stages(3));
-  RunResult a = run(train(r1), temp("gpu_dsa1") + "/log.txt");
-  ASSERT_EQ(a.code, 0) << a.log;
-  RunResult b = run(kMpi + " " + train(r2), temp("gpu_dsa2") + "/log.txt");
-  ASSERT_EQ(b.code, 0) << b.log;
-  EXPECT_NE(b.log.find("stage sparse done"), std::string::npos) << b.log;
-  std::string worst;
-  const double d = max_rel_diff(final_of(r1), final_of(r2), &worst);
+  std::string worst, log2;
+  const double d = one_vs_two_ranks("gpu_dsa", 0, "cuda", dsa_stages(3), {"dense", "warmup", "sparse"}, "", &worst, &log2);
+  EXPECT_NE(log2.find("stage sparse done"), std::string::npos) << log2;
   EXPECT_LT(d, 2e-3) << worst;
   std::printf("[gpu dist] 2 GPUs vs 1 through dense, warm-up, sparse: max relative parameter difference %.3g (%s)\n",
               d, worst.c_str());
@@ -63,14 +52,9 @@ TEST(GpuDist, KilledRankEndsTheJob) {
 
 TEST(GpuDist, ExpertParallelOverNcclEqualsOneGpu) {
   DSA_REQUIRE_TWO_GPUS();
-  const std::string r1 = write_recipe("gpu_ep1", 6, "cuda"), r2 = write_recipe("gpu_ep2", 6, "cuda");
-  RunResult a = run(train(r1), temp("gpu_ep1") + "/log.txt");
-  ASSERT_EQ(a.code, 0) << a.log;
-  RunResult b = run(kMpi + " " + train(r2, "parallelism.ep=2"), temp("gpu_ep2") + "/log.txt");
-  ASSERT_EQ(b.code, 0) << b.log;
-  EXPECT_NE(b.log.find("expert groups of 2"), std::string::npos) << b.log;
-  std::string worst;
-  const double d = max_rel_diff(final_of(r1), final_of(r2), &worst);
+  std::string worst, log2;
+  const double d = one_vs_two_ranks("gpu_ep", 6, "cuda", "", {"dense"}, "parallelism.ep=2", &worst, &log2);
+  EXPECT_NE(log2.find("expert groups of 2"), std::string::npos) << log2;
   EXPECT_LT(d, 2e-3) << worst;
   std::printf("[gpu dist] ep=2 over NCCL vs 1 GPU: max relative parameter difference %.3g (%s)\n", d, worst.c_str());
 }
