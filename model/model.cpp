@@ -257,6 +257,7 @@ StepStats Model::step(const Tensor& ids, const Tensor& targets, int64_t B, int64
       StepStats ignored;
       layer_forward(l, lc, lc.x_in, ctx, /*first_pass=*/false, ignored);
     }
+    Tensor probs_sum;  // [B, T, K] the sparse KL's target, from the attention backward (kl_in_backward)
     {
       ProfileScope ps_b("layer bwd");
       Tensor dffn_in = lc.moe ? moe_backward(params_, p + "mlp.", cfg_, dh, lc.moe_cache, opts.balance_alpha, ep_)
@@ -265,12 +266,15 @@ StepStats Model::step(const Tensor& ids, const Tensor& targets, int64_t B, int64
                                           lc.ffn_rstd, &params_.grad(p + "post_attention_layernorm.weight")));
       Tensor dattn_in = mla_backward(params_, p, cfg_, rope_, positions, dh, lc.mla,
                                      lc.dcq_from_indexer.defined() ? &lc.dcq_from_indexer : nullptr,
-                                     kl_in_backward ? &lc.mla.probs_sum : nullptr);
+                                     kl_in_backward ? &probs_sum : nullptr);
       if (lc.dx_from_indexer.defined()) ops::add_(dattn_in, lc.dx_from_indexer);
       ops::add_(dh, ops::rmsnorm_backward(dattn_in, lc.x_in, params_.w(p + "input_layernorm.weight"), lc.attn_rstd,
                                           &params_.grad(p + "input_layernorm.weight")));
     }
-    if (kl_in_backward) indexer_loss_and_grads(l, lc, positions, B, T, opts, /*backward=*/true, stats);
+    if (kl_in_backward) {
+      lc.mla.probs_sum = probs_sum;
+      indexer_loss_and_grads(l, lc, positions, B, T, opts, /*backward=*/true, stats);
+    }
     if (grad_ready_hook_) grad_ready_hook_(l);
   }
   ops::embedding_backward(dh, ids_d, &params_.grad("model.embed_tokens.weight"));
