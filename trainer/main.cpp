@@ -25,7 +25,8 @@ void usage() {
                "  --stage NAME        run one stage, from the previous stage's final checkpoint or its init_from\n"
                "  --resume            continue from the newest checkpoint in checkpoint.dir\n"
                "  --time-limit S      checkpoint and exit 0 after S seconds (resume with --resume)\n"
-               "  --max-steps N       checkpoint and exit 0 after N optimizer steps (tests)\n");
+               "  --max-steps N       checkpoint and exit 0 after N optimizer steps (tests)\n"
+               "  --dump-grads DIR    write every step's gradients (per rank and reduced) to DIR (tests, ep 1)\n");
 }
 
 }  // namespace
@@ -55,6 +56,8 @@ int main(int argc, char** argv) {
         opts.time_limit_s = std::stod(value("--time-limit"));
       } else if (a == "--max-steps") {
         opts.max_steps = std::stoll(value("--max-steps"));
+      } else if (a == "--dump-grads") {
+        opts.dump_grads_dir = value("--dump-grads");
       } else if (a.rfind("--", 0) == 0) {
         throw std::runtime_error("[dsa-train] unknown option " + a + " (see --help)");
       } else if (a.find('=') != std::string::npos) {
