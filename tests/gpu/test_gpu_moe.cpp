@@ -79,7 +79,11 @@ bool equal_i32(const Tensor& gpu, const Tensor& cpu) {
 // biased scores within 4 ulps (2^-22) of each other (group scores sum two of them, so a near-tie there
 // shows as such a pair too). On the rare near-tie tokens either choice is right; they are counted, and
 // must stay rare. Equal inputs give equal scores on each side, so exact ties break by index on both.
-void check_route(const Tensor& logits32, const Tensor& bias32, const ops::MoeRouteConfig& cfg, const char* what) {
+// max_near_ties: the share of tokens allowed to be near-ties (1% on random logits; constructed tie cases
+// such as logits from {-1, 0, 1} have mathematically equal group scores, sigmoid(1) + sigmoid(-1) = 2
+// sigmoid(0), that f32 rounds an ulp apart, on purpose).
+void check_route(const Tensor& logits32, const Tensor& bias32, const ops::MoeRouteConfig& cfg, const char* what,
+                 double max_near_ties = 0.01) {
   SCOPED_TRACE(what);
   const int64_t N = logits32.size(0), E = logits32.size(1), K = cfg.top_k;
   const ops::MoeRouting ref = ops::moe_route(logits32, bias32, cfg);
@@ -123,7 +127,8 @@ void check_route(const Tensor& logits32, const Tensor& bias32, const ops::MoeRou
     for (int64_t k = 0; k < K; ++k)
       ASSERT_EQ(ex.data<int32_t>()[n * K + k], ref.experts.data<int32_t>()[n * K + k]) << "token " << n << " slot " << k;
   }
-  EXPECT_LE(near_ties, std::max<int64_t>(1, N / 100)) << near_ties << " of " << N << " tokens within 4 ulps of a tie";
+  EXPECT_LE(near_ties, std::max<int64_t>(1, static_cast<int64_t>(max_near_ties * N)))
+      << near_ties << " of " << N << " tokens within 4 ulps of a tie";
   // Scores: one f32 sigmoid each, at most 2 ulps apart (2^-23 relative); weights are normalized over the
   // K chosen (K + 2 roundings): 2^-23 (K + 2) relative. Tokens with near-ties may hold other experts.
   EXPECT_TRUE(rel_close(got.scores, ref.scores, std::ldexp(1.0, -23)));
@@ -160,7 +165,7 @@ TEST(GpuMoeRoute, TiesBiasAndNegativeMasking) {
     Tensor q = testing::randint({N, E}, 9, -1, 2);
     Tensor qf = Tensor::empty({N, E}, DType::F32);
     for (int64_t i = 0; i < q.numel(); ++i) qf.data<float>()[i] = float(q.data<int32_t>()[i]);
-    check_route(qf, Tensor::zeros({E}, DType::F32), rc.cfg, "quantized ties");
+    check_route(qf, Tensor::zeros({E}, DType::F32), rc.cfg, "quantized ties", 1.0);
     // a bias that overturns the unbiased choice: the last expert is always picked, expert 0 never
     Tensor bias = Tensor::zeros({E}, DType::F32);
     bias.data<float>()[E - 1] = 5.f;
