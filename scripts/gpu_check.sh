@@ -43,7 +43,9 @@ if [[ $what == all || $what == bench ]]; then
   rm -f "$OUT/bench.jsonl"
   "$BUILD/bin/dsa-bench" kernels --json "$OUT/bench.jsonl" 2>&1 | tail -12
   "$BUILD/bin/dsa-bench" train --seq-len 4096,16384 --json "$OUT/bench.jsonl" 2>&1 | tail -10
-  PYTHONUNBUFFERED=1 python3 tools/bench_peers.py --json "$OUT/bench.jsonl" >"$OUT/peers.log" 2>&1 || status=1
+  "$BUILD/bin/dsa-bench" train --seq-len 32768 --tokens 32768 --json "$OUT/bench.jsonl" 2>&1 | tail -4
+  PYTHONUNBUFFERED=1 python3 tools/bench_peers.py --json "$OUT/bench.jsonl" --seq-lens 4096,16384,32768 \
+    >"$OUT/peers.log" 2>&1 || status=1
   tail -3 "$OUT/peers.log"
   python3 tools/bench_table.py "$OUT/bench.jsonl" | tee "$OUT/table.md"
 fi

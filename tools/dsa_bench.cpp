@@ -234,7 +234,8 @@ void train_bench(int argc, char** argv) {
       if (json.is_open())
         json << "{\"bench\":\"train\",\"stage\":\"" << stage << "\",\"seq_len\":" << T << ",\"tokens\":" << B * T
              << ",\"ms\":" << ms << ",\"tokens_per_s\":" << tps << ",\"tflops\":" << tflops
-             << ",\"mfu\":" << tflops / peak << ",\"peak_gb\":" << peak_gb << ",\"peak_tflops\":" << peak << "}\n";
+             << ",\"mfu\":" << tflops / peak << ",\"peak_gb\":" << peak_gb << ",\"peak_tflops\":" << peak
+             << ",\"config\":\"" << config << "\",\"parameters\":" << model.params().numel() << "}\n";
     }
   }
 }
