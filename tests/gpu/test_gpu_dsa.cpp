@@ -24,6 +24,7 @@ using testing::poisoned_gpu;
 using testing::randn;
 using testing::bf16_tol;
 using testing::rel_close;
+using testing::same_bits;
 using testing::to_gpu;
 
 // f32 CPU tensor holding bf16-rounded values of a random normal tensor, and its bf16 GPU copy.
@@ -60,8 +61,7 @@ TEST(GpuDsa, HadamardBitExact) {
     const Tensor x = randn({2, 37, 3, d}, 11 + d, 1.0, DType::F32);
     const Tensor g = ops::hadamard_transform(to_gpu(x, DType::F32)).to(Device::CPU);
     const Tensor c = ops::hadamard_transform(x);
-    ASSERT_EQ(g.shape(), c.shape());
-    EXPECT_EQ(0, std::memcmp(g.raw(), c.raw(), c.nbytes())) << "d = " << d;
+    EXPECT_TRUE(same_bits(g, c)) << "d = " << d;
   }
 }
 
@@ -80,15 +80,15 @@ TEST(GpuDsa, Fp8CodesBitExact) {
     const ops::Fp8Blocks c = ops::fp8_block_quantize_codes(x, block);
     const ops::Fp8Blocks g = ops::fp8_block_quantize_codes(to_gpu(x, DType::F32), block);
     const Tensor gc = g.codes.to(Device::CPU), gs = g.scales.to(Device::CPU);
-    EXPECT_EQ(0, std::memcmp(gc.raw(), c.codes.raw(), c.codes.nbytes())) << "codes, block " << block;
-    EXPECT_EQ(0, std::memcmp(gs.raw(), c.scales.raw(), c.scales.nbytes())) << "scales, block " << block;
+    EXPECT_TRUE(same_bits(gc, c.codes)) << "codes, block " << block;
+    EXPECT_TRUE(same_bits(gs, c.scales)) << "scales, block " << block;
     Tensor cs, gsc;
     const Tensor cr = ops::fp8_block_quantize(x, block, &cs);
     const Tensor gr = ops::fp8_block_quantize(to_gpu(x, DType::F32), block, &gsc).to(Device::CPU);
-    EXPECT_EQ(0, std::memcmp(gr.raw(), cr.raw(), cr.nbytes())) << "round trip, block " << block;
+    EXPECT_TRUE(same_bits(gr, cr)) << "round trip, block " << block;
     const Tensor gd = ops::fp8_block_dequantize(g, block, DType::F32).to(Device::CPU);
     const Tensor cd = ops::fp8_block_dequantize(c, block, DType::F32);
-    EXPECT_EQ(0, std::memcmp(gd.raw(), cd.raw(), cd.nbytes())) << "dequantize, block " << block;
+    EXPECT_TRUE(same_bits(gd, cd)) << "dequantize, block " << block;
   }
 }
 
@@ -219,7 +219,7 @@ TEST(GpuDsa, TopkCausalTies) {
   s.data<float>()[3] = std::nanf("");
   const Tensor cpu = ops::topk_causal(s, T - R, K);
   const Tensor gpu = ops::topk_causal(to_gpu(s, DType::F32), T - R, K).to(Device::CPU);
-  EXPECT_EQ(0, std::memcmp(gpu.raw(), cpu.raw(), cpu.nbytes()));
+  EXPECT_TRUE(same_bits(gpu, cpu));
 }
 
 TEST(GpuDsa, TopkCausalLongRows) {
@@ -242,7 +242,7 @@ TEST(GpuDsa, TopkCausalLongRows) {
       }
       const Tensor cpu = ops::topk_causal(s, T - R, K);
       const Tensor gpu = ops::topk_causal(to_gpu(s, DType::F32), T - R, K).to(Device::CPU);
-      EXPECT_EQ(0, std::memcmp(gpu.raw(), cpu.raw(), cpu.nbytes())) << "dist " << dist << " K " << K;
+      EXPECT_TRUE(same_bits(gpu, cpu)) << "dist " << dist << " K " << K;
     }
 }
 
