@@ -18,7 +18,9 @@ on fixed tokens:
   v3_noqlora     DeepseekV3ForCausalLM, q_lora_rank null, n_group 1 (Moonlight-16B-A3B-like)
   v32_yarn       DeepseekV32ForCausalLM with YaRN, odd head dims and one MTP layer with its own indexer
 
-Every new set has 3 layers (the first dense), odd head dimensions and 2 shared experts.
+Every new set has 3 layers (the first dense), odd head dimensions (qk_nope_head_dim 7, v_head_dim 5,
+3 heads; the V2 sets: qk_nope_head_dim 6, as transformers' DeepseekV2 needs an even query head) and
+2 shared experts.
 
 Layout of one set folder:
   model/         save_pretrained output (config.json with release keys added, model.safetensors;
@@ -112,6 +114,10 @@ def set_spec(name, args):
     if name == "hf_tiny":
         return "v32", tiny_kwargs(args.index_topk, std), {}, dict(mtp=False, sparse_k=args.index_topk)
     kw = common_new(std)
+    if name.startswith("v2"):
+        # transformers' DeepseekV2 rotates q_pe/k_pe through torch.view_as_complex on a slice of q,
+        # which needs an even stride: qk_nope_head_dim + qk_rope_head_dim must be even (V2: 128 + 64).
+        kw.update(qk_nope_head_dim=6)
     if name == "v2_lite":
         kw.update(q_lora_rank=None, n_group=1, topk_group=1, topk_method="greedy", norm_topk_prob=False,
                   routed_scaling_factor=1.0)
