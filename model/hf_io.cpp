@@ -147,7 +147,10 @@ void load_hf_tensors(const SafetensorsSet& set, const ModelConfig& cfg, const Hf
       if (p.group == ParamGroup::Indexer && (is_mtp_param(cfg, p.name) ? mtp_fresh : fresh))
         store(p, fresh_ix.get(p.name).value);
     if (warnings)
-      warnings->push_back(std::string("no indexer tensors ") + (fresh && mtp_fresh ? "" : fresh ? "for the main layers " : "for the MTP layer ") +
+      warnings->push_back(std::string("no indexer tensors ") +
+                          (fresh && (mtp_fresh || cfg.num_nextn_predict_layers == 0) ? ""
+                           : fresh                                                  ? "for the main layers "
+                                                                                    : "for the MTP layer ") +
                           "in " + src + ": the indexer (" + std::to_string(cfg.index_n_heads) + " heads x " +
                           std::to_string(cfg.index_head_dim) + ", top-" + std::to_string(cfg.index_topk) +
                           ") is freshly initialized (seed " + std::to_string(opt.indexer_seed) + ")");
