@@ -328,8 +328,13 @@ std::string hf_config_json(const ModelConfig& c, DType dtype, int64_t num_mtp_la
     if (r.attention_factor > 0) y["attention_factor"] = r.attention_factor;
     if (!r.truncate) y["truncate"] = false;
     j["rope_scaling"] = y;
+    nlohmann::ordered_json rp = y;  // transformers 5's spelling, with the base
+    rp.erase("type");
+    rp["rope_theta"] = c.rope_theta;
+    j["rope_parameters"] = rp;
   } else {
     j["rope_scaling"] = nullptr;
+    j["rope_parameters"] = {{"rope_theta", c.rope_theta}, {"rope_type", "default"}};
   }
   j["max_position_embeddings"] = c.max_position_embeddings;
   j["index_n_heads"] = c.index_n_heads;

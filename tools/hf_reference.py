@@ -52,10 +52,18 @@ tensor names as vLLM/SGLang read them: h' = eh_proj([enorm(embed(t_{i+1})) ; hno
 the main model's final normed hidden state, then a decoder layer of the same class at index L =
 num_hidden_layers, then shared_head.norm and shared_head.head.
 
+Export check (dsa-convert export -> transformers): scripts/golden_exports.sh writes each set's model as
+this project exports it, to <set>/export/f32 and <set>/export/bf16. --check-exports GOLDEN_DIR loads
+every such export with the transformers class its config.json names (weights upcast to float32),
+runs the set's tokens densely and writes OUT/<set>/export/<dtype>/transformers/{logits,loss}.npy and
+report.json (class, missing and unexpected keys). tests/model/test_hf_golden.cpp compares them with
+this project's logits (bf16: on the bf16-rounded weights).
+
 Usage:
   python3 tools/hf_reference.py --all --out DIR            # every set into DIR/<set>/
   python3 tools/hf_reference.py --set v2_lite --out DIR    # one set (repeatable)
   python3 tools/hf_reference.py --out DIR                  # hf_tiny alone into DIR (as before)
+  python3 tools/hf_reference.py --check-exports tests/golden --out DIR
 """
 import argparse
 import copy
@@ -692,6 +700,50 @@ def generate_set(name, out, args, device):
     log(f"  wrote {out}")
 
 
+def check_exports(golden_dir, out_dir, device):
+    """Loads every <set>/export/<dtype> of golden_dir with transformers; returns the failed exports."""
+    import transformers
+    failed = []
+    for name in sorted(os.listdir(golden_dir)):
+        set_dir = os.path.join(golden_dir, name)
+        for dt in ("f32", "bf16"):
+            exp = os.path.join(set_dir, "export", dt)
+            if not os.path.exists(os.path.join(exp, "config.json")):
+                continue
+            try:
+                with open(os.path.join(exp, "config.json")) as f:
+                    arch = json.load(f)["architectures"][0]
+                cls = getattr(transformers, arch)
+                log(f"export {name}/{dt}: {arch}")
+                model, info = cls.from_pretrained(exp, dtype=torch.float32, attn_implementation="eager",
+                                                  experts_implementation="eager", output_loading_info=True)
+                model = model.to(device).eval()
+                if arch == "DeepseekV2ForCausalLM":
+                    patch_v2_moe(model)
+                tokens = torch.from_numpy(np.load(os.path.join(set_dir, "tokens.npy"))).to(device)
+                T = tokens.shape[1]
+                if hasattr(model.model.layers[0].self_attn, "indexer"):
+                    set_topk(model, None, T)  # dense: every causal key
+                with torch.no_grad():
+                    out = model(input_ids=tokens, labels=tokens, use_cache=False)
+                folder = os.path.join(out_dir, name, "export", dt, "transformers")
+                os.makedirs(folder, exist_ok=True)
+                np.save(os.path.join(folder, "logits.npy"), out.logits.detach().float().cpu().numpy())
+                loss = float(out.loss.detach().double().cpu())
+                np.save(os.path.join(folder, "loss.npy"), np.array(loss, dtype=np.float64))
+                report = {"class": arch, "loss": loss, "transformers": transformers.__version__,
+                          "missing_keys": sorted(info.get("missing_keys", [])),
+                          "unexpected_keys": sorted(info.get("unexpected_keys", []))}
+                with open(os.path.join(folder, "report.json"), "w") as f:
+                    json.dump(report, f, indent=2)
+                log(f"  loss {loss:.9g}, {len(report['missing_keys'])} missing keys "
+                    f"{report['missing_keys'][:4]}, {len(report['unexpected_keys'])} unexpected")
+            except Exception:  # keep going: report every export
+                traceback.print_exc()
+                failed.append(f"{name}/{dt}")
+    return failed
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
@@ -704,6 +756,8 @@ def main():
     ap.add_argument("--init-std", type=float, default=0.1)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--allow-other-versions", action="store_true")
+    ap.add_argument("--check-exports", metavar="GOLDEN_DIR",
+                    help="load GOLDEN_DIR/<set>/export/{f32,bf16} with transformers (see above)")
     args = ap.parse_args()
 
     import transformers
@@ -716,6 +770,13 @@ def main():
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
 
+    if args.check_exports:
+        failed = check_exports(args.check_exports, args.out, args.device)
+        if failed:
+            log(f"failed exports: {', '.join(failed)}")
+            sys.exit(1)
+        log(f"export check written under {args.out}")
+        return
     if not args.all and not args.set:  # the original interface: hf_tiny directly into --out
         generate_set("hf_tiny", args.out, args, args.device)
         return

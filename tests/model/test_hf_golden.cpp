@@ -13,6 +13,7 @@
 #include <set>
 
 #include "kernels/dsa_ops.h"
+#include "model/hf_io.h"
 #include "model/rope_tables.h"
 #include "tests/model/golden_util.h"
 #include "tests/test_util.h"
@@ -156,11 +157,14 @@ TEST_P(HfGolden, SparseMatchesTransformersOnItsSelection) {
   compare_run(g, "f32_sparse", o, "sparse");
 }
 
-TEST_P(HfGolden, Bf16SelectionInF32) {
+// The V3.2 sets (transformers' class has the indexer): its bf16 selection, and its selection as a top-k of ours.
+class HfGoldenV32 : public HfGolden {};
+
+TEST_P(HfGoldenV32, Bf16SelectionInF32) {
   // transformers' bf16 run picks its own top-k (bf16 scores); the f32 model on that selection is the
   // reference: our model on the same selection agrees to the f32 bound (no bf16-tuned tolerance).
   GoldenSet g(GetParam(), scratch);
-  if (!g.has_run("f32_on_bf16_selection")) GTEST_SKIP() << g.name << " has no bf16 run (V3.2 sets only)";
+  ASSERT_TRUE(g.has_run("f32_on_bf16_selection"));
   const std::vector<Tensor> forced = g.selection("f32_on_bf16_selection");
   StepOptions o;
   o.attention = AttentionMode::Sparse;
@@ -168,11 +172,11 @@ TEST_P(HfGolden, Bf16SelectionInF32) {
   compare_run(g, "f32_on_bf16_selection", o, "on the bf16 selection");
 }
 
-TEST_P(HfGolden, TransformersSelectionIsATopkOfOurIndexerScores) {
+TEST_P(HfGoldenV32, TransformersSelectionIsATopkOfOurIndexerScores) {
   // transformers scores the indexer without Hadamard or FP8; ours (fp8 off) must rank keys the same.
   // Many scores tie (ReLU zeros), so the check is that transformers' set is *a* top-k of our scores.
   GoldenSet g(GetParam(), scratch);
-  if (!g.v32) GTEST_SKIP() << g.name << ": " << g.manifest.at("class").get<std::string>() << " has no indexer";
+  ASSERT_TRUE(g.v32);
   auto m = g.model();
   std::vector<IndexerCache> idx;
   const std::vector<Tensor> forced = g.selection("f32_sparse");  // every layer sees transformers' inputs
@@ -219,15 +223,68 @@ TEST_P(HfGolden, TransformersSelectionIsATopkOfOurIndexerScores) {
   EXPECT_EQ(rows, static_cast<int>(forced.size()) * g.B * g.T);
 }
 
-TEST_P(HfGolden, Fp8ReleaseImportsToItsDequantizedWeights) {
+class HfGoldenRelease : public HfGolden {};
+
+TEST_P(HfGoldenRelease, Fp8ReleaseImportsToItsDequantizedWeights) {
   // The same weights written as DeepSeek's release (F8_E4M3 + 128x128 weight_scale_inv, per-expert,
   // three shards, an MTP layer): imported through dsa-convert, our model matches transformers on the
   // dequantized weights.
-  if (!file_exists(kGoldenDir + GetParam() + "/release_fp8/config.json"))
-    GTEST_SKIP() << GetParam() << " has no FP8 release";
   GoldenSet g(GetParam(), scratch, "release_fp8");
   compare_run(g, "release_fp8_dense", StepOptions{}, "FP8 release");
 }
 
+// dsa-convert export -> transformers: tests/golden/<set>/export/{f32,bf16} (scripts/golden_exports.sh)
+// loaded by transformers' class (tools/hf_reference.py --check-exports, results under transformers/).
+class HfGoldenExport : public HfGolden {};
+
+TEST_P(HfGoldenExport, CommittedExportIsWhatThisBuildWrites) {
+  GoldenSet g(GetParam(), scratch);
+  for (const char* dt : {"f32", "bf16"}) {
+    const std::string committed = g.dir + "/export/" + dt;
+    ASSERT_TRUE(file_exists(committed + "/config.json")) << "run scripts/golden_exports.sh";
+    HfExportOptions opt;
+    opt.dtype = std::string(dt) == "f32" ? DType::F32 : DType::BF16;
+    export_hf(scratch / (g.name + "_" + dt), g.ckpt.cfg, g.ckpt.params, {}, opt);
+    SafetensorsSet fresh(scratch / (g.name + "_" + dt)), old(committed);
+    ASSERT_EQ(fresh.names(), old.names()) << dt;
+    for (const std::string& n : fresh.names()) EXPECT_TRUE(bit_equal(fresh.read(n), old.read(n))) << dt << " " << n;
+    EXPECT_EQ(read_bytes_file(scratch / (g.name + "_" + dt + "/config.json")), read_bytes_file(committed + "/config.json"))
+        << dt << ": the committed export is stale (scripts/golden_exports.sh)";
+  }
+}
+
+TEST_P(HfGoldenExport, TransformersOnTheExportReproducesOurLogits) {
+  GoldenSet g(GetParam(), scratch);
+  const std::string f32_run = g.dir + "/export/f32/transformers";
+  if (!file_exists(f32_run + "/logits.npy"))
+    GTEST_SKIP() << "no transformers run of " << g.name << "'s export yet: `python3 tools/hf_reference.py "
+                 << "--check-exports tests/golden --out DIR` on a machine with transformers 5.17, then copy "
+                 << "DIR/<set>/export/*/transformers into tests/golden";
+  for (const char* dt : {"f32", "bf16"}) {
+    const std::string run = g.dir + "/export/" + dt + "/transformers";
+    const nlohmann::json report = nlohmann::json::parse(read_bytes_file(run + "/report.json"));
+    EXPECT_TRUE(report.at("missing_keys").empty()) << dt << ": transformers misses " << report.at("missing_keys");
+    auto m = g.model();
+    if (std::string(dt) == "bf16")  // the export's only change: the weights' rounding (buffers stay f32)
+      for (Param& p : m->params().all())
+        if (p.group != ParamGroup::Buffer) p.value.copy_from(p.value.to(DType::BF16).to(DType::F64));
+    Tensor logits;
+    StepOptions o;
+    o.capture_logits = &logits;
+    const StepStats s = m->step(g.ids, g.targets, g.B, g.T, o, false);
+    const Tensor ref = read_npy(run + "/logits.npy");
+    const double tol = f32_tolerance(g.ckpt.cfg, g.T, false, ref);
+    const double d = max_abs_diff_rows(logits, ref, g.B, g.T, g.T);
+    EXPECT_LT(d, tol) << g.name << " " << dt << " export";
+    EXPECT_NEAR(s.lm_loss_sum / s.lm_tokens, read_npy(run + "/loss.npy").item(0), 2 * tol);
+    std::printf("[golden] %s export %s -> transformers %s: max |dlogits| %.3g (tolerance %.3g)\n", g.name.c_str(), dt,
+                report.at("class").get<std::string>().c_str(), d, tol);
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Sets, HfGolden,
+                         ::testing::Values("hf_tiny", "v2_lite", "v2_group", "v3_mtp", "v3_noqlora", "v32_yarn"));
+INSTANTIATE_TEST_SUITE_P(Sets, HfGoldenV32, ::testing::Values("hf_tiny", "v32_yarn"));
+INSTANTIATE_TEST_SUITE_P(Sets, HfGoldenRelease, ::testing::Values("v3_mtp"));
+INSTANTIATE_TEST_SUITE_P(Sets, HfGoldenExport,
                          ::testing::Values("hf_tiny", "v2_lite", "v2_group", "v3_mtp", "v3_noqlora", "v32_yarn"));
