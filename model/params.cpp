@@ -74,10 +74,10 @@ std::string layer_prefix(int64_t layer) { return "model.layers." + std::to_strin
 namespace {
 
 // One decoder layer's tensors under model.layers.{l}. (the MTP layer's block too).
-void add_layer(ParamStore& ps, const ModelConfig& c, int64_t l, DType dt, Device dev) {
+void add_layer(std::vector<ParamSpec>& ps, const ModelConfig& c, int64_t l) {
   const int64_t D = c.hidden_size, H = c.num_attention_heads;
-  auto mat = [&](const std::string& n, Shape s, ParamGroup g = ParamGroup::Main) { ps.add(n, s, g, true, dt, dev); };
-  auto vec = [&](const std::string& n, Shape s, ParamGroup g = ParamGroup::Main) { ps.add(n, s, g, false, dt, dev); };
+  auto mat = [&](const std::string& n, Shape s, ParamGroup g = ParamGroup::Main) { ps.push_back({n, s, g, true}); };
+  auto vec = [&](const std::string& n, Shape s, ParamGroup g = ParamGroup::Main) { ps.push_back({n, s, g, false}); };
   const std::string p = layer_prefix(l);
   vec(p + "input_layernorm.weight", {D});
   vec(p + "post_attention_layernorm.weight", {D});
@@ -113,7 +113,7 @@ void add_layer(ParamStore& ps, const ModelConfig& c, int64_t l, DType dt, Device
   }
   const int64_t E = c.n_routed_experts, I = c.moe_intermediate_size;
   mat(m + "gate.weight", {E, D});
-  if (c.has_routing_bias()) ps.add(m + "gate.e_score_correction_bias", {E}, ParamGroup::Buffer, false, DType::F32, dev);
+  if (c.has_routing_bias()) vec(m + "gate.e_score_correction_bias", {E}, ParamGroup::Buffer);
   mat(m + "experts.gate_up_proj", {E, 2 * I, D});
   mat(m + "experts.down_proj", {E, D, I});
   if (c.n_shared_experts > 0) {
@@ -130,24 +130,32 @@ bool is_mtp_param(const ModelConfig& c, const std::string& name) {
   return c.num_nextn_predict_layers > 0 && name.rfind(layer_prefix(c.mtp_layer()), 0) == 0;
 }
 
-ParamStore make_params(const ModelConfig& c, DType dt, Device dev) {
-  ParamStore ps;
+std::vector<ParamSpec> param_specs(const ModelConfig& c) {
+  std::vector<ParamSpec> ps;
   const int64_t D = c.hidden_size;
-  ps.add("model.embed_tokens.weight", {c.vocab_size, D}, ParamGroup::Main, true, dt, dev);
-  for (int64_t l = 0; l < c.num_hidden_layers; ++l) add_layer(ps, c, l, dt, dev);
-  ps.add("model.norm.weight", {D}, ParamGroup::Main, false, dt, dev);
-  if (!c.tie_word_embeddings) ps.add("lm_head.weight", {c.vocab_size, D}, ParamGroup::Main, true, dt, dev);
+  ps.push_back({"model.embed_tokens.weight", {c.vocab_size, D}, ParamGroup::Main, true});
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) add_layer(ps, c, l);
+  ps.push_back({"model.norm.weight", {D}, ParamGroup::Main, false});
+  if (!c.tie_word_embeddings) ps.push_back({"lm_head.weight", {c.vocab_size, D}, ParamGroup::Main, true});
   if (c.num_nextn_predict_layers > 0) {
     // MTP (DeepSeek-V3 report, release names): h' = eh_proj([enorm(embed(t_{i+1})) ; hnorm(h_i)]), a
     // decoder layer, then shared_head.norm and the model's lm_head. The embedding and the head are the
     // main model's (shared); export writes copies as model.layers.{L}.embed_tokens / shared_head.head.
     const std::string p = layer_prefix(c.mtp_layer());
-    ps.add(p + "enorm.weight", {D}, ParamGroup::Main, false, dt, dev);
-    ps.add(p + "hnorm.weight", {D}, ParamGroup::Main, false, dt, dev);
-    ps.add(p + "eh_proj.weight", {D, 2 * D}, ParamGroup::Main, true, dt, dev);
-    ps.add(p + "shared_head.norm.weight", {D}, ParamGroup::Main, false, dt, dev);
-    add_layer(ps, c, c.mtp_layer(), dt, dev);
+    ps.push_back({p + "enorm.weight", {D}, ParamGroup::Main, false});
+    ps.push_back({p + "hnorm.weight", {D}, ParamGroup::Main, false});
+    ps.push_back({p + "eh_proj.weight", {D, 2 * D}, ParamGroup::Main, true});
+    ps.push_back({p + "shared_head.norm.weight", {D}, ParamGroup::Main, false});
+    add_layer(ps, c, c.mtp_layer());
   }
+  return ps;
+}
+
+ParamStore make_params(const ModelConfig& c, DType dt, Device dev) {
+  ParamStore ps;
+  // Buffers (the routing bias) stay f32 whatever the master type.
+  for (const ParamSpec& s : param_specs(c))
+    ps.add(s.name, s.shape, s.group, s.decay, s.group == ParamGroup::Buffer ? DType::F32 : dt, dev);
   return ps;
 }
 

@@ -67,6 +67,14 @@ class ParamStore {
   std::unordered_map<std::string, size_t> index_;
 };
 
+// Every tensor of the model: name, shape, group, weight decay (nothing allocated).
+struct ParamSpec {
+  std::string name;
+  Shape shape;
+  ParamGroup group;
+  bool decay;
+};
+std::vector<ParamSpec> param_specs(const ModelConfig& cfg);
 // Every tensor of the model with its name, shape and group (values uninitialized).
 ParamStore make_params(const ModelConfig& cfg, DType dtype = DType::F32, Device device = Device::CPU);
 // Deterministic initialization from a seed, independent of the order of tensors: each tensor draws
