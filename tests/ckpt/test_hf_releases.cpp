@@ -4,6 +4,7 @@
 // export names the transformers class, round-trips, and --fp8 writes the release format.
 #include <gtest/gtest.h>
 
+#include <cstdlib>
 #include <fstream>
 
 #include "model/hf_io.h"
@@ -308,7 +309,9 @@ TEST(HfReleases, ExportNamesTheTransformersClassAndRoundTrips) {
     const HfExportReport r = export_hf(dir / "hf", k.cfg, ps, {}, opt);
     EXPECT_EQ(r.cls.architecture, k.arch);
     EXPECT_EQ(r.cls.loads_indexer, k.indexer) << k.arch;
-    if (!k.indexer) EXPECT_FALSE(r.cls.caveats.empty());
+    if (!k.indexer) {
+      EXPECT_FALSE(r.cls.caveats.empty());
+    }
     nlohmann::json j = nlohmann::json::parse(read_bytes_file(dir / "hf/config.json"));
     EXPECT_EQ(j["architectures"][0], k.arch);
     EXPECT_EQ(j["index_n_heads"], k.cfg.index_n_heads) << "the indexer's dims travel for re-import";
@@ -364,4 +367,40 @@ TEST(HfReleases, Fp8ExportReimportsToTheFp8Rounding) {
       EXPECT_TRUE(bit_equal(got, p.value.to(DType::BF16).to(DType::F32))) << p.name;  // the bf16 rounding
     }
   }
+}
+
+TEST(HfReleases, DsaConvertSaysWhatItDid) {
+  // The tool as a user runs it: what it prints, and what it refuses before reading any tensor.
+  ScratchDir dir;
+  auto run = [&](const std::string& args) {
+    const std::string out = dir / "out.txt";
+    const std::string cmd = std::string(DSA_BINARY_DIR) + "/bin/dsa-convert " + args + " > " + out + " 2>&1";
+    const int rc = std::system(cmd.c_str());
+    return std::make_pair(rc, read_bytes_file(out));
+  };
+  const ModelConfig c = v3_model(1);
+  ParamStore ps = random_params(c, 11);
+  write_release(dir / "v3", v3_release_config(c, true, 1), release_tensors(c, ps, true, nullptr));
+  auto [rc, text] = run("import " + (dir / "v3") + " " + (dir / "a.h5") + " --index-n-heads 2 --index-head-dim 8 --index-topk 4");
+  ASSERT_EQ(rc, 0) << text;
+  EXPECT_NE(text.find("indexer: 2 heads x 8, top-4 (from the flags), freshly initialized"), std::string::npos) << text;
+  EXPECT_NE(text.find("2 layers + 1 MTP layer"), std::string::npos) << text;
+  auto [rc2, exported] = run("export " + (dir / "a.h5") + " " + (dir / "out"));
+  ASSERT_EQ(rc2, 0) << exported;
+  EXPECT_NE(exported.find("weights: bf16 (the f32 master weights rounded to bfloat16"), std::string::npos) << exported;
+  EXPECT_NE(exported.find("config.json: DeepseekV32ForCausalLM"), std::string::npos) << exported;
+  EXPECT_NE(exported.find("transformers has no MTP module"), std::string::npos) << exported;
+  // Indexer flags for a config that defines its indexer: refused by name.
+  auto [rc3, refused] = run("import " + (dir / "out") + " " + (dir / "b.h5") + " --index-topk 16");
+  EXPECT_NE(rc3, 0);
+  EXPECT_NE(refused.find("config.json defines the indexer (index_n_heads 2"), std::string::npos) << refused;
+  EXPECT_FALSE(std::ifstream(dir / "b.h5").good());
+  // The overlay file: only the three indexer keys.
+  std::ofstream(dir / "ix.yaml") << "index_n_heads: 2\nindex_head_dim: 8\nindex_topk: 4\nindex_foo: 1\n";
+  auto [rc4, bad] = run("import " + (dir / "v3") + " " + (dir / "c.h5") + " --indexer-config " + (dir / "ix.yaml"));
+  EXPECT_NE(rc4, 0);
+  EXPECT_NE(bad.find("ix.yaml:4: key 'index_foo' is not an indexer dimension"), std::string::npos) << bad;
+  auto [rc5, keys] = run("config-keys");
+  EXPECT_EQ(rc5, 0);
+  EXPECT_NE(keys.find("scoring_func"), std::string::npos);
 }

@@ -60,7 +60,9 @@ void compare(StepOptions o, const char* what, double grad_tol, const ModelConfig
   EXPECT_NEAR(g.lm_loss_sum / g.lm_tokens, c.lm_loss_sum / c.lm_tokens, 2e-2) << what;
   EXPECT_EQ(g.lm_tokens, c.lm_tokens);
   EXPECT_EQ(g.mtp_tokens, c.mtp_tokens);
-  if (c.mtp_tokens) EXPECT_NEAR(g.mtp_loss_sum / g.mtp_tokens, c.mtp_loss_sum / c.mtp_tokens, 2e-2) << what;
+  if (c.mtp_tokens) {
+    EXPECT_NEAR(g.mtp_loss_sum / g.mtp_tokens, c.mtp_loss_sum / c.mtp_tokens, 2e-2) << what;
+  }
   if (c.indexer_rows) {
     EXPECT_EQ(g.indexer_rows, c.indexer_rows);
     EXPECT_NEAR(g.indexer_kl_sum / g.indexer_rows, c.indexer_kl_sum / c.indexer_rows,

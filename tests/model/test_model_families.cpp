@@ -154,8 +154,11 @@ TEST(ModelFamilies, MhaAndMqaFormsAreTheSameFunctionWithoutQLora) {
     // f64 throughout: the two forms differ by reassociation only (~1e-16 per op).
     EXPECT_NEAR(sa.lm_loss_sum, sb.lm_loss_sum, 1e-10 * std::fabs(sa.lm_loss_sum));
     EXPECT_NEAR(sa.mtp_loss_sum, sb.mtp_loss_sum, 1e-10 * std::fabs(sa.mtp_loss_sum));
-    for (const Param& p : a.m.params().all())
-      if (p.grad.defined()) EXPECT_TRUE(all_close(p.grad, b.m.params().grad(p.name), 1e-8, 1e-12)) << p.name;
+    for (const Param& p : a.m.params().all()) {
+      if (p.grad.defined()) {
+        EXPECT_TRUE(all_close(p.grad, b.m.params().grad(p.name), 1e-8, 1e-12)) << p.name;
+      }
+    }
   }
 }
 

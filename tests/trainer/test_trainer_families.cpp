@@ -98,8 +98,11 @@ TEST_P(TrainerFamilies, ThreeStagesRun) {
   int mtp_records = 0;
   double dense_first = 0, dense_last = 0;
   for (const nlohmann::json& j : read_metrics(r)) {
-    for (const auto& [k, v] : j.items())
-      if (v.is_number()) EXPECT_TRUE(std::isfinite(v.get<double>())) << f.name << " " << k;
+    for (const auto& [k, v] : j.items()) {
+      if (v.is_number()) {
+        EXPECT_TRUE(std::isfinite(v.get<double>())) << f.name << " " << k;
+      }
+    }
     if (j.contains("mtp_loss") || j.contains("val_mtp_loss")) ++mtp_records;
     if (j["stage"] == "dense" && j.contains("lm_loss")) {
       if (dense_first == 0) dense_first = j["lm_loss"].get<double>();
