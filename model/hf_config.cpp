@@ -2,10 +2,9 @@
 
 #include <yaml-cpp/yaml.h>
 
-#include <nlohmann/json.hpp>
-
 #include <algorithm>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <set>
 #include <sstream>
 #include <stdexcept>
@@ -41,14 +40,16 @@ const std::vector<HfKeyRule> kRules = {
     {"routed_scaling_factor", Use::Read, "multiplies the routed experts' weights"},
     {"norm_topk_prob", Use::Read, "renormalize the chosen experts' weights (sigmoid routing; softmax: false only)"},
     {"scoring_func", Use::Read, "sigmoid (V3 family) or softmax (V2)"},
-    {"topk_method", Use::Read, "noaux_tc (sigmoid + correction bias, group score = top-2 sum), greedy or "
-                               "group_limited_greedy (softmax; group score = the group's max)"},
+    {"topk_method", Use::Read,
+     "noaux_tc (sigmoid + correction bias, group score = top-2 sum), greedy or "
+     "group_limited_greedy (softmax; group score = the group's max)"},
     {"rope_interleave", Use::Read, "MLA RoPE on interleaved pairs (true) or rotate-half pairs (false)"},
     {"num_nextn_predict_layers", Use::Read, "MTP layers: 0 or 1 (layer num_hidden_layers)"},
     {"rms_norm_eps", Use::Read, "RMSNorm epsilon"},
     {"rope_theta", Use::Read, "RoPE base"},
-    {"rope_scaling", Use::Read, "null/default or yarn (factor, original_max_position_embeddings, beta_fast, "
-                                "beta_slow, mscale, mscale_all_dim, attention_factor, truncate)"},
+    {"rope_scaling", Use::Read,
+     "null/default or yarn (factor, original_max_position_embeddings, beta_fast, "
+     "beta_slow, mscale, mscale_all_dim, attention_factor, truncate)"},
     {"rope_parameters", Use::Read, "transformers 5 spelling of rope_scaling (+ rope_theta)"},
     {"max_position_embeddings", Use::Read, "longest sequence"},
     {"index_n_heads", Use::Read, "indexer heads (absent: --index-n-heads, default 64)"},
@@ -107,8 +108,8 @@ std::string scalar_text(const YAML::Node& n) {
 
 // Refuses a checked key's value, naming the key, the value and what is implemented.
 [[noreturn]] void refuse(const std::string& src, const YAML::Node& n, const std::string& key, const std::string& want) {
-  config_error(src, &n, "key '" + key + "' = " + scalar_text(n) + " is not implemented (this project implements: " +
-                            want + ")");
+  config_error(src, &n,
+               "key '" + key + "' = " + scalar_text(n) + " is not implemented (this project implements: " + want + ")");
 }
 
 bool is_false_or_null(const YAML::Node& n) { return n.IsNull() || (n.IsScalar() && (n.Scalar() == "false")); }
@@ -143,10 +144,11 @@ void check_key(const std::string& key, const YAML::Node& n, const ModelConfig& c
     if (n.IsNull()) return;
     bool ok = n.IsSequence() && static_cast<int64_t>(n.size()) == c.num_hidden_layers;
     for (size_t i = 0; ok && i < n.size(); ++i)
-      ok = n[i].IsScalar() &&
-           n[i].Scalar() == (static_cast<int64_t>(i) < c.first_k_dense_replace ? "dense" : "sparse");
-    if (!ok) refuse(src, n, key, std::to_string(c.first_k_dense_replace) + " x dense, then sparse, for " +
-                                     std::to_string(c.num_hidden_layers) + " layers");
+      ok = n[i].IsScalar() && n[i].Scalar() == (static_cast<int64_t>(i) < c.first_k_dense_replace ? "dense" : "sparse");
+    if (!ok)
+      refuse(src, n, key,
+             std::to_string(c.first_k_dense_replace) + " x dense, then sparse, for " +
+                 std::to_string(c.num_hidden_layers) + " layers");
   } else if (key == "layer_types") {
     if (n.IsNull()) return;
     bool ok = n.IsSequence();
@@ -177,7 +179,10 @@ std::string hf_config_key_table() {
   for (const HfKeyRule& r : kRules) {
     std::string k = r.key;
     k.resize(std::max<size_t>(k.size(), 26), ' ');
-    o << k << " " << names[static_cast<int>(r.use)] << (r.use == Use::Checked ? "   " : r.use == Use::Read ? "      " : "  ")
+    o << k << " " << names[static_cast<int>(r.use)]
+      << (r.use == Use::Checked ? "   "
+          : r.use == Use::Read  ? "      "
+                                : "  ")
       << r.what << "\n";
   }
   o << "(any other key: ignored, and named on import)\n";
@@ -211,19 +216,21 @@ HfConfigRead read_hf_config_node(const YAML::Node& node, const std::string& src,
       checked.emplace_back(k, kv.second);
     }
   }
-  static const char* required[] = {"vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                                   "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
-                                   "v_head_dim"};
+  static const char* required[] = {"vocab_size",          "hidden_size",      "num_hidden_layers",
+                                   "num_attention_heads", "q_lora_rank",      "kv_lora_rank",
+                                   "qk_nope_head_dim",    "qk_rope_head_dim", "v_head_dim"};
   for (const char* k : required)
     if (!node[k]) config_error(src, &node, std::string("missing required model key '") + k + "'");
   for (const auto& [k, v] : checked) check_key(k, v, c, src, out);
   // The family's routing: DeepSeek-V2 releases route with softmax, the V3 family with sigmoid + bias.
   if (v2 && c.scoring_func != "softmax")
-    config_error(src, &node, "key 'scoring_func' = " + c.scoring_func +
-                                 " with model_type deepseek_v2: DeepSeek-V2 routes with softmax (implemented: softmax)");
+    config_error(src, &node,
+                 "key 'scoring_func' = " + c.scoring_func +
+                     " with model_type deepseek_v2: DeepSeek-V2 routes with softmax (implemented: softmax)");
   if (!out.model_type.empty() && !v2 && c.scoring_func != "sigmoid")
-    config_error(src, &node, "key 'scoring_func' = " + c.scoring_func + " with model_type " + out.model_type +
-                                 ": the V3 family routes with sigmoid and a correction bias (implemented: sigmoid)");
+    config_error(src, &node,
+                 "key 'scoring_func' = " + c.scoring_func + " with model_type " + out.model_type +
+                     ": the V3 family routes with sigmoid and a correction bias (implemented: sigmoid)");
   // The indexer: all three keys, or none (dimensions from `indexer`).
   const char* ix[] = {"index_n_heads", "index_head_dim", "index_topk"};
   int have = 0;
@@ -235,8 +242,10 @@ HfConfigRead read_hf_config_node(const YAML::Node& node, const std::string& src,
     c.index_topk = indexer.topk;
   } else if (have < 3) {
     for (const char* k : ix)
-      if (!node[k]) config_error(src, &node, std::string("missing indexer key '") + k + "' (the config has " +
-                                                 "some index_* keys; give all three or none)");
+      if (!node[k])
+        config_error(src, &node,
+                     std::string("missing indexer key '") + k + "' (the config has " +
+                         "some index_* keys; give all three or none)");
   }
   c.validate(src);
   return out;
@@ -268,15 +277,17 @@ HfExportClass hf_export_class(const ModelConfig& c) {
     e.model_type = "deepseek_v3";
   }
   if (!e.loads_indexer) {
-    std::string why = c.scoring_func == "softmax" ? "softmax routing" : !c.has_q_lora() ? "no query LoRA"
-                                                                                         : "rotate-half MLA RoPE";
-    e.caveats.push_back("transformers has no sparse-attention class for this model (" + why + "): " +
-                        e.architecture + " runs dense attention and ignores self_attn.indexer.* (kept in the files "
+    std::string why = c.scoring_func == "softmax" ? "softmax routing"
+                      : !c.has_q_lora()           ? "no query LoRA"
+                                                  : "rotate-half MLA RoPE";
+    e.caveats.push_back("transformers has no sparse-attention class for this model (" + why + "): " + e.architecture +
+                        " runs dense attention and ignores self_attn.indexer.* (kept in the files "
                         "for dsa-convert import)");
   }
   if (c.scoring_func == "softmax" && c.rope_scaling.type == "yarn" && c.rope_scaling.mscale_all_dim != 0.0)
-    e.caveats.push_back("transformers' DeepseekV2 leaves YaRN's mscale_all_dim out of the attention scale (DeepSeek's "
-                        "own V2 code and this project apply it): its logits differ from this model's");
+    e.caveats.push_back(
+        "transformers' DeepseekV2 leaves YaRN's mscale_all_dim out of the attention scale (DeepSeek's "
+        "own V2 code and this project apply it): its logits differ from this model's");
   if (c.num_nextn_predict_layers > 0)
     e.caveats.push_back("transformers has no MTP module: it ignores model.layers." + std::to_string(c.mtp_layer()) +
                         ".* (kept for serving engines and dsa-convert import)");

@@ -26,7 +26,7 @@ class Node;
 
 namespace dsa {
 
-struct IndexerDims {  // the lightning indexer of a model whose config.json has none
+struct IndexerDims {                                  // the lightning indexer of a model whose config.json has none
   int64_t n_heads = 64, head_dim = 128, topk = 2048;  // DeepSeek-V3.2's
 };
 
@@ -53,9 +53,9 @@ std::string hf_config_key_table();  // the rules as a text table
 
 // The transformers class an exported model is written for, and what it cannot load.
 struct HfExportClass {
-  std::string architecture;  // "DeepseekV32ForCausalLM", "DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM"
-  std::string model_type;    // "deepseek_v32", "deepseek_v3", "deepseek_v2"
-  bool loads_indexer = false;  // false: transformers runs dense attention and ignores self_attn.indexer.*
+  std::string architecture;          // "DeepseekV32ForCausalLM", "DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM"
+  std::string model_type;            // "deepseek_v32", "deepseek_v3", "deepseek_v2"
+  bool loads_indexer = false;        // false: transformers runs dense attention and ignores self_attn.indexer.*
   std::vector<std::string> caveats;  // where transformers' class differs from this model
 };
 // DeepseekV32ForCausalLM when it can hold the model (query LoRA, sigmoid routing, interleaved RoPE);

@@ -9,21 +9,21 @@ namespace dsa {
 int64_t activation_elements_per_token(const ModelConfig& c, int64_t l, bool sparse) {
   const int64_t D = c.hidden_size, H = c.num_attention_heads, dk = c.qk_head_dim(), dv = c.v_head_dim;
   const int64_t kvl = c.kv_lora_rank, dr = c.qk_rope_head_dim, ql = c.q_lora_rank;
-  int64_t n = 2 * D + 2 * D;  // x_in, attn_in (+ rstd), h_mid, ffn_in
-  n += c.has_q_lora() ? 2 * ql : 0;                       // cq_pre, cq
-  n += H * dk + (kvl + dr) + kvl + dr;                    // q, kva, ckv, kpe
-  n += sparse ? H * (kvl + dr) + (kvl + dr) + H * kvl     // MQA form: q_abs, kv_lat, attn (latent)
-              : H * dk + H * dv + H * dv;                 // MHA form: k, v, attn
-  n += H * dv + H;                                        // o, lse
-  if (sparse) n += 2 * c.index_topk;                      // indices, probs_sum / slot scores
+  int64_t n = 2 * D + 2 * D;                           // x_in, attn_in (+ rstd), h_mid, ffn_in
+  n += c.has_q_lora() ? 2 * ql : 0;                    // cq_pre, cq
+  n += H * dk + (kvl + dr) + kvl + dr;                 // q, kva, ckv, kpe
+  n += sparse ? H * (kvl + dr) + (kvl + dr) + H * kvl  // MQA form: q_abs, kv_lat, attn (latent)
+              : H * dk + H * dv + H * dv;              // MHA form: k, v, attn
+  n += H * dv + H;                                     // o, lse
+  if (sparse) n += 2 * c.index_topk;                   // indices, probs_sum / slot scores
   n += c.index_n_heads * c.index_head_dim + 2 * c.index_head_dim + c.index_n_heads;  // indexer q, k_pre, k, w
   if (c.is_moe_layer(l)) {
     const int64_t K = c.num_experts_per_tok, I = c.moe_intermediate_size, E = c.n_routed_experts;
-    n += 2 * E + 2 * K;                                   // logits, scores, experts, weights
-    n += K * (D + 2 * I + I + D);                         // xp, gu, h, yp
-    n += 3 * I * c.n_shared_experts;                      // shared experts' gate, up, h
+    n += 2 * E + 2 * K;               // logits, scores, experts, weights
+    n += K * (D + 2 * I + I + D);     // xp, gu, h, yp
+    n += 3 * I * c.n_shared_experts;  // shared experts' gate, up, h
   } else {
-    n += 3 * c.intermediate_size;                         // gate, up, h
+    n += 3 * c.intermediate_size;  // gate, up, h
   }
   return n;
 }

@@ -21,14 +21,14 @@
 namespace dsa {
 
 struct MemoryLayout {
-  bool gpu = true;             // bf16 activations and compute copies (else f32 activations, no copies)
-  int64_t ranks = 1;           // data-parallel ranks (every rank)
-  bool zero1 = false;          // AdamW moments sharded over the ranks (CPU backend only)
-  int64_t ep = 1;              // expert-parallel group size
-  int64_t seq_len = 4096;      // tokens per sequence
-  int64_t micro_batch = 1;     // sequences per micro-batch per rank
-  bool recompute = false;      // activation recomputation
-  bool mtp = false;            // the MTP layer runs (mtp_loss_weight > 0)
+  bool gpu = true;          // bf16 activations and compute copies (else f32 activations, no copies)
+  int64_t ranks = 1;        // data-parallel ranks (every rank)
+  bool zero1 = false;       // AdamW moments sharded over the ranks (CPU backend only)
+  int64_t ep = 1;           // expert-parallel group size
+  int64_t seq_len = 4096;   // tokens per sequence
+  int64_t micro_batch = 1;  // sequences per micro-batch per rank
+  bool recompute = false;   // activation recomputation
+  bool mtp = false;         // the MTP layer runs (mtp_loss_weight > 0)
 };
 
 struct MemoryPlan {
@@ -39,7 +39,9 @@ struct MemoryPlan {
   double grads_bytes = 0;
   double optimizer_bytes = 0;
   double activation_bytes = 0;
-  double total_bytes() const { return weights_bytes + compute_bytes + grads_bytes + optimizer_bytes + activation_bytes; }
+  double total_bytes() const {
+    return weights_bytes + compute_bytes + grads_bytes + optimizer_bytes + activation_bytes;
+  }
 };
 
 // Activation elements one token keeps in layer `layer` (its whole cache).

@@ -52,7 +52,8 @@ void Model::mtp_forward(MtpCache& m, const Tensor& hn, const Tensor& targets, co
   const std::string head = cfg_.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight";
   if (opts.capture_mtp_logits) *opts.capture_mtp_logits = ops::linear_forward(m.yn, params_.w(head));
   if (ctx.backward && opts.train_main) return;  // the loss and its gradient come together in mtp_backward
-  const ops::CrossEntropyResult ce = ops::lm_head_cross_entropy(m.yn, params_.w(head), m.targets, 1.0, nullptr, nullptr);
+  const ops::CrossEntropyResult ce =
+      ops::lm_head_cross_entropy(m.yn, params_.w(head), m.targets, 1.0, nullptr, nullptr);
   stats.mtp_loss_sum += ce.loss_sum;
   stats.mtp_tokens += ce.count;
 }
@@ -64,9 +65,8 @@ void Model::mtp_backward(MtpCache& m, Tensor& dhn, const LayerContext& ctx, Step
   const StepOptions& opts = ctx.opts;
   const std::string head = cfg_.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight";
   Tensor dyn;
-  const ops::CrossEntropyResult ce =
-      ops::lm_head_cross_entropy(m.yn, params_.w(head), m.targets, opts.lm_grad_scale * opts.mtp_loss_weight, &dyn,
-                                 &params_.grad(head));
+  const ops::CrossEntropyResult ce = ops::lm_head_cross_entropy(
+      m.yn, params_.w(head), m.targets, opts.lm_grad_scale * opts.mtp_loss_weight, &dyn, &params_.grad(head));
   stats.mtp_loss_sum += ce.loss_sum;
   stats.mtp_tokens += ce.count;
   Tensor dh = ops::rmsnorm_backward(dyn, m.y, params_.w(p + "shared_head.norm.weight"), m.y_rstd,

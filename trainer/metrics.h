@@ -2,8 +2,9 @@
 // the same records as JSON lines in OUTPUT_DIR/metrics.jsonl (read by tools/dsa_plot.py).
 //
 // JSON keys, each written only when the record has it: stage, step, lm_loss, indexer_kl, mtp_loss,
-// grad_norm, lr, tokens_per_s, val_lm_loss, val_indexer_kl, val_mtp_loss, recall. `step` counts optimizer steps completed within the
-// stage (1..steps); the plot tool lines stages up one after another by name. Non-finite values (the
+// grad_norm, lr, tokens_per_s, val_lm_loss, val_indexer_kl, val_mtp_loss, recall. `step` counts
+// optimizer steps completed within the stage (1..steps); the plot tool lines stages up one after
+// another by name. Non-finite values (the
 // step where a NaN appeared) are written as null: JSON has no NaN.
 #pragma once
 

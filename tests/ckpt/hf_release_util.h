@@ -6,7 +6,6 @@
 #pragma once
 
 #include <nlohmann/json.hpp>
-
 #include <string>
 
 #include "model/config.h"
@@ -71,18 +70,13 @@ inline std::string v3_release_config(const ModelConfig& c, bool fp8, int mtp_lay
   j["transformers_version"] = "4.33.1";
   const nlohmann::ordered_json common = release_common(c);
   for (auto& [k, v] : common.items()) j[k] = v;
-  j["rope_scaling"] = {{"beta_fast", 32},
-                       {"beta_slow", 1},
-                       {"factor", 40},
-                       {"mscale", 1.0},
-                       {"mscale_all_dim", 1.0},
-                       {"original_max_position_embeddings", c.max_position_embeddings / 40},
+  j["rope_scaling"] = {{"beta_fast", 32},       {"beta_slow", 1},
+                       {"factor", 40},          {"mscale", 1.0},
+                       {"mscale_all_dim", 1.0}, {"original_max_position_embeddings", c.max_position_embeddings / 40},
                        {"type", "yarn"}};
   if (fp8)
-    j["quantization_config"] = {{"activation_scheme", "dynamic"},
-                                {"fmt", "e4m3"},
-                                {"quant_method", "fp8"},
-                                {"weight_block_size", {128, 128}}};
+    j["quantization_config"] = {
+        {"activation_scheme", "dynamic"}, {"fmt", "e4m3"}, {"quant_method", "fp8"}, {"weight_block_size", {128, 128}}};
   return j.dump(2);
 }
 

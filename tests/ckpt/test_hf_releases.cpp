@@ -71,10 +71,10 @@ std::vector<std::pair<std::string, Tensor>> release_tensors(const ModelConfig& c
   std::vector<std::pair<std::string, Tensor>> out;
   for (auto& [name, t] : hf_tensors_for_export(c, ps, {}, opt)) {
     if (is_indexer_name(name)) continue;
-    const bool layer_linear = t.ndim() == 2 && name.rfind("model.layers.", 0) == 0 &&
-                              name.find("norm") == std::string::npos && name.find("mlp.gate.weight") == std::string::npos &&
-                              name.find("eh_proj") == std::string::npos && name.find("shared_head") == std::string::npos &&
-                              name.find("embed_tokens") == std::string::npos;
+    const bool layer_linear =
+        t.ndim() == 2 && name.rfind("model.layers.", 0) == 0 && name.find("norm") == std::string::npos &&
+        name.find("mlp.gate.weight") == std::string::npos && name.find("eh_proj") == std::string::npos &&
+        name.find("shared_head") == std::string::npos && name.find("embed_tokens") == std::string::npos;
     if (fp8 && layer_linear) {
       auto [q, s] = quant_fp8_blocks(t.to(DType::F32), 128);
       if (expect) (*expect)[name] = dequant_fp8_blocks(q, s, 128, name);
@@ -133,7 +133,8 @@ TEST(HfReleases, V3Fp8ReleaseImportsWithAFreshIndexerAndItsMtpLayer) {
       for (int64_t e = 0; e < c.n_routed_experts; ++e)
         for (int64_t k = 0; k < I * D; ++k) {
           ASSERT_EQ(p.value.item(e * 2 * I * D + k), expect.at(base + std::to_string(e) + ".gate_proj.weight").item(k));
-          ASSERT_EQ(p.value.item(e * 2 * I * D + I * D + k), expect.at(base + std::to_string(e) + ".up_proj.weight").item(k));
+          ASSERT_EQ(p.value.item(e * 2 * I * D + I * D + k),
+                    expect.at(base + std::to_string(e) + ".up_proj.weight").item(k));
         }
     } else if (p.value.ndim() == 3) {  // routed experts' down_proj
       const std::string base = p.name.substr(0, p.name.size() - strlen("down_proj"));
@@ -224,8 +225,7 @@ TEST(HfReleases, EveryFunctionalKeyIsReadOrRefusedByName) {
     nlohmann::ordered_json j = nlohmann::ordered_json::parse(v3_release_config(c, false, 0));
     j[k.key] = nlohmann::ordered_json::parse(k.value);
     std::ofstream(dir / "config.json") << j.dump(2);
-    EXPECT_TRUE(throws_with([&] { read_hf_config(dir / "config.json", tiny_indexer()); },
-                            {"config.json", k.want}))
+    EXPECT_TRUE(throws_with([&] { read_hf_config(dir / "config.json", tiny_indexer()); }, {"config.json", k.want}))
         << k.key << " = " << k.value;
   }
   // V2 routes with softmax: a V2 config saying sigmoid is refused.
@@ -285,7 +285,8 @@ TEST(HfReleases, MtpLayerMissingDroppedOrWithDifferentCopies) {
   // A layer beyond the MTP layer does not fit the config.
   tensors.emplace_back("model.layers.3.input_layernorm.weight", Tensor::zeros({32}, DType::F32));
   write_release(dir / "d", v3_release_config(c, false, 1), tensors);
-  EXPECT_TRUE(throws_with([&] { import_hf(dir / "d", io); }, {"model.layers.3.input_layernorm.weight", "belongs to layer 3"}));
+  EXPECT_TRUE(
+      throws_with([&] { import_hf(dir / "d", io); }, {"model.layers.3.input_layernorm.weight", "belongs to layer 3"}));
 }
 
 TEST(HfReleases, ExportNamesTheTransformersClassAndRoundTrips) {
@@ -381,7 +382,8 @@ TEST(HfReleases, DsaConvertSaysWhatItDid) {
   const ModelConfig c = v3_model(1);
   ParamStore ps = random_params(c, 11);
   write_release(dir / "v3", v3_release_config(c, true, 1), release_tensors(c, ps, true, nullptr));
-  auto [rc, text] = run("import " + (dir / "v3") + " " + (dir / "a.h5") + " --index-n-heads 2 --index-head-dim 8 --index-topk 4");
+  auto [rc, text] =
+      run("import " + (dir / "v3") + " " + (dir / "a.h5") + " --index-n-heads 2 --index-head-dim 8 --index-topk 4");
   ASSERT_EQ(rc, 0) << text;
   EXPECT_NE(text.find("indexer: 2 heads x 8, top-4 (from the flags), freshly initialized"), std::string::npos) << text;
   EXPECT_NE(text.find("2 layers + 1 MTP layer"), std::string::npos) << text;

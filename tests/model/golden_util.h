@@ -4,17 +4,16 @@
 #pragma once
 
 #include <gtest/gtest.h>
-
-#include <nlohmann/json.hpp>
+#include <sys/stat.h>
 
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <sstream>
 #include <string>
-#include <sys/stat.h>
 
 #include "model/model.h"
 #include "tests/ckpt/ckpt_util.h"
@@ -113,8 +112,8 @@ struct GoldenSet {
   nlohmann::json manifest;
   Tensor ids, targets;  // [B*T] i32; targets: the next token, -1 at each sequence's end
   int64_t B = 0, T = 0;
-  Checkpoint ckpt;      // what `dsa-convert import` wrote
-  bool v32 = false;     // the golden class has an indexer (its selection is the sparse runs')
+  Checkpoint ckpt;   // what `dsa-convert import` wrote
+  bool v32 = false;  // the golden class has an indexer (its selection is the sparse runs')
   bool mtp = false;
 
   static bool present(const std::string& name) { return file_exists(kGoldenDir + name + "/manifest.json"); }

@@ -85,7 +85,8 @@ void check_main_grads(Fixture& f, const StepOptions& o, int64_t max_elems, const
     const bool shared = p.name == "model.embed_tokens.weight" || p.name == "lm_head.weight";
     if (only_mtp && !shared && !is_mtp_param(f.cfg, p.name)) continue;
     Tensor analytic = p.grad.clone();
-    EXPECT_TRUE(grad_check(p.name, p.value, analytic, [&] { return f.objective(o); }, 1e-6, 2e-5, 1e-8, max_elems))
+    EXPECT_TRUE(grad_check(
+        p.name, p.value, analytic, [&] { return f.objective(o); }, 1e-6, 2e-5, 1e-8, max_elems))
         << what << ": " << p.name;
     ++checked;
   }
@@ -225,8 +226,8 @@ TEST(ModelFamilies, MtpIndexerIsTrainedByItsOwnKl) {
   EXPECT_EQ(s.indexer_rows, (f.cfg.num_hidden_layers + 1) * f.B * f.T);
   const std::string w = layer_prefix(f.cfg.mtp_layer()) + "self_attn.indexer.wq_b.weight";
   Tensor analytic = f.m.params().grad(w).clone();
-  EXPECT_TRUE(grad_check(w, f.m.params()[w], analytic, [&] { return f.run(o, false).indexer_kl_sum; }, 1e-6, 2e-5,
-                         1e-9, 8));
+  EXPECT_TRUE(grad_check(
+      w, f.m.params()[w], analytic, [&] { return f.run(o, false).indexer_kl_sum; }, 1e-6, 2e-5, 1e-9, 8));
 }
 
 TEST(ModelFamilies, IndexerWithoutQLoraReadsTheHiddenState) {
@@ -263,7 +264,7 @@ TEST(ModelFamilies, SoftmaxModelHasNoBiasToUpdate) {
   StepOptions o;
   f.run(o, false);
   std::vector<Tensor> loads = f.m.expert_loads();
-  EXPECT_EQ(loads.size(), 2u);  // layers 1 and 2 (the MTP layer did not run)
+  EXPECT_EQ(loads.size(), 2u);       // layers 1 and 2 (the MTP layer did not run)
   f.m.update_moe_bias(loads, 0.01);  // a no-op, not an error
   // With the MTP layer: one more load tensor, and the sigmoid model's MTP router bias moves too.
   Fixture g(v3_mtp_config(), 55);
@@ -300,8 +301,9 @@ TEST(ModelFamilies, ConfigKeysRoundTripAndRefusals) {
     return y + key + ": " + value + "\n";
   };
   EXPECT_NE(error_of(with("scoring_func", "relu")).find("key 'scoring_func' must be sigmoid"), std::string::npos);
-  EXPECT_NE(error_of(with("topk_method", "greedy")).find("key 'topk_method' must be noaux_tc with scoring_func sigmoid"),
-            std::string::npos);
+  EXPECT_NE(
+      error_of(with("topk_method", "greedy")).find("key 'topk_method' must be noaux_tc with scoring_func sigmoid"),
+      std::string::npos);
   EXPECT_NE(error_of(with("num_nextn_predict_layers", "2")).find("key 'num_nextn_predict_layers' must be 0 or 1"),
             std::string::npos);
   std::string softmax_norm = with("scoring_func", "softmax") + "topk_method: greedy\n";  // tiny has norm_topk_prob true

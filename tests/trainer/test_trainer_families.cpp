@@ -42,7 +42,8 @@ const Family kFamilies[] = {
      ""},
     {"moonlight",
      "  q_lora_rank: null\n  n_group: 1\n  topk_group: 1\n  n_shared_experts: 2\n  rope_interleave: false\n", ""},
-    {"v3_mtp", "  q_lora_rank: 16\n  n_group: 2\n  topk_group: 1\n  n_shared_experts: 1\n  num_nextn_predict_layers: 1\n",
+    {"v3_mtp",
+     "  q_lora_rank: 16\n  n_group: 2\n  topk_group: 1\n  n_shared_experts: 1\n  num_nextn_predict_layers: 1\n",
      "  mtp_loss_weight: 0.3\n"},
 };
 
@@ -141,9 +142,9 @@ TEST(TrainerFamiliesMtp, MtpLayerIsCarriedUnchangedWhenItsLossIsOff) {
   const Family& f = kFamilies[3];
   const std::string out = ::testing::TempDir() + "/dsa_trainer_family_mtp_off";
   fs::remove_all(out);
-  Recipe r = parse_recipe(recipe_text(f, out), "mtp_off.yaml",
-                          {"stage_defaults.mtp_loss_weight=0", "stages.dense.steps=3", "stages.warmup.steps=2",
-                           "stages.sparse.steps=2"});
+  Recipe r = parse_recipe(
+      recipe_text(f, out), "mtp_off.yaml",
+      {"stage_defaults.mtp_loss_weight=0", "stages.dense.steps=3", "stages.warmup.steps=2", "stages.sparse.steps=2"});
   Trainer(r, TrainOptions{}).run();
   Checkpoint start = load_checkpoint(r.final_checkpoint("dense"));
   Checkpoint end = load_checkpoint(r.final_checkpoint("sparse"));
@@ -202,7 +203,8 @@ TEST(TrainerFamiliesImport, DenseStageOfAnImportedV3StartsFromTransformersLoss) 
   rt << "model: " << ckpt << "\ndata:\n  shards: " << corpus
      << "\nstages:\n  - {name: dense, kind: dense, steps: 1, seq_len: " << T - 1
      << ", global_batch: 1, eval_batches: 1, init_from: " << ckpt << "}\n"
-     << "logging:\n  terminal: false\noutput_dir: " << scratch / "run" << "\nseed: 1\ndevice: cpu\n";
+     << "logging:\n  terminal: false\noutput_dir: " << scratch / "run"
+     << "\nseed: 1\ndevice: cpu\n";
   Recipe r = parse_recipe(rt.str(), "import.yaml");
   EXPECT_EQ(r.model.to_yaml(), g.ckpt.cfg.to_yaml());
   Trainer(r, TrainOptions{}).run();
