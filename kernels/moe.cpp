@@ -1,11 +1,15 @@
 // Mixture of experts, CPU reference: routing (DeepSeek-V3 / V3.2 sigmoid, group-limited, bias-corrected
-// top-k), expert loads and the sequence-wise balance loss, token permutation by expert, weighted
-// combine, and the grouped expert GEMM. Forward and backward side by side.
+// top-k; DeepSeek-V2 softmax, greedy or group-limited), expert loads and the sequence-wise balance
+// loss, token permutation by expert, weighted combine, and the grouped expert GEMM. Forward and
+// backward side by side.
 //
-// Routing, per token (matches transformers' DeepseekV3TopkRouter, which DeepseekV32TopkRouter reuses):
-//   s      = sigmoid(logits)                       [E]  computed in the logits' float type
-//   c      = s + bias                               [E]  used for selection only
-//   group  = sum of the top-2 c of each of n_group groups (a 1-expert group: its single c)
+// Routing, per token (matches transformers' DeepseekV3TopkRouter, which DeepseekV32TopkRouter reuses,
+// and DeepseekV2Moe.route_tokens_to_experts):
+//   s      = sigmoid(logits) or softmax(logits)     [E]  sigmoid in the logits' float type; softmax with
+//                                                        exp and the row sum in double, rounded once
+//   c      = s + bias                               [E]  used for selection only (no bias: c = s)
+//   group  = sum of the top-2 c of each of n_group groups (a 1-expert group: its single c), or with
+//            group_max the group's largest c (V2's group_limited_greedy)
 //   keep the topk_group best groups; experts outside them are masked to -inf
 //   experts = the top_k best c among the kept groups, in descending c
 //   weights = s[experts] / (sum s[experts] + 1e-20) if norm_topk_prob, then * routed_scaling_factor
@@ -24,6 +28,7 @@
 #include "kernels/cpu_blas.h"
 #include <omp.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -84,8 +89,10 @@ template <class T>
 void route_impl(const Tensor& logits, const Tensor& bias, const MoeRouteConfig& cfg, MoeRouting& r) {
   const int64_t N = logits.size(0), E = logits.size(1), G = cfg.n_group, gs = E / G, K = cfg.top_k;
   const T* x = logits.data<T>();
-  std::vector<T> b(static_cast<size_t>(E));
-  for (int64_t e = 0; e < E; ++e) b[e] = T(bias.item(e));
+  std::vector<T> b(static_cast<size_t>(E), T(0));
+  if (bias.defined())
+    for (int64_t e = 0; e < E; ++e) b[e] = T(bias.item(e));
+  const bool softmax = cfg.scoring == MoeScoring::Softmax;
   T* s = r.scores.data<T>();
   int32_t* ex = r.experts.data<int32_t>();
   T* w = r.weights.data<T>();
@@ -98,9 +105,21 @@ void route_impl(const Tensor& logits, const Tensor& bias, const MoeRouteConfig& 
 #pragma omp for schedule(static)
     for (int64_t n = 0; n < N; ++n) {
       T* sn = s + n * E;
+      const T* xn = x + n * E;
       bool nan = false;
+      if (softmax) {
+        T m = xn[0];
+        for (int64_t e = 1; e < E; ++e) m = std::max(m, xn[e]);
+        double z = 0;
+        for (int64_t e = 0; e < E; ++e) {
+          sn[e] = T(std::exp(static_cast<double>(xn[e] - m)));
+          z += static_cast<double>(sn[e]);
+        }
+        for (int64_t e = 0; e < E; ++e) sn[e] = T(static_cast<double>(sn[e]) / z);
+      } else {
+        for (int64_t e = 0; e < E; ++e) sn[e] = T(1) / (T(1) + std::exp(-xn[e]));
+      }
       for (int64_t e = 0; e < E; ++e) {
-        sn[e] = T(1) / (T(1) + std::exp(-x[n * E + e]));
         c[e] = sn[e] + b[e];
         nan |= std::isnan(c[e]);
       }
@@ -109,8 +128,12 @@ void route_impl(const Tensor& logits, const Tensor& bias, const MoeRouteConfig& 
         if (bad < 0 || n < bad) bad = n;
         continue;
       }
-      for (int64_t g = 0; g < G; ++g) {  // sum of the top-2 biased scores of the group
+      for (int64_t g = 0; g < G; ++g) {  // sum of the top-2 biased scores of the group (or its max)
         const T* cg = c.data() + g * gs;
+        if (cfg.group_max) {
+          gscore[g] = *std::max_element(cg, cg + gs);
+          continue;
+        }
         if (gs == 1) {
           gscore[g] = cg[0];
           continue;
@@ -157,8 +180,10 @@ MoeRouting moe_route(const Tensor& logits, const Tensor& bias, const MoeRouteCon
   const char* op = "moe_route";
   expect_shape(op, "logits", logits, {-1, -1});
   const int64_t N = logits.size(0), E = logits.size(1);
-  expect_float(op, "bias", bias);
-  expect_shape(op, "bias", bias, {E});
+  if (bias.defined()) {
+    expect_float(op, "bias", bias);
+    expect_shape(op, "bias", bias, {E});
+  }
   DSA_CHECK(cfg.n_group >= 1 && E % cfg.n_group == 0, "[moe_route] n_group (", cfg.n_group,
             ") must divide the number of experts (", E, ")");
   DSA_CHECK(cfg.topk_group >= 1 && cfg.topk_group <= cfg.n_group, "[moe_route] topk_group (", cfg.topk_group,
@@ -167,9 +192,9 @@ MoeRouting moe_route(const Tensor& logits, const Tensor& bias, const MoeRouteCon
             ") must be in [1, topk_group * experts per group = ", cfg.topk_group * (E / cfg.n_group), "]");
   DSA_DISPATCH_CUDA(on_cuda(logits), op, cuda::moe_route(logits, bias, cfg));
   expect_float(op, "logits", logits);
-  cpu_only(op, bias);
+  if (bias.defined()) cpu_only(op, bias);
   MoeRouting r{Tensor::empty({N, E}, logits.dtype()), Tensor::empty({N, cfg.top_k}, DType::I32),
-               Tensor::empty({N, cfg.top_k}, logits.dtype())};
+               Tensor::empty({N, cfg.top_k}, logits.dtype()), cfg.scoring};
   dispatch_float(logits, [&](auto tag) { route_impl<decltype(tag)>(logits, bias, cfg, r); });
   return r;
 }
@@ -204,6 +229,17 @@ Tensor moe_route_backward(const Tensor& dweights, const MoeRouting& r, const Moe
         for (int64_t k = 0; k < K; ++k) proj += dw[n * K + k] * s[n * E + ex[n * K + k]];
         proj /= Z;
       }
+      if (r.scoring == MoeScoring::Softmax) {
+        // dl_j = s_j (ds_j - sum_k ds_k s_k), ds nonzero on the chosen experts only.
+        T dot = 0;
+        for (int64_t k = 0; k < K; ++k) dot += c * (dw[n * K + k] - proj) / Z * s[n * E + ex[n * K + k]];
+        for (int64_t e = 0; e < E; ++e) dl[n * E + e] = -s[n * E + e] * dot;
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t e = ex[n * K + k];
+          dl[n * E + e] += s[n * E + e] * (c * (dw[n * K + k] - proj) / Z);
+        }
+        continue;
+      }
       for (int64_t k = 0; k < K; ++k) {
         const int64_t e = ex[n * K + k];
         const T se = s[n * E + e];
@@ -227,6 +263,16 @@ Tensor moe_scores_backward(const Tensor& dscores, const MoeRouting& r) {
     const T* ds = dscores.data<T>();
     const T* s = r.scores.data<T>();
     T* dl = dlogits.data<T>();
+    if (r.scoring == MoeScoring::Softmax) {
+      const int64_t N = dscores.size(0), E = dscores.size(1);
+#pragma omp parallel for schedule(static)
+      for (int64_t n = 0; n < N; ++n) {
+        T dot = 0;
+        for (int64_t e = 0; e < E; ++e) dot += ds[n * E + e] * s[n * E + e];
+        for (int64_t e = 0; e < E; ++e) dl[n * E + e] = s[n * E + e] * (ds[n * E + e] - dot);
+      }
+      return;
+    }
     const int64_t n = dscores.numel();
 #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < n; ++i) dl[i] = ds[i] * s[i] * (T(1) - s[i]);

@@ -122,23 +122,30 @@ AttentionGrads attention_backward(const Tensor& dout /*[B, T, H, Dv]*/, const Te
                                   const Tensor& v, const Tensor& out, const Tensor& lse, double scale);
 
 // --------------------------------------------------------------------------------------- moe
+// Router scores: sigmoid per expert (DeepSeek-V3) or softmax over the experts (DeepSeek-V2).
+enum class MoeScoring : uint8_t { Sigmoid, Softmax };
 struct MoeRouting {
-  Tensor scores;   // [N, E] sigmoid(logits), unbiased (f32/f64)
+  Tensor scores;   // [N, E] sigmoid(logits) or softmax(logits), unbiased (f32/f64)
   Tensor experts;  // [N, K] i32 chosen experts, in descending biased score (ties: lower index first)
   Tensor weights;  // [N, K] scores of the chosen, normalized to sum 1 if norm_topk_prob, times scaling
+  MoeScoring scoring = MoeScoring::Sigmoid;  // how scores were made (their backward follows it)
 };
 struct MoeRouteConfig {
   int n_group = 1, topk_group = 1, top_k = 1;
   bool norm_topk_prob = true;
   double routed_scaling_factor = 1.0;
+  MoeScoring scoring = MoeScoring::Sigmoid;
+  bool group_max = false;  // group score = the group's largest score (V2 group_limited_greedy), not its top-2 sum
 };
-// Selection uses scores + bias (bias [E], never in the weights): experts in n_group groups, group
-// score = sum of its top-2 biased scores, keep the topk_group best groups (ties: lower group first),
-// then the top_k best experts among them.
+// Selection uses scores + bias (bias [E], never in the weights; undefined = no bias): experts in
+// n_group groups, group score = sum of its top-2 biased scores (or its largest with group_max), keep
+// the topk_group best groups (ties: lower group first), then the top_k best experts among them.
+// n_group = topk_group = 1 is plain top-k (V2's greedy).
 MoeRouting moe_route(const Tensor& logits /*[N, E]*/, const Tensor& bias /*[E] f32*/, const MoeRouteConfig& cfg);
 // dlogits [N, E] from dweights [N, K] (selection is not differentiated).
 Tensor moe_route_backward(const Tensor& dweights, const MoeRouting& r, const MoeRouteConfig& cfg);
-// dlogits [N, E] = dscores * s * (1 - s): the sigmoid backward, for losses on r.scores.
+// dlogits [N, E] from dscores, for losses on r.scores: sigmoid: dscores * s * (1 - s);
+// softmax: s * (dscores - sum_j dscores_j s_j) per row.
 Tensor moe_scores_backward(const Tensor& dscores /*[N, E]*/, const MoeRouting& r);
 Tensor moe_expert_load(const MoeRouting& r, int64_t n_experts);  // [E] f32 count of tokens routed to each expert
 // DeepSeek-V3 sequence-wise balance loss (paper eq. 17-20), averaged over the batch's sequences:

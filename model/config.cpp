@@ -1,4 +1,5 @@
 #include "model/config.h"
+#include "model/hf_config.h"
 
 #include <yaml-cpp/yaml.h>
 
@@ -11,13 +12,13 @@
 
 namespace dsa {
 
-namespace {
-
-[[noreturn]] void config_error(const std::string& source, const YAML::Node* node, const std::string& msg) {
+void config_error(const std::string& source, const YAML::Node* node, const std::string& msg) {
   std::string where = source;
   if (node && node->Mark().line >= 0) where += ":" + std::to_string(node->Mark().line + 1);
   throw std::runtime_error("[config] " + where + ": " + msg);
 }
+
+namespace {
 
 template <class T>
 T read_scalar(const YAML::Node& n, const std::string& source, const std::string& key, const char* expected) {
@@ -40,19 +41,31 @@ double ModelConfig::attention_scale() const {
   return scale;
 }
 
+namespace {
+
+// Parameters of one decoder layer (attention, indexer, FFN, its two norms).
+int64_t layer_parameters(const ModelConfig& c, int64_t layer) {
+  const int64_t D = c.hidden_size, H = c.num_attention_heads, ql = c.q_lora_rank;
+  const int64_t q_path = c.has_q_lora() ? D * ql + ql + ql * H * c.qk_head_dim() : D * H * c.qk_head_dim();
+  const int64_t attn = q_path + D * (c.kv_lora_rank + c.qk_rope_head_dim) + c.kv_lora_rank +
+                       c.kv_lora_rank * H * (c.qk_nope_head_dim + c.v_head_dim) + H * c.v_head_dim * D;
+  const int64_t ix_q = (c.has_q_lora() ? ql : D) * c.index_n_heads * c.index_head_dim;
+  const int64_t indexer = ix_q + D * c.index_head_dim + 2 * c.index_head_dim + D * c.index_n_heads;
+  const int64_t dense_mlp = 3 * D * c.intermediate_size;
+  const int64_t moe = c.n_routed_experts * D + (c.has_routing_bias() ? c.n_routed_experts : 0) +
+                      c.n_routed_experts * 3 * D * c.moe_intermediate_size +
+                      3 * D * c.moe_intermediate_size * c.n_shared_experts;
+  return 2 * D + attn + indexer + (c.is_moe_layer(layer) ? moe : dense_mlp);
+}
+
+}  // namespace
+
 int64_t ModelConfig::parameter_count() const {
-  const int64_t D = hidden_size, H = num_attention_heads;
-  int64_t attn = D * q_lora_rank + q_lora_rank + q_lora_rank * H * qk_head_dim() +
-                 D * (kv_lora_rank + qk_rope_head_dim) + kv_lora_rank +
-                 kv_lora_rank * H * (qk_nope_head_dim + v_head_dim) + H * v_head_dim * D;
-  int64_t indexer = q_lora_rank * index_n_heads * index_head_dim + D * index_head_dim + 2 * index_head_dim +
-                    D * index_n_heads;
-  int64_t dense_mlp = 3 * D * intermediate_size;
-  int64_t moe = n_routed_experts * D + n_routed_experts * 3 * D * moe_intermediate_size +
-                3 * D * moe_intermediate_size * n_shared_experts;
+  const int64_t D = hidden_size;
   int64_t total = vocab_size * D * (tie_word_embeddings ? 1 : 2) + D;
-  for (int64_t l = 0; l < num_hidden_layers; ++l)
-    total += 2 * D + attn + indexer + (is_moe_layer(l) ? moe : dense_mlp);
+  for (int64_t l = 0; l < num_hidden_layers; ++l) total += layer_parameters(*this, l);
+  // MTP layer: enorm, hnorm, eh_proj [D, 2D], shared_head.norm and a decoder layer (embedding and head shared).
+  if (num_nextn_predict_layers > 0) total += 3 * D + 2 * D * D + layer_parameters(*this, mtp_layer());
   return total;
 }
 
@@ -67,7 +80,8 @@ void ModelConfig::validate(const std::string& source) const {
   positive("hidden_size", hidden_size);
   positive("num_hidden_layers", num_hidden_layers);
   positive("num_attention_heads", num_attention_heads);
-  positive("q_lora_rank", q_lora_rank);
+  if (q_lora_rank < 0)
+    bad("q_lora_rank", "must be a positive integer or null (no query LoRA), got " + std::to_string(q_lora_rank));
   positive("kv_lora_rank", kv_lora_rank);
   positive("qk_nope_head_dim", qk_nope_head_dim);
   positive("qk_rope_head_dim", qk_rope_head_dim);
@@ -78,6 +92,17 @@ void ModelConfig::validate(const std::string& source) const {
     bad("first_k_dense_replace", "must be in [0, num_hidden_layers=" + std::to_string(num_hidden_layers) + "], got " +
                                      std::to_string(first_k_dense_replace));
   if (first_k_dense_replace > 0) positive("intermediate_size", intermediate_size);
+  if (scoring_func != "sigmoid" && scoring_func != "softmax")
+    bad("scoring_func", "must be sigmoid (DeepSeek-V3) or softmax (DeepSeek-V2), got '" + scoring_func + "'");
+  const bool sigmoid = scoring_func == "sigmoid", greedy = topk_method == "greedy";
+  if (sigmoid && topk_method != "noaux_tc")
+    bad("topk_method", "must be noaux_tc with scoring_func sigmoid (DeepSeek-V3 routing), got '" + topk_method + "'");
+  if (!sigmoid && topk_method != "greedy" && topk_method != "group_limited_greedy")
+    bad("topk_method", "must be greedy or group_limited_greedy with scoring_func softmax (DeepSeek-V2 routing), got '" +
+                           topk_method + "'");
+  if (!sigmoid && norm_topk_prob)
+    bad("norm_topk_prob", "true with scoring_func softmax is not supported: DeepSeek-V2's releases use false, and "
+                          "DeepSeek's and transformers' code disagree on it (transformers ignores the key)");
   if (first_k_dense_replace < num_hidden_layers) {
     positive("n_routed_experts", n_routed_experts);
     positive("moe_intermediate_size", moe_intermediate_size);
@@ -89,12 +114,17 @@ void ModelConfig::validate(const std::string& source) const {
                          std::to_string(n_group));
     if (topk_group > n_group)
       bad("topk_group", "must be <= n_group=" + std::to_string(n_group) + ", got " + std::to_string(topk_group));
-    if (num_experts_per_tok > topk_group * (n_routed_experts / n_group))
-      bad("num_experts_per_tok", "must be <= topk_group * experts per group = " +
-                                     std::to_string(topk_group * (n_routed_experts / n_group)) + ", got " +
-                                     std::to_string(num_experts_per_tok));
+    // greedy routing ignores the groups: any expert may be chosen.
+    const int64_t reachable = greedy ? n_routed_experts : topk_group * (n_routed_experts / n_group);
+    if (num_experts_per_tok > reachable)
+      bad("num_experts_per_tok", std::string("must be <= ") +
+                                     (greedy ? "n_routed_experts" : "topk_group * experts per group") + " = " +
+                                     std::to_string(reachable) + ", got " + std::to_string(num_experts_per_tok));
     if (n_shared_experts < 0) bad("n_shared_experts", "must be >= 0");
   }
+  if (num_nextn_predict_layers < 0 || num_nextn_predict_layers > 1)
+    bad("num_nextn_predict_layers", "must be 0 or 1 (one MTP module, as every DeepSeek release has), got " +
+                                        std::to_string(num_nextn_predict_layers));
   positive("index_n_heads", index_n_heads);
   positive("index_head_dim", index_head_dim);
   positive("index_topk", index_topk);
@@ -108,108 +138,110 @@ void ModelConfig::validate(const std::string& source) const {
   if (!(routed_scaling_factor > 0)) bad("routed_scaling_factor", "must be > 0");
   if (!(initializer_range > 0)) bad("initializer_range", "must be > 0");
   if (rope_scaling.type != "none" && rope_scaling.type != "yarn")
-    bad("rope_scaling.type", "must be 'yarn' (or absent), got '" + rope_scaling.type + "'");
+    bad("rope_scaling.type", "must be 'yarn' or 'default' (or absent), got '" + rope_scaling.type + "'");
   if (rope_scaling.type == "yarn" && !(rope_scaling.factor >= 1.0))
     bad("rope_scaling.factor", "must be >= 1 for yarn");
+  if (rope_scaling.attention_factor < 0) bad("rope_scaling.attention_factor", "must be > 0 (or absent)");
 }
 
-ModelConfig ModelConfig::from_yaml(const YAML::Node& node, const std::string& source, bool strict) {
-  if (!node.IsMap()) config_error(source, &node, "the model configuration must be a mapping of keys");
-  ModelConfig c;
-  using Setter = std::function<void(const YAML::Node&, const std::string&)>;
-  std::map<std::string, Setter> keys;
-  auto int_key = [&](const char* k, int64_t* dst) {
-    keys[k] = [=, &source](const YAML::Node& n, const std::string& key) {
-      *dst = read_scalar<int64_t>(n, source, key, "an integer");
-    };
+bool read_model_key(ModelConfig& c, const std::string& key, const YAML::Node& n, const std::string& source) {
+  auto integer = [&](int64_t* dst) { *dst = read_scalar<int64_t>(n, source, key, "an integer"); };
+  // null: "none" for q_lora_rank (no query LoRA), 0 for the expert counts of a dense model, 1 for groups.
+  auto integer_or_null = [&](int64_t* dst, int64_t null_value) {
+    *dst = n.IsNull() ? null_value : read_scalar<int64_t>(n, source, key, "an integer or null");
   };
-  auto dbl_key = [&](const char* k, double* dst) {
-    keys[k] = [=, &source](const YAML::Node& n, const std::string& key) {
-      *dst = read_scalar<double>(n, source, key, "a number");
-    };
-  };
-  auto bool_key = [&](const char* k, bool* dst) {
-    keys[k] = [=, &source](const YAML::Node& n, const std::string& key) {
-      *dst = read_scalar<bool>(n, source, key, "true or false");
-    };
-  };
-  int_key("vocab_size", &c.vocab_size);
-  int_key("hidden_size", &c.hidden_size);
-  int_key("num_hidden_layers", &c.num_hidden_layers);
-  int_key("first_k_dense_replace", &c.first_k_dense_replace);
-  int_key("num_attention_heads", &c.num_attention_heads);
-  int_key("q_lora_rank", &c.q_lora_rank);
-  int_key("kv_lora_rank", &c.kv_lora_rank);
-  int_key("qk_nope_head_dim", &c.qk_nope_head_dim);
-  int_key("qk_rope_head_dim", &c.qk_rope_head_dim);
-  int_key("v_head_dim", &c.v_head_dim);
-  int_key("intermediate_size", &c.intermediate_size);
-  int_key("moe_intermediate_size", &c.moe_intermediate_size);
-  int_key("n_routed_experts", &c.n_routed_experts);
-  int_key("num_experts_per_tok", &c.num_experts_per_tok);
-  int_key("n_group", &c.n_group);
-  int_key("topk_group", &c.topk_group);
-  int_key("n_shared_experts", &c.n_shared_experts);
-  dbl_key("routed_scaling_factor", &c.routed_scaling_factor);
-  bool_key("norm_topk_prob", &c.norm_topk_prob);
-  dbl_key("rms_norm_eps", &c.rms_norm_eps);
-  dbl_key("rope_theta", &c.rope_theta);
-  int_key("max_position_embeddings", &c.max_position_embeddings);
-  int_key("index_n_heads", &c.index_n_heads);
-  int_key("index_head_dim", &c.index_head_dim);
-  int_key("index_topk", &c.index_topk);
-  bool_key("tie_word_embeddings", &c.tie_word_embeddings);
-  dbl_key("initializer_range", &c.initializer_range);
-  auto rope_map = [&c, &source](const YAML::Node& n, const std::string& key) {
-    if (n.IsNull()) return;
+  auto number = [&](double* dst) { *dst = read_scalar<double>(n, source, key, "a number"); };
+  auto boolean = [&](bool* dst) { *dst = read_scalar<bool>(n, source, key, "true or false"); };
+  auto text = [&](std::string* dst) { *dst = read_scalar<std::string>(n, source, key, "a string"); };
+  if (key == "vocab_size") integer(&c.vocab_size);
+  else if (key == "hidden_size") integer(&c.hidden_size);
+  else if (key == "num_hidden_layers") integer(&c.num_hidden_layers);
+  else if (key == "first_k_dense_replace") integer(&c.first_k_dense_replace);
+  else if (key == "num_attention_heads") integer(&c.num_attention_heads);
+  else if (key == "q_lora_rank") {
+    integer_or_null(&c.q_lora_rank, 0);
+    if (!n.IsNull() && c.q_lora_rank <= 0)
+      config_error(source, &n, "key 'q_lora_rank' must be a positive integer or null (no query LoRA), got " +
+                                   std::to_string(c.q_lora_rank));
+  }
+  else if (key == "kv_lora_rank") integer(&c.kv_lora_rank);
+  else if (key == "qk_nope_head_dim") integer(&c.qk_nope_head_dim);
+  else if (key == "qk_rope_head_dim") integer(&c.qk_rope_head_dim);
+  else if (key == "v_head_dim") integer(&c.v_head_dim);
+  else if (key == "intermediate_size") integer(&c.intermediate_size);
+  else if (key == "moe_intermediate_size") integer_or_null(&c.moe_intermediate_size, 0);
+  else if (key == "n_routed_experts") integer_or_null(&c.n_routed_experts, 0);
+  else if (key == "num_experts_per_tok") integer_or_null(&c.num_experts_per_tok, 0);
+  else if (key == "n_group") integer_or_null(&c.n_group, 1);
+  else if (key == "topk_group") integer_or_null(&c.topk_group, 1);
+  else if (key == "n_shared_experts") integer_or_null(&c.n_shared_experts, 0);
+  else if (key == "routed_scaling_factor") number(&c.routed_scaling_factor);
+  else if (key == "norm_topk_prob") boolean(&c.norm_topk_prob);
+  else if (key == "scoring_func") text(&c.scoring_func);
+  else if (key == "topk_method") text(&c.topk_method);
+  else if (key == "rope_interleave") boolean(&c.rope_interleave);
+  else if (key == "num_nextn_predict_layers") integer(&c.num_nextn_predict_layers);
+  else if (key == "rms_norm_eps") number(&c.rms_norm_eps);
+  else if (key == "rope_theta") number(&c.rope_theta);
+  else if (key == "max_position_embeddings") integer(&c.max_position_embeddings);
+  else if (key == "index_n_heads") integer(&c.index_n_heads);
+  else if (key == "index_head_dim") integer(&c.index_head_dim);
+  else if (key == "index_topk") integer(&c.index_topk);
+  else if (key == "tie_word_embeddings") boolean(&c.tie_word_embeddings);
+  else if (key == "initializer_range") number(&c.initializer_range);
+  else if (key == "rope_scaling" || key == "rope_parameters") {  // rope_parameters: transformers 5.x spelling
+    if (n.IsNull()) return true;
     if (!n.IsMap()) config_error(source, &n, "key '" + key + "' must be a mapping (type, factor, ...) or null");
+    RopeScaling& r = c.rope_scaling;
     for (const auto& kv : n) {
       const std::string k = kv.first.as<std::string>();
       const std::string full = key + "." + k;
+      const YAML::Node& v = kv.second;
+      auto num = [&](double* dst) { *dst = read_scalar<double>(v, source, full, "a number"); };
       if (k == "type" || k == "rope_type") {
-        c.rope_scaling.type = read_scalar<std::string>(kv.second, source, full, "a string");
-        if (c.rope_scaling.type == "default") c.rope_scaling.type = "none";
-      } else if (k == "factor") {
-        c.rope_scaling.factor = read_scalar<double>(kv.second, source, full, "a number");
-      } else if (k == "original_max_position_embeddings") {
-        c.rope_scaling.original_max_position_embeddings = read_scalar<int64_t>(kv.second, source, full, "an integer");
-      } else if (k == "beta_fast") {
-        c.rope_scaling.beta_fast = read_scalar<double>(kv.second, source, full, "a number");
-      } else if (k == "beta_slow") {
-        c.rope_scaling.beta_slow = read_scalar<double>(kv.second, source, full, "a number");
-      } else if (k == "mscale") {
-        c.rope_scaling.mscale = read_scalar<double>(kv.second, source, full, "a number");
-      } else if (k == "mscale_all_dim") {
-        c.rope_scaling.mscale_all_dim = read_scalar<double>(kv.second, source, full, "a number");
-      } else if (k == "rope_theta") {
-        c.rope_theta = read_scalar<double>(kv.second, source, full, "a number");
-      }
-      // Other keys (e.g. transformers' "attention_factor" or "truncate") are ignored.
+        r.type = read_scalar<std::string>(v, source, full, "a string");
+        if (r.type == "default") r.type = "none";
+      } else if (k == "factor") num(&r.factor);
+      else if (k == "original_max_position_embeddings")
+        r.original_max_position_embeddings = read_scalar<int64_t>(v, source, full, "an integer");
+      else if (k == "beta_fast") num(&r.beta_fast);
+      else if (k == "beta_slow") num(&r.beta_slow);
+      else if (k == "mscale") num(&r.mscale);
+      else if (k == "mscale_all_dim") num(&r.mscale_all_dim);
+      else if (k == "attention_factor") num(&r.attention_factor);
+      else if (k == "truncate") r.truncate = read_scalar<bool>(v, source, full, "true or false");
+      else if (k == "rope_theta") c.rope_theta = read_scalar<double>(v, source, full, "a number");
+      else
+        config_error(source, &kv.first,
+                     "key '" + full + "' is not understood (known: type/rope_type, factor, "
+                     "original_max_position_embeddings, beta_fast, beta_slow, mscale, mscale_all_dim, "
+                     "attention_factor, truncate, rope_theta)");
     }
-  };
-  keys["rope_scaling"] = rope_map;
-  keys["rope_parameters"] = rope_map;  // transformers 5.x spelling
+  } else {
+    return false;
+  }
+  return true;
+}
 
-  // Keys of a Hugging Face config.json that this project reads no value from.
-  static const std::set<std::string> hf_ignored = {
-      "architectures", "model_type", "torch_dtype", "dtype", "transformers_version", "auto_map", "bos_token_id",
-      "eos_token_id", "pad_token_id", "hidden_act", "attention_bias", "attention_dropout", "use_cache",
-      "num_key_value_heads", "num_nextn_predict_layers", "topk_method", "scoring_func", "aux_loss_alpha",
-      "seq_aux", "ep_size", "moe_layer_freq", "quantization_config", "pretraining_tp", "head_dim",
-      "mlp_layer_types", "rope_interleave", "n_shared_experts_", "kv_lora_rank_", "output_router_logits",
-      "router_aux_loss_coef", "num_local_experts"};
+ModelConfig ModelConfig::from_yaml(const YAML::Node& node, const std::string& source, bool strict) {
+  if (!strict) return read_hf_config_node(node, source, IndexerDims{}).cfg;
+  if (!node.IsMap()) config_error(source, &node, "the model configuration must be a mapping of keys");
+  static const char* known[] = {
+      "vocab_size", "hidden_size", "num_hidden_layers", "first_k_dense_replace", "num_attention_heads",
+      "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "intermediate_size",
+      "moe_intermediate_size", "n_routed_experts", "num_experts_per_tok", "n_group", "topk_group",
+      "n_shared_experts", "routed_scaling_factor", "norm_topk_prob", "scoring_func", "topk_method",
+      "rope_interleave", "num_nextn_predict_layers", "rms_norm_eps", "rope_theta", "max_position_embeddings",
+      "index_n_heads", "index_head_dim", "index_topk", "tie_word_embeddings", "initializer_range",
+      "rope_scaling", "rope_parameters"};
+  ModelConfig c;
   for (const auto& kv : node) {
     const std::string k = kv.first.as<std::string>();
-    auto it = keys.find(k);
-    if (it != keys.end()) {
-      it->second(kv.second, k);
-    } else if (strict) {
-      std::string allowed;
-      for (const auto& [name, _] : keys) allowed += (allowed.empty() ? "" : ", ") + name;
-      config_error(source, &kv.first, "unknown model key '" + k + "'; allowed keys: " + allowed);
-    } else if (!hf_ignored.count(k)) {
-      // Lenient (config.json): unknown keys are ignored silently; they are often framework metadata.
-    }
+    if (read_model_key(c, k, kv.second, source)) continue;
+    std::set<std::string> sorted(std::begin(known), std::end(known));
+    std::string allowed;
+    for (const auto& name : sorted) allowed += (allowed.empty() ? "" : ", ") + name;
+    config_error(source, &kv.first, "unknown model key '" + k + "'; allowed keys: " + allowed);
   }
   static const char* required[] = {"vocab_size",       "hidden_size",      "num_hidden_layers", "num_attention_heads",
                                    "q_lora_rank",      "kv_lora_rank",     "qk_nope_head_dim",  "qk_rope_head_dim",
@@ -221,6 +253,8 @@ ModelConfig ModelConfig::from_yaml(const YAML::Node& node, const std::string& so
 }
 
 ModelConfig ModelConfig::from_file(const std::string& path) {
+  const bool is_json = path.size() >= 5 && path.substr(path.size() - 5) == ".json";
+  if (is_json) return read_hf_config(path, IndexerDims{}).cfg;
   YAML::Node node;
   try {
     node = YAML::LoadFile(path);
@@ -229,13 +263,12 @@ ModelConfig ModelConfig::from_file(const std::string& path) {
   } catch (const YAML::Exception& e) {
     throw std::runtime_error("[config] " + path + ":" + std::to_string(e.mark.line + 1) + ": parse error: " + e.msg);
   }
-  const bool is_json = path.size() >= 5 && path.substr(path.size() - 5) == ".json";
-  return from_yaml(node, path, /*strict=*/!is_json);
+  return from_yaml(node, path, /*strict=*/true);
 }
 
-namespace {
-void emit_common(std::ostringstream& o, const ModelConfig& c, const char* sep, const char* q, bool json) {
-  auto kv = [&](const char* k, const std::string& v) { o << "  " << q << k << q << ": " << v << sep << "\n"; };
+std::string ModelConfig::to_yaml() const {
+  std::ostringstream o;
+  auto kv = [&](const char* k, const std::string& v) { o << k << ": " << v << "\n"; };
   auto num = [](double v) {
     std::ostringstream s;
     s.precision(17);
@@ -245,77 +278,54 @@ void emit_common(std::ostringstream& o, const ModelConfig& c, const char* sep, c
     return r;
   };
   auto b = [](bool v) { return std::string(v ? "true" : "false"); };
-  kv("vocab_size", std::to_string(c.vocab_size));
-  kv("hidden_size", std::to_string(c.hidden_size));
-  kv("num_hidden_layers", std::to_string(c.num_hidden_layers));
-  kv("first_k_dense_replace", std::to_string(c.first_k_dense_replace));
-  kv("num_attention_heads", std::to_string(c.num_attention_heads));
-  kv("q_lora_rank", std::to_string(c.q_lora_rank));
-  kv("kv_lora_rank", std::to_string(c.kv_lora_rank));
-  kv("qk_nope_head_dim", std::to_string(c.qk_nope_head_dim));
-  kv("qk_rope_head_dim", std::to_string(c.qk_rope_head_dim));
-  kv("v_head_dim", std::to_string(c.v_head_dim));
-  kv("intermediate_size", std::to_string(c.intermediate_size));
-  kv("moe_intermediate_size", std::to_string(c.moe_intermediate_size));
-  kv("n_routed_experts", std::to_string(c.n_routed_experts));
-  kv("num_experts_per_tok", std::to_string(c.num_experts_per_tok));
-  kv("n_group", std::to_string(c.n_group));
-  kv("topk_group", std::to_string(c.topk_group));
-  kv("n_shared_experts", std::to_string(c.n_shared_experts));
-  kv("routed_scaling_factor", num(c.routed_scaling_factor));
-  kv("norm_topk_prob", b(c.norm_topk_prob));
-  kv("rms_norm_eps", num(c.rms_norm_eps));
-  kv("rope_theta", num(c.rope_theta));
-  kv("max_position_embeddings", std::to_string(c.max_position_embeddings));
-  kv("index_n_heads", std::to_string(c.index_n_heads));
-  kv("index_head_dim", std::to_string(c.index_head_dim));
-  kv("index_topk", std::to_string(c.index_topk));
-  kv("tie_word_embeddings", b(c.tie_word_embeddings));
-  kv("initializer_range", num(c.initializer_range));
-  if (c.rope_scaling.type == "yarn") {
-    const RopeScaling& r = c.rope_scaling;
+  auto i = [](int64_t v) { return std::to_string(v); };
+  kv("vocab_size", i(vocab_size));
+  kv("hidden_size", i(hidden_size));
+  kv("num_hidden_layers", i(num_hidden_layers));
+  kv("first_k_dense_replace", i(first_k_dense_replace));
+  kv("num_attention_heads", i(num_attention_heads));
+  kv("q_lora_rank", has_q_lora() ? i(q_lora_rank) : "null");
+  kv("kv_lora_rank", i(kv_lora_rank));
+  kv("qk_nope_head_dim", i(qk_nope_head_dim));
+  kv("qk_rope_head_dim", i(qk_rope_head_dim));
+  kv("v_head_dim", i(v_head_dim));
+  kv("intermediate_size", i(intermediate_size));
+  kv("moe_intermediate_size", i(moe_intermediate_size));
+  kv("n_routed_experts", i(n_routed_experts));
+  kv("num_experts_per_tok", i(num_experts_per_tok));
+  kv("n_group", i(n_group));
+  kv("topk_group", i(topk_group));
+  kv("n_shared_experts", i(n_shared_experts));
+  kv("routed_scaling_factor", num(routed_scaling_factor));
+  kv("norm_topk_prob", b(norm_topk_prob));
+  // Written only when not the default (see the header): V3.2-style YAML stays as older builds wrote it.
+  const ModelConfig d;
+  if (scoring_func != d.scoring_func) kv("scoring_func", scoring_func);
+  if (topk_method != d.topk_method) kv("topk_method", topk_method);
+  if (rope_interleave != d.rope_interleave) kv("rope_interleave", b(rope_interleave));
+  if (num_nextn_predict_layers != d.num_nextn_predict_layers) kv("num_nextn_predict_layers", i(num_nextn_predict_layers));
+  kv("rms_norm_eps", num(rms_norm_eps));
+  kv("rope_theta", num(rope_theta));
+  kv("max_position_embeddings", i(max_position_embeddings));
+  kv("index_n_heads", i(index_n_heads));
+  kv("index_head_dim", i(index_head_dim));
+  kv("index_topk", i(index_topk));
+  kv("tie_word_embeddings", b(tie_word_embeddings));
+  kv("initializer_range", num(initializer_range));
+  if (rope_scaling.type == "yarn") {
+    const RopeScaling& r = rope_scaling;
     std::ostringstream m;
-    if (json)
-      m << "{\"type\": \"yarn\", \"rope_type\": \"yarn\", \"factor\": " << num(r.factor)
-        << ", \"original_max_position_embeddings\": " << r.original_max_position_embeddings
-        << ", \"beta_fast\": " << num(r.beta_fast) << ", \"beta_slow\": " << num(r.beta_slow)
-        << ", \"mscale\": " << num(r.mscale) << ", \"mscale_all_dim\": " << num(r.mscale_all_dim) << "}";
-    else
-      m << "{type: yarn, factor: " << num(r.factor)
-        << ", original_max_position_embeddings: " << r.original_max_position_embeddings
-        << ", beta_fast: " << num(r.beta_fast) << ", beta_slow: " << num(r.beta_slow) << ", mscale: " << num(r.mscale)
-        << ", mscale_all_dim: " << num(r.mscale_all_dim) << "}";
+    m << "{type: yarn, factor: " << num(r.factor) << ", original_max_position_embeddings: "
+      << r.original_max_position_embeddings << ", beta_fast: " << num(r.beta_fast) << ", beta_slow: "
+      << num(r.beta_slow) << ", mscale: " << num(r.mscale) << ", mscale_all_dim: " << num(r.mscale_all_dim);
+    if (r.attention_factor > 0) m << ", attention_factor: " << num(r.attention_factor);
+    if (!r.truncate) m << ", truncate: false";
+    m << "}";
     kv("rope_scaling", m.str());
   } else {
     kv("rope_scaling", "null");
   }
-}
-}  // namespace
-
-std::string ModelConfig::to_hf_json() const {
-  std::ostringstream o;
-  o << "{\n";
-  o << "  \"architectures\": [\"DeepseekV32ForCausalLM\"],\n";
-  o << "  \"model_type\": \"deepseek_v32\",\n";
-  o << "  \"hidden_act\": \"silu\",\n";
-  o << "  \"attention_bias\": false,\n";
-  o << "  \"num_key_value_heads\": " << num_attention_heads << ",\n";
-  o << "  \"torch_dtype\": \"bfloat16\",\n";
-  o << "  \"bos_token_id\": 0,\n  \"eos_token_id\": 1,\n";
-  emit_common(o, *this, ",", "\"", true);
-  o << "  \"num_nextn_predict_layers\": 0\n}\n";
   return o.str();
-}
-
-std::string ModelConfig::to_yaml() const {
-  std::ostringstream o;
-  emit_common(o, *this, "", "", false);
-  std::string s = o.str();
-  // YAML mapping at the top level: drop the two-space indent.
-  std::string out;
-  std::istringstream in(s);
-  for (std::string line; std::getline(in, line);) out += line.substr(2) + "\n";
-  return out;
 }
 
 ModelConfig preset_config(const std::string& name) {

@@ -26,11 +26,15 @@ DType router_dtype(const Tensor& x) { return x.dtype() == DType::BF16 ? DType::F
 
 ops::MoeRouteConfig route_config(const ModelConfig& cfg) {
   ops::MoeRouteConfig r;
-  r.n_group = static_cast<int>(cfg.n_group);
-  r.topk_group = static_cast<int>(cfg.topk_group);
+  // greedy (V2-Lite) ignores the groups: one group holding every expert.
+  const bool greedy = cfg.topk_method == "greedy";
+  r.n_group = greedy ? 1 : static_cast<int>(cfg.n_group);
+  r.topk_group = greedy ? 1 : static_cast<int>(cfg.topk_group);
   r.top_k = static_cast<int>(cfg.num_experts_per_tok);
   r.norm_topk_prob = cfg.norm_topk_prob;
   r.routed_scaling_factor = cfg.routed_scaling_factor;
+  r.scoring = cfg.scoring_func == "softmax" ? ops::MoeScoring::Softmax : ops::MoeScoring::Sigmoid;
+  r.group_max = cfg.topk_method == "group_limited_greedy";
   return r;
 }
 
@@ -43,7 +47,9 @@ Tensor moe_forward(const ParamStore& ps, const std::string& p, const ModelConfig
   c.x = x;
   // The router runs in fp32, as transformers does (master weight, input cast up).
   c.logits = ops::linear_forward(ops::cast(x, router_dtype(x)), ps[p + "gate.weight"]);
-  c.routing = ops::moe_route(c.logits, ps[p + "gate.e_score_correction_bias"], route_config(cfg));
+  const Tensor no_bias;
+  const Tensor& bias = cfg.has_routing_bias() ? ps[p + "gate.e_score_correction_bias"] : no_bias;
+  c.routing = ops::moe_route(c.logits, bias, route_config(cfg));
   c.perm = ops::moe_permutation(c.routing.experts, E);
   c.xp = ops::moe_permute(x, c.perm, K);
   if (ep && ep->size() > 1) {

@@ -1,5 +1,6 @@
-// Feed-forward blocks: the dense SwiGLU MLP and the DeepSeek MoE (sigmoid routing with a selection-only
-// bias, group-limited top-k, shared experts), forward and backward.
+// Feed-forward blocks: the dense SwiGLU MLP and the DeepSeek MoE (V3: sigmoid routing with a
+// selection-only bias, group-limited top-k; V2: softmax routing, greedy or group-limited by the
+// group's max; shared experts), forward and backward.
 #pragma once
 
 #include "kernels/ops.h"

@@ -17,7 +17,11 @@ void indexer_forward(const ParamStore& ps, const std::string& prefix, const Mode
   c = IndexerCache{};
   c.x = x;
   c.cq = cq;
-  c.q = ops::linear_forward(cq, ps.w(p + "wq_b.weight")).view({N, Hi, di});
+  // NOTES: without a query LoRA there is no c_q; the indexer's own projection wq reads the normed
+  // hidden state x instead (docs/converting.md, "The indexer without a query LoRA").
+  c.q = (cfg.has_q_lora() ? ops::linear_forward(cq, ps.w(p + "wq_b.weight"))
+                          : ops::linear_forward(x, ps.w(p + "wq.weight")))
+            .view({N, Hi, di});
   ops::rope_forward_(c.q, positions, rope.cos, rope.sin, 0, ops::RopeStyle::RotateHalf);
   c.k_pre = ops::linear_forward(x, ps.w(p + "wk.weight"));
   c.k = ops::layernorm_forward(c.k_pre, ps.w(p + "k_norm.weight"), ps.w(p + "k_norm.bias"), kIndexerNormEps, &c.k_mean,
@@ -37,8 +41,11 @@ void indexer_backward(ParamStore& ps, const std::string& prefix, const ModelConf
   expect_shape("indexer_backward", "dw", dw_in, {N, Hi});
   Tensor dq = dq_in.clone();
   ops::rope_backward_(dq, positions, rope.cos, rope.sin, 0, ops::RopeStyle::RotateHalf);
-  Tensor dcq_local = ops::linear_backward(dq.view({N, Hi * di}), c.cq, ps.w(p + "wq_b.weight"),
-                                          &ps.grad(p + "wq_b.weight"), dcq != nullptr);
+  // q reads c_q (query LoRA) or x (no query LoRA): its input gradient goes to dcq or joins dx.
+  const bool lora = cfg.has_q_lora();
+  const std::string wq = lora ? p + "wq_b.weight" : p + "wq.weight";
+  Tensor dq_in_grad = ops::linear_backward(dq.view({N, Hi * di}), lora ? c.cq : c.x, ps.w(wq), &ps.grad(wq),
+                                           lora ? dcq != nullptr : dx != nullptr);
   Tensor dk = dk_in.clone();
   ops::rope_backward_(dk, positions, rope.cos, rope.sin, 0, ops::RopeStyle::RotateHalf);
   Tensor dk_pre = ops::layernorm_backward(dk, c.k_pre, ps.w(p + "k_norm.weight"), c.k_mean, c.k_rstd,
@@ -51,8 +58,9 @@ void indexer_backward(ParamStore& ps, const std::string& prefix, const ModelConf
   if (dx) {
     *dx = dx_k;
     ops::add_(*dx, dx_w);
+    if (!lora) ops::add_(*dx, dq_in_grad);
   }
-  if (dcq) *dcq = dcq_local;
+  if (dcq && lora) *dcq = dq_in_grad;
 }
 
 }  // namespace dsa

@@ -18,6 +18,11 @@ Dims dims_of(const ModelConfig& c, int64_t N) {
               c.qk_head_dim(), c.kv_lora_rank, c.q_lora_rank};
 }
 
+// MLA's RoPE pairing: DeepSeek's interleaved pairs, or rotate-half with rope_interleave false.
+ops::RopeStyle mla_rope(const ModelConfig& c) {
+  return c.rope_interleave ? ops::RopeStyle::Interleaved : ops::RopeStyle::RotateHalf;
+}
+
 }  // namespace
 
 void mla_prepare(const ParamStore& ps, const std::string& prefix, const ModelConfig& cfg, const Tensor& x,
@@ -26,6 +31,7 @@ void mla_prepare(const ParamStore& ps, const std::string& prefix, const ModelCon
   const std::string a = prefix + "self_attn.";
   c = MlaCache{};
   c.x = x;
+  if (!cfg.has_q_lora()) return;  // the query comes straight from x (q_proj) in mla_forward
   c.cq_pre = ops::linear_forward(x, ps.w(a + "q_a_proj.weight"));
   c.cq = ops::rmsnorm_forward(c.cq_pre, ps.w(a + "q_a_layernorm.weight"), kLatentNormEps, &c.cq_rstd);
 }
@@ -35,7 +41,7 @@ Tensor mla_forward(const ParamStore& ps, const std::string& prefix, const ModelC
                    const Tensor* sparse_indices, MlaCache& c) {
   const Dims d = dims_of(cfg, B * T);
   expect_shape("mla", "x", x, {d.N, d.D});
-  DSA_CHECK(c.cq.defined() && c.x.same_storage(x), "[mla] mla_prepare must run on the same input first");
+  DSA_CHECK(c.x.defined() && c.x.same_storage(x), "[mla] mla_prepare must run on the same input first");
   DSA_CHECK(!sparse_indices || form == MlaForm::MQA, "[mla] sparse attention runs in the MQA (absorbed) form");
   const std::string a = prefix + "self_attn.";
   c.B = B;
@@ -43,16 +49,19 @@ Tensor mla_forward(const ParamStore& ps, const std::string& prefix, const ModelC
   c.form = form;
   c.sparse = sparse_indices != nullptr;
 
-  // Query path: c_q (low rank, normed, from mla_prepare) -> per-head [nope | rope].
-  c.q = ops::linear_forward(c.cq, ps.w(a + "q_b_proj.weight")).view({d.N, d.H, d.dk});
-  ops::rope_forward_(c.q, positions, rope.cos, rope.sin, d.dn, ops::RopeStyle::Interleaved);
+  // Query path: c_q (low rank, normed, from mla_prepare) -> per-head [nope | rope]; without a query
+  // LoRA, x -> q_proj -> per-head [nope | rope].
+  c.q = (cfg.has_q_lora() ? ops::linear_forward(c.cq, ps.w(a + "q_b_proj.weight"))
+                          : ops::linear_forward(x, ps.w(a + "q_proj.weight")))
+            .view({d.N, d.H, d.dk});
+  ops::rope_forward_(c.q, positions, rope.cos, rope.sin, d.dn, mla_rope(cfg));
 
   // Key/value latent: x -> [c_kv | k_pe]; c_kv normed, k_pe roped (one per token, shared by heads).
   c.kva = ops::linear_forward(x, ps.w(a + "kv_a_proj_with_mqa.weight"));
   c.ckv = ops::rmsnorm_forward(ops::narrow(c.kva, 1, 0, d.kvl), ps.w(a + "kv_a_layernorm.weight"), kLatentNormEps,
                                &c.ckv_rstd);
   c.kpe = ops::narrow(c.kva, 1, d.kvl, d.kvl + d.dr).view({d.N, 1, d.dr});
-  ops::rope_forward_(c.kpe, positions, rope.cos, rope.sin, 0, ops::RopeStyle::Interleaved);
+  ops::rope_forward_(c.kpe, positions, rope.cos, rope.sin, 0, mla_rope(cfg));
 
   const double scale = cfg.attention_scale();
   const Tensor& w_kvb = ps.w(a + "kv_b_proj.weight");  // [H*(dn+dv), kvl]
@@ -166,16 +175,22 @@ Tensor mla_backward(ParamStore& ps, const std::string& prefix, const ModelConfig
   }
 
   // Query path back to x.
-  ops::rope_backward_(dq, positions, rope.cos, rope.sin, d.dn, ops::RopeStyle::Interleaved);
-  Tensor dcq = ops::linear_backward(dq.view({d.N, d.H * d.dk}), c.cq, ps.w(a + "q_b_proj.weight"),
-                                    &ps.grad(a + "q_b_proj.weight"));
-  if (dcq_extra) ops::add_(dcq, *dcq_extra);
-  Tensor dcq_pre = ops::rmsnorm_backward(dcq, c.cq_pre, ps.w(a + "q_a_layernorm.weight"), c.cq_rstd,
-                                         &ps.grad(a + "q_a_layernorm.weight"));
-  Tensor dx = ops::linear_backward(dcq_pre, c.x, ps.w(a + "q_a_proj.weight"), &ps.grad(a + "q_a_proj.weight"));
+  ops::rope_backward_(dq, positions, rope.cos, rope.sin, d.dn, mla_rope(cfg));
+  Tensor dx;
+  if (cfg.has_q_lora()) {
+    Tensor dcq = ops::linear_backward(dq.view({d.N, d.H * d.dk}), c.cq, ps.w(a + "q_b_proj.weight"),
+                                      &ps.grad(a + "q_b_proj.weight"));
+    if (dcq_extra) ops::add_(dcq, *dcq_extra);
+    Tensor dcq_pre = ops::rmsnorm_backward(dcq, c.cq_pre, ps.w(a + "q_a_layernorm.weight"), c.cq_rstd,
+                                           &ps.grad(a + "q_a_layernorm.weight"));
+    dx = ops::linear_backward(dcq_pre, c.x, ps.w(a + "q_a_proj.weight"), &ps.grad(a + "q_a_proj.weight"));
+  } else {
+    DSA_CHECK(!dcq_extra, "[mla] a query-latent gradient for a model without a query LoRA");
+    dx = ops::linear_backward(dq.view({d.N, d.H * d.dk}), c.x, ps.w(a + "q_proj.weight"), &ps.grad(a + "q_proj.weight"));
+  }
 
   // Latent path back to x.
-  ops::rope_backward_(dkpe, positions, rope.cos, rope.sin, 0, ops::RopeStyle::Interleaved);
+  ops::rope_backward_(dkpe, positions, rope.cos, rope.sin, 0, mla_rope(cfg));
   Tensor dkva = Tensor::zeros({d.N, d.kvl + d.dr}, dt, dev);
   ops::narrow_accumulate_(dkva,
                           ops::rmsnorm_backward(dckv, ops::narrow(c.kva, 1, 0, d.kvl), ps.w(a + "kv_a_layernorm.weight"),

@@ -32,9 +32,11 @@ int64_t Model::grad_group(const std::string& name) {
 }
 
 void Model::update_moe_bias(const std::vector<Tensor>& loads, double rate) {
+  if (!cfg_.has_routing_bias()) return;
   size_t m = 0;
-  for (int64_t l = 0; l < cfg_.num_hidden_layers; ++l) {
+  for (int64_t l = 0; l < cfg_.total_layers(); ++l) {
     if (!cfg_.is_moe_layer(l)) continue;
+    if (l == cfg_.mtp_layer() && m == loads.size()) break;  // the MTP layer did not run
     DSA_CHECK(m < loads.size(), "[model] update_moe_bias: ", loads.size(), " load tensors for more MoE layers");
     Tensor load = loads[m++].to(Device::CPU);
     Tensor& bias = params_[layer_prefix(l) + "mlp.gate.e_score_correction_bias"];
@@ -124,8 +126,8 @@ Tensor Model::layer_forward(int64_t l, LayerCache& lc, const Tensor& h_in, const
     if (!first_pass) {
       // Recomputation reuses the selection of the first pass (lc.indices kept).
     } else if (opts.forced_indices) {
-      DSA_CHECK(opts.forced_indices->size() == static_cast<size_t>(cfg_.num_hidden_layers),
-                "[model] forced_indices needs one tensor per layer");
+      DSA_CHECK(opts.forced_indices->size() > static_cast<size_t>(l), "[model] forced_indices has ",
+                opts.forced_indices->size(), " tensors; layer ", l, " needs one (one per layer, the MTP layer last)");
       lc.indices = (*opts.forced_indices)[l].to(device_);
     } else if (x.sparse || opts.compute_recall) {
       ProfileScope ps_("indexer top-k");
@@ -170,7 +172,9 @@ Tensor Model::layer_forward(int64_t l, LayerCache& lc, const Tensor& h_in, const
   Tensor ffn_out;
   lc.moe = cfg_.is_moe_layer(l);
   if (lc.moe) {
-    ffn_out = moe_forward(params_, p + "mlp.", cfg_, lc.ffn_in, B, T, opts.balance_alpha, lc.moe_cache, ep_);
+    // The balance loss over each sequence (V3, V2 seq_aux) or over the micro-batch as one (V2 batch-level).
+    const int64_t bb = opts.balance_per_sequence ? B : 1, bt = opts.balance_per_sequence ? T : B * T;
+    ffn_out = moe_forward(params_, p + "mlp.", cfg_, lc.ffn_in, bb, bt, opts.balance_alpha, lc.moe_cache, ep_);
     if (first_pass) {
       stats.balance_loss += lc.moe_cache.balance_loss;
       expert_loads_.push_back(ops::moe_expert_load(lc.moe_cache.routing, cfg_.n_routed_experts));
@@ -217,23 +221,18 @@ StepStats Model::step(const Tensor& ids, const Tensor& targets, int64_t B, int64
     if (opts.capture_layer_outputs) opts.capture_layer_outputs->push_back(h);
     if (opts.capture_indices && lc.indices.defined()) opts.capture_indices->push_back(lc.indices);
     if (opts.capture_indexer && need_indexer) opts.capture_indexer->push_back(lc.indexer);
-    // Activation recomputation: keep only what the backward cannot rebuild (the layer input, the
-    // selection, and the indexer-loss gradients already computed); the rest is recomputed.
-    if (opts.recompute && backward && opts.train_main) {
-      LayerCache slim;
-      slim.x_in = lc.x_in;
-      slim.indices = lc.indices;
-      slim.index_scores = lc.index_scores;
-      slim.dx_from_indexer = lc.dx_from_indexer;
-      slim.dcq_from_indexer = lc.dcq_from_indexer;
-      lc = std::move(slim);
-    }
+    if (opts.recompute && backward && opts.train_main) slim_for_recompute(lc);
   }
 
   Tensor final_rstd;
   Tensor hn = ops::rmsnorm_forward(h, params_.w("model.norm.weight"), cfg_.rms_norm_eps, &final_rstd);
   const std::string head = cfg_.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight";
   if (opts.capture_logits) *opts.capture_logits = ops::linear_forward(hn, params_.w(head));
+  const bool mtp = opts.mtp_loss_weight > 0;
+  DSA_CHECK(!mtp || cfg_.num_nextn_predict_layers > 0, "[model] mtp_loss_weight ", opts.mtp_loss_weight,
+            " but the model has no MTP layer (num_nextn_predict_layers = 0)");
+  MtpCache mtp_cache;
+  if (mtp) mtp_forward(mtp_cache, hn, targets, ctx, stats);
   const bool lm_backward = backward && opts.train_main;
   Tensor dhn;
   ops::CrossEntropyResult ce;
@@ -246,40 +245,59 @@ StepStats Model::step(const Tensor& ids, const Tensor& targets, int64_t B, int64
   stats.lm_tokens = ce.count;
   if (!lm_backward) return stats;
 
-  // Backward through the layers, LM loss (plus the indexer loss where inputs are not detached).
+  // Backward: the MTP module first (its gradient at hn joins the LM head's), then the final norm and
+  // the layers (LM loss, plus the indexer loss where inputs are not detached).
+  if (mtp) {
+    mtp_backward(mtp_cache, dhn, ctx, stats);
+    if (grad_ready_hook_) grad_ready_hook_(cfg_.mtp_layer());
+  }
   Tensor dh = ops::rmsnorm_backward(dhn, h, params_.w("model.norm.weight"), final_rstd, &params_.grad("model.norm.weight"));
   if (grad_ready_hook_ && !cfg_.tie_word_embeddings) grad_ready_hook_(-1);
   for (int64_t l = cfg_.num_hidden_layers - 1; l >= 0; --l) {
-    LayerCache& lc = caches[l];
-    const std::string p = layer_prefix(l);
-    if (opts.recompute) {
-      ProfileScope ps_r("recompute");
-      StepStats ignored;
-      layer_forward(l, lc, lc.x_in, ctx, /*first_pass=*/false, ignored);
-    }
-    Tensor probs_sum;  // [B, T, K] the sparse KL's target, from the attention backward (kl_in_backward)
-    {
-      ProfileScope ps_b("layer bwd");
-      Tensor dffn_in = lc.moe ? moe_backward(params_, p + "mlp.", cfg_, dh, lc.moe_cache, opts.balance_alpha, ep_)
-                              : mlp_backward(params_, p + "mlp.", dh, lc.mlp);
-      ops::add_(dh, ops::rmsnorm_backward(dffn_in, lc.h_mid, params_.w(p + "post_attention_layernorm.weight"),
-                                          lc.ffn_rstd, &params_.grad(p + "post_attention_layernorm.weight")));
-      Tensor dattn_in = mla_backward(params_, p, cfg_, rope_, positions, dh, lc.mla,
-                                     lc.dcq_from_indexer.defined() ? &lc.dcq_from_indexer : nullptr,
-                                     kl_in_backward ? &probs_sum : nullptr);
-      if (lc.dx_from_indexer.defined()) ops::add_(dattn_in, lc.dx_from_indexer);
-      ops::add_(dh, ops::rmsnorm_backward(dattn_in, lc.x_in, params_.w(p + "input_layernorm.weight"), lc.attn_rstd,
-                                          &params_.grad(p + "input_layernorm.weight")));
-    }
-    if (kl_in_backward) {
-      lc.mla.probs_sum = probs_sum;
-      indexer_loss_and_grads(l, lc, positions, B, T, opts, /*backward=*/true, stats);
-    }
+    layer_backward(l, caches[l], dh, ctx, stats);
     if (grad_ready_hook_) grad_ready_hook_(l);
   }
   ops::embedding_backward(dh, ids_d, &params_.grad("model.embed_tokens.weight"));
   if (grad_ready_hook_) grad_ready_hook_(-2);
   return stats;
+}
+
+void Model::slim_for_recompute(LayerCache& lc) {
+  LayerCache slim;
+  slim.x_in = lc.x_in;
+  slim.indices = lc.indices;
+  slim.index_scores = lc.index_scores;
+  slim.dx_from_indexer = lc.dx_from_indexer;
+  slim.dcq_from_indexer = lc.dcq_from_indexer;
+  lc = std::move(slim);
+}
+
+void Model::layer_backward(int64_t l, LayerCache& lc, Tensor& dh, const LayerContext& ctx, StepStats& stats) {
+  const StepOptions& opts = ctx.opts;
+  const std::string p = layer_prefix(l);
+  if (opts.recompute) {
+    ProfileScope ps_r("recompute");
+    StepStats ignored;
+    layer_forward(l, lc, lc.x_in, ctx, /*first_pass=*/false, ignored);
+  }
+  Tensor probs_sum;  // [B, T, K] the sparse KL's target, from the attention backward (kl_in_backward)
+  {
+    ProfileScope ps_b("layer bwd");
+    Tensor dffn_in = lc.moe ? moe_backward(params_, p + "mlp.", cfg_, dh, lc.moe_cache, opts.balance_alpha, ep_)
+                            : mlp_backward(params_, p + "mlp.", dh, lc.mlp);
+    ops::add_(dh, ops::rmsnorm_backward(dffn_in, lc.h_mid, params_.w(p + "post_attention_layernorm.weight"),
+                                        lc.ffn_rstd, &params_.grad(p + "post_attention_layernorm.weight")));
+    Tensor dattn_in = mla_backward(params_, p, cfg_, rope_, ctx.positions, dh, lc.mla,
+                                   lc.dcq_from_indexer.defined() ? &lc.dcq_from_indexer : nullptr,
+                                   ctx.kl_in_backward ? &probs_sum : nullptr);
+    if (lc.dx_from_indexer.defined()) ops::add_(dattn_in, lc.dx_from_indexer);
+    ops::add_(dh, ops::rmsnorm_backward(dattn_in, lc.x_in, params_.w(p + "input_layernorm.weight"), lc.attn_rstd,
+                                        &params_.grad(p + "input_layernorm.weight")));
+  }
+  if (ctx.kl_in_backward) {
+    lc.mla.probs_sum = probs_sum;
+    indexer_loss_and_grads(l, lc, ctx.positions, ctx.B, ctx.T, opts, /*backward=*/true, stats);
+  }
 }
 
 }  // namespace dsa

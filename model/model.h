@@ -2,7 +2,15 @@
 // feed-forward, final RMSNorm, lm_head and cross-entropy. Forward and backward of one micro-batch.
 //
 //   layer i:  x += MLA(RMSNorm(x))        indexer reads RMSNorm(x) and MLA's query latent c_q
+//                                         (without a query LoRA: RMSNorm(x) alone, through its own wq)
 //             x += FFN_i(RMSNorm(x))      SwiGLU for i < first_k_dense_replace, MoE otherwise
+//
+// MTP (num_nextn_predict_layers = 1, StepOptions::mtp_loss_weight > 0), the DeepSeek-V3 report's
+// depth-1 module with the release files' names (model/mtp.cpp): at position i,
+//   h'_i = eh_proj([enorm(embed(t_{i+1})) ; hnorm(h_i)])     h_i = the final normed hidden state
+//   y_i  = decoder layer L (= num_hidden_layers)(h')           its own MLA, indexer and MoE
+//   loss = CE(lm_head(shared_head.norm(y_i)), t_{i+2})         embedding and lm_head shared
+// and the objective is LM + mtp_loss_weight * MTP, both sums over tokens (times lm_grad_scale).
 //
 // The three training stages are switches of StepOptions (SPEC.md §2):
 //   dense:           attention Dense, indexer_loss None,   train_main
@@ -38,17 +46,23 @@ struct StepOptions {
   double lm_grad_scale = 1.0;        // gradient of (lm_grad_scale * sum of token losses)
   double indexer_grad_scale = 1.0;   // gradient of (indexer_grad_scale * sum over layers and rows of KL)
   double balance_alpha = 0.0;        // sequence-wise MoE balance loss weight (0 = off)
+  bool balance_per_sequence = true;  // false: one balance loss over the micro-batch (DeepSeek-V2's
+                                     // seq_aux false) instead of the mean over its sequences
+  double mtp_loss_weight = 0.0;      // > 0: run the MTP layer and add this times its loss (needs
+                                     // num_nextn_predict_layers = 1); 0: the MTP layer is not run
   bool recompute = false;            // activation recomputation: keep each layer's input only and
                                      // recompute the layer in the backward (memory for time)
   bool compute_recall = false;       // indexer recall against the dense attention (costs a dense pass)
 
   // Inspection and testing hooks (null: off).
-  const std::vector<Tensor>* forced_indices = nullptr;  // per layer [B, T, K]: sparse sets to use instead
-                                                        // of the indexer's own selection
-  std::vector<Tensor>* capture_layer_outputs = nullptr; // per layer [N, D]: the residual stream after it
-  std::vector<Tensor>* capture_indices = nullptr;       // per layer [B, T, K]: the selection used
-  std::vector<IndexerCache>* capture_indexer = nullptr; // per layer: the indexer's q, k, w
+  // Per layer, the MTP layer (when run) last:
+  const std::vector<Tensor>* forced_indices = nullptr;  // [B, T, K]: sparse sets to use instead of the
+                                                        // indexer's own selection
+  std::vector<Tensor>* capture_layer_outputs = nullptr; // [N, D]: the residual stream after the layer
+  std::vector<Tensor>* capture_indices = nullptr;       // [B, T, K]: the selection used
+  std::vector<IndexerCache>* capture_indexer = nullptr; // the indexer's q, k, w
   Tensor* capture_logits = nullptr;                     // [N, V] logits (materialized: small vocabularies)
+  Tensor* capture_mtp_logits = nullptr;                 // [N, V] the MTP head's logits
 };
 
 // Sums, so micro-batches and ranks reduce exactly; means are formed by the caller.
@@ -60,6 +74,8 @@ struct StepStats {
   double recall_sum = 0;      // over layers and rows
   int64_t recall_rows = 0;
   double balance_loss = 0;
+  double mtp_loss_sum = 0;    // MTP cross-entropy over its counted tokens (unweighted)
+  int64_t mtp_tokens = 0;
 };
 
 class Model {
@@ -86,8 +102,12 @@ class Model {
   void set_grad_ready_hook(std::function<void(int64_t)> hook) { grad_ready_hook_ = std::move(hook); }
 
   // Auxiliary-loss-free balancing: bias_e += rate * sign(mean_load - load_e), with loads summed over
-  // every data-parallel rank by the caller. The bias only steers selection, never the weights.
+  // every data-parallel rank by the caller. The bias only steers selection, never the weights. loads
+  // are expert_loads() summed: the main MoE layers, then the MTP layer's when it ran. A model with
+  // softmax routing has no bias: nothing to update.
   void update_moe_bias(const std::vector<Tensor>& loads, double rate);
+  // The MTP layer's tensors (model.layers.{num_hidden_layers}.*): trained only by steps that run it.
+  bool is_mtp_param(const std::string& name) const { return dsa::is_mtp_param(cfg_, name); }
   // Expert parallelism (null or size 1: off). Not owned; must outlive the model's steps.
   void set_expert_parallel(ExpertParallel* ep) { ep_ = ep; }
   ExpertParallel* expert_parallel() const { return ep_; }
@@ -119,10 +139,29 @@ class Model {
     int64_t topk;
     MlaForm form;
   };
+  struct MtpCache {
+    Tensor ids, targets;  // [N] i32: t_{i+1} (a valid id where unknown), t_{i+2} (-1: not counted)
+    Tensor hn;            // [N, D] the main model's final normed hidden state (hnorm's input)
+    Tensor e, e_rstd;     // [N, D] embed(t_{i+1}), [N] enorm's rstd
+    Tensor h_rstd;        // [N] hnorm's rstd
+    Tensor cat;           // [N, 2D] [enorm(e) | hnorm(hn)]: eh_proj's input
+    LayerCache layer;     // the decoder layer at index num_hidden_layers
+    Tensor y, y_rstd, yn; // [N, D] layer output, [N] shared_head.norm's rstd, [N, D] its output
+  };
   // One layer's forward from its input h_in; fills lc. first_pass = false when recomputing for the
   // backward (the selection in lc.indices is reused; losses and statistics are not counted again).
   Tensor layer_forward(int64_t l, LayerCache& lc, const Tensor& h_in, const LayerContext& x, bool first_pass,
                        StepStats& stats);
+  // One layer's backward: dh [N, D] (gradient at its output) becomes the gradient at its input;
+  // recomputes the layer first when opts.recompute, runs the sparse KL when ctx.kl_in_backward.
+  void layer_backward(int64_t l, LayerCache& lc, Tensor& dh, const LayerContext& ctx, StepStats& stats);
+  // MTP (model/mtp.cpp): the forward counts the loss into stats; the backward adds the gradient at hn
+  // to dhn and accumulates the MTP layer's, the embedding's and lm_head's parameter gradients.
+  void mtp_forward(MtpCache& m, const Tensor& hn, const Tensor& targets, const LayerContext& ctx, StepStats& stats);
+  void mtp_backward(MtpCache& m, Tensor& dhn, const LayerContext& ctx, StepStats& stats);
+  // Keeps what the backward cannot rebuild when recomputing (the layer input, the selection, the
+  // indexer-loss gradients already computed); the rest is recomputed.
+  static void slim_for_recompute(LayerCache& lc);
   void ensure_rope(int64_t T);
   void indexer_loss_and_grads(int64_t l, LayerCache& lc, const Tensor& positions, int64_t B, int64_t T,
                               const StepOptions& opts, bool backward, StepStats& stats);

@@ -71,51 +71,91 @@ void ParamStore::zero_grads() {
 
 std::string layer_prefix(int64_t layer) { return "model.layers." + std::to_string(layer) + "."; }
 
-ParamStore make_params(const ModelConfig& c, DType dt, Device dev) {
-  ParamStore ps;
+namespace {
+
+// One decoder layer's tensors under model.layers.{l}. (the MTP layer's block too).
+void add_layer(std::vector<ParamSpec>& ps, const ModelConfig& c, int64_t l) {
   const int64_t D = c.hidden_size, H = c.num_attention_heads;
-  auto mat = [&](const std::string& n, Shape s, ParamGroup g = ParamGroup::Main) { ps.add(n, s, g, true, dt, dev); };
-  auto vec = [&](const std::string& n, Shape s, ParamGroup g = ParamGroup::Main) { ps.add(n, s, g, false, dt, dev); };
-  mat("model.embed_tokens.weight", {c.vocab_size, D});
-  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
-    const std::string p = layer_prefix(l);
-    vec(p + "input_layernorm.weight", {D});
-    vec(p + "post_attention_layernorm.weight", {D});
-    const std::string a = p + "self_attn.";
+  auto mat = [&](const std::string& n, Shape s, ParamGroup g = ParamGroup::Main) { ps.push_back({n, s, g, true}); };
+  auto vec = [&](const std::string& n, Shape s, ParamGroup g = ParamGroup::Main) { ps.push_back({n, s, g, false}); };
+  const std::string p = layer_prefix(l);
+  vec(p + "input_layernorm.weight", {D});
+  vec(p + "post_attention_layernorm.weight", {D});
+  const std::string a = p + "self_attn.";
+  if (c.has_q_lora()) {
     mat(a + "q_a_proj.weight", {c.q_lora_rank, D});
     vec(a + "q_a_layernorm.weight", {c.q_lora_rank});
     mat(a + "q_b_proj.weight", {H * c.qk_head_dim(), c.q_lora_rank});
-    mat(a + "kv_a_proj_with_mqa.weight", {c.kv_lora_rank + c.qk_rope_head_dim, D});
-    vec(a + "kv_a_layernorm.weight", {c.kv_lora_rank});
-    mat(a + "kv_b_proj.weight", {H * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank});
-    mat(a + "o_proj.weight", {D, H * c.v_head_dim});
-    const std::string ix = a + "indexer.";
-    mat(ix + "wq_b.weight", {c.index_n_heads * c.index_head_dim, c.q_lora_rank}, ParamGroup::Indexer);
-    mat(ix + "wk.weight", {c.index_head_dim, D}, ParamGroup::Indexer);
-    vec(ix + "k_norm.weight", {c.index_head_dim}, ParamGroup::Indexer);
-    vec(ix + "k_norm.bias", {c.index_head_dim}, ParamGroup::Indexer);
-    mat(ix + "weights_proj.weight", {c.index_n_heads, D}, ParamGroup::Indexer);
-    const std::string m = p + "mlp.";
-    if (!c.is_moe_layer(l)) {
-      mat(m + "gate_proj.weight", {c.intermediate_size, D});
-      mat(m + "up_proj.weight", {c.intermediate_size, D});
-      mat(m + "down_proj.weight", {D, c.intermediate_size});
-    } else {
-      const int64_t E = c.n_routed_experts, I = c.moe_intermediate_size;
-      mat(m + "gate.weight", {E, D});
-      ps.add(m + "gate.e_score_correction_bias", {E}, ParamGroup::Buffer, false, DType::F32, dev);
-      mat(m + "experts.gate_up_proj", {E, 2 * I, D});
-      mat(m + "experts.down_proj", {E, D, I});
-      if (c.n_shared_experts > 0) {
-        const int64_t S = I * c.n_shared_experts;
-        mat(m + "shared_experts.gate_proj.weight", {S, D});
-        mat(m + "shared_experts.up_proj.weight", {S, D});
-        mat(m + "shared_experts.down_proj.weight", {D, S});
-      }
-    }
+  } else {
+    mat(a + "q_proj.weight", {H * c.qk_head_dim(), D});
   }
-  vec("model.norm.weight", {D});
-  if (!c.tie_word_embeddings) mat("lm_head.weight", {c.vocab_size, D});
+  mat(a + "kv_a_proj_with_mqa.weight", {c.kv_lora_rank + c.qk_rope_head_dim, D});
+  vec(a + "kv_a_layernorm.weight", {c.kv_lora_rank});
+  mat(a + "kv_b_proj.weight", {H * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank});
+  mat(a + "o_proj.weight", {D, H * c.v_head_dim});
+  const std::string ix = a + "indexer.";
+  // Without a query LoRA the indexer's query projection reads the normed hidden state (wq, [Hi*di, D]);
+  // with one it reads the query latent c_q (wq_b, [Hi*di, q_lora_rank]), as DeepSeek-V3.2.
+  if (c.has_q_lora())
+    mat(ix + "wq_b.weight", {c.index_n_heads * c.index_head_dim, c.q_lora_rank}, ParamGroup::Indexer);
+  else
+    mat(ix + "wq.weight", {c.index_n_heads * c.index_head_dim, D}, ParamGroup::Indexer);
+  mat(ix + "wk.weight", {c.index_head_dim, D}, ParamGroup::Indexer);
+  vec(ix + "k_norm.weight", {c.index_head_dim}, ParamGroup::Indexer);
+  vec(ix + "k_norm.bias", {c.index_head_dim}, ParamGroup::Indexer);
+  mat(ix + "weights_proj.weight", {c.index_n_heads, D}, ParamGroup::Indexer);
+  const std::string m = p + "mlp.";
+  if (!c.is_moe_layer(l)) {
+    mat(m + "gate_proj.weight", {c.intermediate_size, D});
+    mat(m + "up_proj.weight", {c.intermediate_size, D});
+    mat(m + "down_proj.weight", {D, c.intermediate_size});
+    return;
+  }
+  const int64_t E = c.n_routed_experts, I = c.moe_intermediate_size;
+  mat(m + "gate.weight", {E, D});
+  if (c.has_routing_bias()) vec(m + "gate.e_score_correction_bias", {E}, ParamGroup::Buffer);
+  mat(m + "experts.gate_up_proj", {E, 2 * I, D});
+  mat(m + "experts.down_proj", {E, D, I});
+  if (c.n_shared_experts > 0) {
+    const int64_t S = I * c.n_shared_experts;
+    mat(m + "shared_experts.gate_proj.weight", {S, D});
+    mat(m + "shared_experts.up_proj.weight", {S, D});
+    mat(m + "shared_experts.down_proj.weight", {D, S});
+  }
+}
+
+}  // namespace
+
+bool is_mtp_param(const ModelConfig& c, const std::string& name) {
+  return c.num_nextn_predict_layers > 0 && name.rfind(layer_prefix(c.mtp_layer()), 0) == 0;
+}
+
+std::vector<ParamSpec> param_specs(const ModelConfig& c) {
+  std::vector<ParamSpec> ps;
+  const int64_t D = c.hidden_size;
+  ps.push_back({"model.embed_tokens.weight", {c.vocab_size, D}, ParamGroup::Main, true});
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) add_layer(ps, c, l);
+  ps.push_back({"model.norm.weight", {D}, ParamGroup::Main, false});
+  if (!c.tie_word_embeddings) ps.push_back({"lm_head.weight", {c.vocab_size, D}, ParamGroup::Main, true});
+  if (c.num_nextn_predict_layers > 0) {
+    // MTP (DeepSeek-V3 report, release names): h' = eh_proj([enorm(embed(t_{i+1})) ; hnorm(h_i)]), a
+    // decoder layer, then shared_head.norm and the model's lm_head. The embedding and the head are the
+    // main model's (shared); export writes copies as model.layers.{L}.embed_tokens / shared_head.head.
+    const std::string p = layer_prefix(c.mtp_layer());
+    ps.push_back({p + "enorm.weight", {D}, ParamGroup::Main, false});
+    ps.push_back({p + "hnorm.weight", {D}, ParamGroup::Main, false});
+    ps.push_back({p + "eh_proj.weight", {D, 2 * D}, ParamGroup::Main, true});
+    ps.push_back({p + "shared_head.norm.weight", {D}, ParamGroup::Main, false});
+    add_layer(ps, c, c.mtp_layer());
+  }
+  return ps;
+}
+
+ParamStore make_params(const ModelConfig& c, DType dt, Device dev) {
+  ParamStore ps;
+  // Buffers (the routing bias) stay f32 whatever the master type.
+  for (const ParamSpec& s : param_specs(c))
+    ps.add(s.name, s.shape, s.group, s.decay, s.group == ParamGroup::Buffer ? DType::F32 : dt, dev);
   return ps;
 }
 

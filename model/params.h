@@ -1,5 +1,11 @@
 // Parameters under their Hugging Face names (SPEC.md §3), with gradients and training groups.
 //
+// Per layer: MLA (q_a_proj/q_a_layernorm/q_b_proj, or q_proj without a query LoRA), the indexer
+// (wq_b reading c_q, or wq reading the normed hidden state without a query LoRA), and the dense MLP or
+// MoE (mlp.gate.e_score_correction_bias only with sigmoid routing). With num_nextn_predict_layers = 1
+// the MTP layer follows at index num_hidden_layers: enorm, hnorm, eh_proj, shared_head.norm and a
+// decoder layer; it shares model.embed_tokens and lm_head.
+//
 // Routed experts are stored fused, as transformers 5.x writes them:
 //   model.layers.{i}.mlp.experts.gate_up_proj  [E, 2*moe_I, D]   (gate rows first, then up)
 //   model.layers.{i}.mlp.experts.down_proj     [E, D, moe_I]
@@ -61,6 +67,14 @@ class ParamStore {
   std::unordered_map<std::string, size_t> index_;
 };
 
+// Every tensor of the model: name, shape, group, weight decay (nothing allocated).
+struct ParamSpec {
+  std::string name;
+  Shape shape;
+  ParamGroup group;
+  bool decay;
+};
+std::vector<ParamSpec> param_specs(const ModelConfig& cfg);
 // Every tensor of the model with its name, shape and group (values uninitialized).
 ParamStore make_params(const ModelConfig& cfg, DType dtype = DType::F32, Device device = Device::CPU);
 // Deterministic initialization from a seed, independent of the order of tensors: each tensor draws
@@ -72,5 +86,7 @@ void init_params_group(ParamStore& params, const ModelConfig& cfg, uint64_t seed
 
 // Name helpers.
 std::string layer_prefix(int64_t layer);  // "model.layers.{i}."
+// A tensor of the MTP layer (model.layers.{num_hidden_layers}.*).
+bool is_mtp_param(const ModelConfig& cfg, const std::string& name);
 
 }  // namespace dsa

@@ -30,12 +30,19 @@ RopeTables make_rope_tables(const ModelConfig& c, int64_t max_positions, DType d
   if (c.rope_scaling.type == "yarn") {
     const RopeScaling& r = c.rope_scaling;
     const double factor = r.factor;
-    if (r.mscale != 0.0 && r.mscale_all_dim != 0.0)
+    // An absent (or zero) mscale or mscale_all_dim falls back to get_mscale(factor), as in transformers.
+    if (r.attention_factor > 0)
+      t.attention_factor = r.attention_factor;
+    else if (r.mscale != 0.0 && r.mscale_all_dim != 0.0)
       t.attention_factor = yarn_get_mscale(factor, r.mscale) / yarn_get_mscale(factor, r.mscale_all_dim);
     else
       t.attention_factor = yarn_get_mscale(factor, 1.0);
-    double low = std::floor(correction_dim(r.beta_fast, dim, base, r.original_max_position_embeddings));
-    double high = std::ceil(correction_dim(r.beta_slow, dim, base, r.original_max_position_embeddings));
+    double low = correction_dim(r.beta_fast, dim, base, r.original_max_position_embeddings);
+    double high = correction_dim(r.beta_slow, dim, base, r.original_max_position_embeddings);
+    if (r.truncate) {
+      low = std::floor(low);
+      high = std::ceil(high);
+    }
     low = std::max(low, 0.0);
     high = std::min(high, static_cast<double>(dim - 1));
     if (low == high) high += 0.001;

@@ -352,8 +352,13 @@ std::vector<std::string> write_safetensors_sharded(const std::string& dir,
                                                    uint64_t max_shard_bytes,
                                                    const std::map<std::string, std::string>& metadata) {
   DSA_CHECK(max_shard_bytes > 0, "[safetensors] ", dir, ": max shard size must be positive");
-  if (!is_dir(dir) && ::mkdir(dir.c_str(), 0755) != 0)
-    st_fail(dir, std::string("cannot create directory: ") + std::strerror(errno));
+  // The directory and any missing parents (mkdir -p).
+  for (size_t pos = dir.find('/', 1); !is_dir(dir); pos = dir.find('/', pos + 1)) {
+    const std::string part = pos == std::string::npos ? dir : dir.substr(0, pos);
+    if (!part.empty() && !is_dir(part) && ::mkdir(part.c_str(), 0755) != 0 && errno != EEXIST)
+      st_fail(dir, std::string("cannot create directory ") + part + ": " + std::strerror(errno));
+    if (pos == std::string::npos) break;
+  }
   // Remove the files of an earlier export so a different shard count leaves nothing stale behind.
   for (const std::string& f : list_dir(dir))
     if (f == "model.safetensors" || f == "model.safetensors.index.json" ||

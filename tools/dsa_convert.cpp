@@ -1,9 +1,16 @@
 // dsa-convert: Hugging Face safetensors <-> native HDF5 checkpoints.
 //
-//   dsa-convert import HF_DIR OUT [--keep-mtp] [--indexer-seed N]
-//   dsa-convert export CKPT HF_DIR [--dtype bf16|f32] [--max-shard-size 5GB] [--per-expert]
+//   dsa-convert import HF_DIR OUT [--index-n-heads N] [--index-head-dim D] [--index-topk K]
+//                                 [--indexer-config FILE.yaml] [--indexer-seed N] [--drop-mtp]
+//   dsa-convert export CKPT HF_DIR [--dtype bf16|f32] [--fp8] [--max-shard-size 5GB] [--per-expert]
 //   dsa-convert init CONFIG OUT [--seed N]
 //   dsa-convert reshard CKPT OUT --ranks M
+//   dsa-convert config-keys
+//
+// import takes a DeepSeek-V2/V2-Lite/V3/V3.1/V3.2 or Moonlight-style release as published; a config.json
+// without index_* keys gets the indexer dimensions of the flags or the YAML file (index_n_heads,
+// index_head_dim, index_topk; default V3.2's 64 x 128, top-2048) and a freshly initialized indexer.
+// config-keys prints what every config.json key does here (model/hf_config.h).
 //
 // OUT ending in .h5 is written as that file; any other OUT is a checkpoint directory (ckpt-<step>.h5
 // plus `latest`). CKPT is a file or a checkpoint directory. `init` makes a randomly initialized
@@ -17,6 +24,7 @@
 #include <vector>
 
 #include <nlohmann/json.hpp>
+#include <yaml-cpp/yaml.h>
 
 #include "model/hf_io.h"
 #include "trainer/checkpoint.h"
@@ -29,10 +37,12 @@ namespace {
 int usage() {
   std::fprintf(stderr,
                "usage:\n"
-               "  dsa-convert import HF_DIR OUT [--keep-mtp] [--indexer-seed N]\n"
-               "  dsa-convert export CKPT HF_DIR [--dtype bf16|f32] [--max-shard-size SIZE] [--per-expert]\n"
+               "  dsa-convert import HF_DIR OUT [--index-n-heads N] [--index-head-dim D] [--index-topk K]\n"
+               "                    [--indexer-config FILE.yaml] [--indexer-seed N] [--drop-mtp]\n"
+               "  dsa-convert export CKPT HF_DIR [--dtype bf16|f32] [--fp8] [--max-shard-size SIZE] [--per-expert]\n"
                "  dsa-convert init CONFIG OUT [--seed N]\n"
                "  dsa-convert reshard CKPT OUT --ranks M\n"
+               "  dsa-convert config-keys\n"
                "OUT ending in .h5 is one file; otherwise a checkpoint directory. SIZE: bytes, or with KB/MB/GB.\n");
   return 2;
 }
@@ -63,6 +73,119 @@ uint64_t parse_u64(const std::string& s, const char* what) {
   const unsigned long long v = std::strtoull(s.c_str(), &end, 0);
   DSA_CHECK(end && *end == 0 && !s.empty(), "[dsa-convert] ", what, " must be an integer, got '", s, "'");
   return v;
+}
+
+void write_out(const std::string& out, const TrainState& st, const ParamStore& ps,
+               const std::map<std::string, Tensor>& extra);
+
+// The indexer overlay: a YAML mapping of index_n_heads, index_head_dim, index_topk (any subset).
+void read_indexer_overlay(const std::string& path, IndexerDims* dims) {
+  YAML::Node n;
+  try {
+    n = YAML::LoadFile(path);
+  } catch (const YAML::Exception& e) {
+    fail("[dsa-convert] " + path + ": cannot read the YAML file (" + e.what() + ")");
+  }
+  DSA_CHECK(n.IsMap(), "[dsa-convert] ", path, ": want a mapping of index_n_heads, index_head_dim, index_topk");
+  for (const auto& kv : n) {
+    const std::string k = kv.first.as<std::string>();
+    int64_t* dst = k == "index_n_heads" ? &dims->n_heads : k == "index_head_dim" ? &dims->head_dim
+                 : k == "index_topk"    ? &dims->topk    : nullptr;
+    if (!dst)
+      fail("[dsa-convert] " + path + ":" + std::to_string(kv.first.Mark().line + 1) + ": key '" + k +
+           "' is not an indexer dimension (allowed: index_n_heads, index_head_dim, index_topk)");
+    *dst = static_cast<int64_t>(parse_u64(kv.second.Scalar(), k.c_str()));
+  }
+}
+
+int import_cmd(const std::string& hf_dir, const std::string& out, const std::vector<std::string>& flags) {
+  HfImportOptions opt;
+  std::string overlay;
+  int64_t n_heads = 0, head_dim = 0, topk = 0;
+  for (size_t i = 0; i < flags.size(); ++i) {
+    auto value = [&]() -> std::string {
+      DSA_CHECK(i + 1 < flags.size(), "[dsa-convert] ", flags[i], " needs a value");
+      return flags[++i];
+    };
+    if (flags[i] == "--drop-mtp") opt.drop_mtp = true;
+    else if (flags[i] == "--indexer-seed") opt.indexer_seed = parse_u64(value(), "--indexer-seed");
+    else if (flags[i] == "--indexer-config") overlay = value();
+    else if (flags[i] == "--index-n-heads") n_heads = static_cast<int64_t>(parse_u64(value(), "--index-n-heads"));
+    else if (flags[i] == "--index-head-dim") head_dim = static_cast<int64_t>(parse_u64(value(), "--index-head-dim"));
+    else if (flags[i] == "--index-topk") topk = static_cast<int64_t>(parse_u64(value(), "--index-topk"));
+    else return usage();
+  }
+  if (!overlay.empty()) read_indexer_overlay(overlay, &opt.indexer);
+  if (n_heads) opt.indexer.n_heads = n_heads;
+  if (head_dim) opt.indexer.head_dim = head_dim;
+  if (topk) opt.indexer.topk = topk;
+  const bool dims_given = !overlay.empty() || n_heads || head_dim || topk;
+  // Refused before any tensor is read: indexer dimensions for a config that defines its own.
+  const HfConfigRead probe = read_hf_config(hf_dir + "/config.json", opt.indexer);
+  DSA_CHECK(!(dims_given && probe.indexer_from_config), "[dsa-convert] ", hf_dir, "/config.json defines the indexer (",
+            "index_n_heads ", probe.cfg.index_n_heads, ", index_head_dim ", probe.cfg.index_head_dim, ", index_topk ",
+            probe.cfg.index_topk, "): --index-* and --indexer-config apply to configs without index_* keys");
+  HfModel m = import_hf(hf_dir, opt);
+  for (const std::string& w : m.warnings) std::fprintf(stderr, "[dsa-convert] note: %s\n", w.c_str());
+  const ModelConfig& c = m.cfg;
+  std::printf("[dsa-convert] model: %s routing (%s), %s, %s MLA RoPE, %lld layers%s\n", c.scoring_func.c_str(),
+              c.topk_method.c_str(),
+              c.has_q_lora() ? ("query LoRA " + std::to_string(c.q_lora_rank)).c_str() : "no query LoRA (q_proj)",
+              c.rope_interleave ? "interleaved" : "rotate-half", static_cast<long long>(c.num_hidden_layers),
+              c.num_nextn_predict_layers ? " + 1 MTP layer" : "");
+  std::printf("[dsa-convert] indexer: %lld heads x %lld, top-%lld (%s), %s\n", static_cast<long long>(c.index_n_heads),
+              static_cast<long long>(c.index_head_dim), static_cast<long long>(c.index_topk),
+              m.indexer_dims_from_options ? (dims_given ? "from the flags" : "V3.2's defaults: config.json has none")
+                                          : "from config.json",
+              m.indexer_fresh ? "freshly initialized" : "read from the checkpoint");
+  TrainState st;
+  st.model_config_yaml = c.to_yaml();
+  st.rng_seed = opt.indexer_seed;
+  write_out(out, st, m.params, m.extra);
+  std::printf("%zu tensors, %lld parameters%s\n", m.params.size(), static_cast<long long>(m.params.numel()),
+              m.indexer_fresh ? " (fresh indexer)" : "");
+  return 0;
+}
+
+int export_cmd(const std::string& ckpt, const std::string& hf_dir, const std::vector<std::string>& flags) {
+  HfExportOptions opt;
+  for (size_t i = 0; i < flags.size(); ++i) {
+    auto value = [&]() -> std::string {
+      DSA_CHECK(i + 1 < flags.size(), "[dsa-convert] ", flags[i], " needs a value");
+      return flags[++i];
+    };
+    if (flags[i] == "--dtype") {
+      const std::string d = value();
+      if (d == "bf16") opt.dtype = DType::BF16;
+      else if (d == "f32") opt.dtype = DType::F32;
+      else fail("[dsa-convert] --dtype must be bf16 or f32, got '" + d + "'");
+    } else if (flags[i] == "--max-shard-size") {
+      opt.max_shard_bytes = parse_size(value());
+    } else if (flags[i] == "--per-expert") {
+      opt.per_expert = true;
+    } else if (flags[i] == "--fp8") {
+      opt.fp8 = true;
+    } else {
+      return usage();
+    }
+  }
+  Checkpoint c = load_checkpoint(ckpt);
+  const HfExportReport r = export_hf(hf_dir, c.cfg, c.params, c.extra, opt);
+  std::printf("exported %s (step %lld) to %s: %zu file(s)\n", c.path.c_str(), static_cast<long long>(c.state.step),
+              hf_dir.c_str(), r.files.size());
+  if (opt.dtype == DType::BF16)
+    std::printf("[dsa-convert] weights: bf16 (the f32 master weights rounded to bfloat16; --dtype f32 writes them "
+                "exactly)\n");
+  else
+    std::printf("[dsa-convert] weights: f32 (the master weights exactly)\n");
+  if (opt.fp8)
+    std::printf("[dsa-convert] fp8: %lld tensors as F8_E4M3 with 128x128 weight_scale_inv, per-expert names "
+                "(DeepSeek's release format; transformers loads it only with its FP8 support)\n",
+                static_cast<long long>(r.fp8_tensors));
+  std::printf("[dsa-convert] config.json: %s (model_type %s)%s\n", r.cls.architecture.c_str(), r.cls.model_type.c_str(),
+              r.cls.loads_indexer ? ", sparse attention with the indexer" : "");
+  for (const std::string& w : r.cls.caveats) std::printf("[dsa-convert] note: %s\n", w.c_str());
+  return 0;
 }
 
 void write_out(const std::string& out, const TrainState& st, const ParamStore& ps, const std::map<std::string, Tensor>& extra) {
@@ -103,6 +226,10 @@ void reshard_positions(const std::string& path, TrainState& st, int64_t ranks) {
 }
 
 int run(int argc, char** argv) {
+  if (argc == 2 && std::string(argv[1]) == "config-keys") {
+    std::printf("%s", hf_config_key_table().c_str());
+    return 0;
+  }
   if (argc < 4) return usage();
   const std::string cmd = argv[1], a = argv[2], b = argv[3];
   std::vector<std::string> flags(argv + 4, argv + argc);
@@ -110,44 +237,8 @@ int run(int argc, char** argv) {
     DSA_CHECK(i + 1 < flags.size(), "[dsa-convert] ", flags[i], " needs a value");
     return flags[++i];
   };
-  if (cmd == "import") {
-    HfImportOptions opt;
-    for (size_t i = 0; i < flags.size(); ++i) {
-      if (flags[i] == "--keep-mtp") opt.keep_mtp = true;
-      else if (flags[i] == "--indexer-seed") opt.indexer_seed = parse_u64(value(i), "--indexer-seed");
-      else return usage();
-    }
-    HfModel m = import_hf(a, opt);
-    for (const std::string& w : m.warnings) std::fprintf(stderr, "[dsa-convert] warning: %s\n", w.c_str());
-    TrainState st;
-    st.model_config_yaml = m.cfg.to_yaml();
-    st.rng_seed = opt.indexer_seed;
-    write_out(b, st, m.params, m.extra);
-    std::printf("%zu tensors, %lld parameters%s, %zu extra tensors\n", m.params.size(),
-                static_cast<long long>(m.params.numel()), m.indexer_fresh ? " (fresh indexer)" : "", m.extra.size());
-    return 0;
-  }
-  if (cmd == "export") {
-    HfExportOptions opt;
-    for (size_t i = 0; i < flags.size(); ++i) {
-      if (flags[i] == "--dtype") {
-        const std::string d = value(i);
-        if (d == "bf16") opt.dtype = DType::BF16;
-        else if (d == "f32") opt.dtype = DType::F32;
-        else fail("[dsa-convert] --dtype must be bf16 or f32, got '" + d + "'");
-      } else if (flags[i] == "--max-shard-size") {
-        opt.max_shard_bytes = parse_size(value(i));
-      } else if (flags[i] == "--per-expert") {
-        opt.per_expert = true;
-      } else {
-        return usage();
-      }
-    }
-    Checkpoint c = load_checkpoint(a);
-    export_hf(b, c.cfg, c.params, c.extra, opt);
-    std::printf("exported %s (step %lld) to %s\n", c.path.c_str(), static_cast<long long>(c.state.step), b.c_str());
-    return 0;
-  }
+  if (cmd == "import") return import_cmd(a, b, flags);
+  if (cmd == "export") return export_cmd(a, b, flags);
   if (cmd == "init") {
     uint64_t seed = 0;
     for (size_t i = 0; i < flags.size(); ++i) {

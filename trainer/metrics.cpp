@@ -93,12 +93,14 @@ std::string MetricsLogger::json_line(const MetricRecord& r) {
   };
   add("lm_loss", r.lm_loss);
   add("indexer_kl", r.indexer_kl);
+  add("mtp_loss", r.mtp_loss);
   add("grad_norm", r.grad_norm);
   add("indexer_grad_norm", r.indexer_grad_norm);
   add("lr", r.lr);
   add("tokens_per_s", r.tokens_per_s);
   add("val_lm_loss", r.val_lm_loss);
   add("val_indexer_kl", r.val_indexer_kl);
+  add("val_mtp_loss", r.val_mtp_loss);
   add("recall", r.recall);
   return o + "}";
 }
@@ -125,6 +127,7 @@ std::string MetricsLogger::train_line(const MetricRecord& r, int64_t total_steps
   std::string o = head(r, total_steps);
   if (r.lm_loss) o += " | loss " + fixed(*r.lm_loss, 4);
   if (r.indexer_kl) o += " | kl " + fixed(*r.indexer_kl, 4);
+  if (r.mtp_loss) o += " | mtp " + fixed(*r.mtp_loss, 4);
   if (r.grad_norm) o += " | gnorm " + fixed(*r.grad_norm, 3);
   if (r.indexer_grad_norm) o += " | indexer gnorm " + fixed(*r.indexer_grad_norm, 3);
   if (r.lr) o += " | lr " + sci(*r.lr);
@@ -137,6 +140,7 @@ std::string MetricsLogger::eval_line(const MetricRecord& r, int64_t total_steps)
   std::string o = head(r, total_steps);
   if (r.val_lm_loss) o += " | val loss " + fixed(*r.val_lm_loss, 4);
   if (r.val_indexer_kl) o += " | val kl " + fixed(*r.val_indexer_kl, 4);
+  if (r.val_mtp_loss) o += " | val mtp " + fixed(*r.val_mtp_loss, 4);
   if (r.recall) o += " | recall " + fixed(*r.recall, 4);
   return o;
 }

@@ -6,11 +6,13 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <set>
 #include <sstream>
 #include <stdexcept>
 #include <utility>
 
+#include "trainer/checkpoint.h"
 #include "trainer/recipe_tree.h"
 
 namespace dsa {
@@ -96,6 +98,14 @@ E as_enum(const RNode& v, const std::string& key, const std::vector<std::pair<st
 const std::vector<std::pair<std::string, StageKind>> kKinds = {
     {"dense", StageKind::dense}, {"indexer_warmup", StageKind::indexer_warmup}, {"sparse", StageKind::sparse}};
 
+// A checkpoint file (*.h5) or a checkpoint directory (with `latest` or ckpt-*.h5 files).
+bool is_checkpoint_path(const std::string& p) {
+  namespace fs = std::filesystem;
+  if (p.size() >= 3 && p.compare(p.size() - 3, 3, ".h5") == 0) return true;
+  std::error_code ec;
+  return fs::is_directory(p, ec) && (fs::exists(fs::path(p) / "latest", ec) || !list_checkpoints(p).empty());
+}
+
 std::string sub(const std::string& path, const std::string& key) { return path.empty() ? key : path + "." + key; }
 
 // Rejects keys outside `allowed`, naming the allowed ones.
@@ -119,7 +129,7 @@ const std::vector<std::string> kStageKeys = {
     "train_indexer", "attention",   "topk",           "indexer_loss",
     "indexer_loss_coef", "detach_indexer_input", "indexer_precision", "moe_bias_update_rate",
     "seq_balance_loss_alpha", "eval_interval", "eval_batches", "log_interval",
-    "init_from", "recompute"};
+    "init_from", "recompute", "seq_aux", "mtp_loss_weight"};
 
 // What each kind does (SPEC.md §2) before the stage's own keys apply.
 void kind_defaults(StageSpec& s) {
@@ -193,7 +203,22 @@ StageSpec read_stage(const RNode& own, const RNode* defaults, int64_t index, con
   if (auto* v = m.find("indexer_precision"))
     s.indexer_precision = as_enum<IndexerPrecision>(*v, key("indexer_precision"),
                                                     {{"fp8", IndexerPrecision::fp8}, {"bf16", IndexerPrecision::bf16}});
-  if (auto* v = m.find("moe_bias_update_rate")) s.moe_bias_update_rate = as_num(*v, key("moe_bias_update_rate"));
+  // Softmax routing has no correction bias to update: the rate defaults to 0 and any other value is refused.
+  const bool softmax = r.model.scoring_func == "softmax";
+  if (softmax) s.moe_bias_update_rate = 0;
+  if (auto* v = m.find("moe_bias_update_rate")) {
+    s.moe_bias_update_rate = as_num(*v, key("moe_bias_update_rate"));
+    if (softmax && s.moe_bias_update_rate != 0)
+      fail(where("moe_bias_update_rate"), key("moe_bias_update_rate"),
+           "must be 0: the model routes with softmax (scoring_func softmax) and has no correction bias to update");
+  }
+  if (auto* v = m.find("seq_aux")) s.seq_aux = as_bool(*v, key("seq_aux"));
+  if (auto* v = m.find("mtp_loss_weight")) {
+    s.mtp_loss_weight = as_num(*v, key("mtp_loss_weight"));
+    if (s.mtp_loss_weight > 0 && r.model.num_nextn_predict_layers == 0)
+      fail(where("mtp_loss_weight"), key("mtp_loss_weight"),
+           "must be 0: the model has no MTP layer (num_nextn_predict_layers = 0)");
+  }
   if (auto* v = m.find("seq_balance_loss_alpha")) s.seq_balance_loss_alpha = as_num(*v, key("seq_balance_loss_alpha"));
   if (auto* v = m.find("eval_interval")) s.eval_interval = as_int(*v, key("eval_interval"));
   if (auto* v = m.find("eval_batches")) s.eval_batches = as_int(*v, key("eval_batches"));
@@ -219,6 +244,7 @@ StageSpec read_stage(const RNode& own, const RNode* defaults, int64_t index, con
   nonneg("indexer_loss_coef", s.indexer_loss_coef);
   nonneg("moe_bias_update_rate", s.moe_bias_update_rate);
   nonneg("seq_balance_loss_alpha", s.seq_balance_loss_alpha);
+  nonneg("mtp_loss_weight", s.mtp_loss_weight);
   nonneg("eval_interval", static_cast<double>(s.eval_interval));
   nonneg("eval_batches", static_cast<double>(s.eval_batches));
   if (s.min_lr_ratio < 0 || s.min_lr_ratio > 1)
@@ -295,12 +321,14 @@ Recipe build_recipe(const RNode& root, const std::string& source, const std::vec
   r.source = source;
   r.overrides = overrides;
 
-  // model: inline keys, or the path of a config.json / YAML file.
+  // model: inline keys, or the path of a config.json / YAML file, or of a checkpoint (its stored model).
   const RNode& m = required("model");
   if (m.kind == RNode::Scalar) {
     r.model_source = m.scalar;
     try {
-      r.model = ModelConfig::from_file(m.scalar);
+      r.model = is_checkpoint_path(m.scalar) ? ModelConfig::from_yaml(YAML::Load(read_train_state(m.scalar).model_config_yaml),
+                                                                      m.scalar + ":/meta/model_config_yaml", true)
+                                             : ModelConfig::from_file(m.scalar);
     } catch (const std::exception& e) {
       fail(m.where, "model", e.what());
     }
@@ -523,6 +551,7 @@ std::string Recipe::to_yaml() const {
       << "\n    indexer_precision: " << to_string(s.indexer_precision)
       << "\n    moe_bias_update_rate: " << num(s.moe_bias_update_rate)
       << "\n    seq_balance_loss_alpha: " << num(s.seq_balance_loss_alpha)
+      << "\n    seq_aux: " << (s.seq_aux ? "true" : "false") << "\n    mtp_loss_weight: " << num(s.mtp_loss_weight)
       << "\n    eval_interval: " << s.eval_interval << "\n    eval_batches: " << s.eval_batches
       << "\n    log_interval: " << s.log_interval << "\n    init_from: " << quote(s.init_from) << "\n";
   }

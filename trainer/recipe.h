@@ -61,7 +61,11 @@ struct StageSpec {
   bool recompute = false;            // activation recomputation per layer (memory for time)
   IndexerPrecision indexer_precision = IndexerPrecision::fp8;
   double moe_bias_update_rate = 1e-3;  // bias_e += rate * sign(mean_load - load_e) after each step
-  double seq_balance_loss_alpha = 1e-4;
+                                       // (0 for softmax-routed models: they have no bias)
+  double seq_balance_loss_alpha = 1e-4;  // balance loss weight (DeepSeek-V2's aux_loss_alpha)
+  bool seq_aux = true;                   // balance loss per sequence (true) or over the micro-batch (V2's
+                                         // seq_aux false)
+  double mtp_loss_weight = 0;            // lambda of the DeepSeek-V3 MTP loss; > 0 runs the MTP layer
   int64_t eval_interval = 0;  // steps between evaluations; 0: only at the end of the stage
   int64_t eval_batches = 4;   // held-out batches per evaluation
   int64_t log_interval = 10;  // steps between log lines (default: logging.log_interval)

@@ -51,11 +51,15 @@ StepOptions step_options(const StageSpec& st, const ModelConfig& cfg) {
   o.train_main = st.train_main;
   o.train_indexer = st.train_indexer;
   o.balance_alpha = st.train_main ? st.seq_balance_loss_alpha : 0.0;
+  o.balance_per_sequence = st.seq_aux;
+  o.mtp_loss_weight = st.mtp_loss_weight;
   o.recompute = st.recompute;
   return o;
 }
 
-bool trains(const StageSpec& st, const Param& p) {
+// The MTP layer trains only in stages that run it (mtp_loss_weight > 0); elsewhere it is carried as is.
+bool trains(const StageSpec& st, const Param& p, const ModelConfig& cfg) {
+  if (st.mtp_loss_weight == 0 && is_mtp_param(cfg, p.name)) return false;
   return (p.group == ParamGroup::Main && st.train_main) || (p.group == ParamGroup::Indexer && st.train_indexer);
 }
 
@@ -67,21 +71,25 @@ void add_stats(StepStats& a, const StepStats& b) {
   a.recall_sum += b.recall_sum;
   a.recall_rows += b.recall_rows;
   a.balance_loss += b.balance_loss;
+  a.mtp_loss_sum += b.mtp_loss_sum;
+  a.mtp_tokens += b.mtp_tokens;
 }
 
 // Sums over data-parallel ranks, in place.
 void allreduce_stats(StepStats& s) {
-  double d[4] = {s.lm_loss_sum, s.indexer_kl_sum, s.recall_sum, s.balance_loss};
-  int64_t n[3] = {s.lm_tokens, s.indexer_rows, s.recall_rows};
-  Dist::allreduce_sum(d, 4);
-  Dist::allreduce_sum(n, 3);
+  double d[5] = {s.lm_loss_sum, s.indexer_kl_sum, s.recall_sum, s.balance_loss, s.mtp_loss_sum};
+  int64_t n[4] = {s.lm_tokens, s.indexer_rows, s.recall_rows, s.mtp_tokens};
+  Dist::allreduce_sum(d, 5);
+  Dist::allreduce_sum(n, 4);
   s.lm_loss_sum = d[0];
   s.indexer_kl_sum = d[1];
   s.recall_sum = d[2];
   s.balance_loss = d[3];
+  s.mtp_loss_sum = d[4];
   s.lm_tokens = n[0];
   s.indexer_rows = n[1];
   s.recall_rows = n[2];
+  s.mtp_tokens = n[3];
 }
 
 void allreduce_tensor(Tensor& t) {
@@ -240,8 +248,9 @@ void Trainer::run_stage(int64_t s, int64_t start_step, TrainReport& report) {
   // Gradients of the global-batch means: every rank scales by the global token count, sums follow.
   StepOptions train_opts = so;
   train_opts.lm_grad_scale = 1.0 / tokens_per_step;
-  train_opts.indexer_grad_scale =
-      st.indexer_loss_coef / (tokens_per_step * static_cast<double>(cfg.num_hidden_layers));
+  // The indexer loss is a mean over the layers that have one in the step (the MTP layer's when it runs).
+  const int64_t kl_layers = cfg.num_hidden_layers + (st.mtp_loss_weight > 0 ? cfg.num_nextn_predict_layers : 0);
+  train_opts.indexer_grad_scale = st.indexer_loss_coef / (tokens_per_step * static_cast<double>(kl_layers));
   // The balance loss is a mean over a micro-batch's sequences: weighted by its share of the global batch,
   // the sum over micro-batches and ranks is the global-batch mean (factor 1 on one rank without accumulation).
   train_opts.balance_alpha = so.balance_alpha * static_cast<double>(mb) / static_cast<double>(st.global_batch);
@@ -249,7 +258,7 @@ void Trainer::run_stage(int64_t s, int64_t start_step, TrainReport& report) {
   ParamStore& ps = model_->params();
   std::vector<Param*> trained;
   for (Param& p : ps.all()) {
-    if (!trains(st, p)) continue;
+    if (!trains(st, p, cfg)) continue;
     trained.push_back(&p);
     if (dp_->zero1()) continue;  // sharded moments live in dp_
     for (const char* kind : {"optim/m/", "optim/v/"}) {
@@ -295,6 +304,7 @@ void Trainer::run_stage(int64_t s, int64_t start_step, TrainReport& report) {
     r.step = step;
     if (es.lm_tokens) r.val_lm_loss = es.lm_loss_sum / es.lm_tokens;
     if (es.indexer_rows) r.val_indexer_kl = es.indexer_kl_sum / es.indexer_rows;
+    if (es.mtp_tokens) r.val_mtp_loss = es.mtp_loss_sum / es.mtp_tokens;
     if (es.recall_rows) r.recall = es.recall_sum / es.recall_rows;
     if (Dist::is_root()) logger.log_eval(r, st.steps);
   };
@@ -381,6 +391,7 @@ void Trainer::run_stage(int64_t s, int64_t start_step, TrainReport& report) {
       r.step = done;
       if (window.lm_tokens) r.lm_loss = window.lm_loss_sum / window.lm_tokens;
       if (window.indexer_rows) r.indexer_kl = window.indexer_kl_sum / window.indexer_rows;
+      if (window.mtp_tokens) r.mtp_loss = window.mtp_loss_sum / window.mtp_tokens;
       r.grad_norm = gnorm;
       if (!trained_main.empty() && !trained_indexer.empty()) r.indexer_grad_norm = gnorm_indexer;
       r.lr = (st.train_main ? st.lr_main : st.lr_indexer) * factor;

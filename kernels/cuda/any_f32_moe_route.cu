@@ -1,5 +1,6 @@
-// MoE router on the GPU, f32: sigmoid scores, group-limited bias-corrected top-k, the routing backward,
-// the sigmoid backward, expert loads and the sequence-wise balance loss (CPU reference: kernels/moe.cpp).
+// MoE router on the GPU, f32: sigmoid or softmax scores, group-limited (top-2 sum or max) top-k with an
+// optional correction bias, the routing backward, the scores backward, expert loads and the
+// sequence-wise balance loss (CPU reference: kernels/moe.cpp).
 //
 // NOTES:
 //  - One warp per token. Lane l holds experts l, l+32, ... (E <= 256: 8 per lane) in registers and the
@@ -10,6 +11,10 @@
 //  - The sigmoid is 1 / (1 + e) in f32 with e = exp(-x) evaluated in double and rounded to f32: that is
 //    the correctly rounded expf, which glibc's expf also returns, so scores (and thus the selection on
 //    the same logits) match the CPU bit for bit; CUDA's f32 expf may be 1-2 ulp off.
+//  - Softmax as the CPU forms it: f32 row max, e = exp(x - max) in double rounded to f32, the row sum
+//    of e in double (a warp reduction here, sequential on the CPU), s = e / sum rounded to f32. The two
+//    sums may differ in the last bits of the double, which changes an f32 score only when it lies
+//    within 2^-29 relative of a rounding boundary: the selection matches the CPU's except at such ties.
 //  - NaN logits/bias cannot throw from a kernel: the token gets experts -1 and weights NaN, and
 //    moe_permutation (which copies the expert counts to the host anyway) reports it.
 //  - Balance loss: per-(sequence, expert) sums of s/Z (f64) and counts are reduced on the GPU, copied to
@@ -32,7 +37,7 @@ constexpr int kPerLane = kMoeMaxExperts / 32;
 
 struct MoeRouteParams {
   const float* logits;  // [N, E]
-  const float* bias;    // [E]
+  const float* bias;    // [E], nullptr: no correction bias
   float* scores;        // [N, E] sigmoid(logits)
   int32_t* experts;     // [N, K] chosen experts, descending c (ties: lower index)
   float* weights;       // [N, K]
@@ -40,7 +45,21 @@ struct MoeRouteParams {
   int E, G, group_size, topk_group, K;
   bool norm_topk_prob;
   float scaling;
+  bool softmax;    // softmax scores over the experts (else sigmoid per expert)
+  bool group_max;  // group score = its largest biased score (else the sum of its top 2)
 };
+
+__device__ __forceinline__ double warp_sum(double v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
+  return v;
+}
 
 __device__ __forceinline__ bool better(float v, int i, float bv, int bi) {  // (v desc, index asc) order
   return bi == INT_MAX || v > bv || (v == bv && i < bi);
@@ -56,20 +75,44 @@ __global__ void __launch_bounds__(kRouteWarps * 32) moe_route_kernel(MoeRoutePar
   const int E = p.E, K = p.K;
   float* c = c_sh[warp];
   float* s = s_sh[warp];
-  float cv[kPerLane];
+  float cv[kPerLane], sv[kPerLane];
   bool nan = false;
+  if (p.softmax) {
+    float m = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) {
+      const int i = lane + 32 * j;
+      sv[j] = i < E ? p.logits[n * E + i] : -INFINITY;
+      m = fmaxf(m, sv[j]);
+      nan |= isnan(sv[j]);
+    }
+    m = warp_max(m);
+    double z = 0.0;
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) {
+      const int i = lane + 32 * j;
+      sv[j] = i < E ? static_cast<float>(exp(static_cast<double>(sv[j] - m))) : 0.f;
+      z += static_cast<double>(sv[j]);
+    }
+    z = warp_sum(z);
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) sv[j] = static_cast<float>(static_cast<double>(sv[j]) / z);
+  } else {
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) {
+      const int i = lane + 32 * j;
+      sv[j] = i < E ? 1.0f / (1.0f + static_cast<float>(exp(-static_cast<double>(p.logits[n * E + i])))) : 0.f;
+    }
+  }
 #pragma unroll
   for (int j = 0; j < kPerLane; ++j) {
     const int i = lane + 32 * j;
     cv[j] = 0.f;
     if (i < E) {
-      const float x = p.logits[n * E + i];
-      const float e = static_cast<float>(exp(-static_cast<double>(x)));
-      const float sv = 1.0f / (1.0f + e);
-      p.scores[n * E + i] = sv;
-      cv[j] = sv + p.bias[i];
+      p.scores[n * E + i] = sv[j];
+      cv[j] = sv[j] + (p.bias ? p.bias[i] : 0.f);
       c[i] = cv[j];
-      s[i] = sv;
+      s[i] = sv[j];
       nan |= isnan(cv[j]);
     }
   }
@@ -82,10 +125,13 @@ __global__ void __launch_bounds__(kRouteWarps * 32) moe_route_kernel(MoeRoutePar
   }
   __syncwarp();
   const int gs = p.group_size;
-  if (lane < p.G) {  // sum of the group's top-2 biased scores, as the CPU computes it
+  if (lane < p.G) {  // sum of the group's top-2 biased scores (or its max), as the CPU computes it
     const float* cg = c + lane * gs;
     float score;
-    if (gs == 1) {
+    if (p.group_max) {
+      score = cg[0];
+      for (int i = 1; i < gs; ++i) score = fmaxf(score, cg[i]);
+    } else if (gs == 1) {
       score = cg[0];
     } else {
       float m1 = cg[0], m2 = cg[1];
@@ -171,11 +217,12 @@ struct MoeRouteBwdParams {
   const float* dweights;  // [N, K]
   const float* scores;    // [N, E]
   const int32_t* experts; // [N, K]
-  float* dlogits;         // [N, E], zeroed before the launch; K entries per token written
+  float* dlogits;         // [N, E], zeroed before the launch; K entries per token written (softmax: all E)
   int64_t N;
   int E, K;
   bool norm_topk_prob;
   float scaling;
+  bool softmax;
 };
 
 __global__ void moe_route_backward_kernel(MoeRouteBwdParams p) {
@@ -195,11 +242,30 @@ __global__ void moe_route_backward_kernel(MoeRouteBwdParams p) {
     for (int k = 0; k < K; ++k) proj += dw[k] * s[ex[k]];
     proj /= Z;
   }
+  if (p.softmax) {  // dl_j = s_j (ds_j - sum_k ds_k s_k), ds nonzero on the chosen experts only
+    float dot = 0.f;
+    for (int k = 0; k < K; ++k) dot += p.scaling * (dw[k] - proj) / Z * s[ex[k]];
+    for (int e = 0; e < E; ++e) p.dlogits[n * E + e] = -s[e] * dot;
+    for (int k = 0; k < K; ++k) p.dlogits[n * E + ex[k]] += s[ex[k]] * (p.scaling * (dw[k] - proj) / Z);
+    return;
+  }
   for (int k = 0; k < K; ++k) {
     const float se = s[ex[k]];
     const float ds = p.scaling * (dw[k] - proj) / Z;
     p.dlogits[n * E + ex[k]] = ds * se * (1.f - se);
   }
+}
+
+// Softmax backward of a row: one warp per row, dl = s (ds - sum_j ds_j s_j).
+__global__ void moe_softmax_scores_backward_kernel(const float* __restrict__ ds, const float* __restrict__ s,
+                                                   float* __restrict__ dl, int64_t N, int E) {
+  const int64_t n = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (n >= N) return;
+  double dot = 0.0;
+  for (int e = lane; e < E; e += 32) dot += double(ds[n * E + e]) * double(s[n * E + e]);
+  dot = warp_sum(dot);
+  for (int e = lane; e < E; e += 32) dl[n * E + e] = s[n * E + e] * (ds[n * E + e] - static_cast<float>(dot));
 }
 
 __global__ void moe_scores_backward_kernel(const float* __restrict__ ds /*[n]*/, const float* __restrict__ s /*[n]*/,
@@ -236,12 +302,6 @@ struct MoeBalanceParams {
   int E, K;
   double alpha;
 };
-
-__device__ __forceinline__ double warp_sum(double v) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
-}
 
 // grid (token chunks of a sequence, batch)
 __global__ void __launch_bounds__(kBalanceWarps * 32) moe_balance_stats_kernel(MoeBalanceParams p) {
@@ -312,15 +372,19 @@ ops::MoeRouting moe_route(const Tensor& logits, const Tensor& bias, const ops::M
   DSA_CHECK(cfg.n_group <= kMoeMaxGroups, "[moe_route] at most ", kMoeMaxGroups, " groups on the GPU, got ",
             cfg.n_group);
   DSA_CHECK(cfg.top_k <= kMoeMaxTopK, "[moe_route] top_k at most ", kMoeMaxTopK, " on the GPU, got ", cfg.top_k);
-  const Tensor b = bias.device() == Device::CUDA ? bias : bias.to(DType::F32).to(Device::CUDA);
-  expect_dtype(op, "bias", b, DType::F32);
+  Tensor b;
+  if (bias.defined()) {
+    b = bias.device() == Device::CUDA ? bias : bias.to(DType::F32).to(Device::CUDA);
+    expect_dtype(op, "bias", b, DType::F32);
+  }
   ops::MoeRouting r{Tensor::empty({N, E}, DType::F32, Device::CUDA),
                     Tensor::empty({N, cfg.top_k}, DType::I32, Device::CUDA),
-                    Tensor::empty({N, cfg.top_k}, DType::F32, Device::CUDA)};
+                    Tensor::empty({N, cfg.top_k}, DType::F32, Device::CUDA), cfg.scoring};
   if (N == 0) return r;
-  MoeRouteParams p{logits.data<float>(), b.data<float>(), r.scores.data<float>(), r.experts.data<int32_t>(),
-                   r.weights.data<float>(), N, int(E), cfg.n_group, int(E / cfg.n_group), cfg.topk_group,
-                   cfg.top_k, cfg.norm_topk_prob, static_cast<float>(cfg.routed_scaling_factor)};
+  MoeRouteParams p{logits.data<float>(), b.defined() ? b.data<float>() : nullptr, r.scores.data<float>(),
+                   r.experts.data<int32_t>(), r.weights.data<float>(), N, int(E), cfg.n_group, int(E / cfg.n_group),
+                   cfg.topk_group, cfg.top_k, cfg.norm_topk_prob, static_cast<float>(cfg.routed_scaling_factor),
+                   cfg.scoring == ops::MoeScoring::Softmax, cfg.group_max};
   moe_route_kernel<<<blocks_for(N, kRouteWarps), kRouteWarps * 32, 0, stream()>>>(p);
   check_launch(op);
   return r;
@@ -338,7 +402,7 @@ Tensor moe_route_backward(const Tensor& dweights, const ops::MoeRouting& r, cons
   if (N == 0) return dlogits;
   MoeRouteBwdParams p{dweights.data<float>(), r.scores.data<float>(), r.experts.data<int32_t>(),
                       dlogits.data<float>(), N, int(E), cfg.top_k, cfg.norm_topk_prob,
-                      static_cast<float>(cfg.routed_scaling_factor)};
+                      static_cast<float>(cfg.routed_scaling_factor), r.scoring == ops::MoeScoring::Softmax};
   moe_route_backward_kernel<<<blocks_for(N, 128), 128, 0, stream()>>>(p);
   check_launch(op);
   return dlogits;
@@ -353,6 +417,13 @@ Tensor moe_scores_backward(const Tensor& dscores, const ops::MoeRouting& r) {
   Tensor dlogits = Tensor::empty(r.scores.shape(), DType::F32, Device::CUDA);
   const int64_t n = dscores.numel();
   if (n == 0) return dlogits;
+  if (r.scoring == ops::MoeScoring::Softmax) {
+    const int64_t N = r.scores.size(0);
+    moe_softmax_scores_backward_kernel<<<blocks_for(N, 4), 128, 0, stream()>>>(
+        dscores.data<float>(), r.scores.data<float>(), dlogits.data<float>(), N, int(r.scores.size(1)));
+    check_launch(op);
+    return dlogits;
+  }
   const int64_t blocks = std::min<int64_t>(blocks_for(n, 256), int64_t(sm_count()) * 8);
   moe_scores_backward_kernel<<<blocks, 256, 0, stream()>>>(dscores.data<float>(), r.scores.data<float>(),
                                                            dlogits.data<float>(), n);

@@ -1,11 +1,14 @@
 // Hugging Face import/export: native -> HF -> native bit-identical, per-expert and FP8 files, a
-// missing indexer, MTP layers, shapes that do not fit the config.
+// missing indexer, shapes that do not fit the config. The hand-written directories carry config.json
+// files with a release's key set (tests/ckpt/hf_release_util.h), not the exporter's. Releases of the
+// other families and the MTP layer: test_hf_releases.cpp.
 #include <gtest/gtest.h>
 
 #include <fstream>
 
 #include "model/hf_io.h"
 #include "tests/ckpt/ckpt_util.h"
+#include "tests/ckpt/hf_release_util.h"
 #include "tests/test_util.h"
 
 using namespace dsa;
@@ -32,11 +35,12 @@ void expect_same_params(const ParamStore& a, const ParamStore& b) {
   for (const Param& p : a.all()) EXPECT_TRUE(same_bits(p.value, b.get(p.name).value)) << p.name;
 }
 
-// Writes `tensors` and config.json as a Hugging Face directory.
+// Writes `tensors` and config.json as a Hugging Face directory: a DeepSeek-V3.2 release's config, or
+// with v3 a DeepSeek-V3 release's (no index_* keys).
 void write_hf(const std::string& dir, const ModelConfig& c, const std::vector<std::pair<std::string, Tensor>>& tensors,
-              int64_t mtp_layers = 0) {
+              bool v3 = false) {
   write_safetensors_sharded(dir, tensors, 1ull << 30);
-  std::ofstream(dir + "/config.json") << hf_config_json(c, DType::BF16, mtp_layers);
+  std::ofstream(dir + "/config.json") << (v3 ? v3_release_config(c, false, 0) : v32_release_config(c, 0));
 }
 
 }  // namespace
@@ -97,30 +101,36 @@ TEST(HfIo, Bf16ExportOfBf16ValuesIsLossless) {
 
 TEST(HfIo, MissingIndexerIsFreshlyInitialized) {
   ScratchDir dir;
-  const ModelConfig c = tiny();
+  ModelConfig c = tiny();
+  c.max_position_embeddings = 4000;  // the V3 release config's YaRN: original 4000 / 40
   ParamStore ps = random_params(c, 10);
   HfExportOptions opt;
   opt.dtype = DType::F32;
   std::vector<std::pair<std::string, Tensor>> ts;
   for (auto& kv : hf_tensors_for_export(c, ps, {}, opt))
     if (kv.first.find(".indexer.") == std::string::npos) ts.push_back(kv);
-  write_hf(dir / "v3", c, ts);
+  write_hf(dir / "v3", c, ts, /*v3=*/true);  // DeepSeek-V3's config.json: no index_* keys
   HfImportOptions io;
   io.indexer_seed = 1234;
+  io.indexer = IndexerDims{c.index_n_heads, c.index_head_dim, c.index_topk};
   HfModel m = import_hf(dir / "v3", io);
   EXPECT_TRUE(m.indexer_fresh);
-  ASSERT_FALSE(m.warnings.empty());
-  EXPECT_NE(m.warnings[0].find("freshly initialized"), std::string::npos);
-  ParamStore want = make_params(c);
-  init_params_group(want, c, 1234, ParamGroup::Indexer);
+  EXPECT_TRUE(m.indexer_dims_from_options);
+  bool said = false;
+  for (const std::string& w : m.warnings) said |= w.find("freshly initialized") != std::string::npos;
+  EXPECT_TRUE(said);
+  // A fresh indexer from the seed, with the release's initializer_range (0.02).
+  EXPECT_EQ(m.cfg.initializer_range, 0.02);
+  ParamStore want = make_params(m.cfg);
+  init_params_group(want, m.cfg, 1234, ParamGroup::Indexer);
   for (const Param& p : m.params.all()) {
     const Tensor& expect = p.group == ParamGroup::Indexer ? want.get(p.name).value : ps.get(p.name).value;
     EXPECT_TRUE(same_bits(p.value, expect)) << p.name;
   }
   // Part of an indexer is an error naming the first missing tensor.
   ts.emplace_back("model.layers.0.self_attn.indexer.wk.weight", ps["model.layers.0.self_attn.indexer.wk.weight"]);
-  write_hf(dir / "partial", c, ts);
-  EXPECT_TRUE(throws_with([&] { import_hf(dir / "partial"); }, {"partial", "missing indexer tensor", "wq_b"}));
+  write_hf(dir / "partial", c, ts, true);
+  EXPECT_TRUE(throws_with([&] { import_hf(dir / "partial", io); }, {"partial", "missing indexer tensor", "wq_b"}));
 }
 
 TEST(HfIo, ShapeThatDoesNotFitTheConfigNamesFileAndTensor) {
@@ -190,43 +200,3 @@ TEST(HfIo, Fp8PerExpertCheckpointIsDequantized) {
                         ps["model.layers.0.self_attn.q_a_proj.weight"], 0.07, 1e-5));
 }
 
-TEST(HfIo, MtpLayerIsDroppedOrKeptAndWrittenBack) {
-  ScratchDir dir;
-  const ModelConfig c = tiny();
-  ParamStore ps = random_params(c, 13);
-  HfExportOptions opt;
-  opt.dtype = DType::F32;
-  auto ts = hf_tensors_for_export(c, ps, {}, opt);
-  const std::string mtp = "model.layers.2.";  // num_hidden_layers = 2
-  Tensor eh = randn({32, 64}, 5, 0.1, DType::F32).to(DType::BF16);
-  auto [q, s] = quant_fp8_blocks(randn({32, 32}, 6, 0.1, DType::F32), 128);
-  ts.emplace_back(mtp + "eh_proj.weight", eh);
-  ts.emplace_back(mtp + "self_attn.o_proj.weight", q);
-  ts.emplace_back(mtp + "self_attn.o_proj.weight_scale_inv", s);
-  write_hf(dir / "hf", c, ts, 1);
-
-  HfModel dropped = import_hf(dir / "hf");
-  EXPECT_TRUE(dropped.extra.empty());
-  ASSERT_EQ(dropped.warnings.size(), 1u);
-  EXPECT_NE(dropped.warnings[0].find("dropped 3 MTP"), std::string::npos) << dropped.warnings[0];
-
-  HfImportOptions keep;
-  keep.keep_mtp = true;
-  HfModel kept = import_hf(dir / "hf", keep);
-  ASSERT_EQ(kept.extra.size(), 3u);
-  EXPECT_TRUE(same_bits(kept.extra.at("mtp/" + mtp + "eh_proj.weight"), eh));
-  EXPECT_TRUE(same_bits(kept.extra.at("mtp/" + mtp + "self_attn.o_proj.weight"), q));
-  export_hf(dir / "out", kept.cfg, kept.params, kept.extra, opt);
-  SafetensorsSet out(dir / "out");
-  EXPECT_TRUE(same_bits(out.read(mtp + "eh_proj.weight"), eh));
-  EXPECT_TRUE(same_bits(out.read(mtp + "self_attn.o_proj.weight"), q));
-  EXPECT_TRUE(same_bits(out.read(mtp + "self_attn.o_proj.weight_scale_inv"), s));
-  std::ifstream cj(dir / "out/config.json");
-  std::string text((std::istreambuf_iterator<char>(cj)), std::istreambuf_iterator<char>());
-  EXPECT_NE(text.find("\"num_nextn_predict_layers\": 1"), std::string::npos);
-
-  // A layer beyond the MTP layers does not fit the config.
-  ts.emplace_back("model.layers.3.input_layernorm.weight", Tensor::zeros({32}, DType::F32));
-  write_hf(dir / "more", c, ts, 1);
-  EXPECT_TRUE(throws_with([&] { import_hf(dir / "more"); }, {"model.layers.3.input_layernorm.weight", "belongs to layer 3"}));
-}

@@ -27,12 +27,12 @@ ModelConfig gpu_test_config() {
 }
 
 struct Pair {
-  ModelConfig cfg = gpu_test_config();
+  ModelConfig cfg;
   Model cpu{cfg, DType::F32, Device::CPU};
   Model gpu{cfg, DType::F32, Device::CUDA};
   Tensor ids, targets;
   int64_t B = 2, T = 24;
-  Pair() {
+  explicit Pair(const ModelConfig& c = gpu_test_config()) : cfg(c) {
     init_params(cpu.params(), cfg, 3);
     for (Param& p : gpu.params().all()) p.value.copy_from(cpu.params().get(p.name).value.to(Device::CUDA));
     gpu.params().refresh_compute();
@@ -50,9 +50,10 @@ struct Pair {
 // kv_b, P, O, o_proj, residual, norm, gate/up, silu*up, down, residual), final norm and logits 2, and the
 // backward as many again: r = 2 (2 * 17 + 2) = 72 -> 5.7e-2 for the LM gradients.
 // main_tol bounds the LM-trained tensors' gradients, indexer_tol the indexer's.
-void compare(StepOptions o, const char* what, double main_tol, double indexer_tol) {
+void compare(StepOptions o, const char* what, double main_tol, double indexer_tol,
+             const ModelConfig& cfg = gpu_test_config()) {
   DSA_REQUIRE_GPU();
-  Pair p;
+  Pair p(cfg);
   std::vector<Tensor> sel;
   if (o.attention == AttentionMode::Sparse) {
     StepOptions probe = o;
@@ -67,6 +68,10 @@ void compare(StepOptions o, const char* what, double main_tol, double indexer_to
   cuda::synchronize();
   EXPECT_NEAR(g.lm_loss_sum / g.lm_tokens, c.lm_loss_sum / c.lm_tokens, 2e-2) << what;
   EXPECT_EQ(g.lm_tokens, c.lm_tokens);
+  EXPECT_EQ(g.mtp_tokens, c.mtp_tokens);
+  if (c.mtp_tokens) {
+    EXPECT_NEAR(g.mtp_loss_sum / g.mtp_tokens, c.mtp_loss_sum / c.mtp_tokens, 2e-2) << what;
+  }
   if (c.indexer_rows) {
     EXPECT_EQ(g.indexer_rows, c.indexer_rows);
     EXPECT_NEAR(g.indexer_kl_sum / g.indexer_rows, c.indexer_kl_sum / c.indexer_rows,
@@ -140,3 +145,69 @@ TEST(GpuModel, RecallAndFp8SelectionRun) {
   EXPECT_NEAR(g.recall_sum / g.recall_rows, c.recall_sum / c.recall_rows, 0.05);
   EXPECT_NEAR(g.lm_loss_sum / g.lm_tokens, c.lm_loss_sum / c.lm_tokens, 5e-2);
 }
+
+// The DeepSeek families (SPEC.md §1b) through each stage's step: V2-Lite-like (no query LoRA, softmax
+// greedy routing, batch-level balance loss), V2-like (softmax, group-limited by the max), Moonlight-like
+// (no query LoRA, rotate-half RoPE, no expert groups) and V3 with its MTP layer.
+ModelConfig family_config(const std::string& name) {
+  ModelConfig c = gpu_test_config();
+  if (name == "v2_lite" || name == "moonlight") {
+    c.q_lora_rank = 0;
+    c.n_group = c.topk_group = 1;
+    c.n_shared_experts = 2;
+  }
+  if (name == "v2_lite" || name == "v2_group") {
+    c.scoring_func = "softmax";
+    c.topk_method = name == "v2_lite" ? "greedy" : "group_limited_greedy";
+    c.norm_topk_prob = false;
+    c.routed_scaling_factor = name == "v2_lite" ? 1.0 : 16.0;
+  }
+  if (name == "moonlight") c.rope_interleave = false;
+  if (name == "v3_mtp") c.num_nextn_predict_layers = 1;
+  c.validate(name);
+  return c;
+}
+
+// The LM gradients' bound for a config: r = 2 (17 per decoder layer, the MTP layer included, + 2).
+double lm_tol(const ModelConfig& c) {
+  return bf16_tol(2.0 * (17.0 * static_cast<double>(c.num_hidden_layers + c.num_nextn_predict_layers) + 2.0));
+}
+
+class GpuModelFamilies : public ::testing::TestWithParam<std::string> {
+ protected:
+  StepOptions base() const {
+    StepOptions o;
+    if (GetParam() == "v3_mtp") o.mtp_loss_weight = 0.3;
+    if (GetParam() == "v2_lite") {
+      o.balance_alpha = 1e-2;
+      o.balance_per_sequence = false;
+    }
+    return o;
+  }
+};
+
+TEST_P(GpuModelFamilies, DenseStepMatchesCpu) {
+  const ModelConfig c = family_config(GetParam());
+  compare(base(), "dense", lm_tol(c), 0, c);
+}
+
+TEST_P(GpuModelFamilies, WarmupStepMatchesCpu) {
+  StepOptions o = base();
+  o.indexer_loss = IndexerLossMode::Dense;
+  o.train_main = false;
+  o.train_indexer = true;
+  o.fp8_indexer = false;
+  compare(o, "warmup", 0, bf16_tol(40, 2.0), family_config(GetParam()));
+}
+
+TEST_P(GpuModelFamilies, SparseStepMatchesCpu) {
+  StepOptions o = base();
+  o.attention = AttentionMode::Sparse;
+  o.indexer_loss = IndexerLossMode::Sparse;
+  o.train_indexer = true;
+  o.fp8_indexer = false;
+  const ModelConfig c = family_config(GetParam());
+  compare(o, "sparse", lm_tol(c), bf16_tol(40, 2.0), c);
+}
+
+INSTANTIATE_TEST_SUITE_P(Families, GpuModelFamilies, ::testing::Values("v2_lite", "v2_group", "moonlight", "v3_mtp"));

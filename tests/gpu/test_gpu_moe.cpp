@@ -240,6 +240,70 @@ TEST(GpuMoeBalance, ExpertLoadAndSeqBalanceLoss) {
   }
 }
 
+// DeepSeek-V2 routing on the GPU: softmax scores, greedy (one group) or group-limited by the group's max,
+// no correction bias; the softmax backward of the routing, of the scores and through the balance losses
+// (per sequence and over the micro-batch).
+ops::MoeRouteConfig softmax_cfg(int G, int tg, int K, double scaling, bool group_max) {
+  ops::MoeRouteConfig c = make_cfg(G, tg, K, false, scaling);
+  c.scoring = ops::MoeScoring::Softmax;
+  c.group_max = group_max;
+  return c;
+}
+const RouteCase kV2Lite{4096, 64, softmax_cfg(1, 1, 6, 1.0, false)};   // V2-Lite: 64 experts, 6 active
+const RouteCase kV2{1000, 160, softmax_cfg(8, 3, 6, 16.0, true)};      // V2: 160 experts, 8 groups keep 3
+const RouteCase kV2Odd{13, 8, softmax_cfg(4, 2, 3, 2.0, true)};
+
+TEST(GpuMoeRouteSoftmax, MatchesCpu) {
+  DSA_REQUIRE_GPU();
+  int seed = 300;
+  for (const RouteCase& rc : {kV2Lite, kV2, kV2Odd}) {
+    const int64_t N = rc.N, E = rc.E, K = rc.cfg.top_k;
+    const Tensor logits = randn({N, E}, seed++, 2.0, DType::F32);
+    const ops::MoeRouting ref = ops::moe_route(logits, Tensor(), rc.cfg);
+    const Tensor lg = logits.to(Device::CUDA);
+    poison_allocator({{{N, E}, DType::F32}, {{N, K}, DType::I32}, {{N, K}, DType::F32}});
+    const ops::MoeRouting got = ops::moe_route(lg, Tensor(), rc.cfg);
+    EXPECT_EQ(got.scoring, ops::MoeScoring::Softmax);
+    // Scores: e = exp(x - max) in double rounded to f32 on both sides; the row sums differ only in the
+    // order of a double reduction (E terms: relative E * 2^-53), so each score is within 1 f32 ulp.
+    EXPECT_TRUE(rel_close(got.scores, ref.scores, 1.2e-7));
+    // The same experts, except where two candidates' scores lie within that 1 ulp (random logits: none).
+    EXPECT_TRUE(equal_i32(got.experts, ref.experts));
+    EXPECT_TRUE(rel_close(got.weights, ref.weights, 1.2e-7));
+  }
+}
+
+TEST(GpuMoeRouteSoftmax, BackwardsMatchCpu) {
+  DSA_REQUIRE_GPU();
+  int seed = 320;
+  for (const RouteCase& rc : {kV2Lite, kV2, kV2Odd}) {
+    const int64_t N = rc.N, E = rc.E, K = rc.cfg.top_k;
+    const Tensor logits = randn({N, E}, seed++, 1.5, DType::F32);
+    const ops::MoeRouting ref = ops::moe_route(logits, Tensor(), rc.cfg);
+    const ops::MoeRouting got = ops::moe_route(logits.to(Device::CUDA), Tensor(), rc.cfg);
+    const Tensor dw = randn({N, K}, seed++, 1.0, DType::F32);
+    poison_allocator({{{N, E}, DType::F32}});
+    // Both sum K terms (the dot) in f32, then write every entry: ~K ulp apart.
+    EXPECT_TRUE(rel_close(ops::moe_route_backward(dw.to(Device::CUDA), got, rc.cfg),
+                          ops::moe_route_backward(dw, ref, rc.cfg), 1e-5));
+    const Tensor ds = randn({N, E}, seed++, 1.0, DType::F32);
+    poison_allocator({{{N, E}, DType::F32}});
+    // The row dot over E terms: f64 on the GPU, f32 on the CPU: within E f32 ulp of the row's scale.
+    EXPECT_TRUE(rel_close(ops::moe_scores_backward(ds.to(Device::CUDA), got), ops::moe_scores_backward(ds, ref),
+                          E * 1.2e-7));
+    // Balance losses on softmax scores: per sequence (4 of them) and over the micro-batch (1).
+    for (int64_t batch : {int64_t{1}, N % 4 == 0 ? int64_t{4} : int64_t{1}}) {
+      const int64_t seq = N / batch;
+      const double alpha = 1e-3;
+      const double loss_ref = ops::moe_seq_balance_loss(ref, E, batch, seq, alpha, nullptr);
+      Tensor dr = Tensor::zeros({N, E}, DType::F32), dg = Tensor::zeros({N, E}, DType::F32).to(Device::CUDA);
+      ops::moe_seq_balance_loss(ref, E, batch, seq, alpha, &dr);
+      EXPECT_NEAR(ops::moe_seq_balance_loss(got, E, batch, seq, alpha, &dg), loss_ref, 1e-6 * loss_ref);
+      EXPECT_TRUE(rel_close(ops::moe_scores_backward(dg, got), ops::moe_scores_backward(dr, ref), 1e-4));
+    }
+  }
+}
+
 // ------------------------------------------------------------------------------- permutation
 
 TEST(GpuMoePermutation, ExactRowsCountsOffsets) {

@@ -32,10 +32,16 @@ RefRoute ref_route(const Tensor& logits, const std::vector<double>& bias, const 
   RefRoute out;
   for (int64_t n = 0; n < N; ++n) {
     std::vector<T> s(E), c(E);
-    for (int64_t e = 0; e < E; ++e) {
-      s[e] = T(1) / (T(1) + std::exp(-T(logits.item(n * E + e))));
-      c[e] = s[e] + T(bias[e]);
+    if (cfg.scoring == ops::MoeScoring::Softmax) {  // exp and sum in double, one rounding to T
+      double m = -INFINITY, z = 0;
+      for (int64_t e = 0; e < E; ++e) m = std::max(m, logits.item(n * E + e));
+      std::vector<double> ex(E);
+      for (int64_t e = 0; e < E; ++e) z += ex[e] = double(T(std::exp(double(T(logits.item(n * E + e)) - T(m)))));
+      for (int64_t e = 0; e < E; ++e) s[e] = T(ex[e] / z);
+    } else {
+      for (int64_t e = 0; e < E; ++e) s[e] = T(1) / (T(1) + std::exp(-T(logits.item(n * E + e))));
     }
+    for (int64_t e = 0; e < E; ++e) c[e] = s[e] + T(bias[e]);
     auto better = [](const std::vector<T>& v) {
       return [&v](int a, int b) { return v[a] != v[b] ? v[a] > v[b] : a < b; };
     };
@@ -43,7 +49,7 @@ RefRoute ref_route(const Tensor& logits, const std::vector<double>& bias, const 
     for (int g = 0; g < cfg.n_group; ++g) {
       std::vector<T> m(c.begin() + g * gs, c.begin() + (g + 1) * gs);
       std::sort(m.begin(), m.end(), std::greater<T>());
-      gscore[g] = gs == 1 ? m[0] : m[0] + m[1];
+      gscore[g] = gs == 1 || cfg.group_max ? m[0] : m[0] + m[1];
     }
     std::vector<int> gid(cfg.n_group);
     std::iota(gid.begin(), gid.end(), 0);
@@ -71,6 +77,18 @@ Tensor bias_tensor(const std::vector<double>& b) {
 
 std::vector<int> experts_of(const ops::MoeRouting& r) {
   return std::vector<int>(r.experts.data<int32_t>(), r.experts.data<int32_t>() + r.experts.numel());
+}
+
+ops::MoeRouteConfig softmax_cfg(int n_group, int topk_group, int top_k, double scaling, bool group_max) {
+  ops::MoeRouteConfig c;
+  c.n_group = n_group;
+  c.topk_group = topk_group;
+  c.top_k = top_k;
+  c.norm_topk_prob = false;
+  c.routed_scaling_factor = scaling;
+  c.scoring = ops::MoeScoring::Softmax;
+  c.group_max = group_max;
+  return c;
 }
 
 ops::MoeRouteConfig cfg_of(int n_group, int topk_group, int top_k, bool norm = true, double scaling = 1.0) {
@@ -452,4 +470,113 @@ TEST(MoeGroupedLinear, Widths1024To512Experts16Top4F32) {
         within_dot_bound("dw", dw.data<float>() + e * out * in, C, Mag, c + 1, dw0.data<float>() + e * out * in));
   }
   EXPECT_GE(used, 8) << "the routing should spread 256 rows over most of the 16 experts";
+}
+
+// DeepSeek-V2 routing: softmax scores, greedy (one group) or group-limited with the group's max, no bias.
+TEST(MoeRouteSoftmax, MatchesReferenceGreedyAndGroupMax) {
+  struct C { int64_t N, E; int G, TG, K; double scaling; bool group_max; };
+  const std::vector<C> cases = {{31, 16, 1, 1, 6, 1.0, false}, {23, 16, 4, 2, 4, 16.0, true},
+                                {17, 64, 8, 3, 6, 16.0, true}, {9, 6, 3, 1, 2, 2.0, true}};
+  int idx = 0;
+  for (const C& c : cases)
+    for (DType dt : {DType::F32, DType::F64}) {
+      const ops::MoeRouteConfig cfg = softmax_cfg(c.G, c.TG, c.K, c.scaling, c.group_max);
+      Tensor logits = randn({c.N, c.E}, 2000 + idx, 2.0, dt);
+      ops::MoeRouting r = ops::moe_route(logits, Tensor(), cfg);  // no correction bias
+      EXPECT_EQ(r.scoring, ops::MoeScoring::Softmax);
+      const std::vector<double> zero(c.E, 0.0);
+      const RefRoute ref = dt == DType::F32 ? ref_route<float>(logits, zero, cfg) : ref_route<double>(logits, zero, cfg);
+      ASSERT_EQ(experts_of(r), ref.experts) << "case " << idx;
+      // Both sides round exp(x - max) / sum once from double: equal to the last bit of T.
+      for (int64_t i = 0; i < r.weights.numel(); ++i) EXPECT_EQ(r.weights.item(i), ref.weights[i]) << "case " << idx;
+      for (int64_t n = 0; n < c.N; ++n) {  // each row sums to 1 within E roundings of T
+        double sum = 0;
+        for (int64_t e = 0; e < c.E; ++e) sum += r.scores.item(n * c.E + e);
+        EXPECT_NEAR(sum, 1.0, c.E * (dt == DType::F32 ? 6e-8 : 1.2e-16));
+      }
+      // An undefined bias is a zero bias.
+      ops::MoeRouting rz = ops::moe_route(logits, Tensor::zeros({c.E}, DType::F32), cfg);
+      EXPECT_EQ(experts_of(rz), experts_of(r));
+      ++idx;
+    }
+}
+
+TEST(MoeRouteSoftmax, GroupScoreIsTheMaxNotTheTopTwoSum) {
+  // Group 0 = {4, -9, -9, -9}: max e^4 = 54.6, top-2 sum 54.6; group 1 = {3.5 x 4}: max e^3.5 = 33.1,
+  // top-2 sum 66.2 (over the same softmax denominator). group_limited_greedy (max) keeps group 0; the V3
+  // rule (top-2 sum) keeps group 1.
+  std::vector<float> l = {4.f, -9.f, -9.f, -9.f, 3.5f, 3.5f, 3.5f, 3.5f};
+  ops::MoeRouting r = ops::moe_route(Tensor::from_vector(l, {1, 8}), Tensor(), softmax_cfg(2, 1, 2, 1.0, true));
+  EXPECT_EQ(experts_of(r), (std::vector<int>{0, 1}));
+  ops::MoeRouteConfig sum2 = softmax_cfg(2, 1, 2, 1.0, false);
+  EXPECT_EQ(experts_of(ops::moe_route(Tensor::from_vector(l, {1, 8}), Tensor(), sum2)), (std::vector<int>{4, 5}));
+  // The weights are the softmax probabilities times the scaling, not renormalized.
+  const double z = std::exp(4.0) + 3 * std::exp(-9.0) + 4 * std::exp(3.5);
+  EXPECT_NEAR(r.weights.item(0), std::exp(4.0) / z, 1e-7);
+  EXPECT_NEAR(r.weights.item(1), std::exp(-9.0) / z, 1e-12);
+}
+
+TEST(MoeRouteSoftmax, BackwardFiniteDifferenceF64) {
+  for (bool group_max : {false, true}) {
+    const ops::MoeRouteConfig cfg = softmax_cfg(group_max ? 4 : 1, group_max ? 2 : 1, 3, 16.0, group_max);
+    Tensor logits = randn({7, 16}, 51, 1.0, DType::F64);
+    Tensor g = randn({7, 3}, 52);
+    ops::MoeRouting r = ops::moe_route(logits, Tensor(), cfg);
+    Tensor dlogits = ops::moe_route_backward(g, r, cfg);
+    const std::vector<int> chosen = experts_of(r);
+    auto loss = [&] {
+      ops::MoeRouting rr = ops::moe_route(logits, Tensor(), cfg);
+      EXPECT_EQ(experts_of(rr), chosen);
+      return dot(rr.weights, g);
+    };
+    // h = 1e-5: the loss (~16 |g|) carries ~1e-15 of rounding, 1e-10 after the division by 2h.
+    EXPECT_TRUE(grad_check("dlogits", logits, dlogits, loss, 1e-5, 1e-6, 1e-9)) << "group_max " << group_max;
+  }
+  // Scores backward: the softmax Jacobian, for losses on every score.
+  const ops::MoeRouteConfig cfg = softmax_cfg(1, 1, 2, 1.0, false);
+  Tensor logits = randn({5, 8}, 53, 1.0, DType::F64);
+  Tensor g = randn({5, 8}, 54);
+  ops::MoeRouting r = ops::moe_route(logits, Tensor(), cfg);
+  Tensor dlogits = ops::moe_scores_backward(g, r);
+  auto loss = [&] { return dot(ops::moe_route(logits, Tensor(), cfg).scores, g); };
+  EXPECT_TRUE(grad_check("dlogits", logits, dlogits, loss, 1e-6, 1e-6, 1e-9));
+}
+
+TEST(MoeRouteSoftmax, V2AuxLossesSequenceAndBatch) {
+  // DeepSeek-V2's balance losses on softmax scores: seq_aux (per sequence, averaged) and the batch-level
+  // loss (the whole micro-batch as one sequence): alpha * sum_i f_i P_i, f_i = E count_i / (K tokens).
+  const int64_t B = 2, T = 6, E = 8, K = 2;
+  const double alpha = 0.003;
+  const ops::MoeRouteConfig cfg = softmax_cfg(1, 1, K, 1.0, false);
+  Tensor logits = randn({B * T, E}, 61, 1.0, DType::F64);
+  ops::MoeRouting r = ops::moe_route(logits, Tensor(), cfg);
+  auto reference = [&](int64_t nb, int64_t nt) {
+    double loss = 0;
+    for (int64_t b = 0; b < nb; ++b) {
+      std::vector<double> f(E, 0), P(E, 0);
+      for (int64_t t = b * nt; t < (b + 1) * nt; ++t) {
+        for (int64_t k = 0; k < K; ++k) f[r.experts.data<int32_t>()[t * K + k]] += double(E) / double(K * nt);
+        for (int64_t e = 0; e < E; ++e) P[e] += r.scores.item(t * E + e) / double(nt);  // softmax rows sum to 1
+      }
+      for (int64_t e = 0; e < E; ++e) loss += alpha * f[e] * P[e] / double(nb);
+    }
+    return loss;
+  };
+  // |difference| <= alpha * E * (E roundings of a softmax row sum, 1.2e-16 each): the op divides by the row sum.
+  EXPECT_NEAR(ops::moe_seq_balance_loss(r, E, B, T, alpha, nullptr), reference(B, T), alpha * E * E * 1.2e-16 * 10);
+  EXPECT_NEAR(ops::moe_seq_balance_loss(r, E, 1, B * T, alpha, nullptr), reference(1, B * T), alpha * E * E * 1.2e-16 * 10);
+  // Gradient through the softmax: dscores from the loss, then the softmax backward, against finite differences.
+  for (int64_t nb : {B, int64_t{1}}) {
+    const int64_t nt = B * T / nb;
+    Tensor ds = Tensor::zeros({B * T, E}, DType::F64);
+    ops::moe_seq_balance_loss(r, E, nb, nt, alpha, &ds);
+    Tensor dlogits = ops::moe_scores_backward(ds, r);
+    const std::vector<int> chosen = experts_of(r);
+    auto loss = [&] {
+      ops::MoeRouting rr = ops::moe_route(logits, Tensor(), cfg);
+      EXPECT_EQ(experts_of(rr), chosen);
+      return ops::moe_seq_balance_loss(rr, E, nb, nt, alpha, nullptr);
+    };
+    EXPECT_TRUE(grad_check("dlogits", logits, dlogits, loss, 1e-6, 1e-6, 1e-12)) << "sequences " << nb;
+  }
 }
