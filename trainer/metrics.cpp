@@ -96,7 +96,15 @@ std::string MetricsLogger::json_line(const MetricRecord& r) {
   add("grad_norm", r.grad_norm);
   add("lr", r.lr);
   add("tokens_per_s", r.tokens_per_s);
+  add("peak_mem_gb", r.peak_mem_gb);
   add("val_lm_loss", r.val_lm_loss);
+  if (!r.val_lm_loss_by_source.empty()) {
+    o += ", \"val_lm_loss_by_source\": {";
+    for (size_t i = 0; i < r.val_lm_loss_by_source.size(); ++i)
+      o += (i ? ", " : "") + json_string(r.val_lm_loss_by_source[i].first) + ": " +
+           json_number(r.val_lm_loss_by_source[i].second);
+    o += "}";
+  }
   add("val_indexer_kl", r.val_indexer_kl);
   add("recall", r.recall);
   return o + "}";
@@ -127,6 +135,7 @@ std::string MetricsLogger::train_line(const MetricRecord& r, int64_t total_steps
   if (r.grad_norm) o += " | gnorm " + fixed(*r.grad_norm, 3);
   if (r.lr) o += " | lr " + sci(*r.lr);
   if (r.tokens_per_s) o += " | " + rate(*r.tokens_per_s) + " tok/s";
+  if (r.peak_mem_gb) o += " | mem " + fixed(*r.peak_mem_gb, 1) + " GB";
   o += " | elapsed " + format_duration(elapsed_s) + " | ETA " + format_duration(eta_s);
   return o;
 }
@@ -134,6 +143,12 @@ std::string MetricsLogger::train_line(const MetricRecord& r, int64_t total_steps
 std::string MetricsLogger::eval_line(const MetricRecord& r, int64_t total_steps) {
   std::string o = head(r, total_steps);
   if (r.val_lm_loss) o += " | val loss " + fixed(*r.val_lm_loss, 4);
+  if (!r.val_lm_loss_by_source.empty()) {
+    o += " (";
+    for (size_t i = 0; i < r.val_lm_loss_by_source.size(); ++i)
+      o += (i ? ", " : "") + r.val_lm_loss_by_source[i].first + " " + fixed(r.val_lm_loss_by_source[i].second, 4);
+    o += ")";
+  }
   if (r.val_indexer_kl) o += " | val kl " + fixed(*r.val_indexer_kl, 4);
   if (r.recall) o += " | recall " + fixed(*r.recall, 4);
   return o;
