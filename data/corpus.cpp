@@ -413,7 +413,8 @@ std::string format_summary(const CorpusSummary& s) {
      << "longest:   " << s.longest_tokens << " tokens (" << s.longest_name << ")\n"
      << "over 16K:  " << s.docs_over_16k << " documents\n"
      << "skipped:   " << s.skipped_binary << " binary, " << s.skipped_empty << " empty, " << s.skipped_unreadable
-     << " unreadable, " << s.skipped_short << " shorter than --min-bytes, " << s.skipped_sampled
+     << " unreadable, " << s.skipped_short << " shorter than --min-bytes, " << s.skipped_long
+     << " longer than --max-doc-bytes, " << s.skipped_sampled
      << " outside --sample\n";
   return os.str();
 }
@@ -492,6 +493,7 @@ CorpusSummary build_corpus(const CorpusOptions& opt, const Tokenizer& tok) {
       }
       if (d.text.empty()) { ++sum.skipped_empty; continue; }
       if (static_cast<int64_t>(d.text.size()) < opt.min_bytes) { ++sum.skipped_short; continue; }
+      if (opt.max_doc_bytes > 0 && static_cast<int64_t>(d.text.size()) > opt.max_doc_bytes) { ++sum.skipped_long; continue; }
       if (looks_binary(d.text)) { ++sum.skipped_binary; continue; }
       ++files;
       sum.bytes += static_cast<int64_t>(d.text.size());
@@ -538,12 +540,13 @@ CorpusSummary build_corpus(const CorpusOptions& opt, const Tokenizer& tok) {
   nlohmann::json j = {{"format", "dsa-corpus-1"}, {"tokenizer", tok.path()}, {"vocab_size", tok.vocab_size()},
                       {"bos_id", tok.bos_id()}, {"eos_id", tok.eos_id()}, {"seed", opt.seed},
                       {"val_fraction", opt.val_fraction}, {"max_bytes", opt.max_bytes}, {"max_files", opt.max_files},
-                      {"sample", opt.sample}, {"min_bytes", opt.min_bytes}, {"jsonl_field", opt.jsonl_field},
+                      {"sample", opt.sample}, {"min_bytes", opt.min_bytes}, {"max_doc_bytes", opt.max_doc_bytes}, {"jsonl_field", opt.jsonl_field},
                       {"inputs", opt.inputs}, {"train_shards", shard_files[0]}, {"val_shards", shard_files[1]},
                       {"docs_train", sum.docs_train}, {"docs_val", sum.docs_val}, {"tokens_train", sum.tokens_train},
                       {"tokens_val", sum.tokens_val}, {"bytes", sum.bytes}, {"longest_tokens", sum.longest_tokens},
                       {"longest_name", sum.longest_name}, {"docs_over_16k", sum.docs_over_16k},
-                      {"skipped_short", sum.skipped_short}, {"skipped_sampled", sum.skipped_sampled}};
+                      {"skipped_short", sum.skipped_short}, {"skipped_long", sum.skipped_long},
+                      {"skipped_sampled", sum.skipped_sampled}};
   std::ofstream(opt.out_dir + "/corpus.json") << j.dump(2) << "\n";
   return sum;
 }

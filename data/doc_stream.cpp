@@ -243,6 +243,7 @@ bool DocStream::contiguous() const { return impl_->contiguous; }
 int64_t DocStream::vocab_size() const { return impl_->vocab; }
 int64_t DocStream::n_docs() const { return impl_->n(); }
 int64_t DocStream::n_tokens() const { return impl_->total_tokens; }
+int64_t DocStream::framed_tokens() const { return impl_->prefix.back(); }
 int32_t DocStream::bos_id() const { return impl_->bos; }
 int32_t DocStream::eos_id() const { return impl_->eos; }
 const std::string& DocStream::first_shard() const { return impl_->shards.front().path(); }

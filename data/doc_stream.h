@@ -57,6 +57,7 @@ class DocStream {
   int64_t vocab_size() const;  // the shards' tokenizer vocab
   int64_t n_docs() const;
   int64_t n_tokens() const;    // stored tokens, without BOS/EOS
+  int64_t framed_tokens() const;  // tokens of one epoch's framed documents (BOS/EOS included)
   int32_t bos_id() const;      // -1: none
   int32_t eos_id() const;      // -1: none
   const std::string& first_shard() const;

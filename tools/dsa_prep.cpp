@@ -4,7 +4,7 @@
 //   dsa-prep decode --tokenizer PATH                  id lines on stdin -> text lines
 //   dsa-prep corpus --tokenizer PATH --out DIR [--val-fraction F] [--seed S] [--jobs N]
 //                   [--max-bytes N] [--max-files N] [--shard-tokens N] [--sample F] [--min-bytes N]
-//                   [--jsonl-field NAME] [--quiet] INPUTS...   files, dirs, tarballs, JSON Lines (.jsonl[.gz|.xz|...])
+//                   [--max-doc-bytes N] [--jsonl-field NAME] [--quiet] INPUTS...   files, dirs, tarballs, JSON Lines (.jsonl[.gz|.xz|...])
 //   dsa-prep retrieval --tokenizer PATH --haystack DIR --out DIR [--docs N] [--val-docs N] [--doc-tokens N]
 //                   [--fact-every N] [--query-fraction F] [--key-digits N] [--value-digits N] [--seed S]
 //                                                     synthetic retrieval documents (data/retrieval.h)
@@ -32,7 +32,7 @@ const char* kUsage =
     "       dsa-prep decode --tokenizer PATH\n"
     "       dsa-prep corpus --tokenizer PATH --out DIR [--val-fraction F] [--seed S] [--jobs N]\n"
     "                       [--max-bytes N] [--max-files N] [--shard-tokens N] [--sample F] [--min-bytes N]\n"
-    "                       [--jsonl-field NAME] [--quiet] INPUTS...\n"
+    "                       [--max-doc-bytes N] [--jsonl-field NAME] [--quiet] INPUTS...\n"
     "       dsa-prep retrieval --tokenizer PATH --haystack DIR --out DIR [--docs N] [--val-docs N]\n"
     "                       [--doc-tokens N] [--fact-every N] [--query-fraction F] [--key-digits N]\n"
     "                       [--value-digits N] [--seed S]\n"
@@ -87,6 +87,7 @@ Args parse(int argc, char** argv) {
     else if (f == "--val-fraction") a.corpus.val_fraction = to_num(f, val());
     else if (f == "--sample") a.corpus.sample = to_num(f, val());
     else if (f == "--min-bytes") a.corpus.min_bytes = to_int(f, val());
+    else if (f == "--max-doc-bytes") a.corpus.max_doc_bytes = to_int(f, val());
     else if (f == "--jsonl-field") a.corpus.jsonl_field = val();
     else if (f == "--haystack") a.retrieval.haystack = val();
     else if (f == "--docs") a.retrieval.train_docs = to_int(f, val());

@@ -96,6 +96,7 @@ std::string MetricsLogger::json_line(const MetricRecord& r) {
   add("grad_norm", r.grad_norm);
   add("lr", r.lr);
   add("tokens_per_s", r.tokens_per_s);
+  add("elapsed_s", r.elapsed_s);
   add("peak_mem_gb", r.peak_mem_gb);
   add("val_lm_loss", r.val_lm_loss);
   if (!r.val_lm_loss_by_source.empty()) {
@@ -172,15 +173,15 @@ void MetricsLogger::log_eval(const MetricRecord& r, int64_t total_steps) {
   std::fflush(file_);
 }
 
-int run_plot_command(int argc, char** argv) {
+int run_python_tool(const std::string& name, int argc, char** argv) {
   namespace fs = std::filesystem;
   std::vector<fs::path> candidates;
-  if (const char* src = std::getenv("DSA_SOURCE_DIR")) candidates.push_back(fs::path(src) / "tools/dsa_plot.py");
+  if (const char* src = std::getenv("DSA_SOURCE_DIR")) candidates.push_back(fs::path(src) / "tools" / name);
   std::error_code ec;
   const fs::path exe = fs::read_symlink("/proc/self/exe", ec);
-  if (!ec) candidates.push_back(exe.parent_path().parent_path().parent_path() / "tools/dsa_plot.py");
+  if (!ec) candidates.push_back(exe.parent_path().parent_path().parent_path() / "tools" / name);
 #ifdef DSA_SOURCE_DIR
-  candidates.push_back(fs::path(DSA_SOURCE_DIR) / "tools/dsa_plot.py");
+  candidates.push_back(fs::path(DSA_SOURCE_DIR) / "tools" / name);
 #endif
   std::string script;
   for (const auto& c : candidates)
@@ -191,8 +192,8 @@ int run_plot_command(int argc, char** argv) {
   if (script.empty()) {
     std::string tried;
     for (const auto& c : candidates) tried += " " + c.string();
-    std::fprintf(stderr, "[plot] cannot find tools/dsa_plot.py (tried:%s); set DSA_SOURCE_DIR to the source tree\n",
-                 tried.c_str());
+    std::fprintf(stderr, "[plot] cannot find tools/%s (tried:%s); set DSA_SOURCE_DIR to the source tree\n",
+                 name.c_str(), tried.c_str());
     return 127;
   }
   // NOTES: python3-matplotlib is a Debian package, so prefer Debian's interpreter over whatever python3
@@ -211,5 +212,7 @@ int run_plot_command(int argc, char** argv) {
   std::fprintf(stderr, "[plot] cannot run %s: %s\n", python.c_str(), std::strerror(errno));
   return 127;
 }
+
+int run_plot_command(int argc, char** argv) { return run_python_tool("dsa_plot.py", argc, argv); }
 
 }  // namespace dsa

@@ -2,7 +2,8 @@
 // the same records as JSON lines in OUTPUT_DIR/metrics.jsonl (read by tools/dsa_plot.py).
 //
 // JSON keys, each written only when the record has it: stage, step, lm_loss, indexer_kl, grad_norm, lr,
-// tokens_per_s (training time only: evaluation and checkpoints excluded), peak_mem_gb (GPU: the caching
+// tokens_per_s (training time only: evaluation and checkpoints excluded), elapsed_s (wall time since the
+// stage started in this process, everything included), peak_mem_gb (GPU: the caching
 // allocator's high-water mark in the stage so far), val_lm_loss, val_lm_loss_by_source (an object
 // {source: loss}, data mixtures only), val_indexer_kl, recall. `step` counts optimizer steps completed within the
 // stage (1..steps); the plot tool lines stages up one after another by name. Non-finite values (the
@@ -26,6 +27,7 @@ struct MetricRecord {
   std::optional<double> grad_norm;       // global gradient norm before clipping
   std::optional<double> lr;              // lr of the main group, or of the indexer when it alone trains
   std::optional<double> tokens_per_s;    // tokens per second of training (steps only)
+  std::optional<double> elapsed_s;       // wall seconds since the stage started (this process)
   std::optional<double> peak_mem_gb;     // GPU memory high-water mark of the stage (1e9 bytes)
   std::optional<double> val_lm_loss;     // held-out LM loss (a mixture: the weighted mean of its sources')
   std::vector<std::pair<std::string, double>> val_lm_loss_by_source;  // mixtures: each source's held-out loss
@@ -69,5 +71,7 @@ class MetricsLogger {
 // source tree this was built from. argv[0..argc) are the arguments after `plot`. Returns only on
 // failure (127, with a message on stderr).
 int run_plot_command(int argc, char** argv);
+// The same for any script `name` under tools/ (dsa-eval --plots runs tools/dsa_eval_report.py).
+int run_python_tool(const std::string& name, int argc, char** argv);
 
 }  // namespace dsa

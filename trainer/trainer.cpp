@@ -376,6 +376,7 @@ void Trainer::log_progress(StageRun& run, int64_t done, const StepResult& res) {
   r.tokens_per_s = run.window_train_s > 0 ? static_cast<double>(run.window_steps) * run.tokens_per_step / run.window_train_s : 0;
   if (model_->device() == dsa::Device::CUDA) r.peak_mem_gb = static_cast<double>(cuda::allocator_stats().peak_in_use) / 1e9;
   const double stage_elapsed = now_s() - run.stage_start;
+  r.elapsed_s = stage_elapsed;
   if (Dist::is_root())
     run.logger->log_train(r, st.steps, stage_elapsed,
                           MetricsLogger::eta_seconds(stage_elapsed, done - run.start_step, st.steps - run.start_step));

@@ -83,7 +83,9 @@ TEST_F(Stream, PackedWindowsCoverTheShuffledDocumentsOnce) {
   for (int64_t w = 0; w < windows; ++w) {
     const std::vector<int32_t> in = window(s, T, &tg);
     for (int i = 0; i + 1 < T; ++i) ASSERT_EQ(tg[i], in[i + 1]);
-    if (w > 0) ASSERT_EQ(prev_tg[T - 1], in[0]) << "consecutive windows share one token";
+    if (w > 0) {
+      ASSERT_EQ(prev_tg[T - 1], in[0]) << "consecutive windows share one token";
+    }
     prev_tg = tg;
     stream.insert(stream.end(), in.begin(), in.end());
   }
@@ -164,14 +166,21 @@ TEST_F(Stream, ContiguousDocumentsAndPadding) {
     const std::vector<int32_t> in = window(s, 128, &tg);
     bool padding = false;
     for (int i = 0; i < 128; ++i) {
-      if (tg[i] == -1) padding = true;
-      else ASSERT_FALSE(padding) << "target after padding at " << i;
+      if (tg[i] == -1) {
+        padding = true;
+      } else {
+        ASSERT_FALSE(padding) << "target after padding at " << i;
+      }
       if (padding) ++pads;
-      if (!padding && i + 1 < 128) ASSERT_EQ(tg[i], in[i + 1]);
+      if (!padding && i + 1 < 128) {
+        ASSERT_EQ(tg[i], in[i + 1]);
+      }
     }
     // A document shorter than a window never straddles two: a window that does not start with BOS
     // continues a long document, so the previous window was full.
-    if (in[0] != kBos) EXPECT_TRUE(prev_full) << "window " << w;
+    if (in[0] != kBos) {
+      EXPECT_TRUE(prev_full) << "window " << w;
+    }
     prev_full = !padding;
   }
   EXPECT_GT(pads, 0);

@@ -253,9 +253,11 @@ TEST(Corpus, SampleAndMinBytesKeepTheSplit) {
   const CorpusSummary all = build_corpus(o, tok);
   o.sample = 0.5;
   o.min_bytes = 100;
+  o.max_doc_bytes = 500;
   o.out_dir = tmp("sample_half");
   const CorpusSummary half = build_corpus(o, tok);
-  EXPECT_EQ(half.docs_train + half.docs_val + half.skipped_sampled + half.skipped_short, 60);
+  EXPECT_EQ(half.docs_train + half.docs_val + half.skipped_sampled + half.skipped_short + half.skipped_long, 60);
+  EXPECT_GT(half.skipped_long, 0);
   EXPECT_GT(half.skipped_sampled, 15);  // about half of 60: 30 +- 3 binomial standard deviations (3.9 each)
   EXPECT_LT(half.skipped_sampled, 45);
   EXPECT_GT(half.skipped_short, 0);
@@ -272,6 +274,7 @@ TEST(Corpus, SampleAndMinBytesKeepTheSplit) {
   const auto full = split_of(tmp("sample_all")), kept = split_of(tmp("sample_half"));
   for (const auto& [text, s] : kept) {
     EXPECT_GE(text.size(), 100u);
+    EXPECT_LE(text.size(), 500u);
     EXPECT_EQ(full.at(text), s);
   }
   EXPECT_EQ(static_cast<int64_t>(kept.size()), half.docs_train + half.docs_val);

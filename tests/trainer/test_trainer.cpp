@@ -100,7 +100,8 @@ TEST(Trainer, ThreeStagesLearn) {
   for (const auto& j : m)
     for (const auto& [k, _] : j.items())
       EXPECT_TRUE(k == "stage" || k == "step" || k == "lm_loss" || k == "indexer_kl" || k == "grad_norm" || k == "lr" ||
-                  k == "tokens_per_s" || k == "val_lm_loss" || k == "val_indexer_kl" || k == "recall")
+                  k == "tokens_per_s" || k == "elapsed_s" || k == "val_lm_loss" || k == "val_indexer_kl" ||
+                  k == "recall")
           << k;
   // Every stage left its final checkpoint where --stage and init_from look for it.
   for (const char* s : {"dense", "warmup", "sparse"}) EXPECT_NO_THROW(resolve_checkpoint(r.final_checkpoint(s)));
