@@ -9,7 +9,8 @@
 //
 // CKPT: a training checkpoint (file or checkpoint directory) or a Hugging Face directory (config.json and
 // safetensors). SHARDS: a corpus directory; its val split is the held-out text. Contexts longer than
-// the training length are evaluated and reported as extrapolation.
+// the training length are evaluated and reported as extrapolation. k and the indexer's precision default
+// to those of the checkpoint's stage (else the model's index_topk and fp8).
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -44,6 +45,7 @@ const char* kUsage =
 struct Args {
   std::string ckpt, json, plots, tokenizer, device = "auto", label;
   eval::EvalConfig cfg;
+  bool precision_given = false;  // --indexer-precision (else the checkpoint's stage's)
 };
 
 std::vector<std::string> split(const std::string& s) {
@@ -108,6 +110,7 @@ Args parse(int argc, char** argv) {
       const std::string p = val();
       if (p != "fp8" && p != "bf16") throw std::runtime_error("[dsa-eval] --indexer-precision is fp8 or bf16, got '" + p + "'");
       a.cfg.fp8 = p == "fp8";
+      a.precision_given = true;
     } else if (f == "--device") a.device = val();
     else if (f == "--time-limit") a.cfg.time_limit_s = to_num(f, val());
     else if (f == "--seed") a.cfg.seed = static_cast<uint64_t>(to_int(f, val(), 0));
@@ -133,6 +136,8 @@ struct Loaded {
   ParamStore params;            // CPU
   std::string tokenizer;        // from the checkpoint's recipe or the HF directory ("" if none)
   int64_t training_seq_len = 0; // the longest stage of the checkpoint's recipe up to its stage (0: unknown)
+  int64_t topk = 0;             // the checkpoint's stage's keys per query (0: unknown)
+  bool fp8 = true;              // the checkpoint's stage's indexer precision
   std::string what;
 };
 
@@ -155,7 +160,10 @@ Loaded load(const std::string& path) {
     l.tokenizer = r.data.tokenizer;
     for (const StageSpec& s : r.planned) {
       l.training_seq_len = std::max(l.training_seq_len, s.seq_len);
-      if (s.name == c.state.stage) break;
+      if (s.name != c.state.stage) continue;
+      l.topk = s.topk;  // evaluated as the stage trained: its k and its scoring precision
+      l.fp8 = s.indexer_precision == IndexerPrecision::fp8;
+      break;
     }
   }
   return l;
@@ -187,6 +195,8 @@ int main(int argc, char** argv) {
     model.params().refresh_compute();
     l.params = ParamStore();
     a.cfg.training_seq_len = l.training_seq_len;
+    if (a.cfg.topk == 0) a.cfg.topk = l.topk;
+    if (!a.precision_given) a.cfg.fp8 = l.fp8;
     DocStream(a.cfg.data, "val", 0, false).check_vocab(cfg.vocab_size);
 
     std::unique_ptr<Tokenizer> tok;
@@ -203,10 +213,11 @@ int main(int argc, char** argv) {
                                  " > model vocab " + std::to_string(cfg.vocab_size));
       fmt = std::make_unique<RetrievalFormat>(*tok);
     }
-    std::printf("[dsa-eval] %s: %.2fM parameters, %s, k = %lld, training length %s\n", l.what.c_str(),
-                model.params().numel() / 1e6, cuda ? "cuda" : "cpu",
-                static_cast<long long>(a.cfg.topk > 0 ? a.cfg.topk : cfg.index_topk),
+    std::printf("[dsa-eval] %s: %.2fM parameters, %s, k = %lld, %s indexer scoring, training length %s\n",
+                l.what.c_str(), model.params().numel() / 1e6, cuda ? "cuda" : "cpu",
+                static_cast<long long>(a.cfg.topk > 0 ? a.cfg.topk : cfg.index_topk), a.cfg.fp8 ? "fp8" : "bf16",
                 l.training_seq_len ? std::to_string(l.training_seq_len).c_str() : "unknown");
+    std::fflush(stdout);
     const eval::EvalReport rep = eval::evaluate(model, fmt.get(), a.cfg);
     nlohmann::json j = eval::report_json(rep);
     j["checkpoint"] = a.ckpt;
