@@ -247,7 +247,9 @@ TEST_F(Stream, MixtureDrawsSourcesByWeight) {
     for (int i = 0; i < 8; ++i) {
       // Every non-padding token of a window comes from the source `from` names (b's tokens are >= 3000).
       for (int t = 0; t < 32; ++t)
-        if (in[i * 32 + t] > kEos) ASSERT_EQ(in[i * 32 + t] >= 3000, from[i] == 1);
+        if (in[i * 32 + t] > kEos) {
+          ASSERT_EQ(in[i * 32 + t] >= 3000, from[i] == 1);
+        }
       b_count += from[i];
       ++n;
     }
