@@ -2,8 +2,8 @@
 # The dense-to-sparse experiment of docs/experiments.md: one phase per GPU call, each resuming from the
 # files the previous phases left on the same machine.
 #
-#   bash scripts/experiment.sh prepare      CPU machine with the Debian sources: the data slice,
-#                                           deps/corpus/experiment/data.tar.xz (the folder to carry)
+#   bash scripts/experiment.sh prepare      CPU machine with the Debian sources and a build (DSA_BUILD_DIR,
+#                                           default build): deps/corpus/experiment/data.tar.xz (the folder to carry)
 #   bash scripts/experiment.sh dense        GPU call 1: unpack, build, dense pretraining (4K, then 16K)
 #   bash scripts/experiment.sh dsa          GPU call 2: warm-up, sparse, the dense-continued baseline,
 #                                           dsa-eval of both at 16K and 64K, tables
@@ -76,8 +76,10 @@ INCOMPLETE=()
 
 # ------------------------------------------------------------------------------------------ data
 prepare() {  # CPU: tokenize a slice of linux-source-6.1, generate the retrieval documents, pack them
-  local prep=$BUILD/bin/dsa-prep src
-  [[ -x $prep ]] || { say "$prep missing: build first (cmake -S . -B $BUILD ... && ninja -C $BUILD dsa-prep)"; exit 1; }
+  local prep_build=$BUILD src
+  [[ $SMOKE == 1 ]] || prep_build=${DSA_BUILD_DIR:-build}   # the CPU machine's build, as prepare_corpus.sh
+  local prep=$prep_build/bin/dsa-prep
+  [[ -x $prep ]] || { say "$prep missing: build first (or set DSA_BUILD_DIR to a build folder)"; exit 1; }
   [[ -f $TOKENIZER_NPM ]] || { say "$TOKENIZER_NPM missing: run scripts/setup.sh"; exit 1; }
   if [[ $SMOKE == 1 ]]; then
     src=$DATA
@@ -108,8 +110,8 @@ prepare() {  # CPU: tokenize a slice of linux-source-6.1, generate the retrieval
   $PY -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])" "$DATA/data.tar.xz" "$check" &&
     diff -r "$src" "$check" > /dev/null && say "archive verified" || { say "archive does not read back"; exit 1; }
   rm -rf "$check"
-  "$BUILD/bin/dsa-prep" info "$src/linux" | grep -E "^(train|val):"
-  "$BUILD/bin/dsa-prep" info "$src/retrieval" | grep -E "^(train|val):"
+  "$prep" info "$src/linux" | grep -E "^(train|val):"
+  "$prep" info "$src/retrieval" | grep -E "^(train|val):"
   say "carry $DATA ($(du -m "$DATA/data.tar.xz" | cut -f1) MB): everything the GPU run reads"
 }
 

@@ -21,7 +21,13 @@ DataPlan::DataPlan(const Recipe& recipe, Mixture& stream) {
   const StageSpec& first = recipe.planned.front();
   if (!first.init_from.empty()) {
     // The plan continues from where the first stage's starting checkpoint left this stream.
-    const TrainState ts = read_train_state(first.init_from);
+    TrainState ts;
+    try {
+      ts = read_train_state(first.init_from);
+    } catch (const std::exception& e) {
+      throw std::runtime_error("[data_plan] the plan starts where stage " + first.name + "'s init_from left the data "
+                               "stream, and it cannot be read: " + e.what());
+    }
     const std::string carried = ts.rank_data_states.empty() ? std::string() : ts.rank_data_states.front();
     if (stream.sequences_in(carried) >= 0) {
       stream.restore(carried);

@@ -194,7 +194,6 @@ std::string Trainer::save(const StageSpec& stage, int64_t stage_step, bool stage
 
 // One stage in progress.
 struct Trainer::StageRun {
-  int64_t index = 0;
   const StageSpec* st = nullptr;
   int64_t start_step = 0;
   int64_t mb = 0, T = 0;          // sequences per micro-batch on this rank, tokens per sequence
@@ -416,7 +415,6 @@ void Trainer::finish_stage(StageRun& run, TrainReport& report) {
 
 void Trainer::run_stage(int64_t s, int64_t start_step, TrainReport& report) {
   StageRun run;
-  run.index = s;
   run.st = &recipe_.stages[s];
   const StageSpec& st = *run.st;
   const ModelConfig& cfg = recipe_.model;

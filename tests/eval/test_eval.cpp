@@ -4,11 +4,15 @@
 // the model runner's losses and greedy tokens against the model's own step; the whole evaluation's report.
 #include <gtest/gtest.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <filesystem>
+#include <fstream>
 #include <random>
+#include <sstream>
 
 #include "data/shards.h"
 #include "data/tokenizer.h"
@@ -271,4 +275,43 @@ TEST(Eval, WholeEvaluationReport) {
   ASSERT_EQ(cut.results.size(), 1u);
   EXPECT_FALSE(cut.results[0].complete);
   std::filesystem::remove_all(c.data);
+}
+
+// The command line on a Hugging Face directory (the golden tiny V3.2 model) and on a training checkpoint
+// made from its config: both load, evaluate and write the JSON; bad arguments are named.
+TEST(Eval, ToolReadsHuggingFaceDirectoriesAndCheckpoints) {
+  const std::string bin = std::string(DSA_BINARY_DIR) + "/bin/";
+  const std::string hf = std::string(DSA_SOURCE_DIR) + "/tests/golden/hf_tiny/model";
+  const std::string data = make_corpus(256, 4, 200), out = kTmp + "_tool";
+  std::filesystem::create_directories(out);
+  auto run = [&](const std::string& args, const std::string& log) {
+    const int st = std::system((bin + args + " > " + log + " 2>&1").c_str());
+    std::ifstream f(log);
+    std::stringstream ss;
+    ss << f.rdbuf();
+    return std::make_pair(WIFEXITED(st) ? WEXITSTATUS(st) : -1, ss.str());
+  };
+  const std::string common = " --data " + data + " --seq-len 64 --sequences 1 --needle-trials 0 --indexer-rows 8 --device cpu --quiet";
+  auto [rc, log] = run("dsa-eval " + hf + common + " --json " + out + "/hf.json", out + "/hf.log");
+  ASSERT_EQ(rc, 0) << log;
+  EXPECT_NE(log.find("Hugging Face directory"), std::string::npos) << log;
+  std::ifstream jf(out + "/hf.json");
+  const nlohmann::json j = nlohmann::json::parse(jf);
+  ASSERT_EQ(j["results"].size(), 2u);  // dense and sparse
+  EXPECT_EQ(j["topk"], 4);
+  EXPECT_EQ(j["results"][1]["attention"], "sparse");
+  auto [rc2, log2] = run("dsa-convert init " + hf + "/config.json " + out + "/init.h5", out + "/init.log");
+  ASSERT_EQ(rc2, 0) << log2;
+  auto [rc3, log3] = run("dsa-eval " + out + "/init.h5" + common + " --attention sparse --topk 2 --json " + out + "/ck.json",
+                         out + "/ck.log");
+  ASSERT_EQ(rc3, 0) << log3;
+  EXPECT_NE(log3.find("k = 2"), std::string::npos) << log3;
+  auto [rc4, log4] = run("dsa-eval " + hf + " --seq-len 64", out + "/bad.log");
+  EXPECT_EQ(rc4, 1);
+  EXPECT_NE(log4.find("--data SHARDS is required"), std::string::npos) << log4;
+  auto [rc5, log5] = run("dsa-eval " + hf + common + " --needle-trials 1", out + "/tok.log");
+  EXPECT_EQ(rc5, 1);
+  EXPECT_NE(log5.find("the needle test needs the tokenizer"), std::string::npos) << log5;
+  std::filesystem::remove_all(out);
+  std::filesystem::remove_all(data);
 }

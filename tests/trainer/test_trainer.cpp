@@ -244,9 +244,9 @@ TEST(Trainer, AblationsAndBaselinesReadTheBaselinesBatches) {
   std::string text = recipe_text(out);
   text.replace(text.find("stages:\n"), text.find("checkpointing:") - text.find("stages:\n"),
                "stages:\n"
-               "  - {name: dense, kind: dense, steps: 6, lr_main: 1.0e-2}\n"
-               "  - {name: warmup, kind: indexer_warmup, steps: 4, lr_indexer: 1.0e-2}\n"
-               "  - {name: sparse, kind: sparse, steps: 4, lr_main: 1.0e-3, lr_indexer: 1.0e-3}\n");
+               "  - {name: dense, kind: dense, steps: 6, lr_main: 1.0e-2, eval_batches: 0}\n"
+               "  - {name: warmup, kind: indexer_warmup, steps: 4, lr_indexer: 1.0e-2, eval_batches: 0}\n"
+               "  - {name: sparse, kind: sparse, steps: 4, lr_main: 1.0e-3, lr_indexer: 1.0e-3, eval_batches: 0}\n");
   const std::string base = write_text(dir / "baseline.yaml", text);
   const auto baseline = batches_of(base);
   ASSERT_EQ(baseline.at("dense").size(), 6u);
@@ -285,7 +285,7 @@ TEST(Trainer, AblationsAndBaselinesReadTheBaselinesBatches) {
                                             "  - {name: warmup, remove: true}\n"
                                             "  - {name: sparse, remove: true}\n"
                                             "  - {name: dense_continued, kind: dense, steps: 4, lr_main: 1.0e-3,"
-                                            " data_stage: sparse, init_from: " + ck + "dense/final}\n"));
+                                            " eval_batches: 0, data_stage: sparse, init_from: " + ck + "dense/final}\n"));
   EXPECT_EQ(continued.at("dense_continued"), baseline.at("sparse"));
   // --stage runs one stage of the baseline itself, from the previous stage's final checkpoint.
   EXPECT_EQ(batches_of(base, "sparse").at("sparse"), baseline.at("sparse"));
