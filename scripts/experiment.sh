@@ -60,9 +60,10 @@ else
   RECIPES=recipes/experiments
   SEQ=16384
   EVAL_LENS=16384,65536
-  EVAL_ARGS=(--sequences 2 --needle-trials 4 --indexer-rows 256)
+  # 10 needles per depth: 50 per context length and attention, one needle = 2 points of accuracy.
+  EVAL_ARGS=(--sequences 2 --needle-trials 10 --indexer-rows 256)
   WARM_EVAL_ARGS=(--indexer-rows 256)
-  ABL_EVAL_ARGS=(--seq-len $SEQ --sequences 2 --needle-trials 2 --indexer-rows 256)
+  ABL_EVAL_ARGS=(--seq-len $SEQ --sequences 2 --needle-trials 4 --indexer-rows 256)
   SIZE=()
   SIZE_TOPK=()
 fi

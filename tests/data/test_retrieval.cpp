@@ -137,7 +137,9 @@ TEST(Retrieval, CorpusIsDeterministicAndKeepsHeldOutTextHeldOut) {
     ShardReader r(kTmp + "_a" + (split ? "/val_00000.bin" : "/train_00000.bin"));
     for (uint64_t d = 0; d < r.n_docs(); ++d)
       for (int32_t t : r.document(d))
-        if (t >= 100000) ASSERT_EQ((t - 100000) / 1000, split) << "document " << d;
+        if (t >= 100000) {
+          ASSERT_EQ((t - 100000) / 1000, split) << "document " << d;
+        }
   }
   opt.haystack = kTmp + "_nothing";
   EXPECT_THROW(build_retrieval_corpus(opt, deepseek()), std::runtime_error);

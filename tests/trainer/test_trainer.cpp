@@ -3,6 +3,7 @@
 // in the sparse stage each parameter group moves only through its own loss; a run stopped and
 // resumed equals the uninterrupted one bit for bit.
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <cmath>
 #include <cstring>
@@ -53,7 +54,8 @@ std::string recipe_text(const std::string& out) {
 }
 
 Recipe make_recipe(const std::string& name, const std::vector<std::string>& overrides = {}) {
-  const std::string out = ::testing::TempDir() + "/dsa_trainer_" + name;
+  // Per process: ctest runs tests in parallel processes, and other checkouts on the machine run them too.
+  const std::string out = ::testing::TempDir() + "/dsa_trainer_" + std::to_string(::getpid()) + "_" + name;
   fs::remove_all(out);
   return parse_recipe(recipe_text(out), name + ".yaml", overrides);
 }
@@ -237,7 +239,7 @@ std::string write_text(const fs::path& p, const std::string& text) {
 // baseline's dense-stage batches in its sparse stage. Stage data ranges come from the recipe chain's
 // plan (trainer/data_plan.h): every variant reads exactly the baseline's batches of the same stage name.
 TEST(Trainer, AblationsAndBaselinesReadTheBaselinesBatches) {
-  const fs::path dir = fs::path(::testing::TempDir()) / "dsa_trainer_ablations";
+  const fs::path dir = fs::path(::testing::TempDir()) / ("dsa_trainer_" + std::to_string(::getpid()) + "_ablations");
   fs::remove_all(dir);
   const std::string out = (dir / "baseline").string();
   // recipe_text()'s stages, shorter.
@@ -289,4 +291,5 @@ TEST(Trainer, AblationsAndBaselinesReadTheBaselinesBatches) {
   EXPECT_EQ(continued.at("dense_continued"), baseline.at("sparse"));
   // --stage runs one stage of the baseline itself, from the previous stage's final checkpoint.
   EXPECT_EQ(batches_of(base, "sparse").at("sparse"), baseline.at("sparse"));
+  fs::remove_all(dir);
 }
