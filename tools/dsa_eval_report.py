@@ -144,6 +144,9 @@ def plot_layers(models, out, plt):
         plt.close(fig)
         return None
     ax.set_ylim(0, 1.02)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("layer")
     ax.set_ylabel("share of the dense attention mass")
     ax.set_title("indexer recall per layer (solid); the dense top-k's own mass (dotted)")
