@@ -58,14 +58,28 @@ struct Doc {
   std::string name, text;
 };
 
-// Reads a (possibly compressed) tar archive member by member. The decompressor is a child process
-// reading the archive through a descriptor we share, so lseek on it tells how far it has read.
-class TarReader {
+// Decompressor for a file name ("" for none) by its last extension.
+const char* compression_filter(const std::string& p) {
+  if (ends_with(p, ".xz") || ends_with(p, ".txz")) return "xz";
+  if (ends_with(p, ".gz") || ends_with(p, ".tgz")) return "gzip";
+  if (ends_with(p, ".bz2") || ends_with(p, ".tbz2")) return "bzip2";
+  if (ends_with(p, ".zst")) return "zstd";
+  return "";
+}
+
+bool is_jsonl(const std::string& p) {
+  for (const char* ext : {".jsonl", ".jsonl.gz", ".jsonl.xz", ".jsonl.bz2", ".jsonl.zst"})
+    if (ends_with(p, ext)) return true;
+  return false;
+}
+
+// A file read through its decompressor (a child process reading the file through a descriptor we
+// share, so lseek on it tells how far it has read), or directly when it is not compressed.
+class FileStream {
  public:
-  explicit TarReader(const std::string& path) : path_(path) {
+  FileStream(const std::string& path, const char* filter) : path_(path) {
     fd_ = ::open(path.c_str(), O_RDONLY);
     if (fd_ < 0) fail(path, ": cannot open: ", std::strerror(errno));
-    const char* filter = tar_filter(path);
     if (*filter == 0) {
       in_ = fd_;
       return;
@@ -88,7 +102,9 @@ class TarReader {
     }
     in_ = pipefd[0];
   }
-  ~TarReader() {
+  FileStream(const FileStream&) = delete;
+  FileStream& operator=(const FileStream&) = delete;
+  ~FileStream() {
     if (child_ > 0) {
       ::kill(child_, SIGTERM);  // our own decompressor, stopped early (--max-bytes)
       int st;
@@ -98,6 +114,101 @@ class TarReader {
     if (fd_ >= 0) ::close(fd_);
   }
   int64_t consumed() const { return static_cast<int64_t>(::lseek(fd_, 0, SEEK_CUR)); }
+  const std::string& path() const { return path_; }
+
+  size_t read_full(char* buf, size_t n) {
+    size_t got = 0;
+    while (got < n) {
+      ssize_t r = ::read(in_, buf + got, n - got);
+      if (r < 0 && errno == EINTR) continue;
+      if (r < 0) fail(path_, ": read error: ", std::strerror(errno));
+      if (r == 0) break;
+      got += static_cast<size_t>(r);
+    }
+    return got;
+  }
+  // One line without its '\n'; false at the end of the file.
+  bool getline(std::string& line) {
+    line.clear();
+    for (;;) {
+      if (pos_ == end_) {
+        end_ = read_full(buf_, sizeof buf_);
+        pos_ = 0;
+        if (end_ == 0) return !line.empty();
+      }
+      const char* nl = static_cast<const char*>(std::memchr(buf_ + pos_, '\n', end_ - pos_));
+      const size_t stop = nl ? static_cast<size_t>(nl - buf_) : end_;
+      line.append(buf_ + pos_, stop - pos_);
+      pos_ = nl ? stop + 1 : end_;
+      if (nl) return true;
+    }
+  }
+  // At the end of the input: waits for the decompressor and checks that it succeeded.
+  void finish() {
+    if (child_ <= 0) return;
+    // Drain what the decompressor still writes (a tar's end-of-archive padding) before waiting for it:
+    // closing the pipe early would kill it with SIGPIPE and read as a corrupt archive.
+    char sink[65536];
+    while (true) {
+      const ssize_t n = ::read(in_, sink, sizeof sink);
+      if (n > 0) continue;
+      if (n < 0 && errno == EINTR) continue;
+      break;
+    }
+    ::close(in_);
+    in_ = -1;
+    int st = 0;
+    ::waitpid(child_, &st, 0);
+    child_ = -1;
+    if (!WIFEXITED(st) || WEXITSTATUS(st) != 0) fail(path_, ": decompressor failed (truncated or corrupt file?)");
+  }
+
+ private:
+  std::string path_;
+  int fd_ = -1, in_ = -1;
+  pid_t child_ = -1;
+  char buf_[1 << 16];
+  size_t pos_ = 0, end_ = 0;
+};
+
+// JSON Lines: one document per non-empty line, the text in a string field.
+class JsonlReader {
+ public:
+  JsonlReader(const std::string& path, const std::string& field)
+      : in_(path, compression_filter(path)), field_(field) {}
+  int64_t consumed() const { return in_.consumed(); }
+  bool next(Doc& d) {
+    std::string line;
+    while (in_.getline(line)) {
+      ++line_no_;
+      if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+      nlohmann::json j;
+      try {
+        j = nlohmann::json::parse(line);
+      } catch (const nlohmann::json::exception& e) {
+        fail(in_.path(), ":", line_no_, ": not a JSON object (", e.what(), ")");
+      }
+      if (!j.is_object() || !j.contains(field_) || !j[field_].is_string())
+        fail(in_.path(), ":", line_no_, ": no string field '", field_, "' (name the text field with --jsonl-field)");
+      d.name = in_.path() + ":" + std::to_string(line_no_);
+      d.text = j[field_].get<std::string>();
+      return true;
+    }
+    in_.finish();
+    return false;
+  }
+
+ private:
+  FileStream in_;
+  std::string field_;
+  int64_t line_no_ = 0;
+};
+
+// Reads a (possibly compressed) tar archive member by member.
+class TarReader {
+ public:
+  explicit TarReader(const std::string& path) : in_(path, tar_filter(path)), path_(path) {}
+  int64_t consumed() const { return in_.consumed(); }
 
   // Next regular-file member; false at the end of the archive.
   bool next(Doc& d) {
@@ -151,17 +262,7 @@ class TarReader {
   }
 
  private:
-  size_t read_full(char* buf, size_t n) {
-    size_t got = 0;
-    while (got < n) {
-      ssize_t r = ::read(in_, buf + got, n - got);
-      if (r < 0 && errno == EINTR) continue;
-      if (r < 0) fail(path_, ": read error: ", std::strerror(errno));
-      if (r == 0) break;
-      got += static_cast<size_t>(r);
-    }
-    return got;
-  }
+  size_t read_full(char* buf, size_t n) { return in_.read_full(buf, n); }
   void skip(uint64_t n) {
     char buf[65536];
     while (n > 0) {
@@ -182,35 +283,19 @@ class TarReader {
     return v;
   }
   bool finish() {
-    if (child_ > 0) {
-      // Drain what the decompressor still writes (tar's end-of-archive padding) before waiting for
-      // it: closing the pipe early would kill it with SIGPIPE and read as a corrupt archive.
-      char sink[65536];
-      while (true) {
-        const ssize_t n = ::read(in_, sink, sizeof sink);
-        if (n > 0) continue;
-        if (n < 0 && errno == EINTR) continue;
-        break;
-      }
-      ::close(in_);
-      in_ = -1;
-      int st = 0;
-      ::waitpid(child_, &st, 0);
-      child_ = -1;
-      if (!WIFEXITED(st) || WEXITSTATUS(st) != 0) fail(path_, ": decompressor failed (truncated or corrupt archive?)");
-    }
+    in_.finish();
     return false;
   }
 
+  FileStream in_;
   std::string path_;
-  int fd_ = -1, in_ = -1;
-  pid_t child_ = -1;
 };
 
 // Enumerates documents over all inputs in a fixed order.
 class Documents {
  public:
-  explicit Documents(const std::vector<std::string>& inputs, CorpusSummary& sum) : sum_(sum) {
+  Documents(const std::vector<std::string>& inputs, const std::string& jsonl_field, CorpusSummary& sum)
+      : sum_(sum), field_(jsonl_field) {
     for (const std::string& in : inputs) {
       struct stat st{};
       if (::stat(in.c_str(), &st) != 0) fail(in, ": cannot read input: ", std::strerror(errno));
@@ -223,7 +308,9 @@ class Documents {
     }
   }
   int64_t total_bytes() const { return total_; }
-  int64_t done_bytes() const { return done_ + (tar_ ? tar_->consumed() : 0); }
+  int64_t done_bytes() const {
+    return done_ + (tar_ ? tar_->consumed() : 0) + (jsonl_ ? jsonl_->consumed() : 0);
+  }
 
   bool next(Doc& d) {
     for (;;) {
@@ -232,10 +319,19 @@ class Documents {
         done_ += tar_->consumed();
         tar_.reset();
       }
+      if (jsonl_) {
+        if (jsonl_->next(d)) return true;
+        done_ += jsonl_->consumed();
+        jsonl_.reset();
+      }
       if (pos_ >= items_.size()) return false;
       const std::string& p = items_[pos_++];
       if (tar_filter(p)) {
         tar_ = std::make_unique<TarReader>(p);
+        continue;
+      }
+      if (is_jsonl(p)) {
+        jsonl_ = std::make_unique<JsonlReader>(p, field_);
         continue;
       }
       std::ifstream f(p, std::ios::binary);
@@ -276,10 +372,12 @@ class Documents {
   }
 
   CorpusSummary& sum_;
+  std::string field_;
   std::vector<std::string> items_;
   size_t pos_ = 0;
   int64_t total_ = 0, done_ = 0;
   std::unique_ptr<TarReader> tar_;
+  std::unique_ptr<JsonlReader> jsonl_;
 };
 
 // Uniform 64-bit hash of (seed, document name): decides the train/val split.
@@ -315,7 +413,9 @@ std::string format_summary(const CorpusSummary& s) {
      << "longest:   " << s.longest_tokens << " tokens (" << s.longest_name << ")\n"
      << "over 16K:  " << s.docs_over_16k << " documents\n"
      << "skipped:   " << s.skipped_binary << " binary, " << s.skipped_empty << " empty, " << s.skipped_unreadable
-     << " unreadable\n";
+     << " unreadable, " << s.skipped_short << " shorter than --min-bytes, " << s.skipped_long
+     << " longer than --max-doc-bytes, " << s.skipped_sampled
+     << " outside --sample\n";
   return os.str();
 }
 
@@ -324,8 +424,10 @@ CorpusSummary build_corpus(const CorpusOptions& opt, const Tokenizer& tok) {
   auto t0 = clock::now();
   if (opt.inputs.empty()) fail("no inputs given");
   if (!(opt.val_fraction >= 0 && opt.val_fraction < 1)) fail("--val-fraction must be in [0, 1), got ", opt.val_fraction);
+  if (!(opt.sample > 0 && opt.sample <= 1)) fail("--sample must be in (0, 1], got ", opt.sample);
+  if (opt.jsonl_field.empty()) fail("--jsonl-field must name a field");
   CorpusSummary sum;
-  Documents docs(opt.inputs, sum);
+  Documents docs(opt.inputs, opt.jsonl_field, sum);
   if (::mkdir(opt.out_dir.c_str(), 0755) != 0 && errno != EEXIST) fail(opt.out_dir, ": cannot create: ", std::strerror(errno));
   remove_old_shards(opt.out_dir);
   const int jobs = opt.jobs > 0 ? opt.jobs : omp_get_max_threads();
@@ -345,6 +447,11 @@ CorpusSummary build_corpus(const CorpusOptions& opt, const Tokenizer& tok) {
   open_writer(0);
   open_writer(1);
   const uint64_t threshold = static_cast<uint64_t>(opt.val_fraction * 18446744073709551616.0);
+  // NOTES: the sample keeps a document by a hash of its name under another seed than the split's, so the
+  // kept documents split train/val exactly as they would in the full corpus.
+  const uint64_t sample_threshold =
+      opt.sample >= 1 ? UINT64_MAX : static_cast<uint64_t>(opt.sample * 18446744073709551616.0);
+  const uint64_t sample_seed = opt.seed + 0x51ed270b27aa1ae5ull;
 
   std::vector<Doc> batch;
   std::vector<std::vector<int32_t>> ids;
@@ -380,7 +487,13 @@ CorpusSummary build_corpus(const CorpusOptions& opt, const Tokenizer& tok) {
       if (opt.max_files > 0 && files >= opt.max_files) { more = false; break; }
       if (opt.max_bytes > 0 && sum.bytes >= opt.max_bytes) { more = false; break; }
       if (!docs.next(d)) { more = false; break; }
+      if (sample_threshold != UINT64_MAX && splitmix_hash(sample_seed, d.name) >= sample_threshold) {
+        ++sum.skipped_sampled;
+        continue;
+      }
       if (d.text.empty()) { ++sum.skipped_empty; continue; }
+      if (static_cast<int64_t>(d.text.size()) < opt.min_bytes) { ++sum.skipped_short; continue; }
+      if (opt.max_doc_bytes > 0 && static_cast<int64_t>(d.text.size()) > opt.max_doc_bytes) { ++sum.skipped_long; continue; }
       if (looks_binary(d.text)) { ++sum.skipped_binary; continue; }
       ++files;
       sum.bytes += static_cast<int64_t>(d.text.size());
@@ -427,10 +540,13 @@ CorpusSummary build_corpus(const CorpusOptions& opt, const Tokenizer& tok) {
   nlohmann::json j = {{"format", "dsa-corpus-1"}, {"tokenizer", tok.path()}, {"vocab_size", tok.vocab_size()},
                       {"bos_id", tok.bos_id()}, {"eos_id", tok.eos_id()}, {"seed", opt.seed},
                       {"val_fraction", opt.val_fraction}, {"max_bytes", opt.max_bytes}, {"max_files", opt.max_files},
+                      {"sample", opt.sample}, {"min_bytes", opt.min_bytes}, {"max_doc_bytes", opt.max_doc_bytes}, {"jsonl_field", opt.jsonl_field},
                       {"inputs", opt.inputs}, {"train_shards", shard_files[0]}, {"val_shards", shard_files[1]},
                       {"docs_train", sum.docs_train}, {"docs_val", sum.docs_val}, {"tokens_train", sum.tokens_train},
                       {"tokens_val", sum.tokens_val}, {"bytes", sum.bytes}, {"longest_tokens", sum.longest_tokens},
-                      {"longest_name", sum.longest_name}, {"docs_over_16k", sum.docs_over_16k}};
+                      {"longest_name", sum.longest_name}, {"docs_over_16k", sum.docs_over_16k},
+                      {"skipped_short", sum.skipped_short}, {"skipped_long", sum.skipped_long},
+                      {"skipped_sampled", sum.skipped_sampled}};
   std::ofstream(opt.out_dir + "/corpus.json") << j.dump(2) << "\n";
   return sum;
 }

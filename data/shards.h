@@ -1,4 +1,5 @@
-// Token shard files: the binary format written by `dsa-prep corpus` and read by the loader.
+// Token shard files: the binary format written by `dsa-prep corpus` and read by the data streams
+// (doc_stream.h).
 //
 // FORMAT (version 1, all integers little-endian):
 //
@@ -14,7 +15,7 @@
 //   48      4     max_token    u32: largest id stored (0 when n_tokens == 0)
 //   52      12    reserved     zero
 //   64            tokens       [n_tokens] of token_bytes each: the documents back to back, raw
-//                              (no BOS/EOS stored; the loader adds them at document boundaries)
+//                              (no BOS/EOS stored; the streams add them at document boundaries)
 //   64 + n_tokens*token_bytes
 //                 doc index    u64[n_docs + 1]: token offset of each document start, then n_tokens
 //

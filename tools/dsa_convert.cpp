@@ -16,7 +16,8 @@
 // plus `latest`). CKPT is a file or a checkpoint directory. `init` makes a randomly initialized
 // checkpoint from a config.json or a YAML model mapping. `reshard` rewrites the per-rank data positions of
 // a training checkpoint for a job of M ranks (tensors are stored whole, so the expert-parallel layout
-// may change freely); it refuses when the position is not a multiple of the new global step.
+// may change freely; the data position is global); it refuses when the stage's global batch does not split
+// over M ranks.
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -197,8 +198,8 @@ void write_out(const std::string& out, const TrainState& st, const ParamStore& p
   }
 }
 
-// The loader's position is the global window (loader.h), the same on every rank: M copies of it, once
-// it is checked to sit on a step boundary of an M-rank job of the checkpoint's recipe.
+// The data position is global (data/mixture.h), the same on every rank and valid on any rank count: M
+// copies of it, once the checkpoint's stage is checked to split over M ranks.
 void reshard_positions(const std::string& path, TrainState& st, int64_t ranks) {
   DSA_CHECK(!st.rank_data_states.empty() && !st.recipe_yaml.empty(), "[dsa-convert] reshard: ", path,
             " is not a training checkpoint (no recipe or data positions)");
@@ -207,15 +208,7 @@ void reshard_positions(const std::string& path, TrainState& st, int64_t ranks) {
     DSA_CHECK(st.rank_data_states[r] == pos, "[dsa-convert] reshard: ", path, ": rank ", r,
               "'s data position differs from rank 0's (", st.rank_data_states[r], " vs ", pos, ")");
   const Recipe recipe = parse_recipe(st.recipe_yaml, path + ":/meta/recipe_yaml");
-  if (!pos.empty() && !st.stage.empty()) {
-    const StageSpec& stage = recipe.stage(st.stage);
-    const int64_t mb = stage.micro_batch(ranks);  // throws when global_batch does not split over M ranks
-    const int64_t G = ranks * mb;                 // windows per micro-step of the M-rank job
-    const int64_t window = nlohmann::json::parse(pos).at("window").get<int64_t>();
-    DSA_CHECK(window % G == 0, "[dsa-convert] reshard: the data position of stage ", st.stage, " (window ", window,
-              ") is not a multiple of ", ranks, " ranks x micro-batch ", mb, " = ", G,
-              " windows; resume on the old rank count to a step boundary first");
-  }
+  if (!st.stage.empty()) recipe.stage(st.stage).micro_batch(ranks);  // throws when global_batch does not split
   if (recipe.parallel.ep > 1 && ranks % recipe.parallel.ep)
     std::fprintf(stderr, "[dsa-convert] warning: the checkpoint's recipe has parallelism.ep = %lld, which does not "
                  "divide %lld ranks: set parallelism.ep when resuming\n", static_cast<long long>(recipe.parallel.ep),

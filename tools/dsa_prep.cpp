@@ -3,11 +3,16 @@
 //   dsa-prep encode --tokenizer PATH [--no-special]   UTF-8 lines on stdin -> ids, one line per line
 //   dsa-prep decode --tokenizer PATH                  id lines on stdin -> text lines
 //   dsa-prep corpus --tokenizer PATH --out DIR [--val-fraction F] [--seed S] [--jobs N]
-//                   [--max-bytes N] [--max-files N] [--shard-tokens N] [--quiet] INPUTS...
+//                   [--max-bytes N] [--max-files N] [--shard-tokens N] [--sample F] [--min-bytes N]
+//                   [--max-doc-bytes N] [--jsonl-field NAME] [--quiet] INPUTS...   files, dirs, tarballs, JSON Lines (.jsonl[.gz|.xz|...])
+//   dsa-prep retrieval --tokenizer PATH --haystack DIR --out DIR [--docs N] [--val-docs N] [--doc-tokens N]
+//                   [--fact-every N] [--query-fraction F] [--key-digits N] [--value-digits N] [--seed S]
+//                                                     synthetic retrieval documents (data/retrieval.h)
 //   dsa-prep bench  --tokenizer PATH FILE...          single-thread encode throughput (MB/s)
 //   dsa-prep info   DIR                               shard summary of a corpus directory
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <iostream>
@@ -16,6 +21,7 @@
 #include <vector>
 
 #include "data/corpus.h"
+#include "data/retrieval.h"
 #include "data/shards.h"
 #include "data/tokenizer.h"
 
@@ -25,7 +31,11 @@ const char* kUsage =
     "usage: dsa-prep encode --tokenizer PATH [--no-special]\n"
     "       dsa-prep decode --tokenizer PATH\n"
     "       dsa-prep corpus --tokenizer PATH --out DIR [--val-fraction F] [--seed S] [--jobs N]\n"
-    "                       [--max-bytes N] [--max-files N] [--shard-tokens N] [--quiet] INPUTS...\n"
+    "                       [--max-bytes N] [--max-files N] [--shard-tokens N] [--sample F] [--min-bytes N]\n"
+    "                       [--max-doc-bytes N] [--jsonl-field NAME] [--quiet] INPUTS...\n"
+    "       dsa-prep retrieval --tokenizer PATH --haystack DIR --out DIR [--docs N] [--val-docs N]\n"
+    "                       [--doc-tokens N] [--fact-every N] [--query-fraction F] [--key-digits N]\n"
+    "                       [--value-digits N] [--seed S]\n"
     "       dsa-prep bench --tokenizer PATH FILE...\n"
     "       dsa-prep info DIR\n";
 
@@ -33,8 +43,16 @@ struct Args {
   std::string cmd, tokenizer, out;
   bool no_special = false, quiet = false;
   dsa::CorpusOptions corpus;
+  dsa::RetrievalOptions retrieval;
   std::vector<std::string> rest;
 };
+
+double to_num(const std::string& flag, const std::string& v) {
+  char* end = nullptr;
+  const double x = std::strtod(v.c_str(), &end);
+  if (v.empty() || *end) throw std::runtime_error("[dsa-prep] " + flag + " expects a number, got '" + v + "'");
+  return x;
+}
 
 int64_t to_int(const std::string& flag, const std::string& v) {
   try {
@@ -61,17 +79,25 @@ Args parse(int argc, char** argv) {
     else if (f == "--out") a.corpus.out_dir = val();
     else if (f == "--no-special") a.no_special = true;
     else if (f == "--quiet") a.corpus.progress = false;
-    else if (f == "--seed") a.corpus.seed = static_cast<uint64_t>(to_int(f, val()));
+    else if (f == "--seed") a.corpus.seed = a.retrieval.seed = static_cast<uint64_t>(to_int(f, val()));
     else if (f == "--jobs") a.corpus.jobs = static_cast<int>(to_int(f, val()));
     else if (f == "--max-bytes") a.corpus.max_bytes = to_int(f, val());
     else if (f == "--max-files") a.corpus.max_files = to_int(f, val());
     else if (f == "--shard-tokens") a.corpus.shard_tokens = std::max<int64_t>(1, to_int(f, val()));
-    else if (f == "--val-fraction") {
-      std::string v = val();
-      char* end = nullptr;
-      a.corpus.val_fraction = std::strtod(v.c_str(), &end);
-      if (*end) throw std::runtime_error("[dsa-prep] --val-fraction expects a number, got '" + v + "'");
-    } else if (f.size() > 1 && f[0] == '-') throw std::runtime_error("[dsa-prep] unknown flag " + f + "\n" + kUsage);
+    else if (f == "--val-fraction") a.corpus.val_fraction = to_num(f, val());
+    else if (f == "--sample") a.corpus.sample = to_num(f, val());
+    else if (f == "--min-bytes") a.corpus.min_bytes = to_int(f, val());
+    else if (f == "--max-doc-bytes") a.corpus.max_doc_bytes = to_int(f, val());
+    else if (f == "--jsonl-field") a.corpus.jsonl_field = val();
+    else if (f == "--haystack") a.retrieval.haystack = val();
+    else if (f == "--docs") a.retrieval.train_docs = to_int(f, val());
+    else if (f == "--val-docs") a.retrieval.val_docs = to_int(f, val());
+    else if (f == "--doc-tokens") a.retrieval.doc_tokens = to_int(f, val());
+    else if (f == "--fact-every") a.retrieval.fact_every = to_int(f, val());
+    else if (f == "--query-fraction") a.retrieval.query_fraction = to_num(f, val());
+    else if (f == "--key-digits") a.retrieval.key_digits = static_cast<int>(to_int(f, val()));
+    else if (f == "--value-digits") a.retrieval.value_digits = static_cast<int>(to_int(f, val()));
+    else if (f.size() > 1 && f[0] == '-') throw std::runtime_error("[dsa-prep] unknown flag " + f + "\n" + kUsage);
     else a.rest.push_back(f);
   }
   return a;
@@ -132,6 +158,22 @@ int cmd_corpus(Args& a) {
   return 0;
 }
 
+int cmd_retrieval(Args& a) {
+  if (a.corpus.out_dir.empty()) throw std::runtime_error("[dsa-prep] retrieval needs --out DIR");
+  if (a.retrieval.haystack.empty())
+    throw std::runtime_error("[dsa-prep] retrieval needs --haystack DIR (a corpus whose text fills the documents)");
+  if (!a.rest.empty()) throw std::runtime_error("[dsa-prep] retrieval takes no inputs besides --haystack");
+  dsa::Tokenizer t = load(a);
+  a.retrieval.out_dir = a.corpus.out_dir;
+  const dsa::RetrievalSummary s = dsa::build_retrieval_corpus(a.retrieval, t);
+  std::printf("documents: %lld train, %lld val\ntokens:    %lld train, %lld val\nfacts:     %lld, %lld of them queried\n"
+              "wrote %s (see corpus.json)\n",
+              static_cast<long long>(s.docs_train), static_cast<long long>(s.docs_val),
+              static_cast<long long>(s.tokens_train), static_cast<long long>(s.tokens_val),
+              static_cast<long long>(s.facts), static_cast<long long>(s.queries), a.corpus.out_dir.c_str());
+  return 0;
+}
+
 int cmd_bench(const Args& a) {
   dsa::Tokenizer t = load(a);
   if (a.rest.empty()) throw std::runtime_error("[dsa-prep] bench needs at least one text file");
@@ -184,6 +226,7 @@ int main(int argc, char** argv) {
     if (a.cmd == "encode") return cmd_encode(a);
     if (a.cmd == "decode") return cmd_decode(a);
     if (a.cmd == "corpus") return cmd_corpus(a);
+    if (a.cmd == "retrieval") return cmd_retrieval(a);
     if (a.cmd == "bench") return cmd_bench(a);
     if (a.cmd == "info") return cmd_info(a);
     if (a.cmd == "-h" || a.cmd == "--help" || a.cmd == "help") {

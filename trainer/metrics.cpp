@@ -98,7 +98,16 @@ std::string MetricsLogger::json_line(const MetricRecord& r) {
   add("indexer_grad_norm", r.indexer_grad_norm);
   add("lr", r.lr);
   add("tokens_per_s", r.tokens_per_s);
+  add("elapsed_s", r.elapsed_s);
+  add("peak_mem_gb", r.peak_mem_gb);
   add("val_lm_loss", r.val_lm_loss);
+  if (!r.val_lm_loss_by_source.empty()) {
+    o += ", \"val_lm_loss_by_source\": {";
+    for (size_t i = 0; i < r.val_lm_loss_by_source.size(); ++i)
+      o += (i ? ", " : "") + json_string(r.val_lm_loss_by_source[i].first) + ": " +
+           json_number(r.val_lm_loss_by_source[i].second);
+    o += "}";
+  }
   add("val_indexer_kl", r.val_indexer_kl);
   add("val_mtp_loss", r.val_mtp_loss);
   add("recall", r.recall);
@@ -132,6 +141,7 @@ std::string MetricsLogger::train_line(const MetricRecord& r, int64_t total_steps
   if (r.indexer_grad_norm) o += " | indexer gnorm " + fixed(*r.indexer_grad_norm, 3);
   if (r.lr) o += " | lr " + sci(*r.lr);
   if (r.tokens_per_s) o += " | " + rate(*r.tokens_per_s) + " tok/s";
+  if (r.peak_mem_gb) o += " | mem " + fixed(*r.peak_mem_gb, 1) + " GB";
   o += " | elapsed " + format_duration(elapsed_s) + " | ETA " + format_duration(eta_s);
   return o;
 }
@@ -139,6 +149,12 @@ std::string MetricsLogger::train_line(const MetricRecord& r, int64_t total_steps
 std::string MetricsLogger::eval_line(const MetricRecord& r, int64_t total_steps) {
   std::string o = head(r, total_steps);
   if (r.val_lm_loss) o += " | val loss " + fixed(*r.val_lm_loss, 4);
+  if (!r.val_lm_loss_by_source.empty()) {
+    o += " (";
+    for (size_t i = 0; i < r.val_lm_loss_by_source.size(); ++i)
+      o += (i ? ", " : "") + r.val_lm_loss_by_source[i].first + " " + fixed(r.val_lm_loss_by_source[i].second, 4);
+    o += ")";
+  }
   if (r.val_indexer_kl) o += " | val kl " + fixed(*r.val_indexer_kl, 4);
   if (r.val_mtp_loss) o += " | val mtp " + fixed(*r.val_mtp_loss, 4);
   if (r.recall) o += " | recall " + fixed(*r.recall, 4);
@@ -163,15 +179,15 @@ void MetricsLogger::log_eval(const MetricRecord& r, int64_t total_steps) {
   std::fflush(file_);
 }
 
-int run_plot_command(int argc, char** argv) {
+int run_python_tool(const std::string& name, int argc, char** argv) {
   namespace fs = std::filesystem;
   std::vector<fs::path> candidates;
-  if (const char* src = std::getenv("DSA_SOURCE_DIR")) candidates.push_back(fs::path(src) / "tools/dsa_plot.py");
+  if (const char* src = std::getenv("DSA_SOURCE_DIR")) candidates.push_back(fs::path(src) / "tools" / name);
   std::error_code ec;
   const fs::path exe = fs::read_symlink("/proc/self/exe", ec);
-  if (!ec) candidates.push_back(exe.parent_path().parent_path().parent_path() / "tools/dsa_plot.py");
+  if (!ec) candidates.push_back(exe.parent_path().parent_path().parent_path() / "tools" / name);
 #ifdef DSA_SOURCE_DIR
-  candidates.push_back(fs::path(DSA_SOURCE_DIR) / "tools/dsa_plot.py");
+  candidates.push_back(fs::path(DSA_SOURCE_DIR) / "tools" / name);
 #endif
   std::string script;
   for (const auto& c : candidates)
@@ -182,8 +198,8 @@ int run_plot_command(int argc, char** argv) {
   if (script.empty()) {
     std::string tried;
     for (const auto& c : candidates) tried += " " + c.string();
-    std::fprintf(stderr, "[plot] cannot find tools/dsa_plot.py (tried:%s); set DSA_SOURCE_DIR to the source tree\n",
-                 tried.c_str());
+    std::fprintf(stderr, "[plot] cannot find tools/%s (tried:%s); set DSA_SOURCE_DIR to the source tree\n",
+                 name.c_str(), tried.c_str());
     return 127;
   }
   // NOTES: python3-matplotlib is a Debian package, so prefer Debian's interpreter over whatever python3
@@ -202,5 +218,7 @@ int run_plot_command(int argc, char** argv) {
   std::fprintf(stderr, "[plot] cannot run %s: %s\n", python.c_str(), std::strerror(errno));
   return 127;
 }
+
+int run_plot_command(int argc, char** argv) { return run_python_tool("dsa_plot.py", argc, argv); }
 
 }  // namespace dsa

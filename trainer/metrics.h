@@ -2,9 +2,12 @@
 // the same records as JSON lines in OUTPUT_DIR/metrics.jsonl (read by tools/dsa_plot.py).
 //
 // JSON keys, each written only when the record has it: stage, step, lm_loss, indexer_kl, mtp_loss,
-// grad_norm, indexer_grad_norm, lr, tokens_per_s, val_lm_loss, val_indexer_kl, val_mtp_loss, recall.
-// `step` counts optimizer steps completed within the stage (1..steps); the plot tool lines stages up one
-// after another by name. Non-finite values (the
+// grad_norm, indexer_grad_norm, lr, tokens_per_s (training time only: evaluation and checkpoints
+// excluded), elapsed_s (wall time since the stage started in this process, everything included),
+// peak_mem_gb (GPU: the caching allocator's high-water mark in the stage so far), val_lm_loss,
+// val_lm_loss_by_source (an object {source: loss}, data mixtures only), val_indexer_kl, val_mtp_loss,
+// recall. `step` counts optimizer steps completed within the stage (1..steps); the plot tool lines stages
+// up one after another by name. Non-finite values (the
 // step where a NaN appeared) are written as null: JSON has no NaN.
 #pragma once
 
@@ -12,6 +15,8 @@
 #include <cstdio>
 #include <optional>
 #include <string>
+#include <utility>
+#include <vector>
 
 namespace dsa {
 
@@ -25,8 +30,11 @@ struct MetricRecord {
                                          // the indexer's when it alone trains
   std::optional<double> indexer_grad_norm;  // the indexer's, when it trains beside the main model (sparse)
   std::optional<double> lr;              // lr of the main group, or of the indexer when it alone trains
-  std::optional<double> tokens_per_s;
-  std::optional<double> val_lm_loss;     // held-out LM loss
+  std::optional<double> tokens_per_s;    // tokens per second of training (steps only)
+  std::optional<double> elapsed_s;       // wall seconds since the stage started (this process)
+  std::optional<double> peak_mem_gb;     // GPU memory high-water mark of the stage (1e9 bytes)
+  std::optional<double> val_lm_loss;     // held-out LM loss (a mixture: the weighted mean of its sources')
+  std::vector<std::pair<std::string, double>> val_lm_loss_by_source;  // mixtures: each source's held-out loss
   std::optional<double> val_indexer_kl;  // held-out indexer KL
   std::optional<double> val_mtp_loss;    // held-out MTP loss
   std::optional<double> recall;          // held-out indexer recall of the true top-k attention mass
@@ -49,9 +57,9 @@ class MetricsLogger {
 
   static std::string json_line(const MetricRecord& r);  // one object, no trailing newline
   // "[dense] step   120/400 | loss 5.4321 | kl 0.1234 | gnorm 1.23 | lr 3.00e-04 | 12.3K tok/s |
-  //  elapsed 1m23s | ETA 3m10s" (fields the record lacks are left out)
+  //  mem 18.2 GB | elapsed 1m23s | ETA 3m10s" (fields the record lacks are left out)
   static std::string train_line(const MetricRecord& r, int64_t total_steps, double elapsed_s, double eta_s);
-  // "[dense] step   120/400 | val loss 5.5012 | val kl 0.2100 | recall 0.8312"
+  // "[dense] step   120/400 | val loss 5.5012 (code 5.9012, retrieval 3.2101) | val kl 0.2100 | recall 0.8312"
   static std::string eval_line(const MetricRecord& r, int64_t total_steps);
   static std::string format_duration(double seconds);  // "12s", "3m10s", "1h02m", "--" when unknown
   // Seconds left, from the rate so far: elapsed * (total - done) / done (negative when done == 0).
@@ -68,5 +76,7 @@ class MetricsLogger {
 // source tree this was built from. argv[0..argc) are the arguments after `plot`. Returns only on
 // failure (127, with a message on stderr).
 int run_plot_command(int argc, char** argv);
+// The same for any script `name` under tools/ (dsa-eval --plots runs tools/dsa_eval_report.py).
+int run_python_tool(const std::string& name, int argc, char** argv);
 
 }  // namespace dsa

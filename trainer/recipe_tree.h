@@ -42,7 +42,8 @@ RNode parse_tree(const std::string& text, const std::string& source);
 // Reads a file, then resolves `base: PATH` (relative to the file's folder, chains allowed): mappings
 // merge key by key, values and lists are replaced, except the top-level `stages` list, which merges by
 // stage name (a matching name merges into the base's stage, a new name is appended, and an entry
-// `{name: X, remove: true}` drops base stage X).
+// `{name: X, remove: true}` marks base stage X removed: it stays in the list, and so in the data plan,
+// but does not run).
 RNode load_tree(const std::string& path);
 // The same for text already in memory (a `base:` is then relative to the current directory).
 RNode load_tree_text(const std::string& text, const std::string& source);

@@ -8,10 +8,12 @@
 #include <filesystem>
 #include <fstream>
 
-#include "data/loader.h"
+#include "data/doc_stream.h"
+#include "data/mixture.h"
 #include "kernels/device_memory.h"
 #include "kernels/ops.h"
 #include "trainer/checkpoint.h"
+#include "trainer/data_plan.h"
 #include "trainer/data_parallel.h"
 #include "trainer/dist.h"
 #include "trainer/metrics.h"
@@ -161,6 +163,7 @@ void Trainer::init_or_load(int64_t first_stage, int64_t* stage_step) {
   load_checkpoint_into(from, &ts, model_->params(), nullptr);
   model_->params().refresh_compute();
   global_step_ = ts.step;
+  data_state_ = ts.rank_data_states.empty() ? std::string() : ts.rank_data_states.front();  // checked in setup_data
   if (Dist::is_root()) std::printf("[train] stage %s starts from %s (step %lld)\n", st.name.c_str(), from.c_str(),
                                    static_cast<long long>(ts.step));
 }
@@ -217,220 +220,301 @@ std::string Trainer::save(const StageSpec& stage, int64_t stage_step, bool stage
   return Dist::broadcast(path);
 }
 
-void Trainer::run_stage(int64_t s, int64_t start_step, TrainReport& report) {
-  const StageSpec& st = recipe_.stages[s];
-  const ModelConfig& cfg = recipe_.model;
-  const int world = Dist::world(), rank = Dist::rank();
-  const int64_t mb = st.micro_batch(world);
-  const int64_t T = st.seq_len;
-  DSA_CHECK(!recipe_.data.shards.empty(), "[train] the recipe names no data (data.shards)");
-
-  LoaderConfig lc;
-  lc.dir = recipe_.data.shards.front();
-  lc.seq_len = T;
-  lc.batch_per_rank = mb;
-  lc.rank = rank;
-  lc.world = world;
-  lc.seed = recipe_.seed + static_cast<uint64_t>(s) * 1000003ull;
-  lc.keep_documents_contiguous = recipe_.data.keep_documents_contiguous;
-  Loader loader(lc);
-  loader.check_vocab(cfg.vocab_size);
-  if (start_step > 0 && !data_state_.empty()) loader.restore(data_state_);
-  std::vector<Batch> val;
-  if (st.eval_batches > 0) {
-    LoaderConfig vc = lc;
-    vc.split = "val";
-    val = validation_batches(vc, st.eval_batches);
-  }
-
-  const StepOptions so = step_options(st, cfg);
-  const double tokens_per_step = static_cast<double>(st.global_batch) * static_cast<double>(T);
-  // Gradients of the global-batch means: every rank scales by the global token count, sums follow.
-  StepOptions train_opts = so;
-  train_opts.lm_grad_scale = 1.0 / tokens_per_step;
-  // The indexer loss is a mean over the layers that have one in the step (the MTP layer's when it runs).
-  const int64_t kl_layers = cfg.num_hidden_layers + (st.mtp_loss_weight > 0 ? cfg.num_nextn_predict_layers : 0);
-  train_opts.indexer_grad_scale = st.indexer_loss_coef / (tokens_per_step * static_cast<double>(kl_layers));
-  // The balance loss is a mean over a micro-batch's sequences: weighted by its share of the global batch,
-  // the sum over micro-batches and ranks is the global-batch mean (factor 1 on one rank without accumulation).
-  train_opts.balance_alpha = so.balance_alpha * static_cast<double>(mb) / static_cast<double>(st.global_batch);
-
-  ParamStore& ps = model_->params();
+// One stage in progress.
+struct Trainer::StageRun {
+  const StageSpec* st = nullptr;
+  int64_t start_step = 0;
+  int64_t mb = 0, T = 0;          // sequences per micro-batch on this rank, tokens per sequence
+  double tokens_per_step = 0;     // global_batch * T
+  StepOptions eval_opts, train_opts;
+  struct ValSource {
+    std::string name;
+    double weight = 1;
+    std::vector<Batch> batches;   // this rank's share of the source's held-out windows
+  };
+  std::vector<ValSource> val;
   std::vector<Param*> trained;
-  for (Param& p : ps.all()) {
-    if (!trains(st, p, cfg)) continue;
-    trained.push_back(&p);
+  // NOTES: the main model and the indexer are clipped each by its own gradient norm. They are trained by
+  // different losses (LM and KL); a shared norm would let the indexer's gradients rescale the main
+  // model's step, so L_I would reach the main model through the clip although its inputs are detached.
+  std::vector<Param*> trained_main, trained_indexer;
+  std::vector<Tensor*> grads_main, grads_indexer;  // their gradients, for clipping
+  LrSchedule sched;
+  std::unique_ptr<MetricsLogger> logger;
+  double stage_start = 0;
+  // The current log window: statistics and the time spent in training steps alone.
+  StepStats window;
+  int64_t window_steps = 0;
+  double window_train_s = 0;
+};
+
+struct Trainer::StepResult {
+  StepStats stats;
+  double gnorm = 0;          // the main model's gradient norm, or the indexer's when it alone trains
+  double gnorm_indexer = 0;  // the indexer's (0 when it does not train)
+  double factor = 0;  // the learning-rate schedule's factor
+  bool finite = true;
+};
+
+void Trainer::setup_data(StageRun& run) {
+  const StageSpec& st = *run.st;
+  stream_->check_vocab(recipe_.model.vocab_size);
+  if (run.start_step > 0) {
+    stream_->restore(data_state_);  // resuming inside the stage: the exact position
+  } else {
+    const std::string& reads = st.data_stage.empty() ? st.name : st.data_stage;
+    const int64_t planned = plan_->start_sequence(st.name);
+    const int64_t carried = data_state_.empty() ? -1 : stream_->sequences_in(data_state_);
+    stream_->restore(plan_->start_of(st.name));
+    if (Dist::is_root() && carried >= 0 && carried != planned)
+      std::printf("[train] stage %s reads the planned range of stage %s from sequence %lld of the data stream; the "
+                  "checkpoint it starts from stopped at sequence %lld%s\n",
+                  st.name.c_str(), reads.c_str(), static_cast<long long>(planned), static_cast<long long>(carried),
+                  carried < planned ? " (the windows in between belong to other stages)"
+                                    : ": WARNING, its model has already trained on part of these windows");
+    else if (Dist::is_root() && !data_state_.empty() && carried < 0)
+      std::printf("[train] stage %s: the checkpoint it starts from read another data stream; the stage reads its "
+                  "planned range from sequence %lld\n", st.name.c_str(), static_cast<long long>(planned));
+  }
+  run.val.clear();
+  if (st.eval_batches <= 0) return;
+  for (const DataSource& src : recipe_.data.sources) {
+    StageRun::ValSource v{src.name, src.weight, {}};
+    v.batches = validation_batches(src.shards, recipe_.data.keep_documents_contiguous, run.T, run.mb, Dist::rank(),
+                                   Dist::world(), st.eval_batches);
+    run.val.push_back(std::move(v));
+  }
+}
+
+void Trainer::setup_optimizer(StageRun& run) {
+  const StageSpec& st = *run.st;
+  run.trained.clear();
+  for (Param& p : model_->params().all()) {
+    if (!trains(st, p, recipe_.model)) continue;
+    run.trained.push_back(&p);
     if (dp_->zero1()) continue;  // sharded moments live in dp_
     for (const char* kind : {"optim/m/", "optim/v/"}) {
       const std::string key = kind + p.name;
       if (!moments_.count(key)) moments_[key] = Tensor::zeros(p.value.shape(), DType::F32, p.value.device());
     }
   }
-  DSA_CHECK(!trained.empty(), "[train] stage ", st.name, " trains nothing");
-  dp_->begin_stage(trained, moments_);
-  // NOTES: the main model and the indexer are clipped each by its own gradient norm. They are trained by
-  // different losses (LM and KL); a shared norm would let the indexer's gradients rescale the main
-  // model's step, so L_I would reach the main model through the clip although its inputs are detached.
-  std::vector<Param*> trained_main, trained_indexer;
-  for (Param* p : trained) (p->group == ParamGroup::Indexer ? trained_indexer : trained_main).push_back(p);
-  auto grads_of = [](const std::vector<Param*>& ps) {
-    std::vector<Tensor*> g;
-    for (Param* p : ps) g.push_back(&p->grad);
-    return g;
-  };
-  const std::vector<Tensor*> grads_main = grads_of(trained_main), grads_indexer = grads_of(trained_indexer);
+  DSA_CHECK(!run.trained.empty(), "[train] stage ", st.name, " trains nothing");
+  dp_->begin_stage(run.trained, moments_);
+  run.trained_main.clear();
+  run.trained_indexer.clear();
+  run.grads_main.clear();
+  run.grads_indexer.clear();
+  for (Param* p : run.trained) {
+    const bool idx = p->group == ParamGroup::Indexer;
+    (idx ? run.trained_indexer : run.trained_main).push_back(p);
+    (idx ? run.grads_indexer : run.grads_main).push_back(&p->grad);
+  }
+  run.sched = LrSchedule::of(st);
+}
 
-  MetricsLogger logger(recipe_.metrics_path(), Dist::is_root() && recipe_.logging.terminal ? stdout : nullptr);
-  const LrSchedule sched = LrSchedule::of(st);
-  std::vector<int32_t> inputs, targets;
-  const double stage_start = now_s();
-  double window_start = now_s();
-  int64_t window_steps = 0;
-  StepStats window;
-
-  auto evaluate = [&](int64_t step) {
-    if (val.empty()) return;
-    StepOptions eo = so;
-    eo.compute_recall = st.kind != StageKind::dense || st.train_indexer;
+void Trainer::evaluate(StageRun& run, int64_t step) {
+  if (run.val.empty()) return;
+  const StageSpec& st = *run.st;
+  StepOptions eo = run.eval_opts;
+  eo.compute_recall = st.kind != StageKind::dense || st.train_indexer;
+  StepStats all;
+  MetricRecord r;
+  r.stage = st.name;
+  r.step = step;
+  double weighted = 0, weights = 0;
+  for (const StageRun::ValSource& v : run.val) {
     StepStats es;
-    for (const Batch& b : val) {
-      Tensor ids = Tensor::from_vector(b.inputs, {mb * T});
-      Tensor tg = Tensor::from_vector(b.targets, {mb * T});
-      add_stats(es, model_->step(ids, tg, mb, T, eo, false));
+    for (const Batch& b : v.batches) {
+      Tensor ids = Tensor::from_vector(b.inputs, {run.mb * run.T});
+      Tensor tg = Tensor::from_vector(b.targets, {run.mb * run.T});
+      add_stats(es, model_->step(ids, tg, run.mb, run.T, eo, false));
     }
     allreduce_stats(es);
-    MetricRecord r;
-    r.stage = st.name;
-    r.step = step;
-    if (es.lm_tokens) r.val_lm_loss = es.lm_loss_sum / es.lm_tokens;
-    if (es.indexer_rows) r.val_indexer_kl = es.indexer_kl_sum / es.indexer_rows;
-    if (es.mtp_tokens) r.val_mtp_loss = es.mtp_loss_sum / es.mtp_tokens;
-    if (es.recall_rows) r.recall = es.recall_sum / es.recall_rows;
-    if (Dist::is_root()) logger.log_eval(r, st.steps);
-  };
+    add_stats(all, es);
+    if (!es.lm_tokens) continue;
+    const double loss = es.lm_loss_sum / static_cast<double>(es.lm_tokens);
+    weighted += v.weight * loss;
+    weights += v.weight;
+    if (run.val.size() > 1) r.val_lm_loss_by_source.push_back({v.name, loss});
+  }
+  // A mixture's validation loss weights its sources as training samples them.
+  if (weights > 0) r.val_lm_loss = weighted / weights;
+  if (all.indexer_rows) r.val_indexer_kl = all.indexer_kl_sum / static_cast<double>(all.indexer_rows);
+  if (all.mtp_tokens) r.val_mtp_loss = all.mtp_loss_sum / static_cast<double>(all.mtp_tokens);
+  if (all.recall_rows) r.recall = all.recall_sum / static_cast<double>(all.recall_rows);
+  if (Dist::is_root()) run.logger->log_eval(r, st.steps);
+}
 
+Trainer::StepResult Trainer::train_step(StageRun& run, int64_t step) {
+  const StageSpec& st = *run.st;
+  const int world = Dist::world();
+  DataParallel::fail_hook(global_step_);
+  model_->params().zero_grads();
+  StepResult res;
+  std::vector<Tensor> loads;  // [E] per MoE layer, summed over micro-batches and ranks
+  std::vector<int32_t> inputs, targets;
+  for (int64_t a = 0; a < st.grad_accum; ++a) {
+    stream_->next(run.T, world * run.mb, Dist::rank() * run.mb, run.mb, inputs, targets);
+    if (opts_.on_batch) opts_.on_batch(st.name, step, inputs);
+    Tensor ids = Tensor::from_vector(inputs, {run.mb * run.T});
+    Tensor tg = Tensor::from_vector(targets, {run.mb * run.T});
+    if (a == st.grad_accum - 1) dp_->arm_overlap(run.trained);  // GPU: all-reduce layers as they finish
+    add_stats(res.stats, model_->step(ids, tg, run.mb, run.T, run.train_opts, true));
+    const std::vector<Tensor>& micro = model_->expert_loads();
+    for (size_t i = 0; i < micro.size(); ++i) {
+      Tensor host = micro[i].to(dsa::Device::CPU);
+      if (loads.size() <= i)
+        loads.push_back(host.clone());
+      else
+        ops::add_(loads[i], host);
+    }
+  }
+  data_state_ = stream_->state();
+  if (!opts_.dump_grads_dir.empty()) dump_grads(run.trained, /*reduced=*/false);
+  dp_->allreduce_grads(run.trained);
+  if (!opts_.dump_grads_dir.empty()) dump_grads(run.trained, /*reduced=*/true);
+  allreduce_stats(res.stats);
+  for (Tensor& l : loads) allreduce_tensor(l);
+
+  const double gnorm_main = run.trained_main.empty() ? 0.0 : dp_->grad_norm(run.trained_main);
+  res.gnorm_indexer = run.trained_indexer.empty() ? 0.0 : dp_->grad_norm(run.trained_indexer);
+  res.gnorm = run.trained_main.empty() ? res.gnorm_indexer : gnorm_main;
+  res.finite = std::isfinite(res.stats.lm_loss_sum) && std::isfinite(res.stats.indexer_kl_sum) &&
+               std::isfinite(gnorm_main) && std::isfinite(res.gnorm_indexer);
+  res.factor = run.sched.factor(step);
+  if (res.finite) {
+    if (recipe_.optimizer.grad_clip > 0) {
+      ops::clip_grads_(run.grads_main, recipe_.optimizer.grad_clip, gnorm_main);
+      ops::clip_grads_(run.grads_indexer, recipe_.optimizer.grad_clip, res.gnorm_indexer);
+    }
+    dp_->adamw_step(run.trained, moments_, [&](const Param& p) {
+      ops::AdamWConfig ac;
+      const bool idx = p.group == ParamGroup::Indexer;
+      ac.lr = (idx ? st.lr_indexer : st.lr_main) * res.factor;
+      ac.beta1 = recipe_.optimizer.beta1;
+      ac.beta2 = recipe_.optimizer.beta2;
+      ac.eps = recipe_.optimizer.eps;
+      ac.weight_decay = p.decay ? (idx ? recipe_.optimizer.weight_decay_indexer : recipe_.optimizer.weight_decay) : 0;
+      return ac;
+    }, step + 1);
+    model_->params().refresh_compute();  // bf16 weight copies (GPU) follow the fp32 masters
+    if (st.train_main && st.moe_bias_update_rate > 0 && !loads.empty())
+      model_->update_moe_bias(loads, st.moe_bias_update_rate);
+  } else if (Dist::is_root()) {
+    std::printf("[train] stage %s step %lld: non-finite loss or gradient (loss %g, kl %g, grad norm %g / indexer "
+                "%g): %s\n", st.name.c_str(), static_cast<long long>(step + 1), res.stats.lm_loss_sum,
+                res.stats.indexer_kl_sum, gnorm_main, res.gnorm_indexer,
+                recipe_.optimizer.on_nonfinite == OnNonfinite::skip ? "step skipped" : "stopping");
+  }
+  ++global_step_;
+  return res;
+}
+
+void Trainer::log_progress(StageRun& run, int64_t done, const StepResult& res) {
+  const StageSpec& st = *run.st;
+  if (done % st.log_interval != 0 && done != st.steps) return;
+  MetricRecord r;
+  r.stage = st.name;
+  r.step = done;
+  if (run.window.lm_tokens) r.lm_loss = run.window.lm_loss_sum / static_cast<double>(run.window.lm_tokens);
+  if (run.window.indexer_rows) r.indexer_kl = run.window.indexer_kl_sum / static_cast<double>(run.window.indexer_rows);
+  if (run.window.mtp_tokens) r.mtp_loss = run.window.mtp_loss_sum / static_cast<double>(run.window.mtp_tokens);
+  r.grad_norm = res.gnorm;
+  if (!run.trained_main.empty() && !run.trained_indexer.empty()) r.indexer_grad_norm = res.gnorm_indexer;
+  r.lr = (st.train_main ? st.lr_main : st.lr_indexer) * res.factor;
+  // NOTES: tok/s counts the training steps' time alone: evaluations and checkpoints in the window are out.
+  r.tokens_per_s = run.window_train_s > 0 ? static_cast<double>(run.window_steps) * run.tokens_per_step / run.window_train_s : 0;
+  if (model_->device() == dsa::Device::CUDA) r.peak_mem_gb = static_cast<double>(cuda::allocator_stats().peak_in_use) / 1e9;
+  const double stage_elapsed = now_s() - run.stage_start;
+  r.elapsed_s = stage_elapsed;
+  if (Dist::is_root())
+    run.logger->log_train(r, st.steps, stage_elapsed,
+                          MetricsLogger::eta_seconds(stage_elapsed, done - run.start_step, st.steps - run.start_step));
+  run.window = StepStats{};
+  run.window_steps = 0;
+  run.window_train_s = 0;
+}
+
+bool Trainer::checkpoint_or_stop(StageRun& run, int64_t done, TrainReport& report) {
+  const StageSpec& st = *run.st;
+  const bool time_up = opts_.time_limit_s > 0 && now_s() - start_time_ >= opts_.time_limit_s;
+  const bool stop = Dist::allreduce_max(stop_requested() ? 1.0 : 0.0) > 0;
+  const bool step_limit = opts_.max_steps >= 0 && report.steps >= opts_.max_steps;
+  if (done == st.steps) return false;  // the stage ends normally (finish_stage)
+  const int64_t every = recipe_.checkpoint.every_steps;
+  if (every > 0 && done % every == 0) report.last_checkpoint = save(st, done, false);
+  if (!time_up && !stop && !step_limit) return false;
+  if (report.last_checkpoint.empty() || every <= 0 || done % every != 0) report.last_checkpoint = save(st, done, false);
+  report.outcome = stop ? TrainOutcome::Interrupted : time_up ? TrainOutcome::TimeLimit : TrainOutcome::StepLimit;
+  if (Dist::is_root())
+    std::printf("[train] %s at stage %s step %lld: checkpoint %s (continue with --resume)\n",
+                stop ? "interrupted" : time_up ? "time limit reached" : "step limit reached", st.name.c_str(),
+                static_cast<long long>(done), report.last_checkpoint.c_str());
+  return true;
+}
+
+void Trainer::finish_stage(StageRun& run, TrainReport& report) {
+  const StageSpec& st = *run.st;
+  if (st.eval_batches > 0) evaluate(run, st.steps);
+  report.last_checkpoint = save(st, st.steps, true);
+  if (Dist::is_root())
+    std::printf("[train] stage %s done in %s: %s\n", st.name.c_str(),
+                MetricsLogger::format_duration(now_s() - run.stage_start).c_str(), report.last_checkpoint.c_str());
+  // A step limit that lands exactly on a stage end still stops here.
+  if (opts_.max_steps >= 0 && report.steps >= opts_.max_steps) report.outcome = TrainOutcome::StepLimit;
+}
+
+void Trainer::run_stage(int64_t s, int64_t start_step, TrainReport& report) {
+  StageRun run;
+  run.st = &recipe_.stages[s];
+  const StageSpec& st = *run.st;
+  const ModelConfig& cfg = recipe_.model;
+  run.start_step = start_step;
+  run.mb = st.micro_batch(Dist::world());
+  run.T = st.seq_len;
+  run.tokens_per_step = static_cast<double>(st.global_batch) * static_cast<double>(run.T);
+  run.eval_opts = step_options(st, cfg);
+  // Gradients of the global-batch means: every rank scales by the global token count, sums follow.
+  run.train_opts = run.eval_opts;
+  run.train_opts.lm_grad_scale = 1.0 / run.tokens_per_step;
+  // The indexer loss is a mean over the layers that have one in the step (the MTP layer's when it runs).
+  const int64_t kl_layers = cfg.num_hidden_layers + (st.mtp_loss_weight > 0 ? cfg.num_nextn_predict_layers : 0);
+  run.train_opts.indexer_grad_scale = st.indexer_loss_coef / (run.tokens_per_step * static_cast<double>(kl_layers));
+  // The balance loss is a mean over a micro-batch's sequences: weighted by its share of the global batch,
+  // the sum over micro-batches and ranks is the global-batch mean (factor 1 on one rank without accumulation).
+  run.train_opts.balance_alpha =
+      run.eval_opts.balance_alpha * static_cast<double>(run.mb) / static_cast<double>(st.global_batch);
+  setup_data(run);
+  setup_optimizer(run);
+  run.logger = std::make_unique<MetricsLogger>(recipe_.metrics_path(),
+                                               Dist::is_root() && recipe_.logging.terminal ? stdout : nullptr);
+  if (model_->device() == dsa::Device::CUDA) cuda::reset_peak();
+  run.stage_start = now_s();
   if (start_step == 0 && Dist::is_root())
-    std::printf("[train] stage %s (%s): %lld steps x %lld tokens (%d rank%s, micro-batch %lld x %lld, accum %lld)\n",
-                st.name.c_str(), to_string(st.kind), static_cast<long long>(st.steps),
-                static_cast<long long>(tokens_per_step), world, world > 1 ? "s" : "", static_cast<long long>(mb),
-                static_cast<long long>(T), static_cast<long long>(st.grad_accum));
-  if (start_step == 0 && st.eval_batches > 0) evaluate(0);
+    std::printf("[train] stage %s (%s): %lld steps x %.0f tokens (%d rank%s, micro-batch %lld x %lld, accum %lld)\n",
+                st.name.c_str(), to_string(st.kind), static_cast<long long>(st.steps), run.tokens_per_step,
+                Dist::world(), Dist::world() > 1 ? "s" : "", static_cast<long long>(run.mb),
+                static_cast<long long>(run.T), static_cast<long long>(st.grad_accum));
+  if (start_step == 0 && st.eval_batches > 0) evaluate(run, 0);
 
   for (int64_t step = start_step; step < st.steps; ++step) {
-    DataParallel::fail_hook(global_step_);
-    ps.zero_grads();
-    StepStats stats;
-    std::vector<Tensor> loads;  // [E] per MoE layer, summed over micro-batches and ranks
-    for (int64_t a = 0; a < st.grad_accum; ++a) {
-      loader.next(inputs, targets);
-      Tensor ids = Tensor::from_vector(inputs, {mb * T});
-      Tensor tg = Tensor::from_vector(targets, {mb * T});
-      if (a == st.grad_accum - 1) dp_->arm_overlap(trained);  // GPU: all-reduce layers as they finish
-      add_stats(stats, model_->step(ids, tg, mb, T, train_opts, true));
-      const std::vector<Tensor>& micro = model_->expert_loads();
-      for (size_t i = 0; i < micro.size(); ++i) {
-        Tensor host = micro[i].to(dsa::Device::CPU);
-        if (loads.size() <= i)
-          loads.push_back(host.clone());
-        else
-          ops::add_(loads[i], host);
-      }
-    }
-    data_state_ = loader.state();
-    if (!opts_.dump_grads_dir.empty()) dump_grads(trained, /*reduced=*/false);
-    dp_->allreduce_grads(trained);
-    if (!opts_.dump_grads_dir.empty()) dump_grads(trained, /*reduced=*/true);
-    allreduce_stats(stats);
-    for (Tensor& l : loads) allreduce_tensor(l);
-
-    const double gnorm_main = trained_main.empty() ? 0.0 : dp_->grad_norm(trained_main);
-    const double gnorm_indexer = trained_indexer.empty() ? 0.0 : dp_->grad_norm(trained_indexer);
-    const bool finite = std::isfinite(stats.lm_loss_sum) && std::isfinite(stats.indexer_kl_sum) &&
-                        std::isfinite(gnorm_main) && std::isfinite(gnorm_indexer);
-    const double gnorm = trained_main.empty() ? gnorm_indexer : gnorm_main;
-    const double factor = sched.factor(step);
-    if (finite) {
-      if (recipe_.optimizer.grad_clip > 0) {
-        ops::clip_grads_(grads_main, recipe_.optimizer.grad_clip, gnorm_main);
-        ops::clip_grads_(grads_indexer, recipe_.optimizer.grad_clip, gnorm_indexer);
-      }
-      dp_->adamw_step(trained, moments_, [&](const Param& p) {
-        ops::AdamWConfig ac;
-        const bool idx = p.group == ParamGroup::Indexer;
-        ac.lr = (idx ? st.lr_indexer : st.lr_main) * factor;
-        ac.beta1 = recipe_.optimizer.beta1;
-        ac.beta2 = recipe_.optimizer.beta2;
-        ac.eps = recipe_.optimizer.eps;
-        ac.weight_decay = p.decay ? (idx ? recipe_.optimizer.weight_decay_indexer : recipe_.optimizer.weight_decay) : 0;
-        return ac;
-      }, step + 1);
-      model_->params().refresh_compute();  // bf16 weight copies (GPU) follow the fp32 masters
-      if (st.train_main && st.moe_bias_update_rate > 0 && !loads.empty())
-        model_->update_moe_bias(loads, st.moe_bias_update_rate);
-    } else if (Dist::is_root()) {
-      std::printf("[train] stage %s step %lld: non-finite loss or gradient (loss %g, kl %g, grad norm %g / indexer %g): %s\n",
-                  st.name.c_str(), static_cast<long long>(step + 1), stats.lm_loss_sum, stats.indexer_kl_sum, gnorm_main,
-                  gnorm_indexer,
-                  recipe_.optimizer.on_nonfinite == OnNonfinite::skip ? "step skipped" : "stopping");
-    }
-    ++global_step_;
+    const double t0 = now_s();
+    const StepResult res = train_step(run, step);
+    run.window_train_s += now_s() - t0;
     ++report.steps;
-    ++window_steps;
-    add_stats(window, stats);
-
+    ++run.window_steps;
+    add_stats(run.window, res.stats);
     const int64_t done = step + 1;
-    if (!finite && recipe_.optimizer.on_nonfinite == OnNonfinite::stop) {
+    if (!res.finite && recipe_.optimizer.on_nonfinite == OnNonfinite::stop) {
       report.last_checkpoint = save(st, done, false);
       report.outcome = TrainOutcome::NonFinite;
       return;
     }
-    if (done % st.log_interval == 0 || done == st.steps) {
-      const double elapsed = now_s() - window_start;
-      MetricRecord r;
-      r.stage = st.name;
-      r.step = done;
-      if (window.lm_tokens) r.lm_loss = window.lm_loss_sum / window.lm_tokens;
-      if (window.indexer_rows) r.indexer_kl = window.indexer_kl_sum / window.indexer_rows;
-      if (window.mtp_tokens) r.mtp_loss = window.mtp_loss_sum / window.mtp_tokens;
-      r.grad_norm = gnorm;
-      if (!trained_main.empty() && !trained_indexer.empty()) r.indexer_grad_norm = gnorm_indexer;
-      r.lr = (st.train_main ? st.lr_main : st.lr_indexer) * factor;
-      r.tokens_per_s = elapsed > 0 ? window_steps * tokens_per_step / elapsed : 0;
-      const double stage_elapsed = now_s() - stage_start;
-      if (Dist::is_root())
-        logger.log_train(r, st.steps, stage_elapsed,
-                         MetricsLogger::eta_seconds(stage_elapsed, done - start_step, st.steps - start_step));
-      window = StepStats{};
-      window_steps = 0;
-      window_start = now_s();
-    }
-    if (st.eval_interval > 0 && done % st.eval_interval == 0 && done != st.steps) evaluate(done);
-
-    const bool time_up = opts_.time_limit_s > 0 && now_s() - start_time_ >= opts_.time_limit_s;
-    const bool stop = Dist::allreduce_max(stop_requested() ? 1.0 : 0.0) > 0;
-    const bool step_limit = opts_.max_steps >= 0 && report.steps >= opts_.max_steps;
-    if (done == st.steps) break;
-    if (recipe_.checkpoint.every_steps > 0 && done % recipe_.checkpoint.every_steps == 0)
-      report.last_checkpoint = save(st, done, false);
-    if (time_up || stop || step_limit) {
-      if (report.last_checkpoint.empty() || recipe_.checkpoint.every_steps <= 0 ||
-          done % recipe_.checkpoint.every_steps != 0)
-        report.last_checkpoint = save(st, done, false);
-      report.outcome = stop ? TrainOutcome::Interrupted : time_up ? TrainOutcome::TimeLimit : TrainOutcome::StepLimit;
-      if (Dist::is_root())
-        std::printf("[train] %s at stage %s step %lld: checkpoint %s (continue with --resume)\n",
-                    stop ? "interrupted" : time_up ? "time limit reached" : "step limit reached", st.name.c_str(),
-                    static_cast<long long>(done), report.last_checkpoint.c_str());
-      return;
-    }
+    log_progress(run, done, res);
+    if (st.eval_interval > 0 && done % st.eval_interval == 0 && done != st.steps) evaluate(run, done);
+    if (checkpoint_or_stop(run, done, report)) return;
   }
-  if (st.eval_batches > 0) evaluate(st.steps);
-  report.last_checkpoint = save(st, st.steps, true);
-  if (Dist::is_root())
-    std::printf("[train] stage %s done in %s: %s\n", st.name.c_str(),
-                MetricsLogger::format_duration(now_s() - stage_start).c_str(), report.last_checkpoint.c_str());
-  // A step limit that lands exactly on a stage end still stops here.
-  if (opts_.max_steps >= 0 && report.steps >= opts_.max_steps) report.outcome = TrainOutcome::StepLimit;
+  finish_stage(run, report);
 }
 
 TrainReport Trainer::run() {
@@ -443,6 +527,15 @@ TrainReport Trainer::run() {
     std::printf("[train] resolved recipe (%s):\n%s\n", recipe_.source.c_str(), recipe_.resolved_yaml.c_str());
     std::printf("[train] model: %.2fM parameters, %d rank%s, %s\n", model_->params().numel() / 1e6, Dist::world(),
                 Dist::world() > 1 ? "s" : "", device_name(model_->device()));
+  }
+  stream_ = std::make_unique<Mixture>(mixture_config(recipe_));
+  plan_ = std::make_unique<DataPlan>(recipe_, *stream_);
+  if (Dist::is_root()) {
+    std::printf("[train] data stream %s (%zu source%s, seed %llu); %s%s", stream_->stream_id().c_str(),
+                recipe_.data.sources.size(), recipe_.data.sources.size() > 1 ? "s" : "",
+                static_cast<unsigned long long>(recipe_.seed),
+                plan_->origin_note().empty() ? "" : (plan_->origin_note() + "; ").c_str(), "data plan:\n");
+    std::printf("%s", plan_->describe().c_str());
   }
   int64_t first = 0, stage_step = 0;
   if (opts_.resume) {
@@ -480,8 +573,7 @@ TrainReport Trainer::run() {
   for (int64_t s = first; s <= last && s < static_cast<int64_t>(recipe_.stages.size()); ++s) {
     run_stage(s, s == first ? stage_step : 0, report);
     if (report.outcome != TrainOutcome::Finished) break;
-    moments_.clear();  // AdamW starts fresh in each stage
-    data_state_.clear();
+    moments_.clear();  // AdamW starts fresh in each stage; data_state_ carries to the next stage
   }
   return report;
 }

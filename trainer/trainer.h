@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -21,6 +22,9 @@ struct TrainOptions {
   int64_t max_steps = -1;   // --max-steps (tests): stop (with a checkpoint) after this many steps in total
   std::string dump_grads_dir;  // --dump-grads (tests): every step's gradients, each rank's own sums and the
                                // reduced ones (before clipping), to DIR (see Trainer::dump_grads)
+  // Inspection hook (tests; may be empty): every micro-batch this rank trains on, with its stage and the
+  // 0-based step it belongs to, before the step runs.
+  std::function<void(const std::string& stage, int64_t step, const std::vector<int32_t>& inputs)> on_batch;
 };
 
 enum class TrainOutcome { Finished, Interrupted, TimeLimit, StepLimit, NonFinite };
@@ -33,6 +37,8 @@ struct TrainReport {
 };
 
 class DataParallel;
+class DataPlan;
+class Mixture;
 
 class Trainer {
  public:
@@ -42,9 +48,20 @@ class Trainer {
   Model& model() { return *model_; }
 
  private:
+  // One stage in progress (trainer.cpp): its data, validation sets, trained parameters, schedule, logger
+  // and the current log window.
   struct StageRun;
+  struct StepResult;
   void init_or_load(int64_t first_stage, int64_t* stage_step);
   void run_stage(int64_t stage_index, int64_t start_step, TrainReport& report);
+  // The named steps of a stage.
+  void setup_data(StageRun& run);
+  void setup_optimizer(StageRun& run);
+  void evaluate(StageRun& run, int64_t step);
+  StepResult train_step(StageRun& run, int64_t step);
+  void log_progress(StageRun& run, int64_t done, const StepResult& res);
+  bool checkpoint_or_stop(StageRun& run, int64_t done, TrainReport& report);  // true: leave the stage
+  void finish_stage(StageRun& run, TrainReport& report);
   std::string save(const StageSpec& stage, int64_t stage_step, bool stage_final);
   void dump_grads(const std::vector<Param*>& trained, bool reduced) const;
 
@@ -54,7 +71,10 @@ class Trainer {
   std::unique_ptr<DataParallel> dp_;      // ranks, gradient all-reduce, expert parallelism
   std::map<std::string, Tensor> moments_;  // "optim/m/<name>", "optim/v/<name>" (trained groups only)
   int64_t global_step_ = 0;
-  std::string data_state_;                 // this rank's loader position at the last step
+  std::unique_ptr<Mixture> stream_;        // the run's data stream (data/mixture.h)
+  std::unique_ptr<DataPlan> plan_;         // where each stage reads it (trainer/data_plan.h)
+  std::string data_state_;                 // the stream position after the last step (or carried by the
+                                           // checkpoint the run started from); the same on every rank
   double start_time_ = 0;
 };
 

@@ -1,9 +1,11 @@
-// Shard format round trip, bad shard files, and corpus preparation (determinism, bad inputs).
+// Shard format round trip, bad shard files, and corpus preparation (determinism, bad inputs, tarballs,
+// JSON Lines, sampling).
 #include <gtest/gtest.h>
 #include <sys/stat.h>
 
 #include <cstdio>
 #include <fstream>
+#include <map>
 #include <random>
 #include <sstream>
 
@@ -189,4 +191,94 @@ TEST(Corpus, Tarball) {
   write_file(cut, bytes.substr(0, bytes.size() / 2));
   o.inputs = {cut};
   expect_error([&] { build_corpus(o, tok); }, cut);
+}
+
+namespace {
+// Every document of a corpus directory, decoded, in file order (train shards, then val).
+std::vector<std::string> decoded_docs(const std::string& dir, const Tokenizer& tok) {
+  std::vector<std::string> out;
+  for (const char* split : {"train", "val"})
+    for (const std::string& f : list_shards(dir, split)) {
+      ShardReader r(f);
+      for (uint64_t d = 0; d < r.n_docs(); ++d) out.push_back(tok.decode(r.document(d)));
+    }
+  return out;
+}
+}  // namespace
+
+TEST(Corpus, JsonLinesPlainAndCompressed) {
+  std::ifstream probe(kDeepSeek);
+  ASSERT_TRUE(probe.good()) << kDeepSeek << " missing: run scripts/setup.sh";
+  Tokenizer tok = Tokenizer::from_file(kDeepSeek);
+  const std::string plain = tmp("docs.jsonl");
+  write_file(plain, "{\"text\": \"first line\\nof one document\", \"id\": 1}\n\n"
+                    "{\"id\": 2, \"text\": \"caf\\u00e9 au lait\"}\n{\"text\": \"no newline at the end\"}");
+  ASSERT_EQ(std::system(("gzip -kc " + plain + " > " + plain + ".gz").c_str()), 0);
+  CorpusOptions o;
+  o.val_fraction = 0;
+  o.progress = false;
+  std::vector<std::string> want = {"first line\nof one document", "caf\xc3\xa9 au lait", "no newline at the end"};
+  for (const std::string& in : {plain, plain + ".gz"}) {
+    o.inputs = {in};
+    o.out_dir = tmp("jsonl_out");
+    EXPECT_EQ(build_corpus(o, tok).docs_train, 3) << in;
+    EXPECT_EQ(decoded_docs(o.out_dir, tok), want) << in;
+  }
+  // Another field, and bad lines named by file and line.
+  const std::string other = tmp("body.jsonl");
+  write_file(other, "{\"body\": \"x\"}\n");
+  o.inputs = {other};
+  expect_error([&] { build_corpus(o, tok); }, other + ":1: no string field 'text' (name the text field with --jsonl-field)");
+  o.jsonl_field = "body";
+  EXPECT_EQ(build_corpus(o, tok).docs_train, 1);
+  const std::string broken = tmp("broken.jsonl");
+  write_file(broken, "{\"body\": \"ok\"}\n{\"body\": \"unterminated}\n");
+  o.inputs = {broken};
+  expect_error([&] { build_corpus(o, tok); }, broken + ":2: not a JSON object");
+}
+
+TEST(Corpus, SampleAndMinBytesKeepTheSplit) {
+  std::ifstream probe(kDeepSeek);
+  ASSERT_TRUE(probe.good()) << kDeepSeek << " missing: run scripts/setup.sh";
+  Tokenizer tok = Tokenizer::from_file(kDeepSeek);
+  const std::string in = tmp("sample_in");
+  ::mkdir(in.c_str(), 0755);
+  for (int i = 0; i < 60; ++i) write_file(in + "/d" + std::to_string(i) + ".txt", "document " + std::to_string(i) + std::string(i * 10, '.') + "\n");
+  CorpusOptions o;
+  o.inputs = {in};
+  o.val_fraction = 0.3;
+  o.seed = 9;
+  o.progress = false;
+  o.out_dir = tmp("sample_all");
+  const CorpusSummary all = build_corpus(o, tok);
+  o.sample = 0.5;
+  o.min_bytes = 100;
+  o.max_doc_bytes = 500;
+  o.out_dir = tmp("sample_half");
+  const CorpusSummary half = build_corpus(o, tok);
+  EXPECT_EQ(half.docs_train + half.docs_val + half.skipped_sampled + half.skipped_short + half.skipped_long, 60);
+  EXPECT_GT(half.skipped_long, 0);
+  EXPECT_GT(half.skipped_sampled, 15);  // about half of 60: 30 +- 3 binomial standard deviations (3.9 each)
+  EXPECT_LT(half.skipped_sampled, 45);
+  EXPECT_GT(half.skipped_short, 0);
+  // A kept document lands in the split it has in the full corpus.
+  auto split_of = [&](const std::string& dir) {
+    std::map<std::string, int> m;
+    for (int s = 0; s < 2; ++s)
+      for (const std::string& f : list_shards(dir, s ? "val" : "train")) {
+        ShardReader r(f);
+        for (uint64_t d = 0; d < r.n_docs(); ++d) m[tok.decode(r.document(d))] = s;
+      }
+    return m;
+  };
+  const auto full = split_of(tmp("sample_all")), kept = split_of(tmp("sample_half"));
+  for (const auto& [text, s] : kept) {
+    EXPECT_GE(text.size(), 100u);
+    EXPECT_LE(text.size(), 500u);
+    EXPECT_EQ(full.at(text), s);
+  }
+  EXPECT_EQ(static_cast<int64_t>(kept.size()), half.docs_train + half.docs_val);
+  EXPECT_EQ(all.docs_train + all.docs_val, 60);
+  o.sample = 0;
+  expect_error([&] { build_corpus(o, tok); }, "--sample must be in (0, 1]");
 }

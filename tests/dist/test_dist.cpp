@@ -62,7 +62,7 @@ TEST(Dist, TwoRankDataParallelEqualsOneRank) {
   std::string worst;
   const double d = max_rel_update_diff(initial_params(recipe), ref, final_of(recipe), &worst);
   EXPECT_LT(d, kTrajectoryRelTol) << worst;
-  // Both ranks wrote the same data position (the loader's global window).
+  // Both ranks wrote the same data position (the stream position is global: data/mixture.h).
   const TrainState ts = read_train_state(final_of(recipe));
   ASSERT_EQ(ts.rank_data_states.size(), 2u);
   EXPECT_EQ(ts.rank_data_states[0], ts.rank_data_states[1]);

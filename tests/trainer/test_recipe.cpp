@@ -128,7 +128,7 @@ std::string strip_comments(const std::string& yaml) {
 
 TEST(Recipe, EveryShippedRecipeLoads) {
   std::vector<fs::path> files;
-  for (const char* dir : {"recipes", "recipes/ablations"})
+  for (const char* dir : {"recipes", "recipes/ablations", "recipes/experiments", "recipes/experiments/ablations"})
     for (const auto& e : fs::directory_iterator(fs::path(DSA_SOURCE_DIR) / dir))
       if (e.path().extension() == ".yaml") files.push_back(e.path());
   ASSERT_GE(files.size(), 9u);
@@ -413,6 +413,14 @@ TEST(Recipe, BaseMergesByKeyAndStagesByName) {
   EXPECT_EQ(r.stages[1].topk, 2);
   EXPECT_EQ(r.stages[1].steps, 8);  // kept from the base
   EXPECT_EQ(r.stages[2].name, "extra");
+  // The removed stage keeps its place in the data plan (trainer/data_plan.h), and in the resolved recipe.
+  ASSERT_EQ(r.planned.size(), 4u);
+  EXPECT_EQ(r.planned[1].name, "warmup");
+  EXPECT_TRUE(r.planned[1].removed);
+  EXPECT_NE(r.resolved_yaml.find("  - name: warmup\n    remove: true\n"), std::string::npos) << r.resolved_yaml;
+  auto body = [](const std::string& y) { return y.substr(y.find('\n')); };  // after the "# source" line
+  EXPECT_EQ(body(parse_recipe(r.resolved_yaml, "resolved").resolved_yaml), body(r.resolved_yaml));
+  EXPECT_NE(error_of([&] { r.stage_index("warmup"); }).find("stage 'warmup' is removed in this recipe"), std::string::npos);
   EXPECT_EQ(r.output_dir, "runs/child");
   EXPECT_EQ(r.data.shards, std::vector<std::string>{"runs/data/test"});
   EXPECT_TRUE(r.data.keep_documents_contiguous);
@@ -420,7 +428,7 @@ TEST(Recipe, BaseMergesByKeyAndStagesByName) {
   // Errors point into the file that holds the bad value.
   const std::string bad_child = write_file("base/bad_child.yaml", child_text + "    topk: -1\n");
   std::string e = error_of([&] { load_recipe(bad_child); });
-  EXPECT_NE(e.find(bad_child + ":14: key 'stages.2.topk': must be >= 0"), std::string::npos) << e;
+  EXPECT_NE(e.find(bad_child + ":14: key 'stages.3.topk': must be >= 0"), std::string::npos) << e;
   const std::string bad_parent_text = replaced(kMinimal, "steps: 10", "steps: x");
   const std::string bad_parent = write_file("base/bad_parent.yaml", bad_parent_text);
   const std::string child2 = write_file("base/child2.yaml", "base: bad_parent.yaml\noutput_dir: y\n");
@@ -432,6 +440,48 @@ TEST(Recipe, BaseMergesByKeyAndStagesByName) {
   const std::string loop = write_file("base/loop.yaml", "base: loop.yaml\n");
   e = error_of([&] { load_recipe(loop); });
   EXPECT_NE(e.find("more than 8 nested bases"), std::string::npos) << e;
+}
+
+TEST(Recipe, DataSourcesMixtureAndDataStage) {
+  const std::string mix = "data:\n  sources:\n    - {name: code, shards: runs/data/linux, weight: 3}\n"
+                          "    - {name: retrieval, shards: runs/data/retrieval}\n";
+  const Recipe r = parse_recipe(replaced(kMinimal, "data:\n  shards: runs/data/test\n", mix), "mix.yaml");
+  ASSERT_EQ(r.data.sources.size(), 2u);
+  EXPECT_EQ(r.data.sources[0].name, "code");
+  EXPECT_EQ(r.data.sources[0].weight, 3.0);
+  EXPECT_EQ(r.data.sources[1].weight, 1.0);  // default
+  EXPECT_EQ(r.data.shards, (std::vector<std::string>{"runs/data/linux", "runs/data/retrieval"}));
+  const Recipe again = parse_recipe(r.resolved_yaml, "resolved");
+  EXPECT_EQ(again.to_yaml().substr(again.to_yaml().find('\n')), r.resolved_yaml.substr(r.resolved_yaml.find('\n')));
+  // One corpus is one source named "data".
+  const Recipe one = parse_recipe(kMinimal, "one.yaml");
+  ASSERT_EQ(one.data.sources.size(), 1u);
+  EXPECT_EQ(one.data.sources[0].name, "data");
+
+  const std::string sparse_head = "  - name: sparse\n    kind: sparse\n";
+  const Recipe ds = parse_recipe(replaced(kMinimal, sparse_head, sparse_head + "    data_stage: warmup\n"), "ds.yaml");
+  EXPECT_EQ(ds.stage("sparse").data_stage, "warmup");
+  struct Bad {
+    std::string text, expected;
+  };
+  const std::vector<Bad> bad = {
+      {replaced(kMinimal, "data:\n  shards: runs/data/test\n", mix + "  shards: x\n"), "not both"},
+      {replaced(kMinimal, "data:\n  shards: runs/data/test\n", "data:\n  sources: []\n"), "non-empty list"},
+      {replaced(mix, "weight: 3", "weight: 0"), "key 'data.sources.0.weight': must be > 0"},
+      {replaced(mix, "name: retrieval", "name: code"), "'code' names an earlier source too"},
+      {replaced(mix, "name: retrieval, ", ""), "key 'data.sources.1.name': missing"},
+      {replaced(mix, "weight: 3}", "weight: 3, wieght: 1}"), "key 'data.sources.0.wieght': unknown key"},
+      {replaced(kMinimal, "data:\n  shards: runs/data/test\n", "data:\n  shards: [a, b]\n"), "data.sources"},
+      {replaced(kMinimal, sparse_head, sparse_head + "    data_stage: nope\n"),
+       "key 'stages.2.data_stage': no stage 'nope' in the data plan; stages: dense, warmup, sparse"},
+  };
+  for (size_t i = 0; i < bad.size(); ++i) {
+    const std::string text = bad[i].text.find("model:") == std::string::npos
+                                 ? replaced(kMinimal, "data:\n  shards: runs/data/test\n", bad[i].text)
+                                 : bad[i].text;
+    const std::string e = error_of([&] { parse_recipe(text, "bad.yaml"); });
+    EXPECT_NE(e.find(bad[i].expected), std::string::npos) << i << ": " << e;
+  }
 }
 
 // ---- schedule ----
@@ -485,6 +535,17 @@ TEST(Metrics, JsonLinesHoldExactlyThePresentKeys) {
   EXPECT_EQ(MetricsLogger::json_line(v),
             "{\"stage\": \"sparse\", \"step\": 8, \"indexer_kl\": 0.5, \"val_lm_loss\": 6, \"val_indexer_kl\": null, "
             "\"recall\": 0.75}");
+  MetricRecord m;  // a mixture's evaluation and a GPU progress line
+  m.stage = "dense";
+  m.step = 3;
+  m.peak_mem_gb = 18.25;
+  m.val_lm_loss = 2.5;
+  m.val_lm_loss_by_source = {{"code", 3.0}, {"retrieval", 1.0}};
+  EXPECT_EQ(MetricsLogger::json_line(m),
+            "{\"stage\": \"dense\", \"step\": 3, \"peak_mem_gb\": 18.25, \"val_lm_loss\": 2.5, "
+            "\"val_lm_loss_by_source\": {\"code\": 3, \"retrieval\": 1}}");
+  EXPECT_EQ(MetricsLogger::eval_line(m, 10), "[dense] step  3/10 | val loss 2.5000 (code 3.0000, retrieval 1.0000)");
+  EXPECT_EQ(MetricsLogger::train_line(m, 10, 1, 2), "[dense] step  3/10 | mem 18.2 GB | elapsed 1s | ETA 2s");
 
   const std::string path = (temp_dir() / "metrics_run" / "metrics.jsonl").string();
   {
