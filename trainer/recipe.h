@@ -84,7 +84,10 @@ struct OptimizerSpec {  // AdamW, fp32 master weights
 struct ParallelSpec {
   int64_t dp = 0;  // data-parallel ranks; 0: every MPI rank
   int64_t ep = 1;  // expert-parallel group size; divides n_routed_experts
-  bool zero1 = false;  // ZeRO-1: AdamW moments sharded over the data-parallel replicas (trainer/data_parallel.h)
+  // ZeRO stage (trainer/zero.h): 0 off; 1 AdamW moments and fp32 master weights sharded over the
+  // data-parallel replicas (gradients all-reduced); 2 gradients reduce-scattered and sharded too.
+  // `zero1: true` in a recipe is read as zero: 1.
+  int64_t zero = 0;
 };
 
 struct CheckpointSpec {

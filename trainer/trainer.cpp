@@ -132,7 +132,7 @@ Trainer::Trainer(const Recipe& recipe, const TrainOptions& opts) : recipe_(recip
 #ifdef DSA_HAVE_CUDA
   if (device == dsa::Device::CUDA) cuda::set_device(Dist::local_rank());
 #endif
-  model_ = std::make_unique<Model>(recipe_.model, DType::F32, device);
+  model_ = std::make_unique<Model>(recipe_.model, DType::F32, device, DataParallel::param_layout(recipe_, device));
   dp_ = std::make_unique<DataParallel>(recipe_, *model_);
 }
 
@@ -145,13 +145,11 @@ void Trainer::init_or_load(int64_t first_stage, int64_t* stage_step) {
   if (from.empty() && !opts_.only_stage.empty() && first_stage > 0)
     from = recipe_.final_checkpoint(recipe_.stages[first_stage - 1].name);
   if (from.empty()) {
-    init_params(model_->params(), recipe_.model, recipe_.seed);
-    model_->params().refresh_compute();
+    dp_->init_params(recipe_.seed);
     return;
   }
   TrainState ts;
-  load_checkpoint_into(from, &ts, model_->params(), nullptr);
-  model_->params().refresh_compute();
+  dp_->load_params(from, &ts);
   global_step_ = ts.step;
   if (Dist::is_root()) std::printf("[train] stage %s starts from %s (step %lld)\n", st.name.c_str(), from.c_str(),
                                    static_cast<long long>(ts.step));
@@ -166,27 +164,13 @@ std::string Trainer::save(const StageSpec& stage, int64_t stage_step, bool stage
   ts.recipe_yaml = recipe_.resolved_yaml;
   ts.model_config_yaml = recipe_.model.to_yaml();
   ts.rng_seed = recipe_.seed;
-  std::string path;
-  dp_->gather_to_root(model_->params(), moments_);
-  if (Dist::is_root()) {
-    path = save_checkpoint(recipe_.checkpoint.dir, ts, model_->params(), moments_,
-                           static_cast<int>(recipe_.checkpoint.keep_last));
-    if (stage_final) {
-      // The stage's final checkpoint also stays under checkpoint.dir/NAME/final (a hard link: no copy),
-      // where `--stage NEXT` and ablation recipes' init_from find it.
-      const fs::path dir = recipe_.final_checkpoint(stage.name);
-      fs::create_directories(dir);
-      const fs::path target = dir / fs::path(path).filename();
-      std::error_code ec;
-      fs::remove(target, ec);
-      fs::create_hard_link(path, target, ec);
-      if (ec) fs::copy_file(path, target, fs::copy_options::overwrite_existing);
-      write_atomically((dir / "latest").string(), target.filename().string() + "\n");
-    }
-  }
-  dp_->release_moments(moments_);
+  const std::string path =
+      dp_->save(recipe_.checkpoint.dir, ts, moments_, static_cast<int>(recipe_.checkpoint.keep_last));
+  // The stage's final checkpoint also stays under checkpoint.dir/NAME/final (hard links: no copy),
+  // where `--stage NEXT` and ablation recipes' init_from find it.
+  if (stage_final && Dist::is_root()) link_checkpoint(path, recipe_.final_checkpoint(stage.name));
   Dist::barrier();
-  return Dist::broadcast(path);
+  return path;
 }
 
 void Trainer::run_stage(int64_t s, int64_t start_step, TrainReport& report) {
@@ -228,19 +212,11 @@ void Trainer::run_stage(int64_t s, int64_t start_step, TrainReport& report) {
 
   ParamStore& ps = model_->params();
   std::vector<Param*> trained;
-  for (Param& p : ps.all()) {
-    if (!trains(st, p)) continue;
-    trained.push_back(&p);
-    if (dp_->zero1()) continue;  // sharded moments live in dp_
-    for (const char* kind : {"optim/m/", "optim/v/"}) {
-      const std::string key = kind + p.name;
-      if (!moments_.count(key)) moments_[key] = Tensor::zeros(p.value.shape(), DType::F32, p.value.device());
-    }
-  }
+  for (Param& p : ps.all())
+    if (trains(st, p)) trained.push_back(&p);
   DSA_CHECK(!trained.empty(), "[train] stage ", st.name, " trains nothing");
-  dp_->begin_stage(trained, moments_);
-  std::vector<Tensor*> grads_mut;
-  for (Param* p : trained) grads_mut.push_back(&p->grad);
+  // AdamW state: fresh, or the resumed checkpoint's when this stage continues from it.
+  dp_->begin_stage(trained, moments_, start_step > 0 ? resume_path_ : std::string());
 
   MetricsLogger logger(recipe_.metrics_path(), Dist::is_root() && recipe_.logging.terminal ? stdout : nullptr);
   const LrSchedule sched = LrSchedule::of(st);
@@ -286,7 +262,7 @@ void Trainer::run_stage(int64_t s, int64_t start_step, TrainReport& report) {
       loader.next(inputs, targets);
       Tensor ids = Tensor::from_vector(inputs, {mb * T});
       Tensor tg = Tensor::from_vector(targets, {mb * T});
-      if (a == st.grad_accum - 1) dp_->arm_overlap(trained);  // GPU: all-reduce layers as they finish
+      dp_->arm_overlap(trained, a == st.grad_accum - 1);  // reduce each layer's gradients as it finishes
       add_stats(stats, model_->step(ids, tg, mb, T, train_opts, true));
       const std::vector<Tensor>& micro = model_->expert_loads();
       for (size_t i = 0; i < micro.size(); ++i) {
@@ -306,7 +282,7 @@ void Trainer::run_stage(int64_t s, int64_t start_step, TrainReport& report) {
     const bool finite = std::isfinite(stats.lm_loss_sum) && std::isfinite(stats.indexer_kl_sum) && std::isfinite(gnorm);
     const double factor = sched.factor(step);
     if (finite) {
-      if (recipe_.optimizer.grad_clip > 0) ops::clip_grads_(grads_mut, recipe_.optimizer.grad_clip, gnorm);
+      if (recipe_.optimizer.grad_clip > 0) dp_->clip_grads(trained, recipe_.optimizer.grad_clip, gnorm);
       dp_->adamw_step(trained, moments_, [&](const Param& p) {
         ops::AdamWConfig ac;
         const bool idx = p.group == ParamGroup::Indexer;
@@ -398,15 +374,11 @@ TrainReport Trainer::run() {
   if (opts_.resume) {
     const std::string path = resolve_checkpoint(recipe_.checkpoint.dir);
     TrainState ts;
-    std::map<std::string, Tensor> extra;
-    load_checkpoint_into(path, &ts, model_->params(), &extra);
-    model_->params().refresh_compute();
+    dp_->load_params(path, &ts);
     DSA_CHECK(static_cast<int>(ts.rank_data_states.size()) == Dist::world(), "[train] ", path, " was written by ",
               ts.rank_data_states.size(), " ranks, this job has ", Dist::world(),
               " (reshard it with dsa-convert first)");
-    moments_.clear();
-    for (auto& [k, t] : extra)
-      if (k.rfind("optim/", 0) == 0) moments_[k] = t.to(model_->device());
+    resume_path_ = path;  // run_stage reads this rank's moments from it
     global_step_ = ts.step;
     first = recipe_.stage_index(ts.stage);
     stage_step = ts.stage_step;
@@ -417,7 +389,6 @@ TrainReport Trainer::run() {
     if (stage_step >= recipe_.stages[first].steps) {
       ++first;
       stage_step = 0;
-      moments_.clear();
     }
     if (!opts_.only_stage.empty()) DSA_CHECK(recipe_.stage_index(opts_.only_stage) == first || first == static_cast<int64_t>(recipe_.stages.size()),
                                              "[train] --resume with --stage ", opts_.only_stage,

@@ -48,9 +48,11 @@ class Trainer {
   TrainOptions opts_;
   std::unique_ptr<Model> model_;
   std::unique_ptr<DataParallel> dp_;      // ranks, gradient all-reduce, expert parallelism
-  std::map<std::string, Tensor> moments_;  // "optim/m/<name>", "optim/v/<name>" (trained groups only)
+  std::map<std::string, Tensor> moments_;  // "optim/m/<name>", "optim/v/<name>" (trained groups only; this
+                                           // rank's rows; empty under ZeRO, whose shards live in dp_)
   int64_t global_step_ = 0;
   std::string data_state_;                 // this rank's loader position at the last step
+  std::string resume_path_;                // --resume: the checkpoint the first stage continues from
   double start_time_ = 0;
 };
 
