@@ -14,6 +14,7 @@
 #include "trainer/checkpoint.h"
 #include "trainer/data_parallel.h"
 #include "trainer/dist.h"
+#include "trainer/memory_plan.h"
 #include "trainer/metrics.h"
 #include "trainer/schedule.h"
 
@@ -132,6 +133,13 @@ Trainer::Trainer(const Recipe& recipe, const TrainOptions& opts) : recipe_(recip
 #ifdef DSA_HAVE_CUDA
   if (device == dsa::Device::CUDA) cuda::set_device(Dist::local_rank());
 #endif
+  // The memory plan, before anything is allocated: a stage that cannot fit stops here.
+  const bool gpu = device == dsa::Device::CUDA;
+  plan_ = plan_memory(recipe_.model, recipe_.stages, recipe_layout(recipe_, Dist::world(), gpu),
+                      rank_capacity(gpu, Dist::local_size()));
+  if (Dist::is_root()) std::printf("%s", memory_report(recipe_.model, recipe_.stages, plan_).c_str());
+  DSA_CHECK(plan_.fits(), "[memory] the recipe does not fit in ", gib(plan_.capacity),
+            " per rank (the plan above says which stage and what would fit)");
   model_ = std::make_unique<Model>(recipe_.model, DType::F32, device, DataParallel::param_layout(recipe_, device));
   dp_ = std::make_unique<DataParallel>(recipe_, *model_);
 }
@@ -217,6 +225,7 @@ void Trainer::run_stage(int64_t s, int64_t start_step, TrainReport& report) {
   DSA_CHECK(!trained.empty(), "[train] stage ", st.name, " trains nothing");
   // AdamW state: fresh, or the resumed checkpoint's when this stage continues from it.
   dp_->begin_stage(trained, moments_, start_step > 0 ? resume_path_ : std::string());
+  report_state_memory(plan_.stages[s], model_->device() == dsa::Device::CUDA);
 
   MetricsLogger logger(recipe_.metrics_path(), Dist::is_root() && recipe_.logging.terminal ? stdout : nullptr);
   const LrSchedule sched = LrSchedule::of(st);
@@ -351,6 +360,7 @@ void Trainer::run_stage(int64_t s, int64_t start_step, TrainReport& report) {
     }
   }
   if (st.eval_batches > 0) evaluate(st.steps);
+  report_peak_memory(plan_.stages[s], model_->device() == dsa::Device::CUDA);
   report.last_checkpoint = save(st, st.steps, true);
   if (Dist::is_root())
     std::printf("[train] stage %s done in %s: %s\n", st.name.c_str(),

@@ -9,6 +9,7 @@
 #include <string>
 
 #include "model/model.h"
+#include "trainer/memory_plan.h"
 #include "trainer/recipe.h"
 
 namespace dsa {
@@ -52,7 +53,8 @@ class Trainer {
                                            // rank's rows; empty under ZeRO, whose shards live in dp_)
   int64_t global_step_ = 0;
   std::string data_state_;                 // this rank's loader position at the last step
-  std::string resume_path_;                // --resume: the checkpoint the first stage continues from
+  std::string resume_path_;
+  MemoryPlan plan_;                        // per rank, made before the model                // --resume: the checkpoint the first stage continues from
   double start_time_ = 0;
 };
 

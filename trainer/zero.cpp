@@ -41,11 +41,35 @@ struct ZeroState::Bucket {
   }
 };
 
+std::vector<ZeroBucketShape> zero_buckets(const std::vector<std::pair<std::string, int64_t>>& tensors,
+                                          bool split_experts) {
+  std::vector<ZeroBucketShape> out;
+  std::map<std::pair<int64_t, bool>, size_t> by_key;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const bool ex = split_experts && is_routed_expert(tensors[i].first);
+    const std::pair<int64_t, bool> key{Model::grad_group(tensors[i].first), ex};
+    auto it = by_key.find(key);
+    if (it == by_key.end()) {
+      it = by_key.emplace(key, out.size()).first;
+      out.push_back({key.first, ex, {}, {}, 0});
+    }
+    ZeroBucketShape& b = out[it->second];
+    const int64_t at = round_up(b.total, ZeroState::kAlign);
+    b.members.push_back(i);
+    b.offsets.push_back(at);
+    b.total = at + tensors[i].second;
+  }
+  return out;
+}
+
+int64_t zero_chunk(int64_t total, int64_t n) { return round_up((total + n - 1) / n, ZeroState::kAlign); }
+
 ZeroState::ZeroState(int stage, ParamStore& ps, Device device, ReplicaComm& all, ReplicaComm* experts)
     : stage_(stage), device_(device), ps_(ps), all_(all) {
   DSA_CHECK(stage == 1 || stage == 2, "[zero] stage must be 1 or 2, got ", stage);
   const bool gpu = device == Device::CUDA;
-  std::map<std::pair<int64_t, bool>, Bucket*> by_key;
+  std::vector<Param*> sharded;
+  std::vector<std::pair<std::string, int64_t>> list;
   for (Param& p : ps.all()) {
     if (p.group == ParamGroup::Buffer) continue;
     DSA_CHECK(!p.value.defined() && !p.grad.defined(), "[zero] ", p.name,
@@ -56,33 +80,27 @@ ZeroState::ZeroState(int stage, ParamStore& ps, Device device, ReplicaComm& all,
       replicated_.push_back(&p);
       continue;
     }
-    const bool ex = experts && is_routed_expert(p.name);
-    const std::pair<int64_t, bool> key{Model::grad_group(p.name), ex};
-    Bucket*& b = by_key[key];
-    if (!b) {
-      buckets_.push_back(std::make_unique<Bucket>());
-      b = buckets_.back().get();
-      b->group = key.first;
-      b->experts = ex;
-      b->comm = ex ? experts : &all;
-    }
-    const int64_t end = b->members.empty() ? 0 : b->members.back().offset + b->members.back().numel;
-    b->members.push_back({&p, round_up(end, kAlign), shape_numel(p.shape)});
+    sharded.push_back(&p);
+    list.emplace_back(p.name, shape_numel(p.shape));
   }
-  for (auto& up : buckets_) {
-    Bucket& b = *up;
+  for (const ZeroBucketShape& shape : zero_buckets(list, experts != nullptr)) {
+    buckets_.push_back(std::make_unique<Bucket>());
+    Bucket& b = *buckets_.back();
+    b.group = shape.group;
+    b.experts = shape.experts;
+    b.comm = shape.experts ? experts : &all;
     b.n = b.comm->size();
     b.r = b.comm->rank();
-    const int64_t total = b.members.back().offset + b.members.back().numel;
-    b.chunk = round_up((total + b.n - 1) / b.n, kAlign);
+    b.chunk = zero_chunk(shape.total, b.n);
     DSA_CHECK(b.chunk < INT_MAX, "[zero] a bucket's chunk of ", b.chunk, " elements exceeds 2^31 (group ", b.group, ")");
     b.weights = Tensor::zeros({b.n * b.chunk}, gpu ? DType::BF16 : DType::F32, device);
     if (gpu) b.master = Tensor::zeros({b.chunk}, DType::F32, device);
-    for (size_t k = 0; k < b.members.size(); ++k) {
-      const Member& m = b.members[k];
-      Tensor view = b.weights.slice_rows(m.offset, m.offset + m.numel).view(m.p->shape);
-      (gpu ? m.p->compute : m.p->value) = view;
-      index_[m.p] = {&b, k};
+    for (size_t k = 0; k < shape.members.size(); ++k) {
+      Param* p = sharded[shape.members[k]];
+      b.members.push_back({p, shape.offsets[k], shape_numel(p->shape)});
+      Tensor view = b.weights.slice_rows(shape.offsets[k], shape.offsets[k] + shape_numel(p->shape)).view(p->shape);
+      (gpu ? p->compute : p->value) = view;
+      index_[p] = {&b, k};
     }
     if (stage_ == 1) allocate_grads(b);
   }

@@ -43,6 +43,21 @@
 
 namespace dsa {
 
+// ZeRO's buckets for a list of tensors (name, elements held here) in model order: one bucket per
+// (gradient group, expert slice or not), members at multiples of ZeroState::kAlign. With split_experts
+// the routed-expert slices get buckets of their own (reduced over their replicas).
+struct ZeroBucketShape {
+  int64_t group = 0;
+  bool experts = false;
+  std::vector<size_t> members;   // indices into the list
+  std::vector<int64_t> offsets;  // [members] first element of each in the flat space
+  int64_t total = 0;             // end of the last member
+};
+std::vector<ZeroBucketShape> zero_buckets(const std::vector<std::pair<std::string, int64_t>>& tensors,
+                                          bool split_experts);
+// Elements of a bucket of `total` elements each of n ranks owns (a multiple of ZeroState::kAlign).
+int64_t zero_chunk(int64_t total, int64_t n);
+
 class ZeroState {
  public:
   static constexpr int64_t kAlign = 128;  // elements: 256 B of bf16, the alignment of every tensor and chunk
