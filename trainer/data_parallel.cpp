@@ -418,9 +418,9 @@ void DataParallel::allreduce_grads(const std::vector<Param*>& trained) {
 
 double DataParallel::grad_norm(const std::vector<Param*>& trained) const {
   if (zero_level_ == 2) {
-    double s = zero_->shard_sum_squares();
+    double s = zero_->shard_sum_squares(trained);
     if (world_ > 1) check(MPI_Allreduce(MPI_IN_PLACE, &s, 1, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD), "MPI_Allreduce(norm)");
-    return std::sqrt(s + zero_->replicated_sum_squares());
+    return std::sqrt(s + zero_->replicated_sum_squares(trained));
   }
   // Every rank holds the summed gradients of what it holds: the non-expert ones are the same everywhere,
   // the expert slices are summed over the expert-parallel group.
@@ -439,7 +439,7 @@ void DataParallel::clip_grads(const std::vector<Param*>& trained, double max_nor
     // ops::clip_grads_'s rule, applied to the shards AdamW reads.
     DSA_CHECK(max_norm > 0, "[data_parallel] max_norm must be positive, got ", max_norm);
     const double coef = max_norm / (norm + 1e-6);
-    if (coef < 1.0) zero_->scale_grads(coef);
+    if (coef < 1.0) zero_->scale_grads(trained, coef);
     return;
   }
   std::vector<Tensor*> grads;

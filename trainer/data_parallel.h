@@ -76,9 +76,9 @@ class DataParallel {
   void arm_overlap(const std::vector<Param*>& trained, bool last);
   // After the last micro-batch: finishes the gradient reduction (sums over the replicas).
   void allreduce_grads(const std::vector<Param*>& trained);
-  // Global L2 norm of the summed gradients (each element counted once).
+  // Global L2 norm of the summed gradients of `trained` (a subset of the stage's: each element counted once).
   double grad_norm(const std::vector<Param*>& trained) const;
-  // Global-norm clipping of the gradients AdamW reads (ops::clip_grads_'s rule).
+  // Global-norm clipping of the gradients AdamW reads of `trained` (ops::clip_grads_'s rule).
   void clip_grads(const std::vector<Param*>& trained, double max_norm, double norm);
   // AdamW on what this rank owns; without ZeRO, moments["optim/m/<name>"], ["optim/v/<name>"] hold
   // this rank's rows of each trained tensor.

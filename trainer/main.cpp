@@ -30,6 +30,7 @@ void usage() {
                "  --resume            continue from the newest checkpoint in checkpoint.dir\n"
                "  --time-limit S      checkpoint and exit 0 after S seconds (resume with --resume)\n"
                "  --max-steps N       checkpoint and exit 0 after N optimizer steps (tests)\n"
+               "  --dump-grads DIR    write every step's gradients (per rank and reduced) to DIR (tests, ep 1)\n"
                "  --dry-run           print the memory plan and exit (0: every stage fits, 1: one does not)\n"
                "    --ranks N           plan for N ranks (default: parallelism.dp, else the job's ranks)\n"
                "    --device-memory S   one rank's memory, e.g. 141GB (default: the GPU's, or the host's)\n"
@@ -135,6 +136,8 @@ int main(int argc, char** argv) {
         dry.choose = true;
       } else if (a == "--fit-layers") {
         dry.fit_layers = true;
+      } else if (a == "--dump-grads") {
+        opts.dump_grads_dir = value("--dump-grads");
       } else if (a.rfind("--", 0) == 0) {
         throw std::runtime_error("[dsa-train] unknown option " + a + " (see --help)");
       } else if (a.find('=') != std::string::npos) {

@@ -94,6 +94,7 @@ std::string MetricsLogger::json_line(const MetricRecord& r) {
   add("lm_loss", r.lm_loss);
   add("indexer_kl", r.indexer_kl);
   add("grad_norm", r.grad_norm);
+  add("indexer_grad_norm", r.indexer_grad_norm);
   add("lr", r.lr);
   add("tokens_per_s", r.tokens_per_s);
   add("val_lm_loss", r.val_lm_loss);
@@ -125,6 +126,7 @@ std::string MetricsLogger::train_line(const MetricRecord& r, int64_t total_steps
   if (r.lm_loss) o += " | loss " + fixed(*r.lm_loss, 4);
   if (r.indexer_kl) o += " | kl " + fixed(*r.indexer_kl, 4);
   if (r.grad_norm) o += " | gnorm " + fixed(*r.grad_norm, 3);
+  if (r.indexer_grad_norm) o += " | indexer gnorm " + fixed(*r.indexer_grad_norm, 3);
   if (r.lr) o += " | lr " + sci(*r.lr);
   if (r.tokens_per_s) o += " | " + rate(*r.tokens_per_s) + " tok/s";
   o += " | elapsed " + format_duration(elapsed_s) + " | ETA " + format_duration(eta_s);

@@ -1,7 +1,8 @@
 // What a training run shows: one terminal line per log interval, a validation line per evaluation, and
 // the same records as JSON lines in OUTPUT_DIR/metrics.jsonl (read by tools/dsa_plot.py).
 //
-// JSON keys, each written only when the record has it: stage, step, lm_loss, indexer_kl, grad_norm, lr,
+// JSON keys, each written only when the record has it: stage, step, lm_loss, indexer_kl, grad_norm,
+// indexer_grad_norm, lr,
 // tokens_per_s, val_lm_loss, val_indexer_kl, recall. `step` counts optimizer steps completed within the
 // stage (1..steps); the plot tool lines stages up one after another by name. Non-finite values (the
 // step where a NaN appeared) are written as null: JSON has no NaN.
@@ -19,7 +20,9 @@ struct MetricRecord {
   int64_t step = 0;
   std::optional<double> lm_loss;         // training LM loss (mean over the step's tokens)
   std::optional<double> indexer_kl;      // training indexer KL (mean over query tokens)
-  std::optional<double> grad_norm;       // global gradient norm before clipping
+  std::optional<double> grad_norm;       // gradient norm before clipping: of the main model's parameters, or of
+                                         // the indexer's when it alone trains
+  std::optional<double> indexer_grad_norm;  // the indexer's, when it trains beside the main model (sparse)
   std::optional<double> lr;              // lr of the main group, or of the indexer when it alone trains
   std::optional<double> tokens_per_s;
   std::optional<double> val_lm_loss;     // held-out LM loss

@@ -76,7 +76,7 @@ struct OptimizerSpec {  // AdamW, fp32 master weights
   double beta1 = 0.9, beta2 = 0.95, eps = 1e-8;
   double weight_decay = 0.1;          // main parameters (matrices)
   double weight_decay_indexer = 0.0;  // self_attn.indexer.* matrices
-  double grad_clip = 1.0;             // global-norm clipping; 0: off
+  double grad_clip = 1.0;             // norm clipping, main model and indexer each by its own norm; 0: off
   OnNonfinite on_nonfinite = OnNonfinite::skip;  // NaN/Inf in loss or gradients: skip the step, or stop
                                                  // with a checkpoint
 };

@@ -163,6 +163,26 @@ void Trainer::init_or_load(int64_t first_stage, int64_t* stage_step) {
                                    static_cast<long long>(ts.step));
 }
 
+// Test hook (--dump-grads): each rank's own gradient sums before the reduction (DIR/local-<step>-<rank>.h5)
+// and, from the root, the sums reduced over the ranks before clipping (DIR/grads-<step>.h5; every rank
+// holds the same sums when parallelism.ep is 1), as "grad/<name>" datasets.
+void Trainer::dump_grads(const std::vector<Param*>& trained, bool reduced) const {
+  DSA_CHECK(dp_->ep() == 1 && dp_->zero() == 0, "[train] --dump-grads needs parallelism.ep 1 and zero 0");
+  if (reduced && !Dist::is_root()) return;
+  std::map<std::string, Tensor> grads;
+  for (const Param* p : trained) grads["grad/" + p->name] = p->grad.to(dsa::Device::CPU);
+  TrainState ts;
+  ts.step = global_step_ + 1;
+  ts.model_config_yaml = recipe_.model.to_yaml();
+  char name[48];
+  if (reduced)
+    std::snprintf(name, sizeof name, "grads-%08lld.h5", static_cast<long long>(ts.step));
+  else
+    std::snprintf(name, sizeof name, "local-%08lld-%d.h5", static_cast<long long>(ts.step), Dist::rank());
+  fs::create_directories(opts_.dump_grads_dir);
+  write_checkpoint_file((fs::path(opts_.dump_grads_dir) / name).string(), ts, model_->params(), grads);
+}
+
 std::string Trainer::save(const StageSpec& stage, int64_t stage_step, bool stage_final) {
   TrainState ts;
   ts.step = global_step_;
@@ -226,6 +246,11 @@ void Trainer::run_stage(int64_t s, int64_t start_step, TrainReport& report) {
   // AdamW state: fresh, or the resumed checkpoint's when this stage continues from it.
   dp_->begin_stage(trained, moments_, start_step > 0 ? resume_path_ : std::string());
   report_state_memory(plan_.stages[s], model_->device() == dsa::Device::CUDA);
+  // NOTES: the main model and the indexer are clipped each by its own gradient norm. They are trained by
+  // different losses (LM and KL); a shared norm would let the indexer's gradients rescale the main
+  // model's step, so L_I would reach the main model through the clip although its inputs are detached.
+  std::vector<Param*> trained_main, trained_indexer;
+  for (Param* p : trained) (p->group == ParamGroup::Indexer ? trained_indexer : trained_main).push_back(p);
 
   MetricsLogger logger(recipe_.metrics_path(), Dist::is_root() && recipe_.logging.terminal ? stdout : nullptr);
   const LrSchedule sched = LrSchedule::of(st);
@@ -283,15 +308,23 @@ void Trainer::run_stage(int64_t s, int64_t start_step, TrainReport& report) {
       }
     }
     data_state_ = loader.state();
+    if (!opts_.dump_grads_dir.empty()) dump_grads(trained, /*reduced=*/false);
     dp_->allreduce_grads(trained);
+    if (!opts_.dump_grads_dir.empty()) dump_grads(trained, /*reduced=*/true);
     allreduce_stats(stats);
     for (Tensor& l : loads) allreduce_tensor(l);
 
-    const double gnorm = dp_->grad_norm(trained);
-    const bool finite = std::isfinite(stats.lm_loss_sum) && std::isfinite(stats.indexer_kl_sum) && std::isfinite(gnorm);
+    const double gnorm_main = trained_main.empty() ? 0.0 : dp_->grad_norm(trained_main);
+    const double gnorm_indexer = trained_indexer.empty() ? 0.0 : dp_->grad_norm(trained_indexer);
+    const bool finite = std::isfinite(stats.lm_loss_sum) && std::isfinite(stats.indexer_kl_sum) &&
+                        std::isfinite(gnorm_main) && std::isfinite(gnorm_indexer);
+    const double gnorm = trained_main.empty() ? gnorm_indexer : gnorm_main;
     const double factor = sched.factor(step);
     if (finite) {
-      if (recipe_.optimizer.grad_clip > 0) dp_->clip_grads(trained, recipe_.optimizer.grad_clip, gnorm);
+      if (recipe_.optimizer.grad_clip > 0) {
+        dp_->clip_grads(trained_main, recipe_.optimizer.grad_clip, gnorm_main);
+        dp_->clip_grads(trained_indexer, recipe_.optimizer.grad_clip, gnorm_indexer);
+      }
       dp_->adamw_step(trained, moments_, [&](const Param& p) {
         ops::AdamWConfig ac;
         const bool idx = p.group == ParamGroup::Indexer;
@@ -306,8 +339,9 @@ void Trainer::run_stage(int64_t s, int64_t start_step, TrainReport& report) {
       if (st.train_main && st.moe_bias_update_rate > 0 && !loads.empty())
         model_->update_moe_bias(loads, st.moe_bias_update_rate);
     } else if (Dist::is_root()) {
-      std::printf("[train] stage %s step %lld: non-finite loss or gradient (loss %g, kl %g, grad norm %g): %s\n",
-                  st.name.c_str(), static_cast<long long>(step + 1), stats.lm_loss_sum, stats.indexer_kl_sum, gnorm,
+      std::printf("[train] stage %s step %lld: non-finite loss or gradient (loss %g, kl %g, grad norm %g / indexer %g): %s\n",
+                  st.name.c_str(), static_cast<long long>(step + 1), stats.lm_loss_sum, stats.indexer_kl_sum, gnorm_main,
+                  gnorm_indexer,
                   recipe_.optimizer.on_nonfinite == OnNonfinite::skip ? "step skipped" : "stopping");
     }
     ++global_step_;
@@ -329,6 +363,7 @@ void Trainer::run_stage(int64_t s, int64_t start_step, TrainReport& report) {
       if (window.lm_tokens) r.lm_loss = window.lm_loss_sum / window.lm_tokens;
       if (window.indexer_rows) r.indexer_kl = window.indexer_kl_sum / window.indexer_rows;
       r.grad_norm = gnorm;
+      if (!trained_main.empty() && !trained_indexer.empty()) r.indexer_grad_norm = gnorm_indexer;
       r.lr = (st.train_main ? st.lr_main : st.lr_indexer) * factor;
       r.tokens_per_s = elapsed > 0 ? window_steps * tokens_per_step / elapsed : 0;
       const double stage_elapsed = now_s() - stage_start;

@@ -7,6 +7,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "model/model.h"
 #include "trainer/memory_plan.h"
@@ -19,6 +20,8 @@ struct TrainOptions {
   bool resume = false;      // --resume: continue from the newest checkpoint in checkpoint.dir
   double time_limit_s = 0;  // --time-limit: checkpoint and exit 0 once the run has lasted this long
   int64_t max_steps = -1;   // --max-steps (tests): stop (with a checkpoint) after this many steps in total
+  std::string dump_grads_dir;  // --dump-grads (tests): every step's gradients, each rank's own sums and the
+                               // reduced ones (before clipping), to DIR (see Trainer::dump_grads)
 };
 
 enum class TrainOutcome { Finished, Interrupted, TimeLimit, StepLimit, NonFinite };
@@ -44,6 +47,7 @@ class Trainer {
   void init_or_load(int64_t first_stage, int64_t* stage_step);
   void run_stage(int64_t stage_index, int64_t start_step, TrainReport& report);
   std::string save(const StageSpec& stage, int64_t stage_step, bool stage_final);
+  void dump_grads(const std::vector<Param*>& trained, bool reduced) const;
 
   Recipe recipe_;
   TrainOptions opts_;

@@ -267,14 +267,15 @@ Tensor ZeroState::grad_piece(const Bucket& b, int64_t a, int64_t e) const {
   return stage_ == 1 ? b.grad.slice_rows(a, e) : b.grad_shard.slice_rows(a - b.lo(), e - b.lo());
 }
 
-double ZeroState::shard_sum_squares() const {
+double ZeroState::shard_sum_squares(const std::vector<Param*>& of) const {
+  const std::unordered_set<const Param*> want(of.begin(), of.end());
   std::vector<Tensor> parts;
   for (const auto& up : buckets_) {
     const Bucket& b = *up;
     if (!b.trains) continue;
     for (const Member& m : b.members) {
       const auto [a, e] = b.piece(m);
-      if (is_trained(m.p) && a < e) parts.push_back(grad_piece(b, a, e));
+      if (is_trained(m.p) && want.count(m.p) && a < e) parts.push_back(grad_piece(b, a, e));
     }
   }
   std::vector<const Tensor*> ptrs;
@@ -283,27 +284,29 @@ double ZeroState::shard_sum_squares() const {
   return n * n;
 }
 
-double ZeroState::replicated_sum_squares() const {
+double ZeroState::replicated_sum_squares(const std::vector<Param*>& of) const {
+  const std::unordered_set<const Param*> want(of.begin(), of.end());
   std::vector<const Tensor*> ptrs;
   for (Param* p : replicated_)
-    if (is_trained(p)) ptrs.push_back(&p->grad);
+    if (is_trained(p) && want.count(p)) ptrs.push_back(&p->grad);
   const double n = ops::global_grad_norm(ptrs);
   return n * n;
 }
 
-void ZeroState::scale_grads(double coef) {
+void ZeroState::scale_grads(const std::vector<Param*>& of, double coef) {
+  const std::unordered_set<const Param*> want(of.begin(), of.end());
   for (auto& up : buckets_) {
     Bucket& b = *up;
     if (!b.trains) continue;
     for (const Member& m : b.members) {
       const auto [a, e] = b.piece(m);
-      if (!is_trained(m.p) || a >= e) continue;
+      if (!is_trained(m.p) || !want.count(m.p) || a >= e) continue;
       Tensor g = grad_piece(b, a, e);
       ops::scale_(g, coef);
     }
   }
   for (Param* p : replicated_)
-    if (is_trained(p)) ops::scale_(p->grad, coef);
+    if (is_trained(p) && want.count(p)) ops::scale_(p->grad, coef);
 }
 
 void ZeroState::step(const std::function<ops::AdamWConfig(const Param&)>& config, int64_t step) {

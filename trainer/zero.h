@@ -85,12 +85,12 @@ class ZeroState {
   // reduction and (ZeRO-2) adds this micro-batch's shards to the step's.
   void finish_micro_batch(bool last_micro);
 
-  // ZeRO-2: the squared gradient norm of this rank's shards, and of the replicated tensors (the same on
-  // every rank); the caller sums the first over the world.
-  double shard_sum_squares() const;
-  double replicated_sum_squares() const;
-  // ZeRO-2: scales the gradients AdamW reads (the shards and the replicated tensors).
-  void scale_grads(double coef);
+  // ZeRO-2, over the tensors `of` (trained ones): the squared gradient norm of this rank's shards, and
+  // of the replicated tensors (the same on every rank); the caller sums the first over the world.
+  double shard_sum_squares(const std::vector<Param*>& of) const;
+  double replicated_sum_squares(const std::vector<Param*>& of) const;
+  // ZeRO-2: scales the gradients AdamW reads of the tensors `of` (their shards, replicated ones whole).
+  void scale_grads(const std::vector<Param*>& of, double coef);
 
   // AdamW on this rank's pieces of the trained tensors, then the weights' all-gather.
   void step(const std::function<ops::AdamWConfig(const Param&)>& config, int64_t step);

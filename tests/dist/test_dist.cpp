@@ -62,13 +62,13 @@ TEST(Dist, TwoRankDataParallelEqualsOneRank) {
   ASSERT_EQ(r.code, 0) << r.log;
   EXPECT_NE(r.log.find("2 ranks"), std::string::npos) << r.log;
   std::string worst;
-  const double d = max_rel_diff(ref, final_of(recipe), &worst);
-  EXPECT_LT(d, 1e-5) << worst;
+  const double d = max_rel_update_diff(initial_params(recipe), ref, final_of(recipe), &worst);
+  EXPECT_LT(d, kTrajectoryRelTol) << worst;
   // Both ranks wrote the same data position (the loader's global window).
   const TrainState ts = read_train_state(final_of(recipe));
   ASSERT_EQ(ts.rank_data_states.size(), 2u);
   EXPECT_EQ(ts.rank_data_states[0], ts.rank_data_states[1]);
-  std::printf("[dist] dp=2 vs 1 rank: max relative difference %.3g (%s), %.1f s\n", d, worst.c_str(), r.seconds);
+  std::printf("[dist] dp=2 vs 1 rank: max relative difference of the update %.3g (%s), %.1f s\n", d, worst.c_str(), r.seconds);
 }
 
 TEST(Dist, ExpertParallelEqualsOneRank) {
@@ -78,23 +78,66 @@ TEST(Dist, ExpertParallelEqualsOneRank) {
   ASSERT_EQ(r.code, 0) << r.log;
   EXPECT_NE(r.log.find("expert groups of 2 (2 routed experts per rank)"), std::string::npos) << r.log;
   std::string worst;
-  const double d = max_rel_diff(ref, final_of(recipe), &worst);
-  EXPECT_LT(d, 1e-5) << worst;
-  std::printf("[dist] ep=2 vs 1 rank: max relative difference %.3g (%s), %.1f s\n", d, worst.c_str(), r.seconds);
+  const double d = max_rel_update_diff(initial_params(recipe), ref, final_of(recipe), &worst);
+  EXPECT_LT(d, kTrajectoryRelTol) << worst;
+  std::printf("[dist] ep=2 vs 1 rank: max relative difference of the update %.3g (%s), %.1f s\n", d, worst.c_str(), r.seconds);
   // The checkpoint holds full expert tensors: it equals the data-parallel run's too, slice by slice.
   Checkpoint c = load_checkpoint(final_of(recipe));
   EXPECT_EQ(c.params["model.layers.1.mlp.experts.gate_up_proj"].size(0), 4);
 }
 
-// Dense, indexer warm-up and sparse stages (the sparse KL runs in the layer backward): two ranks end with
-// the parameters of one.
-TEST(Dist, TwoRankDataParallelEqualsOneRankThroughTheDsaStages) {
+// One step of every stage (dense, indexer warm-up, sparse with the KL in the layer backward), FP8 indexer
+// scoring and AdamW's defaults as a user runs them: two ranks, each starting the stage from the one-rank
+// run's state at that point, reduce the same gradient sums as one rank, for every trained tensor (the
+// cancelling ones included: the indexer LayerNorm bias, whose per-row KL terms sum to zero).
+TEST(Dist, TwoRanksReduceEveryStagesGradientsToOneRanksSums) {
+  const std::string stages = dsa_stages(2, "fp8", 1e-8);
+  const std::string r1 = write_recipe("grad1", 0, "cpu", stages);
+  const std::string d1 = temp("grad1");
+  const RunResult a = run(train(r1, "--dump-grads " + d1 + "/grads"), d1 + "/log.txt");
+  ASSERT_EQ(a.code, 0) << a.log;
+  struct StageStep { const char* stage; const char* init; int step; };
+  for (const StageStep& ss : {StageStep{"dense", "", 1}, StageStep{"warmup", "dense", 3},
+                              StageStep{"sparse", "warmup", 5}}) {
+    const std::string name = std::string("grad2_") + ss.stage;
+    const std::string r2 = write_recipe(name, 0, "cpu", stages);
+    std::string args = std::string("--stage ") + ss.stage + " --max-steps 1 --dump-grads " + temp(name) + "/grads";
+    if (*ss.init) args += std::string(" stages.") + ss.stage + ".init_from=" + final_of(r1, ss.init);
+    const RunResult b = run(kMpi + " " + train(r2, args), temp(name) + "/log.txt");
+    ASSERT_EQ(b.code, 0) << b.log;
+    char file[32];
+    std::snprintf(file, sizeof file, "/grads/grads-%08d.h5", ss.step);
+    Checkpoint g1 = load_checkpoint(d1 + file), g2 = load_checkpoint(temp(name) + file);
+    ASSERT_FALSE(g1.extra.empty());
+    double worst = 0;
+    std::string worst_name;
+    for (const auto& [key, x] : g1.extra) {
+      ASSERT_TRUE(g2.extra.count(key)) << key;
+      const Tensor& y = g2.extra.at(key);
+      double num = 0, den = 0;
+      for (int64_t i = 0; i < x.numel(); ++i) {
+        num += (x.item(i) - y.item(i)) * (x.item(i) - y.item(i));
+        den += x.item(i) * x.item(i);
+      }
+      ASSERT_GT(den, 0) << key << ": a trained tensor without gradient";
+      const double rel = std::sqrt(num / den);
+      EXPECT_LT(rel, kGradRelTol) << ss.stage << " " << key;
+      if (rel > worst) worst = rel, worst_name = key;
+    }
+    std::printf("[dist] %s step %d: 2 ranks vs 1, largest relative gradient difference %.3g (%.0f u, %s)\n", ss.stage,
+                ss.step, worst, worst / std::ldexp(1.0, -24), worst_name.c_str());
+  }
+}
+
+// Dense, indexer warm-up and sparse stages in a row: two ranks follow one rank's trajectory within the
+// first-order bound of kTrajectoryRelTol (bf16 indexer scoring, eps 1e-3: see there).
+TEST(Dist, TwoRankTrajectoryThroughTheDsaStagesStaysWithinTheBound) {
   std::string worst, log2;
   const double d = one_vs_two_ranks("dsa", 0, "cpu", dsa_stages(2), {"dense", "warmup", "sparse"}, "", &worst, &log2);
   EXPECT_NE(log2.find("stage sparse done"), std::string::npos) << log2;
-  EXPECT_LT(d, 1e-5) << worst;
-  std::printf("[dist] dp=2 vs 1 rank through dense, warm-up, sparse: max relative difference %.3g (%s)\n", d,
-              worst.c_str());
+  EXPECT_LT(d, kTrajectoryRelTol) << worst;
+  std::printf("[dist] dp=2 vs 1 rank through dense, warm-up, sparse: max relative difference of the updates %.3g (%s)\n",
+              d, worst.c_str());
 }
 
 TEST(Dist, KilledRankEndsTheJob) {
@@ -102,7 +145,7 @@ TEST(Dist, KilledRankEndsTheJob) {
   RunResult r = run(kMpi + " -x DSA_FAIL_AT_STEP=3 -x DSA_FAIL_RANK=1 " + train(recipe), temp("kill") + "/log.txt",
                     120);
   EXPECT_NE(r.code, 0) << r.log;
-  EXPECT_LT(r.seconds, 60) << r.log;
+  EXPECT_FALSE(r.timed_out) << "the job hung until the harness killed it:\n" << r.log;
   EXPECT_NE(r.log.find("rank 1"), std::string::npos) << r.log;
   std::printf("[dist] SIGKILL on rank 1: job ended in %.1f s with code %d\n", r.seconds, r.code);
 }
@@ -112,7 +155,7 @@ TEST(Dist, ThrowingRankEndsTheJobWithItsMessage) {
   RunResult r = run(kMpi + " -x DSA_FAIL_AT_STEP=2 -x DSA_FAIL_RANK=1 -x DSA_FAIL_MODE=throw " + train(recipe),
                     temp("throw") + "/log.txt", 120);
   EXPECT_NE(r.code, 0) << r.log;
-  EXPECT_LT(r.seconds, 60) << r.log;
+  EXPECT_FALSE(r.timed_out) << "the job hung until the harness killed it:\n" << r.log;
   EXPECT_NE(r.log.find("[rank 1/2] fatal: [train] injected failure before step 3"), std::string::npos) << r.log;
   std::printf("[dist] exception on rank 1: job ended in %.1f s with code %d\n", r.seconds, r.code);
 }
@@ -152,13 +195,14 @@ TEST(Dist, TwoRankCheckpointResumesOnTwoRanksAndReshardedOnOne) {
   RunResult b = run(train(recipe, "checkpointing.dir=" + dir + "/one --resume"), dir + "/log_b.txt");
   ASSERT_EQ(b.code, 0) << b.log;
   std::string worst;
-  double d = max_rel_diff(ref, resolve_checkpoint(dir + "/one/dense/final"), &worst);
-  EXPECT_LT(d, 1e-5) << worst;
+  const ParamStore init = initial_params(recipe);
+  double d = max_rel_update_diff(init, ref, resolve_checkpoint(dir + "/one/dense/final"), &worst);
+  EXPECT_LT(d, kTrajectoryRelTol) << worst;
   // The same checkpoint resumes on 2 ranks too.
   RunResult c = run(kMpi + " " + train(recipe, "--resume"), dir + "/log_c.txt");
   ASSERT_EQ(c.code, 0) << c.log;
-  d = max_rel_diff(ref, final_of(recipe), &worst);
-  EXPECT_LT(d, 1e-5) << worst;
+  d = max_rel_update_diff(init, ref, final_of(recipe), &worst);
+  EXPECT_LT(d, kTrajectoryRelTol) << worst;
 }
 
 TEST(Dist, ZeroOneEqualsFullMomentsBitForBitAcrossResume) {
@@ -190,5 +234,5 @@ TEST(Dist, ZeroOneWithExpertParallelEqualsOneRank) {
   RunResult r = run(kMpi + " " + train(recipe, "parallelism.zero1=true parallelism.ep=2"), temp("zero1_ep") + "/log.txt");
   ASSERT_EQ(r.code, 0) << r.log;
   std::string worst;
-  EXPECT_LT(max_rel_diff(ref, final_of(recipe), &worst), 1e-5) << worst;
+  EXPECT_LT(max_rel_update_diff(initial_params(recipe), ref, final_of(recipe), &worst), kTrajectoryRelTol) << worst;
 }

@@ -36,6 +36,13 @@ inline Tensor poisoned_gpu(const Shape& shape, DType dtype) {
   return host.to(Device::CUDA);
 }
 
+// Norm-wise relative tolerance of a GPU result computed through r bf16 roundings against the CPU's f32/f64
+// on the same (bf16-representable) inputs. Each bf16 rounding (round to nearest even, unit roundoff
+// u = 2^-8) adds a relative error uniform in [-u, u], independent across elements (RMS u / sqrt 3), so
+// after r roundings a tensor's norm-wise relative error has RMS u sqrt(r / 3): the bound is three RMS,
+// u sqrt(3 r), times kappa where a difference of nearly equal quantities amplifies relative errors.
+inline double bf16_tol(double r, double kappa = 1.0) { return kappa * std::ldexp(1.0, -8) * std::sqrt(3.0 * r); }
+
 // ||a - b|| / ||b|| <= tol, with NaN/Inf never passing.
 inline ::testing::AssertionResult rel_close(const Tensor& a, const Tensor& b, double tol) {
   Tensor x = a.is_cpu() ? a.to(DType::F64) : to_cpu64(a);

@@ -397,6 +397,9 @@ TEST(GpuCrossEntropy, BenchSmallShape) {
 }
 
 // ----------------------------------------------------------------------------------------- adamw
+// Bitwise by construction: both sides round every operation in the same order (the kernel's _rn
+// intrinsics; adamw.cpp compiled with -ffp-contract=off, kernels/CMakeLists.txt), from the same f32
+// coefficients computed on the host.
 TEST(GpuAdamW, BitwiseEqualToCpu) {
   DSA_REQUIRE_GPU();
   for (double wd : {0.1, 0.0})

@@ -8,6 +8,8 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
+#include <functional>
 #include <cstdio>
 #include <cstdlib>
 #include <vector>
@@ -70,7 +72,13 @@ bool equal_i32(const Tensor& gpu, const Tensor& cpu) {
          std::equal(g.data<int32_t>(), g.data<int32_t>() + g.numel(), cpu.data<int32_t>());
 }
 
-// Routes the same f32 logits on both backends; experts must match exactly.
+// Routes the same f32 logits on both backends. NOTES: the two sigmoids go through different exp
+// implementations (glibc's expf and the GPU's), neither correctly rounded, so a score may differ by an ulp
+// (2^-24 relative; the scores are in (0, 1)). The selection is compared exactly on every token whose
+// choice such a difference cannot change: where no chosen and unchosen expert with different inputs have
+// biased scores within 4 ulps (2^-22) of each other (group scores sum two of them, so a near-tie there
+// shows as such a pair too). On the rare near-tie tokens either choice is right; they are counted, and
+// must stay rare. Equal inputs give equal scores on each side, so exact ties break by index on both.
 void check_route(const Tensor& logits32, const Tensor& bias32, const ops::MoeRouteConfig& cfg, const char* what) {
   SCOPED_TRACE(what);
   const int64_t N = logits32.size(0), E = logits32.size(1), K = cfg.top_k;
@@ -79,9 +87,49 @@ void check_route(const Tensor& logits32, const Tensor& bias32, const ops::MoeRou
   poison_allocator({{{N, E}, DType::F32}, {{N, K}, DType::I32}, {{N, K}, DType::F32}});
   const ops::MoeRouting got = ops::moe_route(lg, bg, cfg);
   ASSERT_TRUE(got.experts.device() == Device::CUDA);
-  EXPECT_TRUE(equal_i32(got.experts, ref.experts));
-  EXPECT_TRUE(rel_close(got.scores, ref.scores, 1e-7));
-  EXPECT_TRUE(rel_close(got.weights, ref.weights, 1e-6));
+  const Tensor ex = got.experts.to(Device::CPU), sc = ref.scores;
+  const double tie = std::ldexp(1.0, -22);
+  int64_t near_ties = 0;
+  for (int64_t n = 0; n < N; ++n) {
+    std::vector<bool> chosen(E, false);
+    for (int64_t k = 0; k < K; ++k) chosen[ref.experts.data<int32_t>()[n * K + k]] = true;
+    bool ambiguous = false;
+    for (int64_t a = 0; a < E && !ambiguous; ++a)
+      for (int64_t b = 0; b < E && !ambiguous; ++b)
+        if (chosen[a] && !chosen[b])  // exact ties of equal inputs are equal on both sides: not ambiguous
+          ambiguous = (logits32.item(n * E + a) != logits32.item(n * E + b) || bias32.item(a) != bias32.item(b)) &&
+                      std::fabs((sc.item(n * E + a) + bias32.item(a)) - (sc.item(n * E + b) + bias32.item(b))) <= tie;
+    // Group-limited routing also compares group scores (sum of a group's two best biased scores): a kept
+    // and a dropped group within 2 x 4 ulps are a near-tie as well.
+    const int64_t G = cfg.n_group, per = E / std::max<int64_t>(1, G);
+    if (!ambiguous && G > 1 && cfg.topk_group < G) {
+      std::vector<double> gs(G);
+      std::vector<bool> kept(G, false);
+      for (int64_t g = 0; g < G; ++g) {
+        std::vector<double> v;
+        for (int64_t e = g * per; e < (g + 1) * per; ++e) v.push_back(sc.item(n * E + e) + bias32.item(e));
+        std::sort(v.begin(), v.end(), std::greater<double>());
+        gs[g] = v[0] + (v.size() > 1 ? v[1] : 0.0);
+      }
+      for (int64_t k = 0; k < K; ++k) kept[ref.experts.data<int32_t>()[n * K + k] / per] = true;
+      for (int64_t a = 0; a < G && !ambiguous; ++a)
+        for (int64_t b = 0; b < G && !ambiguous; ++b)
+          if (kept[a] && !kept[b]) ambiguous = gs[a] != gs[b] && std::fabs(gs[a] - gs[b]) <= 2 * tie;
+    }
+    if (ambiguous) {
+      ++near_ties;
+      continue;
+    }
+    for (int64_t k = 0; k < K; ++k)
+      ASSERT_EQ(ex.data<int32_t>()[n * K + k], ref.experts.data<int32_t>()[n * K + k]) << "token " << n << " slot " << k;
+  }
+  EXPECT_LE(near_ties, std::max<int64_t>(1, N / 100)) << near_ties << " of " << N << " tokens within 4 ulps of a tie";
+  // Scores: one f32 sigmoid each, at most 2 ulps apart (2^-23 relative); weights are normalized over the
+  // K chosen (K + 2 roundings): 2^-23 (K + 2) relative. Tokens with near-ties may hold other experts.
+  EXPECT_TRUE(rel_close(got.scores, ref.scores, std::ldexp(1.0, -23)));
+  if (near_ties == 0) {
+    EXPECT_TRUE(rel_close(got.weights, ref.weights, std::ldexp(1.0, -23) * (K + 2)));
+  }
 }
 
 TEST(GpuMoeRoute, MatchesCpuExactlyOnRandomLogits) {

@@ -98,7 +98,7 @@ TEST(Trainer, ThreeStagesLearn) {
   EXPECT_LT(s1, v1 * 1.05) << "sparse attention keeps the loss within a few percent of the dense model";
   for (const auto& j : m)
     for (const auto& [k, _] : j.items())
-      EXPECT_TRUE(k == "stage" || k == "step" || k == "lm_loss" || k == "indexer_kl" || k == "grad_norm" || k == "lr" ||
+      EXPECT_TRUE(k == "stage" || k == "step" || k == "lm_loss" || k == "indexer_kl" || k == "grad_norm" || k == "indexer_grad_norm" || k == "lr" ||
                   k == "tokens_per_s" || k == "val_lm_loss" || k == "val_indexer_kl" || k == "recall")
           << k;
   // Every stage left its final checkpoint where --stage and init_from look for it.
