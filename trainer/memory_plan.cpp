@@ -25,31 +25,41 @@ struct StateBytes {
   int64_t parameters = 0, gradients = 0, optimizer = 0, in_flight = 0;
 };
 
+// Bytes the allocator counts for one tensor of `bytes`: the device caching allocator rounds up to 512 B
+// below 1 MiB and to 2 MiB above (kernels/cuda/device_memory.cu); host tensors count their size.
+int64_t alloc(int64_t bytes, bool gpu) {
+  if (!gpu) return bytes;
+  if (bytes < (int64_t(1) << 20)) return (std::max<int64_t>(bytes, 1) + 511) / 512 * 512;
+  const int64_t m = int64_t(2) << 20;
+  return (bytes + m - 1) / m * m;
+}
+
 // Parameters, gradients and AdamW moments of one rank, tensor by tensor as make_params (ZeRO off) or
 // ZeroState (ZeRO on) allocate them.
 StateBytes state_bytes(const ModelConfig& cfg, const StageSpec& st, const ParallelLayout& L) {
   StateBytes r;
+  const bool gpu = L.gpu;
   const int64_t E = std::max<int64_t>(cfg.n_routed_experts, 1);
   std::vector<ParamSpec> specs = param_specs(cfg);
   auto held = [&](const ParamSpec& s) {
     const int64_t n = shape_numel(s.shape);
     return L.ep > 1 && is_routed_expert(s.name) ? n / E * (E / L.ep) : n;
   };
-  const int64_t weight_bytes = L.gpu ? 2 : 4;
+  const int64_t weight_bytes = gpu ? 2 : 4;
   std::vector<std::pair<std::string, int64_t>> list;
   std::vector<const ParamSpec*> listed;
   for (const ParamSpec& s : specs) {
     const int64_t n = held(s);
     if (s.group == ParamGroup::Buffer) {
-      r.parameters += 4 * n;
+      r.parameters += alloc(4 * n, gpu);
       continue;
     }
-    const bool master_read = L.gpu && Model::reads_master(s.name);
+    const bool master_read = gpu && Model::reads_master(s.name);
     if (L.zero == 0 || master_read) {
       // Whole on this rank: f32 value (+ bf16 compute copy on the GPU), f32 gradient, moments if trained.
-      r.parameters += 4 * n + (L.gpu && !master_read ? 2 * n : 0);
-      r.gradients += 4 * n;
-      if (trains(st, s.group)) r.optimizer += 8 * n;
+      r.parameters += alloc(4 * n, gpu) + (gpu && !master_read ? alloc(2 * n, gpu) : 0);
+      r.gradients += alloc(4 * n, gpu);
+      if (trains(st, s.group)) r.optimizer += 2 * alloc(4 * n, gpu);
       continue;
     }
     list.emplace_back(s.name, n);
@@ -62,13 +72,13 @@ StateBytes state_bytes(const ModelConfig& cfg, const StageSpec& st, const Parall
     const int64_t c = zero_chunk(b.total, n);
     bool t = false;
     for (size_t m : b.members) t = t || trains(st, listed[m]->group);
-    r.parameters += weight_bytes * n * c + (L.gpu ? 4 * c : 0);
-    if (L.zero == 1) r.gradients += 4 * n * c;
+    r.parameters += alloc(weight_bytes * n * c, gpu) + (gpu ? alloc(4 * c, gpu) : 0);
+    if (L.zero == 1) r.gradients += alloc(4 * n * c, gpu);
     if (L.zero == 2 && t) {
-      r.gradients += 4 * c;
-      in_flight.push_back(4 * n * c);
+      r.gradients += alloc(4 * c, gpu);
+      in_flight.push_back(alloc(4 * n * c, gpu));
     }
-    if (t) r.optimizer += 8 * c;
+    if (t) r.optimizer += 2 * alloc(4 * c, gpu);
   }
   // ZeRO-2: a bucket's full gradients live from its first gradient to the end of its reduce-scatter,
   // which overlaps the next bucket's backward: two at a time.
@@ -236,18 +246,24 @@ int64_t MemoryPlan::peak() const {
 
 std::string gib(int64_t bytes) {
   char b[32];
-  std::snprintf(b, sizeof b, "%.2f GiB", static_cast<double>(bytes) / (1 << 30));
+  if (bytes < (int64_t(1) << 30))
+    std::snprintf(b, sizeof b, "%.2f MiB", static_cast<double>(bytes) / (1 << 20));
+  else
+    std::snprintf(b, sizeof b, "%.2f GiB", static_cast<double>(bytes) / (1 << 30));
   return b;
 }
 
 std::string MemoryPlan::table() const {
   std::ostringstream o;
-  auto num = [](int64_t v) {
+  // GiB, or MiB for small models.
+  const bool mib = std::max(peak(), capacity) < (int64_t(1) << 30);
+  const double unit = mib ? double(1 << 20) : double(1 << 30);
+  auto num = [&](int64_t v) {
     char b[32];
-    std::snprintf(b, sizeof b, "%.2f", static_cast<double>(v) / (1 << 30));
+    std::snprintf(b, sizeof b, "%.2f", static_cast<double>(v) / unit);
     return std::string(b);
   };
-  o << "| GiB per rank |";
+  o << "| " << (mib ? "MiB" : "GiB") << " per rank |";
   for (const StagePlan& s : stages) o << " " << s.stage << " |";
   o << "\n|---|";
   for (size_t i = 0; i < stages.size(); ++i) o << "---:|";

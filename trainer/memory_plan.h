@@ -55,7 +55,7 @@ struct MemoryPlan {
   std::vector<StagePlan> stages;
   bool fits() const;          // every stage's total within the capacity (true when it is unknown)
   int64_t peak() const;       // the largest stage total
-  std::string table() const;  // markdown, one column per stage, GiB
+  std::string table() const;  // markdown, one column per stage, GiB (MiB below 1 GiB)
 };
 
 // The layout a recipe asks for on `ranks` ranks (parallelism.dp 0 = every rank).
@@ -88,7 +88,7 @@ bool choose_layout(const ModelConfig& cfg, const std::vector<StageSpec>& stages,
 // node's ranks (CPU). 0 when unknown.
 int64_t rank_capacity(bool gpu, int ranks_per_node);
 
-std::string gib(int64_t bytes);  // "12.34 GiB"
+std::string gib(int64_t bytes);  // "12.34 GiB" ("12.34 MiB" below 1 GiB)
 
 // The plan against the allocator's own counts (device caching allocator, or host tensors on the CPU),
 // printed by dsa-train: when a stage starts, the bytes allocated (its parameters, gradients and optimizer
