@@ -6,11 +6,16 @@
 //                   [--max-bytes N] [--max-files N] [--shard-tokens N] [--quiet] INPUTS...
 //   dsa-prep bench  --tokenizer PATH FILE...          single-thread encode throughput (MB/s)
 //   dsa-prep info   DIR                               shard summary of a corpus directory
+//   dsa-prep random --out DIR --vocab V --docs N --doc-tokens L [--seed S]
+//                   a corpus of uniformly random tokens (train: N documents of L tokens, val: N/10 + 1),
+//                   for memory and throughput measurements, where what the tokens say does not matter
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <random>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -27,12 +32,14 @@ const char* kUsage =
     "       dsa-prep corpus --tokenizer PATH --out DIR [--val-fraction F] [--seed S] [--jobs N]\n"
     "                       [--max-bytes N] [--max-files N] [--shard-tokens N] [--quiet] INPUTS...\n"
     "       dsa-prep bench --tokenizer PATH FILE...\n"
-    "       dsa-prep info DIR\n";
+    "       dsa-prep info DIR\n"
+    "       dsa-prep random --out DIR --vocab V --docs N --doc-tokens L [--seed S]\n";
 
 struct Args {
   std::string cmd, tokenizer, out;
   bool no_special = false, quiet = false;
   dsa::CorpusOptions corpus;
+  int64_t vocab = 0, docs = 0, doc_tokens = 0;  // random
   std::vector<std::string> rest;
 };
 
@@ -66,6 +73,9 @@ Args parse(int argc, char** argv) {
     else if (f == "--max-bytes") a.corpus.max_bytes = to_int(f, val());
     else if (f == "--max-files") a.corpus.max_files = to_int(f, val());
     else if (f == "--shard-tokens") a.corpus.shard_tokens = std::max<int64_t>(1, to_int(f, val()));
+    else if (f == "--vocab") a.vocab = to_int(f, val());
+    else if (f == "--docs") a.docs = to_int(f, val());
+    else if (f == "--doc-tokens") a.doc_tokens = to_int(f, val());
     else if (f == "--val-fraction") {
       std::string v = val();
       char* end = nullptr;
@@ -176,6 +186,26 @@ int cmd_info(const Args& a) {
   return 0;
 }
 
+int cmd_random(const Args& a) {
+  if (a.corpus.out_dir.empty() || a.vocab < 2 || a.docs < 1 || a.doc_tokens < 1)
+    throw std::runtime_error("[dsa-prep] random needs --out DIR, --vocab V >= 2, --docs N >= 1, --doc-tokens L >= 1");
+  std::filesystem::create_directories(a.corpus.out_dir);
+  std::mt19937_64 rng(a.corpus.seed);
+  std::vector<int32_t> ids(static_cast<size_t>(a.doc_tokens));
+  for (const char* split : {"train", "val"}) {
+    const int64_t n = std::string(split) == "train" ? a.docs : a.docs / 10 + 1;
+    dsa::ShardWriter w(a.corpus.out_dir + "/" + split + "_00000.bin", a.vocab, -1, -1);
+    for (int64_t d = 0; d < n; ++d) {
+      for (int32_t& t : ids) t = static_cast<int32_t>(rng() % static_cast<uint64_t>(a.vocab));
+      w.add_document(ids.data(), ids.size());
+    }
+    w.close();
+    std::printf("%s: %lld documents of %lld random tokens (vocab %lld)\n", split, static_cast<long long>(n),
+                static_cast<long long>(a.doc_tokens), static_cast<long long>(a.vocab));
+  }
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -186,6 +216,7 @@ int main(int argc, char** argv) {
     if (a.cmd == "corpus") return cmd_corpus(a);
     if (a.cmd == "bench") return cmd_bench(a);
     if (a.cmd == "info") return cmd_info(a);
+    if (a.cmd == "random") return cmd_random(a);
     if (a.cmd == "-h" || a.cmd == "--help" || a.cmd == "help") {
       std::printf("%s", kUsage);
       return 0;

@@ -28,6 +28,9 @@ namespace {
   fail("[checkpoint] " + path + ": " + msg);
 }
 
+// The dataset of the piece of `key` starting at element `begin` in a shard file.
+std::string piece_name(const std::string& key, int64_t begin) { return "piece/" + key + "/" + std::to_string(begin); }
+
 std::string shard_name(int rank) {
   char b[32];
   std::snprintf(b, sizeof b, "shard-%05d.h5", rank);
@@ -114,13 +117,13 @@ std::string save_sharded_checkpoint(const std::string& dir, const TrainState& st
     fs::create_directories(tmp);
   }
   Dist::barrier();
-  // This rank's shard: every piece as /piece/<key>.
+  // This rank's shard: every piece as /piece/<key>/<begin>.
   std::map<std::string, Tensor> extra;
   for (const StatePiece& p : mine) {
     DSA_CHECK(p.data.dtype() == DType::F32 && p.data.ndim() == 1, "[checkpoint] piece ", p.key,
               ": f32 1-D data expected, got ", p.data.desc());
-    DSA_CHECK(extra.emplace("piece/" + p.key, p.data).second, "[checkpoint] two pieces of ", p.key, " on rank ",
-              Dist::rank());
+    DSA_CHECK(extra.emplace(piece_name(p.key, p.begin), p.data).second, "[checkpoint] two pieces of ", p.key,
+              " start at element ", p.begin, " on rank ", Dist::rank());
   }
   write_checkpoint_file(tmp + "/" + shard_name(Dist::rank()), st, ParamStore{}, extra);
   fail_in_save_hook(st.step);
@@ -321,7 +324,7 @@ Tensor CheckpointSource::read(const std::string& key, int64_t begin, int64_t end
     const int64_t a = std::max(begin, p.begin), e = std::min(end, p.end);
     if (a >= e) continue;
     const CheckpointFile& f = impl_->shard(p.file);
-    const std::string ds = "piece/" + key;
+    const std::string ds = piece_name(key, p.begin);
     const Shape ps = f.shape(ds);
     if (ps.size() != 1 || ps[0] != p.end - p.begin)
       sh_fail(f.path(), "dataset '" + ds + "' has shape " + shape_str(ps) + ", the index says [" +

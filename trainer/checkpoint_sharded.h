@@ -3,8 +3,8 @@
 //
 // Layout: DIR/ckpt-<step, 8 digits>/ holding
 //   shard-<rank, 5 digits>.h5  a dsa-checkpoint file (checkpoint.h) with the run's state and no params:
-//                              each piece is a 1-D f32 dataset /piece/<key> holding the elements
-//                              [begin, end) of the row-major full tensor <key>
+//                              each piece is a 1-D f32 dataset /piece/<key>/<begin> holding the
+//                              elements [begin, end) of the row-major full tensor <key>
 //   index.json                 {"format": "dsa-checkpoint-sharded", "format_version": 1, "step": S,
 //                               "stage": "...", "stage_step": N, "state": {the TrainState: step, stage,
 //                               stage_step, rank_data_states, recipe_yaml, model_config_yaml, rng_seed,

@@ -84,15 +84,21 @@ int dry_run(const dsa::Recipe& recipe, const DryRun& d) {
     }
   }
   if (d.fit_layers) {
-    int64_t best = 0;
-    for (int64_t n = 1; n <= recipe.model.num_hidden_layers; ++n) {
-      ModelConfig c = r.model;
-      c.num_hidden_layers = n;
-      if (n < c.first_k_dense_replace) continue;
-      if (plan_memory(c, r.stages, recipe_layout(r, ranks, gpu), capacity).fits()) best = n;
+    // The largest member of the recipe's shape family (its widths, fewer layers) that fits, with the
+    // stages' recompute setting and with recompute on.
+    for (bool rc : {false, true}) {
+      std::vector<StageSpec> stages = r.stages;
+      for (StageSpec& s : stages) s.recompute = s.recompute || rc;
+      int64_t best = 0;
+      for (int64_t n = std::max<int64_t>(1, r.model.first_k_dense_replace); n <= r.model.num_hidden_layers; ++n) {
+        ModelConfig c = r.model;
+        c.num_hidden_layers = n;
+        if (plan_memory(c, stages, recipe_layout(r, ranks, gpu), capacity).fits()) best = n;
+      }
+      std::printf("[memory] largest fitting%s: model.num_hidden_layers=%lld (of at most %lld)\n",
+                  rc ? " with recompute" : "", static_cast<long long>(best),
+                  static_cast<long long>(r.model.num_hidden_layers));
     }
-    std::printf("[memory] largest fitting: model.num_hidden_layers=%lld (of at most %lld)\n",
-                static_cast<long long>(best), static_cast<long long>(recipe.model.num_hidden_layers));
   }
   return plan.fits() ? 0 : 1;
 }

@@ -345,19 +345,57 @@ std::vector<StageSpec> with_recompute(std::vector<StageSpec> stages) {
 
 }  // namespace
 
+int64_t comm_bytes(const ModelConfig& cfg, const StageSpec& st, const ParallelLayout& L) {
+  const int64_t E = std::max<int64_t>(cfg.n_routed_experts, 1);
+  double ne = 0, ex = 0;  // elements held: everything but the routed experts, and this rank's experts
+  for (const ParamSpec& s : param_specs(cfg)) {
+    if (s.group == ParamGroup::Buffer) continue;
+    const double n = static_cast<double>(shape_numel(s.shape));
+    if (is_routed_expert(s.name))
+      ex += n / static_cast<double>(E) * static_cast<double>(E / L.ep);
+    else
+      ne += n;
+  }
+  const double n = static_cast<double>(L.ranks), nr = static_cast<double>(L.ranks / L.ep);
+  const double part = (n - 1) / n, part_r = (nr - 1) / nr, wb = L.gpu ? 2 : 4;
+  double bytes = 0;
+  if (L.zero < 2)
+    bytes += 4 * (ne * 2 * part + ex * 2 * part_r);  // ring all-reduce of f32 gradients
+  else
+    bytes += 4 * (ne * part + ex * part_r);  // reduce-scatter
+  if (L.zero > 0) bytes += wb * (ne * part + ex * part_r);  // all-gather of the weights
+  if (L.ep > 1) {
+    // Token rows to the experts' ranks and back, in the forward and in the backward, per MoE layer.
+    int64_t moe_layers = 0;
+    for (int64_t l = 0; l < cfg.num_hidden_layers; ++l) moe_layers += cfg.is_moe_layer(l);
+    const double rows = static_cast<double>(st.micro_batch(L.ranks) * st.seq_len * cfg.num_experts_per_tok);
+    bytes += 4 * rows * static_cast<double>(cfg.hidden_size) * wb * static_cast<double>(moe_layers) *
+             static_cast<double>(L.ep - 1) / static_cast<double>(L.ep);
+  }
+  return static_cast<int64_t>(bytes);
+}
+
 bool choose_layout(const ModelConfig& cfg, const std::vector<StageSpec>& stages, int64_t ranks, bool gpu,
                    int64_t capacity, ParallelLayout* out, bool* recompute_all) {
   if (!splits(stages, ranks)) return false;
-  for (bool rc : {false, true})
+  for (bool rc : {false, true}) {
+    bool found = false;
+    int64_t best = 0;
     for (int64_t zero : {0, 1, 2})
       for (int64_t ep : ep_choices(cfg, ranks)) {
         const ParallelLayout L{ranks, ep, zero, gpu};
-        if (plan_memory(cfg, rc ? with_recompute(stages) : stages, L, capacity).fits()) {
+        if (!plan_memory(cfg, rc ? with_recompute(stages) : stages, L, capacity).fits()) continue;
+        int64_t bytes = 0;
+        for (const StageSpec& s : stages) bytes = std::max(bytes, comm_bytes(cfg, s, L));
+        if (!found || bytes < best) {
+          found = true;
+          best = bytes;
           *out = L;
           *recompute_all = rc;
-          return true;
         }
       }
+    if (found) return true;
+  }
   return false;
 }
 
@@ -382,12 +420,21 @@ std::vector<std::string> plan_suggestions(const ModelConfig& cfg, const std::vec
     add("parallelism.ep=" + std::to_string(ep), plan_memory(cfg, stages, L, capacity));
   }
   for (int64_t ranks = layout.ranks * 2; ranks <= 1024; ranks *= 2) {
+    // global_batch grows to a sequence per rank where it does not split over the ranks.
+    std::vector<StageSpec> wider = stages;
+    bool grew = false;
+    for (StageSpec& s : wider)
+      if (s.global_batch % (ranks * s.grad_accum)) {
+        s.global_batch = ranks * s.grad_accum;
+        grew = true;
+      }
     ParallelLayout L;
     bool rc = false;
-    if (!choose_layout(cfg, stages, ranks, layout.gpu, capacity, &L, &rc)) continue;
+    if (!choose_layout(cfg, wider, ranks, layout.gpu, capacity, &L, &rc)) continue;
     add(std::to_string(ranks) + " ranks with parallelism.zero=" + std::to_string(L.zero) + " parallelism.ep=" +
-            std::to_string(L.ep) + (rc ? " and recompute" : ""),
-        plan_memory(cfg, rc ? with_recompute(stages) : stages, L, capacity));
+            std::to_string(L.ep) + (rc ? " stage_defaults.recompute=true" : "") +
+            (grew ? " (global_batch " + std::to_string(wider.front().global_batch) + ")" : ""),
+        plan_memory(cfg, rc ? with_recompute(wider) : wider, L, capacity));
     break;
   }
   std::vector<StageSpec> shorter = stages;

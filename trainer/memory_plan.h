@@ -72,15 +72,22 @@ inline constexpr int64_t kContextReserve = int64_t(1) << 30;
 MemoryPlan plan_memory(const ModelConfig& cfg, const std::vector<StageSpec>& stages, const ParallelLayout& layout,
                        int64_t capacity);
 
+// Bytes one rank sends per step of `st` under L (the largest term of each collective, ring algorithms):
+// gradients all-reduced (2 (n-1)/n of f32) or reduce-scattered ((n-1)/n), the weights all-gathered under
+// ZeRO ((n-1)/n of bf16, f32 on the CPU), and expert parallelism's token rows, there and back in the
+// forward and the backward of every MoE layer ((ep-1)/ep of them leave the rank). A model for choosing,
+// not a measurement.
+int64_t comm_bytes(const ModelConfig& cfg, const StageSpec& st, const ParallelLayout& L);
+
 // Changes of one kind each (recompute, zero, ep, more ranks, a shorter seq_len) under which every stage
 // fits, as lines "parallelism.zero=2 (peak 61.2 GiB)"; empty when nothing tried fits.
 std::vector<std::string> plan_suggestions(const ModelConfig& cfg, const std::vector<StageSpec>& stages,
                                           const ParallelLayout& layout, int64_t capacity);
 
-// The layout the plan chooses for `ranks` ranks: the first that fits every stage in the order
-// (no recompute before recompute) x (zero 0, 1, 2) x (ep 1, 2, 4, ... dividing ranks and the experts):
-// the least communication first (expert parallelism moves tokens, not weights, so it comes before
-// ZeRO). *recompute_all says whether recompute had to be switched on. False when nothing fits.
+// The layout the plan chooses for `ranks` ranks: among the (zero 0, 1, 2) x (ep 1, 2, 4, ... dividing
+// the ranks and the experts) under which every stage fits, the one that moves the fewest bytes per step
+// (comm_bytes); recompute only when nothing fits without it (*recompute_all says so). False when
+// nothing fits.
 bool choose_layout(const ModelConfig& cfg, const std::vector<StageSpec>& stages, int64_t ranks, bool gpu,
                    int64_t capacity, ParallelLayout* out, bool* recompute_all);
 

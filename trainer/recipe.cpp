@@ -423,8 +423,9 @@ Recipe build_recipe(const RNode& root, const std::string& source, const std::vec
   // checkpointing
   r.checkpoint.dir = r.output_dir + "/checkpoints";
   if (auto* c = root.find("checkpointing")) {
-    need_map(*c, "checkpointing", "dir, every_steps, keep_last, time_limit_s");
-    check_keys(*c, "checkpointing", {"dir", "every_steps", "keep_last", "time_limit_s"});
+    need_map(*c, "checkpointing", "dir, every_steps, keep_last, time_limit_s, save");
+    check_keys(*c, "checkpointing", {"dir", "every_steps", "keep_last", "time_limit_s", "save"});
+    if (auto* v = c->find("save")) r.checkpoint.save = as_bool(*v, "checkpointing.save");
     if (auto* v = c->find("dir")) r.checkpoint.dir = as_str(*v, "checkpointing.dir");
     if (auto* v = c->find("every_steps")) {
       r.checkpoint.every_steps = as_int(*v, "checkpointing.every_steps");
@@ -555,6 +556,7 @@ std::string Recipe::to_yaml() const {
   if (checkpoint.dir != output_dir + "/checkpoints") o << "  dir: " << quote(checkpoint.dir) << "\n";
   o << "  every_steps: " << checkpoint.every_steps << "\n  keep_last: " << checkpoint.keep_last
     << "\n  time_limit_s: " << num(checkpoint.time_limit_s) << "\n";
+  if (!checkpoint.save) o << "  save: false\n";
   o << "logging:\n  log_interval: " << logging.log_interval << "\n  metrics_file: " << quote(logging.metrics_file)
     << "\n  terminal: " << (logging.terminal ? "true" : "false") << "\n";
   o << "output_dir: " << quote(output_dir) << "\nseed: " << seed << "\ndevice: " << to_string(device) << "\n";

@@ -95,6 +95,7 @@ struct CheckpointSpec {
   int64_t every_steps = 0;     // 0: only at the end of each stage
   int64_t keep_last = 2;       // periodic checkpoints kept per stage (stage-final ones are always kept)
   double time_limit_s = 0;     // > 0: checkpoint and exit once the run has lasted this long
+  bool save = true;            // false: no checkpoint at all (measurement runs; --resume is then refused)
 };
 
 struct LoggingSpec {

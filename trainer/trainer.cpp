@@ -184,6 +184,7 @@ void Trainer::dump_grads(const std::vector<Param*>& trained, bool reduced) const
 }
 
 std::string Trainer::save(const StageSpec& stage, int64_t stage_step, bool stage_final) {
+  if (!recipe_.checkpoint.save) return "(none: checkpointing.save is false)";
   TrainState ts;
   ts.step = global_step_;
   ts.stage = stage.name;
@@ -417,6 +418,7 @@ TrainReport Trainer::run() {
   }
   int64_t first = 0, stage_step = 0;
   if (opts_.resume) {
+    DSA_CHECK(recipe_.checkpoint.save, "[train] --resume with checkpointing.save: false (the run writes no checkpoint)");
     const std::string path = resolve_checkpoint(recipe_.checkpoint.dir);
     TrainState ts;
     dp_->load_params(path, &ts);
