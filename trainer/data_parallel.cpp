@@ -86,16 +86,19 @@ void bucket_allreduce(MPI_Comm comm, const std::vector<Segment>& segs, int64_t c
   flush();
 }
 
-// The CPU transport of ZeRO: MPI collectives over one communicator, synchronous.
+// The CPU transport of ZeRO: MPI collectives over one communicator, synchronous. MPI_COMM_NULL stands
+// for a set of one rank (a job without mpirun need not initialize MPI).
 class MpiReplicaComm : public ReplicaComm {
  public:
   explicit MpiReplicaComm(MPI_Comm comm) : comm_(comm) {
+    if (comm == MPI_COMM_NULL) return;
     MPI_Comm_size(comm, &size_);
     MPI_Comm_rank(comm, &rank_);
   }
   int size() const override { return size_; }
   int rank() const override { return rank_; }
   void allreduce(Tensor& flat) override {
+    if (size_ == 1) return;
     float* p = host_f32(flat, "all-reduce");
     for (int64_t off = 0; off < flat.numel(); off += kMaxCount) {
       const int n = static_cast<int>(std::min(kMaxCount, flat.numel() - off));
@@ -105,6 +108,7 @@ class MpiReplicaComm : public ReplicaComm {
   void reduce_scatter(const Tensor& full, Tensor& chunk) override {
     DSA_CHECK(full.numel() == chunk.numel() * size_ && chunk.numel() < kMaxCount, "[data_parallel] reduce-scatter of ",
               full.desc(), " into ", chunk.desc(), " over ", size_, " ranks");
+    if (size_ == 1) return chunk.copy_from(full);
     check(MPI_Reduce_scatter_block(host_f32(full, "reduce-scatter"), host_f32(chunk, "reduce-scatter"),
                                    static_cast<int>(chunk.numel()), MPI_FLOAT, MPI_SUM, comm_),
           "MPI_Reduce_scatter_block");
@@ -113,6 +117,7 @@ class MpiReplicaComm : public ReplicaComm {
     const int64_t c = flat.numel() / size_;
     DSA_CHECK(flat.numel() == c * size_ && c < kMaxCount, "[data_parallel] all-gather of ", flat.desc(), " over ",
               size_, " ranks");
+    if (size_ == 1) return;
     check(MPI_Allgather(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, host_f32(flat, "all-gather"), static_cast<int>(c),
                         MPI_FLOAT, comm_),
           "MPI_Allgather");
@@ -200,10 +205,10 @@ DataParallel::DataParallel(const Recipe& recipe, Model& model) : model_(model), 
     ReplicaComm* all = nccl_.get();
     ReplicaComm* experts = nccl_replicas_.get();
     if (!gpu) {
-      mpi_all_ = std::make_unique<MpiReplicaComm>(MPI_COMM_WORLD);
+      mpi_all_ = std::make_unique<MpiReplicaComm>(world_ > 1 ? MPI_COMM_WORLD : MPI_COMM_NULL);
       all = mpi_all_.get();
       if (ep_ > 1) {
-        mpi_replicas_ = std::make_unique<MpiReplicaComm>(comms_->replicas);
+        mpi_replicas_ = std::make_unique<MpiReplicaComm>(world_ > 1 ? comms_->replicas : MPI_COMM_NULL);
         experts = mpi_replicas_.get();
       }
     }

@@ -124,6 +124,12 @@ int64_t layer_cache(const Dims& d, bool sparse, bool indexer, bool sparse_loss, 
   return b;
 }
 
+// NOTES: the transients below follow the model's code (model/mla.cpp, model/ffn.cpp, the kernels'
+// Tensor::empty calls) term by term where a term is a whole activation, and leave out what is smaller
+// than one [N] f32 row per head; the kernels' block-bounded workspaces are counted once, as workspace.
+// Measured against dsa-bench's allocator peaks (docs/memory.md) the plan errs on the safe side by a few
+// percent.
+
 // Activation-shaped temporaries of one layer's forward beyond its cache.
 int64_t forward_transient(const Dims& d, bool sparse, bool dense_kl, bool moe) {
   const int64_t N = d.N, a = d.a;

@@ -148,7 +148,8 @@ void ZeroState::set_value(Param& p, const Tensor& host) {
     p.value.copy_from(host);
     return;
   }
-  p.compute.copy_from(host.to(DType::BF16));
+  // The bf16 weights by the device cast refresh_compute uses, so both paths round alike.
+  ops::copy_cast_(p.compute, host.to(Device::CUDA));
   const auto [a, e] = b.piece(m);
   if (a < e) {
     Tensor dst = b.master.slice_rows(a - b.lo(), e - b.lo());

@@ -25,6 +25,9 @@
 // forms the norm from the shards and sums micro-batches after the reduction: equal within rounding.
 // Tensors the GPU ops read in master precision (Model::reads_master, the MoE router: E x D per layer)
 // stay whole on every rank with whole moments ("replicated"), all-reduced like plain data parallelism.
+// NOTES: buckets are per layer, not per trained set: the layout of the weights must not change between
+// stages. In the indexer warm-up a layer's bucket is reduced whole although only its indexer trains (the
+// rest are zeros): the bandwidth of a layer, for a layout that serves every stage.
 #pragma once
 
 #include <cstdint>
