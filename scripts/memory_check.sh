@@ -61,6 +61,12 @@ layers=$(sed -n 's/.*largest fitting with recompute: model.num_hidden_layers=\([
 if [[ -n "$layers" && "$layers" -gt 0 ]]; then
   train "v2lite_${layers}layers_recompute" recipes/v2lite_shape.yaml data.shards="$OUT/c102k" \
     model.num_hidden_layers="$layers" stage_defaults.recompute=true
+  # The plan under-estimated if that ran out of memory: the next smaller member then.
+  if grep -q "out of device memory" "$OUT/v2lite_${layers}layers_recompute.log"; then
+    layers=$((layers - 1))
+    train "v2lite_${layers}layers_recompute" recipes/v2lite_shape.yaml data.shards="$OUT/c102k" \
+      model.num_hidden_layers="$layers" stage_defaults.recompute=true
+  fi
 fi
 plain=$(sed -n 's/.*largest fitting: model.num_hidden_layers=\([0-9]*\).*/\1/p' "$OUT/fit_layers.log")
 if [[ -n "$plain" && "$plain" -gt 0 && $(( $(date +%s) - t0 )) -lt 330 ]]; then

@@ -111,6 +111,10 @@ TEST(DistSharded, ZeroOneEqualsDataParallelBitForBitThroughTheDsaStages) {
 TEST(DistSharded, ZeroOneOnTwoRanksFollowsOneRank) { follows_one_rank("zero1_2", 2, "parallelism.zero=1"); }
 TEST(DistSharded, ZeroTwoOnTwoRanksFollowsOneRank) { follows_one_rank("zero2_2", 2, "parallelism.zero=2"); }
 TEST(DistSharded, ExpertParallelTwoFollowsOneRank) { follows_one_rank("ep2", 2, "parallelism.ep=2"); }
+// ZeRO-2 with gradient accumulation reduces every micro-batch and adds the shards.
+TEST(DistSharded, ZeroTwoWithGradientAccumulationFollowsOneRank) {
+  follows_one_rank("zero2_accum", 2, "parallelism.zero=2 stage_defaults.grad_accum=2");
+}
 TEST(DistSharded, ExpertParallelTwoTimesDataParallelTwoWithZeroTwoFollowsOneRank) {
   follows_one_rank("ep2_dp2", 4, "parallelism.ep=2 parallelism.zero=2");
 }
