@@ -14,7 +14,6 @@
 
 namespace dsa::ops {
 
-using detail::cuda_missing;
 using detail::dispatch_float;
 using detail::expect_same_dtype;
 using detail::on_cuda;
@@ -65,12 +64,19 @@ void adamw_step_(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, const 
   });
 }
 
+namespace {
+// Sum of squares of the CUDA gradients: per-tensor f64 sums on the device, one host copy.
+double gpu_sum_squares(const std::vector<const Tensor*>& gpu) {
+  DSA_DISPATCH_CUDA(!gpu.empty(), "global_grad_norm", cuda::sum_squares_all(gpu));
+  return 0;
+}
+}  // namespace
+
 // NOTES: null or undefined entries are skipped (parameters without gradients); the sum of squares is
-// accumulated in double, tensor by tensor in list order.
+// accumulated in double, tensor by tensor in list order, then the CUDA gradients' sum is added.
 double global_grad_norm(const std::vector<const Tensor*>& grads) {
-  [[maybe_unused]] const char* op = "global_grad_norm";
   double ss = 0;
-  std::vector<const Tensor*> gpu;  // CUDA gradients: per-tensor f64 sums on the device, one host copy
+  std::vector<const Tensor*> gpu;
   for (const Tensor* g : grads) {
     if (!g || !g->defined()) continue;
     if (on_cuda(*g))
@@ -78,14 +84,7 @@ double global_grad_norm(const std::vector<const Tensor*>& grads) {
     else
       ss += sum_squares(*g);
   }
-  if (!gpu.empty()) {
-#ifdef DSA_HAVE_CUDA
-    ss += cuda::sum_squares_all(gpu);
-#else
-    cuda_missing(op);
-#endif
-  }
-  return std::sqrt(ss);
+  return std::sqrt(ss + gpu_sum_squares(gpu));
 }
 
 // As torch.nn.utils.clip_grad_norm_: scale by max_norm / (norm + 1e-6) when that is below 1. Like

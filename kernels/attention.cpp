@@ -27,10 +27,9 @@
 #include <limits>
 #include <vector>
 
-#include "kernels/ops.h"
-#ifdef DSA_HAVE_CUDA
 #include "kernels/cuda/ops_attention.h"
-#endif
+#include "kernels/op_util.h"
+#include "kernels/ops.h"
 
 namespace dsa::ops {
 namespace {
@@ -39,6 +38,7 @@ constexpr int64_t kBlock = 64;  // query rows (forward, backward phase 1) or key
 
 using detail::BlasSerial;
 using detail::gemm_rm;
+using detail::on_cuda;
 
 struct Dims {
   int64_t B, T, H, Hk, Dk, Dv, rep;  // rep = H / Hk heads per kv head
@@ -225,14 +225,9 @@ void backward_impl(const Dims& d, const Tensor& dout, const Tensor& q, const Ten
 }  // namespace
 
 Tensor attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, double scale, Tensor* lse_out) {
-  const Dims d = check_inputs("attention_forward", q, k, v);
-  if (q.device() == Device::CUDA) {
-#ifdef DSA_HAVE_CUDA
-    return cuda::attention_forward(q, k, v, scale, lse_out);
-#else
-    fail("[attention_forward] CUDA backend not built");
-#endif
-  }
+  const char* op = "attention_forward";
+  const Dims d = check_inputs(op, q, k, v);
+  DSA_DISPATCH_CUDA(on_cuda(q), op, cuda::attention_forward(q, k, v, scale, lse_out));
   Tensor out = Tensor::empty({d.B, d.T, d.H, d.Dv}, q.dtype());
   Tensor lse = Tensor::empty({d.B, d.H, d.T}, q.dtype());
   if (q.dtype() == DType::F32)
@@ -255,15 +250,8 @@ AttentionGrads attention_backward(const Tensor& dout, const Tensor& q, const Ten
   expect_same_device(op, q, dout);
   expect_same_device(op, q, out);
   expect_same_device(op, q, lse);
-  if (q.device() == Device::CUDA) {
-    expect_dtype(op, "lse", lse, DType::F32);  // bf16 activations, f32 row statistics
-#ifdef DSA_HAVE_CUDA
-    return cuda::attention_backward(dout, q, k, v, out, lse, scale);
-#else
-    fail("[attention_backward] CUDA backend not built");
-#endif
-  }
-  expect_dtype(op, "lse", lse, q.dtype());
+  expect_dtype(op, "lse", lse, on_cuda(q) ? DType::F32 : q.dtype());  // GPU: bf16 activations, f32 row statistics
+  DSA_DISPATCH_CUDA(on_cuda(q), op, cuda::attention_backward(dout, q, k, v, out, lse, scale));
   AttentionGrads g{Tensor::empty(q.shape(), q.dtype()), Tensor::empty(k.shape(), q.dtype()),
                    Tensor::empty(v.shape(), q.dtype())};
   if (q.dtype() == DType::F32)

@@ -9,41 +9,41 @@
 
 #include "kernels/op_util.h"
 #include "kernels/tensor.h"
-#ifdef DSA_HAVE_CUDA
-#include "kernels/cuda/ops_dsa.h"
-// Public entries call the CUDA implementation (kernels/cuda/ops_dsa.h) when `t` lives on the GPU.
-#define DSA_CUDA_DISPATCH(t, op, ...) \
-  if ((t).defined() && (t).device() == ::dsa::Device::CUDA) return __VA_ARGS__
-#else
-#define DSA_CUDA_DISPATCH(t, op, ...) \
-  if ((t).defined() && (t).device() == ::dsa::Device::CUDA) ::dsa::ops::detail::cuda_missing(op)
-#endif
 
 namespace dsa::ops::dsa_cpu {
 
 // Parallel regions run on one thread below this much work (elements touched): thread start-up costs more.
 constexpr int64_t kOmpMinWork = int64_t(1) << 15;
 
-// Every float tensor of a call must be on the CPU and share one dtype (f32 or f64); returns it.
-inline DType check_cpu_float(const char* op, std::initializer_list<const Tensor*> ts) {
-  DType dt = DType::F32;
-  bool first = true;
-  for (const Tensor* t : ts) {
-    DSA_CHECK(t->defined(), "[", op, "] an input tensor is undefined");
-    DSA_CHECK(t->is_cpu(), "[", op, "] CUDA backend not implemented yet (got ", t->desc(), ")");
-    expect_float(op, "input", *t);
-    if (first) dt = t->dtype();
-    DSA_CHECK(t->dtype() == dt, "[", op, "] all float inputs must share one dtype, got ", dtype_name(dt), " and ",
-              t->desc());
-    first = false;
+// A float operand of a CPU entry, with the name its errors give it.
+struct Operand {
+  const char* name;
+  const Tensor* t;
+};
+
+// The float operands of a CPU call: defined, all on the CPU, one dtype (f32 or f64), which it returns.
+// The public entry has already sent calls whose dispatching operand (the first one here) lives on the
+// GPU to the CUDA backend, so an operand elsewhere means the call mixes devices.
+inline DType check_cpu_float(const char* op, std::initializer_list<Operand> ts) {
+  const Operand& first = *ts.begin();
+  DSA_CHECK(first.t->defined(), "[", op, "] ", first.name, " is undefined");
+  DSA_CHECK(first.t->is_cpu(), "[", op, "] runs on the CPU only, got ", first.name, " ", first.t->desc());
+  for (const Operand& o : ts) {
+    DSA_CHECK(o.t->defined(), "[", op, "] ", o.name, " is undefined");
+    DSA_CHECK(o.t->is_cpu(), "[", op, "] operands are on different devices: ", first.name, " is ", first.t->desc(),
+              " but ", o.name, " is ", o.t->desc());
+    expect_float(op, o.name, *o.t);
+    DSA_CHECK(o.t->dtype() == first.t->dtype(), "[", op, "] all float operands must share one dtype: ", first.name,
+              " is ", first.t->desc(), " but ", o.name, " is ", o.t->desc());
   }
-  return dt;
+  return first.t->dtype();
 }
 
 inline void check_indices(const char* op, const Tensor& idx, int64_t B, int64_t T) {
   expect_shape(op, "indices", idx, {B, T, -1});
   expect_dtype(op, "indices", idx, DType::I32);
-  DSA_CHECK(idx.is_cpu(), "[", op, "] CUDA backend not implemented yet (got ", idx.desc(), ")");
+  DSA_CHECK(idx.is_cpu(), "[", op, "] operands are on different devices: the float operands are on the cpu, ",
+            "indices is ", idx.desc());
   const int32_t* p = idx.data<int32_t>();
   const int64_t K = idx.size(2);
   for (int64_t b = 0; b < B; ++b)

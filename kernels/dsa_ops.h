@@ -1,8 +1,9 @@
 // DeepSeek Sparse Attention ops: the lightning indexer (Hadamard, FP8 block quantization, scoring,
 // top-k), sparse MQA attention over the selected tokens, and the indexer's KL losses and recall.
 // Same conventions as kernels/ops.h: shapes checked at entry, errors start with "[op]", CPU compute in
-// f32 or f64 (every float tensor of one call shares the dtype), indices i32, Device::CUDA fails with
-// "CUDA backend not implemented yet".
+// f32 or f64 (every float tensor of one call shares the dtype), indices i32. Calls whose operands live on
+// Device::CUDA run the CUDA implementations of kernels/cuda/ops_dsa.h (bf16 operands, f32 statistics);
+// every operand of one call is on one device.
 //
 // Files:
 //   kernels/indexer.cpp            hadamard_transform, fp8 block quantization, indexer scores fwd/bwd, top-k

@@ -7,7 +7,6 @@
 
 namespace dsa::ops {
 
-using detail::cuda_missing;
 using detail::dispatch_float;
 using detail::on_cuda;
 

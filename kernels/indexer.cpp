@@ -8,6 +8,7 @@
 #include <limits>
 #include <vector>
 
+#include "kernels/cuda/ops_dsa.h"
 #include "kernels/dsa_cpu_util.h"
 #include "kernels/dsa_ops.h"
 
@@ -15,6 +16,7 @@ namespace dsa::ops {
 
 using dsa_cpu::check_cpu_float;
 using detail::gemm_rm;
+using detail::on_cuda;
 
 // ---------------------------------------------------------------------------------------- hadamard
 
@@ -38,8 +40,8 @@ void hadamard_rows(T* x, int64_t rows, int64_t d) {
 }  // namespace
 
 Tensor hadamard_transform(const Tensor& x) {
-  DSA_CUDA_DISPATCH(x, "hadamard_transform", cuda::hadamard_transform(x));
-  const DType dt = check_cpu_float("hadamard_transform", {&x});
+  DSA_DISPATCH_CUDA(on_cuda(x), "hadamard_transform", cuda::hadamard_transform(x));
+  const DType dt = check_cpu_float("hadamard_transform", {{"x", &x}});
   DSA_CHECK(x.ndim() >= 1, "[hadamard_transform] x must have at least one dim, got ", x.desc());
   const int64_t d = x.size(-1);
   DSA_CHECK(d >= 1 && (d & (d - 1)) == 0, "[hadamard_transform] last dim must be a power of two, got ", x.desc());
@@ -80,7 +82,7 @@ void for_each_block(const T* x, int64_t n, int64_t d, int64_t block, F&& f) {
 }
 
 void check_quant_input(const char* op, const Tensor& x, int64_t block) {
-  check_cpu_float(op, {&x});
+  check_cpu_float(op, {{"x", &x}});
   expect_shape(op, "x", x, {-1, -1});
   DSA_CHECK(block >= 1, "[", op, "] block must be >= 1, got ", block);
 }
@@ -111,7 +113,7 @@ void quantize_roundtrip(const Tensor& x, int64_t block, Tensor& y, float* scales
 }  // namespace
 
 Fp8Blocks fp8_block_quantize_codes(const Tensor& x, int64_t block) {
-  DSA_CUDA_DISPATCH(x, "fp8_block_quantize_codes", cuda::fp8_block_quantize_codes(x, block));
+  DSA_DISPATCH_CUDA(on_cuda(x), "fp8_block_quantize_codes", cuda::fp8_block_quantize_codes(x, block));
   check_quant_input("fp8_block_quantize_codes", x, block);
   const int64_t n = x.size(0), d = x.size(1), nb = (d + block - 1) / block;
   Fp8Blocks q{Tensor::empty({n, d}, DType::F8E4M3), Tensor::empty({n, nb}, DType::F32)};
@@ -123,11 +125,12 @@ Fp8Blocks fp8_block_quantize_codes(const Tensor& x, int64_t block) {
 }
 
 Tensor fp8_block_dequantize(const Fp8Blocks& q, int64_t block, DType dtype) {
-  DSA_CUDA_DISPATCH(q.codes, "fp8_block_dequantize", cuda::fp8_block_dequantize(q, block, dtype));
+  DSA_DISPATCH_CUDA(on_cuda(q.codes), "fp8_block_dequantize", cuda::fp8_block_dequantize(q, block, dtype));
   const char* op = "fp8_block_dequantize";
   expect_shape(op, "codes", q.codes, {-1, -1});
   expect_dtype(op, "codes", q.codes, DType::F8E4M3);
-  DSA_CHECK(q.codes.is_cpu() && q.scales.is_cpu(), "[", op, "] CUDA backend not implemented yet");
+  DSA_CHECK(q.scales.is_cpu(), "[", op, "] operands are on different devices: codes is ", q.codes.desc(),
+            " but scales is ", q.scales.desc());
   DSA_CHECK(block >= 1 && is_float(dtype), "[", op, "] needs block >= 1 and dtype f32/f64");
   const int64_t n = q.codes.size(0), d = q.codes.size(1), nb = (d + block - 1) / block;
   expect_shape(op, "scales", q.scales, {n, nb});
@@ -141,7 +144,7 @@ Tensor fp8_block_dequantize(const Fp8Blocks& q, int64_t block, DType dtype) {
 }
 
 Tensor fp8_block_quantize(const Tensor& x, int64_t block, Tensor* scales_out) {
-  DSA_CUDA_DISPATCH(x, "fp8_block_quantize", cuda::fp8_block_quantize(x, block, scales_out));
+  DSA_DISPATCH_CUDA(on_cuda(x), "fp8_block_quantize", cuda::fp8_block_quantize(x, block, scales_out));
   check_quant_input("fp8_block_quantize", x, block);
   const int64_t n = x.size(0), d = x.size(1), nb = (d + block - 1) / block;
   Tensor y = Tensor::empty({n, d}, x.dtype());
@@ -161,9 +164,9 @@ namespace {
 // Returns D after checking q_I [B, T, Hi, D], k_I [B, T, D], w_I [B, T, Hi].
 int64_t check_indexer_operands(const char* op, const Tensor& q, const Tensor& k, const Tensor* w) {
   if (w)
-    check_cpu_float(op, {&q, &k, w});
+    check_cpu_float(op, {{"q_I", &q}, {"k_I", &k}, {"w_I", w}});
   else
-    check_cpu_float(op, {&q, &k});
+    check_cpu_float(op, {{"q_I", &q}, {"k_I", &k}});
   expect_shape(op, "q_I", q, {-1, -1, -1, -1});
   const int64_t B = q.size(0), T = q.size(1), Hi = q.size(2), D = q.size(3);
   expect_shape(op, "k_I", k, {B, T, D});
@@ -173,7 +176,7 @@ int64_t check_indexer_operands(const char* op, const Tensor& q, const Tensor& k,
 }  // namespace
 
 void indexer_fp8_operands(const Tensor& q_I, const Tensor& k_I, Tensor* q_hat, Tensor* k_hat) {
-  DSA_CUDA_DISPATCH(q_I, "indexer_fp8_operands", cuda::indexer_fp8_operands(q_I, k_I, q_hat, k_hat));
+  DSA_DISPATCH_CUDA(on_cuda(q_I), "indexer_fp8_operands", cuda::indexer_fp8_operands(q_I, k_I, q_hat, k_hat));
   const int64_t D = check_indexer_operands("indexer_fp8_operands", q_I, k_I, nullptr);
   DSA_CHECK(q_hat && k_hat, "[indexer_fp8_operands] q_hat and k_hat must be non-null");
   *q_hat = fp8_block_quantize(hadamard_transform(q_I).view({-1, D}), kFp8BlockSize, nullptr).view(q_I.shape());
@@ -259,7 +262,7 @@ void scores_backward(const Tensor& dI, const Tensor& q, const Tensor& k, const T
 }  // namespace
 
 Tensor indexer_scores_forward(const Tensor& q_I, const Tensor& k_I, const Tensor& w_I, int64_t t0, int64_t t1) {
-  DSA_CUDA_DISPATCH(q_I, kScoresFwd, cuda::indexer_scores_forward(q_I, k_I, w_I, t0, t1));
+  DSA_DISPATCH_CUDA(on_cuda(q_I), kScoresFwd, cuda::indexer_scores_forward(q_I, k_I, w_I, t0, t1));
   check_indexer_operands(kScoresFwd, q_I, k_I, &w_I);
   const int64_t B = q_I.size(0), T = q_I.size(1);
   DSA_CHECK(0 <= t0 && t0 <= t1 && t1 <= T, "[", kScoresFwd, "] rows [", t0, ", ", t1, ") out of range for T = ", T);
@@ -273,9 +276,11 @@ Tensor indexer_scores_forward(const Tensor& q_I, const Tensor& k_I, const Tensor
 
 void indexer_scores_backward(const Tensor& dI, const Tensor& q_I, const Tensor& k_I, const Tensor& w_I, int64_t t0,
                              Tensor* dq_I, Tensor* dk_I, Tensor* dw_I) {
-  if (detail::on_cuda(q_I)) detail::cuda_missing(kScoresBwd);  // GPU losses run their own fused backward
+  // No CUDA kernel: the GPU losses run the scoring backward inside their own fused kernels.
+  DSA_CHECK(!on_cuda(q_I), "[", kScoresBwd, "] runs on the CPU only (the GPU indexer losses fuse it), got q_I ",
+            q_I.desc());
   check_indexer_operands(kScoresBwd, q_I, k_I, &w_I);
-  check_cpu_float(kScoresBwd, {&q_I, &dI});
+  check_cpu_float(kScoresBwd, {{"q_I", &q_I}, {"dI", &dI}});
   const int64_t B = q_I.size(0), T = q_I.size(1);
   expect_shape(kScoresBwd, "dI", dI, {B, -1, T});
   DSA_CHECK(0 <= t0 && t0 + dI.size(1) <= T, "[", kScoresBwd, "] rows [", t0, ", ", t0 + dI.size(1),
@@ -285,7 +290,7 @@ void indexer_scores_backward(const Tensor& dI, const Tensor& q_I, const Tensor& 
   const char* names[3] = {"dq_I", "dk_I", "dw_I"};
   for (int i = 0; i < 3; ++i)
     if (outs[i]) {
-      check_cpu_float(kScoresBwd, {&q_I, outs[i]});
+      check_cpu_float(kScoresBwd, {{"q_I", &q_I}, {names[i], outs[i]}});
       expect_shape(kScoresBwd, names[i], *outs[i], ins[i]->shape());
     }
   if (q_I.dtype() == DType::F32)
@@ -325,9 +330,9 @@ void topk_rows(const T* scores, int64_t B, int64_t R, int64_t T_, int64_t t0, in
 }  // namespace
 
 Tensor topk_causal(const Tensor& scores, int64_t t0, int64_t topk) {
-  DSA_CUDA_DISPATCH(scores, "topk_causal", cuda::topk_causal(scores, t0, topk));
+  DSA_DISPATCH_CUDA(on_cuda(scores), "topk_causal", cuda::topk_causal(scores, t0, topk));
   const char* op = "topk_causal";
-  check_cpu_float(op, {&scores});
+  check_cpu_float(op, {{"scores", &scores}});
   expect_shape(op, "scores", scores, {-1, -1, -1});
   const int64_t B = scores.size(0), R = scores.size(1), T = scores.size(2);
   DSA_CHECK(topk >= 1, "[", op, "] topk must be >= 1, got ", topk);
@@ -343,7 +348,7 @@ Tensor topk_causal(const Tensor& scores, int64_t t0, int64_t topk) {
 Tensor indexer_topk(const Tensor& q_I, const Tensor& k_I, const Tensor& w_I, int64_t topk, bool fp8,
                     int64_t block_rows, Tensor* scores_out) {
   const char* op = "indexer_topk";
-  DSA_CUDA_DISPATCH(q_I, op, cuda::indexer_topk(q_I, k_I, w_I, topk, fp8, block_rows, scores_out));
+  DSA_DISPATCH_CUDA(on_cuda(q_I), op, cuda::indexer_topk(q_I, k_I, w_I, topk, fp8, block_rows, scores_out));
   check_indexer_operands(op, q_I, k_I, &w_I);
   DSA_CHECK(topk >= 1, "[", op, "] topk must be >= 1, got ", topk);
   const int64_t B = q_I.size(0), T = q_I.size(1), Hi = q_I.size(2);

@@ -13,6 +13,7 @@
 #include <limits>
 #include <vector>
 
+#include "kernels/cuda/ops_dsa.h"
 #include "kernels/dsa_cpu_util.h"
 #include "kernels/dsa_ops.h"
 
@@ -20,10 +21,11 @@ namespace dsa::ops {
 
 namespace {
 using dsa_cpu::check_cpu_float;
+using detail::on_cuda;
 
 // Checks q_main [B, T, H, Dk], keys [B, T, Hk, Dk] (Hk | H), lse [B, H, T]; returns Hk.
 int64_t check_main(const char* op, const Tensor& q, const Tensor& k, const Tensor& lse) {
-  check_cpu_float(op, {&q, &k, &lse});
+  check_cpu_float(op, {{"q_main", &q}, {"k_main", &k}, {"lse_main", &lse}});
   expect_shape(op, "q_main", q, {-1, -1, -1, -1});
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), Dk = q.size(3);
   expect_shape(op, "k_main", k, {B, T, -1, Dk});
@@ -34,7 +36,7 @@ int64_t check_main(const char* op, const Tensor& q, const Tensor& k, const Tenso
 }
 
 void check_indexer(const char* op, const Tensor& q_main, const Tensor& q_I, const Tensor& k_I, const Tensor& w_I) {
-  check_cpu_float(op, {&q_main, &q_I, &k_I, &w_I});
+  check_cpu_float(op, {{"q_main", &q_main}, {"q_I", &q_I}, {"k_I", &k_I}, {"w_I", &w_I}});
   const int64_t B = q_main.size(0), T = q_main.size(1);
   expect_shape(op, "q_I", q_I, {B, T, -1, -1});
   expect_shape(op, "k_I", k_I, {B, T, q_I.size(3)});
@@ -270,8 +272,9 @@ IndexerLossResult indexer_kl_dense(const Tensor& q_main, const Tensor& k_main, c
                                    const Tensor& q_I, const Tensor& k_I, const Tensor& w_I, bool fp8,
                                    double grad_scale, IndexerGrads* grads, int64_t block_rows) {
   const char* op = "indexer_kl_dense";
-  DSA_CUDA_DISPATCH(q_main, op, cuda::indexer_kl_dense(q_main, k_main, lse_main, scale, q_I, k_I, w_I, fp8, grad_scale,
-                                                        grads, block_rows));
+  DSA_DISPATCH_CUDA(
+      on_cuda(q_main), op,
+      cuda::indexer_kl_dense(q_main, k_main, lse_main, scale, q_I, k_I, w_I, fp8, grad_scale, grads, block_rows));
   check_main(op, q_main, k_main, lse_main);
   DSA_CHECK(block_rows >= 0, "[", op, "] block_rows must be >= 0, got ", block_rows);
   check_indexer(op, q_main, q_I, k_I, w_I);
@@ -288,9 +291,10 @@ IndexerLossResult indexer_kl_sparse(const Tensor& q_main, const Tensor& kv, cons
                                     const Tensor& indices, const Tensor& q_I, const Tensor& k_I, const Tensor& w_I,
                                     bool fp8, double grad_scale, IndexerGrads* grads) {
   const char* op = "indexer_kl_sparse";
-  DSA_CUDA_DISPATCH(q_main, op, cuda::indexer_kl_sparse(q_main, kv, lse_sparse, scale, indices, q_I, k_I, w_I, fp8,
-                                                         grad_scale, grads));
-  check_cpu_float(op, {&q_main, &kv, &lse_sparse});
+  DSA_DISPATCH_CUDA(
+      on_cuda(q_main), op,
+      cuda::indexer_kl_sparse(q_main, kv, lse_sparse, scale, indices, q_I, k_I, w_I, fp8, grad_scale, grads));
+  check_cpu_float(op, {{"q_main", &q_main}, {"kv", &kv}, {"lse_sparse", &lse_sparse}});
   expect_shape(op, "q_main", q_main, {-1, -1, -1, -1});
   const int64_t B = q_main.size(0), T = q_main.size(1), H = q_main.size(2);
   expect_shape(op, "kv", kv, {B, T, q_main.size(3)});
@@ -309,9 +313,10 @@ IndexerLossResult indexer_kl_sparse_from_probs(const Tensor& probs_sum, const Te
                                                const Tensor& k_I, const Tensor& w_I, bool fp8, double grad_scale,
                                                IndexerGrads* grads, const Tensor* slot_scores) {
   const char* op = "indexer_kl_sparse_from_probs";
-  DSA_CUDA_DISPATCH(q_I, op, cuda::indexer_kl_sparse_from_probs(probs_sum, indices, q_I, k_I, w_I, fp8, grad_scale,
-                                                                 grads, slot_scores));
-  check_cpu_float(op, {&probs_sum, &q_I, &k_I, &w_I});
+  DSA_DISPATCH_CUDA(
+      on_cuda(q_I), op,
+      cuda::indexer_kl_sparse_from_probs(probs_sum, indices, q_I, k_I, w_I, fp8, grad_scale, grads, slot_scores));
+  check_cpu_float(op, {{"q_I", &q_I}, {"probs_sum", &probs_sum}, {"k_I", &k_I}, {"w_I", &w_I}});
   expect_shape(op, "q_I", q_I, {-1, -1, -1, -1});
   const int64_t B = q_I.size(0), T = q_I.size(1);
   dsa_cpu::check_indices(op, indices, B, T);
@@ -368,7 +373,7 @@ IndexerRecall recall_impl(const Tensor& q, const Tensor& k, const Tensor& lse, d
 IndexerRecall indexer_recall(const Tensor& q_main, const Tensor& k_main, const Tensor& lse_main, double scale,
                              const Tensor& indices, int64_t block_rows) {
   const char* op = "indexer_recall";
-  DSA_CUDA_DISPATCH(q_main, op, cuda::indexer_recall(q_main, k_main, lse_main, scale, indices, block_rows));
+  DSA_DISPATCH_CUDA(on_cuda(q_main), op, cuda::indexer_recall(q_main, k_main, lse_main, scale, indices, block_rows));
   check_main(op, q_main, k_main, lse_main);
   DSA_CHECK(block_rows >= 0, "[", op, "] block_rows must be >= 0, got ", block_rows);
   dsa_cpu::check_indices(op, indices, q_main.size(0), q_main.size(1));

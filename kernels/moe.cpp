@@ -29,31 +29,20 @@
 #include <limits>
 #include <vector>
 
-#include "kernels/ops.h"
-#ifdef DSA_HAVE_CUDA
 #include "kernels/cuda/ops_moe.h"
-#endif
+#include "kernels/op_util.h"
+#include "kernels/ops.h"
 
 namespace dsa::ops {
 namespace {
 
 using detail::BlasSerial;
 using detail::gemm_rm;
+using detail::on_cuda;
 
 void cpu_only(const char* op, const Tensor& t) {
   if (t.device() == Device::CUDA) fail(strcat_("[", op, "] operands must all be on one device, got ", t.desc()));
 }
-bool on_gpu(const Tensor& t) { return t.defined() && t.device() == Device::CUDA; }
-#ifndef DSA_HAVE_CUDA
-[[noreturn]] void no_cuda(const char* op) { fail(strcat_("[", op, "] this build has no CUDA backend")); }
-#endif
-
-// The CUDA entry of op `fn` for GPU operands (shapes already checked), or a clear failure without CUDA.
-#ifdef DSA_HAVE_CUDA
-#define MOE_CUDA(fn, ...) return cuda::fn(__VA_ARGS__)
-#else
-#define MOE_CUDA(fn, ...) no_cuda(#fn)
-#endif
 
 // Calls f.template operator()<T>() with T = float or double after the dtype of t.
 template <class F>
@@ -176,7 +165,7 @@ MoeRouting moe_route(const Tensor& logits, const Tensor& bias, const MoeRouteCon
             ") must be in [1, n_group = ", cfg.n_group, "]");
   DSA_CHECK(cfg.top_k >= 1 && cfg.top_k <= cfg.topk_group * (E / cfg.n_group), "[moe_route] top_k (", cfg.top_k,
             ") must be in [1, topk_group * experts per group = ", cfg.topk_group * (E / cfg.n_group), "]");
-  if (on_gpu(logits)) MOE_CUDA(moe_route, logits, bias, cfg);
+  DSA_DISPATCH_CUDA(on_cuda(logits), op, cuda::moe_route(logits, bias, cfg));
   expect_float(op, "logits", logits);
   cpu_only(op, bias);
   MoeRouting r{Tensor::empty({N, E}, logits.dtype()), Tensor::empty({N, cfg.top_k}, DType::I32),
@@ -194,7 +183,7 @@ Tensor moe_route_backward(const Tensor& dweights, const MoeRouting& r, const Moe
   expect_dtype(op, "experts", r.experts, DType::I32);
   expect_shape(op, "dweights", dweights, {N, K});
   expect_dtype(op, "dweights", dweights, r.scores.dtype());
-  if (on_gpu(dweights)) MOE_CUDA(moe_route_backward, dweights, r, cfg);
+  DSA_DISPATCH_CUDA(on_cuda(dweights), op, cuda::moe_route_backward(dweights, r, cfg));
   cpu_only(op, r.scores);
   Tensor dlogits = Tensor::zeros({N, E}, r.scores.dtype());
   dispatch_float(dweights, [&](auto tag) {
@@ -230,7 +219,7 @@ Tensor moe_scores_backward(const Tensor& dscores, const MoeRouting& r) {
   const char* op = "moe_scores_backward";
   expect_shape(op, "dscores", dscores, r.scores.shape());
   expect_dtype(op, "dscores", dscores, r.scores.dtype());
-  if (on_gpu(dscores)) MOE_CUDA(moe_scores_backward, dscores, r);
+  DSA_DISPATCH_CUDA(on_cuda(dscores), op, cuda::moe_scores_backward(dscores, r));
   cpu_only(op, r.scores);
   Tensor dlogits = Tensor::empty(r.scores.shape(), r.scores.dtype());
   dispatch_float(dscores, [&](auto tag) {
@@ -246,8 +235,9 @@ Tensor moe_scores_backward(const Tensor& dscores, const MoeRouting& r) {
 }
 
 Tensor moe_expert_load(const MoeRouting& r, int64_t n_experts) {
-  expect_dtype("moe_expert_load", "experts", r.experts, DType::I32);
-  if (on_gpu(r.experts)) MOE_CUDA(moe_expert_load, r, n_experts);
+  const char* op = "moe_expert_load";
+  expect_dtype(op, "experts", r.experts, DType::I32);
+  DSA_DISPATCH_CUDA(on_cuda(r.experts), op, cuda::moe_expert_load(r, n_experts));
   std::vector<int64_t> count(static_cast<size_t>(n_experts), 0);
   const int32_t* ex = r.experts.data<int32_t>();
   for (int64_t i = 0; i < r.experts.numel(); ++i) {
@@ -270,7 +260,7 @@ double moe_seq_balance_loss(const MoeRouting& r, int64_t n_experts, int64_t batc
     expect_shape(op, "dscores", *dscores, {batch * seq, E});
     expect_dtype(op, "dscores", *dscores, r.scores.dtype());
   }
-  if (on_gpu(r.scores)) MOE_CUDA(moe_seq_balance_loss, r, n_experts, batch, seq, alpha, dscores);
+  DSA_DISPATCH_CUDA(on_cuda(r.scores), op, cuda::moe_seq_balance_loss(r, n_experts, batch, seq, alpha, dscores));
   cpu_only(op, r.experts);
   if (dscores) cpu_only(op, *dscores);
   const int32_t* ids = r.experts.data<int32_t>();
@@ -319,7 +309,7 @@ MoePermutation moe_permutation(const Tensor& experts, int64_t n_experts) {
   const char* op = "moe_permutation";
   expect_dtype(op, "experts", experts, DType::I32);
   expect_shape(op, "experts", experts, {-1, -1});
-  if (on_gpu(experts)) MOE_CUDA(moe_permutation, experts, n_experts);
+  DSA_DISPATCH_CUDA(on_cuda(experts), op, cuda::moe_permutation(experts, n_experts));
   const int64_t M = experts.numel();
   const int32_t* ex = experts.data<int32_t>();
   MoePermutation p;
@@ -342,7 +332,7 @@ Tensor moe_permute(const Tensor& x, const MoePermutation& p, int64_t top_k) {
   const char* op = "moe_permute";
   expect_shape(op, "x", x, {-1, -1});
   const int64_t N = x.size(0), M = N * top_k;
-  if (on_gpu(x)) MOE_CUDA(moe_permute, x, p, top_k);
+  DSA_DISPATCH_CUDA(on_cuda(x), op, cuda::moe_permute(x, p, top_k));
   cpu_only(op, p.rows);
   check_permutation(op, p, M);
   Tensor xp = Tensor::empty({M, x.size(1)}, x.dtype());
@@ -358,7 +348,7 @@ Tensor moe_permute(const Tensor& x, const MoePermutation& p, int64_t top_k) {
 Tensor moe_permute_backward(const Tensor& dxp, const MoePermutation& p, int64_t n_tokens, int64_t top_k) {
   const char* op = "moe_permute_backward";
   expect_shape(op, "dxp", dxp, {n_tokens * top_k, -1});
-  if (on_gpu(dxp)) MOE_CUDA(moe_permute_backward, dxp, p, n_tokens, top_k);
+  DSA_DISPATCH_CUDA(on_cuda(dxp), op, cuda::moe_permute_backward(dxp, p, n_tokens, top_k));
   expect_float(op, "dxp", dxp);
   cpu_only(op, p.rows);
   check_permutation(op, p, n_tokens * top_k);
@@ -390,7 +380,7 @@ Tensor moe_combine(const Tensor& yp, const Tensor& weights, const MoePermutation
   expect_shape(op, "weights", weights, {-1, -1});
   const int64_t N = weights.size(0), K = weights.size(1);
   expect_shape(op, "yp", yp, {N * K, -1});
-  if (on_gpu(yp)) MOE_CUDA(moe_combine, yp, weights, p);
+  DSA_DISPATCH_CUDA(on_cuda(yp), op, cuda::moe_combine(yp, weights, p));
   expect_dtype(op, "yp", yp, weights.dtype());
   cpu_only(op, weights);
   cpu_only(op, p.rows);
@@ -426,7 +416,7 @@ void moe_combine_backward(const Tensor& dy, const Tensor& yp, const Tensor& weig
   expect_shape(op, "yp", yp, {N * K, -1});
   const int64_t D = yp.size(1);
   expect_shape(op, "dy", dy, {N, D});
-  if (on_gpu(dy)) MOE_CUDA(moe_combine_backward, dy, yp, weights, p, dyp, dweights);
+  DSA_DISPATCH_CUDA(on_cuda(dy), op, cuda::moe_combine_backward(dy, yp, weights, p, dyp, dweights));
   expect_dtype(op, "yp", yp, weights.dtype());
   expect_dtype(op, "dy", dy, weights.dtype());
   cpu_only(op, yp);
@@ -486,7 +476,7 @@ Tensor grouped_linear_forward(const Tensor& xp, const Tensor& w, const MoePermut
   expect_shape(op, "xp", xp, {-1, -1});
   const int64_t E = static_cast<int64_t>(p.counts.size()), in = xp.size(1);
   expect_shape(op, "w", w, {E, -1, in});
-  if (on_gpu(xp)) MOE_CUDA(grouped_linear_forward, xp, w, p);
+  DSA_DISPATCH_CUDA(on_cuda(xp), op, cuda::grouped_linear_forward(xp, w, p));
   expect_float(op, "xp", xp);
   expect_dtype(op, "w", w, xp.dtype());
   cpu_only(op, w);
@@ -516,7 +506,7 @@ Tensor grouped_linear_backward(const Tensor& dy, const Tensor& xp, const Tensor&
   const int64_t out = w.size(1);
   expect_shape(op, "dy", dy, {M, out});
   if (dw) expect_shape(op, "dw", *dw, w.shape());
-  if (on_gpu(xp)) MOE_CUDA(grouped_linear_backward, dy, xp, w, p, dw);
+  DSA_DISPATCH_CUDA(on_cuda(xp), op, cuda::grouped_linear_backward(dy, xp, w, p, dw));
   expect_float(op, "xp", xp);
   expect_dtype(op, "w", w, xp.dtype());
   expect_dtype(op, "dy", dy, xp.dtype());

@@ -14,7 +14,6 @@
 
 namespace dsa::ops {
 
-using detail::cuda_missing;
 using detail::dispatch_float;
 using detail::expect_same_dtype;
 using detail::on_cuda;

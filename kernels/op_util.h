@@ -8,23 +8,28 @@
 
 namespace dsa::ops::detail {
 
-// True when t lives on the GPU. Every public entry calls this and fails until the CUDA backend exists.
+// True when t lives on the GPU.
 inline bool on_cuda(const Tensor& t) { return t.defined() && t.device() == Device::CUDA; }
+// The error of a public entry given GPU operands in a build without the CUDA backend.
 [[noreturn]] inline void cuda_missing(const char* op) {
-  fail(strcat_("[", op, "] CUDA backend not implemented yet"));
+  fail(strcat_("[", op, "] got CUDA tensors, but this build has no CUDA backend ",
+               "(nvcc was not found at configure time)"));
 }
 
-// At a public entry: when `cond` (an operand on the GPU), `return expr;` (the CUDA implementation, which
-// checks its own shapes and dtypes), or a clear error in a build without the CUDA backend.
+// The one device dispatch of the public op entries (kernels/*.cpp): when `cond` (an operand on the GPU),
+// `return expr;`, the CUDA implementation (kernels/cuda/ops_*.h), which checks its own shapes and dtypes;
+// in a build without the CUDA backend, the error of cuda_missing(op) instead. Place it before the CPU
+// checks, or after the checks both backends share.
 #ifdef DSA_HAVE_CUDA
-#define DSA_DISPATCH_CUDA(cond, op, expr) \
-  do {                                    \
-    if (cond) return expr;                \
+#define DSA_DISPATCH_CUDA(cond, op, expr)    \
+  do {                                       \
+    (void)(op); /* checked in both builds */ \
+    if (cond) return expr;                   \
   } while (0)
 #else
-#define DSA_DISPATCH_CUDA(cond, op, expr)                  \
-  do {                                                     \
-    if (cond) ::dsa::ops::detail::cuda_missing(op);        \
+#define DSA_DISPATCH_CUDA(cond, op, expr)           \
+  do {                                              \
+    if (cond) ::dsa::ops::detail::cuda_missing(op); \
   } while (0)
 #endif
 

@@ -9,10 +9,13 @@
 #include <limits>
 #include <vector>
 
+#include "kernels/cuda/ops_dsa.h"
 #include "kernels/dsa_cpu_util.h"
 #include "kernels/dsa_ops.h"
 
 namespace dsa::ops {
+
+using detail::on_cuda;
 
 namespace {
 constexpr const char* kFwd = "sparse_attention_forward";
@@ -23,7 +26,7 @@ struct Dims {
 };
 
 Dims check_common(const char* op, const Tensor& q, const Tensor& kv, int64_t dv, const Tensor& indices) {
-  dsa_cpu::check_cpu_float(op, {&q, &kv});
+  dsa_cpu::check_cpu_float(op, {{"q", &q}, {"kv", &kv}});
   expect_shape(op, "q", q, {-1, -1, -1, -1});
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), Dk = q.size(3);
   expect_shape(op, "kv", kv, {B, T, Dk});
@@ -160,7 +163,8 @@ void backward_impl(const Dims& d, const T* dout, const T* q, const T* kv, const 
 
 Tensor sparse_attention_forward(const Tensor& q, const Tensor& kv, int64_t dv, const Tensor& indices, double scale,
                                 Tensor* lse_out, Tensor* probs_sum_out) {
-  DSA_CUDA_DISPATCH(q, kFwd, cuda::sparse_attention_forward(q, kv, dv, indices, scale, lse_out, probs_sum_out));
+  DSA_DISPATCH_CUDA(on_cuda(q), kFwd,
+                    cuda::sparse_attention_forward(q, kv, dv, indices, scale, lse_out, probs_sum_out));
   const Dims d = check_common(kFwd, q, kv, dv, indices);
   Tensor out = Tensor::empty({d.B, d.T, d.H, d.Dv}, q.dtype());
   Tensor lse, psum;
@@ -181,9 +185,10 @@ Tensor sparse_attention_forward(const Tensor& q, const Tensor& kv, int64_t dv, c
 SparseAttentionGrads sparse_attention_backward(const Tensor& dout, const Tensor& q, const Tensor& kv, int64_t dv,
                                                const Tensor& indices, const Tensor& out, const Tensor& lse,
                                                double scale, bool probs_sum) {
-  DSA_CUDA_DISPATCH(q, kBwd, cuda::sparse_attention_backward(dout, q, kv, dv, indices, out, lse, scale, probs_sum));
+  DSA_DISPATCH_CUDA(on_cuda(q), kBwd,
+                    cuda::sparse_attention_backward(dout, q, kv, dv, indices, out, lse, scale, probs_sum));
   const Dims d = check_common(kBwd, q, kv, dv, indices);
-  dsa_cpu::check_cpu_float(kBwd, {&q, &dout, &out, &lse});
+  dsa_cpu::check_cpu_float(kBwd, {{"q", &q}, {"dout", &dout}, {"out", &out}, {"lse", &lse}});
   expect_shape(kBwd, "dout", dout, {d.B, d.T, d.H, d.Dv});
   expect_shape(kBwd, "out", out, {d.B, d.T, d.H, d.Dv});
   expect_shape(kBwd, "lse", lse, {d.B, d.H, d.T});

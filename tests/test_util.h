@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <functional>
 #include <random>
 #include <string>
@@ -32,6 +33,13 @@ inline Tensor randint(const Shape& shape, uint64_t seed, int lo, int hi_exclusiv
 // Fill with NaN so a kernel that forgets to write an output element is caught.
 inline void poison(Tensor& t) {
   for (int64_t i = 0; i < t.numel(); ++i) t.set_item(i, std::nan(""));
+}
+
+// Same shape, dtype and bytes: for copies (a checkpoint or file round trip, a resumed run, the same
+// computation twice) and results exact by construction (integers, a documented bit-exact kernel). Float
+// results of code paths that may round differently are compared with a tolerance instead.
+inline bool same_bits(const Tensor& a, const Tensor& b) {
+  return a.shape() == b.shape() && a.dtype() == b.dtype() && std::memcmp(a.raw(), b.raw(), a.nbytes()) == 0;
 }
 
 // max |a - b| / (atol + rtol |b|) <= 1 elementwise, NaN never passes.

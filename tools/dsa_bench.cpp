@@ -1,21 +1,22 @@
-// dsa-bench: training-step throughput per stage and per-kernel times.
+// dsa-bench: training-step throughput per stage and per-kernel / per-op times.
 //
 //   dsa-bench train   [--config bench-small] [--seq-len 4096,16384] [--tokens 16384] [--stages dense,warmup,sparse]
 //                     [--steps 5] [--warmup 2] [--recompute] [--json FILE]
 //   dsa-bench kernels [--seq-len 8192] [--sparse-seq-len 4096] [--json FILE]   production DSA shapes (SPEC.md §4)
+//   dsa-bench ops     [--only SECTIONS] [--json FILE]   every op family, bench-small and production shapes
+//                     (tools/dsa_bench/ops.cpp; the CPU in f32 at CPU-sized shapes when no GPU is present)
 //   dsa-bench peak    bf16 GEMM ceiling (8192^3), used for MFU
 //
-// Times: CUDA stream synchronization around each measured region, warm-up first, the median of the
-// repetitions. FLOPs are the useful work, counted as documented in count_step_flops() below.
+// Times: CUDA events on the op stream around each measured region (the steady clock on the CPU), warm-up
+// first, the median of the repetitions (tools/dsa_bench/bench_util.h). FLOPs are the useful work, counted
+// as documented in count_step_flops() below.
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <functional>
 #include <random>
-#include <sstream>
 #include <string>
 #include <vector>
 
@@ -24,59 +25,16 @@
 #include "kernels/ops.h"
 #include "model/model.h"
 #include "model/profile.h"
+#include "tools/dsa_bench/bench_util.h"
+
+namespace dsa::bench {
+void ops_bench(int argc, char** argv);  // tools/dsa_bench/ops.cpp
+}  // namespace dsa::bench
 
 using namespace dsa;
+using namespace dsa::bench;
 
 namespace {
-
-double now_s() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
-
-Device bench_device() { return cuda::available() ? Device::CUDA : Device::CPU; }
-
-void sync(Device d) {
-  if (d == Device::CUDA) cuda::synchronize();
-}
-
-// Median seconds of `reps` runs of f after `warm` unmeasured runs.
-double time_median(Device d, int warm, int reps, const std::function<void()>& f) {
-  for (int i = 0; i < warm; ++i) f();
-  sync(d);
-  std::vector<double> t;
-  for (int i = 0; i < reps; ++i) {
-    const double t0 = now_s();
-    f();
-    sync(d);
-    t.push_back(now_s() - t0);
-  }
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
-}
-
-std::vector<int64_t> parse_list(const std::string& s) {
-  std::vector<int64_t> v;
-  std::stringstream ss(s);
-  for (std::string tok; std::getline(ss, tok, ',');) v.push_back(std::stoll(tok));
-  return v;
-}
-
-std::vector<std::string> parse_names(const std::string& s) {
-  std::vector<std::string> v;
-  std::stringstream ss(s);
-  for (std::string tok; std::getline(ss, tok, ',');) v.push_back(tok);
-  return v;
-}
-
-Tensor random_tensor(const Shape& shape, DType dtype, Device dev, uint64_t seed, double scale = 1.0) {
-  Tensor h = Tensor::empty(shape, DType::F32);
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> nd(0.0f, static_cast<float>(scale));
-  float* p = h.data<float>();
-  for (int64_t i = 0; i < h.numel(); ++i) p[i] = nd(rng);
-  Tensor c = dtype == DType::F32 ? h : h.to(dtype);
-  return c.to(dev);
-}
 
 // bf16 GEMM ceiling measured on this device (TFLOP/s).
 double measure_peak(Device dev) {
@@ -234,7 +192,8 @@ void train_bench(int argc, char** argv) {
       if (json.is_open())
         json << "{\"bench\":\"train\",\"stage\":\"" << stage << "\",\"seq_len\":" << T << ",\"tokens\":" << B * T
              << ",\"ms\":" << ms << ",\"tokens_per_s\":" << tps << ",\"tflops\":" << tflops
-             << ",\"mfu\":" << tflops / peak << ",\"peak_gb\":" << peak_gb << ",\"peak_tflops\":" << peak << "}\n";
+             << ",\"mfu\":" << tflops / peak << ",\"peak_gb\":" << peak_gb << ",\"peak_tflops\":" << peak
+             << ",\"config\":\"" << config << "\",\"parameters\":" << model.params().numel() << "}\n";
     }
   }
 }
@@ -321,7 +280,8 @@ void kernel_bench(int argc, char** argv) {
 
 int main(int argc, char** argv) {
   if (argc < 2 || std::strcmp(argv[1], "--help") == 0) {
-    std::fprintf(stderr, "usage: dsa-bench train|kernels|peak [options]  (see the header of tools/dsa_bench.cpp)\n");
+    std::fprintf(stderr,
+                 "usage: dsa-bench train|kernels|ops|peak [options]  (see the header of tools/dsa_bench.cpp)\n");
     return argc < 2 ? 2 : 0;
   }
   try {
@@ -330,10 +290,12 @@ int main(int argc, char** argv) {
       train_bench(argc - 2, argv + 2);
     else if (cmd == "kernels")
       kernel_bench(argc - 2, argv + 2);
+    else if (cmd == "ops")
+      ops_bench(argc - 2, argv + 2);
     else if (cmd == "peak")
       std::printf("bf16 GEMM ceiling: %.1f TFLOP/s\n", measure_peak(bench_device()));
     else
-      throw std::runtime_error("[dsa-bench] unknown command " + cmd + " (train, kernels, peak)");
+      throw std::runtime_error("[dsa-bench] unknown command " + cmd + " (train, kernels, ops, peak)");
   } catch (const std::exception& e) {
     std::fprintf(stderr, "%s\n", e.what());
     return 1;

@@ -333,7 +333,7 @@ Recipe build_recipe(const RNode& root, const std::string& source, const std::vec
   // data
   const RNode& d = need_map(required("data"), "data", "shards, tokenizer, keep_documents_contiguous");
   check_keys(d, "data", {"shards", "tokenizer", "keep_documents_contiguous"});
-  if (!d.find("shards")) fail(d.where, "data.shards", "missing (the training shard directory or a list of them)");
+  if (!d.find("shards")) fail(d.where, "data.shards", "missing (the corpus directory written by dsa-prep corpus)");
   r.data.shards = as_str_list(*d.find("shards"), "data.shards");
   if (r.data.shards.empty()) fail(d.find("shards")->where, "data.shards", "must name at least one directory");
   if (r.data.shards.size() > 1)

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "kernels/cuda/dsa_common.cuh"
+#include "kernels/cuda/mma.cuh"
 #include "kernels/cuda/ops_dsa.h"
 
 namespace dsa::cuda {
@@ -47,30 +48,6 @@ struct SparseKlParams {
 constexpr int kSparseWarps = 8;
 constexpr int kSparseChunk = 64;   // slots per chunk
 constexpr int kSparseMaxTiles = 8; // persistent dq tiles per warp: ceil16(Hi) * ceil16(D) <= 8192
-
-__device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, int bytes /*16, or 0: zero fill*/) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-__device__ __forceinline__ void cp_async_wait1() { asm volatile("cp.async.wait_group 1;\n" ::); }
-__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_u32(p)));
-}
-__device__ __forceinline__ void ldsm_x2_trans(uint32_t& r0, uint32_t& r1, const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n" : "=r"(r0), "=r"(r1) : "r"(smem_u32(p)));
-}
 
 // Shared-memory layout of sparse_kl_kernel (bf16 tiles addressed as 32-bit words; every row stride is
 // 4 mod 8 words and a multiple of 16 bytes, so the fragment loads and ldmatrix rows are conflict-free).
@@ -163,7 +140,7 @@ __global__ void __launch_bounds__(kSparseWarps * 32) sparse_kl_kernel(SparseKlPa
     __syncthreads();  // every warp is done with the other buffer (the previous chunk)
     load_chunk(src, k0 + kSparseChunk, buf ^ 1);
     cp_async_commit();
-    cp_async_wait1();  // chunk k0 has landed
+    cp_async_wait<1>();  // chunk k0 has landed
     __syncthreads();
   };
   // Z tile [16 heads of slab, 8 slots of n-tile nt] = Q Kc^T over the chunk in buffer `buf`.
@@ -178,7 +155,7 @@ __global__ void __launch_bounds__(kSparseWarps * 32) sparse_kl_kernel(SparseKlPa
       a[1] = Q[(slab * 16 + g + 8) * L.QSW + kw + c4];
       a[2] = Q[(slab * 16 + g) * L.QSW + kw + 4 + c4];
       a[3] = Q[(slab * 16 + g + 8) * L.QSW + kw + 4 + c4];
-      mma_bf16_16816(acc, a, Kc[(nt * 8 + g) * L.QSW + kw + c4], Kc[(nt * 8 + g) * L.QSW + kw + 4 + c4]);
+      mma_m16n8k16_bf16(acc, a, Kc[(nt * 8 + g) * L.QSW + kw + c4], Kc[(nt * 8 + g) * L.QSW + kw + 4 + c4]);
     }
   };
   for (int j = tid; j < L.Hp; j += nthr) {
@@ -320,8 +297,8 @@ __global__ void __launch_bounds__(kSparseWarps * 32) sparse_kl_kernel(SparseKlPa
         a[2] = Gw[(mt * 16 + g) * L.CSW + kw + 4 + c4];
         a[3] = Gw[(mt * 16 + g + 8) * L.CSW + kw + 4 + c4];
         uint32_t b0, b1;
-        ldsm_x2_trans(b0, b1, Kcur + (ks * 16 + (lane & 15)) * 2 * L.QSW + nt * 8);
-        mma_bf16_16816(accdq[e], a, b0, b1);
+        ldmatrix_x2_trans(b0, b1, Kcur + (ks * 16 + (lane & 15)) * 2 * L.QSW + nt * 8);
+        mma_m16n8k16_bf16(accdq[e], a, b0, b1);
       }
     }
     // dk rows of the chunk [C, Dp] = G^T [C, Hp] Q [Hp, Dp] (A: ldmatrix.trans of G, B: of Q), scatter-added.
@@ -330,9 +307,10 @@ __global__ void __launch_bounds__(kSparseWarps * 32) sparse_kl_kernel(SparseKlPa
       float acc[4] = {0.f, 0.f, 0.f, 0.f};
       for (int ks = 0; ks < L.Hp / 16; ++ks) {
         uint32_t a[4], b0, b1;
-        ldsm_x4_trans(a, Gb + (ks * 16 + (lane & 7) + 8 * (lane >> 4)) * 2 * L.CSW + mt * 16 + 8 * ((lane >> 3) & 1));
-        ldsm_x2_trans(b0, b1, Qb + (ks * 16 + (lane & 15)) * 2 * L.QSW + nt * 8);
-        mma_bf16_16816(acc, a, b0, b1);
+        ldmatrix_x4_trans(a,
+                          Gb + (ks * 16 + (lane & 7) + 8 * (lane >> 4)) * 2 * L.CSW + mt * 16 + 8 * ((lane >> 3) & 1));
+        ldmatrix_x2_trans(b0, b1, Qb + (ks * 16 + (lane & 15)) * 2 * L.QSW + nt * 8);
+        mma_m16n8k16_bf16(acc, a, b0, b1);
       }
       const int col = nt * 8 + 2 * c4;
       if (p.vec) {

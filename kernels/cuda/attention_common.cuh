@@ -1,5 +1,5 @@
-// Device helpers shared by the flash-attention kernels (sm90_bf16_attention_{fwd,bwd}.cu):
-// mma.sync m16n8k16 bf16 -> f32, ldmatrix, cp.async and the padded smem tile loader.
+// Device helpers shared by the flash-attention kernels (sm90_bf16_attention_{fwd,bwd}.cu): accumulator to
+// A-fragment conversion and the padded smem tile loader (mma.sync, ldmatrix, cp.async: kernels/cuda/mma.cuh).
 //
 // NOTES:
 //  - Shared-memory tiles are row-major with a row stride of D + 8 bf16 (D a multiple of 16). The extra
@@ -16,39 +16,13 @@
 
 #include <cstdint>
 
+#include "kernels/cuda/mma.cuh"
+
 namespace dsa::cuda::attn {
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_u32(p)));
-}
-__device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_u32(p)));
-}
-
-// c[4] += a[4] (16x16 row) * (b0, b1) (16x8 col), bf16 in, f32 accumulate.
-__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&v);
-}
 __device__ __forceinline__ float2 unpack_bf16(uint32_t u) {
   __nv_bfloat162 v = *reinterpret_cast<__nv_bfloat162*>(&u);
   return __bfloat1622float2(v);
@@ -63,13 +37,6 @@ __device__ __forceinline__ void acc_to_a(uint32_t (&a)[4], const float (&c0)[4],
   a[3] = pack_bf16(c1[2], c1[3]);
 }
 
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
-  const int bytes = valid ? 16 : 0;  // 0: nothing read, 16 zero bytes written
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(smem)), "l"(gmem), "r"(bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
-
 // Tile [ROWS, DP] of a token-major tensor into smem (row stride DP + 8): row r reads
 // g + r * g_stride (elements), valid rows r < rows, valid columns c < d; the rest is zero.
 // Asynchronous (cp.async, caller commits and waits) when d % 8 == 0, else synchronous scalar loads.
@@ -82,7 +49,7 @@ __device__ __forceinline__ void load_tile(__nv_bfloat16* s, const __nv_bfloat16*
     for (int i = threadIdx.x; i < ROWS * kChunks; i += NT) {
       const int r = i / kChunks, c = (i % kChunks) * 8;
       const bool ok = r < rows && c < d;
-      cp_async16(s + r * kStride + c, ok ? g + r * g_stride + c : g, ok);
+      cp_async16(s + r * kStride + c, ok ? g + r * g_stride + c : g, ok ? 16 : 0);  // 0: zero fill
     }
   } else {
     const __nv_bfloat16 zero = __float2bfloat16(0.f);

@@ -122,7 +122,7 @@ __global__ void __launch_bounds__(BwdCfg<DK, DV>::NT, 1) attention_bwd_kernel(co
   const int dq_mt = warp % (BM / 16), dq_part = warp / (BM / 16);
 
   for (int it = 0; it < total; ++it) {
-    cp_async_wait_all();
+    cp_async_wait<0>();
     __syncthreads();
     if (it + 1 < total) issue(it + 1);
     const int h = g * rep + it / mb_count, m0 = (mb_first + it % mb_count) * BM, st = it & 1;
@@ -138,13 +138,13 @@ __global__ void __launch_bounds__(BwdCfg<DK, DV>::NT, 1) attention_bwd_kernel(co
 #pragma unroll
     for (int kk = 0; kk < DK / 16; ++kk) {
       uint32_t a[4];
-      ldsm_x4(a, k_lane + kk * 16);
+      ldmatrix_x4(a, k_lane + kk * 16);
 #pragma unroll
       for (int j = 0; j < BM / 16; ++j) {
         uint32_t bfr[4];
-        ldsm_x4(bfr, Qb + (j * 16 + lane % 8 + (lane / 16) * 8) * SK + kk * 16 + ((lane / 8) % 2) * 8);
-        mma_bf16(s[2 * j], a, bfr[0], bfr[1]);
-        mma_bf16(s[2 * j + 1], a, bfr[2], bfr[3]);
+        ldmatrix_x4(bfr, Qb + (j * 16 + lane % 8 + (lane / 16) * 8) * SK + kk * 16 + ((lane / 8) % 2) * 8);
+        mma_m16n8k16_bf16(s[2 * j], a, bfr[0], bfr[1]);
+        mma_m16n8k16_bf16(s[2 * j + 1], a, bfr[2], bfr[3]);
       }
     }
     // P^T = exp2(sl2 * S^T - lse2), zero where the query cannot see the key or lies past T.
@@ -166,9 +166,9 @@ __global__ void __launch_bounds__(BwdCfg<DK, DV>::NT, 1) attention_bwd_kernel(co
 #pragma unroll
       for (int jd = 0; jd < DV / 16; ++jd) {
         uint32_t bfr[4];
-        ldsm_x4_t(bfr, dOb + (kk * 16 + lane % 8 + ((lane / 8) % 2) * 8) * SV + jd * 16 + (lane / 16) * 8);
-        mma_bf16(dv[2 * jd], pb[kk], bfr[0], bfr[1]);
-        mma_bf16(dv[2 * jd + 1], pb[kk], bfr[2], bfr[3]);
+        ldmatrix_x4_trans(bfr, dOb + (kk * 16 + lane % 8 + ((lane / 8) % 2) * 8) * SV + jd * 16 + (lane / 16) * 8);
+        mma_m16n8k16_bf16(dv[2 * jd], pb[kk], bfr[0], bfr[1]);
+        mma_m16n8k16_bf16(dv[2 * jd + 1], pb[kk], bfr[2], bfr[3]);
       }
     }
     // dP^T = V dO^T (reuses s).
@@ -177,13 +177,13 @@ __global__ void __launch_bounds__(BwdCfg<DK, DV>::NT, 1) attention_bwd_kernel(co
 #pragma unroll
     for (int kk = 0; kk < DV / 16; ++kk) {
       uint32_t a[4];
-      ldsm_x4(a, v_lane + kk * 16);
+      ldmatrix_x4(a, v_lane + kk * 16);
 #pragma unroll
       for (int j = 0; j < BM / 16; ++j) {
         uint32_t bfr[4];
-        ldsm_x4(bfr, dOb + (j * 16 + lane % 8 + (lane / 16) * 8) * SV + kk * 16 + ((lane / 8) % 2) * 8);
-        mma_bf16(s[2 * j], a, bfr[0], bfr[1]);
-        mma_bf16(s[2 * j + 1], a, bfr[2], bfr[3]);
+        ldmatrix_x4(bfr, dOb + (j * 16 + lane % 8 + (lane / 16) * 8) * SV + kk * 16 + ((lane / 8) % 2) * 8);
+        mma_m16n8k16_bf16(s[2 * j], a, bfr[0], bfr[1]);
+        mma_m16n8k16_bf16(s[2 * j + 1], a, bfr[2], bfr[3]);
       }
     }
     // dS^T = P^T (dP^T - delta), packed as the next A operand and stored (bf16) for the dQ product.
@@ -206,9 +206,9 @@ __global__ void __launch_bounds__(BwdCfg<DK, DV>::NT, 1) attention_bwd_kernel(co
 #pragma unroll
       for (int jd = 0; jd < DK / 16; ++jd) {
         uint32_t bfr[4];
-        ldsm_x4_t(bfr, Qb + (kk * 16 + lane % 8 + ((lane / 8) % 2) * 8) * SK + jd * 16 + (lane / 16) * 8);
-        mma_bf16(dk[2 * jd], dsb[kk], bfr[0], bfr[1]);
-        mma_bf16(dk[2 * jd + 1], dsb[kk], bfr[2], bfr[3]);
+        ldmatrix_x4_trans(bfr, Qb + (kk * 16 + lane % 8 + ((lane / 8) % 2) * 8) * SK + jd * 16 + (lane / 16) * 8);
+        mma_m16n8k16_bf16(dk[2 * jd], dsb[kk], bfr[0], bfr[1]);
+        mma_m16n8k16_bf16(dk[2 * jd + 1], dsb[kk], bfr[2], bfr[3]);
       }
     }
     __syncthreads();  // dS^T of all warps in smem
@@ -217,7 +217,8 @@ __global__ void __launch_bounds__(BwdCfg<DK, DV>::NT, 1) attention_bwd_kernel(co
       uint32_t af[BN / 16][4];
 #pragma unroll
       for (int kk = 0; kk < BN / 16; ++kk)
-        ldsm_x4_t(af[kk], dSs + (kk * 16 + lane % 8 + (lane / 16) * 8) * SS + dq_mt * 16 + ((lane / 8) % 2) * 8);
+        ldmatrix_x4_trans(af[kk],
+                          dSs + (kk * 16 + lane % 8 + (lane / 16) * 8) * SS + dq_mt * 16 + ((lane / 8) % 2) * 8);
       const int row0 = m0 + dq_mt * 16 + lane / 4;
       float* dq_row0 = p.dq_accum + (int64_t(b) * T + row0) * q_stride + int64_t(h) * p.Dk;
       constexpr int kCols = DK / C::kColParts;
@@ -228,9 +229,9 @@ __global__ void __launch_bounds__(BwdCfg<DK, DV>::NT, 1) attention_bwd_kernel(co
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk) {
           uint32_t bfr[4];
-          ldsm_x4_t(bfr, Ks + (kk * 16 + lane % 8 + ((lane / 8) % 2) * 8) * SK + cb + (lane / 16) * 8);
-          mma_bf16(acc[0], af[kk], bfr[0], bfr[1]);
-          mma_bf16(acc[1], af[kk], bfr[2], bfr[3]);
+          ldmatrix_x4_trans(bfr, Ks + (kk * 16 + lane % 8 + ((lane / 8) % 2) * 8) * SK + cb + (lane / 16) * 8);
+          mma_m16n8k16_bf16(acc[0], af[kk], bfr[0], bfr[1]);
+          mma_m16n8k16_bf16(acc[1], af[kk], bfr[2], bfr[3]);
         }
 #pragma unroll
         for (int j = 0; j < 2; ++j) {

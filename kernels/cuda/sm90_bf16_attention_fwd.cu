@@ -73,11 +73,11 @@ __global__ void __launch_bounds__(FwdCfg<DK, DV>::NT, 1) attention_fwd_kernel(co
   const __nv_bfloat16* q_lane = Qs + (warp * 16 + lane % 16) * SK + (lane / 16) * 8;
 
   for (int n = 0; n < nblocks; ++n) {
-    cp_async_wait_all();
+    cp_async_wait<0>();
     __syncthreads();
     if (n == 0 && C::kQReg) {
 #pragma unroll
-      for (int kk = 0; kk < (C::kQReg ? DK / 16 : 1); ++kk) ldsm_x4(qf[kk], q_lane + kk * 16);
+      for (int kk = 0; kk < (C::kQReg ? DK / 16 : 1); ++kk) ldmatrix_x4(qf[kk], q_lane + kk * 16);
     }
     if (n + 1 < nblocks) {  // prefetch the next block into the other stage (freed by the barrier above)
       const int n1 = (n + 1) * BN, st = (n + 1) & 1;
@@ -99,14 +99,14 @@ __global__ void __launch_bounds__(FwdCfg<DK, DV>::NT, 1) attention_fwd_kernel(co
 #pragma unroll
         for (int i = 0; i < 4; ++i) a[i] = qf[kk][i];
       } else {
-        ldsm_x4(a, q_lane + kk * 16);
+        ldmatrix_x4(a, q_lane + kk * 16);
       }
 #pragma unroll
       for (int j = 0; j < BN / 16; ++j) {
         uint32_t bfr[4];
-        ldsm_x4(bfr, Kb + (j * 16 + lane % 8 + (lane / 16) * 8) * SK + kk * 16 + ((lane / 8) % 2) * 8);
-        mma_bf16(s[2 * j], a, bfr[0], bfr[1]);
-        mma_bf16(s[2 * j + 1], a, bfr[2], bfr[3]);
+        ldmatrix_x4(bfr, Kb + (j * 16 + lane % 8 + (lane / 16) * 8) * SK + kk * 16 + ((lane / 8) % 2) * 8);
+        mma_m16n8k16_bf16(s[2 * j], a, bfr[0], bfr[1]);
+        mma_m16n8k16_bf16(s[2 * j + 1], a, bfr[2], bfr[3]);
       }
     }
 
@@ -160,9 +160,9 @@ __global__ void __launch_bounds__(FwdCfg<DK, DV>::NT, 1) attention_fwd_kernel(co
 #pragma unroll
       for (int jd = 0; jd < DV / 16; ++jd) {
         uint32_t bfr[4];
-        ldsm_x4_t(bfr, Vb + (kk * 16 + lane % 8 + ((lane / 8) % 2) * 8) * SV + jd * 16 + (lane / 16) * 8);
-        mma_bf16(o[2 * jd], a, bfr[0], bfr[1]);
-        mma_bf16(o[2 * jd + 1], a, bfr[2], bfr[3]);
+        ldmatrix_x4_trans(bfr, Vb + (kk * 16 + lane % 8 + ((lane / 8) % 2) * 8) * SV + jd * 16 + (lane / 16) * 8);
+        mma_m16n8k16_bf16(o[2 * jd], a, bfr[0], bfr[1]);
+        mma_m16n8k16_bf16(o[2 * jd + 1], a, bfr[2], bfr[3]);
       }
     }
   }

@@ -16,6 +16,7 @@
 #include <cmath>
 
 #include "kernels/cuda/dsa_common.cuh"
+#include "kernels/cuda/mma.cuh"
 #include "kernels/cuda/ops_dsa.h"
 
 namespace dsa::cuda {
@@ -33,19 +34,7 @@ constexpr int kBN = 128;   // keys per fused tile (two halves of 64, one per war
 constexpr int kFusedThreads = 256;
 constexpr int kBwdThreads = 128;  // 4 warps x 16 rows of the backward kernels; 64 keys per tile
 
-__device__ __forceinline__ void mma_bf16_16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                               uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
 __device__ __forceinline__ uint32_t ld32(const bf16_t* p) { return *reinterpret_cast<const uint32_t*>(p); }
-__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
-  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&v);
-}
 __device__ __forceinline__ uint32_t pack_raw(const bf16_t& lo, const bf16_t& hi) {
   return static_cast<uint32_t>(__bfloat16_as_ushort(lo)) | (static_cast<uint32_t>(__bfloat16_as_ushort(hi)) << 16);
 }
@@ -54,14 +43,6 @@ __device__ __forceinline__ float ex2(float x) {
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
 }
-
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
-  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 16 : 0) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory"); }
 
 // dst [rows, ld] (smem) = src rows r (at src + r * stride, `d` values each) for r < nvalid, zero elsewhere
 // and in columns d .. dpad-1 (dpad a multiple of 16). vec: d % 8 == 0, stride % 8 == 0, src 16-byte aligned:
@@ -73,7 +54,7 @@ __device__ __forceinline__ void load_tile_async(bf16_t* dst, int ld, int dpad, c
     for (int i = threadIdx.x; i < rows * cpr; i += blockDim.x) {
       const int r = i / cpr, c = (i % cpr) * 8;
       const bool ok = r < nvalid && c < d;
-      cp_async16(dst + r * ld + c, ok ? src + r * stride + c : src, ok);
+      cp_async16(dst + r * ld + c, ok ? src + r * stride + c : src, ok ? 16 : 0);
     }
   } else {
     for (int i = threadIdx.x; i < rows * dpad; i += blockDim.x) {
@@ -123,11 +104,11 @@ __device__ __forceinline__ void warp_gemm_nt(float (&acc)[8][4], const bf16_t* A
                                              int ksteps, int g, int c4) {
   for (int kk = 0; kk < ksteps; ++kk) {
     const bf16_t* ap = A + g * sa + kk * 16 + 2 * c4;
-    const uint32_t a0 = ld32(ap), a1 = ld32(ap + 8 * sa), a2 = ld32(ap + 8), a3 = ld32(ap + 8 * sa + 8);
+    const uint32_t a[4] = {ld32(ap), ld32(ap + 8 * sa), ld32(ap + 8), ld32(ap + 8 * sa + 8)};
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt) {
       const bf16_t* bp = Bt + (nt * 8 + g) * sb + kk * 16 + 2 * c4;
-      mma_bf16_16816(acc[nt], a0, a1, a2, a3, ld32(bp), ld32(bp + 8));
+      mma_m16n8k16_bf16(acc[nt], a, ld32(bp), ld32(bp + 8));
     }
   }
 }
@@ -138,13 +119,14 @@ __device__ __forceinline__ void warp_gemm_pv(float (&out)[kDP / 8][4], const flo
                                              int g, int c4) {
 #pragma unroll
   for (int kk = 0; kk < 4; ++kk) {
-    const uint32_t a0 = pack2(G[2 * kk][0], G[2 * kk][1]), a1 = pack2(G[2 * kk][2], G[2 * kk][3]);
-    const uint32_t a2 = pack2(G[2 * kk + 1][0], G[2 * kk + 1][1]), a3 = pack2(G[2 * kk + 1][2], G[2 * kk + 1][3]);
+    const uint32_t a[4] = {pack_bf16(G[2 * kk][0], G[2 * kk][1]), pack_bf16(G[2 * kk][2], G[2 * kk][3]),
+                           pack_bf16(G[2 * kk + 1][0], G[2 * kk + 1][1]),
+                           pack_bf16(G[2 * kk + 1][2], G[2 * kk + 1][3])};
     const bf16_t* v0 = V + (kk * 16 + 2 * c4) * sv + g;
 #pragma unroll
     for (int dn = 0; dn < kDP / 8; ++dn) {
       const bf16_t* v = v0 + dn * 8;
-      mma_bf16_16816(out[dn], a0, a1, a2, a3, pack_raw(v[0], v[sv]), pack_raw(v[8 * sv], v[9 * sv]));
+      mma_m16n8k16_bf16(out[dn], a, pack_raw(v[0], v[sv]), pack_raw(v[8 * sv], v[9 * sv]));
     }
   }
 }

@@ -25,6 +25,7 @@
 #include <cmath>
 
 #include "kernels/cuda/dsa_common.cuh"
+#include "kernels/cuda/mma.cuh"
 
 namespace dsa::cuda::dsa_detail {
 
@@ -46,32 +47,7 @@ struct MmaParams {
   float scale;
 };
 
-__device__ __forceinline__ uint32_t su32(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
-__device__ __forceinline__ void ldsm4(uint32_t (&r)[4], uint32_t a) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
-}
-__device__ __forceinline__ void ldsm4t(uint32_t (&r)[4], uint32_t a) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
-}
-__device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-               "{%0,%1,%2,%3};\n"
-               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes));
-}
-__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N> __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 __device__ __forceinline__ void pair_bar(int pair) { asm volatile("bar.sync %0, 64;\n" ::"r"(pair + 1)); }
-__device__ __forceinline__ uint32_t pack_bf16(float a, float b) {
-  __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
-  return *reinterpret_cast<uint32_t*>(&v);
-}
-
 // Shared-memory plan and the kv-block loader common to both kernels.
 template <int DK, int DV, int HT, int NT, int BN, int ST> struct Cfg {
   static constexpr int kR = HT * 16;              // heads per CTA
@@ -102,7 +78,8 @@ template <int DK, int DV, int HT, int NT, int BN, int ST> struct Cfg {
       if (threadIdx.x % kTpr == 0) sIdx[st * kRows + row] = s;
       const __nv_bfloat16* src = s >= 0 ? p.kv + ((bt / p.T) * p.T + s) * DK : p.kv;
       __nv_bfloat16* dst = sKV + (st * kRows + row) * kQS;
-      for (int ch = threadIdx.x % kTpr; ch < DK / 8; ch += kTpr) cp_async16(su32(dst + ch * 8), src + ch * 8, s >= 0 ? 16 : 0);
+      for (int ch = threadIdx.x % kTpr; ch < DK / 8; ch += kTpr)
+        cp_async16(dst + ch * 8, src + ch * 8, s >= 0 ? 16 : 0);
     }
     return any;
   }
@@ -129,17 +106,17 @@ template <int DK, int DV, int HT, int NT, int BN, int ST> struct Cfg {
 #pragma unroll
       for (int i = 0; i < ST - 1; ++i) {
         if (i < G.nblk && load(p, G.bt0, i, i, sKV, sIdx)) live_bits |= 1u << i;
-        cp_commit();
+        cp_async_commit();
       }
     }
     __device__ bool next(const MmaParams& p, const Geom& G, int blk, __nv_bfloat16* sKV, int* sIdx) {
       const int st = blk % ST;
-      cp_wait<ST - 2>();
+      cp_async_wait<ST - 2>();
       const bool live = __syncthreads_or((live_bits >> st) & 1u);
       const int nb = blk + ST - 1, ns = nb % ST;
       live_bits &= ~(1u << ns);
       if (nb < G.nblk && load(p, G.bt0, nb, ns, sKV, sIdx)) live_bits |= 1u << ns;
-      cp_commit();
+      cp_async_commit();
       return live;
     }
   };
@@ -151,7 +128,7 @@ template <int DK, int DV, int HT, int NT, int BN, int ST> struct Cfg {
       const int tk = i / (kR * D / 8), rem = i % (kR * D / 8), r = rem / (D / 8), ch = rem % (D / 8);
       const int64_t bt = bt0 + tk;
       const bool ok = bt < N;
-      cp_async16(su32(s + (tk * kR + r) * S + ch * 8), g + ((ok ? bt : 0) * H + h0 + r) * D + ch * 8, ok ? 16 : 0);
+      cp_async16(s + (tk * kR + r) * S + ch * 8, g + ((ok ? bt : 0) * H + h0 + r) * D + ch * 8, ok ? 16 : 0);
     }
   }
 };
@@ -165,13 +142,13 @@ __device__ __forceinline__ void mma_abt(float (&acc)[NS][4], const __nv_bfloat16
 #pragma unroll 2
   for (int kk = 0; kk < KS; ++kk) {
     uint32_t af[4];
-    ldsm4(af, su32(a + (lane % 16) * sa + kk * 16 + (lane / 16) * 8));
+    ldmatrix_x4(af, a + (lane % 16) * sa + kk * 16 + (lane / 16) * 8);
 #pragma unroll
     for (int n2 = 0; n2 < NS / 2; ++n2) {
       uint32_t bf[4];
-      ldsm4(bf, su32(b + (n2 * 16 + (lane / 16) * 8 + lane % 8) * sb + kk * 16 + ((lane / 8) % 2) * 8));
-      mma(acc[2 * n2], af, bf[0], bf[1]);
-      mma(acc[2 * n2 + 1], af, bf[2], bf[3]);
+      ldmatrix_x4(bf, b + (n2 * 16 + (lane / 16) * 8 + lane % 8) * sb + kk * 16 + ((lane / 8) % 2) * 8);
+      mma_m16n8k16_bf16(acc[2 * n2], af, bf[0], bf[1]);
+      mma_m16n8k16_bf16(acc[2 * n2 + 1], af, bf[2], bf[3]);
     }
   }
 }
@@ -192,13 +169,13 @@ __device__ __forceinline__ void mma_ab(float (&acc)[NS][4], const __nv_bfloat16*
 #pragma unroll
   for (int kk = 0; kk < KS; ++kk) {
     uint32_t af[4];
-    ldsm4(af, su32(a + (lane % 16) * sa + kk * 16 + (lane / 16) * 8));
+    ldmatrix_x4(af, a + (lane % 16) * sa + kk * 16 + (lane / 16) * 8);
 #pragma unroll
     for (int n2 = 0; n2 < NS / 2; ++n2) {
       uint32_t bf[4];
-      ldsm4t(bf, su32(b + (kk * 16 + ((lane / 8) % 2) * 8 + lane % 8) * sb + n2 * 16 + (lane / 16) * 8));
-      mma(acc[2 * n2], af, bf[0], bf[1]);
-      mma(acc[2 * n2 + 1], af, bf[2], bf[3]);
+      ldmatrix_x4_trans(bf, b + (kk * 16 + ((lane / 8) % 2) * 8 + lane % 8) * sb + n2 * 16 + (lane / 16) * 8);
+      mma_m16n8k16_bf16(acc[2 * n2], af, bf[0], bf[1]);
+      mma_m16n8k16_bf16(acc[2 * n2 + 1], af, bf[2], bf[3]);
     }
   }
 }
@@ -208,10 +185,10 @@ __device__ __forceinline__ void mma_atb16(float (&acc)[2][4], const __nv_bfloat1
                                           const __nv_bfloat16* b, int sb) {
   const int lane = threadIdx.x & 31;
   uint32_t af[4], bf[4];
-  ldsm4t(af, su32(a + ((lane / 16) * 8 + lane % 8) * sa + ((lane / 8) % 2) * 8));
-  ldsm4t(bf, su32(b + (((lane / 8) % 2) * 8 + lane % 8) * sb + (lane / 16) * 8));
-  mma(acc[0], af, bf[0], bf[1]);
-  mma(acc[1], af, bf[2], bf[3]);
+  ldmatrix_x4_trans(af, a + ((lane / 16) * 8 + lane % 8) * sa + ((lane / 8) % 2) * 8);
+  ldmatrix_x4_trans(bf, b + (((lane / 8) % 2) * 8 + lane % 8) * sb + (lane / 16) * 8);
+  mma_m16n8k16_bf16(acc[0], af, bf[0], bf[1]);
+  mma_m16n8k16_bf16(acc[1], af, bf[2], bf[3]);
 }
 
 constexpr float kLog2e = 1.4426950408889634f;
@@ -295,7 +272,7 @@ __global__ void __launch_bounds__(64 * HT * NT, 1) sparse_attn_fwd_kernel(const 
     pair_bar(pair);
     mma_ab<NO, BN / 16>(o, p_w, C::kPS, kv_t + half * (DV / 2), C::kQS);
   }
-  cp_wait<0>();
+  cp_async_wait<0>();
   // Row sums: lanes of a quad, then the two warps of the pair.
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
@@ -385,7 +362,7 @@ __global__ void __launch_bounds__(64 * HT * NT, 1) sparse_attn_probs_kernel(cons
         }
     }
   }
-  cp_wait<0>();
+  cp_async_wait<0>();
 }
 
 // ------------------------------------------------------------------------------------------ backward
@@ -503,7 +480,7 @@ __global__ void __launch_bounds__(64 * HT * NT, 1) sparse_attn_bwd_kernel(const 
       }
     }
   }
-  cp_wait<0>();
+  cp_async_wait<0>();
   if (bt >= N) return;
 #pragma unroll
   for (int i = 0; i < 2; ++i) {

@@ -7,6 +7,7 @@
 #include <cmath>
 
 #include "kernels/cuda/dsa_common.cuh"
+#include "kernels/cuda/mma.cuh"
 #include "kernels/cuda/ops_dsa.h"
 
 namespace dsa::cuda {
@@ -166,21 +167,6 @@ struct ScoreParams {
 constexpr int kScoreWarps = 8;
 constexpr int kScoreBN = 64;  // keys per tile
 
-__device__ __forceinline__ void mma_fp8(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 // Copies `bytes` bytes of a row into a zero-padded shared row of Dw words.
 __device__ __forceinline__ void load_row(uint32_t* dst, const uint8_t* src, int bytes, int Dw, int lane_in,
                                          int nlanes) {
@@ -195,23 +181,6 @@ __device__ __forceinline__ void load_row(uint32_t* dst, const uint8_t* src, int 
       dst[i] = v;
     }
   }
-}
-
-__device__ __forceinline__ void cp_async16z(void* dst, const void* src, int bytes /*16, or 0: zero fill*/) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(dst))),
-               "l"(src), "r"(bytes));
-}
-__device__ __forceinline__ void cp_async4(void* dst, const void* src) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(dst))),
-               "l"(src));
-}
-__device__ __forceinline__ void cp_async_commit_group() { asm volatile("cp.async.commit_group;\n" ::); }
-__device__ __forceinline__ void cp_async_wait_1() { asm volatile("cp.async.wait_group 1;\n" ::); }
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(p))));
 }
 
 template <int N>
@@ -263,7 +232,7 @@ __global__ void __launch_bounds__(kScoreWarps * 32, 2) score_kernel(ScoreParams 
         const int row = i / cpr, ch = i % cpr, s = s0 + row;
         const bool ok = s < p.T && ch * 16 < bytes_q;
         const uint8_t* src = p.k + (static_cast<int64_t>(b) * p.T + (ok ? s : 0)) * bytes_q + (ok ? ch * 16 : 0);
-        cp_async16z(Kd + row * SW + ch * 4, src, ok ? 16 : 0);
+        cp_async16(Kd + row * SW + ch * 4, src, ok ? 16 : 0);
       }
       if (kFp8)
         for (int i = tid; i < kScoreBN * p.nb; i += kScoreWarps * 32) {
@@ -281,7 +250,7 @@ __global__ void __launch_bounds__(kScoreWarps * 32, 2) score_kernel(ScoreParams 
             kd[row * p.nb + blk] = s < p.T ? p.k_scale[(static_cast<int64_t>(b) * p.T + s) * p.nb + blk] : 0.f;
       }
     }
-    cp_async_commit_group();
+    cp_async_commit();
   };
   load_keys(0, 0);
   // Query tile, weights and scales.
@@ -313,8 +282,8 @@ __global__ void __launch_bounds__(kScoreWarps * 32, 2) score_kernel(ScoreParams 
   for (int it = 0; it < ntiles; ++it) {
     const int s0 = it * kScoreBN;
     if (it + 1 < ntiles) load_keys((it + 1) & 1, s0 + kScoreBN);
-    else cp_async_commit_group();
-    cp_async_wait_1();
+    else cp_async_commit();
+    cp_async_wait<1>();
     __syncthreads();
     const uint32_t* Ks_cur = Ks + (it & 1) * kScoreBN * SW;
     const float* ksc = ksc_all + (it & 1) * kScoreBN * p.nb;
@@ -352,11 +321,11 @@ __global__ void __launch_bounds__(kScoreWarps * 32, 2) score_kernel(ScoreParams 
 #pragma unroll
               for (int j = 0; j < QP; ++j) {
                 if constexpr (kFp8) {
-                  mma_fp8(acc[j][mt][0], a, bq[j][0], bq[j][1]);
-                  mma_fp8(acc[j][mt][1], a, bq[j][2], bq[j][3]);
+                  mma_m16n8k32_e4m3(acc[j][mt][0], a, bq[j][0], bq[j][1]);
+                  mma_m16n8k32_e4m3(acc[j][mt][1], a, bq[j][2], bq[j][3]);
                 } else {
-                  mma_bf16(acc[j][mt][0], a, bq[j][0], bq[j][1]);
-                  mma_bf16(acc[j][mt][1], a, bq[j][2], bq[j][3]);
+                  mma_m16n8k16_bf16(acc[j][mt][0], a, bq[j][0], bq[j][1]);
+                  mma_m16n8k16_bf16(acc[j][mt][1], a, bq[j][2], bq[j][3]);
                 }
               }
             }

@@ -66,8 +66,4 @@ template <class F>
   return ::testing::AssertionFailure() << "no exception";
 }
 
-inline bool bit_equal(const Tensor& a, const Tensor& b) {
-  return a.dtype() == b.dtype() && a.shape() == b.shape() && std::memcmp(a.raw(), b.raw(), a.nbytes()) == 0;
-}
-
 }  // namespace dsa::testing

@@ -58,11 +58,11 @@ void expect_same(const Fixture& f, const Checkpoint& c) {
   ASSERT_EQ(c.params.size(), f.params.size());
   for (const Param& p : f.params.all()) {
     const Param& q = c.params.get(p.name);
-    EXPECT_TRUE(bit_equal(p.value, q.value)) << p.name;
+    EXPECT_TRUE(same_bits(p.value, q.value)) << p.name;
     EXPECT_EQ(p.group, q.group);
   }
   ASSERT_EQ(c.extra.size(), f.extra.size());
-  for (const auto& [k, t] : f.extra) EXPECT_TRUE(bit_equal(t, c.extra.at(k))) << k;
+  for (const auto& [k, t] : f.extra) EXPECT_TRUE(same_bits(t, c.extra.at(k))) << k;
 }
 
 }  // namespace
@@ -221,5 +221,5 @@ TEST(Checkpoint, ImportedHfModelSavesAndExportsBack) {
   export_hf(dir / "hf2", c.cfg, c.params, c.extra, opt);
   SafetensorsSet a(dir / "hf"), b(dir / "hf2");
   ASSERT_EQ(a.names(), b.names());
-  for (const std::string& n : a.names()) EXPECT_TRUE(bit_equal(a.read(n), b.read(n))) << n;
+  for (const std::string& n : a.names()) EXPECT_TRUE(same_bits(a.read(n), b.read(n))) << n;
 }

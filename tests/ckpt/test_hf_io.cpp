@@ -29,7 +29,7 @@ ParamStore random_params(const ModelConfig& c, uint64_t seed) {
 
 void expect_same_params(const ParamStore& a, const ParamStore& b) {
   ASSERT_EQ(a.size(), b.size());
-  for (const Param& p : a.all()) EXPECT_TRUE(bit_equal(p.value, b.get(p.name).value)) << p.name;
+  for (const Param& p : a.all()) EXPECT_TRUE(same_bits(p.value, b.get(p.name).value)) << p.name;
 }
 
 // Writes `tensors` and config.json as a Hugging Face directory.
@@ -115,7 +115,7 @@ TEST(HfIo, MissingIndexerIsFreshlyInitialized) {
   init_params_group(want, c, 1234, ParamGroup::Indexer);
   for (const Param& p : m.params.all()) {
     const Tensor& expect = p.group == ParamGroup::Indexer ? want.get(p.name).value : ps.get(p.name).value;
-    EXPECT_TRUE(bit_equal(p.value, expect)) << p.name;
+    EXPECT_TRUE(same_bits(p.value, expect)) << p.name;
   }
   // Part of an indexer is an error naming the first missing tensor.
   ts.emplace_back("model.layers.0.self_attn.indexer.wk.weight", ps["model.layers.0.self_attn.indexer.wk.weight"]);
@@ -182,7 +182,7 @@ TEST(HfIo, Fp8PerExpertCheckpointIsDequantized) {
         }
       }
     } else if (expect.count(p.name)) {
-      EXPECT_TRUE(bit_equal(p.value, expect.at(p.name))) << p.name;
+      EXPECT_TRUE(same_bits(p.value, expect.at(p.name))) << p.name;
     }
   }
   // The dequantized values are close to the originals (FP8 keeps 3 mantissa bits).
@@ -214,13 +214,13 @@ TEST(HfIo, MtpLayerIsDroppedOrKeptAndWrittenBack) {
   keep.keep_mtp = true;
   HfModel kept = import_hf(dir / "hf", keep);
   ASSERT_EQ(kept.extra.size(), 3u);
-  EXPECT_TRUE(bit_equal(kept.extra.at("mtp/" + mtp + "eh_proj.weight"), eh));
-  EXPECT_TRUE(bit_equal(kept.extra.at("mtp/" + mtp + "self_attn.o_proj.weight"), q));
+  EXPECT_TRUE(same_bits(kept.extra.at("mtp/" + mtp + "eh_proj.weight"), eh));
+  EXPECT_TRUE(same_bits(kept.extra.at("mtp/" + mtp + "self_attn.o_proj.weight"), q));
   export_hf(dir / "out", kept.cfg, kept.params, kept.extra, opt);
   SafetensorsSet out(dir / "out");
-  EXPECT_TRUE(bit_equal(out.read(mtp + "eh_proj.weight"), eh));
-  EXPECT_TRUE(bit_equal(out.read(mtp + "self_attn.o_proj.weight"), q));
-  EXPECT_TRUE(bit_equal(out.read(mtp + "self_attn.o_proj.weight_scale_inv"), s));
+  EXPECT_TRUE(same_bits(out.read(mtp + "eh_proj.weight"), eh));
+  EXPECT_TRUE(same_bits(out.read(mtp + "self_attn.o_proj.weight"), q));
+  EXPECT_TRUE(same_bits(out.read(mtp + "self_attn.o_proj.weight_scale_inv"), s));
   std::ifstream cj(dir / "out/config.json");
   std::string text((std::istreambuf_iterator<char>(cj)), std::istreambuf_iterator<char>());
   EXPECT_NE(text.find("\"num_nextn_predict_layers\": 1"), std::string::npos);

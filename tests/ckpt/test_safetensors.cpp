@@ -38,7 +38,7 @@ TEST(Safetensors, WriteReadRoundTripIsBitExact) {
   ASSERT_EQ(f.header().tensors.size(), ts.size());
   for (const auto& [name, t] : ts) {
     Tensor r = f.read(name);
-    EXPECT_TRUE(bit_equal(r, t)) << name;
+    EXPECT_TRUE(same_bits(r, t)) << name;
   }
   EXPECT_EQ(f.info("w.bf16").dtype, StDType::BF16);
   EXPECT_EQ(f.info("w.f8").dtype, StDType::F8_E4M3);
@@ -119,7 +119,7 @@ TEST(Safetensors, ShardedWriteAndIndexedRead) {
   EXPECT_EQ(files.back(), "model.safetensors.index.json");
   SafetensorsSet set(dir / "hf");
   ASSERT_EQ(set.names().size(), 10u);
-  for (const auto& [n, t] : ts) EXPECT_TRUE(bit_equal(set.read(n), t)) << n;
+  for (const auto& [n, t] : ts) EXPECT_TRUE(same_bits(set.read(n), t)) << n;
   // One shard when everything fits; the stale shards of the previous export are removed.
   files = write_safetensors_sharded(dir / "hf", ts, 1 << 20);
   ASSERT_EQ(files.size(), 1u);

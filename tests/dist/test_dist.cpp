@@ -16,6 +16,7 @@
 
 #include "data/shards.h"
 #include "tests/dist/dist_util.h"
+#include "tests/test_util.h"
 #include "trainer/checkpoint.h"
 
 namespace fs = std::filesystem;
@@ -24,6 +25,7 @@ using namespace dsa;
 namespace {
 
 using namespace dsa::dist_testing;
+using dsa::testing::same_bits;
 
 // The single-process reference: 6 steps of the global batch.
 const std::string& reference() {
@@ -46,10 +48,6 @@ const std::string& dp2() {
   EXPECT_EQ(dp2_run.code, 0) << dp2_run.log;
   path = final_of(recipe);
   return path;
-}
-
-bool same_bits(const Tensor& a, const Tensor& b) {
-  return a.shape() == b.shape() && a.dtype() == b.dtype() && std::memcmp(a.raw(), b.raw(), a.nbytes()) == 0;
 }
 
 }  // namespace

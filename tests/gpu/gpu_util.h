@@ -1,17 +1,9 @@
 // Helpers for the GPU tests: skip without a device, move tensors, compare with the CPU reference.
 #pragma once
 
-#include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
-#include <algorithm>
 #include <cmath>
-#include <cstdlib>
-#include <functional>
-#include <string>
-#include <vector>
-
-#include "kernels/cuda/context.h"
 
 #include "kernels/device_memory.h"
 #include "kernels/tensor.h"
@@ -59,37 +51,6 @@ inline ::testing::AssertionResult rel_close(const Tensor& a, const Tensor& b, do
   const double rel = den > 0 ? std::sqrt(num / den) : std::sqrt(num);
   if (rel <= tol) return ::testing::AssertionSuccess() << "rel " << rel;
   return ::testing::AssertionFailure() << "relative error " << rel << " > " << tol;
-}
-
-// Benchmarks inside the GPU tests run only with DSA_GPU_BENCH=1 and are never asserted.
-#define DSA_REQUIRE_GPU_BENCH()                                                                      \
-  do {                                                                                               \
-    DSA_REQUIRE_GPU();                                                                               \
-    const char* bench_env_ = std::getenv("DSA_GPU_BENCH");                                           \
-    if (!bench_env_ || std::string(bench_env_) != "1") GTEST_SKIP() << "set DSA_GPU_BENCH=1";        \
-  } while (0)
-
-// Median milliseconds of f over `reps` runs after `warm` unmeasured ones, by CUDA events on the op
-// stream (a host synchronization inside f is included).
-inline double gpu_median_ms(const std::function<void()>& f, int reps = 10, int warm = 3) {
-  for (int i = 0; i < warm; ++i) f();
-  cudaEvent_t a, b;
-  cudaEventCreate(&a);
-  cudaEventCreate(&b);
-  std::vector<float> ms;
-  for (int i = 0; i < reps; ++i) {
-    cudaEventRecord(a, cuda::stream());
-    f();
-    cudaEventRecord(b, cuda::stream());
-    cudaEventSynchronize(b);
-    float t = 0;
-    cudaEventElapsedTime(&t, a, b);
-    ms.push_back(t);
-  }
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
-  std::sort(ms.begin(), ms.end());
-  return ms[ms.size() / 2];
 }
 
 }  // namespace dsa::testing

@@ -1,17 +1,13 @@
 // GPU dense causal attention vs the CPU reference: forward (out, lse) and backward (dq, dk, dv) for
 // MHA / GQA / MQA, odd T, the model's head dims (tiny 12/6, bench-small 96/64, production MHA 192/128)
-// and the padded fallbacks. DSA_GPU_BENCH=1 adds timings at bench-small and production shapes.
-#include <cuda_runtime.h>
+// and the padded fallbacks. Timings: `dsa-bench ops --only attention`.
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
-#include <cstdlib>
-#include <functional>
 #include <vector>
 
-#include "kernels/cuda/context.h"
 #include "kernels/ops.h"
 #include "tests/gpu/gpu_util.h"
 #include "tests/test_util.h"
@@ -97,7 +93,7 @@ TEST(GpuAttention, TinyHeadDims12x6) {
   DSA_REQUIRE_GPU();
   run_dims(12, 6);
 }
-TEST(GpuAttention, BenchSmallHeadDims96x64) {
+TEST(GpuAttention, HeadDims96x64) {  // bench-small's MHA form
   DSA_REQUIRE_GPU();
   run_dims(96, 64);
 }
@@ -134,40 +130,6 @@ TEST(GpuAttention, RejectsBadInputs) {
   EXPECT_THROW(ops::attention_forward(big, big, big, 0.3, nullptr), std::runtime_error);
   Tensor q32 = randn_bf16({1, 4, 2, 8}, 4).to(Device::CUDA);  // f32 on the GPU
   EXPECT_THROW(ops::attention_forward(q32, q32, q32, 0.3, nullptr), std::runtime_error);
-}
-
-// ------------------------------------------------------------------------------------ benchmark
-// Fast pseudo-random bf16 fill (the CPU randn is too slow for 10^8-element tensors).
-Tensor fill_gpu(const Shape& s, uint64_t seed) {
-  Tensor h = Tensor::empty(s, DType::BF16);
-  bf16* p = h.data<bf16>();
-  uint64_t x = seed * 0x9E3779B97F4A7C15ull + 1;
-  for (int64_t i = 0; i < h.numel(); ++i) {
-    x ^= x << 13, x ^= x >> 7, x ^= x << 17;
-    p[i] = f32_to_bf16(float(int64_t(x >> 40) - (1ll << 23)) / float(1 << 23));  // uniform(-1, 1)
-  }
-  return h.to(Device::CUDA);
-}
-
-
-TEST(GpuAttention, Bench) {
-  DSA_REQUIRE_GPU();
-  const char* env = std::getenv("DSA_GPU_BENCH");
-  if (!env || std::string(env) != "1") GTEST_SKIP() << "set DSA_GPU_BENCH=1";
-  for (const Case& c : {Case{1, 16384, 16, 16, 96, 64}, Case{1, 8192, 128, 128, 192, 128}}) {
-    Tensor q = fill_gpu({c.B, c.T, c.H, c.Dk}, 1), k = fill_gpu({c.B, c.T, c.Hk, c.Dk}, 2);
-    Tensor v = fill_gpu({c.B, c.T, c.Hk, c.Dv}, 3), dout = fill_gpu({c.B, c.T, c.H, c.Dv}, 4);
-    const double scale = 1.0 / std::sqrt(double(c.Dk));
-    Tensor lse, out = ops::attention_forward(q, k, v, scale, &lse);
-    const double fwd_ms = dsa::testing::gpu_median_ms([&] { ops::attention_forward(q, k, v, scale, &lse); }, 7);
-    const double bwd_ms = dsa::testing::gpu_median_ms([&] { ops::attention_backward(dout, q, k, v, out, lse, scale); }, 5);
-    const double fwd_flop = 2.0 * c.B * c.H * (double(c.T) * c.T / 2) * (c.Dk + c.Dv);
-    std::printf("[bench] attention B=%lld T=%lld H=%lld Hk=%lld Dk=%lld Dv=%lld: fwd %.3f ms %.1f TFLOP/s, "
-                "bwd %.3f ms %.1f TFLOP/s, fwd+bwd %.1f TFLOP/s\n",
-                (long long)c.B, (long long)c.T, (long long)c.H, (long long)c.Hk, (long long)c.Dk, (long long)c.Dv,
-                fwd_ms, fwd_flop / fwd_ms * 1e-9, bwd_ms, 2.5 * fwd_flop / bwd_ms * 1e-9,
-                3.5 * fwd_flop / (fwd_ms + bwd_ms) * 1e-9);
-  }
 }
 
 }  // namespace

@@ -1,10 +1,8 @@
 // GPU DSA ops (kernels/cuda/ops_dsa.h through the kernels/dsa_ops.h entries) against the CPU reference
-// fed the same bf16-rounded inputs in f32. DSA_GPU_BENCH=1 adds production-shape timings (not asserted).
+// fed the same bf16-rounded inputs in f32. Timings: `dsa-bench ops --only indexer_kl,sparse_attention,indexer`.
 #include <gtest/gtest.h>
 
 #include <algorithm>
-#include <array>
-#include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -24,6 +22,7 @@ using testing::poisoned_gpu;
 using testing::randn;
 using testing::bf16_tol;
 using testing::rel_close;
+using testing::same_bits;
 using testing::to_gpu;
 
 // f32 CPU tensor holding bf16-rounded values of a random normal tensor, and its bf16 GPU copy.
@@ -60,8 +59,7 @@ TEST(GpuDsa, HadamardBitExact) {
     const Tensor x = randn({2, 37, 3, d}, 11 + d, 1.0, DType::F32);
     const Tensor g = ops::hadamard_transform(to_gpu(x, DType::F32)).to(Device::CPU);
     const Tensor c = ops::hadamard_transform(x);
-    ASSERT_EQ(g.shape(), c.shape());
-    EXPECT_EQ(0, std::memcmp(g.raw(), c.raw(), c.nbytes())) << "d = " << d;
+    EXPECT_TRUE(same_bits(g, c)) << "d = " << d;
   }
 }
 
@@ -80,15 +78,15 @@ TEST(GpuDsa, Fp8CodesBitExact) {
     const ops::Fp8Blocks c = ops::fp8_block_quantize_codes(x, block);
     const ops::Fp8Blocks g = ops::fp8_block_quantize_codes(to_gpu(x, DType::F32), block);
     const Tensor gc = g.codes.to(Device::CPU), gs = g.scales.to(Device::CPU);
-    EXPECT_EQ(0, std::memcmp(gc.raw(), c.codes.raw(), c.codes.nbytes())) << "codes, block " << block;
-    EXPECT_EQ(0, std::memcmp(gs.raw(), c.scales.raw(), c.scales.nbytes())) << "scales, block " << block;
+    EXPECT_TRUE(same_bits(gc, c.codes)) << "codes, block " << block;
+    EXPECT_TRUE(same_bits(gs, c.scales)) << "scales, block " << block;
     Tensor cs, gsc;
     const Tensor cr = ops::fp8_block_quantize(x, block, &cs);
     const Tensor gr = ops::fp8_block_quantize(to_gpu(x, DType::F32), block, &gsc).to(Device::CPU);
-    EXPECT_EQ(0, std::memcmp(gr.raw(), cr.raw(), cr.nbytes())) << "round trip, block " << block;
+    EXPECT_TRUE(same_bits(gr, cr)) << "round trip, block " << block;
     const Tensor gd = ops::fp8_block_dequantize(g, block, DType::F32).to(Device::CPU);
     const Tensor cd = ops::fp8_block_dequantize(c, block, DType::F32);
-    EXPECT_EQ(0, std::memcmp(gd.raw(), cd.raw(), cd.nbytes())) << "dequantize, block " << block;
+    EXPECT_TRUE(same_bits(gd, cd)) << "dequantize, block " << block;
   }
 }
 
@@ -219,7 +217,7 @@ TEST(GpuDsa, TopkCausalTies) {
   s.data<float>()[3] = std::nanf("");
   const Tensor cpu = ops::topk_causal(s, T - R, K);
   const Tensor gpu = ops::topk_causal(to_gpu(s, DType::F32), T - R, K).to(Device::CPU);
-  EXPECT_EQ(0, std::memcmp(gpu.raw(), cpu.raw(), cpu.nbytes()));
+  EXPECT_TRUE(same_bits(gpu, cpu));
 }
 
 TEST(GpuDsa, TopkCausalLongRows) {
@@ -242,7 +240,7 @@ TEST(GpuDsa, TopkCausalLongRows) {
       }
       const Tensor cpu = ops::topk_causal(s, T - R, K);
       const Tensor gpu = ops::topk_causal(to_gpu(s, DType::F32), T - R, K).to(Device::CPU);
-      EXPECT_EQ(0, std::memcmp(gpu.raw(), cpu.raw(), cpu.nbytes())) << "dist " << dist << " K " << K;
+      EXPECT_TRUE(same_bits(gpu, cpu)) << "dist " << dist << " K " << K;
     }
 }
 
@@ -446,169 +444,6 @@ TEST(GpuDsa, IndexerKlSparse) {
         EXPECT_TRUE(rel_close(gs.dw, gc.dw, kKlGradTol)) << "dw slot scores T = " << c.T << " fp8 " << fp8;
       }
     }
-  }
-}
-
-// ------------------------------------------------------------------------------------------- bench
-
-// Fast host fill of a bf16 GPU tensor with uniform values in [-a, a] (production sizes).
-Tensor fast_bf16(const Shape& s, uint64_t seed, float a) {
-  Tensor h = Tensor::empty(s, DType::BF16);
-  bf16* p = h.data<bf16>();
-  uint64_t x = seed * 0x9E3779B97F4A7C15ull + 1;
-  for (int64_t i = 0; i < h.numel(); ++i) {
-    x ^= x << 13; x ^= x >> 7; x ^= x << 17;
-    p[i] = f32_to_bf16(a * (static_cast<float>(x >> 40) * (2.0f / 16777216.0f) - 1.0f));
-  }
-  return h.to(Device::CUDA);
-}
-
-
-TEST(GpuDsa, Bench) {
-  DSA_REQUIRE_GPU();
-  const char* e = std::getenv("DSA_GPU_BENCH");
-  if (!e || std::string(e) != "1") GTEST_SKIP() << "set DSA_GPU_BENCH=1";
-  for (const auto& sh : {std::array<int64_t, 7>{16384, 16, 288, 16, 64, 1, 0}, std::array<int64_t, 7>{4096, 128, 576, 64, 128, 1, 0}}) {
-    // Dense indexer KL (warm-up): T, H, Dk (MQA, one key head), Hi, D.
-    const int64_t T = sh[0], H = sh[1], Dk = sh[2], Hi = sh[3], D = sh[4];
-    const Tensor qm = fast_bf16({1, T, H, Dk}, 7, 0.05f), km = fast_bf16({1, T, 1, Dk}, 8, 1.f);
-    const Tensor q = fast_bf16({1, T, Hi, D}, 9, 1.f), k = fast_bf16({1, T, D}, 10, 1.f), w = fast_bf16({1, T, Hi}, 11, 0.1f);
-    Tensor lse_h = Tensor::empty({1, H, T}, DType::F32);
-    for (int64_t h = 0; h < H; ++h)
-      for (int64_t t = 0; t < T; ++t) lse_h.data<float>()[h * T + t] = std::log(static_cast<float>(t + 1));
-    const Tensor lse = lse_h.to(Device::CUDA);
-    const double scale = 1.0 / std::sqrt(static_cast<double>(Dk));
-    const double tri = static_cast<double>(T) * (T + 1) / 2;
-    const double f_main = 2.0 * tri * H * Dk, f_idx = 2.0 * tri * Hi * D;
-    ops::IndexerGrads g;
-    const double ms_f = dsa::testing::gpu_median_ms([&] { ops::indexer_kl_dense(qm, km, lse, scale, q, k, w, true, 1.0, nullptr); }, 3);
-    const double ms_b = dsa::testing::gpu_median_ms([&] { ops::indexer_kl_dense(qm, km, lse, scale, q, k, w, true, 1.0, &g); }, 3);
-    Tensor idx = Tensor::zeros({1, T, 512}, DType::I32, Device::CUDA);
-    const double ms_r = dsa::testing::gpu_median_ms([&] { ops::indexer_recall(qm, km, lse, scale, idx); }, 3);
-    std::printf("[bench] indexer_kl_dense T=%lld H=%lld Dk=%lld Hi=%lld D=%lld fp8: loss %.2f ms (%.1f TFLOP/s), "
-                "loss+grads %.2f ms (%.1f TFLOP/s); recall %.2f ms\n",
-                (long long)T, (long long)H, (long long)Dk, (long long)Hi, (long long)D, ms_f,
-                (f_main + f_idx) / ms_f * 1e-9, ms_b, (2 * f_main + 6 * f_idx) / ms_b * 1e-9, ms_r);
-  }
-  for (int64_t T : {8192, 32768}) {
-    const int64_t Hi = 64, D = 128, K = 2048;
-    const Tensor q = fast_bf16({1, T, Hi, D}, 1, 1.f), k = fast_bf16({1, T, D}, 2, 1.f), w = fast_bf16({1, T, Hi}, 3, 0.1f);
-    const double flop = static_cast<double>(T) * (T + 1) / 2 * Hi * D * 2;
-    for (bool fp8 : {true, false}) {
-      const double ms = dsa::testing::gpu_median_ms([&] { ops::indexer_topk(q, k, w, K, fp8); }, 3);
-      std::printf("[bench] indexer_topk T=%lld Hi=64 D=128 K=2048 fp8=%d: %.2f ms, %.1f TFLOP/s (scoring FLOPs)\n",
-                  (long long)T, (int)fp8, ms, flop / ms * 1e-9);
-    }
-  }
-}
-
-// Sparse attention at production and bench-small shapes, fused kernels and (DSA_SPARSE_ATTN_GEMM=1) the
-// gather + cuBLASLt path.
-TEST(GpuDsa, BenchSparseAttention) {
-  DSA_REQUIRE_GPU();
-  const char* e = std::getenv("DSA_GPU_BENCH");
-  if (!e || std::string(e) != "1") GTEST_SKIP() << "set DSA_GPU_BENCH=1";
-  struct Shape5 {
-    int64_t T, H, Dk, Dv, K;
-  };
-  for (const Shape5& sh : {Shape5{4096, 128, 576, 512, 2048}, Shape5{16384, 16, 288, 256, 512}})
-  for (const char* path : {"mma", "gemm"}) {
-    setenv("DSA_SPARSE_ATTN_GEMM", std::string(path) == "gemm" ? "1" : "0", 1);
-    const int64_t T = sh.T, H = sh.H, Dk = sh.Dk, Dv = sh.Dv, K = sh.K;
-    const Tensor q = fast_bf16({1, T, H, Dk}, 4, 0.05f), kv = fast_bf16({1, T, Dk}, 5, 1.f),
-                 dout = fast_bf16({1, T, H, Dv}, 6, 1.f);
-    Tensor idx = Tensor::empty({1, T, K}, DType::I32);
-    std::mt19937_64 rng(9);
-    for (int64_t t = 0; t < T; ++t)
-      for (int64_t kk = 0; kk < K; ++kk)
-        idx.data<int32_t>()[t * K + kk] =
-            t + 1 <= K ? (kk <= t ? static_cast<int32_t>(kk) : -1) : static_cast<int32_t>(rng() % (t + 1));
-    const Tensor idx_g = idx.to(Device::CUDA);
-    const double scale = 1.0 / std::sqrt(192.0);
-    Tensor lse, out;
-    const double fwd_flop = 2.0 * T * H * K * (Dk + Dv), bwd_flop = 2.0 * T * H * K * (2 * Dk + 2 * Dv);
-    const double ms_f = dsa::testing::gpu_median_ms([&] { out = ops::sparse_attention_forward(q, kv, Dv, idx_g, scale, &lse); }, 3);
-    const double ms_b = dsa::testing::gpu_median_ms([&] { ops::sparse_attention_backward(dout, q, kv, Dv, idx_g, out, lse, scale); }, 3);
-    std::printf("[bench] sparse_attention %s T=%lld H=%lld Dk=%lld Dv=%lld K=%lld: fwd %.2f ms (%.1f TFLOP/s), "
-                "bwd %.2f ms (%.1f TFLOP/s), fwd+bwd %.1f TFLOP/s\n",
-                path, (long long)T, (long long)H, (long long)Dk, (long long)Dv, (long long)K, ms_f,
-                fwd_flop / ms_f * 1e-9, ms_b, bwd_flop / ms_b * 1e-9, (fwd_flop + bwd_flop) / (ms_f + ms_b) * 1e-9);
-  }
-  unsetenv("DSA_SPARSE_ATTN_GEMM");
-}
-
-// Indexer top-k (scoring and selection timed apart) and the sparse KL (forward + backward) at the
-// bench-small shapes (T = 16K, Hi 16 x 64, K = 512, H = 16, Dk = 288) and the production shapes.
-TEST(GpuDsa, BenchIndexer) {
-  DSA_REQUIRE_GPU();
-  const char* e = std::getenv("DSA_GPU_BENCH");
-  if (!e || std::string(e) != "1") GTEST_SKIP() << "set DSA_GPU_BENCH=1";
-  struct Shape5 {
-    const char* name;
-    int64_t T, Hi, D, K;
-  };
-  for (const Shape5& c : {Shape5{"bench-small", 16384, 16, 64, 512}, Shape5{"production", 8192, 64, 128, 2048}}) {
-    const Tensor q = fast_bf16({1, c.T, c.Hi, c.D}, 1, 1.f), k = fast_bf16({1, c.T, c.D}, 2, 1.f),
-                 w = fast_bf16({1, c.T, c.Hi}, 3, 0.1f);
-    Tensor scores;
-    const double ms_s = dsa::testing::gpu_median_ms([&] { scores = ops::indexer_scores_forward(q, k, w, 0, c.T); }, 3);
-    const double ms_k = dsa::testing::gpu_median_ms([&] { ops::topk_causal(scores, 0, c.K); }, 3);
-    scores = Tensor();
-    const double ms_8 = dsa::testing::gpu_median_ms([&] { ops::indexer_topk(q, k, w, c.K, true); }, 3);
-    const double ms_b = dsa::testing::gpu_median_ms([&] { ops::indexer_topk(q, k, w, c.K, false); }, 3);
-    std::printf("[bench] %s T=%lld Hi=%lld D=%lld K=%lld: scores_forward(bf16, fill incl.) %.2f ms, topk_causal "
-                "%.2f ms, indexer_topk fp8 %.2f ms, bf16 %.2f ms\n",
-                c.name, (long long)c.T, (long long)c.Hi, (long long)c.D, (long long)c.K, ms_s, ms_k, ms_8, ms_b);
-  }
-  struct Shape8 {
-    const char* name;
-    int64_t T, H, Dk, Hi, D, K;
-  };
-  for (const Shape8& c : {Shape8{"bench-small", 16384, 16, 288, 16, 64, 512}, Shape8{"production", 4096, 128, 576, 64, 128, 2048}}) {
-    const Tensor qm = fast_bf16({1, c.T, c.H, c.Dk}, 4, 0.05f), kv = fast_bf16({1, c.T, c.Dk}, 5, 1.f);
-    const Tensor q = fast_bf16({1, c.T, c.Hi, c.D}, 6, 1.f), k = fast_bf16({1, c.T, c.D}, 7, 1.f),
-                 w = fast_bf16({1, c.T, c.Hi}, 8, 0.1f);
-    Tensor slot_scores;
-    const Tensor idx = ops::indexer_topk(q, k, w, c.K, true, 0, &slot_scores);
-    const double scale = 1.0 / std::sqrt(static_cast<double>(c.Dk));
-    Tensor lse;
-    ops::sparse_attention_forward(qm, kv, c.Dk - 32, idx, scale, &lse);
-    ops::IndexerLossResult r;
-    const double ms_f = dsa::testing::gpu_median_ms([&] { r = ops::indexer_kl_sparse(qm, kv, lse, scale, idx, q, k, w, true, 1e-3, nullptr); }, 3);
-    const double ms_fb = dsa::testing::gpu_median_ms([&] {
-      ops::IndexerGrads g;
-      r = ops::indexer_kl_sparse(qm, kv, lse, scale, idx, q, k, w, true, 1e-3, &g);
-    }, 3);
-    std::printf("[bench] %s indexer_kl_sparse T=%lld H=%lld Dk=%lld Hi=%lld D=%lld K=%lld: fwd %.2f ms, fwd+bwd %.2f ms "
-                "(loss %.4f over %lld rows)\n",
-                c.name, (long long)c.T, (long long)c.H, (long long)c.Dk, (long long)c.Hi, (long long)c.D, (long long)c.K,
-                ms_f, ms_fb, r.loss_sum / std::max<int64_t>(1, r.rows), (long long)r.rows);
-    // The model's route: the sparse forward (fused path: Dv = Dk - 32 at bench-small, 512 in production)
-    // also returns the head-summed probabilities, and the loss reads them.
-    const int64_t dv = c.Dk == 576 ? 512 : c.Dk - 32;
-    Tensor ps;
-    const double ms_a0 = dsa::testing::gpu_median_ms([&] { ops::sparse_attention_forward(qm, kv, dv, idx, scale, &lse); }, 3);
-    const double ms_a1 = dsa::testing::gpu_median_ms([&] { ops::sparse_attention_forward(qm, kv, dv, idx, scale, &lse, &ps); }, 3);
-    ops::IndexerLossResult rp;
-    const double ms_pf = dsa::testing::gpu_median_ms([&] { rp = ops::indexer_kl_sparse_from_probs(ps, idx, q, k, w, true, 1e-3, nullptr); }, 3);
-    const double ms_pfb = dsa::testing::gpu_median_ms([&] {
-      ops::IndexerGrads g;
-      rp = ops::indexer_kl_sparse_from_probs(ps, idx, q, k, w, true, 1e-3, &g);
-    }, 3);
-    const double ms_sfb = dsa::testing::gpu_median_ms([&] {
-      ops::IndexerGrads g;
-      rp = ops::indexer_kl_sparse_from_probs(ps, idx, q, k, w, true, 1e-3, &g, &slot_scores);
-    }, 3);
-    // The training step's route: the backward returns the head sums.
-    const Tensor dout = fast_bf16({1, c.T, c.H, dv}, 9, 0.05f);
-    const Tensor out = ops::sparse_attention_forward(qm, kv, dv, idx, scale, &lse);
-    const double ms_b0 = dsa::testing::gpu_median_ms([&] { ops::sparse_attention_backward(dout, qm, kv, dv, idx, out, lse, scale); }, 3);
-    const double ms_b1 = dsa::testing::gpu_median_ms([&] { ops::sparse_attention_backward(dout, qm, kv, dv, idx, out, lse, scale, true); }, 3);
-    std::printf("[bench] %s sparse_attention_forward Dv=%lld: %.2f ms, with probs_sum %.2f ms; backward %.2f ms, "
-                "with probs_sum %.2f ms; indexer_kl_sparse_from_probs fwd %.2f ms, fwd+bwd %.2f ms, fwd+bwd with the "
-                "top-k's slot scores %.2f ms (loss %.4f)\n",
-                c.name, (long long)dv, ms_a0, ms_a1, ms_b0, ms_b1, ms_pf, ms_pfb, ms_sfb,
-                rp.loss_sum / std::max<int64_t>(1, rp.rows));
   }
 }
 

@@ -1,8 +1,7 @@
 // LM head + cross-entropy: against a naive materialized [N, V] reference on small V (ignored targets),
-// gradients by finite differences, the multi-chunk path, and the real vocabulary size quickly.
+// gradients by finite differences, the multi-chunk path, and the real vocabulary size in f32 against f64.
 #include <gtest/gtest.h>
 
-#include <chrono>
 #include <cmath>
 
 #include "kernels/ops.h"
@@ -118,18 +117,13 @@ TEST(CrossEntropy, SeveralChunksMatchNaive) {
   EXPECT_TRUE(all_close(dw, ref.dw, 1e-9, 1e-13));
 }
 
-TEST(CrossEntropy, RealVocabF32IsFastAndMatchesF64) {
+TEST(CrossEntropy, RealVocabF32MatchesF64) {  // its time: dsa-bench ops --only gemm (CPU shapes)
   const int64_t n = 64, d = 64, v = 129280;
   const Tensor x = randn({n, d}, 9, 1.0, DType::F32), w = randn({v, d}, 10, 0.1, DType::F32);
   Tensor tgt = randint({n}, 11, 0, v);
   tgt.data<int32_t>()[5] = -1;
   Tensor dx, dw = Tensor::zeros({v, d}, DType::F32);
-  const auto t0 = std::chrono::steady_clock::now();
   const auto res = ops::lm_head_cross_entropy(x, w, tgt, 1.0 / 63, &dx, &dw);
-  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  std::printf("lm_head_cross_entropy f32 N=%lld D=%lld V=%lld forward+backward: %.3f s\n", (long long)n,
-              (long long)d, (long long)v, secs);
-  EXPECT_LT(secs, 3.0);  // a few tens of ms on 2 cores; generous for shared CI machines
   EXPECT_EQ(res.count, 63);
   Tensor dx64, dw64;
   const auto r64 = ops::lm_head_cross_entropy(x.to(DType::F64), w.to(DType::F64), tgt, 1.0 / 63, &dx64, &dw64);

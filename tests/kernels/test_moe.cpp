@@ -1,11 +1,9 @@
 // MoE ops: routing against an independent sort-based reference and adversarial cases, permutation,
 // combine, grouped linear, route / scores backward and the sequence balance loss against finite
-// differences (f64), expert loads.
+// differences (f64), expert loads, and the grouped linear at bench-small widths in f32 within a derived bound.
 #include <gtest/gtest.h>
 
 #include <algorithm>
-#include <chrono>
-#include <cstdio>
 #include <cmath>
 #include <numeric>
 #include <random>
@@ -380,23 +378,78 @@ TEST(MoeGroupedLinear, ShapeErrors) {
   }
 }
 
-TEST(MoeGroupedLinear, TimingF32) {
-  // Throughput figure for the report (not a pass/fail bound): bench-small expert up-projection,
-  // 2048 tokens x 4 active of 16 experts, hidden 1024 -> moe_intermediate 512.
-  const int64_t N = 2048, K = 4, E = 16, in = 1024, out = 512;
-  ops::MoeRouting r = ops::moe_route(randn({N, E}, 1, 1.0, DType::F32), Tensor::zeros({E}, DType::F32), cfg_of(4, 2, K));
-  ops::MoePermutation p = ops::moe_permutation(r.experts, E);
-  Tensor xp = randn({N * K, in}, 2, 1.0, DType::F32), w = randn({E, out, in}, 3, 0.03, DType::F32);
-  Tensor gy = randn({N * K, out}, 4, 1.0, DType::F32), dw = Tensor::zeros({E, out, in}, DType::F32);
-  auto t0 = std::chrono::steady_clock::now();
-  Tensor y = ops::grouped_linear_forward(xp, w, p);
-  auto t1 = std::chrono::steady_clock::now();
-  Tensor dx = ops::grouped_linear_backward(gy, xp, w, p, &dw);
-  auto t2 = std::chrono::steady_clock::now();
-  const double f = 2.0 * N * K * in * out, fwd = std::chrono::duration<double>(t1 - t0).count();
-  const double bwd = std::chrono::duration<double>(t2 - t1).count();
-  std::printf("grouped_linear f32 M=%ld %ld->%ld E=%ld: fwd %.3f s (%.1f GFLOP/s), bwd %.3f s (%.1f GFLOP/s)\n",
-              (long)(N * K), (long)in, (long)out, (long)E, fwd, f / fwd * 1e-9, bwd, 2 * f / bwd * 1e-9);
-  EXPECT_EQ(y.shape(), Shape({N * K, out}));
-  EXPECT_EQ(dx.shape(), Shape({N * K, in}));
+namespace {
+
+// Per-expert products in f64 with the magnitudes beside them: for each expert e and its rows [o, o + c) of
+// the permutation, C[i, j] = sum_l a(i, l) b(l, j) over l < L, and M[i, j] = sum_l |a(i, l) b(l, j)|.
+template <class A, class B>
+void naive_product(int64_t rows, int64_t cols, int64_t L, A a, B b, std::vector<double>& C, std::vector<double>& M) {
+  C.assign(rows * cols, 0.0);
+  M.assign(rows * cols, 0.0);
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t l = 0; l < L; ++l) {
+      const double x = a(i, l);
+      for (int64_t j = 0; j < cols; ++j) {
+        const double y = x * b(l, j);
+        C[i * cols + j] += y;
+        M[i * cols + j] += std::fabs(y);
+      }
+    }
+}
+
+// got[i] within gamma_n * (M[i] + |base[i]|) of C[i] + base[i] (base: an accumulated-onto start, or null).
+::testing::AssertionResult within_dot_bound(const char* what, const float* got, const std::vector<double>& C,
+                                            const std::vector<double>& M, int64_t n, const float* base = nullptr) {
+  const double u = std::ldexp(1.0, -24), gamma = n * u / (1 - n * u);
+  for (size_t i = 0; i < C.size(); ++i) {
+    const double b0 = base ? base[i] : 0.0, want = C[i] + b0, tol = gamma * (M[i] + std::fabs(b0));
+    if (!(std::fabs(got[i] - want) <= tol))
+      return ::testing::AssertionFailure()
+             << what << "[" << i << "] = " << got[i] << ", want " << want << " +- " << tol;
+  }
+  return ::testing::AssertionSuccess();
+}
+
+}  // namespace
+
+TEST(MoeGroupedLinear, Widths1024To512Experts16Top4F32) {
+  // bench-small's expert up-projection (its timing: dsa-bench ops --only moe): 64 tokens routed to 4 of 16
+  // experts (4 groups, 2 kept), hidden 1024 -> moe_intermediate 512, in f32 against per-expert f64 products
+  // of the same values. The bound is Higham's for an f32 dot product of n terms in any order, with or
+  // without FMA: |fl(sum) - sum| <= gamma_n sum |a_i b_i|, gamma_n = n u / (1 - n u), u = 2^-24; dw adds
+  // onto a given start (one more term: gamma_{n+1}, with |dw0| in the magnitude).
+  const int64_t N = 64, K = 4, E = 16, in = 1024, out = 512, M = N * K;
+  const ops::MoeRouting r =
+      ops::moe_route(randn({N, E}, 1, 1.0, DType::F32), Tensor::zeros({E}, DType::F32), cfg_of(4, 2, K));
+  const ops::MoePermutation p = ops::moe_permutation(r.experts, E);
+  const Tensor xp = randn({M, in}, 2, 1.0, DType::F32), w = randn({E, out, in}, 3, 0.03, DType::F32);
+  const Tensor dy = randn({M, out}, 4, 1.0, DType::F32), dw0 = randn({E, out, in}, 5, 0.1, DType::F32);
+  Tensor dw = dw0.clone();
+  const Tensor y = ops::grouped_linear_forward(xp, w, p);
+  const Tensor dx = ops::grouped_linear_backward(dy, xp, w, p, &dw);
+  ASSERT_EQ(y.shape(), Shape({M, out}));
+  ASSERT_EQ(dx.shape(), Shape({M, in}));
+  const float *X = xp.data<float>(), *W = w.data<float>(), *DY = dy.data<float>();
+  std::vector<double> C, Mag;
+  int64_t used = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t o = p.offsets[e], c = p.counts[e];
+    const float* We = W + e * out * in;
+    SCOPED_TRACE(::testing::Message() << "expert " << e << ", " << c << " rows");
+    used += c > 0;
+    // y[rows of e] = xp[rows of e] W_e^T
+    naive_product(c, out, in, [&](int64_t i, int64_t l) { return X[(o + i) * in + l]; },
+                  [&](int64_t l, int64_t j) { return We[j * in + l]; }, C, Mag);
+    EXPECT_TRUE(within_dot_bound("y", y.data<float>() + o * out, C, Mag, in));
+    // dx[rows of e] = dy[rows of e] W_e
+    naive_product(c, in, out, [&](int64_t i, int64_t l) { return DY[(o + i) * out + l]; },
+                  [&](int64_t l, int64_t j) { return We[l * in + j]; }, C, Mag);
+    EXPECT_TRUE(within_dot_bound("dx", dx.data<float>() + o * in, C, Mag, out));
+    // dw_e = dw0_e + dy[rows of e]^T xp[rows of e]
+    naive_product(out, in, c, [&](int64_t i, int64_t l) { return DY[(o + l) * out + i]; },
+                  [&](int64_t l, int64_t j) { return X[(o + l) * in + j]; }, C, Mag);
+    EXPECT_TRUE(
+        within_dot_bound("dw", dw.data<float>() + e * out * in, C, Mag, c + 1, dw0.data<float>() + e * out * in));
+  }
+  EXPECT_GE(used, 8) << "the routing should spread 256 rows over most of the 16 experts";
 }

@@ -15,6 +15,7 @@
 
 #include "data/shards.h"
 #include "tests/dist/dist_util.h"
+#include "tests/test_util.h"
 #include "trainer/checkpoint.h"
 #include "trainer/recipe.h"
 #include "trainer/trainer.h"
@@ -26,6 +27,7 @@ namespace {
 
 // The learnable synthetic corpus shared with the distributed tests (tests/dist/dist_util.h).
 using dist_testing::make_corpus;
+using dsa::testing::same_bits;
 
 std::string recipe_text(const std::string& out) {
   std::ostringstream r;
@@ -72,10 +74,6 @@ std::pair<double, double> first_last(const std::vector<nlohmann::json>& m, const
     if (j.value("stage", "") == stage && j.contains(key) && !j[key].is_null()) v.push_back(j[key].get<double>());
   EXPECT_FALSE(v.empty()) << stage << " " << key;
   return v.empty() ? std::make_pair(0.0, 0.0) : std::make_pair(v.front(), v.back());
-}
-
-bool same_bits(const Tensor& a, const Tensor& b) {
-  return a.shape() == b.shape() && a.dtype() == b.dtype() && std::memcmp(a.raw(), b.raw(), a.nbytes()) == 0;
 }
 
 }  // namespace
