@@ -14,9 +14,11 @@
 #include "model/params.h"
 #include "trainer/checkpoint.h"
 #include "trainer/checkpoint_sharded.h"
+#include "tests/test_util.h"
 
 namespace fs = std::filesystem;
 using namespace dsa;
+using dsa::testing::same_bits;
 using nlohmann::json;
 
 namespace {
@@ -66,9 +68,6 @@ std::vector<StatePiece> pieces_of(const ParamStore& ps, std::map<std::string, Te
   return out;
 }
 
-bool same_bits(const Tensor& a, const Tensor& b) {
-  return a.shape() == b.shape() && a.dtype() == b.dtype() && std::memcmp(a.raw(), b.raw(), a.nbytes()) == 0;
-}
 
 std::string error_of(const std::function<void()>& f) {
   try {

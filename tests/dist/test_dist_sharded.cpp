@@ -11,11 +11,13 @@
 
 #include "model/safetensors.h"
 #include "tests/dist/dist_util.h"
+#include "tests/test_util.h"
 #include "trainer/checkpoint.h"
 #include "trainer/checkpoint_sharded.h"
 
 namespace fs = std::filesystem;
 using namespace dsa;
+using dsa::testing::same_bits;
 using namespace dsa::dist_testing;
 
 namespace {
@@ -26,9 +28,6 @@ std::string mpi(int n) {
 
 std::string dir_of(const std::string& recipe) { return fs::path(recipe).parent_path().string(); }
 
-bool same_bits(const Tensor& a, const Tensor& b) {
-  return a.shape() == b.shape() && a.dtype() == b.dtype() && std::memcmp(a.raw(), b.raw(), a.nbytes()) == 0;
-}
 
 // Every parameter and every moment of two checkpoints equal bit for bit; *what names the first that is not.
 bool bitwise_equal(const std::string& a, const std::string& b, std::string* what) {

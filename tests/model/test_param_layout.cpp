@@ -7,14 +7,11 @@
 
 #include "model/model.h"
 #include "model/params.h"
+#include "tests/test_util.h"
 
 using namespace dsa;
+using dsa::testing::same_bits;
 
-namespace {
-bool same_bits(const Tensor& a, const Tensor& b) {
-  return a.shape() == b.shape() && a.dtype() == b.dtype() && std::memcmp(a.raw(), b.raw(), a.nbytes()) == 0;
-}
-}  // namespace
 
 TEST(ParamLayout, ExpertSlicesHoldTheirRowsWithTheWholeTensorsInitialValues) {
   const ModelConfig c = preset_config("tiny");
