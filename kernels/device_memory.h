@@ -20,6 +20,11 @@ struct AllocatorStats {
   size_t peak_in_use = 0;  // high-water mark of in_use
 };
 AllocatorStats allocator_stats();
+// The current device's memory as cudaMemGetInfo reports it (0, 0 without a device).
+struct DeviceMemory {
+  size_t free = 0, total = 0;
+};
+DeviceMemory device_memory();
 void reset_peak();
 void empty_cache();
 

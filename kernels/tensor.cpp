@@ -1,5 +1,6 @@
 #include "kernels/tensor.h"
 
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <limits>
@@ -73,22 +74,35 @@ int64_t shape_numel(const Shape& s) {
 
 void fail(const std::string& msg) { throw std::runtime_error(msg); }
 
+namespace {
+std::atomic<size_t> g_host_in_use{0}, g_host_peak{0};
+}
+
+HostMemoryStats host_memory_stats() { return {g_host_in_use.load(), g_host_peak.load()}; }
+void reset_host_peak() { g_host_peak.store(g_host_in_use.load()); }
+
 Storage::Storage(size_t nbytes, Device dev) : bytes(nbytes), device(dev) {
   const size_t alloc = nbytes ? nbytes : 1;
   if (dev == Device::CPU) {
     // 64-byte alignment for vector loads; size rounded up as aligned_alloc requires.
     ptr = std::aligned_alloc(64, (alloc + 63) / 64 * 64);
     DSA_CHECK(ptr, "[tensor] out of host memory allocating ", nbytes, " bytes");
+    const size_t now = g_host_in_use.fetch_add(nbytes) + nbytes;
+    size_t peak = g_host_peak.load();
+    while (now > peak && !g_host_peak.compare_exchange_weak(peak, now)) {
+    }
   } else {
     ptr = cuda::device_alloc(alloc);
   }
 }
 
 Storage::~Storage() {
-  if (device == Device::CPU)
+  if (device == Device::CPU) {
     std::free(ptr);
-  else
+    g_host_in_use.fetch_sub(bytes);
+  } else {
     cuda::device_free(ptr, bytes ? bytes : 1);
+  }
 }
 
 Tensor Tensor::empty(const Shape& shape, DType dtype, Device device) {

@@ -25,6 +25,15 @@ using Shape = std::vector<int64_t>;
 std::string shape_str(const Shape& s);
 int64_t shape_numel(const Shape& s);
 
+// Bytes of host memory held by tensors' storage (the CPU backend's counterpart of the device caching
+// allocator's counts, cuda::allocator_stats()).
+struct HostMemoryStats {
+  size_t in_use = 0;       // bytes of live CPU storages
+  size_t peak_in_use = 0;  // high-water mark of in_use since the last reset_host_peak()
+};
+HostMemoryStats host_memory_stats();
+void reset_host_peak();
+
 struct Storage {
   void* ptr = nullptr;
   size_t bytes = 0;

@@ -50,6 +50,8 @@ Tensor ep_experts_forward(ExpertParallel& ep, const Tensor& xp, const ops::MoePe
   const int64_t E = static_cast<int64_t>(perm.counts.size());
   DSA_CHECK(P > 0 && E % P == 0, "[", op, "] ", E, " experts do not split over ", P, " ranks");
   const int64_t El = E / P;
+  DSA_CHECK(gate_up.size(0) == El && down.size(0) == El, "[", op, "] this rank's expert tensors must hold ", El,
+            " of the ", E, " experts, got gate_up ", gate_up.desc(), ", down ", down.desc());
   EpPlan& pl = c.plan;
   pl = EpPlan{};
   pl.e0 = me * El;
@@ -88,9 +90,9 @@ Tensor ep_experts_forward(ExpertParallel& ep, const Tensor& xp, const ops::MoePe
 
   Tensor xr = exchange(ep, xp, pl.send_rows, pl.recv_rows);
   c.xe = gather_rows(xr, pl.gather);
-  c.gu = ops::grouped_linear_forward(c.xe, gate_up.slice_rows(pl.e0, pl.e1), pl.local);
+  c.gu = ops::grouped_linear_forward(c.xe, gate_up, pl.local);
   c.h = ops::swiglu_forward(ops::slice_last(c.gu, 0, moe_I), ops::slice_last(c.gu, moe_I, 2 * moe_I));
-  Tensor ye = ops::grouped_linear_forward(c.h, down.slice_rows(pl.e0, pl.e1), pl.local);
+  Tensor ye = ops::grouped_linear_forward(c.h, down, pl.local);
   return exchange(ep, scatter_rows(ye, pl.gather), pl.recv_rows, pl.send_rows);
 }
 
@@ -98,13 +100,11 @@ Tensor ep_experts_backward(ExpertParallel& ep, const Tensor& dyp, const Tensor& 
                            int64_t moe_I, const EpCache& c, Tensor& dgate_up, Tensor& ddown) {
   const EpPlan& pl = c.plan;
   Tensor dye = gather_rows(exchange(ep, dyp, pl.send_rows, pl.recv_rows), pl.gather);
-  Tensor gdown = ddown.slice_rows(pl.e0, pl.e1);
-  Tensor dh = ops::grouped_linear_backward(dye, c.h, down.slice_rows(pl.e0, pl.e1), pl.local, &gdown);
+  Tensor dh = ops::grouped_linear_backward(dye, c.h, down, pl.local, &ddown);
   Tensor dgate, dup;
   ops::swiglu_backward(dh, ops::slice_last(c.gu, 0, moe_I), ops::slice_last(c.gu, moe_I, 2 * moe_I), &dgate, &dup);
   Tensor dgu = ops::concat_last(dgate, dup);
-  Tensor ggu = dgate_up.slice_rows(pl.e0, pl.e1);
-  Tensor dxe = ops::grouped_linear_backward(dgu, c.xe, gate_up.slice_rows(pl.e0, pl.e1), pl.local, &ggu);
+  Tensor dxe = ops::grouped_linear_backward(dgu, c.xe, gate_up, pl.local, &dgate_up);
   return exchange(ep, scatter_rows(dxe, pl.gather), pl.recv_rows, pl.send_rows);
 }
 

@@ -47,11 +47,11 @@ struct EpCache {
 };
 
 // Routed-expert part of the MoE under expert parallelism: yp [M, D] for xp [M, D] sorted by expert
-// under perm (counts over all E experts). gate_up [E, 2I, D] and down [E, D, I] are the full tensors;
-// only rows [e0, e1) are read.
+// under perm (counts over all E experts). gate_up [E/P, 2I, D] and down [E/P, D, I] are this rank's
+// experts [e0, e1) only: a rank holds (and trains) nothing of the other ranks' experts.
 Tensor ep_experts_forward(ExpertParallel& ep, const Tensor& xp, const ops::MoePermutation& perm,
                           const Tensor& gate_up, const Tensor& down, int64_t moe_I, EpCache& c);
-// dxp [M, D] for dyp [M, D]; gradients accumulate into rows [e0, e1) of dgate_up and ddown.
+// dxp [M, D] for dyp [M, D]; gradients accumulate into dgate_up [E/P, 2I, D] and ddown [E/P, D, I].
 Tensor ep_experts_backward(ExpertParallel& ep, const Tensor& dyp, const Tensor& gate_up, const Tensor& down,
                            int64_t moe_I, const EpCache& c, Tensor& dgate_up, Tensor& ddown);
 

@@ -37,7 +37,7 @@ struct MoeCache {
 ops::MoeRouteConfig route_config(const ModelConfig& cfg);
 // balance_alpha > 0 adds the sequence-wise balance loss; its gradient enters in the backward.
 // ep (size > 1): routed experts split over an expert-parallel group (model/expert_parallel.h); the
-// expert tensors stay full-sized and only this rank's slice is read and receives gradients.
+// expert tensors hold this rank's experts only (ParamLayout's expert range).
 Tensor moe_forward(const ParamStore& ps, const std::string& prefix, const ModelConfig& cfg, const Tensor& x, int64_t B,
                    int64_t T, double balance_alpha, MoeCache& c, ExpertParallel* ep = nullptr);
 Tensor moe_backward(ParamStore& ps, const std::string& prefix, const ModelConfig& cfg, const Tensor& dy,

@@ -8,12 +8,22 @@
 
 namespace dsa {
 
-Model::Model(const ModelConfig& cfg, DType dtype, Device device)
-    : cfg_(cfg), dtype_(dtype), device_(device), params_(make_params(cfg, dtype, device)) {
+namespace {
+const char* const kMasterRead = "mlp.gate.weight";
+}
+
+Model::Model(const ModelConfig& cfg, DType dtype, Device device, const ParamLayout& layout)
+    : cfg_(cfg), dtype_(dtype), device_(device) {
   cfg_.validate("model");
+  params_ = make_params(cfg, dtype, device, layout);
   // NOTES: on the GPU the model trains in mixed precision: fp32 master weights and gradients, bf16
   // weight copies and activations. The router reads its fp32 master weight (it runs in fp32).
-  if (device_ == Device::CUDA) params_.make_compute_copies(DType::BF16, {"mlp.gate.weight"});
+  if (device_ == Device::CUDA && !layout.external_storage) params_.make_compute_copies(DType::BF16, {kMasterRead});
+}
+
+bool Model::reads_master(const std::string& name) {
+  const std::string s = kMasterRead;
+  return name.size() >= s.size() && name.compare(name.size() - s.size(), s.size(), s) == 0;
 }
 
 void Model::ensure_rope(int64_t T) {
@@ -222,6 +232,13 @@ StepStats Model::step(const Tensor& ids, const Tensor& targets, int64_t B, int64
     if (opts.capture_indices && lc.indices.defined()) opts.capture_indices->push_back(lc.indices);
     if (opts.capture_indexer && need_indexer) opts.capture_indexer->push_back(lc.indexer);
     if (opts.recompute && backward && opts.train_main) slim_for_recompute(lc);
+    // NOTES: without an LM backward (indexer warm-up, evaluation) nothing reads a layer's cache again:
+    // holding one layer's activations at a time instead of all of them is what the memory plan counts.
+    // The warm-up's indexer gradients are final once the layer's forward has run its loss.
+    if (!(backward && opts.train_main)) {
+      lc = LayerCache{};
+      if (backward && opts.train_indexer && grad_ready_hook_) grad_ready_hook_(l);
+    }
   }
 
   Tensor final_rstd;
@@ -255,6 +272,7 @@ StepStats Model::step(const Tensor& ids, const Tensor& targets, int64_t B, int64
   if (grad_ready_hook_ && !cfg_.tie_word_embeddings) grad_ready_hook_(-1);
   for (int64_t l = cfg_.num_hidden_layers - 1; l >= 0; --l) {
     layer_backward(l, caches[l], dh, ctx, stats);
+    caches[l] = LayerCache{};  // the backward has finished with this layer's activations
     if (grad_ready_hook_) grad_ready_hook_(l);
   }
   ops::embedding_backward(dh, ids_d, &params_.grad("model.embed_tokens.weight"));

@@ -80,7 +80,11 @@ struct StepStats {
 
 class Model {
  public:
-  Model(const ModelConfig& cfg, DType dtype = DType::F32, Device device = Device::CPU);
+  // layout: which routed experts this process holds and whether the trainer owns the tensors' storage
+  // (model/params.h); the default holds and allocates everything.
+  Model(const ModelConfig& cfg, DType dtype = DType::F32, Device device = Device::CPU, const ParamLayout& layout = {});
+  // Tensors the GPU ops read in their master precision (no bf16 compute copy): the MoE router's weight.
+  static bool reads_master(const std::string& param_name);
 
   const ModelConfig& config() const { return cfg_; }
   ParamStore& params() { return params_; }
@@ -97,7 +101,8 @@ class Model {
   const std::vector<Tensor>& expert_loads() const { return expert_loads_; }
   // Gradient groups, in the order the backward finishes them: -1 = lm_head and the final norm,
   // l = layer l, -2 = the embedding. The hook (may be empty) is called as each group's gradients
-  // become final in a step's backward, so data parallelism can start their all-reduce early.
+  // become final in a step's backward (without an LM backward: layer l's indexer gradients, after
+  // its forward), so data parallelism can start their reduction early.
   static int64_t grad_group(const std::string& param_name);
   void set_grad_ready_hook(std::function<void(int64_t)> hook) { grad_ready_hook_ = std::move(hook); }
 

@@ -1,6 +1,8 @@
 #include "model/params.h"
 
+#include <algorithm>
 #include <cmath>
+#include <string>
 
 #include "kernels/ops.h"
 
@@ -16,12 +18,22 @@ const char* param_group_name(ParamGroup g) {
 }
 
 Param& ParamStore::add(const std::string& name, const Shape& shape, ParamGroup group, bool decay, DType dtype,
-                       Device device) {
+                       Device device, int64_t row0, int64_t rows, bool allocate) {
   DSA_CHECK(!has(name), "[params] duplicate parameter name ", name);
+  DSA_CHECK(rows < 0 || (!shape.empty() && row0 >= 0 && row0 + rows <= shape[0]), "[params] ", name, ": rows [", row0,
+            ", ", row0 + rows, ") outside ", shape_str(shape));
   Param p;
   p.name = name;
-  p.value = Tensor::zeros(shape, dtype, device);
-  if (group != ParamGroup::Buffer) p.grad = Tensor::zeros(shape, dtype, device);
+  p.full_shape = shape;
+  p.shape = shape;
+  if (rows >= 0) {
+    p.shape[0] = rows;
+    p.row0 = row0;
+  }
+  if (allocate) {
+    p.value = Tensor::zeros(p.shape, dtype, device);
+    if (group != ParamGroup::Buffer) p.grad = Tensor::zeros(p.shape, dtype, device);
+  }
   p.group = group;
   p.decay = decay;
   index_[name] = params_.size();
@@ -41,9 +53,15 @@ const Param& ParamStore::get(const std::string& name) const {
   return params_[it->second];
 }
 
+Tensor& ParamStore::grad(const std::string& name) {
+  Param& p = get(name);
+  if (!p.grad.defined() && grad_provider_ && p.group != ParamGroup::Buffer) grad_provider_(p);
+  return p.grad;
+}
+
 int64_t ParamStore::numel() const {
   int64_t n = 0;
-  for (const Param& p : params_) n += p.value.numel();
+  for (const Param& p : params_) n += shape_numel(p.full_shape);
   return n;
 }
 
@@ -53,15 +71,15 @@ void ParamStore::make_compute_copies(DType dtype, const std::vector<std::string>
     bool keep = false;
     for (const std::string& s : keep_master_suffixes)
       keep = keep || (p.name.size() >= s.size() && p.name.compare(p.name.size() - s.size(), s.size(), s) == 0);
-    if (keep || p.value.dtype() == dtype) continue;
-    p.compute = Tensor::empty(p.value.shape(), dtype, p.value.device());
+    if (keep || !p.value.defined() || p.value.dtype() == dtype) continue;
+    p.compute = Tensor::empty(p.shape, dtype, p.value.device());
   }
   refresh_compute();
 }
 
 void ParamStore::refresh_compute() {
   for (Param& p : params_)
-    if (p.compute.defined()) ops::copy_cast_(p.compute, p.value);
+    if (p.compute.defined() && p.value.defined()) ops::copy_cast_(p.compute, p.value);
 }
 
 void ParamStore::zero_grads() {
@@ -70,6 +88,14 @@ void ParamStore::zero_grads() {
 }
 
 std::string layer_prefix(int64_t layer) { return "model.layers." + std::to_string(layer) + "."; }
+
+bool is_routed_expert(const std::string& name) {
+  auto ends = [&](const char* suf) {
+    const size_t n = std::char_traits<char>::length(suf);
+    return name.size() >= n && name.compare(name.size() - n, n, suf) == 0;
+  };
+  return ends("mlp.experts.gate_up_proj") || ends("mlp.experts.down_proj");
+}
 
 namespace {
 
@@ -151,11 +177,21 @@ std::vector<ParamSpec> param_specs(const ModelConfig& c) {
   return ps;
 }
 
-ParamStore make_params(const ModelConfig& c, DType dt, Device dev) {
+ParamStore make_params(const ModelConfig& c, DType dt, Device dev, const ParamLayout& layout) {
+  const int64_t E = c.n_routed_experts;
+  const bool slice = layout.expert_end >= 0;
+  DSA_CHECK(!slice || (0 <= layout.expert_begin && layout.expert_begin < layout.expert_end && layout.expert_end <= E),
+            "[params] expert range [", layout.expert_begin, ", ", layout.expert_end, ") outside the ", E,
+            " routed experts");
   ParamStore ps;
-  // Buffers (the routing bias) stay f32 whatever the master type.
-  for (const ParamSpec& s : param_specs(c))
-    ps.add(s.name, s.shape, s.group, s.decay, s.group == ParamGroup::Buffer ? DType::F32 : dt, dev);
+  for (const ParamSpec& s : param_specs(c)) {
+    const bool buffer = s.group == ParamGroup::Buffer;
+    // The routing bias is f32 whatever the weights are (selection is done in f32).
+    const DType t = buffer ? DType::F32 : dt;
+    const bool rows = slice && is_routed_expert(s.name);
+    ps.add(s.name, s.shape, s.group, s.decay, t, dev, rows ? layout.expert_begin : 0,
+           rows ? layout.expert_end - layout.expert_begin : -1, buffer || !layout.external_storage);
+  }
   return ps;
 }
 
@@ -178,28 +214,49 @@ bool ends_with(const std::string& s, const std::string& suffix) {
   return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
-void init_one(Param& p, const ModelConfig& c, uint64_t seed) {
-  Tensor host = Tensor::empty(p.value.shape(), p.value.dtype());
-  const int64_t n = host.numel();
+// N(0, std) value of element i of a tensor's stream: Box-Muller on pair i / 2, whose uniforms are the
+// splitmix64 outputs 2 (i / 2) + 1 and + 2 of the stream seeded by s0 (cos for even i, sin for odd).
+// NOTES: splitmix64's state after k calls is s0 + k * gamma, so any element is computed directly and a
+// rank can generate only the rows it holds, in parallel, with the values of a sequential pass.
+double normal_at(uint64_t s0, int64_t i, double std) {
+  uint64_t s = s0 + static_cast<uint64_t>(i / 2) * 2 * 0x9e3779b97f4a7c15ull;
+  const double u1 = (static_cast<double>(splitmix64(s) >> 11) + 0.5) * (1.0 / 9007199254740992.0);
+  const double u2 = static_cast<double>(splitmix64(s) >> 11) * (1.0 / 9007199254740992.0);
+  const double r = std::sqrt(-2.0 * std::log(u1)) * std;
+  return i % 2 == 0 ? r * std::cos(6.283185307179586 * u2) : r * std::sin(6.283185307179586 * u2);
+}
+
+template <class T>
+void fill_normal(T* out, int64_t begin, int64_t n, uint64_t s0, double std) {
+#pragma omp parallel for schedule(static) if (n > (1 << 16))
+  for (int64_t k = 0; k < n; ++k) out[k] = static_cast<T>(normal_at(s0, begin + k, std));
+}
+
+}  // namespace
+
+Tensor initial_value(const Param& p, const ModelConfig& c, uint64_t seed, DType dtype) {
+  Tensor host = Tensor::empty(p.shape, dtype);
   const bool is_norm = ends_with(p.name, "layernorm.weight") || ends_with(p.name, "norm.weight");
   if (p.group == ParamGroup::Buffer || ends_with(p.name, ".bias")) {
     host.zero_();
   } else if (is_norm) {
     host.fill_(1.0);
   } else {
-    // Box-Muller on a splitmix64 stream: portable and independent of the standard library.
-    uint64_t s = seed ^ fnv1a(p.name);
-    for (int64_t i = 0; i < n; i += 2) {
-      const double u1 = (static_cast<double>(splitmix64(s) >> 11) + 0.5) * (1.0 / 9007199254740992.0);
-      const double u2 = static_cast<double>(splitmix64(s) >> 11) * (1.0 / 9007199254740992.0);
-      const double r = std::sqrt(-2.0 * std::log(u1)) * c.initializer_range;
-      host.set_item(i, r * std::cos(6.283185307179586 * u2));
-      if (i + 1 < n) host.set_item(i + 1, r * std::sin(6.283185307179586 * u2));
-    }
+    const int64_t row = p.shape.empty() ? 1 : host.numel() / std::max<int64_t>(p.shape[0], 1);
+    const uint64_t s0 = seed ^ fnv1a(p.name);
+    if (dtype == DType::F64)
+      fill_normal(host.data<double>(), p.row0 * row, host.numel(), s0, c.initializer_range);
+    else
+      fill_normal(host.data<float>(), p.row0 * row, host.numel(), s0, c.initializer_range);
   }
-  p.value.copy_from(host);
+  return host;
 }
 
+namespace {
+void init_one(Param& p, const ModelConfig& c, uint64_t seed) {
+  Tensor host = initial_value(p, c, seed, p.value.dtype() == DType::F64 ? DType::F64 : DType::F32);
+  p.value.copy_from(host.dtype() == p.value.dtype() ? host : host.to(p.value.dtype()));
+}
 }  // namespace
 
 void init_params(ParamStore& ps, const ModelConfig& c, uint64_t seed) {

@@ -13,11 +13,13 @@
 // config-keys prints what every config.json key does here (model/hf_config.h).
 //
 // OUT ending in .h5 is written as that file; any other OUT is a checkpoint directory (ckpt-<step>.h5
-// plus `latest`). CKPT is a file or a checkpoint directory. `init` makes a randomly initialized
-// checkpoint from a config.json or a YAML model mapping. `reshard` rewrites the per-rank data positions of
-// a training checkpoint for a job of M ranks (tensors are stored whole, so the expert-parallel layout
-// may change freely; the data position is global); it refuses when the stage's global batch does not split
-// over M ranks.
+// plus `latest`). CKPT is a file, a sharded checkpoint directory or a directory of checkpoints. `init`
+// makes a randomly initialized checkpoint from a config.json or a YAML model mapping. `reshard` rewrites
+// the per-rank data positions of a training checkpoint for a job of M ranks (the data position is global).
+// Tensors are stored independently of the layout (whole, or as pieces of the full tensors in a sharded
+// checkpoint), so dp, ep and zero may change freely: a sharded checkpoint is resharded into OUT as a sharded
+// checkpoint whose shard files are hard links of CKPT's (OUT ending in .h5: one file with every tensor
+// assembled); it refuses when the stage's global batch does not split over M ranks.
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -29,6 +31,7 @@
 
 #include "model/hf_io.h"
 #include "trainer/checkpoint.h"
+#include "trainer/checkpoint_sharded.h"
 #include "trainer/recipe.h"
 
 using namespace dsa;
@@ -170,7 +173,7 @@ int export_cmd(const std::string& ckpt, const std::string& hf_dir, const std::ve
       return usage();
     }
   }
-  Checkpoint c = load_checkpoint(ckpt);
+  Checkpoint c = load_checkpoint(ckpt, /*optimizer_state=*/false);
   const HfExportReport r = export_hf(hf_dir, c.cfg, c.params, c.extra, opt);
   std::printf("exported %s (step %lld) to %s: %zu file(s)\n", c.path.c_str(), static_cast<long long>(c.state.step),
               hf_dir.c_str(), r.files.size());
@@ -254,7 +257,14 @@ int run(int argc, char** argv) {
       else return usage();
     }
     DSA_CHECK(ranks >= 1, "[dsa-convert] reshard needs --ranks M (M >= 1)");
-    Checkpoint c = load_checkpoint(a);
+    const std::string path = resolve_checkpoint(a);
+    if (is_sharded_checkpoint(path) && !ends_with(b, ".h5")) {
+      TrainState st = CheckpointSource(path).state();
+      reshard_positions(path, st, ranks);
+      std::printf("wrote %s\n", relink_sharded_checkpoint(path, b, st).c_str());
+      return 0;
+    }
+    Checkpoint c = load_checkpoint(path);
     TrainState st = c.state;
     reshard_positions(c.path, st, ranks);
     write_out(b, st, c.params, c.extra);

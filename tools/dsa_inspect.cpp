@@ -4,8 +4,9 @@
 //   dsa-inspect --diff A B [--tol X]      tensor-by-tensor comparison; exit 0 when every tensor is
 //                                         present in both with max |a - b| <= X (default 0: bit-equal)
 //
-// CKPT is a native checkpoint (file or directory) or Hugging Face safetensors (a .safetensors file or
-// a directory with model.safetensors[.index.json]).
+// CKPT is a native checkpoint (file, sharded checkpoint directory, or a directory of checkpoints) or
+// Hugging Face safetensors (a .safetensors file or a directory with model.safetensors[.index.json]).
+// A sharded checkpoint is shown whole (every tensor assembled from its pieces), after its file count.
 #include <sys/stat.h>
 
 #include <cmath>
@@ -19,6 +20,7 @@
 
 #include "model/safetensors.h"
 #include "trainer/checkpoint.h"
+#include "trainer/checkpoint_sharded.h"
 
 using namespace dsa;
 
@@ -56,7 +58,9 @@ Loaded load_any(const std::string& path) {
   }
   Checkpoint c = load_checkpoint(path);
   const TrainState& s = c.state;
-  L.header = "checkpoint " + c.path + "\nstep " + std::to_string(s.step) + ", stage '" + s.stage + "', stage_step " +
+  std::string layout;
+  if (is_sharded_checkpoint(c.path)) layout = "sharded: " + std::to_string(CheckpointSource(c.path).files()) + " files\n";
+  L.header = "checkpoint " + c.path + "\n" + layout + "step " + std::to_string(s.step) + ", stage '" + s.stage + "', stage_step " +
              std::to_string(s.stage_step) + ", rng_seed " + std::to_string(s.rng_seed) + ", " +
              std::to_string(s.rng_state.size()) + " rng words, " + std::to_string(s.rank_data_states.size()) +
              " rank data states\n";

@@ -10,12 +10,17 @@
 //                                                     synthetic retrieval documents (data/retrieval.h)
 //   dsa-prep bench  --tokenizer PATH FILE...          single-thread encode throughput (MB/s)
 //   dsa-prep info   DIR                               shard summary of a corpus directory
+//   dsa-prep random --out DIR --vocab V --docs N --doc-tokens L [--seed S]
+//                   a corpus of uniformly random tokens (train: N documents of L tokens, val: N/10 + 1),
+//                   for memory and throughput measurements, where what the tokens say does not matter
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <random>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -37,13 +42,15 @@ const char* kUsage =
     "                       [--doc-tokens N] [--fact-every N] [--query-fraction F] [--key-digits N]\n"
     "                       [--value-digits N] [--seed S]\n"
     "       dsa-prep bench --tokenizer PATH FILE...\n"
-    "       dsa-prep info DIR\n";
+    "       dsa-prep info DIR\n"
+    "       dsa-prep random --out DIR --vocab V --docs N --doc-tokens L [--seed S]\n";
 
 struct Args {
   std::string cmd, tokenizer, out;
   bool no_special = false, quiet = false;
   dsa::CorpusOptions corpus;
   dsa::RetrievalOptions retrieval;
+  int64_t vocab = 0, docs = 0, doc_tokens = 0;  // random (--docs and --doc-tokens also set retrieval's)
   std::vector<std::string> rest;
 };
 
@@ -90,9 +97,10 @@ Args parse(int argc, char** argv) {
     else if (f == "--max-doc-bytes") a.corpus.max_doc_bytes = to_int(f, val());
     else if (f == "--jsonl-field") a.corpus.jsonl_field = val();
     else if (f == "--haystack") a.retrieval.haystack = val();
-    else if (f == "--docs") a.retrieval.train_docs = to_int(f, val());
+    else if (f == "--docs") a.docs = a.retrieval.train_docs = to_int(f, val());
     else if (f == "--val-docs") a.retrieval.val_docs = to_int(f, val());
-    else if (f == "--doc-tokens") a.retrieval.doc_tokens = to_int(f, val());
+    else if (f == "--doc-tokens") a.doc_tokens = a.retrieval.doc_tokens = to_int(f, val());
+    else if (f == "--vocab") a.vocab = to_int(f, val());
     else if (f == "--fact-every") a.retrieval.fact_every = to_int(f, val());
     else if (f == "--query-fraction") a.retrieval.query_fraction = to_num(f, val());
     else if (f == "--key-digits") a.retrieval.key_digits = static_cast<int>(to_int(f, val()));
@@ -218,6 +226,26 @@ int cmd_info(const Args& a) {
   return 0;
 }
 
+int cmd_random(const Args& a) {
+  if (a.corpus.out_dir.empty() || a.vocab < 2 || a.docs < 1 || a.doc_tokens < 1)
+    throw std::runtime_error("[dsa-prep] random needs --out DIR, --vocab V >= 2, --docs N >= 1, --doc-tokens L >= 1");
+  std::filesystem::create_directories(a.corpus.out_dir);
+  std::mt19937_64 rng(a.corpus.seed);
+  std::vector<int32_t> ids(static_cast<size_t>(a.doc_tokens));
+  for (const char* split : {"train", "val"}) {
+    const int64_t n = std::string(split) == "train" ? a.docs : a.docs / 10 + 1;
+    dsa::ShardWriter w(a.corpus.out_dir + "/" + split + "_00000.bin", a.vocab, -1, -1);
+    for (int64_t d = 0; d < n; ++d) {
+      for (int32_t& t : ids) t = static_cast<int32_t>(rng() % static_cast<uint64_t>(a.vocab));
+      w.add_document(ids.data(), ids.size());
+    }
+    w.close();
+    std::printf("%s: %lld documents of %lld random tokens (vocab %lld)\n", split, static_cast<long long>(n),
+                static_cast<long long>(a.doc_tokens), static_cast<long long>(a.vocab));
+  }
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -229,6 +257,7 @@ int main(int argc, char** argv) {
     if (a.cmd == "retrieval") return cmd_retrieval(a);
     if (a.cmd == "bench") return cmd_bench(a);
     if (a.cmd == "info") return cmd_info(a);
+    if (a.cmd == "random") return cmd_random(a);
     if (a.cmd == "-h" || a.cmd == "--help" || a.cmd == "help") {
       std::printf("%s", kUsage);
       return 0;

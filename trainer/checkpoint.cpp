@@ -13,11 +13,14 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <functional>
 #include <set>
 #include <sstream>
 #include <thread>
+
+#include "trainer/checkpoint_sharded.h"
 
 namespace dsa {
 
@@ -192,10 +195,10 @@ std::vector<std::string> list_dir(const std::string& dir) {
   return out;
 }
 
-// "ckpt-<digits>.h5" -> step, else -1.
+// "ckpt-<digits>.h5" (a file) or "ckpt-<digits>" (a sharded directory) -> step, else -1.
 int64_t step_of_name(const std::string& f) {
-  if (f.rfind("ckpt-", 0) != 0 || !ends_with(f, ".h5") || f.size() <= 8) return -1;
-  const std::string d = f.substr(5, f.size() - 8);
+  if (f.rfind("ckpt-", 0) != 0) return -1;
+  const std::string d = ends_with(f, ".h5") ? f.substr(5, f.size() - 8) : f.substr(5);
   if (d.empty() || d.size() > 18 || d.find_first_not_of("0123456789") != std::string::npos) return -1;
   return std::stoll(d);
 }
@@ -256,8 +259,9 @@ bool link_exists(hid_t file, const std::string& name) {
   return true;
 }
 
-// Reads dataset `dname` into a fresh CPU tensor with its stored dtype, after validating type and rank.
-Tensor read_tensor(hid_t file, const std::string& dname, const std::string& path) {
+// Reads dataset `dname` into a fresh CPU tensor with its stored dtype, after validating type and rank:
+// all of it, or rows [r0, r1) of its first dimension (r1 >= 0).
+Tensor read_tensor(hid_t file, const std::string& dname, const std::string& path, int64_t r0 = 0, int64_t r1 = -1) {
   const std::string what = "tensor '" + dname + "'";
   Hid d(H5Dopen2(file, dname.c_str(), H5P_DEFAULT), H5Dclose);
   if (!d.ok()) ck_fail(path, what + ": cannot open the dataset");
@@ -281,9 +285,29 @@ Tensor read_tensor(hid_t file, const std::string& dname, const std::string& path
       ck_fail(path, what + ": unreasonable shape");
     shape.push_back(static_cast<int64_t>(x));
   }
+  const bool rows = r1 >= 0;
+  if (rows) {
+    if (nd == 0 || r0 < 0 || r0 > r1 || r1 > shape[0])
+      ck_fail(path, what + ": rows [" + std::to_string(r0) + ", " + std::to_string(r1) + ") outside its shape " +
+                        shape_str(shape));
+    shape[0] = r1 - r0;
+  }
   Tensor out = Tensor::empty(shape, dt);
-  if (out.numel() > 0 && H5Dread(d, h5_native_of(dt), H5S_ALL, H5S_ALL, H5P_DEFAULT, out.raw()) < 0)
-    ck_fail(path, what + ": cannot read the data (file truncated or corrupt?)");
+  if (out.numel() == 0) return out;
+  herr_t rc;
+  if (rows) {
+    std::vector<hsize_t> start(dims.size(), 0), count(dims);
+    start[0] = static_cast<hsize_t>(r0);
+    count[0] = static_cast<hsize_t>(r1 - r0);
+    Hid fsp(H5Scopy(sp), H5Sclose);
+    Hid msp(H5Screate_simple(nd, count.data(), nullptr), H5Sclose);
+    if (H5Sselect_hyperslab(fsp, H5S_SELECT_SET, start.data(), nullptr, count.data(), nullptr) < 0)
+      ck_fail(path, what + ": cannot select rows");
+    rc = H5Dread(d, h5_native_of(dt), msp, fsp, H5P_DEFAULT, out.raw());
+  } else {
+    rc = H5Dread(d, h5_native_of(dt), H5S_ALL, H5S_ALL, H5P_DEFAULT, out.raw());
+  }
+  if (rc < 0) ck_fail(path, what + ": cannot read the data (file truncated or corrupt?)");
   return out;
 }
 
@@ -375,8 +399,9 @@ ModelConfig parse_config(const TrainState& s, const std::string& path) {
   return ModelConfig::from_yaml(node, src, /*strict=*/true);
 }
 
-// Reads every parameter and extra of `f` into `params` (shapes must match) and `extra`.
-void read_tensors(const File& f, ParamStore& params, std::map<std::string, Tensor>* extra) {
+// Reads every parameter and extra of `f` into `params` (shapes must match) and `extra` (optim/ tensors
+// only with optimizer_state).
+void read_tensors(const File& f, ParamStore& params, std::map<std::string, Tensor>* extra, bool optimizer_state = true) {
   const std::string& p = f.path;
   std::set<std::string> known;
   for (Param& prm : params.all()) {
@@ -398,7 +423,7 @@ void read_tensors(const File& f, ParamStore& params, std::map<std::string, Tenso
     if (name.rfind("meta/", 0) == 0 || known.count(name)) continue;
     if (name.rfind("params/", 0) == 0)
       ck_fail(p, "tensor '" + name.substr(7) + "' is not a parameter of the stored model config");
-    if (extra) (*extra)[name] = read_tensor(f.id, name, p);
+    if (extra && (optimizer_state || name.rfind("optim/", 0) != 0)) (*extra)[name] = read_tensor(f.id, name, p);
   }
 }
 
@@ -441,21 +466,14 @@ std::vector<std::pair<int64_t, std::string>> list_checkpoints(const std::string&
   std::vector<std::pair<int64_t, std::string>> out;
   for (const std::string& f : list_dir(dir)) {
     const int64_t s = step_of_name(f);
-    if (s >= 0) out.emplace_back(s, f);
+    const bool file = ends_with(f, ".h5");
+    if (s >= 0 && (file || is_sharded_checkpoint(dir + "/" + f))) out.emplace_back(s, f);
   }
   std::sort(out.begin(), out.end());
   return out;
 }
 
-std::string save_checkpoint(const std::string& dir, const TrainState& s, const ParamStore& params,
-                            const std::map<std::string, Tensor>& extra, int keep_last) {
-  DSA_CHECK(s.step >= 0, "[checkpoint] ", dir, ": negative step ", s.step);
-  mkdirs(dir);
-  char name[64];
-  std::snprintf(name, sizeof name, "ckpt-%08lld.h5", static_cast<long long>(s.step));
-  const std::string path = dir + "/" + name;
-  write_checkpoint_file(path, s, params, extra);
-
+void commit_latest(const std::string& dir, const std::string& name, int keep_last) {
   // The latest pointer, replaced atomically.
   const std::string latest = dir + "/latest", ltmp = latest + ".tmp";
   {
@@ -469,40 +487,85 @@ std::string save_checkpoint(const std::string& dir, const TrainState& s, const P
   fsync_path(dir, true);
 
   // Retention, and leftovers of saves that were killed.
+  std::error_code ec;
   for (const std::string& f : list_dir(dir))
-    if (f.rfind("ckpt-", 0) == 0 && ends_with(f, ".h5.tmp")) ::unlink((dir + "/" + f).c_str());
+    if (f.rfind("ckpt-", 0) == 0 && ends_with(f, ".tmp")) std::filesystem::remove_all(dir + "/" + f, ec);
   if (keep_last > 0) {
     auto all = list_checkpoints(dir);
     for (size_t i = 0; i + static_cast<size_t>(keep_last) < all.size(); ++i)
-      if (all[i].second != name) ::unlink((dir + "/" + all[i].second).c_str());
+      if (all[i].second != name) std::filesystem::remove_all(dir + "/" + all[i].second, ec);
   }
+}
+
+std::string save_checkpoint(const std::string& dir, const TrainState& s, const ParamStore& params,
+                            const std::map<std::string, Tensor>& extra, int keep_last) {
+  DSA_CHECK(s.step >= 0, "[checkpoint] ", dir, ": negative step ", s.step);
+  mkdirs(dir);
+  char name[64];
+  std::snprintf(name, sizeof name, "ckpt-%08lld.h5", static_cast<long long>(s.step));
+  const std::string path = dir + "/" + name;
+  write_checkpoint_file(path, s, params, extra);
+  commit_latest(dir, name, keep_last);
   return path;
 }
 
+std::string link_checkpoint(const std::string& checkpoint, const std::string& dir) {
+  namespace fs = std::filesystem;
+  mkdirs(dir);
+  const std::string name = fs::path(checkpoint).filename().string();
+  const fs::path target = fs::path(dir) / name;
+  std::error_code ec;
+  auto link_or_copy = [&](const fs::path& from, const fs::path& to) {
+    fs::remove(to, ec);
+    fs::create_hard_link(from, to, ec);
+    if (ec) fs::copy_file(from, to, fs::copy_options::overwrite_existing);
+  };
+  if (is_dir(checkpoint)) {
+    // A sharded checkpoint: its files linked into a .tmp directory renamed into place.
+    const fs::path tmp = fs::path(dir) / (name + ".tmp");
+    fs::remove_all(tmp, ec);
+    fs::create_directories(tmp);
+    for (const std::string& f : list_dir(checkpoint))
+      if (f != "." && f != "..") link_or_copy(fs::path(checkpoint) / f, tmp / f);
+    fsync_path(tmp.string(), true);
+    fs::remove_all(target, ec);
+    fs::rename(tmp, target);
+  } else {
+    link_or_copy(checkpoint, target);
+  }
+  commit_latest(dir, name, 0);
+  return target.string();
+}
+
 std::string resolve_checkpoint(const std::string& p) {
-  if (!is_dir(p)) return p;
+  if (!is_dir(p) || is_sharded_checkpoint(p)) return p;
   const std::string latest = p + "/latest";
   std::ifstream in(latest);
   if (in) {
     std::string name;
     std::getline(in, name);
     while (!name.empty() && (name.back() == '\r' || name.back() == ' ')) name.pop_back();
-    if (step_of_name(name) < 0) ck_fail(latest, "does not name a ckpt-<step>.h5 file: '" + name + "'");
+    if (step_of_name(name) < 0)
+      ck_fail(latest, "does not name a ckpt-<step>.h5 file or ckpt-<step> directory: '" + name + "'");
     return p + "/" + name;
   }
   auto all = list_checkpoints(p);
-  if (all.empty()) ck_fail(p, "no checkpoint in the directory (no 'latest', no ckpt-*.h5)");
+  if (all.empty()) ck_fail(p, "no checkpoint in the directory (no 'latest', no ckpt-*.h5, no sharded ckpt-*)");
   return p + "/" + all.back().second;
 }
 
 TrainState read_train_state(const std::string& path_or_dir) {
-  File f(resolve_checkpoint(path_or_dir));
+  const std::string path = resolve_checkpoint(path_or_dir);
+  if (is_sharded_checkpoint(path)) return CheckpointSource(path).state();
+  File f(path);
   return read_state(f);
 }
 
-Checkpoint load_checkpoint(const std::string& path_or_dir) {
+Checkpoint load_checkpoint(const std::string& path_or_dir, bool optimizer_state) {
+  const std::string path = resolve_checkpoint(path_or_dir);
+  if (is_sharded_checkpoint(path)) return load_sharded_checkpoint(path, optimizer_state);
   Checkpoint c;
-  File f(resolve_checkpoint(path_or_dir));
+  File f(path);
   c.path = f.path;
   c.state = read_state(f);
   c.cfg = parse_config(c.state, f.path);
@@ -515,16 +578,69 @@ Checkpoint load_checkpoint(const std::string& path_or_dir) {
       dt = DType::F32;
   }
   c.params = make_params(c.cfg, dt);
-  read_tensors(f, c.params, &c.extra);
+  read_tensors(f, c.params, &c.extra, optimizer_state);
   return c;
 }
 
 void load_checkpoint_into(const std::string& path_or_dir, TrainState* state, ParamStore& params,
                           std::map<std::string, Tensor>* extra) {
-  File f(resolve_checkpoint(path_or_dir));
+  const std::string path = resolve_checkpoint(path_or_dir);
+  if (is_sharded_checkpoint(path)) {
+    Checkpoint c = load_sharded_checkpoint(path, true);
+    for (Param& p : params.all()) {
+      const Tensor& t = c.params[p.name];
+      DSA_CHECK(t.shape() == p.value.shape(), "[checkpoint] ", path, ": tensor '", p.name, "' has shape ",
+                shape_str(t.shape()), ", the model needs ", shape_str(p.value.shape()));
+      p.value.copy_from(t.dtype() == p.value.dtype() ? t : t.to(p.value.dtype()));
+    }
+    if (extra) *extra = std::move(c.extra);
+    if (state) *state = std::move(c.state);
+    return;
+  }
+  File f(path);
   TrainState s = read_state(f);
   read_tensors(f, params, extra);
   if (state) *state = std::move(s);
+}
+
+struct CheckpointFile::Impl {
+  File f;
+  explicit Impl(const std::string& p) : f(p) {}
+};
+
+CheckpointFile::CheckpointFile(const std::string& path) : impl_(new Impl(path)) {}
+CheckpointFile::~CheckpointFile() { delete impl_; }
+const std::string& CheckpointFile::path() const { return impl_->f.path; }
+TrainState CheckpointFile::state() const { return read_state(impl_->f); }
+
+std::vector<std::string> CheckpointFile::datasets() const {
+  std::vector<std::string> out;
+  for (const std::string& n : all_datasets(impl_->f.id))
+    if (n.rfind("meta/", 0) != 0) out.push_back(n);
+  return out;
+}
+
+bool CheckpointFile::has(const std::string& name) const { return link_exists(impl_->f.id, name); }
+
+Shape CheckpointFile::shape(const std::string& name) const {
+  if (!has(name)) ck_fail(path(), "no dataset '" + name + "'");
+  Hid d(H5Dopen2(impl_->f.id, name.c_str(), H5P_DEFAULT), H5Dclose);
+  Hid sp(H5Dget_space(d), H5Sclose);
+  const int nd = H5Sget_simple_extent_ndims(sp);
+  if (nd < 0 || nd > 16) ck_fail(path(), "dataset '" + name + "': bad dataspace");
+  std::vector<hsize_t> dims(static_cast<size_t>(nd));
+  if (nd > 0) H5Sget_simple_extent_dims(sp, dims.data(), nullptr);
+  return Shape(dims.begin(), dims.end());
+}
+
+Tensor CheckpointFile::read(const std::string& name) const {
+  if (!has(name)) ck_fail(path(), "no dataset '" + name + "'");
+  return read_tensor(impl_->f.id, name, path());
+}
+
+Tensor CheckpointFile::read_rows(const std::string& name, int64_t r0, int64_t r1) const {
+  if (!has(name)) ck_fail(path(), "no dataset '" + name + "'");
+  return read_tensor(impl_->f.id, name, path(), r0, r1);
 }
 
 }  // namespace dsa

@@ -16,6 +16,10 @@
 // are removed afterwards. A process killed at any point leaves the previous checkpoint loadable.
 // Loading validates the format and version, every dataset's type and shape against the stored model
 // config, and names the file and tensor on any failure (a truncated file included).
+//
+// Runs with sharded state write a directory <dir>/ckpt-<step>/ of per-rank files plus an index instead
+// (trainer/checkpoint_sharded.h); `latest`, resolve_checkpoint, list_checkpoints and load_checkpoint
+// take both forms.
 #pragma once
 
 #include <cstdint>
@@ -62,14 +66,22 @@ void write_checkpoint_file(const std::string& path, const TrainState& state, con
 std::string save_checkpoint(const std::string& dir, const TrainState& state, const ParamStore& params,
                             const std::map<std::string, Tensor>& extra, int keep_last = 3);
 
-// A file is returned as is; a directory resolves through its `latest` file, or, without one, to its
-// highest-step ckpt-*.h5.
+// A file (or a sharded checkpoint directory) is returned as is; a directory resolves through its
+// `latest` file, or, without one, to its highest-step checkpoint.
 std::string resolve_checkpoint(const std::string& path_or_dir);
-// (step, file name) of every finished checkpoint in dir, by step.
+// (step, name) of every finished checkpoint in dir (ckpt-<step>.h5 files and ckpt-<step> sharded
+// directories), by step.
 std::vector<std::pair<int64_t, std::string>> list_checkpoints(const std::string& dir);
+// Points dir/latest at `name` (an entry of dir) atomically and keeps the newest keep_last checkpoints
+// (<= 0: all); removes the leftovers of killed saves (*.tmp).
+void commit_latest(const std::string& dir, const std::string& name, int keep_last);
+// Makes `checkpoint` (a file or a sharded directory) also appear in dir, under its own name, by hard
+// links (copies across file systems), and points dir/latest at it. Returns the new path.
+std::string link_checkpoint(const std::string& checkpoint, const std::string& dir);
 
 // Reads everything; the parameter set is rebuilt from the stored model config and must match it.
-Checkpoint load_checkpoint(const std::string& path_or_dir);
+// optimizer_state = false skips the optim/ tensors (export, inspection of the weights).
+Checkpoint load_checkpoint(const std::string& path_or_dir, bool optimizer_state = true);
 
 // Reads into an existing parameter store (any device, any float dtype: values are converted when
 // the stored dtype differs). Every parameter must be present with its shape; extra datasets not
@@ -79,5 +91,26 @@ void load_checkpoint_into(const std::string& path_or_dir, TrainState* state, Par
 
 // The state alone (cheap: no tensor data is read).
 TrainState read_train_state(const std::string& path_or_dir);
+
+// One checkpoint file opened for reading tensor by tensor (format and version checked on open).
+class CheckpointFile {
+ public:
+  explicit CheckpointFile(const std::string& path);
+  ~CheckpointFile();
+  CheckpointFile(const CheckpointFile&) = delete;
+  CheckpointFile& operator=(const CheckpointFile&) = delete;
+  const std::string& path() const;
+  TrainState state() const;
+  std::vector<std::string> datasets() const;  // every dataset below the root but meta/: "params/x", ...
+  bool has(const std::string& name) const;
+  Shape shape(const std::string& name) const;
+  Tensor read(const std::string& name) const;  // CPU, the stored dtype
+  // Rows [r0, r1) of dim 0 (elements of a 1-D dataset), CPU, the stored dtype.
+  Tensor read_rows(const std::string& name, int64_t r0, int64_t r1) const;
+
+ private:
+  struct Impl;
+  Impl* impl_;
+};
 
 }  // namespace dsa

@@ -13,8 +13,11 @@
 #include <filesystem>
 #include <sstream>
 
+#include "trainer/checkpoint_sharded.h"
 #include "trainer/dist.h"
 #include "trainer/expert_parallel.h"
+#include "trainer/replica_comm.h"
+#include "trainer/zero.h"
 
 namespace fs = std::filesystem;
 
@@ -38,10 +41,6 @@ std::string hex(uint64_t v) {
   char b[17];
   std::snprintf(b, sizeof b, "%016llx", static_cast<unsigned long long>(v));
   return b;
-}
-
-bool ends_with(const std::string& s, const std::string& suf) {
-  return s.size() >= suf.size() && s.compare(s.size() - suf.size(), suf.size(), suf) == 0;
 }
 
 struct Segment {
@@ -87,23 +86,67 @@ void bucket_allreduce(MPI_Comm comm, const std::vector<Segment>& segs, int64_t c
   flush();
 }
 
+// The CPU transport of ZeRO: MPI collectives over one communicator, synchronous. MPI_COMM_NULL stands
+// for a set of one rank (a job without mpirun need not initialize MPI).
+class MpiReplicaComm : public ReplicaComm {
+ public:
+  explicit MpiReplicaComm(MPI_Comm comm) : comm_(comm) {
+    if (comm == MPI_COMM_NULL) return;
+    MPI_Comm_size(comm, &size_);
+    MPI_Comm_rank(comm, &rank_);
+  }
+  int size() const override { return size_; }
+  int rank() const override { return rank_; }
+  void allreduce(Tensor& flat) override {
+    if (size_ == 1) return;
+    float* p = host_f32(flat, "all-reduce");
+    for (int64_t off = 0; off < flat.numel(); off += kMaxCount) {
+      const int n = static_cast<int>(std::min(kMaxCount, flat.numel() - off));
+      check(MPI_Allreduce(MPI_IN_PLACE, p + off, n, MPI_FLOAT, MPI_SUM, comm_), "MPI_Allreduce");
+    }
+  }
+  void reduce_scatter(const Tensor& full, Tensor& chunk) override {
+    DSA_CHECK(full.numel() == chunk.numel() * size_ && chunk.numel() < kMaxCount, "[data_parallel] reduce-scatter of ",
+              full.desc(), " into ", chunk.desc(), " over ", size_, " ranks");
+    if (size_ == 1) return chunk.copy_from(full);
+    check(MPI_Reduce_scatter_block(host_f32(full, "reduce-scatter"), host_f32(chunk, "reduce-scatter"),
+                                   static_cast<int>(chunk.numel()), MPI_FLOAT, MPI_SUM, comm_),
+          "MPI_Reduce_scatter_block");
+  }
+  void allgather(Tensor& flat) override {
+    const int64_t c = flat.numel() / size_;
+    DSA_CHECK(flat.numel() == c * size_ && c < kMaxCount, "[data_parallel] all-gather of ", flat.desc(), " over ",
+              size_, " ranks");
+    if (size_ == 1) return;
+    check(MPI_Allgather(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, host_f32(flat, "all-gather"), static_cast<int>(c),
+                        MPI_FLOAT, comm_),
+          "MPI_Allgather");
+  }
+  int64_t mark() override { return 0; }
+  void wait_for(int64_t) override {}
+
+ private:
+  static constexpr int64_t kMaxCount = (1ll << 31) - 1;
+  static float* host_f32(const Tensor& t, const char* what) {
+    DSA_CHECK(t.is_cpu() && t.dtype() == DType::F32, "[data_parallel] MPI ", what, " needs f32 host tensors, got ",
+              t.desc());
+    return const_cast<float*>(t.data<float>());
+  }
+  MPI_Comm comm_;
+  int size_ = 1, rank_ = 0;
+};
+
+// Elements per row of a tensor's full shape (a 1-D tensor's row is one element).
+int64_t row_size(const Param& p) {
+  return p.full_shape.empty() || p.full_shape[0] == 0 ? 1 : shape_numel(p.full_shape) / p.full_shape[0];
+}
+
 }  // namespace
 
 struct DataParallel::Comms {
   MPI_Comm replicas = MPI_COMM_NULL;  // ranks holding the same expert slice (rank % ep equal)
   MPI_Comm group = MPI_COMM_NULL;     // the expert-parallel group (rank / ep equal)
   int n_replicas = 1;
-};
-
-// One replica set's flat space under ZeRO-1.
-struct DataParallel::ZeroGroup {
-  MPI_Comm comm = MPI_COMM_NULL;
-  int n = 1, me = 0;
-  std::vector<Param*> params;
-  std::vector<int64_t> begin;  // [params] offset of each tensor (or expert slice) in the flat space
-  int64_t total = 0, lo = 0, hi = 0;  // my shard [lo, hi)
-  Tensor m, v;                        // [hi - lo] f32
-  std::vector<int> counts, displs;    // every member's shard, for the all-gather
 };
 
 std::string directory_fingerprint(const std::string& dir) {
@@ -118,20 +161,34 @@ std::string directory_fingerprint(const std::string& dir) {
   return hex(h);
 }
 
-DataParallel::DataParallel(const Recipe& recipe, Model& model) : comms_(std::make_unique<Comms>()) {
+ParamLayout DataParallel::param_layout(const Recipe& recipe, Device device) {
+  const int world = Dist::world(), rank = Dist::rank();
+  const int64_t ep = recipe.parallel.ep, E = recipe.model.n_routed_experts;
+  DSA_CHECK(recipe.parallel.dp == 0 || recipe.parallel.dp == world, "[data_parallel] parallelism.dp = ",
+            recipe.parallel.dp, " but the job has ", world,
+            " ranks (dp is 0 or the world size: every rank is data-parallel, expert groups sit inside)");
+  DSA_CHECK(world % ep == 0, "[data_parallel] parallelism.ep = ", ep, " does not divide the ", world,
+            " ranks of the job");
+  DSA_CHECK(E == 0 || E % ep == 0, "[data_parallel] parallelism.ep = ", ep, " does not divide n_routed_experts = ", E);
+  ParamLayout l;
+  if (ep > 1) {
+    l.expert_begin = E / ep * (rank % ep);
+    l.expert_end = l.expert_begin + E / ep;
+  }
+  l.external_storage = recipe.parallel.zero > 0;
+  (void)device;
+  return l;
+}
+
+DataParallel::DataParallel(const Recipe& recipe, Model& model) : model_(model), comms_(std::make_unique<Comms>()) {
+  const ParamLayout layout = param_layout(recipe, model.device());
   world_ = Dist::world();
   rank_ = Dist::rank();
   ep_ = static_cast<int>(recipe.parallel.ep);
-  DSA_CHECK(recipe.parallel.dp == 0 || recipe.parallel.dp == world_, "[data_parallel] parallelism.dp = ",
-            recipe.parallel.dp, " but the job has ", world_,
-            " ranks (dp is 0 or the world size: every rank is data-parallel, expert groups sit inside)");
-  DSA_CHECK(world_ % ep_ == 0, "[data_parallel] parallelism.ep = ", ep_, " does not divide the ", world_,
-            " ranks of the job");
+  zero_level_ = static_cast<int>(recipe.parallel.zero);
   const int64_t E = recipe.model.n_routed_experts;
-  DSA_CHECK(E == 0 || E % ep_ == 0, "[data_parallel] parallelism.ep = ", ep_, " does not divide n_routed_experts = ", E);
-  zero1_ = recipe.parallel.zero1 && world_ > 1;
-  e0_ = E / ep_ * (rank_ % ep_);
-  e1_ = e0_ + E / ep_;
+  e0_ = ep_ > 1 ? layout.expert_begin : 0;
+  e1_ = ep_ > 1 ? layout.expert_end : E;
   if (world_ > 1) {
     check(MPI_Comm_split(MPI_COMM_WORLD, rank_ % ep_, rank_, &comms_->replicas), "MPI_Comm_split");
     check(MPI_Comm_split(MPI_COMM_WORLD, rank_ / ep_, rank_, &comms_->group), "MPI_Comm_split");
@@ -139,12 +196,25 @@ DataParallel::DataParallel(const Recipe& recipe, Model& model) : comms_(std::mak
     MPI_Comm_set_errhandler(comms_->group, MPI_ERRORS_RETURN);
     MPI_Comm_size(comms_->replicas, &comms_->n_replicas);
   }
-  if (world_ > 1 && model.device() == Device::CUDA) {
-    DSA_CHECK(!zero1_, "[data_parallel] ZeRO-1 runs on the CPU backend only so far");
+  const bool gpu = model.device() == Device::CUDA;
+  if (gpu && (world_ > 1 || zero_level_ > 0)) {
     nccl_ = std::make_unique<NcclComm>();
-    if (ep_ > 1 && comms_->n_replicas > 1) nccl_replicas_ = nccl_->split(rank_ % ep_, rank_);
-    model.set_grad_ready_hook([this](int64_t group) { on_grads_ready(group); });
+    if (ep_ > 1) nccl_replicas_ = nccl_->split(rank_ % ep_, rank_);
   }
+  if (zero_level_ > 0) {
+    ReplicaComm* all = nccl_.get();
+    ReplicaComm* experts = nccl_replicas_.get();
+    if (!gpu) {
+      mpi_all_ = std::make_unique<MpiReplicaComm>(world_ > 1 ? MPI_COMM_WORLD : MPI_COMM_NULL);
+      all = mpi_all_.get();
+      if (ep_ > 1) {
+        mpi_replicas_ = std::make_unique<MpiReplicaComm>(world_ > 1 ? comms_->replicas : MPI_COMM_NULL);
+        experts = mpi_replicas_.get();
+      }
+    }
+    zero_ = std::make_unique<ZeroState>(zero_level_, model.params(), model.device(), *all, experts);
+  }
+  if (zero_ || (nccl_ && world_ > 1)) model.set_grad_ready_hook([this](int64_t group) { on_grads_ready(group); });
   if (ep_ > 1) {
     if (nccl_)
       expert_ = nccl_->make_expert_parallel(ep_);
@@ -152,13 +222,18 @@ DataParallel::DataParallel(const Recipe& recipe, Model& model) : comms_(std::mak
       expert_ = std::make_unique<MpiExpertParallel>(ep_);
     model.set_expert_parallel(expert_.get());
   }
-  if (world_ > 1 && rank_ == 0)
-    std::printf("[dist] %d ranks: data parallel over all, expert groups of %d (%lld routed experts per rank), "
-                "gradient buckets of %lld MiB%s\n", world_, ep_, static_cast<long long>(e1_ - e0_),
-                static_cast<long long>(kBucketBytes >> 20), zero1_ ? ", ZeRO-1 optimizer shards" : "");
+  if (Dist::is_root() && (world_ > 1 || zero_))
+    std::printf("[dist] %d rank%s: data parallel over all, expert groups of %d (%lld routed experts per rank), "
+                "gradient buckets of %lld MiB%s\n", world_, world_ > 1 ? "s" : "", ep_,
+                static_cast<long long>(e1_ - e0_), static_cast<long long>(kBucketBytes >> 20),
+                zero_level_ == 1   ? ", ZeRO-1 optimizer shards (AdamW moments and fp32 master weights)"
+                : zero_level_ == 2 ? ", ZeRO-2 shards (gradients, AdamW moments and fp32 master weights)"
+                                   : "");
 }
 
 DataParallel::~DataParallel() {
+  model_.set_grad_ready_hook(nullptr);
+  zero_.reset();
   int finalized = 0;
   MPI_Finalized(&finalized);
   if (finalized) return;
@@ -195,19 +270,110 @@ void DataParallel::check_agreement(const Recipe& recipe) const {
   Dist::abort_job(msg.str());
 }
 
-bool DataParallel::sharded(const Param& p) const {
-  return ep_ > 1 && (ends_with(p.name, "mlp.experts.gate_up_proj") || ends_with(p.name, "mlp.experts.down_proj"));
+// ---------------------------------------------------------------------------------------- state
+
+void DataParallel::assign(Param& p, const Tensor& host) {
+  if (zero_ && p.group != ParamGroup::Buffer) {
+    zero_->set_value(p, host);
+    return;
+  }
+  p.value.copy_from(host.dtype() == p.value.dtype() ? host : host.to(p.value.dtype()));
 }
 
-void DataParallel::arm_overlap(const std::vector<Param*>& trained) {
-  if (!nccl_) return;
+void DataParallel::init_params(uint64_t seed) {
+  for (Param& p : model_.params().all()) assign(p, initial_value(p, model_.config(), seed, DType::F32));
+  model_.params().refresh_compute();
+}
+
+void DataParallel::load_params(const std::string& checkpoint, TrainState* state) {
+  CheckpointSource src(checkpoint);
+  ParamStore& ps = model_.params();
+  for (Param& p : ps.all()) {
+    const std::string key = "params/" + p.name;
+    DSA_CHECK(src.has(key), "[checkpoint] ", src.path(), ": missing tensor '", p.name, "' (", shape_str(p.full_shape),
+              ")");
+    DSA_CHECK(src.shape(key) == p.full_shape, "[checkpoint] ", src.path(), ": tensor '", p.name, "' has shape ",
+              shape_str(src.shape(key)), " but the model config needs ", shape_str(p.full_shape));
+    const int64_t rs = row_size(p), begin = p.row0 * rs;
+    assign(p, src.read(key, begin, begin + shape_numel(p.shape)).view(p.shape));
+  }
+  for (const std::string& key : src.keys())
+    DSA_CHECK(key.rfind("params/", 0) != 0 || ps.has(key.substr(7)), "[checkpoint] ", src.path(), ": tensor '",
+              key.substr(7), "' is not a parameter of the model");
+  ps.refresh_compute();
+  if (state) *state = src.state();
+}
+
+std::string DataParallel::save(const std::string& dir, const TrainState& state,
+                               const std::map<std::string, Tensor>& moments, int keep_last) {
+  ParamStore& ps = model_.params();
+  if (!sharded_checkpoints()) {
+    // Every rank holds everything: rank 0 writes one file.
+    std::string path;
+    if (Dist::is_root()) path = save_checkpoint(dir, state, ps, moments, keep_last);
+    return Dist::broadcast(path);
+  }
+  std::vector<StatePiece> mine;
+  if (zero_) mine = zero_->pieces(Dist::is_root());
+  for (Param& p : ps.all()) {
+    if (zero_ && p.group != ParamGroup::Buffer) continue;  // in the shards
+    // Expert slices are written by their first replica (ranks [0, ep)), everything else by rank 0.
+    const bool expert = ep_ > 1 && is_routed_expert(p.name);
+    if (expert ? rank_ >= ep_ : !Dist::is_root()) continue;
+    const int64_t begin = p.row0 * row_size(p);
+    mine.push_back({"params/" + p.name, p.full_shape, param_group_name(p.group), begin, p.value.view({-1})});
+    for (const char* kind : {"optim/m/", "optim/v/"}) {
+      auto it = moments.find(kind + p.name);
+      if (it != moments.end()) mine.push_back({it->first, p.full_shape, "", begin, it->second.view({-1})});
+    }
+  }
+  return save_sharded_checkpoint(dir, state, mine, keep_last);
+}
+
+void DataParallel::begin_stage(const std::vector<Param*>& trained, std::map<std::string, Tensor>& moments,
+                               const std::string& resume_from) {
+  std::unique_ptr<CheckpointSource> src;
+  if (!resume_from.empty()) src = std::make_unique<CheckpointSource>(resume_from);
+  moments.clear();
+  if (zero_) {
+    zero_->begin_stage(trained, src.get());
+    return;
+  }
+  for (Param* p : trained)
+    for (const char* kind : {"optim/m/", "optim/v/"}) {
+      const std::string key = kind + p->name;
+      Tensor t = Tensor::zeros(p->shape, DType::F32, model_.device());
+      if (src && src->has(key)) {
+        const int64_t begin = p->row0 * row_size(*p);
+        t.copy_from(src->read(key, begin, begin + t.numel()).view(p->shape));
+      }
+      moments[key] = t;
+    }
+}
+
+// ---------------------------------------------------------------------------------------- gradients
+
+void DataParallel::arm_overlap(const std::vector<Param*>& trained, bool last) {
+  if (zero_) {
+    // ZeRO-2 reduces every micro-batch: the previous one's reductions finish before this one starts.
+    if (armed_ && !armed_last_) zero_->finish_micro_batch(false);
+    armed_ = true;
+    armed_last_ = last;
+    return;
+  }
+  if (!nccl_ || world_ == 1 || !last) return;
   armed_ = true;
+  armed_last_ = true;
   armed_params_ = trained;
   reduced_.assign(trained.size(), false);
 }
 
 void DataParallel::on_grads_ready(int64_t group) {
   if (!armed_) return;
+  if (zero_) {
+    zero_->reduce_group(group, armed_last_);
+    return;
+  }
   std::vector<Param*> ready;
   for (size_t i = 0; i < armed_params_.size(); ++i) {
     if (reduced_[i] || Model::grad_group(armed_params_[i]->name) != group) continue;
@@ -217,24 +383,20 @@ void DataParallel::on_grads_ready(int64_t group) {
   nccl_reduce(ready);
 }
 
-// Non-expert gradients over every rank; expert slices over their shard's replicas only.
+// Non-expert gradients over every rank; expert slices over their replicas only.
 void DataParallel::nccl_reduce(const std::vector<Param*>& params) {
   std::vector<Tensor*> all, experts;
-  std::vector<Tensor> slices;
-  slices.reserve(params.size());
-  for (Param* p : params) {
-    if (sharded(*p)) {
-      slices.push_back(p->grad.slice_rows(e0_, e1_));
-      experts.push_back(&slices.back());
-    } else {
-      all.push_back(&p->grad);
-    }
-  }
+  for (Param* p : params) (ep_ > 1 && is_routed_expert(p->name) ? experts : all).push_back(&p->grad);
   nccl_->allreduce_async(all);
-  if (nccl_replicas_) nccl_replicas_->allreduce_async(experts);
+  if (comms_->n_replicas > 1) nccl_replicas_->allreduce_async(experts);
 }
 
 void DataParallel::allreduce_grads(const std::vector<Param*>& trained) {
+  if (zero_) {
+    zero_->finish_micro_batch(true);
+    armed_ = false;
+    return;
+  }
   if (world_ == 1) return;
   if (nccl_) {
     std::vector<Param*> rest;
@@ -252,12 +414,7 @@ void DataParallel::allreduce_grads(const std::vector<Param*>& trained) {
   for (Param* p : trained) {
     DSA_CHECK(p->grad.is_cpu() && p->grad.dtype() == DType::F32, "[data_parallel] CPU all-reduce needs f32 host "
               "gradients, got ", p->name, " ", p->grad.desc());
-    if (sharded(*p)) {
-      Tensor s = p->grad.slice_rows(e0_, e1_);
-      experts.push_back({s.data<float>(), s.numel()});
-    } else {
-      all.push_back({p->grad.data<float>(), p->grad.numel()});
-    }
+    (ep_ > 1 && is_routed_expert(p->name) ? experts : all).push_back({p->grad.data<float>(), p->grad.numel()});
   }
   const int64_t cap = kBucketBytes / static_cast<int64_t>(sizeof(float));
   bucket_allreduce(MPI_COMM_WORLD, all, cap);
@@ -265,176 +422,45 @@ void DataParallel::allreduce_grads(const std::vector<Param*>& trained) {
 }
 
 double DataParallel::grad_norm(const std::vector<Param*>& trained) const {
-  std::vector<const Tensor*> common, local;
-  std::vector<Tensor> slices;
-  slices.reserve(trained.size());
-  for (Param* p : trained) {
-    if (sharded(*p)) {
-      slices.push_back(p->grad.slice_rows(e0_, e1_));
-      local.push_back(&slices.back());
-    } else {
-      common.push_back(&p->grad);
-    }
+  if (zero_level_ == 2) {
+    double s = zero_->shard_sum_squares(trained);
+    if (world_ > 1) check(MPI_Allreduce(MPI_IN_PLACE, &s, 1, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD), "MPI_Allreduce(norm)");
+    return std::sqrt(s + zero_->replicated_sum_squares(trained));
   }
+  // Every rank holds the summed gradients of what it holds: the non-expert ones are the same everywhere,
+  // the expert slices are summed over the expert-parallel group.
+  std::vector<const Tensor*> common, local;
+  for (Param* p : trained) (ep_ > 1 && is_routed_expert(p->name) ? local : common).push_back(&p->grad);
   if (local.empty()) return ops::global_grad_norm(common);
   const double c = ops::global_grad_norm(common);
   double l = ops::global_grad_norm(local);
   l *= l;
-  check(MPI_Allreduce(MPI_IN_PLACE, &l, 1, MPI_DOUBLE, MPI_SUM, comms_->group), "MPI_Allreduce(norm)");
+  if (world_ > 1) check(MPI_Allreduce(MPI_IN_PLACE, &l, 1, MPI_DOUBLE, MPI_SUM, comms_->group), "MPI_Allreduce(norm)");
   return std::sqrt(c * c + l);
 }
 
-namespace {
-
-// The flat f32 view of what a rank trains of p's tensor t (its expert slice when sharded).
-Tensor flat_part(const Tensor& t, bool sharded, int64_t e0, int64_t e1) {
-  return (sharded ? t.slice_rows(e0, e1) : t).view({-1});
-}
-
-}  // namespace
-
-void DataParallel::begin_stage(const std::vector<Param*>& trained, std::map<std::string, Tensor>& moments) {
-  if (!zero1_) return;
-  zero_.clear();
-  zero_.resize(2);
-  zero_[0].comm = MPI_COMM_WORLD;
-  zero_[1].comm = comms_->replicas;
-  for (ZeroGroup& g : zero_) {
-    MPI_Comm_size(g.comm, &g.n);
-    MPI_Comm_rank(g.comm, &g.me);
+void DataParallel::clip_grads(const std::vector<Param*>& trained, double max_norm, double norm) {
+  if (zero_level_ == 2) {
+    // ops::clip_grads_'s rule, applied to the shards AdamW reads.
+    DSA_CHECK(max_norm > 0, "[data_parallel] max_norm must be positive, got ", max_norm);
+    const double coef = max_norm / (norm + 1e-6);
+    if (coef < 1.0) zero_->scale_grads(trained, coef);
+    return;
   }
-  for (Param* p : trained) {
-    ZeroGroup& g = zero_[sharded(*p) ? 1 : 0];
-    g.params.push_back(p);
-    g.begin.push_back(g.total);
-    g.total += flat_part(p->value, sharded(*p), e0_, e1_).numel();
-  }
-  for (ZeroGroup& g : zero_) {
-    DSA_CHECK(g.total < (1ll << 31), "[data_parallel] ZeRO-1 flat space of ", g.total, " elements exceeds 2^31");
-    auto bound = [&](int64_t i) { return g.total * i / g.n; };
-    g.lo = bound(g.me);
-    g.hi = bound(g.me + 1);
-    for (int i = 0; i < g.n; ++i) {
-      g.counts.push_back(static_cast<int>(bound(i + 1) - bound(i)));
-      g.displs.push_back(static_cast<int>(bound(i)));
-    }
-    g.m = Tensor::zeros({g.hi - g.lo}, DType::F32);
-    g.v = Tensor::zeros({g.hi - g.lo}, DType::F32);
-    for (size_t k = 0; k < g.params.size(); ++k) {
-      Param* p = g.params[k];
-      const int64_t len = flat_part(p->value, sharded(*p), e0_, e1_).numel();
-      const int64_t a = std::max(g.lo, g.begin[k]), b = std::min(g.hi, g.begin[k] + len);
-      for (auto [kind, dst] : {std::pair<const char*, Tensor*>{"optim/m/", &g.m}, {"optim/v/", &g.v}}) {
-        auto it = moments.find(kind + p->name);
-        if (a >= b || it == moments.end()) continue;
-        Tensor src = flat_part(it->second, sharded(*p), e0_, e1_);
-        dst->slice_rows(a - g.lo, b - g.lo).copy_from(src.slice_rows(a - g.begin[k], b - g.begin[k]));
-      }
-    }
-  }
-  release_moments(moments);
-}
-
-void DataParallel::release_moments(std::map<std::string, Tensor>& moments) const {
-  if (zero1_) moments.clear();
+  std::vector<Tensor*> grads;
+  for (Param* p : trained) grads.push_back(&p->grad);
+  ops::clip_grads_(grads, max_norm, norm);
 }
 
 void DataParallel::adamw_step(const std::vector<Param*>& trained, std::map<std::string, Tensor>& moments,
                               const std::function<ops::AdamWConfig(const Param&)>& config, int64_t step) {
-  if (zero1_) {
-    DSA_CHECK(!zero_.empty(), "[data_parallel] ZeRO-1: begin_stage() was not called");
-    for (ZeroGroup& g : zero_) {
-      for (size_t k = 0; k < g.params.size(); ++k) {
-        Param* p = g.params[k];
-        const bool sh = sharded(*p);
-        Tensor value = flat_part(p->value, sh, e0_, e1_);
-        const int64_t a = std::max(g.lo, g.begin[k]), b = std::min(g.hi, g.begin[k] + value.numel());
-        if (a >= b) continue;
-        Tensor pv = value.slice_rows(a - g.begin[k], b - g.begin[k]);
-        Tensor ms = g.m.slice_rows(a - g.lo, b - g.lo), vs = g.v.slice_rows(a - g.lo, b - g.lo);
-        ops::adamw_step_(pv, flat_part(p->grad, sh, e0_, e1_).slice_rows(a - g.begin[k], b - g.begin[k]), ms, vs,
-                         config(*p), step);
-      }
-      if (g.n == 1 || g.total == 0) continue;
-      // Every member's updated shard to every member: pack, all-gather, unpack.
-      std::vector<float> flat(static_cast<size_t>(g.total));
-      for (size_t k = 0; k < g.params.size(); ++k) {
-        Tensor value = flat_part(g.params[k]->value, sharded(*g.params[k]), e0_, e1_);
-        std::memcpy(flat.data() + g.begin[k], value.data<float>(), static_cast<size_t>(value.numel()) * sizeof(float));
-      }
-      check(MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, flat.data(), g.counts.data(), g.displs.data(),
-                           MPI_FLOAT, g.comm),
-            "MPI_Allgatherv");
-      for (size_t k = 0; k < g.params.size(); ++k) {
-        Tensor value = flat_part(g.params[k]->value, sharded(*g.params[k]), e0_, e1_);
-        std::memcpy(value.data<float>(), flat.data() + g.begin[k], static_cast<size_t>(value.numel()) * sizeof(float));
-      }
-    }
+  if (zero_) {
+    zero_->step(config, step);
     return;
   }
-  for (Param* p : trained) {
-    const ops::AdamWConfig ac = config(*p);
-    Tensor& m = moments.at("optim/m/" + p->name);
-    Tensor& v = moments.at("optim/v/" + p->name);
-    if (sharded(*p)) {
-      Tensor value = p->value.slice_rows(e0_, e1_), ms = m.slice_rows(e0_, e1_), vs = v.slice_rows(e0_, e1_);
-      ops::adamw_step_(value, p->grad.slice_rows(e0_, e1_), ms, vs, ac, step);
-    } else {
-      ops::adamw_step_(p->value, p->grad, m, v, ac, step);
-    }
-  }
-}
-
-void DataParallel::gather_to_root(ParamStore& params, std::map<std::string, Tensor>& moments) {
-  // ZeRO-1: each replica set's moment shards to its first member (world rank 0, or for expert slice q
-  // world rank q < ep, whose slice the loop below forwards to rank 0).
-  for (ZeroGroup& g : zero_) {
-    if (g.total == 0) continue;
-    std::vector<float> fm(g.me == 0 ? static_cast<size_t>(g.total) : 0), fv(fm.size());
-    check(MPI_Gatherv(g.m.data<float>(), static_cast<int>(g.hi - g.lo), MPI_FLOAT, fm.data(), g.counts.data(),
-                      g.displs.data(), MPI_FLOAT, 0, g.comm),
-          "MPI_Gatherv");
-    check(MPI_Gatherv(g.v.data<float>(), static_cast<int>(g.hi - g.lo), MPI_FLOAT, fv.data(), g.counts.data(),
-                      g.displs.data(), MPI_FLOAT, 0, g.comm),
-          "MPI_Gatherv");
-    if (g.me != 0) continue;
-    for (size_t k = 0; k < g.params.size(); ++k) {
-      Param* p = g.params[k];
-      for (auto [kind, src] : {std::pair<const char*, const float*>{"optim/m/", fm.data()}, {"optim/v/", fv.data()}}) {
-        Tensor& full = moments[kind + p->name];
-        if (!full.defined()) full = Tensor::zeros(p->value.shape(), DType::F32);
-        Tensor part = flat_part(full, sharded(*p), e0_, e1_);
-        std::memcpy(part.data<float>(), src + g.begin[k], static_cast<size_t>(part.numel()) * sizeof(float));
-      }
-    }
-  }
-  if (ep_ == 1 || rank_ >= ep_) return;  // rank 0's group is world ranks [0, ep)
-  const int64_t E = e1_ - e0_;
-  for (Param& p : params.all()) {
-    if (!sharded(p)) continue;
-    std::vector<Tensor*> parts = {&p.value};
-    for (const char* kind : {"optim/m/", "optim/v/"}) {
-      auto it = moments.find(kind + p.name);
-      if (it != moments.end()) parts.push_back(&it->second);
-    }
-    for (Tensor* t : parts) {
-      DSA_CHECK(t->dtype() == DType::F32, "[data_parallel] gather of ", p.name, ": f32 tensor expected");
-      const int64_t row = t->numel() / t->size(0);
-      const int count = static_cast<int>(E * row);
-      // Device tensors travel through host memory (a checkpoint is rare; MPI is the transport here).
-      if (rank_ == 0) {
-        for (int q = 1; q < ep_; ++q) {
-          Tensor dst = t->slice_rows(q * E, (q + 1) * E);
-          Tensor host = dst.is_cpu() ? dst : Tensor::empty(dst.shape(), DType::F32);
-          check(MPI_Recv(host.data<float>(), count, MPI_FLOAT, q, 7, MPI_COMM_WORLD, MPI_STATUS_IGNORE), "MPI_Recv");
-          if (!dst.is_cpu()) dst.copy_from(host);
-        }
-      } else {
-        Tensor host = t->slice_rows(e0_, e1_).to(Device::CPU);
-        check(MPI_Send(host.data<float>(), count, MPI_FLOAT, 0, 7, MPI_COMM_WORLD), "MPI_Send");
-      }
-    }
-  }
+  for (Param* p : trained)
+    ops::adamw_step_(p->value, p->grad, moments.at("optim/m/" + p->name), moments.at("optim/v/" + p->name),
+                     config(*p), step);
 }
 
 void DataParallel::fail_hook(int64_t step) {

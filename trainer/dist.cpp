@@ -10,7 +10,7 @@ namespace dsa {
 
 namespace {
 bool g_initialized = false;
-int g_rank = 0, g_world = 1, g_local = 0;
+int g_rank = 0, g_world = 1, g_local = 0, g_local_size = 1;
 
 void check(int rc, const char* what) {
   if (rc != MPI_SUCCESS) Dist::abort_job(std::string("MPI call failed: ") + what);
@@ -40,6 +40,7 @@ void Dist::init(int* argc, char*** argv) {
   MPI_Comm local;
   MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, g_rank, MPI_INFO_NULL, &local);
   MPI_Comm_rank(local, &g_local);
+  MPI_Comm_size(local, &g_local_size);
   MPI_Comm_free(&local);
   g_initialized = true;
 }
@@ -55,6 +56,7 @@ void Dist::finalize() {
 int Dist::rank() { return g_rank; }
 int Dist::world() { return g_world; }
 int Dist::local_rank() { return g_local; }
+int Dist::local_size() { return g_local_size; }
 
 void Dist::allreduce_sum(float* d, int64_t n) { allreduce_chunks(d, n, MPI_FLOAT); }
 void Dist::allreduce_sum(double* d, int64_t n) { allreduce_chunks(d, n, MPI_DOUBLE); }

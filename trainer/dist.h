@@ -16,6 +16,7 @@ class Dist {
   static int rank();
   static int world();
   static int local_rank();  // rank among the processes of this node (GPU index)
+  static int local_size();  // processes on this node
   static bool is_root() { return rank() == 0; }
 
   static void allreduce_sum(float* data, int64_t n);

@@ -14,6 +14,7 @@
 #include <atomic>
 #include <chrono>
 #include <deque>
+#include <map>
 #include <mutex>
 #include <thread>
 
@@ -42,6 +43,26 @@ struct NcclComm::Impl {
   std::atomic<bool> stop{false};
   std::thread watchdog;
   double timeout_s = 300;
+  int size = 1, rank = 0;
+  int64_t next_mark = 0;
+  std::map<int64_t, cudaEvent_t> marks;  // mark() tokens not yet waited for
+
+  // Orders the communication stream after the compute stream's work so far.
+  void follow_compute() {
+    cudaEvent_t ready;
+    cuda_ok(cudaEventCreateWithFlags(&ready, cudaEventDisableTiming), "cudaEventCreate");
+    cuda_ok(cudaEventRecord(ready, cuda::stream()), "cudaEventRecord");
+    cuda_ok(cudaStreamWaitEvent(comm_stream, ready, 0), "cudaStreamWaitEvent");
+    cudaEventDestroy(ready);
+  }
+  // Registers the work launched so far on the communication stream with the watchdog.
+  void watch_launch() {
+    cudaEvent_t done;
+    cuda_ok(cudaEventCreateWithFlags(&done, cudaEventDisableTiming), "cudaEventCreate");
+    cuda_ok(cudaEventRecord(done, comm_stream), "cudaEventRecord");
+    std::lock_guard<std::mutex> lock(mu);
+    pending.emplace_back(done, now_s());
+  }
 
   void watch() {
     while (!stop.load()) {
@@ -71,6 +92,8 @@ struct NcclComm::Impl {
 bool NcclComm::available() { return true; }
 
 NcclComm::NcclComm(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {
+  nccl_ok(ncclCommCount(impl_->comm, &impl_->size), "ncclCommCount");
+  nccl_ok(ncclCommUserRank(impl_->comm, &impl_->rank), "ncclCommUserRank");
   cuda_ok(cudaStreamCreateWithFlags(&impl_->comm_stream, cudaStreamNonBlocking), "cudaStreamCreate");
   impl_->watchdog = std::thread([this] { impl_->watch(); });
 }
@@ -135,6 +158,8 @@ NcclComm::NcclComm() : impl_(std::make_unique<Impl>()) {
   if (MPI_Bcast(&id, sizeof(id), MPI_BYTE, 0, MPI_COMM_WORLD) != MPI_SUCCESS)
     Dist::abort_job("[nccl] MPI_Bcast of the NCCL unique id failed");
   nccl_ok(ncclCommInitRank(&impl_->comm, Dist::world(), id, Dist::rank()), "ncclCommInitRank");
+  impl_->size = Dist::world();
+  impl_->rank = Dist::rank();
   cuda_ok(cudaStreamCreateWithFlags(&impl_->comm_stream, cudaStreamNonBlocking), "cudaStreamCreate");
   impl_->watchdog = std::thread([this] { impl_->watch(); });
 }
@@ -144,17 +169,14 @@ NcclComm::~NcclComm() {
   if (impl_->watchdog.joinable()) impl_->watchdog.join();
   cudaStreamSynchronize(impl_->comm_stream);
   for (auto& [e, t] : impl_->pending) cudaEventDestroy(e);
+  for (auto& [m, e] : impl_->marks) cudaEventDestroy(e);
   ncclCommDestroy(impl_->comm);
   cudaStreamDestroy(impl_->comm_stream);
 }
 
 void NcclComm::allreduce_async(const std::vector<Tensor*>& tensors) {
   if (tensors.empty()) return;
-  cudaEvent_t ready;
-  cuda_ok(cudaEventCreateWithFlags(&ready, cudaEventDisableTiming), "cudaEventCreate");
-  cuda_ok(cudaEventRecord(ready, cuda::stream()), "cudaEventRecord");
-  cuda_ok(cudaStreamWaitEvent(impl_->comm_stream, ready, 0), "cudaStreamWaitEvent");
-  cudaEventDestroy(ready);
+  impl_->follow_compute();
   nccl_ok(ncclGroupStart(), "ncclGroupStart");
   for (Tensor* t : tensors) {
     DSA_CHECK(!t->is_cpu() && t->dtype() == DType::F32, "[nccl] all-reduce needs f32 device tensors, got ",
@@ -164,19 +186,56 @@ void NcclComm::allreduce_async(const std::vector<Tensor*>& tensors) {
             "ncclAllReduce");
   }
   nccl_ok(ncclGroupEnd(), "ncclGroupEnd");
-  cudaEvent_t done;
-  cuda_ok(cudaEventCreateWithFlags(&done, cudaEventDisableTiming), "cudaEventCreate");
-  cuda_ok(cudaEventRecord(done, impl_->comm_stream), "cudaEventRecord");
-  std::lock_guard<std::mutex> lock(impl_->mu);
-  impl_->pending.emplace_back(done, now_s());
+  impl_->watch_launch();
 }
 
-void NcclComm::wait() {
-  cudaEvent_t all;
-  cuda_ok(cudaEventCreateWithFlags(&all, cudaEventDisableTiming), "cudaEventCreate");
-  cuda_ok(cudaEventRecord(all, impl_->comm_stream), "cudaEventRecord");
-  cuda_ok(cudaStreamWaitEvent(cuda::stream(), all, 0), "cudaStreamWaitEvent");
-  cudaEventDestroy(all);
+int NcclComm::size() const { return impl_->size; }
+int NcclComm::rank() const { return impl_->rank; }
+
+void NcclComm::reduce_scatter(const Tensor& full, Tensor& chunk) {
+  DSA_CHECK(!full.is_cpu() && !chunk.is_cpu() && full.dtype() == DType::F32 && chunk.dtype() == DType::F32 &&
+                full.numel() == chunk.numel() * impl_->size,
+            "[nccl] reduce-scatter needs f32 device tensors of ", impl_->size, " x the chunk, got ", full.desc(), " -> ",
+            chunk.desc());
+  impl_->follow_compute();
+  nccl_ok(ncclReduceScatter(full.raw(), chunk.raw(), static_cast<size_t>(chunk.numel()), ncclFloat, ncclSum,
+                            impl_->comm, impl_->comm_stream),
+          "ncclReduceScatter");
+  impl_->watch_launch();
+}
+
+void NcclComm::allgather(Tensor& flat) {
+  const int64_t n = impl_->size;
+  DSA_CHECK(!flat.is_cpu() && (flat.dtype() == DType::F32 || flat.dtype() == DType::BF16) && flat.numel() % n == 0,
+            "[nccl] all-gather needs an f32 or bf16 device tensor of ", n, " equal chunks, got ", flat.desc());
+  const int64_t c = flat.numel() / n;
+  const size_t esz = static_cast<size_t>(dtype_size(flat.dtype()));
+  impl_->follow_compute();
+  // In place: the send buffer is this rank's chunk of the receive buffer.
+  char* base = static_cast<char*>(flat.raw());
+  nccl_ok(ncclAllGather(base + static_cast<size_t>(impl_->rank) * c * esz, base, static_cast<size_t>(c),
+                        flat.dtype() == DType::F32 ? ncclFloat : ncclBfloat16, impl_->comm, impl_->comm_stream),
+          "ncclAllGather");
+  impl_->watch_launch();
+}
+
+int64_t NcclComm::mark() {
+  cudaEvent_t e;
+  cuda_ok(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "cudaEventCreate");
+  cuda_ok(cudaEventRecord(e, impl_->comm_stream), "cudaEventRecord");
+  const int64_t token = impl_->next_mark++;
+  impl_->marks[token] = e;
+  return token;
+}
+
+void NcclComm::wait_for(int64_t token) {
+  DSA_CHECK(token >= 0 && token < impl_->next_mark, "[nccl] wait_for: token ", token, " was never handed out");
+  auto it = impl_->marks.find(token);
+  if (it == impl_->marks.end()) return;  // covered by a later token already waited for
+  cuda_ok(cudaStreamWaitEvent(cuda::stream(), it->second, 0), "cudaStreamWaitEvent");
+  // Every older token is covered by this one (the communication stream runs in order).
+  for (auto e = impl_->marks.begin(); e != std::next(it); ++e) cudaEventDestroy(e->second);
+  impl_->marks.erase(impl_->marks.begin(), std::next(it));
 }
 
 }  // namespace dsa
@@ -189,7 +248,12 @@ bool NcclComm::available() { return false; }
 NcclComm::NcclComm() { fail("[nccl] this build has no NCCL (GPU data parallelism needs CUDA and NCCL)"); }
 NcclComm::~NcclComm() = default;
 void NcclComm::allreduce_async(const std::vector<Tensor*>&) {}
-void NcclComm::wait() {}
+int NcclComm::size() const { return 1; }
+int NcclComm::rank() const { return 0; }
+void NcclComm::reduce_scatter(const Tensor&, Tensor&) {}
+void NcclComm::allgather(Tensor&) {}
+int64_t NcclComm::mark() { return 0; }
+void NcclComm::wait_for(int64_t) {}
 NcclComm::NcclComm(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 std::unique_ptr<NcclComm> NcclComm::split(int, int) { return nullptr; }
 std::unique_ptr<ExpertParallel> NcclComm::make_expert_parallel(int) { return nullptr; }

@@ -443,9 +443,24 @@ Recipe build_recipe(const RNode& root, const std::string& source, const std::vec
 
   // parallelism
   if (auto* p = root.find("parallelism")) {
-    need_map(*p, "parallelism", "dp, ep, zero1");
-    check_keys(*p, "parallelism", {"dp", "ep", "zero1"});
-    if (auto* v = p->find("zero1")) r.parallel.zero1 = as_bool(*v, "parallelism.zero1");
+    need_map(*p, "parallelism", "dp, ep, zero");
+    check_keys(*p, "parallelism", {"dp", "ep", "zero", "zero1"});
+    if (auto* v = p->find("zero")) {
+      r.parallel.zero = as_int(*v, "parallelism.zero");
+      if (r.parallel.zero < 0 || r.parallel.zero > 2)
+        fail(v->where, "parallelism.zero",
+             "must be 0 (off), 1 (optimizer state and fp32 master sharded) or 2 (gradients too), got " +
+                 std::to_string(r.parallel.zero));
+    }
+    if (auto* v = p->find("zero1")) {
+      // NOTES: the key of the first ZeRO version, kept so that its recipes and overrides still run.
+      const bool z1 = as_bool(*v, "parallelism.zero1");
+      if (p->find("zero") && z1 != (r.parallel.zero == 1))
+        fail(v->where, "parallelism.zero1",
+             std::string(z1 ? "true" : "false") + " contradicts parallelism.zero = " +
+                 std::to_string(r.parallel.zero) + " (zero1: true means zero: 1; set one of them)");
+      if (z1) r.parallel.zero = 1;
+    }
     if (auto* v = p->find("dp")) {
       r.parallel.dp = as_int(*v, "parallelism.dp");
       if (r.parallel.dp < 0) fail(v->where, "parallelism.dp", "must be >= 0 (0: every MPI rank)");
@@ -453,6 +468,9 @@ Recipe build_recipe(const RNode& root, const std::string& source, const std::vec
     if (auto* v = p->find("ep")) {
       r.parallel.ep = as_int(*v, "parallelism.ep");
       if (r.parallel.ep < 1) fail(v->where, "parallelism.ep", "must be >= 1");
+      if (r.parallel.ep > 1 && r.model.n_routed_experts == 0)
+        fail(v->where, "parallelism.ep", "is " + std::to_string(r.parallel.ep) +
+                                             " but the model has no routed experts (n_routed_experts = 0)");
       if (r.model.n_routed_experts % r.parallel.ep)
         fail(v->where, "parallelism.ep",
              std::to_string(r.parallel.ep) + " does not divide n_routed_experts = " +
@@ -477,8 +495,9 @@ Recipe build_recipe(const RNode& root, const std::string& source, const std::vec
   // checkpointing
   r.checkpoint.dir = r.output_dir + "/checkpoints";
   if (auto* c = root.find("checkpointing")) {
-    need_map(*c, "checkpointing", "dir, every_steps, keep_last, time_limit_s");
-    check_keys(*c, "checkpointing", {"dir", "every_steps", "keep_last", "time_limit_s"});
+    need_map(*c, "checkpointing", "dir, every_steps, keep_last, time_limit_s, save");
+    check_keys(*c, "checkpointing", {"dir", "every_steps", "keep_last", "time_limit_s", "save"});
+    if (auto* v = c->find("save")) r.checkpoint.save = as_bool(*v, "checkpointing.save");
     if (auto* v = c->find("dir")) r.checkpoint.dir = as_str(*v, "checkpointing.dir");
     if (auto* v = c->find("every_steps")) {
       r.checkpoint.every_steps = as_int(*v, "checkpointing.every_steps");
@@ -626,11 +645,12 @@ std::string Recipe::to_yaml() const {
     << "\n  grad_clip: " << num(optimizer.grad_clip) << "\n  on_nonfinite: " << to_string(optimizer.on_nonfinite)
     << "\n";
   o << "parallelism:\n  dp: " << parallel.dp << "\n  ep: " << parallel.ep
-    << "\n  zero1: " << (parallel.zero1 ? "true" : "false") << "\n";
+    << "\n  zero: " << parallel.zero << "\n";
   o << "checkpointing:\n";
   if (checkpoint.dir != output_dir + "/checkpoints") o << "  dir: " << quote(checkpoint.dir) << "\n";
   o << "  every_steps: " << checkpoint.every_steps << "\n  keep_last: " << checkpoint.keep_last
     << "\n  time_limit_s: " << num(checkpoint.time_limit_s) << "\n";
+  if (!checkpoint.save) o << "  save: false\n";
   o << "logging:\n  log_interval: " << logging.log_interval << "\n  metrics_file: " << quote(logging.metrics_file)
     << "\n  terminal: " << (logging.terminal ? "true" : "false") << "\n";
   o << "output_dir: " << quote(output_dir) << "\nseed: " << seed << "\ndevice: " << to_string(device) << "\n";

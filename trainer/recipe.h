@@ -99,7 +99,10 @@ struct OptimizerSpec {  // AdamW, fp32 master weights
 struct ParallelSpec {
   int64_t dp = 0;  // data-parallel ranks; 0: every MPI rank
   int64_t ep = 1;  // expert-parallel group size; divides n_routed_experts
-  bool zero1 = false;  // ZeRO-1: AdamW moments sharded over the data-parallel replicas (trainer/data_parallel.h)
+  // ZeRO stage (trainer/zero.h): 0 off; 1 AdamW moments and fp32 master weights sharded over the
+  // data-parallel replicas (gradients all-reduced); 2 gradients reduce-scattered and sharded too.
+  // `zero1: true` in a recipe is read as zero: 1.
+  int64_t zero = 0;
 };
 
 struct CheckpointSpec {
@@ -107,6 +110,7 @@ struct CheckpointSpec {
   int64_t every_steps = 0;     // 0: only at the end of each stage
   int64_t keep_last = 2;       // periodic checkpoints kept per stage (stage-final ones are always kept)
   double time_limit_s = 0;     // > 0: checkpoint and exit once the run has lasted this long
+  bool save = true;            // false: no checkpoint at all (measurement runs; --resume is then refused)
 };
 
 struct LoggingSpec {

@@ -16,6 +16,7 @@
 #include "trainer/data_plan.h"
 #include "trainer/data_parallel.h"
 #include "trainer/dist.h"
+#include "trainer/memory_plan.h"
 #include "trainer/metrics.h"
 #include "trainer/schedule.h"
 
@@ -142,7 +143,14 @@ Trainer::Trainer(const Recipe& recipe, const TrainOptions& opts) : recipe_(recip
 #ifdef DSA_HAVE_CUDA
   if (device == dsa::Device::CUDA) cuda::set_device(Dist::local_rank());
 #endif
-  model_ = std::make_unique<Model>(recipe_.model, DType::F32, device);
+  // The memory plan, before anything is allocated: a stage that cannot fit stops here.
+  const bool gpu = device == dsa::Device::CUDA;
+  memory_plan_ = plan_memory(recipe_.model, recipe_.stages, recipe_layout(recipe_, Dist::world(), gpu),
+                             rank_capacity(gpu, Dist::local_size()));
+  if (Dist::is_root()) std::printf("%s", memory_report(recipe_.model, recipe_.stages, memory_plan_).c_str());
+  DSA_CHECK(memory_plan_.fits(), "[memory] the recipe does not fit in ", gib(memory_plan_.capacity),
+            " per rank (the plan above says which stage and what would fit)");
+  model_ = std::make_unique<Model>(recipe_.model, DType::F32, device, DataParallel::param_layout(recipe_, device));
   dp_ = std::make_unique<DataParallel>(recipe_, *model_);
 }
 
@@ -155,13 +163,11 @@ void Trainer::init_or_load(int64_t first_stage, int64_t* stage_step) {
   if (from.empty() && !opts_.only_stage.empty() && first_stage > 0)
     from = recipe_.final_checkpoint(recipe_.stages[first_stage - 1].name);
   if (from.empty()) {
-    init_params(model_->params(), recipe_.model, recipe_.seed);
-    model_->params().refresh_compute();
+    dp_->init_params(recipe_.seed);
     return;
   }
   TrainState ts;
-  load_checkpoint_into(from, &ts, model_->params(), nullptr);
-  model_->params().refresh_compute();
+  dp_->load_params(from, &ts);
   global_step_ = ts.step;
   data_state_ = ts.rank_data_states.empty() ? std::string() : ts.rank_data_states.front();  // checked in setup_data
   if (Dist::is_root()) std::printf("[train] stage %s starts from %s (step %lld)\n", st.name.c_str(), from.c_str(),
@@ -172,7 +178,7 @@ void Trainer::init_or_load(int64_t first_stage, int64_t* stage_step) {
 // and, from the root, the sums reduced over the ranks before clipping (DIR/grads-<step>.h5; every rank
 // holds the same sums when parallelism.ep is 1), as "grad/<name>" datasets.
 void Trainer::dump_grads(const std::vector<Param*>& trained, bool reduced) const {
-  DSA_CHECK(dp_->ep() == 1 && !dp_->zero1(), "[train] --dump-grads needs parallelism.ep 1 and zero1 off");
+  DSA_CHECK(dp_->ep() == 1 && dp_->zero() == 0, "[train] --dump-grads needs parallelism.ep 1 and zero 0");
   if (reduced && !Dist::is_root()) return;
   std::map<std::string, Tensor> grads;
   for (const Param* p : trained) grads["grad/" + p->name] = p->grad.to(dsa::Device::CPU);
@@ -189,6 +195,7 @@ void Trainer::dump_grads(const std::vector<Param*>& trained, bool reduced) const
 }
 
 std::string Trainer::save(const StageSpec& stage, int64_t stage_step, bool stage_final) {
+  if (!recipe_.checkpoint.save) return "(none: checkpointing.save is false)";
   TrainState ts;
   ts.step = global_step_;
   ts.stage = stage.name;
@@ -197,32 +204,19 @@ std::string Trainer::save(const StageSpec& stage, int64_t stage_step, bool stage
   ts.recipe_yaml = recipe_.resolved_yaml;
   ts.model_config_yaml = recipe_.model.to_yaml();
   ts.rng_seed = recipe_.seed;
-  std::string path;
-  dp_->gather_to_root(model_->params(), moments_);
-  if (Dist::is_root()) {
-    path = save_checkpoint(recipe_.checkpoint.dir, ts, model_->params(), moments_,
-                           static_cast<int>(recipe_.checkpoint.keep_last));
-    if (stage_final) {
-      // The stage's final checkpoint also stays under checkpoint.dir/NAME/final (a hard link: no copy),
-      // where `--stage NEXT` and ablation recipes' init_from find it.
-      const fs::path dir = recipe_.final_checkpoint(stage.name);
-      fs::create_directories(dir);
-      const fs::path target = dir / fs::path(path).filename();
-      std::error_code ec;
-      fs::remove(target, ec);
-      fs::create_hard_link(path, target, ec);
-      if (ec) fs::copy_file(path, target, fs::copy_options::overwrite_existing);
-      write_atomically((dir / "latest").string(), target.filename().string() + "\n");
-    }
-  }
-  dp_->release_moments(moments_);
+  const std::string path =
+      dp_->save(recipe_.checkpoint.dir, ts, moments_, static_cast<int>(recipe_.checkpoint.keep_last));
+  // The stage's final checkpoint also stays under checkpoint.dir/NAME/final (hard links: no copy),
+  // where `--stage NEXT` and ablation recipes' init_from find it.
+  if (stage_final && Dist::is_root()) link_checkpoint(path, recipe_.final_checkpoint(stage.name));
   Dist::barrier();
-  return Dist::broadcast(path);
+  return path;
 }
 
 // One stage in progress.
 struct Trainer::StageRun {
   const StageSpec* st = nullptr;
+  int64_t index = 0;              // in recipe_.stages
   int64_t start_step = 0;
   int64_t mb = 0, T = 0;          // sequences per micro-batch on this rank, tokens per sequence
   double tokens_per_step = 0;     // global_batch * T
@@ -238,7 +232,6 @@ struct Trainer::StageRun {
   // different losses (LM and KL); a shared norm would let the indexer's gradients rescale the main
   // model's step, so L_I would reach the main model through the clip although its inputs are detached.
   std::vector<Param*> trained_main, trained_indexer;
-  std::vector<Tensor*> grads_main, grads_indexer;  // their gradients, for clipping
   LrSchedule sched;
   std::unique_ptr<MetricsLogger> logger;
   double stage_start = 0;
@@ -289,26 +282,15 @@ void Trainer::setup_data(StageRun& run) {
 void Trainer::setup_optimizer(StageRun& run) {
   const StageSpec& st = *run.st;
   run.trained.clear();
-  for (Param& p : model_->params().all()) {
-    if (!trains(st, p, recipe_.model)) continue;
-    run.trained.push_back(&p);
-    if (dp_->zero1()) continue;  // sharded moments live in dp_
-    for (const char* kind : {"optim/m/", "optim/v/"}) {
-      const std::string key = kind + p.name;
-      if (!moments_.count(key)) moments_[key] = Tensor::zeros(p.value.shape(), DType::F32, p.value.device());
-    }
-  }
+  for (Param& p : model_->params().all())
+    if (trains(st, p, recipe_.model)) run.trained.push_back(&p);
   DSA_CHECK(!run.trained.empty(), "[train] stage ", st.name, " trains nothing");
-  dp_->begin_stage(run.trained, moments_);
+  // AdamW state: fresh, or the resumed checkpoint's when this stage continues from it.
+  dp_->begin_stage(run.trained, moments_, run.start_step > 0 ? resume_path_ : std::string());
+  report_state_memory(memory_plan_.stages[run.index], model_->device() == dsa::Device::CUDA);
   run.trained_main.clear();
   run.trained_indexer.clear();
-  run.grads_main.clear();
-  run.grads_indexer.clear();
-  for (Param* p : run.trained) {
-    const bool idx = p->group == ParamGroup::Indexer;
-    (idx ? run.trained_indexer : run.trained_main).push_back(p);
-    (idx ? run.grads_indexer : run.grads_main).push_back(&p->grad);
-  }
+  for (Param* p : run.trained) (p->group == ParamGroup::Indexer ? run.trained_indexer : run.trained_main).push_back(p);
   run.sched = LrSchedule::of(st);
 }
 
@@ -358,7 +340,7 @@ Trainer::StepResult Trainer::train_step(StageRun& run, int64_t step) {
     if (opts_.on_batch) opts_.on_batch(st.name, step, inputs);
     Tensor ids = Tensor::from_vector(inputs, {run.mb * run.T});
     Tensor tg = Tensor::from_vector(targets, {run.mb * run.T});
-    if (a == st.grad_accum - 1) dp_->arm_overlap(run.trained);  // GPU: all-reduce layers as they finish
+    dp_->arm_overlap(run.trained, a == st.grad_accum - 1);  // reduce each layer's gradients as it finishes
     add_stats(res.stats, model_->step(ids, tg, run.mb, run.T, run.train_opts, true));
     const std::vector<Tensor>& micro = model_->expert_loads();
     for (size_t i = 0; i < micro.size(); ++i) {
@@ -384,8 +366,8 @@ Trainer::StepResult Trainer::train_step(StageRun& run, int64_t step) {
   res.factor = run.sched.factor(step);
   if (res.finite) {
     if (recipe_.optimizer.grad_clip > 0) {
-      ops::clip_grads_(run.grads_main, recipe_.optimizer.grad_clip, gnorm_main);
-      ops::clip_grads_(run.grads_indexer, recipe_.optimizer.grad_clip, res.gnorm_indexer);
+      dp_->clip_grads(run.trained_main, recipe_.optimizer.grad_clip, gnorm_main);
+      dp_->clip_grads(run.trained_indexer, recipe_.optimizer.grad_clip, res.gnorm_indexer);
     }
     dp_->adamw_step(run.trained, moments_, [&](const Param& p) {
       ops::AdamWConfig ac;
@@ -456,6 +438,7 @@ bool Trainer::checkpoint_or_stop(StageRun& run, int64_t done, TrainReport& repor
 void Trainer::finish_stage(StageRun& run, TrainReport& report) {
   const StageSpec& st = *run.st;
   if (st.eval_batches > 0) evaluate(run, st.steps);
+  report_peak_memory(memory_plan_.stages[run.index], model_->device() == dsa::Device::CUDA);
   report.last_checkpoint = save(st, st.steps, true);
   if (Dist::is_root())
     std::printf("[train] stage %s done in %s: %s\n", st.name.c_str(),
@@ -467,6 +450,7 @@ void Trainer::finish_stage(StageRun& run, TrainReport& report) {
 void Trainer::run_stage(int64_t s, int64_t start_step, TrainReport& report) {
   StageRun run;
   run.st = &recipe_.stages[s];
+  run.index = s;
   const StageSpec& st = *run.st;
   const ModelConfig& cfg = recipe_.model;
   run.start_step = start_step;
@@ -539,17 +523,14 @@ TrainReport Trainer::run() {
   }
   int64_t first = 0, stage_step = 0;
   if (opts_.resume) {
+    DSA_CHECK(recipe_.checkpoint.save, "[train] --resume with checkpointing.save: false (the run writes no checkpoint)");
     const std::string path = resolve_checkpoint(recipe_.checkpoint.dir);
     TrainState ts;
-    std::map<std::string, Tensor> extra;
-    load_checkpoint_into(path, &ts, model_->params(), &extra);
-    model_->params().refresh_compute();
+    dp_->load_params(path, &ts);
     DSA_CHECK(static_cast<int>(ts.rank_data_states.size()) == Dist::world(), "[train] ", path, " was written by ",
               ts.rank_data_states.size(), " ranks, this job has ", Dist::world(),
               " (reshard it with dsa-convert first)");
-    moments_.clear();
-    for (auto& [k, t] : extra)
-      if (k.rfind("optim/", 0) == 0) moments_[k] = t.to(model_->device());
+    resume_path_ = path;  // run_stage reads this rank's moments from it
     global_step_ = ts.step;
     first = recipe_.stage_index(ts.stage);
     stage_step = ts.stage_step;
@@ -560,7 +541,6 @@ TrainReport Trainer::run() {
     if (stage_step >= recipe_.stages[first].steps) {
       ++first;
       stage_step = 0;
-      moments_.clear();
     }
     if (!opts_.only_stage.empty()) DSA_CHECK(recipe_.stage_index(opts_.only_stage) == first || first == static_cast<int64_t>(recipe_.stages.size()),
                                              "[train] --resume with --stage ", opts_.only_stage,

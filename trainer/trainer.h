@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "model/model.h"
+#include "trainer/memory_plan.h"
 #include "trainer/recipe.h"
 
 namespace dsa {
@@ -69,12 +70,15 @@ class Trainer {
   TrainOptions opts_;
   std::unique_ptr<Model> model_;
   std::unique_ptr<DataParallel> dp_;      // ranks, gradient all-reduce, expert parallelism
-  std::map<std::string, Tensor> moments_;  // "optim/m/<name>", "optim/v/<name>" (trained groups only)
+  std::map<std::string, Tensor> moments_;  // "optim/m/<name>", "optim/v/<name>" (trained groups only; this
+                                           // rank's rows; empty under ZeRO, whose shards live in dp_)
   int64_t global_step_ = 0;
   std::unique_ptr<Mixture> stream_;        // the run's data stream (data/mixture.h)
   std::unique_ptr<DataPlan> plan_;         // where each stage reads it (trainer/data_plan.h)
   std::string data_state_;                 // the stream position after the last step (or carried by the
                                            // checkpoint the run started from); the same on every rank
+  std::string resume_path_;                // --resume: the checkpoint the first stage continues from
+  MemoryPlan memory_plan_;                 // per rank, made before the model
   double start_time_ = 0;
 };
 

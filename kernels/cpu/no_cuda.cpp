@@ -18,6 +18,7 @@ void memcpy(void*, bool, const void*, bool, size_t) { absent(); }
 void memset_zero(void*, size_t) { absent(); }
 void synchronize() {}
 AllocatorStats allocator_stats() { return {}; }
+DeviceMemory device_memory() { return {}; }
 void reset_peak() {}
 void empty_cache() {}
 

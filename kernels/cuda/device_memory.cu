@@ -115,6 +115,15 @@ AllocatorStats allocator_stats() {
   return cache().stats;
 }
 
+DeviceMemory device_memory() {
+  DeviceMemory m;
+  if (cudaMemGetInfo(&m.free, &m.total) != cudaSuccess) {
+    cudaGetLastError();
+    return {};
+  }
+  return m;
+}
+
 void reset_peak() {
   std::lock_guard<std::mutex> lock(cache().mu);
   cache().stats.peak_in_use = cache().stats.in_use;
