@@ -38,8 +38,39 @@ ops::MoeRouteConfig route_config(const ModelConfig& cfg) {
   return r;
 }
 
+namespace {
+
+// The router's weights for a given choice of experts (a testing hook: the GPU/CPU comparisons route both
+// sides like the CPU): w[n, k] = s[n, e_k] (normalized over the K chosen with norm_topk_prob) times the
+// scaling factor, what moe_route computes for its own choice. Host arithmetic in f64, stored as the
+// scores' dtype; moe_route_backward then differentiates through r.scores at these experts.
+void force_experts(ops::MoeRouting& r, const Tensor& experts, const ops::MoeRouteConfig& rc) {
+  const int64_t N = r.scores.size(0), E = r.scores.size(1), K = rc.top_k;
+  DSA_CHECK(experts.dtype() == DType::I32 && experts.shape() == Shape({N, K}), "[model] forced_experts must be i32 [",
+            N, ", ", K, "], got ", experts.desc());
+  const Tensor s = r.scores.to(Device::CPU).to(DType::F64);
+  const Tensor ex = experts.to(Device::CPU);
+  Tensor w = Tensor::empty({N, K}, DType::F64);
+  for (int64_t n = 0; n < N; ++n) {
+    double sum = 0;
+    for (int64_t k = 0; k < K; ++k) {
+      const int32_t e = ex.data<int32_t>()[n * K + k];
+      DSA_CHECK(e >= 0 && e < E, "[model] forced_experts: expert ", e, " outside [0, ", E, ")");
+      sum += s.item(n * E + e);
+    }
+    for (int64_t k = 0; k < K; ++k) {
+      const double v = s.item(n * E + ex.data<int32_t>()[n * K + k]);
+      w.set_item(n * K + k, (rc.norm_topk_prob ? v / sum : v) * rc.routed_scaling_factor);
+    }
+  }
+  r.experts = ex.to(r.experts.device());
+  r.weights = w.to(r.weights.dtype()).to(r.weights.device());
+}
+
+}  // namespace
+
 Tensor moe_forward(const ParamStore& ps, const std::string& p, const ModelConfig& cfg, const Tensor& x, int64_t B,
-                   int64_t T, double balance_alpha, MoeCache& c, ExpertParallel* ep) {
+                   int64_t T, double balance_alpha, MoeCache& c, ExpertParallel* ep, const Tensor* forced_experts) {
   const int64_t E = cfg.n_routed_experts, K = cfg.num_experts_per_tok, I = cfg.moe_intermediate_size;
   c = MoeCache{};
   c.B = B;
@@ -50,6 +81,7 @@ Tensor moe_forward(const ParamStore& ps, const std::string& p, const ModelConfig
   const Tensor no_bias;
   const Tensor& bias = cfg.has_routing_bias() ? ps[p + "gate.e_score_correction_bias"] : no_bias;
   c.routing = ops::moe_route(c.logits, bias, route_config(cfg));
+  if (forced_experts) force_experts(c.routing, *forced_experts, route_config(cfg));
   c.perm = ops::moe_permutation(c.routing.experts, E);
   c.xp = ops::moe_permute(x, c.perm, K);
   if (ep && ep->size() > 1) {

@@ -38,8 +38,11 @@ ops::MoeRouteConfig route_config(const ModelConfig& cfg);
 // balance_alpha > 0 adds the sequence-wise balance loss; its gradient enters in the backward.
 // ep (size > 1): routed experts split over an expert-parallel group (model/expert_parallel.h); the
 // expert tensors hold this rank's experts only (ParamLayout's expert range).
+// forced_experts [N, K] i32 (tests, may be null): route to these experts instead of the router's choice,
+// weighted from the router's scores as the router weights its own choice (StepOptions::forced_experts).
 Tensor moe_forward(const ParamStore& ps, const std::string& prefix, const ModelConfig& cfg, const Tensor& x, int64_t B,
-                   int64_t T, double balance_alpha, MoeCache& c, ExpertParallel* ep = nullptr);
+                   int64_t T, double balance_alpha, MoeCache& c, ExpertParallel* ep = nullptr,
+                   const Tensor* forced_experts = nullptr);
 Tensor moe_backward(ParamStore& ps, const std::string& prefix, const ModelConfig& cfg, const Tensor& dy,
                     const MoeCache& c, double balance_alpha, ExpertParallel* ep = nullptr);
 

@@ -184,7 +184,15 @@ Tensor Model::layer_forward(int64_t l, LayerCache& lc, const Tensor& h_in, const
   if (lc.moe) {
     // The balance loss over each sequence (V3, V2 seq_aux) or over the micro-batch as one (V2 batch-level).
     const int64_t bb = opts.balance_per_sequence ? B : 1, bt = opts.balance_per_sequence ? T : B * T;
-    ffn_out = moe_forward(params_, p + "mlp.", cfg_, lc.ffn_in, bb, bt, opts.balance_alpha, lc.moe_cache, ep_);
+    const Tensor* forced = opts.forced_experts && static_cast<int64_t>(opts.forced_experts->size()) > l &&
+                                   (*opts.forced_experts)[l].defined()
+                               ? &(*opts.forced_experts)[l]
+                               : nullptr;
+    ffn_out = moe_forward(params_, p + "mlp.", cfg_, lc.ffn_in, bb, bt, opts.balance_alpha, lc.moe_cache, ep_, forced);
+    if (first_pass && opts.capture_experts) {
+      if (static_cast<int64_t>(opts.capture_experts->size()) <= l) opts.capture_experts->resize(l + 1);
+      (*opts.capture_experts)[l] = lc.moe_cache.routing.experts.to(Device::CPU);
+    }
     if (first_pass) {
       stats.balance_loss += lc.moe_cache.balance_loss;
       expert_loads_.push_back(ops::moe_expert_load(lc.moe_cache.routing, cfg_.n_routed_experts));

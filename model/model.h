@@ -61,6 +61,11 @@ struct StepOptions {
   std::vector<Tensor>* capture_layer_outputs = nullptr; // [N, D]: the residual stream after the layer
   std::vector<Tensor>* capture_indices = nullptr;       // [B, T, K]: the selection used
   std::vector<IndexerCache>* capture_indexer = nullptr; // the indexer's q, k, w
+  // MoE layers (an undefined tensor, or none, for a dense layer): the experts to route each token to
+  // instead of the router's own choice, weighted from the router's own scores as it would weight them
+  // (GPU-vs-CPU tests: a bf16 ulp may flip a near-tie of the two routers, as it may flip a top-k slot).
+  const std::vector<Tensor>* forced_experts = nullptr;  // [N, K] i32, indexed by layer
+  std::vector<Tensor>* capture_experts = nullptr;       // [N, K] i32 the experts used, indexed by layer
   Tensor* capture_logits = nullptr;                     // [N, V] logits (materialized: small vocabularies)
   Tensor* capture_mtp_logits = nullptr;                 // [N, V] the MTP head's logits
 };

@@ -1,7 +1,7 @@
 // The whole model on the GPU (bf16 mixed precision) against the CPU path (f32) on the same weights and
-// tokens: losses and every parameter gradient, for each stage's step. Sparse steps use the CPU's
-// selection on both sides (a bf16 ranking may break near-ties differently), so they compare the
-// same function.
+// tokens: losses and every parameter gradient, for each stage's step. Both sides use the CPU's MoE routing
+// and, in sparse steps, its top-k selection (a bf16 ranking may break near-ties differently), so they
+// compare the same function.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -54,13 +54,15 @@ void compare(StepOptions o, const char* what, double main_tol, double indexer_to
              const ModelConfig& cfg = gpu_test_config()) {
   DSA_REQUIRE_GPU();
   Pair p(cfg);
-  std::vector<Tensor> sel;
-  if (o.attention == AttentionMode::Sparse) {
-    StepOptions probe = o;
-    probe.capture_indices = &sel;
-    p.cpu.step(p.ids, p.targets, p.B, p.T, probe, false);
-    o.forced_indices = &sel;
-  }
+  // Both sides route and select like the CPU: a bf16 ulp may flip a near-tie of the MoE router or of the
+  // top-k, and a flipped expert or slot is a different function (its own tests compare those ops).
+  std::vector<Tensor> sel, experts;
+  StepOptions probe = o;
+  probe.capture_experts = &experts;
+  if (o.attention == AttentionMode::Sparse) probe.capture_indices = &sel;
+  p.cpu.step(p.ids, p.targets, p.B, p.T, probe, false);
+  o.forced_experts = &experts;
+  if (o.attention == AttentionMode::Sparse) o.forced_indices = &sel;
   p.cpu.params().zero_grads();
   p.gpu.params().zero_grads();
   StepStats c = p.cpu.step(p.ids, p.targets, p.B, p.T, o, true);

@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 #include <yaml-cpp/yaml.h>
 
+#include <algorithm>
 #include <cmath>
 #include <fstream>
 
@@ -248,4 +249,50 @@ TEST(Model, ActivationRecomputationGivesIdenticalGradients) {
       EXPECT_TRUE(all_close(p.grad, b.params().grad(p.name), 0, 0)) << p.name << (sparse ? " sparse" : " dense");
     }
   }
+}
+
+// The forced-routing hook (StepOptions::forced_experts): routing to the router's own choice is the same
+// step (loss and every gradient to f64 rounding: the weights are recomputed from the same scores in
+// another order), and routing to another choice is a different function that still trains the experts it
+// names.
+TEST(Model, ForcedExpertsReproduceTheRoutersOwnChoiceAndChangeWithIt) {
+  ModelConfig cfg = grad_config();
+  Model a(cfg, DType::F64), b(cfg, DType::F64);
+  init_params(a.params(), cfg, 21);
+  init_params(b.params(), cfg, 21);
+  Batch batch = make_batch(cfg, 2, 6, 22);
+  std::vector<Tensor> experts;
+  StepOptions probe;
+  probe.capture_experts = &experts;
+  a.params().zero_grads();
+  const StepStats sa = a.step(batch.ids, batch.targets, batch.B, batch.T, probe, true);
+  int moe_layers = 0;
+  for (int64_t l = 0; l < cfg.num_hidden_layers; ++l) moe_layers += l < static_cast<int64_t>(experts.size()) && experts[l].defined();
+  ASSERT_GT(moe_layers, 0);
+  StepOptions forced;
+  forced.forced_experts = &experts;
+  b.params().zero_grads();
+  const StepStats sb = b.step(batch.ids, batch.targets, batch.B, batch.T, forced, true);
+  EXPECT_NEAR(sa.lm_loss_sum, sb.lm_loss_sum, 1e-12 * std::fabs(sa.lm_loss_sum));
+  for (const Param& p : a.params().all()) {
+    if (!p.grad.defined()) continue;
+    EXPECT_TRUE(all_close(p.grad, b.params().grad(p.name), 1e-10, 1e-14)) << p.name;
+  }
+  // Another choice: every token's last slot moved to the next expert not already chosen.
+  std::vector<Tensor> other = experts;
+  for (Tensor& t : other) {
+    if (!t.defined()) continue;
+    t = t.clone();
+    const int64_t N = t.size(0), K = t.size(1);
+    for (int64_t n = 0; n < N; ++n) {
+      int32_t* row = t.data<int32_t>() + n * K;
+      int32_t e = row[K - 1];
+      auto taken = [&](int32_t x) { return std::find(row, row + K - 1, x) != row + K - 1; };
+      do e = static_cast<int32_t>((e + 1) % cfg.n_routed_experts); while (taken(e));
+      row[K - 1] = e;
+    }
+  }
+  forced.forced_experts = &other;
+  const StepStats sc = b.step(batch.ids, batch.targets, batch.B, batch.T, forced, false);
+  EXPECT_GT(std::fabs(sc.lm_loss_sum - sa.lm_loss_sum), 1e-6 * std::fabs(sa.lm_loss_sum));
 }
