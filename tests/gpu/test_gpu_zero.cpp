@@ -185,8 +185,7 @@ TEST(GpuZero, PlanStateEqualsTheCachingAllocatorsCounts) {
 // promises: it is an upper bound (a stage it lets start does not run out of memory), and not a loose one
 // (a stage it refuses would not have fit with a fifth to spare). It models the kernels' allocations one
 // by one but not their exact lifetimes inside an op: measured on an H200 (scripts/memory_check.sh,
-// 2026-12-03) +4.2% dense, +15.3% warm-up (the indexer's workspaces are counted at their largest for
-// every layer), +4.4% sparse.
+// 2026-12-03) +4.2% dense, +15.3% warm-up, +4.4% sparse.
 TEST(GpuZero, PlanPeakIsCloseToTheMeasuredPeakForBenchSmall) {
   DSA_REQUIRE_GPU();
   const std::string dir = temp("gz_bench");
