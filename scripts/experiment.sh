@@ -11,6 +11,7 @@
 #   bash scripts/experiment.sh ablations2   k = L/128, L/64, L/16, bf16 indexer scoring
 #   bash scripts/experiment.sh report       the tables and plots of whatever has run
 #   bash scripts/experiment.sh --smoke all  every phase above on the CPU, tiny (a few minutes), in runs/smoke
+#   bash scripts/experiment.sh --short main the main line (dense, then dsa) cut to fit one GPU call
 #
 # A phase called again continues what it left unfinished. Its commands stop before DSA_BUDGET seconds
 # (default 540, a 10-minute call with room for the transfers; 3600 with --smoke) have passed since it started: dsa-train
@@ -21,7 +22,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 SMOKE=0
+BASE_STEPS=()
 if [[ ${1:-} == --smoke ]]; then SMOKE=1; shift; fi
+if [[ ${1:-} == --short ]]; then export DSA_EXPERIMENT_SHORT=1; shift; fi
 PHASE=${1:-help}
 BUDGET=${DSA_BUDGET:-$([[ $SMOKE == 1 ]] && echo 3600 || echo 540)}
 T0=$(date +%s)
@@ -66,6 +69,17 @@ else
   ABL_EVAL_ARGS=(--seq-len $SEQ --sequences 2 --needle-trials 4 --indexer-rows 256)
   SIZE=()
   SIZE_TOPK=()
+fi
+# --short (DSA_EXPERIMENT_SHORT=1): the main line alone (phase `main` = dense then dsa) in one GPU call,
+# each stage's steps cut to fit (dense4k 150, dense 100, warm-up 40, sparse 60, dense-continued 60),
+# evaluated at the training length only, 4 needles per depth: the experiment's pipeline at a fraction of
+# its tokens, for a machine held less than two calls. Its results are labelled "short" in the tables.
+if [[ ${DSA_EXPERIMENT_SHORT:-0} == 1 && $SMOKE == 0 ]]; then
+  SIZE=(stages.dense4k.steps=150 stages.dense4k.warmup_steps=15 stages.dense.steps=100 stages.dense.warmup_steps=5
+        stages.warmup.steps=40 stages.warmup.eval_interval=20 stages.sparse.steps=60 stages.sparse.warmup_steps=5)
+  BASE_STEPS=(stages.dense_continued.steps=60 stages.dense_continued.warmup_steps=5 stages.dense_continued.eval_interval=30)
+  EVAL_LENS=16384
+  EVAL_ARGS=(--sequences 2 --needle-trials 4 --indexer-rows 256)
 fi
 OUT=${OUT:-$RUN/out}
 LOGS=$RUN/logs
@@ -220,7 +234,7 @@ phase_dsa() {
   need "$MAIN" dense || return 1
   train "$RECIPES/dense_to_sparse.yaml" "$MAIN" warmup &&
     train "$RECIPES/dense_to_sparse.yaml" "$MAIN" sparse
-  local steps=()
+  local steps=("${BASE_STEPS[@]}")
   [[ $SMOKE == 1 ]] && steps=(stages.dense_continued.steps=6 stages.dense_continued.warmup_steps=1
                                stages.dense_continued.eval_interval=3)
   train "$RECIPES/dense_continued.yaml" "$BASE" dense_continued "${steps[@]}"
@@ -295,6 +309,7 @@ case $PHASE in
   prepare) prepare ;;
   dense) unpack; build; smoke_recipes; phase_dense; finish ;;
   dsa) unpack; build; smoke_recipes; phase_dsa; finish ;;
+  main) unpack; build; smoke_recipes; phase_dense && phase_dsa; finish ;;
   ablations1) unpack; build; smoke_recipes; phase_ablations1; finish ;;
   ablations2) unpack; build; smoke_recipes; phase_ablations2; finish ;;
   report) report; pack ;;
