@@ -6,8 +6,7 @@
 //   dsa-bench ops     [--only SECTIONS] [--json FILE]   every op family, bench-small and production shapes
 //                     (tools/dsa_bench/ops.cpp; the CPU in f32 at CPU-sized shapes when no GPU is present)
 //   dsa-bench peak    bf16 GEMM ceiling (8192^3), used for MFU
-//   dsa-bench memory  CONFIG [--seq-len 4096] [--micro-batch 1] [--mtp]   memory per rank for the parallel
-//                     layouts this project runs (model/memory_plan.h); CONFIG: config.json, YAML or a preset
+//   (memory per rank before a run: `dsa-train RECIPE --dry-run`, trainer/memory_plan.h)
 //
 // Times: CUDA events on the op stream around each measured region (the steady clock on the CPU), warm-up
 // first, the median of the repetitions (tools/dsa_bench/bench_util.h). FLOPs are the useful work, counted
@@ -26,7 +25,6 @@
 #include "kernels/dsa_ops.h"
 #include "kernels/ops.h"
 #include "model/hf_config.h"
-#include "model/memory_plan.h"
 #include "model/model.h"
 #include "model/profile.h"
 #include "tools/dsa_bench/bench_util.h"
@@ -280,70 +278,12 @@ void kernel_bench(int argc, char** argv) {
   });
 }
 
-// Memory per rank (GB = 1e9 bytes) for the layouts this project runs: one GPU; 8 GPUs of one node with
-// experts split 8 ways (data parallel over all 8), with and without recomputation; 8 CPU ranks with
-// ZeRO-1. The sparse stage (everything trained) at micro-batch x seq-len tokens per rank.
-void memory_report(int argc, char** argv) {
-  DSA_CHECK(argc >= 1, "[dsa-bench] memory needs a config (config.json, YAML or a preset name)");
-  const std::string src = argv[0];
-  int64_t seq = 4096, mb = 1;
-  bool mtp = false;
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    auto next = [&]() -> std::string {
-      DSA_CHECK(i + 1 < argc, "[dsa-bench] ", a, " needs a value");
-      return argv[++i];
-    };
-    if (a == "--seq-len") seq = std::stoll(next());
-    else if (a == "--micro-batch") mb = std::stoll(next());
-    else if (a == "--mtp") mtp = true;
-    else throw std::runtime_error("[dsa-bench] memory: unknown option " + a);
-  }
-  const bool file = src.find('.') != std::string::npos || src.find('/') != std::string::npos;
-  const ModelConfig cfg = file ? ModelConfig::from_file(src) : preset_config(src);
-  DSA_CHECK(!mtp || cfg.num_nextn_predict_layers > 0, "[dsa-bench] --mtp: the model has no MTP layer");
-  struct Row {
-    const char* layout;
-    MemoryLayout m;
-  };
-  auto layout = [&](bool gpu, int64_t ranks, int64_t ep, bool zero1, bool recompute) {
-    MemoryLayout m;
-    m.gpu = gpu;
-    m.ranks = ranks;
-    m.ep = ep;
-    m.zero1 = zero1;
-    m.recompute = recompute;
-    m.seq_len = seq;
-    m.micro_batch = mb;
-    m.mtp = mtp;
-    return m;
-  };
-  const int64_t ep8 = cfg.n_routed_experts % 8 == 0 ? 8 : 1;
-  const std::vector<Row> rows = {{"1 GPU", layout(true, 1, 1, false, false)},
-                                 {"1 GPU, recompute", layout(true, 1, 1, false, true)},
-                                 {"8 GPUs, ep 8", layout(true, 8, ep8, false, false)},
-                                 {"8 GPUs, ep 8, recompute", layout(true, 8, ep8, false, true)},
-                                 {"8 CPU ranks, ep 8, zero1", layout(false, 8, ep8, true, false)}};
-  const MemoryPlan p0 = memory_plan(cfg, rows[0].m);
-  std::printf("%s: %.2fB parameters (routed experts %.2fB), sparse stage, %lld x %lld tokens per rank%s\n",
-              src.c_str(), p0.params / 1e9, p0.expert_params / 1e9, static_cast<long long>(mb),
-              static_cast<long long>(seq), mtp ? ", MTP layer on" : "");
-  std::printf("%-26s %10s %10s %10s %10s %12s %10s\n", "layout (per rank, GB)", "weights", "bf16 copy", "grads",
-              "AdamW", "activations", "total");
-  for (const Row& r : rows) {
-    const MemoryPlan p = memory_plan(cfg, r.m);
-    std::printf("%-26s %10.1f %10.1f %10.1f %10.1f %12.1f %10.1f\n", r.layout, p.weights_bytes / 1e9,
-                p.compute_bytes / 1e9, p.grads_bytes / 1e9, p.optimizer_bytes / 1e9, p.activation_bytes / 1e9,
-                p.total_bytes() / 1e9);
-  }
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
   if (argc < 2 || std::strcmp(argv[1], "--help") == 0) {
     std::fprintf(stderr,
-                 "usage: dsa-bench train|kernels|ops|peak|memory [options]  (see the header of tools/dsa_bench.cpp)\n");
+                 "usage: dsa-bench train|kernels|ops|peak [options]  (see the header of tools/dsa_bench.cpp)\n");
     return argc < 2 ? 2 : 0;
   }
   try {
@@ -356,10 +296,8 @@ int main(int argc, char** argv) {
       ops_bench(argc - 2, argv + 2);
     else if (cmd == "peak")
       std::printf("bf16 GEMM ceiling: %.1f TFLOP/s\n", measure_peak(bench_device()));
-    else if (cmd == "memory")
-      memory_report(argc - 2, argv + 2);
     else
-      throw std::runtime_error("[dsa-bench] unknown command " + cmd + " (train, kernels, ops, peak, memory)");
+      throw std::runtime_error("[dsa-bench] unknown command " + cmd + " (train, kernels, ops, peak)");
   } catch (const std::exception& e) {
     std::fprintf(stderr, "%s\n", e.what());
     return 1;

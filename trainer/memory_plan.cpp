@@ -17,8 +17,10 @@ namespace dsa {
 
 namespace {
 
-bool trains(const StageSpec& st, ParamGroup g) {
-  return (g == ParamGroup::Main && st.train_main) || (g == ParamGroup::Indexer && st.train_indexer);
+// As the trainer decides (trainer.cpp): the MTP layer trains only in stages that run it.
+bool trains(const StageSpec& st, const ModelConfig& cfg, const ParamSpec& s) {
+  if (st.mtp_loss_weight == 0 && is_mtp_param(cfg, s.name)) return false;
+  return (s.group == ParamGroup::Main && st.train_main) || (s.group == ParamGroup::Indexer && st.train_indexer);
 }
 
 struct StateBytes {
@@ -59,7 +61,7 @@ StateBytes state_bytes(const ModelConfig& cfg, const StageSpec& st, const Parall
       // Whole on this rank: f32 value (+ bf16 compute copy on the GPU), f32 gradient, moments if trained.
       r.parameters += alloc(4 * n, gpu) + (gpu && !master_read ? alloc(2 * n, gpu) : 0);
       r.gradients += alloc(4 * n, gpu);
-      if (trains(st, s.group)) r.optimizer += 2 * alloc(4 * n, gpu);
+      if (trains(st, cfg, s)) r.optimizer += 2 * alloc(4 * n, gpu);
       continue;
     }
     list.emplace_back(s.name, n);
@@ -71,7 +73,7 @@ StateBytes state_bytes(const ModelConfig& cfg, const StageSpec& st, const Parall
     const int64_t n = b.experts ? L.ranks / L.ep : L.ranks;
     const int64_t c = zero_chunk(b.total, n);
     bool t = false;
-    for (size_t m : b.members) t = t || trains(st, listed[m]->group);
+    for (size_t m : b.members) t = t || trains(st, cfg, *listed[m]);
     r.parameters += alloc(weight_bytes * n * c, gpu) + (gpu ? alloc(4 * c, gpu) : 0);
     if (L.zero == 1) r.gradients += alloc(4 * n * c, gpu);
     if (L.zero == 2 && t) {

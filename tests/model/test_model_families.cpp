@@ -10,7 +10,6 @@
 
 #include "kernels/ops.h"
 #include "model/hf_config.h"
-#include "model/memory_plan.h"
 #include "model/model.h"
 #include "tests/test_util.h"
 
@@ -326,29 +325,4 @@ TEST(ModelFamilies, ConfigKeysRoundTripAndRefusals) {
   const std::string table = hf_config_key_table();
   for (const char* k : {"scoring_func", "hidden_act", "ep_size", "quantization_config", "rope_interleave"})
     EXPECT_NE(table.find(k), std::string::npos) << k;
-}
-
-TEST(ModelFamilies, MemoryPlanCountsWhatTheModelAllocates) {
-  for (const ModelConfig& c : {combined_config(), v3_mtp_config(), preset_config("tiny")}) {
-    Model m(c, DType::F32, Device::CPU);
-    double weights = 0, grads = 0;
-    for (const Param& p : m.params().all()) {
-      weights += static_cast<double>(p.value.nbytes());
-      if (p.grad.defined()) grads += static_cast<double>(p.grad.nbytes());
-    }
-    MemoryLayout cpu;
-    cpu.gpu = false;
-    cpu.mtp = c.num_nextn_predict_layers > 0;
-    const MemoryPlan plan = memory_plan(c, cpu);
-    EXPECT_EQ(plan.params, m.params().numel());
-    EXPECT_EQ(plan.params, c.parameter_count());
-    EXPECT_EQ(plan.weights_bytes, weights);
-    EXPECT_EQ(plan.grads_bytes, grads);
-    EXPECT_EQ(plan.compute_bytes, 0.0);
-    EXPECT_EQ(plan.optimizer_bytes, 2 * grads);  // m and v of every trained tensor (the MTP layer runs)
-    MemoryLayout z = cpu;
-    z.ranks = 8;
-    z.zero1 = true;
-    EXPECT_EQ(memory_plan(c, z).optimizer_bytes, plan.optimizer_bytes / 8);
-  }
 }

@@ -58,7 +58,9 @@ class LocalComm : public ReplicaComm {
   int size_, rank_;
 };
 
-bool trains(const StageSpec& st, const Param& p) {
+// As the trainer decides (trainer.cpp): the MTP layer trains only in stages that run it.
+bool trains(const StageSpec& st, const Param& p, const ModelConfig& cfg) {
+  if (st.mtp_loss_weight == 0 && is_mtp_param(cfg, p.name)) return false;
   return (p.group == ParamGroup::Main && st.train_main) || (p.group == ParamGroup::Indexer && st.train_indexer);
 }
 
@@ -78,7 +80,7 @@ int64_t measured_state(const Recipe& r, const StageSpec& st, const ParallelLayou
     Model m(r.model, DType::F32, Device::CPU, pl);
     std::vector<Param*> trained;
     for (Param& p : m.params().all())
-      if (trains(st, p)) trained.push_back(&p);
+      if (trains(st, p, r.model)) trained.push_back(&p);
     LocalComm all(static_cast<int>(L.ranks), rank);
     LocalComm experts(static_cast<int>(L.ranks / L.ep), rank / static_cast<int>(L.ep));
     std::map<std::string, Tensor> moments;
@@ -147,6 +149,29 @@ TEST(MemoryPlan, StateRowsEqualTheAllocatorsCounts) {
                 << "zero " << zero << " ranks " << ranks << " ep " << ep << " stage " << sp.stage << " rank " << rank;
           }
       }
+}
+
+// The DeepSeek families' tensors (SPEC.md §1b): the MTP layer (trained only when its loss runs), a direct
+// query projection without a query LoRA, softmax routing without a correction bias.
+TEST(MemoryPlan, StateRowsEqualTheAllocatorsCountsForTheFamilies) {
+  const std::vector<std::vector<std::string>> families = {
+      {"model.num_nextn_predict_layers=1"},
+      {"model.num_nextn_predict_layers=1", "stages.sparse.mtp_loss_weight=0.3"},
+      {"model.q_lora_rank=null"},
+      {"model.scoring_func=softmax", "model.topk_method=greedy", "model.norm_topk_prob=false", "model.n_group=1",
+       "model.topk_group=1", "stage_defaults.moe_bias_update_rate=0"}};
+  for (const std::vector<std::string>& ov : families) {
+    const Recipe r = tiny_recipe("", ov);
+    for (int64_t zero : {0, 2}) {
+      const ParallelLayout L{2, 1, zero, false};
+      const MemoryPlan plan = plan_memory(r.model, r.stages, L, 0);
+      for (size_t s = 0; s < r.stages.size(); ++s) {
+        const StagePlan& sp = plan.stages[s];
+        EXPECT_EQ(measured_state(r, r.stages[s], L, 0), sp.state() - sp.gradients_in_flight)
+            << ov.front() << " zero " << zero << " stage " << sp.stage;
+      }
+    }
+  }
 }
 
 // Per-rank state shrinks as designed: ZeRO-1 divides the moments by the ranks, ZeRO-2 the gradients too
