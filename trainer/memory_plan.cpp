@@ -17,11 +17,7 @@ namespace dsa {
 
 namespace {
 
-// As the trainer decides (trainer.cpp): the MTP layer trains only in stages that run it.
-bool trains(const StageSpec& st, const ModelConfig& cfg, const ParamSpec& s) {
-  if (st.mtp_loss_weight == 0 && is_mtp_param(cfg, s.name)) return false;
-  return (s.group == ParamGroup::Main && st.train_main) || (s.group == ParamGroup::Indexer && st.train_indexer);
-}
+bool trains(const StageSpec& st, const ModelConfig& cfg, const ParamSpec& s) { return stage_trains(st, cfg, s.name, s.group); }
 
 struct StateBytes {
   int64_t parameters = 0, gradients = 0, optimizer = 0, in_flight = 0;

@@ -669,4 +669,9 @@ Recipe parse_recipe(const std::string& text, const std::string& source, const st
   return build_recipe(root, source, overrides);
 }
 
+bool stage_trains(const StageSpec& st, const ModelConfig& cfg, const std::string& name, ParamGroup g) {
+  if (st.mtp_loss_weight == 0 && is_mtp_param(cfg, name)) return false;
+  return (g == ParamGroup::Main && st.train_main) || (g == ParamGroup::Indexer && st.train_indexer);
+}
+
 }  // namespace dsa

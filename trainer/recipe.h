@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "model/config.h"
+#include "model/params.h"
 
 namespace dsa {
 
@@ -148,6 +149,11 @@ struct Recipe {
   // same recipe.
   std::string to_yaml() const;
 };
+
+// Whether stage `st` trains the tensor `name` of group `g`: the main model when train_main, the indexer when
+// train_indexer, the MTP layer only in stages that run it (mtp_loss_weight > 0; elsewhere it is carried as
+// is). The trainer and the memory plan decide by this one rule.
+bool stage_trains(const StageSpec& st, const ModelConfig& cfg, const std::string& name, ParamGroup g);
 
 // Reads, overrides and validates a recipe file. Throws std::runtime_error "[recipe] FILE:LINE: ...".
 Recipe load_recipe(const std::string& path, const std::vector<std::string>& overrides = {});

@@ -60,11 +60,7 @@ StepOptions step_options(const StageSpec& st, const ModelConfig& cfg) {
   return o;
 }
 
-// The MTP layer trains only in stages that run it (mtp_loss_weight > 0); elsewhere it is carried as is.
-bool trains(const StageSpec& st, const Param& p, const ModelConfig& cfg) {
-  if (st.mtp_loss_weight == 0 && is_mtp_param(cfg, p.name)) return false;
-  return (p.group == ParamGroup::Main && st.train_main) || (p.group == ParamGroup::Indexer && st.train_indexer);
-}
+bool trains(const StageSpec& st, const Param& p, const ModelConfig& cfg) { return stage_trains(st, cfg, p.name, p.group); }
 
 void add_stats(StepStats& a, const StepStats& b) {
   a.lm_loss_sum += b.lm_loss_sum;

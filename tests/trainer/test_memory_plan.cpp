@@ -58,11 +58,7 @@ class LocalComm : public ReplicaComm {
   int size_, rank_;
 };
 
-// As the trainer decides (trainer.cpp): the MTP layer trains only in stages that run it.
-bool trains(const StageSpec& st, const Param& p, const ModelConfig& cfg) {
-  if (st.mtp_loss_weight == 0 && is_mtp_param(cfg, p.name)) return false;
-  return (p.group == ParamGroup::Main && st.train_main) || (p.group == ParamGroup::Indexer && st.train_indexer);
-}
+bool trains(const StageSpec& st, const Param& p, const ModelConfig& cfg) { return stage_trains(st, cfg, p.name, p.group); }
 
 // Host bytes one rank of `L` allocates for its parameters, gradients and moments in stage `st`, as the
 // trainer allocates them (Model with DataParallel::param_layout's layout, ZeroState, the moments map).
