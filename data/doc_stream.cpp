@@ -5,6 +5,7 @@
 #include <sstream>
 #include <stdexcept>
 
+#include "data/data_util.h"
 #include "data/shards.h"
 
 namespace dsa {
@@ -13,18 +14,10 @@ namespace {
 
 template <class... Parts>
 [[noreturn]] void fail(const Parts&... parts) {
-  std::ostringstream os;
-  os << "[data] ";
-  (os << ... << parts);
-  throw std::runtime_error(os.str());
+  data_util::fail("[data]", parts...);
 }
 
-uint64_t splitmix64(uint64_t& x) {
-  uint64_t z = (x += 0x9e3779b97f4a7c15ull);
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  return z ^ (z >> 31);
-}
+using data_util::splitmix64;
 
 struct DocRef {
   uint32_t shard;

@@ -6,16 +6,15 @@
 #include <sstream>
 #include <stdexcept>
 
+#include "data/data_util.h"
+
 namespace dsa {
 
 namespace {
 
 template <class... Parts>
 [[noreturn]] void fail(const Parts&... parts) {
-  std::ostringstream os;
-  os << "[data] ";
-  (os << ... << parts);
-  throw std::runtime_error(os.str());
+  data_util::fail("[data]", parts...);
 }
 
 uint64_t mix64(uint64_t z) {

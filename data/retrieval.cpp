@@ -9,6 +9,7 @@
 #include <stdexcept>
 #include <sys/stat.h>
 
+#include "data/data_util.h"
 #include "data/shards.h"
 
 namespace dsa {
@@ -17,18 +18,10 @@ namespace {
 
 template <class... Parts>
 [[noreturn]] void fail(const Parts&... parts) {
-  std::ostringstream os;
-  os << "[retrieval] ";
-  (os << ... << parts);
-  throw std::runtime_error(os.str());
+  data_util::fail("[retrieval]", parts...);
 }
 
-uint64_t splitmix64(uint64_t& x) {
-  uint64_t z = (x += 0x9e3779b97f4a7c15ull);
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  return z ^ (z >> 31);
-}
+using data_util::splitmix64;
 
 double uniform(uint64_t& s) { return static_cast<double>(splitmix64(s) >> 11) * (1.0 / 9007199254740992.0); }
 
