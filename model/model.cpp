@@ -76,16 +76,28 @@ void Model::indexer_loss_and_grads(int64_t l, LayerCache& lc, const Tensor& posi
   ops::IndexerLossResult r;
   ops::IndexerGrads g;
   if (opts.indexer_loss == IndexerLossMode::Dense) {
-    Tensor q_main, k_main;
-    if (m.form == MlaForm::MHA) {
-      q_main = m.q.view({B, T, H, cfg_.qk_head_dim()});
-      k_main = m.k;
-    } else {
-      q_main = m.q_abs;
-      k_main = m.kv_lat.view({B, T, 1, cfg_.kv_lora_rank + cfg_.qk_rope_head_dim});
-    }
     ProfileScope ps_("indexer KL (dense)");
-    r = ops::indexer_kl_dense(q_main, k_main, m.lse, cfg_.attention_scale(), q4, k3, w3, opts.fp8_indexer,
+    // The dense target normalizes each head by the dense attention's log-sum-exp. Under sparse
+    // attention (the full-distribution-KL ablation) m.lse sums over the selection only, which would
+    // weight each head by 1 / (its selected mass): the dense attention is rebuilt here instead, as
+    // the recall does.
+    MlaCache dense_cache;
+    const MlaCache* d = &m;
+    if (m.sparse) {
+      mla_prepare(params_, layer_prefix(l), cfg_, lc.attn_in, dense_cache);
+      mla_forward(params_, layer_prefix(l), cfg_, rope_, positions, B, T, lc.attn_in, MlaForm::MHA, nullptr,
+                  dense_cache);
+      d = &dense_cache;
+    }
+    Tensor q_main, k_main;
+    if (d->form == MlaForm::MHA) {
+      q_main = d->q.view({B, T, H, cfg_.qk_head_dim()});
+      k_main = d->k;
+    } else {
+      q_main = d->q_abs;
+      k_main = d->kv_lat.view({B, T, 1, cfg_.kv_lora_rank + cfg_.qk_rope_head_dim});
+    }
+    r = ops::indexer_kl_dense(q_main, k_main, d->lse, cfg_.attention_scale(), q4, k3, w3, opts.fp8_indexer,
                               opts.indexer_grad_scale, need_grad ? &g : nullptr);
   } else {
     DSA_CHECK(m.sparse, "[model] the sparse indexer loss needs sparse attention in the same step");

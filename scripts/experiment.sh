@@ -9,6 +9,8 @@
 #                                           dsa-eval of both at 16K and 64K, tables
 #   bash scripts/experiment.sh ablations1   no warm-up, no detach, dense KL (needs dense and warmup)
 #   bash scripts/experiment.sh ablations2   k = L/128, L/64, L/16, bf16 indexer scoring
+#   bash scripts/experiment.sh all          every phase above in order, continuing where the last call
+#                                           stopped: call it back to back until it prints "complete"
 #   bash scripts/experiment.sh report       the tables and plots of whatever has run
 #   bash scripts/experiment.sh --smoke all  every phase above on the CPU, tiny (a few minutes), in runs/smoke
 #   bash scripts/experiment.sh --short main the main line (dense, then dsa) cut to fit one GPU call
@@ -314,11 +316,10 @@ case $PHASE in
   ablations2) unpack; build; smoke_recipes; phase_ablations2; finish ;;
   report) report; pack ;;
   all)
-    [[ $SMOKE == 1 ]] || { say "'all' is for --smoke; on the GPU run the phases one call each"; exit 2; }
-    build; prepare; smoke_recipes
-    phase_dense && phase_dsa
-    phase_ablations1
-    phase_ablations2
+    # --smoke: the whole pipeline from the data. GPU: every phase in order within this call's budget,
+    # each continuing what an earlier call left; call it back to back until it prints "complete".
+    if [[ $SMOKE == 1 ]]; then build; prepare; smoke_recipes; else unpack; build; fi
+    phase_dense && phase_dsa && { phase_ablations1; phase_ablations2; }
     finish ;;
   *) sed -n '2,20p' "$0"; exit 2 ;;
 esac

@@ -133,7 +133,12 @@ int64_t forward_transient(const Dims& d, bool sparse, bool dense_kl, bool moe) {
   const int64_t N = d.N, a = d.a;
   const int64_t mla = sparse ? N * d.H * (d.dn + 2 * d.kvl + d.dr) * a   // q_nope^T, q_lat^T, concat
                              : N * d.H * (2 * d.dn + d.dv + d.dr) * a;  // kv_b output, narrow, repeated k_pe
-  const int64_t kl = dense_kl ? 2 * N * (d.Hi * d.di + d.di + d.Hi) * a + N * d.di * f32 + 3 * N * f32 : 0;
+  int64_t kl = dense_kl ? 2 * N * (d.Hi * d.di + d.di + d.Hi) * a + N * d.di * f32 + 3 * N * f32 : 0;
+  // The dense KL under sparse attention rebuilds the dense attention (MHA form) for its target: the
+  // query latent, q, the latent kv, k, v, the output and the dense forward's own temporaries.
+  if (dense_kl && sparse)
+    kl += N * (d.ql + 2 * (d.kvl + d.dr)) * a + N * d.H * (2 * d.dk + 2 * d.dv) * a +
+          N * d.H * (2 * d.dn + d.dv + d.dr) * a + N * d.H * f32;
   const int64_t ffn = moe ? N * d.D * f32 + 2 * N * d.Ke * d.Im * a + N * d.D * a : N * d.D * a;
   return std::max({mla + N * d.D * a, kl, ffn});
 }
