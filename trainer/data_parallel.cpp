@@ -186,6 +186,7 @@ DataParallel::DataParallel(const Recipe& recipe, Model& model) : model_(model), 
   rank_ = Dist::rank();
   ep_ = static_cast<int>(recipe.parallel.ep);
   zero_level_ = static_cast<int>(recipe.parallel.zero);
+  overlap_ = recipe.parallel.overlap;
   const int64_t E = recipe.model.n_routed_experts;
   e0_ = ep_ > 1 ? layout.expert_begin : 0;
   e1_ = ep_ > 1 ? layout.expert_end : E;
@@ -369,7 +370,7 @@ void DataParallel::arm_overlap(const std::vector<Param*>& trained, bool last) {
 }
 
 void DataParallel::on_grads_ready(int64_t group) {
-  if (!armed_) return;
+  if (!armed_ || !overlap_) return;  // without overlap, finish_micro_batch / allreduce_grads reduce it all
   if (zero_) {
     zero_->reduce_group(group, armed_last_);
     return;

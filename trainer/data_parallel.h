@@ -107,6 +107,7 @@ class DataParallel {
   std::unique_ptr<ReplicaComm> mpi_all_, mpi_replicas_;  // CPU under ZeRO
   std::unique_ptr<ZeroState> zero_;
   bool armed_ = false, armed_last_ = false;
+  bool overlap_ = true;  // parallelism.overlap: false leaves every reduction to allreduce_grads
   std::vector<Param*> armed_params_;
   std::vector<bool> reduced_;  // per armed param: reduction already launched (plain data parallelism)
   int world_ = 1, rank_ = 0, ep_ = 1, zero_level_ = 0;

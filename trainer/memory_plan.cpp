@@ -8,6 +8,7 @@
 #include <sstream>
 
 #include "kernels/device_memory.h"
+#include "kernels/dsa_ops.h"
 #include "model/model.h"
 #include "model/params.h"
 #include "trainer/dist.h"
@@ -193,12 +194,14 @@ ActivationBytes activation_bytes(const ModelConfig& c, const StageSpec& st, cons
   const int64_t x = d.N * d.D * d.a;
 
   // Kernel workspaces (allocated and freed inside one op): the LM head's logits chunk (2 GiB of bf16
-  // on the GPU, 64 MiB on the CPU), the top-k's and the dense KL's f32 score blocks (256 MiB).
+  // on the GPU, 64 MiB on the CPU), the top-k's and the dense KL's f32 score blocks (256 MiB; the GPU's
+  // dense-KL gradient chunk keeps at least 32768 / Hi rows, ops::dense_kl_chunk_rows).
   const int64_t ce_budget = L.gpu ? (int64_t(2) << 30) : (int64_t(64) << 20);
   const int64_t ce_rows = std::clamp<int64_t>(ce_budget / (d.V * d.a), 1, d.N);
   const int64_t block_rows = std::clamp<int64_t>((int64_t(256) << 20) / std::max<int64_t>(d.B * d.T * 4, 1), 1, d.T);
   int64_t ws = ce_rows * d.V * d.a + (d.N + 2) * 8;
   if (sparse || dense_kl) ws = std::max(ws, d.B * block_rows * d.T * f32);
+  if (dense_kl && L.gpu) ws = std::max(ws, d.B * ops::dense_kl_chunk_rows(d.B, d.T, c.index_n_heads) * d.T * f32);
 
   ActivationBytes r;
   r.workspace = ws;

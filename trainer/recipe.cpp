@@ -443,8 +443,9 @@ Recipe build_recipe(const RNode& root, const std::string& source, const std::vec
 
   // parallelism
   if (auto* p = root.find("parallelism")) {
-    need_map(*p, "parallelism", "dp, ep, zero");
-    check_keys(*p, "parallelism", {"dp", "ep", "zero", "zero1"});
+    need_map(*p, "parallelism", "dp, ep, zero, overlap");
+    check_keys(*p, "parallelism", {"dp", "ep", "zero", "zero1", "overlap"});
+    if (auto* v = p->find("overlap")) r.parallel.overlap = as_bool(*v, "parallelism.overlap");
     if (auto* v = p->find("zero")) {
       r.parallel.zero = as_int(*v, "parallelism.zero");
       if (r.parallel.zero < 0 || r.parallel.zero > 2)
@@ -645,7 +646,7 @@ std::string Recipe::to_yaml() const {
     << "\n  grad_clip: " << num(optimizer.grad_clip) << "\n  on_nonfinite: " << to_string(optimizer.on_nonfinite)
     << "\n";
   o << "parallelism:\n  dp: " << parallel.dp << "\n  ep: " << parallel.ep
-    << "\n  zero: " << parallel.zero << "\n";
+    << "\n  zero: " << parallel.zero << "\n  overlap: " << (parallel.overlap ? "true" : "false") << "\n";
   o << "checkpointing:\n";
   if (checkpoint.dir != output_dir + "/checkpoints") o << "  dir: " << quote(checkpoint.dir) << "\n";
   o << "  every_steps: " << checkpoint.every_steps << "\n  keep_last: " << checkpoint.keep_last

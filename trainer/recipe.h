@@ -104,6 +104,10 @@ struct ParallelSpec {
   // data-parallel replicas (gradients all-reduced); 2 gradients reduce-scattered and sharded too.
   // `zero1: true` in a recipe is read as zero: 1.
   int64_t zero = 0;
+  // true: each layer's gradients are reduced (all-reduce, or ZeRO-2's reduce-scatter) while the backward
+  // of the layers below runs; false: every reduction waits for the end of the backward (the baseline
+  // that shows what the overlap buys). Results are the same reductions either way.
+  bool overlap = true;
 };
 
 struct CheckpointSpec {
