@@ -123,6 +123,10 @@ struct IndexerGrads {
 IndexerLossResult indexer_kl_dense(const Tensor& q_main, const Tensor& k_main, const Tensor& lse_main, double scale,
                                    const Tensor& q_I, const Tensor& k_I, const Tensor& w_I, bool fp8,
                                    double grad_scale, IndexerGrads* grads, int64_t block_rows = 0);
+// Query rows per chunk of the GPU dense loss's gradient, whose f32 dI chunk [B, rows, T] is its workspace:
+// about 256 MiB, and at least 32768 / Hi rows (the dq kernel's CTAs of 64 (row, head) pairs fill the GPU
+// at long context: 512 rows at T = 128K left it 128 CTAs); never more than T. The memory plan reads it.
+int64_t dense_kl_chunk_rows(int64_t B, int64_t T, int64_t Hi);
 // Sparse loss over S_t = the valid slots of indices [B, T, K]: target p over S_t from the sparse
 // attention (q_main [B, T, H, Dk], kv [B, T, Dk], lse_sparse [B, H, T] from sparse_attention_forward
 // with the same indices and scale), renormalized over S_t; softmax(I) over S_t. Other arguments as

@@ -268,6 +268,12 @@ void init_grads(IndexerGrads* g, const Tensor& q_I, const Tensor& k_I, const Ten
 }
 }  // namespace
 
+int64_t dense_kl_chunk_rows(int64_t B, int64_t T, int64_t Hi) {
+  const int64_t budget_rows = (int64_t(256) << 20) / std::max<int64_t>(B * T * 4, 1);
+  const int64_t fill_rows = (32768 + std::max<int64_t>(Hi, 1) - 1) / std::max<int64_t>(Hi, 1);
+  return std::clamp<int64_t>(std::max(budget_rows, fill_rows), 1, std::max<int64_t>(T, 1));
+}
+
 IndexerLossResult indexer_kl_dense(const Tensor& q_main, const Tensor& k_main, const Tensor& lse_main, double scale,
                                    const Tensor& q_I, const Tensor& k_I, const Tensor& w_I, bool fp8,
                                    double grad_scale, IndexerGrads* grads, int64_t block_rows) {

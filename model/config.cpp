@@ -375,7 +375,7 @@ ModelConfig preset_config(const std::string& name) {
     c.index_n_heads = 16;
     c.index_head_dim = 64;
     c.index_topk = 512;
-    c.max_position_embeddings = 65536;
+    c.max_position_embeddings = 131072;  // dsa-bench's long-context rows reach 128K
   } else {
     throw std::runtime_error("[config] unknown preset '" + name + "' (known: tiny, bench-small)");
   }

@@ -3,7 +3,10 @@
 # a GPU training smoke run, the benchmarks (dsa-bench ops, kernels, train) and their PyTorch peers; the
 # summary table prints last.
 #
-#   bash scripts/gpu_check.sh [all|tests|bench|build]   (results under $OUT, default /tmp/dsa_gpu)
+#   bash scripts/gpu_check.sh [all|tests|bench|long|build]   (results under $OUT, default /tmp/dsa_gpu)
+#       long: the three stages at 32K, 64K and 128K (one sequence, recompute) and their table alone
+#   bash scripts/gpu_check.sh multi [tests|scale|ep|memory|resume ...]
+#       a machine with several GPUs: scripts/gpu_check_multi.sh after the build (its table last)
 # The GPU image has no PCRE2 -dev package: pcre2.h comes from .carry/pcre2 when present.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +25,11 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
 
 status=0
 [[ $what == build ]] && exit 0
+if [[ $what == multi ]]; then
+  shift
+  OUT=$OUT DSA_GPU_BUILD=$BUILD bash scripts/gpu_check_multi.sh "$@"
+  exit $?
+fi
 if [[ $what == all || $what == tests ]]; then
   (cd "$BUILD" && ctest -L gpu --output-on-failure -j 4 >"$OUT/gpu_tests.log" 2>&1) || status=1
   grep -E "tests passed|tests failed|\*\*\*Failed|Failed  |Not Run" "$OUT/gpu_tests.log" | tail -15
@@ -56,6 +64,14 @@ if [[ $what == all || $what == bench ]]; then
     --seq-lens 4096,16384,32768 \
     >"$OUT/peers.log" 2>&1 || status=1
   tail -3 "$OUT/peers.log"
+fi
+if [[ $what == all || $what == bench || $what == long ]]; then
+  [[ $what == long ]] && rm -f "$OUT/bench.jsonl"
+  # One sequence per step with recompute, 2 steps after 1 warm-up (the 128K warm-up step is the longest).
+  if [[ ${DSA_BENCH_LONG:-1} != 0 ]]; then
+    "$BUILD/bin/dsa-bench" train --seq-len 32768,65536,131072 --tokens 32768 --recompute --steps 2 --warmup 1 \
+      --json "$OUT/bench.jsonl" 2>&1 | tail -10
+  fi
   python3 tools/bench_table.py "$OUT/bench.jsonl" | tee "$OUT/table.md"
 fi
 echo "[gpu_check] total $(( $(date +%s) - t0 )) s, status $status"

@@ -28,7 +28,7 @@ BENCH_SMALL = dict(vocab_size=129280, hidden_size=1024, num_hidden_layers=8, fir
                    qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, intermediate_size=2816,
                    moe_intermediate_size=512, n_routed_experts=16, num_experts_per_tok=4, n_group=4,
                    topk_group=2, n_shared_experts=1, routed_scaling_factor=2.5, tie_word_embeddings=False,
-                   index_n_heads=16, index_head_dim=64, index_topk=512, max_position_embeddings=65536)
+                   index_n_heads=16, index_head_dim=64, index_topk=512, max_position_embeddings=131072)
 
 
 def median_ms(fn, warm=2, reps=5):

@@ -17,7 +17,8 @@ def load(paths):
 
 def main():
     recs = load(sys.argv[1:])
-    ours_train = {(r["stage"], r["seq_len"]): r for r in recs if r.get("bench") == "train"}
+    ours_train = {(r["stage"], r["seq_len"]): r for r in recs if r.get("bench") == "train" and not r.get("recompute")}
+    long_train = {(r["stage"], r["seq_len"]): r for r in recs if r.get("bench") == "train" and r.get("recompute")}
     peers_train = {(r["model"], r["seq_len"]): r for r in recs if r.get("bench") == "peer_train"}
     ours_k = {r["name"]: r for r in recs if r.get("bench") == "kernel"}
     peers_k = {r["name"]: r for r in recs if r.get("bench") == "peer_kernel"}
@@ -34,21 +35,38 @@ def main():
         return f"{r['tokens_per_s'] / 1e3:.1f}K"
 
     params = next((r["parameters"] for r in ours_train.values() if "parameters" in r), None)
-    print(f"\n## Training step, bench-small ({params / 1e6:.1f}M parameters)" if params else
-          "\n## Training step, bench-small")
-    print(f"| stage | seq | tokens/step | ours tok/s | MFU | peak GB | peer | peer tok/s | peer GB | ratio |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for (stage, L), r in sorted(ours_train.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        peer = peers_train.get((peer_of.get(stage, ""), L))
-        ratio = "-"
-        if peer and "tokens_per_s" in peer and "tokens_per_s" in r:
-            ratio = f"{r['tokens_per_s'] / peer['tokens_per_s']:.2f}x"
-        mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
-        gb = f"{r['peak_gb']:.1f}" if "peak_gb" in r else "-"
-        pgb = f"{peer['peak_gb']:.1f}" if peer and "peak_gb" in peer else "-"
-        tok = f"{r['tokens'] // 1024}K" if "tokens" in r else "-"
-        print(f"| {stage} | {L} | {tok} | {fmt_tps(r)} | {mfu} | {gb} | {peer_of.get(stage, '-')} | {fmt_tps(peer)} | {pgb} | {ratio} |")
+    # A section without rows (`gpu_check.sh long` measures the long-context rows alone) is left out.
+    if ours_train or peers_train:
+        print(f"\n## Training step, bench-small ({params / 1e6:.1f}M parameters)" if params else
+              "\n## Training step, bench-small")
+        print(f"| stage | seq | tokens/step | ours tok/s | MFU | peak GB | peer | peer tok/s | peer GB | ratio |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for (stage, L), r in sorted(ours_train.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+            peer = peers_train.get((peer_of.get(stage, ""), L))
+            ratio = "-"
+            if peer and "tokens_per_s" in peer and "tokens_per_s" in r:
+                ratio = f"{r['tokens_per_s'] / peer['tokens_per_s']:.2f}x"
+            mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
+            gb = f"{r['peak_gb']:.1f}" if "peak_gb" in r else "-"
+            pgb = f"{peer['peak_gb']:.1f}" if peer and "peak_gb" in peer else "-"
+            tok = f"{r['tokens'] // 1024}K" if "tokens" in r else "-"
+            print(f"| {stage} | {L} | {tok} | {fmt_tps(r)} | {mfu} | {gb} | {peer_of.get(stage, '-')} | {fmt_tps(peer)} | {pgb} | {ratio} |")
 
+    if long_train:
+        # Goals (issue "Speed"): sparse >= 3x dense at 64K and >= 5x at 128K; the warm-up step <= 2x the dense step.
+        print("\n## Long context, bench-small, one sequence per step, recompute")
+        print("| seq | dense tok/s | warm-up tok/s | sparse tok/s | peak GB d/w/s | sparse / dense | warm-up step / dense step |")
+        print("|---|---|---|---|---|---|---|")
+        for L in sorted({k[1] for k in long_train}):
+            d, w, sp = (long_train.get((st, L)) for st in ("dense", "warmup", "sparse"))
+            ok = lambda r: r is not None and "tokens_per_s" in r
+            gb = "/".join(f"{r['peak_gb']:.1f}" if ok(r) else "-" for r in (d, w, sp))
+            sd = f"{sp['tokens_per_s'] / d['tokens_per_s']:.2f}x" if ok(sp) and ok(d) else "-"
+            wd = f"{d['tokens_per_s'] / w['tokens_per_s']:.2f}x" if ok(w) and ok(d) else "-"
+            print(f"| {L} | {fmt_tps(d)} | {fmt_tps(w)} | {fmt_tps(sp)} | {gb} | {sd} | {wd} |")
+
+    if not (ours_k or peers_k):
+        return
     print("\n## Kernels (production DSA shapes)")
     print("| kernel | ours ms | ours TFLOP/s | peer ms | peer TFLOP/s | speed-up |")
     print("|---|---|---|---|---|---|")

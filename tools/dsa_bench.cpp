@@ -183,7 +183,8 @@ void train_bench(int argc, char** argv) {
       if (!err.empty()) {
         std::printf("%-8s %7lld %10s  failed: %s\n", stage.c_str(), static_cast<long long>(T), "-", err.c_str());
         if (json.is_open())
-          json << "{\"bench\":\"train\",\"stage\":\"" << stage << "\",\"seq_len\":" << T << ",\"error\":true}\n";
+          json << "{\"bench\":\"train\",\"stage\":\"" << stage << "\",\"seq_len\":" << T
+               << ",\"recompute\":" << (recompute ? "true" : "false") << ",\"error\":true}\n";
         continue;
       }
       const StageFlops f = count_step_flops(cfg, stage, T, B * T);
@@ -195,7 +196,8 @@ void train_bench(int argc, char** argv) {
         json << "{\"bench\":\"train\",\"stage\":\"" << stage << "\",\"seq_len\":" << T << ",\"tokens\":" << B * T
              << ",\"ms\":" << ms << ",\"tokens_per_s\":" << tps << ",\"tflops\":" << tflops
              << ",\"mfu\":" << tflops / peak << ",\"peak_gb\":" << peak_gb << ",\"peak_tflops\":" << peak
-             << ",\"config\":\"" << config << "\",\"parameters\":" << model.params().numel() << "}\n";
+             << ",\"config\":\"" << config << "\",\"parameters\":" << model.params().numel()
+             << ",\"recompute\":" << (recompute ? "true" : "false") << "}\n";
     }
   }
 }

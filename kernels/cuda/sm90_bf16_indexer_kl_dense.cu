@@ -133,7 +133,10 @@ __device__ __forceinline__ void warp_gemm_pv(float (&out)[kDP / 8][4], const flo
 
 // ------------------------------------------------------------------------------------------ fused
 
-enum { kStats = 0, kGrad = 1, kRecall = 2 };
+// kStats: the loss alone (Z, lse(I), KL per row); kIdxLse: lse(I) per row alone (the indexer's scores, no
+// main attention); kGrad: dI of a chunk of rows and the loss terms' partial sums over its keys;
+// kRecall: the attention mass inside a selected set.
+enum { kStats = 0, kGrad = 1, kRecall = 2, kIdxLse = 3 };
 
 struct FusedParams {
   const bf16_t* qm;       // [B, T, H, Dk]
@@ -143,17 +146,28 @@ struct FusedParams {
   const bf16_t* ks;       // [B, T, D]
   const bf16_t* w;        // [B, T, Hi]
   const uint32_t* bitmap; // [B, R, Tw] (recall): bit s of row t0 + r = s is selected
-  float* zrow;            // [B, T] Z (written by stats, read by grad)
-  float* lrow;            // [B, T] lse(I) (written by stats, read by grad)
+  float* zrow;            // [B, T] Z (written by stats)
+  float* lrow;            // [B, T] lse(I) (written by stats and idx-lse, read by grad)
   float* out;             // [B, T] KL (stats) or recall mass / Z (recall)
   float* dI;              // [B, R, T] (grad): rows t0 .. t0 + R - 1, entries s <= t
+  float* part;            // [nsplit, B, R, 3] (grad): Z, sum a log a, sum a I of each split's keys
   int T, H, Hk, Dk, DkP, Hi, D, DP, t0, R, Tw;
+  int nrb;                // row blocks of kBM rows: ceil(R / kBM)
+  int split_tiles;        // (grad) key tiles per CTA: blockIdx.x = split * nrb + row block
   float scale_log2, c, gs;
   bool vec_main, vec_idx;
   bool dbl_main, dbl_idx;  // double-buffered per-head tiles (when shared memory allows)
 };
 
 // 8 warps: warp w owns rows 16 (w % 4) .. +15 of the CTA's 64 and keys 64 (w / 4) .. +63 of each tile.
+// NOTES: row blocks run from the last (longest) to the first, so the causal imbalance leaves no tail
+// wave (one CTA per SM: the first wave of short rows used to finish early and the long rows ran last).
+// The grad mode writes dI element by element, so it also splits the keys: CTA (split, row block) takes
+// split_tiles key tiles; a chunk of a few hundred rows at long context still fills the GPU.
+// With gradients there is no stats pass over the main attention: the target's normalizer is Z = H (each
+// head's probabilities sum to one over s <= t by the definition of the forward's lse; the computed Z is
+// H up to the rounding of the scores), lse(I) comes from the idx-lse pass (the indexer's scores alone,
+// about a fifth of the work at bench-small shapes), and the grad pass sums the loss terms as it goes.
 template <int kMode>
 __global__ void __launch_bounds__(kFusedThreads) fused_kernel(FusedParams p) {
   extern __shared__ __align__(16) unsigned char smraw[];
@@ -169,22 +183,25 @@ __global__ void __launch_bounds__(kFusedThreads) fused_kernel(FusedParams p) {
   bf16_t* KIs = Qs + (p.dbl_idx ? 2 : 1) * kBM * SI;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, c4 = lane & 3;
   const int rs = warp & 3, kh = warp >> 2;
-  const int b = blockIdx.y, r0 = blockIdx.x * kBM;
+  const int rblk = kMode == kGrad ? blockIdx.x % p.nrb : blockIdx.x;
+  const int b = blockIdx.y, r0 = (p.nrb - 1 - rblk) * kBM;
   const int nrows = min(kBM, p.R - r0);
   const int64_t T = p.T;
   const int tmax = p.t0 + r0 + nrows - 1;
+  const int s_begin = kMode == kGrad ? static_cast<int>(blockIdx.x / p.nrb) * p.split_tiles * kBN : 0;
+  const int s_end = kMode == kGrad ? s_begin + p.split_tiles * kBN : tmax + 1;
   const int ra = r0 + rs * 16 + g, rb = ra + 8;  // rows relative to t0
   const bool va = ra < p.R, vb = rb < p.R;
   const int ta = p.t0 + ra, tb = p.t0 + rb;
   const int grp = p.H / p.Hk;
   float zs[2] = {0.f, 0.f}, ala[2] = {0.f, 0.f}, ai[2] = {0.f, 0.f}, mx[2] = {-INFINITY, -INFINITY},
         lx[2] = {0.f, 0.f};
-  float zrow[2] = {1.f, 1.f}, lrow[2] = {0.f, 0.f};
+  float lrow[2] = {0.f, 0.f};
   if constexpr (kMode == kGrad) {
-    if (va) { zrow[0] = p.zrow[b * T + ta]; lrow[0] = p.lrow[b * T + ta]; }
-    if (vb) { zrow[1] = p.zrow[b * T + tb]; lrow[1] = p.lrow[b * T + tb]; }
+    if (va) lrow[0] = p.lrow[b * T + ta];
+    if (vb) lrow[1] = p.lrow[b * T + tb];
   }
-  for (int s0 = 0; s0 <= tmax; s0 += kBN) {
+  for (int s0 = s_begin; s0 <= tmax && s0 < s_end; s0 += kBN) {
     const int kvalid = min(kBN, p.T - s0);
     float A[8][4];
 #pragma unroll
@@ -192,7 +209,7 @@ __global__ void __launch_bounds__(kFusedThreads) fused_kernel(FusedParams p) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) A[nt][e] = 0.f;
     // (1) head-summed main attention probabilities.
-    for (int hk = 0; hk < p.Hk; ++hk) {
+    for (int hk = 0; hk < (kMode == kIdxLse ? 0 : p.Hk); ++hk) {
       head_loop(
           grp, p.dbl_main, Qs, Qs2,
           [&] {
@@ -265,7 +282,7 @@ __global__ void __launch_bounds__(kFusedThreads) fused_kernel(FusedParams p) {
               for (int e = 0; e < 4; ++e) I[nt][e] += (e < 2 ? wa : wb) * fmaxf(Z[nt][e], 0.f);
           });
       // (3) row statistics (stats) or dI (grad).
-      if constexpr (kMode == kStats) {
+      if constexpr (kMode == kStats || kMode == kIdxLse) {
 #pragma unroll
         for (int ri = 0; ri < 2; ++ri) {
           const int t = ri == 0 ? ta : tb;
@@ -288,9 +305,11 @@ __global__ void __launch_bounds__(kFusedThreads) fused_kernel(FusedParams p) {
               if (s0 + kh * 64 + nt * 8 + 2 * c4 + e > t) continue;
               const float a = A[nt][2 * ri + e], v = I[nt][2 * ri + e];
               lx[ri] += expf(v - mx[ri]);
-              zs[ri] += a;
-              ai[ri] += a * v;
-              if (a > 0.f) ala[ri] += a * logf(a);
+              if constexpr (kMode == kStats) {
+                zs[ri] += a;
+                ai[ri] += a * v;
+                if (a > 0.f) ala[ri] += a * logf(a);
+              }
             }
         }
       } else {
@@ -299,10 +318,18 @@ __global__ void __launch_bounds__(kFusedThreads) fused_kernel(FusedParams p) {
           const int t = ri == 0 ? ta : tb, r = ri == 0 ? ra : rb;
           if (!(ri == 0 ? va : vb)) continue;
           float* drow = p.dI + ((int64_t)b * p.R + r) * T;
-          const float invz = 1.f / zrow[ri];
+          const float invz = 1.f / static_cast<float>(p.H);
 #pragma unroll
           for (int nt = 0; nt < 8; ++nt) {
             const int s = s0 + kh * 64 + nt * 8 + 2 * c4;
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              if (s + e > t) continue;
+              const float a = A[nt][2 * ri + e];
+              zs[ri] += a;
+              ai[ri] += a * I[nt][2 * ri + e];
+              if (a > 0.f) ala[ri] += a * logf(a);
+            }
             const float d0 = p.gs * (expf(I[nt][2 * ri] - lrow[ri]) - A[nt][2 * ri] * invz);
             const float d1 = p.gs * (expf(I[nt][2 * ri + 1] - lrow[ri]) - A[nt][2 * ri + 1] * invz);
             if (s + 1 <= t && (T & 1) == 0) {
@@ -316,7 +343,6 @@ __global__ void __launch_bounds__(kFusedThreads) fused_kernel(FusedParams p) {
       }
     }
   }
-  if constexpr (kMode != kGrad) {  // (grad mode has written dI)
   // Combine the 4 lanes of a row, then the two key halves (fixed order: deterministic).
 #pragma unroll
   for (int ri = 0; ri < 2; ++ri) {
@@ -346,7 +372,14 @@ __global__ void __launch_bounds__(kFusedThreads) fused_kernel(FusedParams p) {
     const int t = ri == 0 ? ta : tb;
     const float* f = fin[rs * 16 + g + 8 * ri];
     const float z = zs[ri] + f[0], a_la = ala[ri] + f[1];
-    if constexpr (kMode == kRecall) {
+    if constexpr (kMode == kGrad) {
+      const int r = ri == 0 ? ra : rb;
+      float* o = p.part + ((static_cast<int64_t>(blockIdx.x / p.nrb) * gridDim.y + b) * p.R + r) * 3;
+      o[0] = z; o[1] = a_la; o[2] = ai[ri] + f[2];
+    } else if constexpr (kMode == kIdxLse) {
+      const float mn = fmaxf(mx[ri], f[3]);
+      p.lrow[b * T + t] = mn + logf(lx[ri] * expf(mx[ri] - mn) + f[4] * expf(f[3] - mn));
+    } else if constexpr (kMode == kRecall) {
       p.out[b * T + t] = a_la / z;
     } else {
       const float a_i = ai[ri] + f[2];
@@ -358,7 +391,22 @@ __global__ void __launch_bounds__(kFusedThreads) fused_kernel(FusedParams p) {
       p.out[b * T + t] = (a_la - a_i) / z - logf(z) + lse_i;
     }
   }
+}
+
+// KL of the rows of a gradient chunk from the grad pass's partial sums (splits added in order):
+// KL_t = (sum a log a - sum a I) / Z - log Z + lse(I), as the stats pass writes it.
+__global__ void kl_from_parts_kernel(const float* __restrict__ part, const float* __restrict__ lrow,
+                                     float* __restrict__ out, int B, int T, int t0, int R, int nsplit) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= static_cast<int64_t>(B) * R) return;
+  const int b = static_cast<int>(i / R), r = static_cast<int>(i % R);
+  float z = 0.f, a_la = 0.f, a_i = 0.f;
+  for (int sp = 0; sp < nsplit; ++sp) {
+    const float* o = part + ((static_cast<int64_t>(sp) * B + b) * R + r) * 3;
+    z += o[0]; a_la += o[1]; a_i += o[2];
   }
+  const int64_t bt = static_cast<int64_t>(b) * T + t0 + r;
+  out[bt] = (a_la - a_i) / z - logf(z) + lrow[bt];
 }
 
 // ---------------------------------------------------------------------------------- indexer backward
@@ -563,20 +611,36 @@ FusedParams main_params(const Tensor& q_main, const Tensor& k_main, const Tensor
   return p;
 }
 
+// Key splits of a grad chunk of R rows from t0: about four CTAs per SM over the chunk, at most one per
+// key tile. NOTES: one CTA is resident per SM; with four the splits' uneven ends (causal rows, the last
+// split short) even out.
+int grad_splits(int64_t t0, int64_t R, int64_t B, int* split_tiles) {
+  const int nrb = static_cast<int>(ceil_div(R, kBM)), ntiles = static_cast<int>(ceil_div(t0 + R, kBN));
+  const int want = static_cast<int>(ceil_div(4 * static_cast<int64_t>(sm_count()), nrb * B));
+  const int tiles = static_cast<int>(ceil_div(ntiles, std::clamp(want, 1, ntiles)));
+  if (split_tiles) *split_tiles = tiles;
+  return static_cast<int>(ceil_div(ntiles, tiles));
+}
+
+// Returns the grid's key splits (1 but for kGrad).
 template <int kMode>
-void launch_fused(const char* op, FusedParams p, int64_t B) {
+int launch_fused(const char* op, FusedParams p, int64_t B) {
   constexpr size_t kLimit = 227 * 1024 - sizeof(float) * kBM * 5;
   auto bytes = [](int nbuf, int cols) { return sizeof(bf16_t) * static_cast<size_t>((nbuf * kBM + kBN) * (cols + 8)); };
   p.dbl_main = bytes(2, p.DkP) <= kLimit;
   p.dbl_idx = bytes(2, p.DP) <= kLimit;
-  size_t smem = bytes(p.dbl_main ? 2 : 1, p.DkP);
+  size_t smem = kMode == kIdxLse ? 0 : bytes(p.dbl_main ? 2 : 1, p.DkP);  // (idx-lse: no main phase)
   if (kMode != kRecall) smem = std::max(smem, bytes(p.dbl_idx ? 2 : 1, p.DP));
   DSA_CHECK(smem <= kLimit, "[", op, "] head dim ", p.Dk, " (or indexer dim ", p.D,
             ") too large for the fused kernel's shared memory");
   DSA_CUDA_CHECK(cudaFuncSetAttribute(fused_kernel<kMode>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-  const dim3 grid(static_cast<unsigned>(ceil_div(p.R, kBM)), static_cast<unsigned>(B));
+  p.nrb = static_cast<int>(ceil_div(p.R, kBM));
+  p.split_tiles = static_cast<int>(ceil_div(p.t0 + p.R, kBN));
+  const int nsplit = kMode == kGrad ? grad_splits(p.t0, p.R, B, &p.split_tiles) : 1;
+  const dim3 grid(static_cast<unsigned>(p.nrb * nsplit), static_cast<unsigned>(B));
   fused_kernel<kMode><<<grid, kFusedThreads, smem, stream()>>>(p);
   check_launch(op);
+  return nsplit;
 }
 
 template <int kDP>
@@ -614,7 +678,7 @@ ops::IndexerLossResult indexer_kl_dense(const Tensor& q_main, const Tensor& k_ma
   if (B * T == 0) return res;
   Tensor qs = q_I, ks = k_I;
   if (fp8) indexer_fp8_operands(q_I, k_I, &qs, &ks);
-  Tensor zrow = Tensor::empty({B, T}, DType::F32, Device::CUDA);
+  Tensor zrow = Tensor::empty({B, T}, DType::F32, Device::CUDA);  // (stats only)
   Tensor lrow = Tensor::empty({B, T}, DType::F32, Device::CUDA);
   Tensor kl = Tensor::empty({B, T}, DType::F32, Device::CUDA);
   FusedParams p = main_params(q_main, k_main, lse_main, scale);
@@ -632,12 +696,22 @@ ops::IndexerLossResult indexer_kl_dense(const Tensor& q_main, const Tensor& k_ma
   p.vec_idx = D % 8 == 0 && aligned16(p.qs) && aligned16(p.ks);
   p.t0 = 0;
   p.R = static_cast<int>(T);
-  launch_fused<kStats>(op, p, B);
-  res.loss_sum = host_sum(kl);
   res.rows = B * T;
-  if (!grads) return res;
-  // Gradient: chunks of query rows bound the f32 dI buffer [B, rc, T] (about 256 MiB).
-  const int64_t rc = block_rows > 0 ? std::min(block_rows, T) : rows_for_budget(T, B * T * 4, int64_t(256) << 20);
+  if (!grads) {
+    launch_fused<kStats>(op, p, B);
+    res.loss_sum = host_sum(kl);
+    return res;
+  }
+  // With gradients: lse(I) first (idx-lse), then per chunk of query rows dI and the loss terms' partial
+  // sums (grad) and the chunk's KL from them. The chunks bound the f32 dI buffer [B, rc, T]
+  // (ops::dense_kl_chunk_rows); the partial sums [nsplit, B, rc, 3] are a few MiB at most.
+  launch_fused<kIdxLse>(op, p, B);
+  const int64_t rc = block_rows > 0 ? std::min(block_rows, T) : ops::dense_kl_chunk_rows(B, T, Hi);
+  int64_t max_split = 1;
+  for (int64_t t0 = 0; t0 < T; t0 += rc)
+    max_split = std::max<int64_t>(max_split, grad_splits(t0, std::min(T, t0 + rc) - t0, B, nullptr));
+  Tensor part = Tensor::empty({max_split, B, rc, 3}, DType::F32, Device::CUDA);
+  p.part = part.data<float>();
   Tensor dI = Tensor::empty({B, rc, T}, DType::F32, Device::CUDA);
   Tensor dk32 = Tensor::zeros(k_I.shape(), DType::F32, Device::CUDA);
   IdxBwdParams bp{bfp(q_I), bfp(k_I), bfp(w_I), dI.data<float>(), bfp(grads->dq), bfp(grads->dw), dk32.data<float>(),
@@ -647,7 +721,10 @@ ops::IndexerLossResult indexer_kl_dense(const Tensor& q_main, const Tensor& k_ma
   for (int64_t t0 = 0; t0 < T; t0 += rc) {
     p.t0 = static_cast<int>(t0);
     p.R = static_cast<int>(std::min(T, t0 + rc) - t0);
-    launch_fused<kGrad>(op, p, B);
+    const int nsplit = launch_fused<kGrad>(op, p, B);
+    kl_from_parts_kernel<<<grid_1d(B * p.R, 256), 256, 0, stream()>>>(p.part, p.lrow, p.out, (int)B, (int)T, p.t0,
+                                                                       p.R, nsplit);
+    check_launch(op);
     bp.t0 = p.t0;
     bp.R = p.R;
     if (dpad <= 16) launch_idx_bwd<16>(op, bp, B);
@@ -657,6 +734,7 @@ ops::IndexerLossResult indexer_kl_dense(const Tensor& q_main, const Tensor& k_ma
     else launch_idx_bwd<256>(op, bp, B);
   }
   cast_f32_to_bf16(dk32.data<float>(), bfp(grads->dk), dk32.numel(), op);
+  res.loss_sum = host_sum(kl);
   return res;
 }
 

@@ -352,9 +352,12 @@ struct LossCase {
 TEST(GpuDsa, IndexerKlDenseAndRecall) {
   DSA_REQUIRE_GPU();
   // Cases: MHA-like heads, grouped keys with row chunks, unaligned head dims (scalar tile loads, 3 indexer
-  // heads: query-head rows straddle CTAs), and the bench-small MQA shape (absorbed MLA, Dk 288).
+  // heads: query-head rows straddle CTAs), the bench-small MQA shape (absorbed MLA, Dk 288), and an odd
+  // T of 7 key tiles in one chunk of 13 row blocks: the gradient pass splits the keys over 7 CTAs per
+  // row block (one tile each; odd T takes the scalar dI stores).
   for (const LossCase& c : {LossCase{2, 37, 4, 4, 24, 4, 64, 0}, LossCase{2, 300, 4, 2, 32, 8, 128, 64},
-                            LossCase{1, 70, 6, 3, 20, 3, 16, 0}, LossCase{1, 261, 16, 1, 288, 16, 64, 100}}) {
+                            LossCase{1, 70, 6, 3, 20, 3, 16, 0}, LossCase{1, 261, 16, 1, 288, 16, 64, 100},
+                            LossCase{1, 777, 4, 2, 40, 5, 64, 0}}) {
     const double scale = 1.0 / std::sqrt(static_cast<double>(c.Dk));
     const Pair qm = rand_pair({c.B, c.T, c.H, c.Dk}, 50), km = rand_pair({c.B, c.T, c.Hk, c.Dk}, 51);
     const Pair q = rand_pair({c.B, c.T, c.Hi, c.D}, 52), k = rand_pair({c.B, c.T, c.D}, 53),
