@@ -202,6 +202,17 @@ def kernel_peers(args):
     except RuntimeError as e:
         emit(args.json, dict(bench="peer_kernel", name="dense attention fwd (MHA 192/128)", error=str(e)[:80]))
     del q, k, v
+    # The FP8 GEMM ceiling the indexer's scoring is measured against: cuBLASLt e4m3 x e4m3 -> bf16.
+    try:
+        n = 8192
+        a = torch.randn(n, n, device="cuda").to(torch.float8_e4m3fn)
+        b = torch.randn(n, n, device="cuda").to(torch.float8_e4m3fn).t()
+        one = torch.ones((), device="cuda")
+        ms = median_ms(lambda: torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16))
+        emit(args.json, dict(bench="peer_kernel", name="fp8 GEMM ceiling (8192^3)", ms=ms, tflops=2 * n**3 / ms / 1e9))
+        del a, b
+    except (RuntimeError, AttributeError) as e:
+        emit(args.json, dict(bench="peer_kernel", name="fp8 GEMM ceiling (8192^3)", error=str(e)[:80]))
     for L in (T, 4 * T):
         scores = torch.randn(L, L, device="cuda", dtype=torch.float32)
         ms = median_ms(lambda: torch.topk(scores, 2048, dim=-1))

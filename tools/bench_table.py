@@ -73,7 +73,7 @@ def main():
     for name in sorted(set(ours_k) | set(peers_k)):
         o, p = ours_k.get(name), peers_k.get(name)
         oms = f"{o['ms']:.3f}" if o and "ms" in o else "-"
-        otf = f"{o['tflops']:.0f}" if o and "tflops" in o else "-"
+        otf = f"{o['tflops']:.0f}" if o and o.get("tflops") else "-"
         pms = f"{p['ms']:.3f}" if p and "ms" in p else (p.get("error", "-") if p else "-")
         ptf = f"{p['tflops']:.0f}" if p and "tflops" in p else "-"
         sp = f"{p['ms'] / o['ms']:.2f}x" if o and p and "ms" in o and "ms" in p else "-"

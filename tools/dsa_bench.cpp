@@ -250,6 +250,11 @@ void kernel_bench(int argc, char** argv) {
              w = random_tensor({1, TT, Hi}, dt, dev, 7, 0.1);
       const double flops = 2.0 * Hi * di * (static_cast<double>(TT) * TT / 2);
       report(name, time_median(dev, 1, 3, [&] { ops::indexer_topk(q, k, w, K, true); }), flops);
+      // The selection alone, on the same rows' scores (all T rows in one block, as indexer_topk streams
+      // them at T <= 8K; at 32K it streams row blocks of the same total): scoring = the rest.
+      const Tensor S = ops::indexer_scores_forward(q, k, w, 0, TT);
+      report("indexer selection only (T=" + std::to_string(TT) + ")",
+             time_median(dev, 1, 3, [&] { ops::topk_causal(S, 0, K); }), 0.0);
     });
   }
   guarded("sparse MLA attention fwd", [&] {

@@ -137,4 +137,9 @@ ScoreOperands make_operands(const Tensor& q_I, const Tensor& k_I, bool fp8);
 // out [B, R, T] f32: scores of rows t0 .. t0 + R - 1 against keys s <= t (other entries untouched).
 void launch_scores(const ScoreOperands& o, const Tensor& w_I /*[B, T, Hi] bf16*/, int B, int T, int Hi, int D, int t0,
                    int R, float* out);
+// The same scores on wgmma (sm90_fp8_indexer_scores_wgmma.cu): returns false, launching nothing, where it does
+// not apply (bf16, Hi not 16/32/64, D not 64/128, no sm_90a code, DSA_INDEXER_WGMMA=0); launch_scores tries it first.
+bool launch_scores_wgmma(const ScoreOperands& o, const Tensor& w_I, int B, int T, int Hi, int D, int t0, int R,
+                         float* out);
+bool wgmma_available();  // an sm_90 device and this build's sm_90a code
 }  // namespace dsa::cuda::dsa_detail

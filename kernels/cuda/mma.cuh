@@ -89,4 +89,87 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
+// ------------------------------------------------------------------------------------- wgmma (sm_90a)
+// Warpgroup MMA: the four warps of a warpgroup (128 threads, warp-aligned) compute one 64 x N tile with
+// both operands read from shared memory through 64-bit matrix descriptors. Only compiled for sm_90a
+// (__CUDA_ARCH_FEAT_SM90_ALL); elsewhere the wrappers trap, and the host side never launches a kernel
+// that uses them (it probes `wgmma_compiled()` first).
+//
+// NOTES:
+//  - Descriptors use no swizzle: a K-major operand is stored as 8-row x 16-byte "core matrices" (128
+//    contiguous bytes, row r at byte 16 r); `lbo` is the byte distance between core matrices adjacent
+//    in K, `sbo` between core matrices adjacent in M (or N). Start, lbo and sbo are encoded >> 4.
+//  - Accumulator layout of m64nNk32 (f32): thread (warp w, lane l) holds rows 16 w + l / 4 and + 8,
+//    columns 8 j + 2 (l % 4) and + 1, for j = 0 .. N / 8 - 1: d[4 j + {0, 1, 2, 3}] = (row, col),
+//    (row, col + 1), (row + 8, col), (row + 8, col + 1), the mma.sync m16n8 C layout stacked along N.
+//  - wgmma reads shared memory through the async proxy: tiles written by threads (st.shared, cp.async)
+//    need fence_proxy_async() and a barrier before the wgmma that reads them.
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define DSA_WGMMA_ENABLED 1
+#else
+#define DSA_WGMMA_ENABLED 0
+#endif
+
+__device__ __forceinline__ uint64_t wgmma_desc(const void* smem_tile, uint32_t lbo_bytes, uint32_t sbo_bytes) {
+  const uint64_t a = smem_u32(smem_tile);
+  return ((a & 0x3FFFFull) >> 4) | (static_cast<uint64_t>((lbo_bytes >> 4) & 0x3FFFu) << 16) |
+         (static_cast<uint64_t>((sbo_bytes >> 4) & 0x3FFFu) << 32);  // base offset 0, swizzle none
+}
+
+__device__ __forceinline__ void fence_proxy_async() {
+#if DSA_WGMMA_ENABLED
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wgmma_fence() {
+#if DSA_WGMMA_ENABLED
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wgmma_commit() {
+#if DSA_WGMMA_ENABLED
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+// Waits until at most N of this warpgroup's committed wgmma groups are still in flight.
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+#if DSA_WGMMA_ENABLED
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+#endif
+}
+// Keeps the compiler from moving accumulator reads or writes across the wgmma fences.
+template <int N>
+__device__ __forceinline__ void wgmma_fence_operand(float (&d)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+// d[64] (64 x 128, f32) = (accumulate ? d : 0) + A (64 x 32, e4m3, K-major) * B (128 x 32, e4m3, K-major)^T.
+__device__ __forceinline__ void wgmma_m64n128k32_e4m3(float (&d)[64], uint64_t desc_a, uint64_t desc_b,
+                                                      int accumulate) {
+#if DSA_WGMMA_ENABLED
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+      "}, %64, %65, p, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+#else
+  (void)d; (void)desc_a; (void)desc_b; (void)accumulate;
+  __trap();
+#endif
+}
+
 }  // namespace dsa::cuda
