@@ -93,7 +93,7 @@ __device__ __forceinline__ void cp_async_wait() {
 // Warpgroup MMA: the four warps of a warpgroup (128 threads, warp-aligned) compute one 64 x N tile with
 // both operands read from shared memory through 64-bit matrix descriptors. Only compiled for sm_90a
 // (__CUDA_ARCH_FEAT_SM90_ALL); elsewhere the wrappers trap, and the host side never launches a kernel
-// that uses them (it probes `wgmma_compiled()` first).
+// that uses them (it probes `wgmma_available()` first).
 //
 // NOTES:
 //  - Descriptors use no swizzle: a K-major operand is stored as 8-row x 16-byte "core matrices" (128
