@@ -24,7 +24,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "kernels/cuda/ops_attention.h"
@@ -223,6 +225,28 @@ void backward_impl(const Dims& d, const Tensor& dout, const Tensor& q, const Ten
 }
 
 }  // namespace
+
+namespace {
+bool& cudnn_switch() {
+  static bool on = [] {
+    const char* e = std::getenv("DSA_ATTN_CUDNN");
+    return !(e && std::string(e) == "0");
+  }();
+  return on;
+}
+}  // namespace
+
+void set_attention_cudnn(bool enabled) { cudnn_switch() = enabled; }
+bool attention_cudnn_enabled() { return cudnn_switch(); }
+
+AttentionCudnnInfo attention_cudnn_info() {
+  AttentionCudnnInfo info;
+#if DSA_HAVE_CUDA
+  info.version = cuda::attention_cudnn_version();
+  cuda::attention_cudnn_calls(&info.forward_calls, &info.backward_calls);
+#endif
+  return info;
+}
 
 Tensor attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, double scale, Tensor* lse_out) {
   const char* op = "attention_forward";

@@ -25,6 +25,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "kernels/tensor.h"
@@ -120,6 +121,16 @@ struct AttentionGrads {
 };
 AttentionGrads attention_backward(const Tensor& dout /*[B, T, H, Dv]*/, const Tensor& q, const Tensor& k,
                                   const Tensor& v, const Tensor& out, const Tensor& lse, double scale);
+// On the GPU both run on cuDNN's fused attention where the build has cuDNN and it takes the shape (MHA,
+// head dims multiples of 8 up to 256), else on the own kernels. set_attention_cudnn(false), or
+// DSA_ATTN_CUDNN=0 in the environment, keeps the own kernels (the tests run both).
+void set_attention_cudnn(bool enabled);
+bool attention_cudnn_enabled();
+struct AttentionCudnnInfo {
+  std::string version;                       // cuDNN's, "" when the build has none
+  int64_t forward_calls = 0, backward_calls = 0;  // calls it has served in this process
+};
+AttentionCudnnInfo attention_cudnn_info();
 
 // --------------------------------------------------------------------------------------- moe
 // Router scores: sigmoid per expert (DeepSeek-V3) or softmax over the experts (DeepSeek-V2).

@@ -231,18 +231,32 @@ void kernel_bench(int argc, char** argv) {
   };
   const int64_t H = 128, dqk = 192, dv = 128, Hi = 64, di = 128, K = 2048, kvl = 512, dr = 64;
   const double scale = 1.0 / std::sqrt(static_cast<double>(dqk));
-  guarded("dense attention fwd (MHA 192/128)", [&] {
-    Tensor q = random_tensor({1, T, H, dqk}, dt, dev, 1), k = random_tensor({1, T, H, dqk}, dt, dev, 2),
-           v = random_tensor({1, T, H, dv}, dt, dev, 3);
-    Tensor lse;
-    const double flops = 2.0 * H * (static_cast<double>(T) * T / 2) * (dqk + dv);
-    Tensor o;
-    report("dense attention fwd (MHA 192/128)",
-           time_median(dev, 2, 5, [&] { o = ops::attention_forward(q, k, v, scale, &lse); }), flops);
-    Tensor dout = random_tensor({1, T, H, dv}, dt, dev, 4);
-    report("dense attention bwd (MHA 192/128)",
-           time_median(dev, 1, 3, [&] { ops::attention_backward(dout, q, k, v, o, lse, scale); }), 2.5 * flops);
-  });
+  // Dense attention on the default backend (cuDNN's fused attention where the build has it), then on the
+  // own kernels: the peer rows (SDPA) carry the default names.
+  const std::string cudnn_version = ops::attention_cudnn_info().version;
+  std::printf("dense attention backend: %s\n",
+              cudnn_version.empty() ? "own kernels (no cuDNN in the build)" : ("cuDNN " + cudnn_version).c_str());
+  for (const bool own : {false, true}) {
+    if (own && cudnn_version.empty()) break;
+    const std::string tag = own ? ", own kernel" : "";
+    guarded("dense attention fwd (MHA 192/128" + tag + ")", [&] {
+      struct Scope {  // the switch as it was, also when the body throws
+        bool prev = ops::attention_cudnn_enabled();
+        ~Scope() { ops::set_attention_cudnn(prev); }
+      } scope;
+      ops::set_attention_cudnn(!own && scope.prev);
+      Tensor q = random_tensor({1, T, H, dqk}, dt, dev, 1), k = random_tensor({1, T, H, dqk}, dt, dev, 2),
+             v = random_tensor({1, T, H, dv}, dt, dev, 3);
+      Tensor lse;
+      const double flops = 2.0 * H * (static_cast<double>(T) * T / 2) * (dqk + dv);
+      Tensor o;
+      report("dense attention fwd (MHA 192/128" + tag + ")",
+             time_median(dev, 2, 5, [&] { o = ops::attention_forward(q, k, v, scale, &lse); }), flops);
+      Tensor dout = random_tensor({1, T, H, dv}, dt, dev, 4);
+      report("dense attention bwd (MHA 192/128" + tag + ")",
+             time_median(dev, 1, 3, [&] { ops::attention_backward(dout, q, k, v, o, lse, scale); }), 2.5 * flops);
+    });
+  }
   for (int64_t TT : {T, 4 * T}) {
     const std::string name = "indexer top-k fp8 (T=" + std::to_string(TT) + ")";
     guarded(name, [&] {

@@ -84,6 +84,28 @@ __device__ __forceinline__ float block_max(float v, float* red) {
   return s;
 }
 
+
+// Quad reduce-scatter of the indexer scoring epilogues (mma.sync and wgmma): the 4 lanes of an MMA quad
+// (c4 = lane & 3) each hold NV partial sums of the same NV (query, key) entries; lane c4 ends with the
+// full sums of entries (c4 >> 1) * NV / 2 + (c4 & 1) * NV / 4 + i in x[i], i < NV / 4.
+// NV / 2 + NV / 4 shuffles instead of NV / 2 butterflies of NV each.
+template <int NV>
+__device__ __forceinline__ void quad_reduce_scatter(const float (&v)[NV], float (&x)[NV / 4], int c4) {
+  static_assert(NV >= 4 && NV % 4 == 0, "quad_reduce_scatter: NV must be a multiple of 4");
+  const bool hi2 = c4 & 2, hi1 = c4 & 1;
+  float u[NV / 2];
+#pragma unroll
+  for (int i = 0; i < NV / 2; ++i) {
+    const float send = hi2 ? v[i] : v[i + NV / 2];
+    u[i] = (hi2 ? v[i + NV / 2] : v[i]) + __shfl_xor_sync(0xffffffffu, send, 2);
+  }
+#pragma unroll
+  for (int i = 0; i < NV / 4; ++i) {
+    const float send = hi1 ? u[i] : u[i + NV / 4];
+    x[i] = (hi1 ? u[i + NV / 4] : u[i]) + __shfl_xor_sync(0xffffffffu, send, 1);
+  }
+}
+
 }  // namespace dsa::cuda::dsa_detail
 
 namespace dsa::cuda::dsa_detail {

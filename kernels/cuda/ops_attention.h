@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 #include "kernels/ops.h"
 #include "kernels/tensor.h"
@@ -36,5 +37,13 @@ ops::AttentionGrads attention_backward(const Tensor& dout, const Tensor& q, cons
 // Launchers (one per kernel file), on dsa::cuda::stream().
 void launch_attention_forward(const AttentionParams& p);
 void launch_attention_backward(const AttentionParams& p);  // needs delta, dq_accum scratch
+
+// cuDNN's fused attention (sm90_bf16_attention_cudnn.cpp), tried first by attention_forward/backward.
+// false where the build has no cuDNN, it is switched off, or it does not take the shape: the caller
+// then launches the own kernel. The backward uses p.delta and p.dq_accum as its scratch too.
+bool attention_forward_cudnn(const AttentionParams& p);
+bool attention_backward_cudnn(const AttentionParams& p);
+std::string attention_cudnn_version();  // "9.19.0", "" without cuDNN in the build
+void attention_cudnn_calls(int64_t* forward, int64_t* backward);  // calls cuDNN has served so far
 
 }  // namespace dsa::cuda

@@ -328,7 +328,7 @@ ops::AttentionGrads attention_backward(const Tensor& dout, const Tensor& q, cons
   p.dout = dout.raw(), p.o = out.raw(), p.delta = delta.data<float>(), p.dq_accum = dq_accum.data<float>();
   p.dq = grads.dq.raw(), p.dk = grads.dk.raw(), p.dv = grads.dv.raw();
   p.scale = float(scale);
-  launch_attention_backward(p);
+  if (!attention_backward_cudnn(p)) launch_attention_backward(p);
   return grads;
 }
 

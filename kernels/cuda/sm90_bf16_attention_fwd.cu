@@ -234,7 +234,7 @@ Tensor attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, doub
   Tensor lse = Tensor::empty({p.B, p.H, p.T}, DType::F32, Device::CUDA);
   p.q = q.raw(), p.k = k.raw(), p.v = v.raw(), p.out = out.raw(), p.lse = lse.data<float>();
   p.scale = float(scale);
-  if (p.B * p.T > 0 && p.H > 0) launch_attention_forward(p);
+  if (p.B * p.T > 0 && p.H > 0 && !attention_forward_cudnn(p)) launch_attention_forward(p);
   if (lse_out) *lse_out = lse;
   return out;
 }

@@ -366,24 +366,19 @@ __global__ void __launch_bounds__(kScoreWarps * 32, 2) score_kernel(ScoreParams 
             }
           }
       }
-      // Reduce-scatter over the quad: lane c4 ends with m tile c4 (keys c4 * 16 + g and + 8).
-      const bool hi2 = c4 & 2, hi1 = c4 & 1;
+      // Reduce-scatter over the quad: lane c4 ends with m tile c4 (keys c4 * 16 + g and + 8): entry
+      // m * 2 + r of the flattened v[j] is m tile m, key row g + 8 r.
 #pragma unroll
       for (int j = 0; j < QP; ++j) {
         const int qi = q0 + j, t = p.t0 + r0 + qi;
         if (j > 0 && (spq != 1 || qi >= nq)) break;
-        float u[2][2];
+        float flat[8], xs[2];
 #pragma unroll
-        for (int i = 0; i < 2; ++i)
-#pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            const float send = hi2 ? v[j][i][r] : v[j][i + 2][r];
-            u[i][r] = (hi2 ? v[j][i + 2][r] : v[j][i][r]) + __shfl_xor_sync(0xffffffffu, send, 2);
-          }
+        for (int m = 0; m < 4; ++m) flat[2 * m] = v[j][m][0], flat[2 * m + 1] = v[j][m][1];
+        quad_reduce_scatter<8>(flat, xs, c4);
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-          const float send = hi1 ? u[0][r] : u[1][r];
-          float x = (hi1 ? u[1][r] : u[0][r]) + __shfl_xor_sync(0xffffffffu, send, 1);
+          float x = xs[r];
           const int key = c4 * 16 + g + 8 * r, s = s0 + key;
           if (kFp8 && !kMultiBlock) x *= ksc[key * p.nb];
           if (s <= t) p.out[(static_cast<int64_t>(b) * p.R + r0 + qi) * p.T + s] = x;

@@ -4,6 +4,7 @@
 // blocks, no sm_90a code) and computes the same scores; both are tested against the CPU reference.
 #include <cuda_fp8.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -66,7 +67,11 @@ __global__ void __launch_bounds__(kWgThreads, 1) score_wgmma_kernel(WgScoreParam
   const int r0 = (gridDim.x - 1 - blockIdx.x) * QB;  // first row (relative to t0); longest blocks first
   const int nq = min(QB, p.R - r0);
   const int tmax = p.t0 + r0 + nq - 1;
+  // This CTA's share of the causal key prefix: tiles [ib, ie) of the block's tmax / 64 + 1 (gridDim.z splits).
   const int ntiles = tmax / kWgKeys + 1;
+  const int ib = static_cast<int>(static_cast<int64_t>(ntiles) * blockIdx.z / gridDim.z);
+  const int ie = static_cast<int>(static_cast<int64_t>(ntiles) * (blockIdx.z + 1) / gridDim.z);
+  if (ib >= ie) return;  // the whole CTA, before any copy or barrier
   const int64_t tok0 = static_cast<int64_t>(b) * p.T + p.t0 + r0;
 
   auto load_keys = [&](int stage, int s0) {
@@ -83,7 +88,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) score_wgmma_kernel(WgScoreParam
       else ksc[stage * kWgKeys + i] = 0.f;
     }
   };
-  // Prologue: the query block (rows past the end are zero) with key tile 0, then key tile 1.
+  // Prologue: the query block (rows past the end are zero) with key tile ib, then key tile ib + 1.
   for (int i = tid; i < kWgCols * CH; i += kWgThreads) {
     const int row = i / CH, ch = i % CH, qi = row / HI;
     const bool ok = qi < nq;
@@ -93,9 +98,9 @@ __global__ void __launch_bounds__(kWgThreads, 1) score_wgmma_kernel(WgScoreParam
     const int qi = i / HI;
     weff[i] = qi < nq ? __bfloat162float(p.w[tok0 * HI + i]) * p.c * p.q_scale[tok0 * HI + i] * 0.5f : 0.f;
   }
-  load_keys(0, 0);
+  load_keys(0, ib * kWgKeys);
   cp_async_commit();
-  if (ntiles > 1) load_keys(1, kWgKeys);
+  if (ib + 1 < ie) load_keys(1, (ib + 1) * kWgKeys);
   cp_async_commit();
 
   // This warpgroup's queries: local rows wg * QW .. wg * QW + QW - 1 (fewer at the last block).
@@ -103,12 +108,12 @@ __global__ void __launch_bounds__(kWgThreads, 1) score_wgmma_kernel(WgScoreParam
   const int t_last = p.t0 + r0 + wq_end - 1;  // the warpgroup's last query
   const uint8_t* Qw = Qs + wg * 256 * D;
   float acc[2][64];
-  for (int it = 0; it < ntiles; ++it) {
-    const int stage = it % kWgStages, s0 = it * kWgKeys;
+  for (int it = ib; it < ie; ++it) {
+    const int stage = (it - ib) % kWgStages, s0 = it * kWgKeys;
     cp_async_wait<1>();  // tile it has landed (tile it + 1 may still be in flight)
     fence_proxy_async();
     __syncthreads();     // every thread's copies visible; every warpgroup done with tile it - 1's stage
-    if (it + 2 < ntiles) load_keys((it + 2) % kWgStages, s0 + 2 * kWgKeys);
+    if (it + 2 < ie) load_keys((it - ib + 2) % kWgStages, s0 + 2 * kWgKeys);
     cp_async_commit();
     if (wq_end <= wg * QW || s0 > t_last) continue;  // no queries here, or the tile is in their future
     const uint8_t* Kt = Ks + stage * kWgKeys * D;
@@ -148,22 +153,11 @@ __global__ void __launch_bounds__(kWgThreads, 1) score_wgmma_kernel(WgScoreParam
         v[2 * qh] = a0;
         v[2 * qh + 1] = a1;
       }
-      // Quad reduce-scatter: lane c4 ends with sums (c4 >> 1) * NV / 2 + (c4 & 1) * NV / 4 + i, i < NV / 4.
-      const bool hi2 = c4 & 2, hi1 = c4 & 1;
-      float u[NV / 2], x[NV / 4];
-#pragma unroll
-      for (int i = 0; i < NV / 2; ++i) {
-        const float send = hi2 ? v[i] : v[i + NV / 2];
-        u[i] = (hi2 ? v[i + NV / 2] : v[i]) + __shfl_xor_sync(0xffffffffu, send, 2);
-      }
+      float x[NV / 4];
+      quad_reduce_scatter<NV>(v, x, c4);
 #pragma unroll
       for (int i = 0; i < NV / 4; ++i) {
-        const float send = hi1 ? u[i] : u[i + NV / 4];
-        x[i] = (hi1 ? u[i + NV / 4] : u[i]) + __shfl_xor_sync(0xffffffffu, send, 1);
-      }
-#pragma unroll
-      for (int i = 0; i < NV / 4; ++i) {
-        const int e = (hi2 ? NV / 2 : 0) + (hi1 ? NV / 4 : 0) + i;
+        const int e = (c4 >> 1) * (NV / 2) + (c4 & 1) * (NV / 4) + i;
         const int qi = wg * QW + h * QH + e / 2;  // local query
         const int key = wwarp * 16 + g + 8 * (e & 1), s = s0 + key, t = p.t0 + r0 + qi;
         if (qi < nq && s <= t) p.out[(static_cast<int64_t>(b) * p.R + r0 + qi) * p.T + s] = x[i] * kscale[key];
@@ -215,7 +209,13 @@ bool launch_scores_wgmma(const ScoreOperands& o, const Tensor& w_I, int B, int T
   p.B = B; p.T = T; p.t0 = t0; p.R = R;
   const int QB = kWgCols / Hi;
   const size_t smem = static_cast<size_t>(kWgCols + kWgStages * kWgKeys) * D + sizeof(float) * (kWgCols + kWgStages * kWgKeys);
-  dim3 grid(static_cast<unsigned>(ceil_div(R, QB)), static_cast<unsigned>(B));
+  // NOTES: where the query blocks alone leave SMs idle, the key prefix splits over gridDim.z (each split
+  // writes its own keys' scores: no reduction). Long rows stream in small row blocks (the 256 MiB score
+  // budget holds 512 rows at T = 128K: 16 CTAs at Hi = 16), which one CTA per query block left on 16 of
+  // 132 SMs. Two waves of CTAs, and at least two key tiles per split.
+  const int ctas = static_cast<int>(ceil_div(R, QB)) * B, want = 2 * sm_count(), tiles = (t0 + R - 1) / kWgKeys + 1;
+  const int splits = ctas >= want ? 1 : std::max(1, std::min(static_cast<int>(ceil_div(want, ctas)), tiles / 2));
+  dim3 grid(static_cast<unsigned>(ceil_div(R, QB)), static_cast<unsigned>(B), static_cast<unsigned>(splits));
   auto launch = [&](auto kernel) {
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     kernel<<<grid, kWgThreads, smem, stream()>>>(p);

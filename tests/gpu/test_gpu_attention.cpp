@@ -1,6 +1,7 @@
 // GPU dense causal attention vs the CPU reference: forward (out, lse) and backward (dq, dk, dv) for
 // MHA / GQA / MQA, odd T, the model's head dims (tiny 12/6, bench-small 96/64, production MHA 192/128)
-// and the padded fallbacks. Timings: `dsa-bench ops --only attention`.
+// and the padded fallbacks, on both GPU backends (the own kernels, cuDNN's fused attention).
+// Timings: `dsa-bench ops --only attention`, `dsa-bench kernels`.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -49,6 +50,20 @@ struct Case {
   int64_t B, T, H, Hk, Dk, Dv;
 };
 
+// The GPU backend a case runs on: the own kernels, or cuDNN's fused attention (where the build has cuDNN
+// and the shape is one it is asked to take: MHA, head dims multiples of 8 up to 256).
+struct BackendScope {
+  explicit BackendScope(bool cudnn) : prev(ops::attention_cudnn_enabled()) { ops::set_attention_cudnn(cudnn); }
+  ~BackendScope() { ops::set_attention_cudnn(prev); }
+  bool prev;
+};
+bool cudnn_takes(const Case& c) {
+  return !ops::attention_cudnn_info().version.empty() && c.H == c.Hk && c.Dk % 8 == 0 && c.Dv % 8 == 0 &&
+         c.Dk <= 256 && c.Dv <= 256;
+}
+
+// Both GPU backends against the CPU reference, with the same bounds: bf16 outputs and gradients
+// (relative RMS 1e-2 / 2e-2: a few bf16 roundings of each operand and of P and dS), f32 lse (1e-4).
 void check_case(const Case& c, uint64_t seed) {
   SCOPED_TRACE(::testing::Message() << "B=" << c.B << " T=" << c.T << " H=" << c.H << " Hk=" << c.Hk
                                     << " Dk=" << c.Dk << " Dv=" << c.Dv);
@@ -61,26 +76,37 @@ void check_case(const Case& c, uint64_t seed) {
 
   Tensor qg = to_gpu(q, DType::BF16), kg = to_gpu(k, DType::BF16), vg = to_gpu(v, DType::BF16);
   Tensor dog = to_gpu(dout, DType::BF16);
-  poison_pool({{c.B, c.T, c.H, c.Dv}}, DType::BF16);
-  poison_pool({{c.B, c.H, c.T}}, DType::F32);
-  Tensor lse;
-  Tensor out = ops::attention_forward(qg, kg, vg, scale, &lse);
-  ASSERT_EQ(out.dtype(), DType::BF16);
-  ASSERT_EQ(lse.dtype(), DType::F32);
-  ASSERT_EQ(lse.shape(), Shape({c.B, c.H, c.T}));
-  const double e_out = rel_err(out, out_ref, 0), e_lse = rel_err(lse, lse_ref, 0);
-  EXPECT_LE(e_out, 1e-2) << "out";
-  EXPECT_LE(e_lse, 1e-4) << "lse";
+  for (const bool cudnn : {false, true}) {
+    if (cudnn && !cudnn_takes(c)) continue;
+    SCOPED_TRACE(cudnn ? "cuDNN" : "own kernels");
+    BackendScope scope(cudnn);
+    const ops::AttentionCudnnInfo before = ops::attention_cudnn_info();
+    poison_pool({{c.B, c.T, c.H, c.Dv}}, DType::BF16);
+    poison_pool({{c.B, c.H, c.T}}, DType::F32);
+    Tensor lse;
+    Tensor out = ops::attention_forward(qg, kg, vg, scale, &lse);
+    ASSERT_EQ(out.dtype(), DType::BF16);
+    ASSERT_EQ(lse.dtype(), DType::F32);
+    ASSERT_EQ(lse.shape(), Shape({c.B, c.H, c.T}));
+    const double e_out = rel_err(out, out_ref, 0), e_lse = rel_err(lse, lse_ref, 0);
+    EXPECT_LE(e_out, 1e-2) << "out";
+    EXPECT_LE(e_lse, 1e-4) << "lse";
 
-  poison_pool({{c.B, c.T, c.H, c.Dk}, {c.B, c.T, c.Hk, c.Dk}, {c.B, c.T, c.Hk, c.Dv}}, DType::BF16);
-  ops::AttentionGrads g = ops::attention_backward(dog, qg, kg, vg, out, lse, scale);
-  const double e_dq = rel_err(g.dq, g_ref.dq, 0.05), e_dk = rel_err(g.dk, g_ref.dk, 0.05);
-  const double e_dv = rel_err(g.dv, g_ref.dv, 0.05);
-  EXPECT_LE(e_dq, 2e-2) << "dq";
-  EXPECT_LE(e_dk, 2e-2) << "dk";
-  EXPECT_LE(e_dv, 2e-2) << "dv";
-  std::printf("[attn] T=%lld Hk=%lld Dk=%lld Dv=%lld rel err: out %.2e lse %.2e dq %.2e dk %.2e dv %.2e\n",
-              (long long)c.T, (long long)c.Hk, (long long)c.Dk, (long long)c.Dv, e_out, e_lse, e_dq, e_dk, e_dv);
+    poison_pool({{c.B, c.T, c.H, c.Dk}, {c.B, c.T, c.Hk, c.Dk}, {c.B, c.T, c.Hk, c.Dv}}, DType::BF16);
+    ops::AttentionGrads g = ops::attention_backward(dog, qg, kg, vg, out, lse, scale);
+    const double e_dq = rel_err(g.dq, g_ref.dq, 0.05), e_dk = rel_err(g.dk, g_ref.dk, 0.05);
+    const double e_dv = rel_err(g.dv, g_ref.dv, 0.05);
+    EXPECT_LE(e_dq, 2e-2) << "dq";
+    EXPECT_LE(e_dk, 2e-2) << "dk";
+    EXPECT_LE(e_dv, 2e-2) << "dv";
+    // The cuDNN pass must have run on cuDNN (a refusal prints cuDNN's reason and fails here).
+    const ops::AttentionCudnnInfo after = ops::attention_cudnn_info();
+    EXPECT_EQ(after.forward_calls - before.forward_calls, cudnn ? 1 : 0) << "forward calls served by cuDNN";
+    EXPECT_EQ(after.backward_calls - before.backward_calls, cudnn ? 1 : 0) << "backward calls served by cuDNN";
+    std::printf("[attn %s] T=%lld Hk=%lld Dk=%lld Dv=%lld rel err: out %.2e lse %.2e dq %.2e dk %.2e dv %.2e\n",
+                cudnn ? "cudnn" : "own", (long long)c.T, (long long)c.Hk, (long long)c.Dk, (long long)c.Dv, e_out,
+                e_lse, e_dq, e_dk, e_dv);
+  }
 }
 
 void run_dims(int64_t Dk, int64_t Dv) {
@@ -119,6 +145,8 @@ TEST(GpuAttention, LongSequenceManyBlocks) {
   DSA_REQUIRE_GPU();
   check_case({1, 1000, 2, 1, 96, 64}, 11);
   check_case({1, 600, 2, 2, 192, 128}, 12);
+  check_case({2, 1000, 4, 4, 96, 64}, 13);   // bench-small's shape on cuDNN, many key blocks
+  check_case({1, 2048, 4, 4, 192, 128}, 14);  // production head dims on cuDNN
 }
 
 TEST(GpuAttention, RejectsBadInputs) {
