@@ -144,6 +144,14 @@ Trainer::Trainer(const Recipe& recipe, const TrainOptions& opts) : recipe_(recip
   memory_plan_ = plan_memory(recipe_.model, recipe_.stages, recipe_layout(recipe_, Dist::world(), gpu),
                              rank_capacity(gpu, Dist::local_size()));
   if (Dist::is_root()) std::printf("%s", memory_report(recipe_.model, recipe_.stages, memory_plan_).c_str());
+  if (gpu && Dist::is_root()) {
+    const std::string cudnn = ops::attention_cudnn_info().version;
+    std::printf("[train] dense attention: %s\n",
+                cudnn.empty() ? "own kernels (this build has no cuDNN)"
+                : !ops::attention_cudnn_enabled()
+                    ? "own kernels (DSA_ATTN_CUDNN=0)"
+                    : ("cuDNN " + cudnn + " fused attention (the own kernels where it does not take the shape)").c_str());
+  }
   DSA_CHECK(memory_plan_.fits(), "[memory] the recipe does not fit in ", gib(memory_plan_.capacity),
             " per rank (the plan above says which stage and what would fit)");
   model_ = std::make_unique<Model>(recipe_.model, DType::F32, device, DataParallel::param_layout(recipe_, device));
