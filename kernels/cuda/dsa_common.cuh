@@ -84,7 +84,6 @@ __device__ __forceinline__ float block_max(float v, float* red) {
   return s;
 }
 
-
 // Quad reduce-scatter of the indexer scoring epilogues (mma.sync and wgmma): the 4 lanes of an MMA quad
 // (c4 = lane & 3) each hold NV partial sums of the same NV (query, key) entries; lane c4 ends with the
 // full sums of entries (c4 >> 1) * NV / 2 + (c4 & 1) * NV / 4 + i in x[i], i < NV / 4.

@@ -31,9 +31,11 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 #include <map>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "kernels/cuda/context.h"
@@ -130,13 +132,10 @@ class Graph {
     set(pw, CUDNN_ATTR_POINTWISE_MATH_PREC, CUDNN_TYPE_DATA_TYPE, 1, &prec);
     if (axis >= 0) set(pw, CUDNN_ATTR_POINTWISE_AXIS, CUDNN_TYPE_INT64, 1, &axis);
     finalize(pw);
-    Td op = make(CUDNN_BACKEND_OPERATION_POINTWISE_DESCRIPTOR);
-    set(op, CUDNN_ATTR_OPERATION_POINTWISE_PW_DESCRIPTOR, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &pw);
-    set(op, CUDNN_ATTR_OPERATION_POINTWISE_XDESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &x);
-    if (b) set(op, CUDNN_ATTR_OPERATION_POINTWISE_BDESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &b);
-    if (t) set(op, CUDNN_ATTR_OPERATION_POINTWISE_TDESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &t);
-    set(op, CUDNN_ATTR_OPERATION_POINTWISE_YDESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &y);
-    add(op);
+    operation(CUDNN_BACKEND_OPERATION_POINTWISE_DESCRIPTOR,
+              {{CUDNN_ATTR_OPERATION_POINTWISE_PW_DESCRIPTOR, pw}, {CUDNN_ATTR_OPERATION_POINTWISE_XDESC, x},
+               {CUDNN_ATTR_OPERATION_POINTWISE_BDESC, b}, {CUDNN_ATTR_OPERATION_POINTWISE_TDESC, t},
+               {CUDNN_ATTR_OPERATION_POINTWISE_YDESC, y}});
   }
   void unary(cudnnPointwiseMode_t mode, Td x, Td y) { pointwise(mode, x, nullptr, nullptr, y); }
   void binary(cudnnPointwiseMode_t mode, Td x, Td b, Td y) { pointwise(mode, x, b, nullptr, y); }
@@ -148,11 +147,9 @@ class Graph {
     set(r, CUDNN_ATTR_REDUCTION_OPERATOR, CUDNN_TYPE_REDUCTION_OPERATOR_TYPE, 1, &mode);
     set(r, CUDNN_ATTR_REDUCTION_COMP_TYPE, CUDNN_TYPE_DATA_TYPE, 1, &f32);
     finalize(r);
-    Td op = make(CUDNN_BACKEND_OPERATION_REDUCTION_DESCRIPTOR);
-    set(op, CUDNN_ATTR_OPERATION_REDUCTION_XDESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &x);
-    set(op, CUDNN_ATTR_OPERATION_REDUCTION_YDESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &y);
-    set(op, CUDNN_ATTR_OPERATION_REDUCTION_DESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &r);
-    add(op);
+    operation(CUDNN_BACKEND_OPERATION_REDUCTION_DESCRIPTOR, {{CUDNN_ATTR_OPERATION_REDUCTION_XDESC, x},
+                                                              {CUDNN_ATTR_OPERATION_REDUCTION_YDESC, y},
+                                                              {CUDNN_ATTR_OPERATION_REDUCTION_DESC, r}});
   }
 
   // c = a b over the last two dims, batched over the first two; f32 accumulation.
@@ -161,20 +158,15 @@ class Graph {
     Td m = make(CUDNN_BACKEND_MATMUL_DESCRIPTOR);
     set(m, CUDNN_ATTR_MATMUL_COMP_TYPE, CUDNN_TYPE_DATA_TYPE, 1, &f32);
     finalize(m);
-    Td op = make(CUDNN_BACKEND_OPERATION_MATMUL_DESCRIPTOR);
-    set(op, CUDNN_ATTR_OPERATION_MATMUL_ADESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &a);
-    set(op, CUDNN_ATTR_OPERATION_MATMUL_BDESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &b);
-    set(op, CUDNN_ATTR_OPERATION_MATMUL_CDESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &c);
-    set(op, CUDNN_ATTR_OPERATION_MATMUL_DESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &m);
-    add(op);
+    operation(CUDNN_BACKEND_OPERATION_MATMUL_DESCRIPTOR,
+              {{CUDNN_ATTR_OPERATION_MATMUL_ADESC, a}, {CUDNN_ATTR_OPERATION_MATMUL_BDESC, b},
+               {CUDNN_ATTR_OPERATION_MATMUL_CDESC, c}, {CUDNN_ATTR_OPERATION_MATMUL_DESC, m}});
   }
 
   // y = x seen through y's dims and strides (a transpose here).
   void reshape(Td x, Td y) {
-    Td op = make(CUDNN_BACKEND_OPERATION_RESHAPE_DESCRIPTOR);
-    set(op, CUDNN_ATTR_OPERATION_RESHAPE_XDESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &x);
-    set(op, CUDNN_ATTR_OPERATION_RESHAPE_YDESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &y);
-    add(op);
+    operation(CUDNN_BACKEND_OPERATION_RESHAPE_DESCRIPTOR,
+              {{CUDNN_ATTR_OPERATION_RESHAPE_XDESC, x}, {CUDNN_ATTR_OPERATION_RESHAPE_YDESC, y}});
   }
 
   // The operation graph, the heuristics' engine configs in order, and the first plan cuDNN finalizes.
@@ -221,7 +213,13 @@ class Graph {
   int64_t workspace() const { return workspace_; }
 
  private:
-  void add(Td op) {
+  // A graph node: an operation descriptor with its descriptor-valued attributes (null ones left unset, in
+  // the order given), finalized and appended.
+  void operation(cudnnBackendDescriptorType_t type,
+                 std::initializer_list<std::pair<cudnnBackendAttributeName_t, Td>> attrs) {
+    Td op = make(type);
+    for (const auto& [name, d] : attrs)
+      if (d) set(op, name, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &d);
     finalize(op);
     ops_.push_back(op);
   }
@@ -263,12 +261,18 @@ Td causal_mask(Graph& g, const Shape5& z, Td x, Td neg_inf) {
   return y;
 }
 
+// A token-major bf16 operand [B, T, H, d] of the variant pack seen as [b, h, s, d] (or transposed, [b, h, d, s]).
+Td operand(Graph& g, const Shape5& z, int64_t d, int64_t uid, bool transposed = false) {
+  return transposed ? g.tensor(CUDNN_DATA_BFLOAT16, z.bhds(d), z.bhds_strides(d), uid)
+                    : g.tensor(CUDNN_DATA_BFLOAT16, z.bhsd(d), z.bhsd_strides(d), uid);
+}
+
 void forward_graph(Graph& g, const Shape5& z) {
   const cudnnDataType_t bf16 = CUDNN_DATA_BFLOAT16, f32 = CUDNN_DATA_FLOAT;
-  Td q = g.tensor(bf16, z.bhsd(z.dk), z.bhsd_strides(z.dk), kQ);
-  Td kt = g.tensor(bf16, z.bhds(z.dk), z.bhds_strides(z.dk), kK);
-  Td v = g.tensor(bf16, z.bhsd(z.dv), z.bhsd_strides(z.dv), kV);
-  Td o = g.tensor(bf16, z.bhsd(z.dv), z.bhsd_strides(z.dv), kO);
+  Td q = operand(g, z, z.dk, kQ);
+  Td kt = operand(g, z, z.dk, kK, true);
+  Td v = operand(g, z, z.dv, kV);
+  Td o = operand(g, z, z.dv, kO);
   Td stats = g.tensor(f32, z.rows(), z.rows_strides(), kStats);
   Td scale = g.scalar(kScale), neg_inf = g.scalar(kNegInf);
   const Dims sd = z.scores(), ss = z.scores_strides(), rd = z.rows(), rs = z.rows_strides();
@@ -290,18 +294,18 @@ void forward_graph(Graph& g, const Shape5& z) {
 
 void backward_graph(Graph& g, const Shape5& z) {
   const cudnnDataType_t bf16 = CUDNN_DATA_BFLOAT16, f32 = CUDNN_DATA_FLOAT;
-  Td q = g.tensor(bf16, z.bhsd(z.dk), z.bhsd_strides(z.dk), kQ);
-  Td kt = g.tensor(bf16, z.bhds(z.dk), z.bhds_strides(z.dk), kK);
-  Td vt = g.tensor(bf16, z.bhds(z.dv), z.bhds_strides(z.dv), kV);
-  Td o = g.tensor(bf16, z.bhsd(z.dv), z.bhsd_strides(z.dv), kO);
-  Td d_o = g.tensor(bf16, z.bhsd(z.dv), z.bhsd_strides(z.dv), kDO);
+  Td q = operand(g, z, z.dk, kQ);
+  Td kt = operand(g, z, z.dk, kK, true);
+  Td vt = operand(g, z, z.dv, kV, true);
+  Td o = operand(g, z, z.dv, kO);
+  Td d_o = operand(g, z, z.dv, kDO);
   Td stats = g.tensor(f32, z.rows(), z.rows_strides(), kStats);
   Td scale = g.scalar(kScale), neg_inf = g.scalar(kNegInf), one = g.scalar(kOne);
   Td softmax_sum = g.tensor(f32, z.rows(), z.rows_strides(), kSoftmaxSum);
   Td dq_accum = g.tensor(f32, z.bhsd(z.dk), {z.h * z.s * z.dk, z.s * z.dk, z.dk, 1}, kDQAccum);
-  Td dq = g.tensor(bf16, z.bhsd(z.dk), z.bhsd_strides(z.dk), kDQ);
-  Td dk = g.tensor(bf16, z.bhsd(z.dk), z.bhsd_strides(z.dk), kDK);
-  Td dv = g.tensor(bf16, z.bhsd(z.dv), z.bhsd_strides(z.dv), kDV);
+  Td dq = operand(g, z, z.dk, kDQ);
+  Td dk = operand(g, z, z.dk, kDK);
+  Td dv = operand(g, z, z.dv, kDV);
   const Dims sd = z.scores(), ss = z.scores_strides(), rd = z.rows(), rs = z.rows_strides();
   const Dims sdt = {z.b, z.h, z.s, z.s}, sst = z.scores_t_strides();  // [b, h, key, query]
 
