@@ -1,12 +1,15 @@
 // Dense (warm-up) indexer KL loss and the indexer's recall on the GPU, flash-style: the head-summed
 // target A[t, s] = sum_h exp(scale q_h,t . k_s - lse_h,t) and the indexer scores I[t, s] are rebuilt
-// tile by tile with bf16 mma.sync and never stored.
+// tile by tile with bf16 tensor-core products and never stored: on Hopper the fused passes take wgmma
+// (one 64 x 64 quarter of a 64-row x 128-key tile per warpgroup, operands in the no-swizzle core-matrix
+// layout; DSA_KL_WGMMA=0 keeps mma.sync), the backward kernels mma.sync.
 //   stats pass (one launch, every row): per row Z = sum_s A, sum_s A log A, sum_s A I and an online
 //     logsumexp of I; KL_t = (sum A log A - sum A I) / Z - log Z + lse(I) (p = A / Z sums to 1, exactly
 //     the CPU's normalization by the actual row sum);
 //   gradient (per chunk of query rows): the same tiles again give dI = gs (exp(I - lse I) - A / Z) into
 //     an f32 chunk [B, R, T]; then a query-head-row kernel (rows (t, j), as the scoring kernel) forms
-//     dq_I and dw_I in registers, and a key-major kernel forms dk_I in registers (no atomics), both
+//     dq_I and dw_I in registers, and a key-major kernel forms dk_I in registers (no atomics; the rows
+//     split into pieces where the key tiles alone leave the GPU idle, added in order), both
 //     recomputing z = q_I . k_I on the unquantized operands (straight-through over FP8, as the CPU).
 // Recall: the stats pass over chunks of rows with a per-chunk bitmap of the distinct selected keys.
 // NOTES: the fp8 scores use the dequantized Hadamard/FP8 operands (indexer_fp8_operands) in bf16: an
@@ -14,6 +17,8 @@
 // CPU reference's up to summation order.
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 
 #include "kernels/cuda/dsa_common.cuh"
 #include "kernels/cuda/mma.cuh"
@@ -44,63 +49,82 @@ __device__ __forceinline__ float ex2(float x) {
   return y;
 }
 
-// dst [rows, ld] (smem) = src rows r (at src + r * stride, `d` values each) for r < nvalid, zero elsewhere
-// and in columns d .. dpad-1 (dpad a multiple of 16). vec: d % 8 == 0, stride % 8 == 0, src 16-byte aligned:
-// asynchronous 16-byte copies (the caller commits and waits); otherwise plain stores.
+// Element offset of (row r, column c) in a shared-memory tile of ld-element rows. kCore: the no-swizzle
+// K-major layout wgmma reads (8-row x 8-element "core matrices" of 128 contiguous bytes, K-adjacent ones
+// 128 bytes apart, M-adjacent ones 16 ld bytes apart; ld is the padded width, a multiple of 16);
+// otherwise row-major (ld = padded width + 8: the mma.sync fragment loads are then free of bank conflicts).
+template <bool kCore>
+__device__ __forceinline__ int toff(int r, int c, int ld) {
+  if constexpr (kCore) return ((r >> 3) * (ld >> 3) + (c >> 3)) * 64 + (r & 7) * 8 + (c & 7);
+  else return r * ld + c;
+}
+
+// dst [rows, dpad] (smem, toff layout) = src rows r (at src + r * stride, `d` values each) for r < nvalid,
+// zero elsewhere and in columns d .. dpad-1 (dpad a multiple of 16, rows a multiple of 8). vec: d % 8 == 0,
+// stride % 8 == 0, src 16-byte aligned: asynchronous 16-byte copies (the caller commits and waits), eight
+// consecutive threads on the eight rows of one core matrix; otherwise plain stores.
+template <bool kCore>
 __device__ __forceinline__ void load_tile_async(bf16_t* dst, int ld, int dpad, const bf16_t* src, int64_t stride,
                                                 int nvalid, int d, int rows, bool vec) {
   if (vec) {
     const int cpr = dpad / 8;
     for (int i = threadIdx.x; i < rows * cpr; i += blockDim.x) {
-      const int r = i / cpr, c = (i % cpr) * 8;
+      const int r = ((i >> 3) / cpr) * 8 + (i & 7), c = ((i >> 3) % cpr) * 8;
       const bool ok = r < nvalid && c < d;
-      cp_async16(dst + r * ld + c, ok ? src + r * stride + c : src, ok ? 16 : 0);
+      cp_async16(dst + toff<kCore>(r, c, ld), ok ? src + r * stride + c : src, ok ? 16 : 0);
     }
   } else {
     for (int i = threadIdx.x; i < rows * dpad; i += blockDim.x) {
       const int r = i / dpad, c = i % dpad;
-      dst[r * ld + c] = (r < nvalid && c < d) ? src[r * stride + c] : __float2bfloat16_rn(0.f);
+      dst[toff<kCore>(r, c, ld)] = (r < nvalid && c < d) ? src[r * stride + c] : __float2bfloat16_rn(0.f);
     }
   }
 }
-// As load_tile_async, then waits for every copy of this thread (the caller still syncs the block).
+// As load_tile_async (row-major), then waits for every copy of this thread (the caller still syncs the block).
 __device__ __forceinline__ void load_tile(bf16_t* dst, int ld, int dpad, const bf16_t* src, int64_t stride, int nvalid,
                                           int d, int rows, bool vec) {
-  load_tile_async(dst, ld, dpad, src, stride, nvalid, d, rows, vec);
+  load_tile_async<false>(dst, ld, dpad, src, stride, nvalid, d, rows, vec);
   cp_async_commit();
   cp_async_wait<0>();
 }
 
-// For heads i = 0 .. n-1: a per-head A tile (load_a(buf, i)) against a fixed B tile (load_b()), then
-// fn(buf, i) on the block's loaded tiles. dbl: the next head's tile is prefetched into the second
-// buffer while fn runs. Starts with a block barrier (earlier readers of the buffers are done).
-template <class LoadB, class LoadA, class Fn>
-__device__ __forceinline__ void head_loop(int n, bool dbl, bf16_t* buf0, bf16_t* buf1, LoadB load_b, LoadA load_a,
-                                          Fn fn) {
+// For heads i = 0 .. n-1: a per-head A tile (load_a(slot, i)) and a B tile shared by groups of grp heads
+// (load_b(slot, i / grp) when i % grp == 0), then fn(a_slot, b_slot, i) on the block's loaded tiles.
+// na, nb (1 or 2): buffers of each; with two, the next head's tiles are copied while fn runs (a B tile
+// only when it has a second buffer; otherwise that head's tiles load after the barrier that ends the
+// previous fn). Starts with a block barrier (earlier readers of the buffers are done).
+template <class LoadA, class LoadB, class Fn>
+__device__ __forceinline__ void head_loop(int n, int grp, int na, int nb, LoadA load_a, LoadB load_b, Fn fn) {
+  const auto aslot = [&](int i) { return na == 2 ? (i & 1) : 0; };
+  const auto bslot = [&](int i) { return nb == 2 ? ((i / grp) & 1) : 0; };
+  const auto early = [&](int i) { return na == 2 && (i % grp != 0 || nb == 2); };
+  const auto issue = [&](int i) {
+    if (i % grp == 0) load_b(bslot(i), i / grp);
+    load_a(aslot(i), i);
+    cp_async_commit();
+  };
   __syncthreads();
-  load_b();
-  load_a(buf0, 0);
-  cp_async_commit();
+  issue(0);
   for (int i = 0; i < n; ++i) {
-    if (i > 0) __syncthreads();
-    if (dbl && i + 1 < n) {
-      load_a((i & 1) ? buf0 : buf1, i + 1);
-      cp_async_commit();
+    if (i > 0) {
+      __syncthreads();
+      if (!early(i)) issue(i);
+    }
+    if (i + 1 < n && early(i + 1)) {
+      issue(i + 1);
       cp_async_wait<1>();
-    } else if (!dbl && i > 0) {
-      load_a(buf0, i);
-      cp_async_commit();
-      cp_async_wait<0>();
     } else {
       cp_async_wait<0>();
     }
+    fence_proxy_async();  // copies and stores visible to wgmma's async proxy (no-op without sm_90a)
     __syncthreads();
-    fn((dbl && (i & 1)) ? buf1 : buf0, i);
+    fn(aslot(i), bslot(i), i);
   }
 }
 
-// acc[16 x 64] += A[16 x 16*ksteps] (smem rows, ld sa) . Bt[64 x 16*ksteps]^T (smem rows, ld sb).
-__device__ __forceinline__ void warp_gemm_nt(float (&acc)[8][4], const bf16_t* A, int sa, const bf16_t* Bt, int sb,
+// acc[16 x 64] += A[16 x 16*ksteps] (smem rows, ld sa) . Bt[64 x 16*ksteps]^T (smem rows, ld sb);
+// acc[4 nt + e] is element e of the m16n8 tile nt.
+__device__ __forceinline__ void warp_gemm_nt(float (&acc)[32], const bf16_t* A, int sa, const bf16_t* Bt, int sb,
                                              int ksteps, int g, int c4) {
   for (int kk = 0; kk < ksteps; ++kk) {
     const bf16_t* ap = A + g * sa + kk * 16 + 2 * c4;
@@ -108,20 +132,42 @@ __device__ __forceinline__ void warp_gemm_nt(float (&acc)[8][4], const bf16_t* A
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt) {
       const bf16_t* bp = Bt + (nt * 8 + g) * sb + kk * 16 + 2 * c4;
-      mma_m16n8k16_bf16(acc[nt], a, ld32(bp), ld32(bp + 8));
+      mma_m16n8k16_bf16(reinterpret_cast<float(&)[4]>(acc[4 * nt]), a, ld32(bp), ld32(bp + 8));
     }
+  }
+}
+
+// S (64 x 64 per warpgroup: warp w of the group rows 16 w .. 16 w + 15, the warp_gemm_nt layout) =
+// A[64 rows] . B[64 rows]^T over dpad columns, both tiles in toff<kWg> layout of ld-element rows.
+// kWg: one warpgroup wgmma chain (sm_90a); otherwise each warp's mma.sync over its 16 rows.
+template <bool kWg>
+__device__ __forceinline__ void gemm_64x64(float (&S)[32], const bf16_t* A, const bf16_t* B, int ld, int dpad, int rs,
+                                           int g, int c4) {
+  if constexpr (kWg) {
+    const uint32_t sbo = static_cast<uint32_t>(ld) * 16;  // 8 rows of ld bf16
+    wgmma_fence_operand(S);
+    wgmma_fence();
+    for (int ks = 0; ks < dpad / 16; ++ks)  // k16 = two K-adjacent core matrices (128 elements)
+      wgmma_m64n64k16_bf16(S, wgmma_desc(A + ks * 128, 128, sbo), wgmma_desc(B + ks * 128, 128, sbo), ks > 0);
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_fence_operand(S);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 32; ++i) S[i] = 0.f;
+    warp_gemm_nt(S, A + rs * 16 * ld, ld, B, ld, dpad / 16, g, c4);
   }
 }
 
 // out[16 x kDP] += G[16 x 64] (accumulator layout, rounded to bf16) . V[64 x kDP] (smem rows, ld sv).
 template <int kDP>
-__device__ __forceinline__ void warp_gemm_pv(float (&out)[kDP / 8][4], const float (&G)[8][4], const bf16_t* V, int sv,
+__device__ __forceinline__ void warp_gemm_pv(float (&out)[kDP / 8][4], const float (&G)[32], const bf16_t* V, int sv,
                                              int g, int c4) {
 #pragma unroll
   for (int kk = 0; kk < 4; ++kk) {
-    const uint32_t a[4] = {pack_bf16(G[2 * kk][0], G[2 * kk][1]), pack_bf16(G[2 * kk][2], G[2 * kk][3]),
-                           pack_bf16(G[2 * kk + 1][0], G[2 * kk + 1][1]),
-                           pack_bf16(G[2 * kk + 1][2], G[2 * kk + 1][3])};
+    const float* g0 = G + 8 * kk;  // tiles 2 kk and 2 kk + 1
+    const uint32_t a[4] = {pack_bf16(g0[0], g0[1]), pack_bf16(g0[2], g0[3]), pack_bf16(g0[4], g0[5]),
+                           pack_bf16(g0[6], g0[7])};
     const bf16_t* v0 = V + (kk * 16 + 2 * c4) * sv + g;
 #pragma unroll
     for (int dn = 0; dn < kDP / 8; ++dn) {
@@ -150,46 +196,48 @@ struct FusedParams {
   float* lrow;            // [B, T] lse(I) (written by stats and idx-lse, read by grad)
   float* out;             // [B, T] KL (stats) or recall mass / Z (recall)
   float* dI;              // [B, R, T] (grad): rows t0 .. t0 + R - 1, entries s <= t
-  float* part;            // [nsplit, B, R, 3] (grad): Z, sum a log a, sum a I of each split's keys
+  float* part;            // [nsplit, B, R, 5]: Z, sum a log a, sum a I, max I, sum exp(I - max) of each
+                          //   split's keys (rows_from_parts_kernel combines them)
   int T, H, Hk, Dk, DkP, Hi, D, DP, t0, R, Tw;
   int nrb;                // row blocks of kBM rows: ceil(R / kBM)
-  int split_tiles;        // (grad) key tiles per CTA: blockIdx.x = split * nrb + row block
+  int split_tiles;        // key tiles per CTA: blockIdx.x = split * nrb + row block
   float scale_log2, c, gs;
   bool vec_main, vec_idx;
-  bool dbl_main, dbl_idx;  // double-buffered per-head tiles (when shared memory allows)
+  int qbuf, kbuf, ibuf;   // buffers (1 or 2) of the per-head main Q, main K and indexer Q tiles
 };
 
-// 8 warps: warp w owns rows 16 (w % 4) .. +15 of the CTA's 64 and keys 64 (w / 4) .. +63 of each tile.
+// 8 warps: warp w owns rows 16 (w % 4) .. +15 of the CTA's 64 and keys 64 (w / 4) .. +63 of each tile
+// (with wgmma: warpgroup w / 4 computes its 64 x 64 quarter in one chain; the same accumulator layout).
 // NOTES: row blocks run from the last (longest) to the first, so the causal imbalance leaves no tail
 // wave (one CTA per SM: the first wave of short rows used to finish early and the long rows ran last).
-// The grad mode writes dI element by element, so it also splits the keys: CTA (split, row block) takes
-// split_tiles key tiles; a chunk of a few hundred rows at long context still fills the GPU.
+// Every pass splits the keys: CTA (split, row block) takes split_tiles key tiles and writes its rows'
+// partial sums (rows_from_parts_kernel combines them); a chunk of a few hundred rows at long context
+// still fills the GPU, and the long rows of a pass over every row no longer set its length.
 // With gradients there is no stats pass over the main attention: the target's normalizer is Z = H (each
 // head's probabilities sum to one over s <= t by the definition of the forward's lse; the computed Z is
 // H up to the rounding of the scores), lse(I) comes from the idx-lse pass (the indexer's scores alone,
 // about a fifth of the work at bench-small shapes), and the grad pass sums the loss terms as it goes.
-template <int kMode>
-__global__ void __launch_bounds__(kFusedThreads) fused_kernel(FusedParams p) {
-  extern __shared__ __align__(16) unsigned char smraw[];
+// Per-head tiles stream through head_loop: with separate key heads (MHA, GQA) the next head's Q and K
+// tiles are copied while this head computes; one key head (MQA) keeps its K tile for every head.
+template <int kMode, bool kWg>
+__global__ void __launch_bounds__(kFusedThreads, kWg && kMode != kStats ? 2 : 1) fused_kernel(FusedParams p) {
+  extern __shared__ __align__(128) unsigned char smraw[];
   __shared__ float fin[kBM][5];
-  const int SK = p.DkP + 8, SI = p.DP + 8;
-  // Main phase: Qs [kBM, SK] (and Qs2 when dbl_main) one head's queries, Ks [kBN, SK] one key head's keys;
-  // the index phase reuses the region: QIs [kBM, SI] (QIs2 when dbl_idx), KIs [kBN, SI].
+  const int LK = kWg ? p.DkP : p.DkP + 8, LI = kWg ? p.DP : p.DP + 8;  // tile row widths (toff)
+  // Main phase: Qs [qbuf][kBM, LK] one head's queries, Ks [kbuf][kBN, LK] one key head's keys; the index
+  // phase reuses the region: QIs [ibuf][kBM, LI], KIs [kBN, LI].
   bf16_t* Qs = reinterpret_cast<bf16_t*>(smraw);
-  bf16_t* Qs2 = Qs + kBM * SK;
-  bf16_t* Ks = Qs + (p.dbl_main ? 2 : 1) * kBM * SK;
+  bf16_t* Ks = Qs + p.qbuf * kBM * LK;
   bf16_t* QIs = Qs;
-  bf16_t* QIs2 = Qs + kBM * SI;
-  bf16_t* KIs = Qs + (p.dbl_idx ? 2 : 1) * kBM * SI;
+  bf16_t* KIs = Qs + p.ibuf * kBM * LI;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, c4 = lane & 3;
   const int rs = warp & 3, kh = warp >> 2;
-  const int rblk = kMode == kGrad ? blockIdx.x % p.nrb : blockIdx.x;
+  const int rblk = blockIdx.x % p.nrb, split = blockIdx.x / p.nrb;
   const int b = blockIdx.y, r0 = (p.nrb - 1 - rblk) * kBM;
   const int nrows = min(kBM, p.R - r0);
   const int64_t T = p.T;
   const int tmax = p.t0 + r0 + nrows - 1;
-  const int s_begin = kMode == kGrad ? static_cast<int>(blockIdx.x / p.nrb) * p.split_tiles * kBN : 0;
-  const int s_end = kMode == kGrad ? s_begin + p.split_tiles * kBN : tmax + 1;
+  const int s_begin = split * p.split_tiles * kBN, s_end = s_begin + p.split_tiles * kBN;
   const int ra = r0 + rs * 16 + g, rb = ra + 8;  // rows relative to t0
   const bool va = ra < p.R, vb = rb < p.R;
   const int ta = p.t0 + ra, tb = p.t0 + rb;
@@ -203,83 +251,74 @@ __global__ void __launch_bounds__(kFusedThreads) fused_kernel(FusedParams p) {
   }
   for (int s0 = s_begin; s0 <= tmax && s0 < s_end; s0 += kBN) {
     const int kvalid = min(kBN, p.T - s0);
-    float A[8][4];
+    // Every key of the tile is at or before every row of the block (rows past R are never read).
+    const bool full = s0 + kBN - 1 <= p.t0 + r0;
+    // A[4 nt + e]: row (e < 2 ? ta : tb), key s0 + 64 kh + 8 nt + 2 c4 + (e & 1).
+    float A[32];
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) A[nt][e] = 0.f;
+    for (int i = 0; i < 32; ++i) A[i] = 0.f;
     // (1) head-summed main attention probabilities.
-    for (int hk = 0; hk < (kMode == kIdxLse ? 0 : p.Hk); ++hk) {
+    if constexpr (kMode != kIdxLse) {
       head_loop(
-          grp, p.dbl_main, Qs, Qs2,
-          [&] {
-            load_tile_async(Ks, SK, p.DkP, p.km + ((b * T + s0) * p.Hk + hk) * p.Dk, (int64_t)p.Hk * p.Dk, kvalid,
-                            p.Dk, kBN, p.vec_main);
+          p.H, grp, p.qbuf, p.kbuf,
+          [&](int slot, int h) {
+            load_tile_async<kWg>(Qs + slot * kBM * LK, LK, p.DkP, p.qm + ((b * T + p.t0 + r0) * p.H + h) * p.Dk,
+                                 (int64_t)p.H * p.Dk, nrows, p.Dk, kBM, p.vec_main);
           },
-          [&](bf16_t* dst, int i) {
-            load_tile_async(dst, SK, p.DkP, p.qm + ((b * T + p.t0 + r0) * p.H + hk * grp + i) * p.Dk,
-                            (int64_t)p.H * p.Dk, nrows, p.Dk, kBM, p.vec_main);
+          [&](int slot, int hk) {
+            load_tile_async<kWg>(Ks + slot * kBN * LK, LK, p.DkP, p.km + ((b * T + s0) * p.Hk + hk) * p.Dk,
+                                 (int64_t)p.Hk * p.Dk, kvalid, p.Dk, kBN, p.vec_main);
           },
-          [&](const bf16_t* Qc, int i) {
-            const int h = hk * grp + i;
-            float S[8][4];
-#pragma unroll
-            for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-              for (int e = 0; e < 4; ++e) S[nt][e] = 0.f;
-            warp_gemm_nt(S, Qc + rs * 16 * SK, SK, Ks + kh * 64 * SK, SK, p.DkP / 16, g, c4);
+          [&](int qslot, int kslot, int h) {
+            float S[32];
+            gemm_64x64<kWg>(S, Qs + qslot * kBM * LK, Ks + (kslot * kBN + kh * 64) * LK, LK, p.DkP, rs, g, c4);
             const float la = va ? p.lse[(b * p.H + h) * T + ta] * 1.4426950408889634f : 0.f;
             const float lb = vb ? p.lse[(b * p.H + h) * T + tb] * 1.4426950408889634f : 0.f;
+            if (full) {
 #pragma unroll
-            for (int nt = 0; nt < 8; ++nt)
+              for (int i = 0; i < 32; ++i) A[i] += ex2(S[i] * p.scale_log2 - ((i & 2) ? lb : la));
+            } else {
 #pragma unroll
-              for (int e = 0; e < 4; ++e) {
-                const int s = s0 + kh * 64 + nt * 8 + 2 * c4 + (e & 1);
-                const bool ok = e < 2 ? (va && s <= ta) : (vb && s <= tb);
-                if (ok) A[nt][e] += ex2(S[nt][e] * p.scale_log2 - (e < 2 ? la : lb));
+              for (int i = 0; i < 32; ++i) {
+                const int s = s0 + kh * 64 + (i >> 2) * 8 + 2 * c4 + (i & 1);
+                const bool ok = (i & 2) ? (vb && s <= tb) : (va && s <= ta);
+                if (ok) A[i] += ex2(S[i] * p.scale_log2 - ((i & 2) ? lb : la));
               }
+            }
           });
     }
     if constexpr (kMode == kRecall) {
 #pragma unroll
-      for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int s = s0 + kh * 64 + nt * 8 + 2 * c4 + (e & 1);
-          const int ri = e < 2 ? 0 : 1, r = e < 2 ? ra : rb, t = e < 2 ? ta : tb;
-          if (!(ri == 0 ? va : vb) || s > t) continue;
-          zs[ri] += A[nt][e];
-          const uint32_t word = p.bitmap[((int64_t)b * p.R + r) * p.Tw + (s >> 5)];
-          if ((word >> (s & 31)) & 1u) ala[ri] += A[nt][e];
-        }
+      for (int i = 0; i < 32; ++i) {
+        const int s = s0 + kh * 64 + (i >> 2) * 8 + 2 * c4 + (i & 1);
+        const int ri = (i & 2) ? 1 : 0, r = ri ? rb : ra, t = ri ? tb : ta;
+        if (!(ri ? vb : va) || s > t) continue;
+        zs[ri] += A[i];
+        const uint32_t word = p.bitmap[((int64_t)b * p.R + r) * p.Tw + (s >> 5)];
+        if ((word >> (s & 31)) & 1u) ala[ri] += A[i];
+      }
       continue;
     } else {
       // (2) indexer scores.
-      float I[8][4];
+      float I[32];
 #pragma unroll
-      for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) I[nt][e] = 0.f;
+      for (int i = 0; i < 32; ++i) I[i] = 0.f;
       head_loop(
-          p.Hi, p.dbl_idx, QIs, QIs2,
-          [&] { load_tile_async(KIs, SI, p.DP, p.ks + (b * T + s0) * p.D, p.D, kvalid, p.D, kBN, p.vec_idx); },
-          [&](bf16_t* dst, int j) {
-            load_tile_async(dst, SI, p.DP, p.qs + ((b * T + p.t0 + r0) * p.Hi + j) * p.D, (int64_t)p.Hi * p.D, nrows,
-                            p.D, kBM, p.vec_idx);
+          p.Hi, p.Hi, p.ibuf, 1,
+          [&](int slot, int j) {
+            load_tile_async<kWg>(QIs + slot * kBM * LI, LI, p.DP, p.qs + ((b * T + p.t0 + r0) * p.Hi + j) * p.D,
+                                 (int64_t)p.Hi * p.D, nrows, p.D, kBM, p.vec_idx);
           },
-          [&](const bf16_t* QIc, int j) {
-            float Z[8][4];
-#pragma unroll
-            for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-              for (int e = 0; e < 4; ++e) Z[nt][e] = 0.f;
-            warp_gemm_nt(Z, QIc + rs * 16 * SI, SI, KIs + kh * 64 * SI, SI, p.DP / 16, g, c4);
+          [&](int, int) {
+            load_tile_async<kWg>(KIs, LI, p.DP, p.ks + (b * T + s0) * p.D, p.D, kvalid, p.D, kBN, p.vec_idx);
+          },
+          [&](int qslot, int, int j) {
+            float Z[32];
+            gemm_64x64<kWg>(Z, QIs + qslot * kBM * LI, KIs + kh * 64 * LI, LI, p.DP, rs, g, c4);
             const float wa = va ? __bfloat162float(p.w[(b * T + ta) * p.Hi + j]) * p.c : 0.f;
             const float wb = vb ? __bfloat162float(p.w[(b * T + tb) * p.Hi + j]) * p.c : 0.f;
 #pragma unroll
-            for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-              for (int e = 0; e < 4; ++e) I[nt][e] += (e < 2 ? wa : wb) * fmaxf(Z[nt][e], 0.f);
+            for (int i = 0; i < 32; ++i) I[i] += ((i & 2) ? wb : wa) * fmaxf(Z[i], 0.f);
           });
       // (3) row statistics (stats) or dI (grad).
       if constexpr (kMode == kStats || kMode == kIdxLse) {
@@ -292,7 +331,7 @@ __global__ void __launch_bounds__(kFusedThreads) fused_kernel(FusedParams p) {
           for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
             for (int e = 0; e < 2; ++e)
-              if (s0 + kh * 64 + nt * 8 + 2 * c4 + e <= t) m = fmaxf(m, I[nt][2 * ri + e]);
+              if (s0 + kh * 64 + nt * 8 + 2 * c4 + e <= t) m = fmaxf(m, I[4 * nt + 2 * ri + e]);
           if (m == -INFINITY) continue;
           if (m > mx[ri]) {
             lx[ri] *= expf(mx[ri] - m);
@@ -303,7 +342,7 @@ __global__ void __launch_bounds__(kFusedThreads) fused_kernel(FusedParams p) {
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
               if (s0 + kh * 64 + nt * 8 + 2 * c4 + e > t) continue;
-              const float a = A[nt][2 * ri + e], v = I[nt][2 * ri + e];
+              const float a = A[4 * nt + 2 * ri + e], v = I[4 * nt + 2 * ri + e];
               lx[ri] += expf(v - mx[ri]);
               if constexpr (kMode == kStats) {
                 zs[ri] += a;
@@ -325,13 +364,13 @@ __global__ void __launch_bounds__(kFusedThreads) fused_kernel(FusedParams p) {
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
               if (s + e > t) continue;
-              const float a = A[nt][2 * ri + e];
+              const float a = A[4 * nt + 2 * ri + e];
               zs[ri] += a;
-              ai[ri] += a * I[nt][2 * ri + e];
+              ai[ri] += a * I[4 * nt + 2 * ri + e];
               if (a > 0.f) ala[ri] += a * logf(a);
             }
-            const float d0 = p.gs * (expf(I[nt][2 * ri] - lrow[ri]) - A[nt][2 * ri] * invz);
-            const float d1 = p.gs * (expf(I[nt][2 * ri + 1] - lrow[ri]) - A[nt][2 * ri + 1] * invz);
+            const float d0 = p.gs * (expf(I[4 * nt + 2 * ri] - lrow[ri]) - A[4 * nt + 2 * ri] * invz);
+            const float d1 = p.gs * (expf(I[4 * nt + 2 * ri + 1] - lrow[ri]) - A[4 * nt + 2 * ri + 1] * invz);
             if (s + 1 <= t && (T & 1) == 0) {
               *reinterpret_cast<float2*>(drow + s) = make_float2(d0, d1);
             } else {
@@ -369,44 +408,51 @@ __global__ void __launch_bounds__(kFusedThreads) fused_kernel(FusedParams p) {
 #pragma unroll
   for (int ri = 0; ri < 2; ++ri) {
     if (!(ri == 0 ? va : vb)) continue;
-    const int t = ri == 0 ? ta : tb;
     const float* f = fin[rs * 16 + g + 8 * ri];
-    const float z = zs[ri] + f[0], a_la = ala[ri] + f[1];
-    if constexpr (kMode == kGrad) {
-      const int r = ri == 0 ? ra : rb;
-      float* o = p.part + ((static_cast<int64_t>(blockIdx.x / p.nrb) * gridDim.y + b) * p.R + r) * 3;
-      o[0] = z; o[1] = a_la; o[2] = ai[ri] + f[2];
-    } else if constexpr (kMode == kIdxLse) {
-      const float mn = fmaxf(mx[ri], f[3]);
-      p.lrow[b * T + t] = mn + logf(lx[ri] * expf(mx[ri] - mn) + f[4] * expf(f[3] - mn));
-    } else if constexpr (kMode == kRecall) {
-      p.out[b * T + t] = a_la / z;
-    } else {
-      const float a_i = ai[ri] + f[2];
-      const float mn = fmaxf(mx[ri], f[3]);
-      const float l = lx[ri] * expf(mx[ri] - mn) + f[4] * expf(f[3] - mn);
-      const float lse_i = mn + logf(l);
-      p.zrow[b * T + t] = z;
-      p.lrow[b * T + t] = lse_i;
-      p.out[b * T + t] = (a_la - a_i) / z - logf(z) + lse_i;
-    }
+    const float mn = fmaxf(mx[ri], f[3]);
+    float* o = p.part + ((static_cast<int64_t>(split) * gridDim.y + b) * p.R + (ri == 0 ? ra : rb)) * 5;
+    o[0] = zs[ri] + f[0];
+    o[1] = ala[ri] + f[1];
+    o[2] = ai[ri] + f[2];
+    o[3] = mn;
+    o[4] = mn == -INFINITY ? 0.f : lx[ri] * expf(mx[ri] - mn) + f[4] * expf(f[3] - mn);
   }
 }
 
-// KL of the rows of a gradient chunk from the grad pass's partial sums (splits added in order):
-// KL_t = (sum a log a - sum a I) / Z - log Z + lse(I), as the stats pass writes it.
-__global__ void kl_from_parts_kernel(const float* __restrict__ part, const float* __restrict__ lrow,
-                                     float* __restrict__ out, int B, int T, int t0, int R, int nsplit) {
+// The rows' results from the key splits' partial sums (splits combined in order: deterministic), with
+// lse(I) = max + log sum exp and KL_t = (sum a log a - sum a I) / Z - log Z + lse(I):
+//   stats: Z, lse(I) and KL; idx-lse: lse(I); grad: KL with the idx-lse pass's lse(I) (Z from the sums:
+//   the loss keeps the computed Z); recall: the selected mass / Z.
+template <int kMode>
+__global__ void rows_from_parts_kernel(const float* __restrict__ part, float* __restrict__ zrow,
+                                       float* __restrict__ lrow, float* __restrict__ out, int B, int T, int t0, int R,
+                                       int nsplit) {
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i >= static_cast<int64_t>(B) * R) return;
   const int b = static_cast<int>(i / R), r = static_cast<int>(i % R);
-  float z = 0.f, a_la = 0.f, a_i = 0.f;
+  float z = 0.f, a_la = 0.f, a_i = 0.f, m = -INFINITY, l = 0.f;
   for (int sp = 0; sp < nsplit; ++sp) {
-    const float* o = part + ((static_cast<int64_t>(sp) * B + b) * R + r) * 3;
+    const float* o = part + ((static_cast<int64_t>(sp) * B + b) * R + r) * 5;
     z += o[0]; a_la += o[1]; a_i += o[2];
+    const float mn = fmaxf(m, o[3]);
+    if (mn != -INFINITY) l = l * expf(m - mn) + o[4] * expf(o[3] - mn);
+    m = mn;
   }
   const int64_t bt = static_cast<int64_t>(b) * T + t0 + r;
-  out[bt] = (a_la - a_i) / z - logf(z) + lrow[bt];
+  if constexpr (kMode == kRecall) {
+    out[bt] = a_la / z;
+    return;
+  }
+  const float lse_i = kMode == kGrad ? lrow[bt] : m + logf(l);
+  if constexpr (kMode == kIdxLse) {
+    lrow[bt] = lse_i;
+    return;
+  }
+  if constexpr (kMode == kStats) {
+    zrow[bt] = z;
+    lrow[bt] = lse_i;
+  }
+  out[bt] = (a_la - a_i) / z - logf(z) + lse_i;
 }
 
 // ---------------------------------------------------------------------------------- indexer backward
@@ -419,7 +465,9 @@ struct IdxBwdParams {
   bf16_t* dq;        // [B, T, Hi, D] (rows of the chunk written)
   bf16_t* dw;        // [B, T, Hi]
   float* dk;         // [B, T, D] f32, accumulated over chunks
+  float* dk_part;    // [npieces, B, Tk, D] (dk kernel with row pieces, Tk = 64 ceil((t0 + R) / 64)) or null
   int T, Hi, D, t0, R;
+  int piece_rows;    // (dk kernel) the chunk's rows per piece (blockIdx.z), a multiple of 64
   float c;
   bool vec;
 };
@@ -429,7 +477,7 @@ struct IdxBwdParams {
 template <int kDP>
 __global__ void __launch_bounds__(kBwdThreads) idx_dq_kernel(IdxBwdParams p) {
   constexpr int S = kDP + 8;
-  extern __shared__ __align__(16) unsigned char smraw[];
+  extern __shared__ __align__(128) unsigned char smraw[];
   bf16_t* Qs = reinterpret_cast<bf16_t*>(smraw);  // [64, S] query-head rows
   bf16_t* Ks = Qs + 64 * S;                        // [64, S] keys
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, c4 = lane & 3;
@@ -456,24 +504,20 @@ __global__ void __launch_bounds__(kBwdThreads) idx_dq_kernel(IdxBwdParams p) {
     __syncthreads();
     load_tile(Ks, S, kDP, p.k + (b * T + s0) * p.D, p.D, min(64, p.T - s0), p.D, 64, p.vec);
     __syncthreads();
-    float Z[8][4];
+    float Z[32];
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) Z[nt][e] = 0.f;
+    for (int i = 0; i < 32; ++i) Z[i] = 0.f;
     warp_gemm_nt(Z, Qs + warp * 16 * S, S, Ks, S, kDP / 16, g, c4);
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int s = s0 + nt * 8 + 2 * c4 + (e & 1);
-        const bool lo = e < 2;
-        const bool ok = lo ? (va && s <= ta) : (vb && s <= tb);
-        const float d = ok ? (lo ? da[s] : db[s]) : 0.f, z = Z[nt][e];
-        if (lo) dwa += d * fmaxf(z, 0.f);
-        else dwb += d * fmaxf(z, 0.f);
-        Z[nt][e] = z > 0.f ? d * (lo ? wa : wb) : 0.f;
-      }
+    for (int i = 0; i < 32; ++i) {
+      const int s = s0 + (i >> 2) * 8 + 2 * c4 + (i & 1);
+      const bool lo = (i & 2) == 0;
+      const bool ok = lo ? (va && s <= ta) : (vb && s <= tb);
+      const float d = ok ? (lo ? da[s] : db[s]) : 0.f, z = Z[i];
+      if (lo) dwa += d * fmaxf(z, 0.f);
+      else dwb += d * fmaxf(z, 0.f);
+      Z[i] = z > 0.f ? d * (lo ? wa : wb) : 0.f;
+    }
     warp_gemm_pv<kDP>(O, Z, Ks, S, g, c4);
   }
 #pragma unroll
@@ -497,13 +541,19 @@ __global__ void __launch_bounds__(kBwdThreads) idx_dq_kernel(IdxBwdParams p) {
     }
 }
 
-// dk_I of 64 keys (16 per warp) from the chunk's rows t >= s: per token tile of 64 and head j,
-// z^T = k_s . q_j,t, G^T = dI w_j c [z > 0], dk += G^T q_j (registers); one CTA per key tile, so the
-// f32 accumulation over chunks needs no atomics.
+// dk_I of 64 keys (16 per warp) from the rows t >= s of one piece of the chunk (blockIdx.z: rows
+// t0 + z piece_rows .. +piece_rows - 1): per token tile of 64 and head j, z^T = k_s . q_j,t,
+// G^T = dI w_j c [z > 0], dk += G^T q_j (registers). One piece: the CTA owns its keys and adds into the
+// f32 dk (accumulated over chunks, no atomics); several: it writes its piece's slice of dk_part, which
+// dk_from_pieces_kernel adds in piece order (deterministic). A CTA whose piece ends at or before its
+// first key has nothing to add and writes nothing.
+// NOTES: the pieces are for the early chunks at long context and every chunk at short: one CTA per key
+// tile gave 64 CTAs of 128 threads for the first 4096-row chunk at T = 16K, the last key tiles doing
+// 64 times the work of the first (ncu: 2.65 ms for the chunk's 34 GFLOP).
 template <int kDP>
 __global__ void __launch_bounds__(kBwdThreads) idx_dk_kernel(IdxBwdParams p) {
   constexpr int S = kDP + 8;
-  extern __shared__ __align__(16) unsigned char smraw[];
+  extern __shared__ __align__(128) unsigned char smraw[];
   bf16_t* Ks = reinterpret_cast<bf16_t*>(smraw);  // [64, S] keys
   bf16_t* Qs = Ks + 64 * S;                        // [2][64, S] one head's queries (double-buffered)
   float(*dIs)[65] = reinterpret_cast<float(*)[65]>(Qs + 2 * 64 * S);  // [64 tokens, 65]
@@ -511,7 +561,8 @@ __global__ void __launch_bounds__(kBwdThreads) idx_dk_kernel(IdxBwdParams p) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, c4 = lane & 3;
   const int b = blockIdx.y, k0 = blockIdx.x * 64;
   const int64_t T = p.T;
-  const int t1 = p.t0 + p.R;
+  const int pstart = p.t0 + static_cast<int>(blockIdx.z) * p.piece_rows, pend = min(p.t0 + p.R, pstart + p.piece_rows);
+  if (k0 >= pend) return;  // the whole CTA, before any copy or barrier
   load_tile(Ks, S, kDP, p.k + (b * T + k0) * p.D, p.D, min(64, p.T - k0), p.D, 64, p.vec);
   float O[kDP / 8][4];
 #pragma unroll
@@ -519,49 +570,66 @@ __global__ void __launch_bounds__(kBwdThreads) idx_dk_kernel(IdxBwdParams p) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) O[i][e] = 0.f;
   const int ka = warp * 16 + g;  // local keys ka, ka + 8
-  for (int tb0 = max(p.t0, k0); tb0 < t1; tb0 += 64) {
-    const int ntok = min(64, t1 - tb0);
+  for (int tb0 = max(pstart, k0); tb0 < pend; tb0 += 64) {
+    const int ntok = min(64, pend - tb0);
     head_loop(
-        p.Hi, true, Qs, Qs + 64 * S,
-        [&] {
+        p.Hi, p.Hi, 2, 1,
+        [&](int slot, int j) {
+          load_tile_async<false>(Qs + slot * 64 * S, S, kDP, p.q + ((b * T + tb0) * p.Hi + j) * p.D,
+                                 (int64_t)p.Hi * p.D, ntok, p.D, 64, p.vec);
+          if (tid < 64) ws[slot][tid] = tid < ntok ? __bfloat162float(p.w[(b * T + tb0 + tid) * p.Hi + j]) * p.c : 0.f;
+        },
+        [&](int, int) {
           for (int i = tid; i < 64 * 64; i += blockDim.x) {
             const int tt = i >> 6, ss = i & 63, t = tb0 + tt, s = k0 + ss;
             dIs[tt][ss] = (tt < ntok && s <= t) ? p.dI[((int64_t)b * p.R + (t - p.t0)) * T + s] : 0.f;
           }
         },
-        [&](bf16_t* dst, int j) {
-          load_tile_async(dst, S, kDP, p.q + ((b * T + tb0) * p.Hi + j) * p.D, (int64_t)p.Hi * p.D, ntok, p.D, 64,
-                          p.vec);
-          if (tid < 64)
-            ws[dst == Qs ? 0 : 1][tid] =
-                tid < ntok ? __bfloat162float(p.w[(b * T + tb0 + tid) * p.Hi + j]) * p.c : 0.f;
-        },
-        [&](const bf16_t* Qc, int) {
-          const float* wb = ws[Qc == Qs ? 0 : 1];
-          float Z[8][4];
+        [&](int slot, int, int) {
+          const bf16_t* Qc = Qs + slot * 64 * S;
+          const float* wb = ws[slot];
+          float Z[32];
 #pragma unroll
-          for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) Z[nt][e] = 0.f;
+          for (int i = 0; i < 32; ++i) Z[i] = 0.f;
           warp_gemm_nt(Z, Ks + warp * 16 * S, S, Qc, S, kDP / 16, g, c4);
 #pragma unroll
-          for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              const int tt = nt * 8 + 2 * c4 + (e & 1), kl = e < 2 ? ka : ka + 8;
-              Z[nt][e] = Z[nt][e] > 0.f ? dIs[tt][kl] * wb[tt] : 0.f;
-            }
+          for (int i = 0; i < 32; ++i) {
+            const int tt = (i >> 2) * 8 + 2 * c4 + (i & 1), kl = (i & 2) ? ka + 8 : ka;
+            Z[i] = Z[i] > 0.f ? dIs[tt][kl] * wb[tt] : 0.f;
+          }
           warp_gemm_pv<kDP>(O, Z, Qc, S, g, c4);
         });
   }
+  const int64_t Tk = (p.t0 + p.R + 63) / 64 * 64;
 #pragma unroll
   for (int dn = 0; dn < kDP / 8; ++dn)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int col = dn * 8 + 2 * c4 + (e & 1), key = k0 + (e < 2 ? ka : ka + 8);
       if (col >= p.D || key >= p.T) continue;
-      p.dk[(b * T + key) * p.D + col] += O[dn][e];
+      if (p.dk_part) p.dk_part[((blockIdx.z * gridDim.y + b) * Tk + key) * p.D + col] = O[dn][e];
+      else p.dk[(b * T + key) * p.D + col] += O[dn][e];
     }
+}
+
+// dk[b, s, :] += the pieces' slices, in piece order, for s < t0 + R; piece z has a slice for key s when
+// it ends after the first key of s's tile (idx_dk_kernel's condition).
+__global__ void dk_from_pieces_kernel(const float* __restrict__ part, float* __restrict__ dk, int B, int T, int D, int t0,
+                                      int R, int piece_rows, int npieces) {
+  const int t1 = t0 + R;
+  const int64_t Tk = (t1 + 63) / 64 * 64, n = static_cast<int64_t>(B) * t1 * D;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int col = static_cast<int>(i % D);
+    const int64_t bs = i / D;
+    const int b = static_cast<int>(bs / t1), s = static_cast<int>(bs % t1), k0 = s & ~63;
+    float acc = 0.f;
+    for (int z = 0; z < npieces; ++z) {
+      if (k0 >= min(t1, t0 + (z + 1) * piece_rows)) continue;  // the piece ends before s's tile
+      acc += part[((static_cast<int64_t>(z) * B + b) * Tk + s) * D + col];
+    }
+    dk[(static_cast<int64_t>(b) * T + s) * D + col] += acc;
+  }
 }
 
 // bitmap [B, R, Tw]: bit s of row r set when s = idx[b, t0 + r, k] for some k with 0 <= s <= t0 + r.
@@ -611,10 +679,11 @@ FusedParams main_params(const Tensor& q_main, const Tensor& k_main, const Tensor
   return p;
 }
 
-// Key splits of a grad chunk of R rows from t0: about four CTAs per SM over the chunk, at most one per
-// key tile. NOTES: one CTA is resident per SM; with four the splits' uneven ends (causal rows, the last
-// split short) even out.
-int grad_splits(int64_t t0, int64_t R, int64_t B, int* split_tiles) {
+// Key splits of a pass over R rows from t0: about four CTAs per SM over the rows, at most one per key
+// tile. NOTES: one or two CTAs are resident per SM; with four the splits' uneven ends (causal rows, the
+// last split short) even out. Without splits a pass over every row (stats, idx-lse: 256 row blocks at
+// 16K) ran as long as its longest row block, the SMs of the short ones idle (ncu).
+int key_splits(int64_t t0, int64_t R, int64_t B, int* split_tiles) {
   const int nrb = static_cast<int>(ceil_div(R, kBM)), ntiles = static_cast<int>(ceil_div(t0 + R, kBN));
   const int want = static_cast<int>(ceil_div(4 * static_cast<int64_t>(sm_count()), nrb * B));
   const int tiles = static_cast<int>(ceil_div(ntiles, std::clamp(want, 1, ntiles)));
@@ -622,29 +691,56 @@ int grad_splits(int64_t t0, int64_t R, int64_t B, int* split_tiles) {
   return static_cast<int>(ceil_div(ntiles, tiles));
 }
 
-// Returns the grid's key splits (1 but for kGrad).
+// The fused kernels on wgmma (sm_90a) unless DSA_KL_WGMMA=0 (read at each call: the tests run both).
+bool kl_wgmma() {
+  const char* e = std::getenv("DSA_KL_WGMMA");
+  return !(e && std::strcmp(e, "0") == 0) && wgmma_available();
+}
+
+// One fused pass over the rows t0 .. t0 + R - 1 and the rows' results from its splits (kMode's outputs
+// in p; part: the splits' partial sums, allocated here).
 template <int kMode>
-int launch_fused(const char* op, FusedParams p, int64_t B) {
+void launch_fused(const char* op, FusedParams p, int64_t B) {
   constexpr size_t kLimit = 227 * 1024 - sizeof(float) * kBM * 5;
-  auto bytes = [](int nbuf, int cols) { return sizeof(bf16_t) * static_cast<size_t>((nbuf * kBM + kBN) * (cols + 8)); };
-  p.dbl_main = bytes(2, p.DkP) <= kLimit;
-  p.dbl_idx = bytes(2, p.DP) <= kLimit;
-  size_t smem = kMode == kIdxLse ? 0 : bytes(p.dbl_main ? 2 : 1, p.DkP);  // (idx-lse: no main phase)
-  if (kMode != kRecall) smem = std::max(smem, bytes(p.dbl_idx ? 2 : 1, p.DP));
+  const bool wg = kl_wgmma();
+  const int LK = wg ? p.DkP : p.DkP + 8, LI = wg ? p.DP : p.DP + 8;  // the kernel's tile row widths
+  auto bytes = [](int nq, int nk, int ld) { return sizeof(bf16_t) * static_cast<size_t>((nq * kBM + nk * kBN) * ld); };
+  // Double buffers where they fit (a second K buffer only with several key heads), else single ones.
+  p.qbuf = 2;
+  p.kbuf = p.Hk > 1 ? 2 : 1;
+  if (bytes(p.qbuf, p.kbuf, LK) > kLimit) p.kbuf = 1;
+  if (bytes(p.qbuf, p.kbuf, LK) > kLimit) p.qbuf = 1;
+  p.ibuf = bytes(2, 1, LI) <= kLimit ? 2 : 1;
+  size_t smem = kMode == kIdxLse ? 0 : bytes(p.qbuf, p.kbuf, LK);  // (idx-lse: no main phase)
+  if (kMode != kRecall) smem = std::max(smem, bytes(p.ibuf, 1, LI));
   DSA_CHECK(smem <= kLimit, "[", op, "] head dim ", p.Dk, " (or indexer dim ", p.D,
             ") too large for the fused kernel's shared memory");
-  DSA_CUDA_CHECK(cudaFuncSetAttribute(fused_kernel<kMode>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+  const auto kernel = wg ? fused_kernel<kMode, true> : fused_kernel<kMode, false>;
+  DSA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
   p.nrb = static_cast<int>(ceil_div(p.R, kBM));
-  p.split_tiles = static_cast<int>(ceil_div(p.t0 + p.R, kBN));
-  const int nsplit = kMode == kGrad ? grad_splits(p.t0, p.R, B, &p.split_tiles) : 1;
+  const int nsplit = key_splits(p.t0, p.R, B, &p.split_tiles);
+  Tensor part = Tensor::empty({nsplit, B, p.R, 5}, DType::F32, Device::CUDA);
+  p.part = part.data<float>();
   const dim3 grid(static_cast<unsigned>(p.nrb * nsplit), static_cast<unsigned>(B));
-  fused_kernel<kMode><<<grid, kFusedThreads, smem, stream()>>>(p);
+  kernel<<<grid, kFusedThreads, smem, stream()>>>(p);
   check_launch(op);
-  return nsplit;
+  rows_from_parts_kernel<kMode><<<grid_1d(B * p.R, 256), 256, 0, stream()>>>(p.part, p.zrow, p.lrow, p.out, (int)B,
+                                                                              p.T, p.t0, p.R, nsplit);
+  check_launch(op);
+}
+
+// Row pieces of the dk kernel over a chunk of R rows from t0: about eight CTAs per SM over the key tiles,
+// at least 256 rows a piece. Returns the count; *piece_rows, a multiple of 64.
+int dk_pieces(int64_t t0, int64_t R, int64_t B, int* piece_rows) {
+  const int64_t ktiles = ceil_div(t0 + R, 64) * B;
+  const int64_t n = std::clamp<int64_t>(ceil_div(8 * static_cast<int64_t>(sm_count()), ktiles), 1, ceil_div(R, 256));
+  const int64_t rows = ceil_div(ceil_div(R, n), 64) * 64;
+  *piece_rows = static_cast<int>(rows);
+  return static_cast<int>(ceil_div(R, rows));
 }
 
 template <int kDP>
-void launch_idx_bwd(const char* op, const IdxBwdParams& p, int64_t B) {
+void launch_idx_bwd(const char* op, IdxBwdParams p, int64_t B, float* dk_part) {
   const size_t smem_q = sizeof(bf16_t) * 2 * 64 * (kDP + 8);
   const size_t smem_k = sizeof(bf16_t) * 3 * 64 * (kDP + 8) + sizeof(float) * 64 * 65;
   DSA_CUDA_CHECK(cudaFuncSetAttribute(idx_dq_kernel<kDP>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_q));
@@ -652,8 +748,14 @@ void launch_idx_bwd(const char* op, const IdxBwdParams& p, int64_t B) {
   const dim3 gq(static_cast<unsigned>(ceil_div((int64_t)p.R * p.Hi, 64)), static_cast<unsigned>(B));
   idx_dq_kernel<kDP><<<gq, kBwdThreads, smem_q, stream()>>>(p);
   check_launch(op);
-  const dim3 gk(static_cast<unsigned>(ceil_div(p.t0 + p.R, 64)), static_cast<unsigned>(B));
+  const int npieces = dk_pieces(p.t0, p.R, B, &p.piece_rows);
+  p.dk_part = npieces > 1 ? dk_part : nullptr;
+  const dim3 gk(static_cast<unsigned>(ceil_div(p.t0 + p.R, 64)), static_cast<unsigned>(B), static_cast<unsigned>(npieces));
   idx_dk_kernel<kDP><<<gk, kBwdThreads, smem_k, stream()>>>(p);
+  check_launch(op);
+  if (npieces == 1) return;
+  dk_from_pieces_kernel<<<grid_1d(B * (p.t0 + p.R) * p.D, 256), 256, 0, stream()>>>(dk_part, p.dk, (int)B, p.T, p.D,
+                                                                                    p.t0, p.R, p.piece_rows, npieces);
   check_launch(op);
 }
 
@@ -702,36 +804,37 @@ ops::IndexerLossResult indexer_kl_dense(const Tensor& q_main, const Tensor& k_ma
     res.loss_sum = host_sum(kl);
     return res;
   }
-  // With gradients: lse(I) first (idx-lse), then per chunk of query rows dI and the loss terms' partial
-  // sums (grad) and the chunk's KL from them. The chunks bound the f32 dI buffer [B, rc, T]
-  // (ops::dense_kl_chunk_rows); the partial sums [nsplit, B, rc, 3] are a few MiB at most.
+  // With gradients: lse(I) first (idx-lse), then per chunk of query rows dI and the chunk's KL (grad),
+  // and the chunk's indexer gradients. The chunks bound the f32 dI buffer [B, rc, T]
+  // (ops::dense_kl_chunk_rows).
   launch_fused<kIdxLse>(op, p, B);
   const int64_t rc = block_rows > 0 ? std::min(block_rows, T) : ops::dense_kl_chunk_rows(B, T, Hi);
-  int64_t max_split = 1;
-  for (int64_t t0 = 0; t0 < T; t0 += rc)
-    max_split = std::max<int64_t>(max_split, grad_splits(t0, std::min(T, t0 + rc) - t0, B, nullptr));
-  Tensor part = Tensor::empty({max_split, B, rc, 3}, DType::F32, Device::CUDA);
-  p.part = part.data<float>();
+  int64_t max_piece = 0;  // elements of the dk kernel's piece slices
+  for (int64_t t0 = 0; t0 < T; t0 += rc) {
+    const int64_t R = std::min(T, t0 + rc) - t0;
+    int rows = 0;
+    const int64_t n = dk_pieces(t0, R, B, &rows);
+    if (n > 1) max_piece = std::max(max_piece, n * B * ceil_div(t0 + R, 64) * 64 * D);
+  }
+  Tensor dk_part = Tensor::empty({std::max<int64_t>(max_piece, 1)}, DType::F32, Device::CUDA);
   Tensor dI = Tensor::empty({B, rc, T}, DType::F32, Device::CUDA);
   Tensor dk32 = Tensor::zeros(k_I.shape(), DType::F32, Device::CUDA);
   IdxBwdParams bp{bfp(q_I), bfp(k_I), bfp(w_I), dI.data<float>(), bfp(grads->dq), bfp(grads->dw), dk32.data<float>(),
-                  (int)T, (int)Hi, (int)D, 0, 0, p.c, D % 8 == 0 && aligned16(bfp(q_I)) && aligned16(bfp(k_I))};
+                  nullptr, (int)T, (int)Hi, (int)D, 0, 0, 0, p.c,
+                  D % 8 == 0 && aligned16(bfp(q_I)) && aligned16(bfp(k_I))};
   p.dI = dI.data<float>();
   const int dpad = pad16(D);
   for (int64_t t0 = 0; t0 < T; t0 += rc) {
     p.t0 = static_cast<int>(t0);
     p.R = static_cast<int>(std::min(T, t0 + rc) - t0);
-    const int nsplit = launch_fused<kGrad>(op, p, B);
-    kl_from_parts_kernel<<<grid_1d(B * p.R, 256), 256, 0, stream()>>>(p.part, p.lrow, p.out, (int)B, (int)T, p.t0,
-                                                                       p.R, nsplit);
-    check_launch(op);
+    launch_fused<kGrad>(op, p, B);
     bp.t0 = p.t0;
     bp.R = p.R;
-    if (dpad <= 16) launch_idx_bwd<16>(op, bp, B);
-    else if (dpad <= 32) launch_idx_bwd<32>(op, bp, B);
-    else if (dpad <= 64) launch_idx_bwd<64>(op, bp, B);
-    else if (dpad <= 128) launch_idx_bwd<128>(op, bp, B);
-    else launch_idx_bwd<256>(op, bp, B);
+    if (dpad <= 16) launch_idx_bwd<16>(op, bp, B, dk_part.data<float>());
+    else if (dpad <= 32) launch_idx_bwd<32>(op, bp, B, dk_part.data<float>());
+    else if (dpad <= 64) launch_idx_bwd<64>(op, bp, B, dk_part.data<float>());
+    else if (dpad <= 128) launch_idx_bwd<128>(op, bp, B, dk_part.data<float>());
+    else launch_idx_bwd<256>(op, bp, B, dk_part.data<float>());
   }
   cast_f32_to_bf16(dk32.data<float>(), bfp(grads->dk), dk32.numel(), op);
   res.loss_sum = host_sum(kl);

@@ -371,9 +371,15 @@ TEST(GpuDsa, IndexerKlDenseAndRecall) {
   // heads: query-head rows straddle CTAs), the bench-small MQA shape (absorbed MLA, Dk 288), and an odd
   // T of 7 key tiles in one chunk of 13 row blocks: the gradient pass splits the keys over 7 CTAs per
   // row block (one tile each; odd T takes the scalar dI stores).
+  // Every case runs on the wgmma passes (sm_90a) and on the mma.sync ones (DSA_KL_WGMMA=0); the T = 1100
+  // MHA case (16 heads of 96, the warm-up's form) takes whole key tiles below the diagonal (the unmasked
+  // epilogue) and, at 300 rows a chunk, the dk kernel's row pieces.
+  for (const char* wg : {"1", "0"})
   for (const LossCase& c : {LossCase{2, 37, 4, 4, 24, 4, 64, 0}, LossCase{2, 300, 4, 2, 32, 8, 128, 64},
                             LossCase{1, 70, 6, 3, 20, 3, 16, 0}, LossCase{1, 261, 16, 1, 288, 16, 64, 100},
-                            LossCase{1, 777, 4, 2, 40, 5, 64, 0}}) {
+                            LossCase{1, 777, 4, 2, 40, 5, 64, 0}, LossCase{1, 1100, 16, 16, 96, 16, 64, 300}}) {
+    setenv("DSA_KL_WGMMA", wg, 1);
+    SCOPED_TRACE(std::string("DSA_KL_WGMMA=") + wg);
     const double scale = 1.0 / std::sqrt(static_cast<double>(c.Dk));
     const Pair qm = rand_pair({c.B, c.T, c.H, c.Dk}, 50), km = rand_pair({c.B, c.T, c.Hk, c.Dk}, 51);
     const Pair q = rand_pair({c.B, c.T, c.Hi, c.D}, 52), k = rand_pair({c.B, c.T, c.D}, 53),
@@ -391,6 +397,10 @@ TEST(GpuDsa, IndexerKlDenseAndRecall) {
       EXPECT_TRUE(rel_close(gg.dq, gc.dq, kKlGradTol)) << "dq T = " << c.T << " fp8 " << fp8;
       EXPECT_TRUE(rel_close(gg.dk, gc.dk, kKlGradTol)) << "dk T = " << c.T << " fp8 " << fp8;
       EXPECT_TRUE(rel_close(gg.dw, gc.dw, kKlGradTol)) << "dw T = " << c.T << " fp8 " << fp8;
+      // The loss alone (the stats pass: Z from the computed target instead of H).
+      const ops::IndexerLossResult rl =
+          ops::indexer_kl_dense(qm.gpu, km.gpu, lse_g, scale, q.gpu, k.gpu, w.gpu, fp8, 0.5, nullptr, c.block_rows);
+      EXPECT_NEAR(rl.loss_sum, rc.loss_sum, 2e-3 * std::fabs(rc.loss_sum) + 1e-4) << "loss only T = " << c.T;
     }
     const Tensor idx = rand_indices(c.B, c.T, 16, 55);
     const ops::IndexerRecall rc = ops::indexer_recall(qm.cpu, km.cpu, lse, scale, idx, c.block_rows);
@@ -398,6 +408,7 @@ TEST(GpuDsa, IndexerKlDenseAndRecall) {
     EXPECT_EQ(rg.rows, rc.rows);
     EXPECT_NEAR(rg.recall_sum, rc.recall_sum, 1e-3 * rc.recall_sum) << "recall T = " << c.T;
   }
+  unsetenv("DSA_KL_WGMMA");
 }
 
 TEST(GpuDsa, IndexerKlSparse) {

@@ -139,12 +139,14 @@ void gemm(const Ops& o) {
 // --------------------------------------------------------------------- dense indexer KL and top-k
 void indexer_kl(const Ops& o) {
   struct Case {
-    int64_t T, H, Dk, Hi, D;  // main attention in MQA form (one key head)
+    int64_t T, H, Hk, Dk, Hi, D;  // main attention: MHA (Hk = H, the warm-up's form) or MQA (Hk = 1)
   };
-  const std::vector<Case> cases = o.gpu ? std::vector<Case>{{16384, 16, 288, 16, 64}, {4096, 128, 576, 64, 128}}
-                                        : std::vector<Case>{{1024, 16, 288, 16, 64}};
+  const std::vector<Case> cases = o.gpu ? std::vector<Case>{{16384, 16, 16, 96, 16, 64},
+                                                            {16384, 16, 1, 288, 16, 64},
+                                                            {4096, 128, 1, 576, 64, 128}}
+                                        : std::vector<Case>{{1024, 16, 16, 96, 16, 64}, {1024, 16, 1, 288, 16, 64}};
   for (const Case& c : cases) {
-    const Tensor qm = o.uniform({1, c.T, c.H, c.Dk}, 7, 0.05f), km = o.uniform({1, c.T, 1, c.Dk}, 8, 1.f);
+    const Tensor qm = o.uniform({1, c.T, c.H, c.Dk}, 7, 0.05f), km = o.uniform({1, c.T, c.Hk, c.Dk}, 8, 1.f);
     const Tensor q = o.uniform({1, c.T, c.Hi, c.D}, 9, 1.f), k = o.uniform({1, c.T, c.D}, 10, 1.f),
                  w = o.uniform({1, c.T, c.Hi}, 11, 0.1f);
     Tensor lse_h = Tensor::empty({1, c.H, c.T}, DType::F32);  // a uniform attention row's lse
@@ -155,7 +157,7 @@ void indexer_kl(const Ops& o) {
     const double f_main = 2.0 * tri * c.H * c.Dk, f_idx = 2.0 * tri * c.Hi * c.D;
     ops::IndexerGrads g;
     const Tensor idx = Tensor::zeros({1, c.T, 512}, DType::I32, o.dev);
-    const std::string d = dims({{"T", c.T}, {"H", c.H}, {"Dk", c.Dk}, {"Hi", c.Hi}, {"D", c.D}}) + " fp8";
+    const std::string d = dims({{"T", c.T}, {"H", c.H}, {"Hk", c.Hk}, {"Dk", c.Dk}, {"Hi", c.Hi}, {"D", c.D}}) + " fp8";
     o.report("indexer_kl_dense loss " + d,
              o.time(3, 3, [&] { ops::indexer_kl_dense(qm, km, lse, scale, q, k, w, true, 1.0, nullptr); }),
              f_main + f_idx);
