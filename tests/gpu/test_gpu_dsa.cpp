@@ -240,10 +240,12 @@ TEST(GpuDsa, TopkCausalLongRows) {
   DSA_REQUIRE_GPU();
   // Long rows through each path of the radix select: few candidates after the first digit (normal
   // scores), exact ties resolved on the index digits (3 values: ~3000 candidates), and candidate-list
-  // overflow (2 values; or all scores within one binade) re-reading the whole row.
+  // overflow (2 values; or all scores within one binade) re-reading the whole row. K = 64 and 512 take
+  // the sampled threshold first (rows of at least 4 K + 1024): kept for normal scores and 3 values,
+  // given up for the overflowing ones; K = 2048 goes straight to the full passes.
   const int64_t B = 1, R = 24, T = 9000;
   for (int dist = 0; dist < 4; ++dist)
-    for (const int64_t K : {64, 2048}) {
+    for (const int64_t K : {64, 512, 2048}) {
       Tensor s = Tensor::empty({B, R, T}, DType::F32);
       std::mt19937 rng(11 + dist);
       std::normal_distribution<float> nd(0.f, 1.f);
