@@ -144,6 +144,22 @@ bool sparse_attention_mma_forward(const Tensor& q, const Tensor& kv, int64_t dv,
 bool sparse_attention_mma_backward(const Tensor& dout, const Tensor& q, const Tensor& kv, int64_t dv,
                                    const Tensor& indices, const Tensor& out, const Tensor& lse, double scale,
                                    Tensor& dq, Tensor& dkv32, Tensor& probs_sum /*undefined: not wanted*/);
+// The forward's out and lse on wgmma: 64 heads per CTA where H % 64 == 0 (sm90_bf16_sparse_attention_fwd_wgmma.cu),
+// else 16 with keys as M (sparse_attention_wgmma16_forward); false, launching nothing, unless (Dk, Dv) is
+// (576, 512) or (288, 256), H % 16 == 0, sm_90a code runs and DSA_SPARSE_ATTN_WGMMA=1 (opt-in until run on a
+// GPU: docs/perf_log.md v12). sparse_attention_mma_forward tries it first.
+bool sparse_attention_wgmma_forward(const Tensor& q, const Tensor& kv, int64_t dv, const Tensor& indices, double scale,
+                                    Tensor& out, Tensor& lse);
+bool sparse_attention_wgmma16_forward(const Tensor& q, const Tensor& kv, int64_t dv, const Tensor& indices,
+                                      double scale, Tensor& out, Tensor& lse);
+// The backward on wgmma with keys as M, 16 heads per CTA (sm90_bf16_sparse_attention_wgmma_h16.cu), for
+// H % 16 == 0 but not % 64 (64-head CTAs contract more heads per dKV atomic), the same (Dk, Dv), sm_90a and
+// DSA_SPARSE_ATTN_WGMMA=1; false launches nothing. delta [B * T, H] f32 from the caller; dq, dkv32 and
+// probs_sum as sparse_attention_mma_backward. sparse_attention_mma_backward tries it first.
+bool sparse_attention_wgmma_backward(const Tensor& dout, const Tensor& q, const Tensor& kv, int64_t dv,
+                                     const Tensor& indices, const Tensor& lse, const float* delta, double scale,
+                                     Tensor& dq, Tensor& dkv32, Tensor& probs_sum);
+bool sparse_attention_wgmma_enabled();  // DSA_SPARSE_ATTN_WGMMA=1 and wgmma_available()
 }  // namespace dsa::cuda::dsa_detail
 
 namespace dsa::cuda::dsa_detail {

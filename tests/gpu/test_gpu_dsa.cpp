@@ -333,6 +333,67 @@ TEST(GpuDsa, SparseAttentionForwardBackward) {
   }
 }
 
+// The wgmma kernels (DSA_SPARSE_ATTN_WGMMA=1: opt-in until this test has run on a GPU) against the CPU and
+// against the mma.sync kernels on the same inputs: the forward with 64 heads per CTA (H % 64 == 0) or 16
+// with keys as M (else), the keys-as-M backward (H % 64 != 0), with the head sums each returns. Indices:
+// random (-1 anywhere) and causal prefixes (rows t < K hold slots 0 .. t only, so whole 64-slot blocks are
+// empty and skipped); K below, at and off multiples of the 64-slot block; Dk % 64 != 0 (288) and == 0 (576).
+TEST(GpuDsa, SparseAttentionWgmma) {
+  DSA_REQUIRE_GPU();
+  struct Env {  // the switch never outlives this test, even when an assertion throws
+    ~Env() { unsetenv("DSA_SPARSE_ATTN_WGMMA"); }
+  } env;
+  for (const AttnCase& c : {AttnCase{1, 65, 128, 576, 512, 48}, AttnCase{2, 37, 64, 288, 256, 40},
+                            AttnCase{1, 200, 64, 576, 512, 130}, AttnCase{1, 65, 16, 288, 256, 48},
+                            AttnCase{2, 150, 16, 288, 256, 130}, AttnCase{1, 140, 32, 576, 512, 100},
+                            AttnCase{1, 90, 16, 576, 512, 64}})
+    for (const bool prefix : {false, true}) {
+      const double scale = 1.0 / std::sqrt(static_cast<double>(c.Dk));
+      const Pair q = rand_pair({c.B, c.T, c.H, c.Dk}, 50), kv = rand_pair({c.B, c.T, c.Dk}, 51),
+                 dout = rand_pair({c.B, c.T, c.H, c.Dv}, 53);
+      Tensor idx = rand_indices(c.B, c.T, c.K, 52);
+      if (prefix)
+        for (int64_t bt = 0; bt < c.B * c.T; ++bt)
+          for (int64_t k = 0; k < c.K; ++k) {
+            const int64_t t = bt % c.T;
+            int32_t& v = idx.data<int32_t>()[bt * c.K + k];
+            if (t < c.K) v = k <= t ? static_cast<int32_t>(k) : -1;
+          }
+      const Tensor idx_g = idx.to(Device::CUDA);
+      const std::string what = "T = " + std::to_string(c.T) + " H = " + std::to_string(c.H) +
+                               " Dk = " + std::to_string(c.Dk) + " K = " + std::to_string(c.K) +
+                               (prefix ? " prefix" : " random");
+      Tensor lse_c, lse_m, lse_w, ps_c, ps_w;
+      const Tensor out_c = ops::sparse_attention_forward(q.cpu, kv.cpu, c.Dv, idx, scale, &lse_c, &ps_c);
+      setenv("DSA_SPARSE_ATTN_WGMMA", "0", 1);
+      const Tensor out_m = ops::sparse_attention_forward(q.gpu, kv.gpu, c.Dv, idx_g, scale, &lse_m);
+      const ops::SparseAttentionGrads gm =
+          ops::sparse_attention_backward(dout.gpu, q.gpu, kv.gpu, c.Dv, idx_g, out_m, lse_m, scale);
+      setenv("DSA_SPARSE_ATTN_WGMMA", "1", 1);
+      const Tensor out_w = ops::sparse_attention_forward(q.gpu, kv.gpu, c.Dv, idx_g, scale, &lse_w, &ps_w);
+      // The forward: P and O rounded to bf16 (r = 2); lse and the head sums f32. Against the mma.sync kernel
+      // the two roundings are independent: kappa = sqrt 2.
+      const double tol_out = bf16_tol(2), tol_f32 = 1e-4;
+      EXPECT_TRUE(rel_close(out_w, out_c, tol_out)) << "out vs CPU, " << what;
+      EXPECT_TRUE(rel_close(lse_w, lse_c, tol_f32)) << "lse vs CPU, " << what;
+      EXPECT_TRUE(rel_close(out_w, out_m, bf16_tol(2, std::sqrt(2.0)))) << "out vs mma.sync, " << what;
+      EXPECT_TRUE(rel_close(lse_w, lse_m, tol_f32)) << "lse vs mma.sync, " << what;
+      EXPECT_TRUE(rel_close(ps_w, ps_c, tol_f32)) << "probs_sum after the wgmma forward, " << what;
+      // The backward on the CPU's out and lse (the GPU's within the tolerances above): tolerances as in
+      // SparseAttentionForwardBackward (r = 4, kappa = sqrt 2), and sqrt 2 more against the mma.sync kernel.
+      const ops::SparseAttentionGrads gc =
+          ops::sparse_attention_backward(dout.cpu, q.cpu, kv.cpu, c.Dv, idx, out_c, lse_c, scale, true);
+      const ops::SparseAttentionGrads gw =
+          ops::sparse_attention_backward(dout.gpu, q.gpu, kv.gpu, c.Dv, idx_g, out_w, lse_w, scale, true);
+      const double tol_bwd = bf16_tol(4, std::sqrt(2.0));
+      EXPECT_TRUE(rel_close(gw.dq, gc.dq, tol_bwd)) << "dq vs CPU, " << what;
+      EXPECT_TRUE(rel_close(gw.dkv, gc.dkv, tol_bwd)) << "dkv vs CPU, " << what;
+      EXPECT_TRUE(rel_close(gw.probs_sum, ps_c, tol_f32)) << "backward probs_sum vs CPU, " << what;
+      EXPECT_TRUE(rel_close(gw.dq, gm.dq, std::sqrt(2.0) * tol_bwd)) << "dq vs mma.sync, " << what;
+      EXPECT_TRUE(rel_close(gw.dkv, gm.dkv, std::sqrt(2.0) * tol_bwd)) << "dkv vs mma.sync, " << what;
+    }
+}
+
 // --------------------------------------------------------------------------------- indexer losses
 
 // lse [B, H, T] of dense causal attention (f64 loops), as f32.

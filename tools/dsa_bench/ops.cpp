@@ -9,8 +9,10 @@
 //   attention          dense attention forward / backward (FLOPs causal, T^2 / 2 pairs; backward 2.5x)
 //   gemm               a square GEMM, bench-small's linear layers (fwd, dgrad, f32 wgrad), LM head + CE
 //   indexer_kl         dense indexer KL (loss, loss + grads) and recall; indexer top-k, fp8 and bf16
-//   sparse_attention   sparse MLA attention fwd / bwd; on the GPU both the fused (mma) and the gather +
-//                      cuBLASLt (gemm, DSA_SPARSE_ATTN_GEMM=1) paths
+//   sparse_attention   sparse MLA attention fwd / bwd; on the GPU the fused (mma), the wgmma
+//                      (DSA_SPARSE_ATTN_WGMMA=1: forward with 64 heads per CTA where H % 64 == 0, else
+//                      16 with keys as M; backward keys-as-M where H % 64 != 0, else the mma one) and
+//                      the gather + cuBLASLt (gemm, DSA_SPARSE_ATTN_GEMM=1) paths
 //   indexer            the sparse stage's indexer route: scores, top-k, sparse KL, probabilities pass
 //   moe                grouped expert GEMM (fwd, bwd, host time of a call), routing and permutation ops
 #include "kernels/ops.h"
@@ -196,13 +198,19 @@ void sparse_attention(const Ops& o) {
   const std::vector<Case> cases = o.gpu ? std::vector<Case>{{4096, 128, 576, 512, 2048}, {16384, 16, 288, 256, 512}}
                                         : std::vector<Case>{{1024, 16, 288, 256, 512}};
   const std::vector<std::string> paths =
-      o.gpu ? std::vector<std::string>{"mma", "gemm"} : std::vector<std::string>{"cpu"};
+      o.gpu ? std::vector<std::string>{"mma", "wgmma", "gemm"} : std::vector<std::string>{"cpu"};
   struct Unset {  // the forced path never outlives this section, even when it throws
-    ~Unset() { unsetenv("DSA_SPARSE_ATTN_GEMM"); }
+    ~Unset() {
+      unsetenv("DSA_SPARSE_ATTN_GEMM");
+      unsetenv("DSA_SPARSE_ATTN_WGMMA");
+    }
   } unset;
   for (const Case& c : cases)
     for (const std::string& path : paths) {
-      if (o.gpu) setenv("DSA_SPARSE_ATTN_GEMM", path == "gemm" ? "1" : "0", 1);  // read at each call
+      if (o.gpu) {  // read at each call
+        setenv("DSA_SPARSE_ATTN_GEMM", path == "gemm" ? "1" : "0", 1);
+        setenv("DSA_SPARSE_ATTN_WGMMA", path == "wgmma" ? "1" : "0", 1);
+      }
       const Tensor q = o.uniform({1, c.T, c.H, c.Dk}, 4, 0.05f), kv = o.uniform({1, c.T, c.Dk}, 5, 1.f),
                    dout = o.uniform({1, c.T, c.H, c.Dv}, 6, 1.f);
       const Tensor idx = causal_indices(c.T, c.K, o.dev);

@@ -1,0 +1,66 @@
+// Shared pieces of the wgmma sparse attention kernels (sm90_bf16_sparse_attention_fwd_wgmma.cu: 64 heads per
+// CTA; sm90_bf16_sparse_attention_wgmma_h16.cu: 16 heads per CTA, keys as M): the core-matrix tile layout,
+// the gather of a token's selected rows and the copy of dense rows into it.
+//
+// Tiles are wgmma's no-swizzle K-major layout (mma.cuh): 8-row x 8-element core matrices of 128 contiguous
+// bytes, column-adjacent ones 128 bytes apart, row-adjacent ones LD * 16 bytes apart. A tile of [rows][LD]
+// is read as a K-major operand (M or N = rows, K = columns: lbo 128, sbo LD * 16) or, with the roles of
+// its dimensions swapped, as an MN-major one (K = rows: lbo LD * 16, sbo 128).
+#pragma once
+
+#include "kernels/cuda/mma.cuh"
+
+namespace dsa::cuda::dsa_detail {
+
+constexpr int kSparseBlock = 64;  // gathered rows per block: wgmma's M (keys as M) or N (32 per warpgroup)
+
+// Element offset of (row r, column c) in a core-matrix tile of LD-element rows.
+template <int LD>
+__device__ __forceinline__ int tile_off(int r, int c) {
+  return ((r >> 3) * (LD >> 3) + (c >> 3)) * 64 + (r & 7) * 8 + (c & 7);
+}
+
+// cp.async of rows 0 .. ROWS-1 (LD bf16 each, row r at src + r * stride) into a core-matrix tile. Lanes l,
+// l + 8, l + 16, l + 24 of a warp copy 64 contiguous bytes of one row (two whole 32-byte sectors), and the
+// eight lanes of each 16-byte phase fill one 128-byte core matrix (no bank conflicts).
+template <int LD, int ROWS, int THREADS>
+__device__ __forceinline__ void load_dense_rows(__nv_bfloat16* tile, const __nv_bfloat16* src, int64_t stride) {
+  static_assert(LD % 32 == 0 && ROWS % 8 == 0, "tile shape");
+  const int lane = threadIdx.x & 31;
+  for (int u = threadIdx.x >> 5; u < (ROWS / 8) * (LD / 32); u += THREADS / 32) {
+    const int r = (u % (ROWS / 8)) * 8 + (lane & 7), ch = (u / (ROWS / 8)) * 4 + (lane >> 3);
+    cp_async16(tile + tile_off<LD>(r, ch * 8), src + r * stride + ch * 8, 16);
+  }
+}
+
+// Block blk (slots blk * 64 ..) of token bt's selection into a [64][DK] stage: row r = kv[b, idx[bt, slot]],
+// zero-filled where the slot is -1 or past K; sidx[r] = the slot's index (-1 for those). Warp w copies rows
+// 8 rb + l % 8 for rb = w, w + THREADS / 32, ... (lanes as load_dense_rows). Returns whether one of this
+// thread's rows is a valid slot (the caller ORs it over the block).
+template <int DK, int THREADS>
+__device__ __forceinline__ bool gather_block(const __nv_bfloat16* kv, const int32_t* idx, int K, int T, int64_t bt,
+                                             int blk, __nv_bfloat16* stage, int* sidx) {
+  static_assert(DK % 32 == 0 && THREADS % 32 == 0 && THREADS <= 256, "gather shape");
+  const int lane = threadIdx.x & 31;
+  bool any = false;
+#pragma unroll
+  for (int rb = threadIdx.x >> 5; rb < 8; rb += THREADS / 32) {
+    const int r = rb * 8 + (lane & 7), slot = blk * kSparseBlock + r;
+    const int s = slot < K ? __ldg(idx + bt * K + slot) : -1;
+    if (lane < 8) sidx[r] = s;
+    const __nv_bfloat16* src = s >= 0 ? kv + ((bt / T) * T + s) * DK : kv;
+#pragma unroll 3
+    for (int cq = 0; cq < DK / 32; ++cq) {
+      const int ch = cq * 4 + (lane >> 3);
+      cp_async16(stage + tile_off<DK>(r, ch * 8), src + ch * 8, s >= 0 ? 16 : 0);
+    }
+    any |= s >= 0;
+  }
+  return any;
+}
+
+// OR of `v` over the CTA (a barrier). The shuffle shows ptxas that the result is warp-uniform; without it a
+// branch on the result makes it serialize every wgmma of the kernel (C7520).
+__device__ __forceinline__ bool block_any(bool v) { return __shfl_sync(0xffffffffu, __syncthreads_or(v), 0); }
+
+}  // namespace dsa::cuda::dsa_detail
