@@ -135,6 +135,36 @@ inline double host_sum(const Tensor& x) {
   for (int64_t i = 0; i < h.numel(); ++i) s += p[i];
   return s;
 }
+// The sparse attention kernels' parameters (the mma.sync kernels of sm90_bf16_sparse_attention_mma.cu and
+// the wgmma ones of sm90_bf16_sparse_attention_fwd_wgmma.cu / _wgmma_h16.cu), one struct for the family.
+struct SparseAttnParams {
+  const __nv_bfloat16* q;     // [B, T, H, Dk]
+  const __nv_bfloat16* kv;    // [B, T, Dk]
+  const int32_t* idx;         // [B, T, K], -1 = invalid
+  __nv_bfloat16* out;         // [B, T, H, Dv] (forward)
+  float* lse;                 // [B, H, T] (written by the forward, read by the backward)
+  const __nv_bfloat16* dout;  // [B, T, H, Dv] (backward)
+  const float* delta;         // [B * T, H] = rowsum(dout * out) (backward)
+  __nv_bfloat16* dq;          // [B, T, H, Dk] (backward)
+  float* dkv;                 // [B, T, Dk] f32, zeroed, scatter-accumulated (backward)
+  float* probs;               // [B, T, K] f32, zeroed, head sums of the probabilities accumulated (the
+                              // probs pass, or a backward when non-null)
+  int B, T, H, K;
+  float scale;
+};
+// q, kv, idx, B, T, H, K and scale of checked inputs (the rest null).
+inline SparseAttnParams sparse_attn_params(const Tensor& q, const Tensor& kv, const Tensor& idx, double scale) {
+  SparseAttnParams p{};
+  p.q = reinterpret_cast<const __nv_bfloat16*>(q.data<bf16>());
+  p.kv = reinterpret_cast<const __nv_bfloat16*>(kv.data<bf16>());
+  p.idx = idx.data<int32_t>();
+  p.B = static_cast<int>(q.size(0));
+  p.T = static_cast<int>(q.size(1));
+  p.H = static_cast<int>(q.size(2));
+  p.K = static_cast<int>(idx.size(2));
+  p.scale = static_cast<float>(scale);
+  return p;
+}
 // Fused tensor-core sparse attention (sm90_bf16_sparse_attention_mma.cu) on checked inputs: false (nothing
 // launched) when (H, Dk, Dv) has no instantiation. out bf16 [B, T, H, Dv], lse f32 [B, H, T] written;
 // probs_sum f32 [B, T, K] (zeroed by the caller; undefined = not needed) accumulated with the head sums;

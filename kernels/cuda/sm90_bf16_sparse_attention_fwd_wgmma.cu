@@ -31,16 +31,6 @@ namespace dsa::cuda::dsa_detail {
 
 namespace {
 
-struct WgParams {
-  const __nv_bfloat16* q;   // [B, T, H, Dk]
-  const __nv_bfloat16* kv;  // [B, T, Dk]
-  const int32_t* idx;       // [B, T, K], -1 = invalid
-  __nv_bfloat16* out;       // [B, T, H, Dv]
-  float* lse;               // [B, H, T]
-  int B, T, H, K;
-  float scale;
-};
-
 constexpr int kBN = kSparseBlock;  // keys per block: 32 per warpgroup in S, all 64 in P V
 constexpr int kThreads = 256;  // two warpgroups
 constexpr float kLog2e = 1.4426950408889634f;
@@ -57,7 +47,7 @@ struct WgCfg {
 };
 
 template <int DK, int DV, int ST>
-__global__ void __launch_bounds__(kThreads, 1) sparse_attn_fwd_wgmma_kernel(const WgParams p) {
+__global__ void __launch_bounds__(kThreads, 1) sparse_attn_fwd_wgmma_kernel(const SparseAttnParams p) {
   using C = WgCfg<DK, DV, ST>;
   extern __shared__ __align__(128) unsigned char smem[];
   __nv_bfloat16* sQ = reinterpret_cast<__nv_bfloat16*>(smem);  // [64 heads][DK], core-matrix tile
@@ -225,7 +215,7 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_attn_fwd_wgmma_kernel(cons
 }
 
 template <int DK, int DV, int ST>
-void launch(const WgParams& p, const char* op) {
+void launch(const SparseAttnParams& p, const char* op) {
   using C = WgCfg<DK, DV, ST>;
   const auto kern = sparse_attn_fwd_wgmma_kernel<DK, DV, ST>;
   DSA_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(C::smem())));
@@ -247,17 +237,9 @@ bool sparse_attention_wgmma_forward(const Tensor& q, const Tensor& kv, int64_t d
   if (H % 64 != 0) return sparse_attention_wgmma16_forward(q, kv, dv, indices, scale, out, lse);
   const bool dims = (Dk == 576 && dv == 512) || (Dk == 288 && dv == 256);
   if (!dims || q.numel() == 0 || indices.size(2) == 0 || !sparse_attention_wgmma_enabled()) return false;
-  WgParams p{};
-  p.q = reinterpret_cast<const __nv_bfloat16*>(q.data<bf16>());
-  p.kv = reinterpret_cast<const __nv_bfloat16*>(kv.data<bf16>());
-  p.idx = indices.data<int32_t>();
+  SparseAttnParams p = sparse_attn_params(q, kv, indices, scale);
   p.out = reinterpret_cast<__nv_bfloat16*>(out.data<bf16>());
   p.lse = lse.data<float>();
-  p.B = static_cast<int>(q.size(0));
-  p.T = static_cast<int>(q.size(1));
-  p.H = static_cast<int>(H);
-  p.K = static_cast<int>(indices.size(2));
-  p.scale = static_cast<float>(scale);
   const char* op = "sparse_attention_forward";
   if (Dk == 576) launch<576, 512, 2>(p, op);
   else launch<288, 256, 3>(p, op);

@@ -31,22 +31,6 @@ namespace dsa::cuda::dsa_detail {
 
 namespace {
 
-struct MmaParams {
-  const __nv_bfloat16* q;     // [B, T, H, Dk]
-  const __nv_bfloat16* kv;    // [B, T, Dk]
-  const int32_t* idx;         // [B, T, K], -1 = invalid
-  __nv_bfloat16* out;         // [B, T, H, Dv] (forward)
-  float* lse;                 // [B, H, T] (written by the forward, read by the backward)
-  const __nv_bfloat16* dout;  // [B, T, H, Dv] (backward)
-  const float* delta;         // [B * T, H] = rowsum(dout * out) (backward)
-  __nv_bfloat16* dq;          // [B, T, H, Dk] (backward)
-  float* dkv;                 // [B, T, Dk] f32, zeroed, scatter-accumulated (backward)
-  float* probs;               // [B, T, K] f32, zeroed, head sums of the probabilities accumulated (probs pass,
-                              // or the backward when non-null)
-  int B, T, H, K;
-  float scale;
-};
-
 __device__ __forceinline__ void pair_bar(int pair) { asm volatile("bar.sync %0, 64;\n" ::"r"(pair + 1)); }
 // Shared-memory plan and the kv-block loader common to both kernels.
 template <int DK, int DV, int HT, int NT, int BN, int ST> struct Cfg {
@@ -65,7 +49,7 @@ template <int DK, int DV, int HT, int NT, int BN, int ST> struct Cfg {
 
   // Issues the cp.async gather of block `blk` of the CTA's tokens into stage `st` (rows of invalid slots
   // zero-filled, their index -1 in sIdx). Returns whether this thread saw a valid slot.
-  static __device__ __forceinline__ bool load(const MmaParams& p, int64_t bt0, int blk, int st, __nv_bfloat16* sKV,
+  static __device__ __forceinline__ bool load(const SparseAttnParams& p, int64_t bt0, int blk, int st, __nv_bfloat16* sKV,
                                               int* sIdx) {
     const int64_t N = int64_t(p.B) * p.T;
     bool any = false;
@@ -88,7 +72,7 @@ template <int DK, int DV, int HT, int NT, int BN, int ST> struct Cfg {
   struct Geom {
     int warp, lane, g, c, pair, half, tok, ht, h0, nblk;
     int64_t N, bt0;
-    __device__ explicit Geom(const MmaParams& p) {
+    __device__ explicit Geom(const SparseAttnParams& p) {
       warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
       pair = warp / 2, half = warp % 2, tok = pair / HT, ht = pair % HT;
       const int groups = p.H / kR;
@@ -102,14 +86,14 @@ template <int DK, int DV, int HT, int NT, int BN, int ST> struct Cfg {
   // the CTA has a valid slot in block blk (a block-uniform answer: the caller skips the block if not).
   struct Ring {
     unsigned live_bits = 0;
-    __device__ void prologue(const MmaParams& p, const Geom& G, __nv_bfloat16* sKV, int* sIdx) {
+    __device__ void prologue(const SparseAttnParams& p, const Geom& G, __nv_bfloat16* sKV, int* sIdx) {
 #pragma unroll
       for (int i = 0; i < ST - 1; ++i) {
         if (i < G.nblk && load(p, G.bt0, i, i, sKV, sIdx)) live_bits |= 1u << i;
         cp_async_commit();
       }
     }
-    __device__ bool next(const MmaParams& p, const Geom& G, int blk, __nv_bfloat16* sKV, int* sIdx) {
+    __device__ bool next(const SparseAttnParams& p, const Geom& G, int blk, __nv_bfloat16* sKV, int* sIdx) {
       const int st = blk % ST;
       cp_async_wait<ST - 2>();
       const bool live = __syncthreads_or((live_bits >> st) & 1u);
@@ -195,7 +179,7 @@ constexpr float kLog2e = 1.4426950408889634f;
 
 // ------------------------------------------------------------------------------------------- forward
 template <int DK, int DV, int HT, int NT, int BN, int ST>
-__global__ void __launch_bounds__(64 * HT * NT, 1) sparse_attn_fwd_kernel(const MmaParams p) {
+__global__ void __launch_bounds__(64 * HT * NT, 1) sparse_attn_fwd_kernel(const SparseAttnParams p) {
   using C = Cfg<DK, DV, HT, NT, BN, ST>;
   extern __shared__ __align__(16) unsigned char smem[];
   __nv_bfloat16* sQ = reinterpret_cast<__nv_bfloat16*>(smem);  // [NT][kR][kQS]
@@ -311,7 +295,7 @@ __global__ void __launch_bounds__(64 * HT * NT, 1) sparse_attn_fwd_kernel(const 
 // the backward kernel, which recomputes P anyway. With one 16-head tile per token (H = 16) every (token, slot) gets a
 // single atomicAdd onto zero (deterministic); otherwise H / 16 adds per slot in f32.
 template <int DK, int DV, int HT, int NT, int BN, int ST>
-__global__ void __launch_bounds__(64 * HT * NT, 1) sparse_attn_probs_kernel(const MmaParams p) {
+__global__ void __launch_bounds__(64 * HT * NT, 1) sparse_attn_probs_kernel(const SparseAttnParams p) {
   using C = Cfg<DK, DV, HT, NT, BN, ST>;
   extern __shared__ __align__(16) unsigned char smem[];
   __nv_bfloat16* sQ = reinterpret_cast<__nv_bfloat16*>(smem);  // [NT][kR][kQS]
@@ -367,7 +351,7 @@ __global__ void __launch_bounds__(64 * HT * NT, 1) sparse_attn_probs_kernel(cons
 
 // ------------------------------------------------------------------------------------------ backward
 template <int DK, int DV, int HT, int NT, int BN, int ST>
-__global__ void __launch_bounds__(64 * HT * NT, 1) sparse_attn_bwd_kernel(const MmaParams p) {
+__global__ void __launch_bounds__(64 * HT * NT, 1) sparse_attn_bwd_kernel(const SparseAttnParams p) {
   using C = Cfg<DK, DV, HT, NT, BN, ST>;
   constexpr int kOS = DV + 8;  // dO row stride
   extern __shared__ __align__(16) unsigned char smem[];
@@ -523,7 +507,7 @@ struct Tiles {
 
 // One CTA per NT tokens and kR-head group.
 template <class T, class Kernel>
-void launch_kernel(Kernel kern, size_t smem, const MmaParams& p, const char* op) {
+void launch_kernel(Kernel kern, size_t smem, const SparseAttnParams& p, const char* op) {
   DSA_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   const int64_t blocks = ceil_div(int64_t(p.B) * p.T, T::NT) * (p.H / T::C::kR);
   kern<<<static_cast<unsigned>(blocks), T::C::kThreads, smem, stream()>>>(p);
@@ -538,18 +522,6 @@ int config_of(int64_t H, int64_t Dk, int64_t Dv) {
   return H % 64 == 0 ? 4 : 1;
 }
 
-MmaParams make_params(const Tensor& q, const Tensor& kv, const Tensor& idx, double scale) {
-  MmaParams p{};
-  p.q = reinterpret_cast<const __nv_bfloat16*>(q.data<bf16>());
-  p.kv = reinterpret_cast<const __nv_bfloat16*>(kv.data<bf16>());
-  p.idx = idx.data<int32_t>();
-  p.B = static_cast<int>(q.size(0));
-  p.T = static_cast<int>(q.size(1));
-  p.H = static_cast<int>(q.size(2));
-  p.K = static_cast<int>(idx.size(2));
-  p.scale = static_cast<float>(scale);
-  return p;
-}
 
 }  // namespace
 
@@ -559,7 +531,7 @@ bool sparse_attention_mma_forward(const Tensor& q, const Tensor& kv, int64_t dv,
   const int64_t Dk = q.size(3), H = q.size(2);
   const int cfg = config_of(H, Dk, dv);
   if (cfg == 0 || q.numel() == 0 || indices.size(2) == 0) return false;
-  MmaParams p = make_params(q, kv, indices, scale);
+  SparseAttnParams p = sparse_attn_params(q, kv, indices, scale);
   p.out = reinterpret_cast<__nv_bfloat16*>(out.data<bf16>());
   p.lse = lse.data<float>();
   // The forward and the probs pass share their tiles.
@@ -601,7 +573,7 @@ bool sparse_attention_mma_backward(const Tensor& dout, const Tensor& q, const Te
       reinterpret_cast<const __nv_bfloat16*>(dout.data<bf16>()), reinterpret_cast<const __nv_bfloat16*>(out.data<bf16>()),
       rows, static_cast<int>(dv), delta.data<float>());
   check_launch(op);
-  MmaParams p = make_params(q, kv, indices, scale);
+  SparseAttnParams p = sparse_attn_params(q, kv, indices, scale);
   p.lse = const_cast<float*>(lse.data<float>());
   p.dout = reinterpret_cast<const __nv_bfloat16*>(dout.data<bf16>());
   p.delta = delta.data<float>();

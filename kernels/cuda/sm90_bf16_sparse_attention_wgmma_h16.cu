@@ -38,21 +38,6 @@ namespace dsa::cuda::dsa_detail {
 
 namespace {
 
-struct H16Params {
-  const __nv_bfloat16* q;     // [B, T, H, Dk]
-  const __nv_bfloat16* kv;    // [B, T, Dk]
-  const int32_t* idx;         // [B, T, K], -1 = invalid
-  __nv_bfloat16* out;         // [B, T, H, Dv] (forward)
-  float* lse;                 // [B, H, T] (written by the forward, read by the backward)
-  const __nv_bfloat16* dout;  // [B, T, H, Dv] (backward)
-  const float* delta;         // [B * T, H] = rowsum(dout * out) (backward)
-  __nv_bfloat16* dq;          // [B, T, H, Dk] (backward)
-  float* dkv;                 // [B, T, Dk] f32, zeroed, scatter-accumulated (backward)
-  float* probs;               // [B, T, K] f32, zeroed, head sums of P accumulated; nullptr: not wanted
-  int B, T, H, K;
-  float scale;
-};
-
 constexpr int kBN = kSparseBlock;  // keys per block = wgmma's M
 constexpr int kThreads = 128;  // one warpgroup
 constexpr int kNC = 96;        // dKV columns per piece
@@ -71,6 +56,21 @@ struct Cfg16 {
   static_assert(bwd_smem() <= 113 * 1024 && fwd_smem() <= bwd_smem(), "two CTAs per SM");
 };
 
+// The CTA's place: token bt = (b, t), heads h0 .. h0 + 15; thread (warp wi, lane 4 g + c) holds the
+// accumulator rows r0 = 16 wi + g and r0 + 8 (keys, or dims of a transposed output) and the head columns
+// 8 j + 2 c + {0, 1}, j = 0, 1.
+struct Geom16 {
+  int64_t bt, b, t;
+  int h0, wi, g, c, r0;
+  __device__ explicit Geom16(const SparseAttnParams& p) {
+    const int groups = p.H / 16;
+    bt = blockIdx.x / groups, b = bt / p.T, t = bt % p.T;
+    h0 = (blockIdx.x % groups) * 16;
+    wi = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, c = threadIdx.x % 4;
+    r0 = 16 * wi + g;
+  }
+};
+
 // The ST-stage ring (1 or 2) of a token's gathered blocks. next(blk) leaves block blk in stage blk % ST
 // for every thread (copies landed and fenced for wgmma's async proxy, behind a barrier) and returns whether
 // it holds a valid slot (CTA-uniform); with two stages it then issues block blk + 1 into the other stage,
@@ -84,7 +84,7 @@ struct Ring16 {
   __nv_bfloat16* sKV;
   int* sIdx;
   unsigned live_bits = 0;
-  __device__ Ring16(const H16Params& p, int64_t bt_, __nv_bfloat16* skv, int* sidx)
+  __device__ Ring16(const SparseAttnParams& p, int64_t bt_, __nv_bfloat16* skv, int* sidx)
       : kv(p.kv), idx(p.idx), K(p.K), T(p.T), nblk((p.K + kBN - 1) / kBN), bt(bt_), sKV(skv), sIdx(sidx) {
     if constexpr (ST == 2) {
       if (gather(0, 0)) live_bits = 1u;
@@ -116,7 +116,7 @@ struct Ring16 {
 
 // dkv[idx[r]] += the piece's rows (64 keys x 96 columns from column n0): lanes c, c ^ 1 of a quad swap
 // halves of two adjacent 8-column groups so that each holds 4 consecutive columns (one float4 atomic).
-__device__ __forceinline__ void scatter_piece(const H16Params& p, int64_t b, const int* ids, int r0, int c,
+__device__ __forceinline__ void scatter_piece(const SparseAttnParams& p, int64_t b, const int* ids, int r0, int c,
                                               const float (&acc)[kNC / 2], int n0, int dk) {
   const bool odd = c & 1;
 #pragma unroll
@@ -138,7 +138,7 @@ __device__ __forceinline__ void scatter_piece(const H16Params& p, int64_t b, con
 
 // ------------------------------------------------------------------------------------------- forward
 template <int DK, int DV, int ST>
-__global__ void __launch_bounds__(kThreads, 2) sparse_attn_fwd_wgmma16_kernel(const H16Params p) {
+__global__ void __launch_bounds__(kThreads, 2) sparse_attn_fwd_wgmma16_kernel(const SparseAttnParams p) {
   using C = Cfg16<DK, DV, ST>;
   extern __shared__ __align__(128) unsigned char smem[];
   __nv_bfloat16* sQ = reinterpret_cast<__nv_bfloat16*>(smem);  // [16 heads][DK] core-matrix tile
@@ -146,11 +146,9 @@ __global__ void __launch_bounds__(kThreads, 2) sparse_attn_fwd_wgmma16_kernel(co
   __nv_bfloat16* sP = sKV + ST * C::kTile + C::kPad;             // P^T: [64 keys][16 heads], MN-major B
   int* sIdx = reinterpret_cast<int*>(sP + C::kS);                // [ST][64]
   float* red = reinterpret_cast<float*>(sIdx + ST * kBN);        // [4 warps][16 heads]
-  const int groups = p.H / 16;
-  const int64_t bt = blockIdx.x / groups, b = bt / p.T, t = bt % p.T;
-  const int h0 = (blockIdx.x % groups) * 16;
-  const int wi = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
-  const int r0 = 16 * wi + g;  // this thread's key rows r0, r0 + 8; head columns 8 j + 2 c + {0, 1}
+  const Geom16 G(p);
+  const int64_t bt = G.bt, b = G.b, t = G.t;
+  const int h0 = G.h0, wi = G.wi, g = G.g, c = G.c, r0 = G.r0;
 
   load_dense_rows<DK, 16, kThreads>(sQ, p.q + (bt * p.H + h0) * DK, DK);
   cp_async_commit();
@@ -287,7 +285,7 @@ __global__ void __launch_bounds__(kThreads, 2) sparse_attn_fwd_wgmma16_kernel(co
 
 // ------------------------------------------------------------------------------------------ backward
 template <int DK, int DV, int ST>
-__global__ void __launch_bounds__(kThreads, 2) sparse_attn_bwd_wgmma16_kernel(const H16Params p) {
+__global__ void __launch_bounds__(kThreads, 2) sparse_attn_bwd_wgmma16_kernel(const SparseAttnParams p) {
   using C = Cfg16<DK, DV, ST>;
   extern __shared__ __align__(128) unsigned char smem[];
   __nv_bfloat16* sQ = reinterpret_cast<__nv_bfloat16*>(smem);  // [16 heads][DK] core-matrix tile
@@ -295,11 +293,9 @@ __global__ void __launch_bounds__(kThreads, 2) sparse_attn_bwd_wgmma16_kernel(co
   __nv_bfloat16* sKV = sdO + C::kO;                              // [ST][64 keys][DK] (+ kPad)
   __nv_bfloat16* sdS = sKV + ST * C::kTile + C::kPad;            // dS^T: [64 keys][16 heads], MN-major B
   int* sIdx = reinterpret_cast<int*>(sdS + C::kS);               // [ST][64]
-  const int groups = p.H / 16;
-  const int64_t bt = blockIdx.x / groups, b = bt / p.T, t = bt % p.T;
-  const int h0 = (blockIdx.x % groups) * 16;
-  const int wi = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
-  const int r0 = 16 * wi + g;  // this thread's key rows r0, r0 + 8; head columns 8 j + 2 c + {0, 1}
+  const Geom16 G(p);
+  const int64_t bt = G.bt, b = G.b, t = G.t;
+  const int h0 = G.h0, wi = G.wi, g = G.g, c = G.c, r0 = G.r0;
 
   load_dense_rows<DK, 16, kThreads>(sQ, p.q + (bt * p.H + h0) * DK, DK);
   load_dense_rows<DV, 16, kThreads>(sdO, p.dout + (bt * p.H + h0) * DV, DV);
@@ -438,7 +434,7 @@ __global__ void __launch_bounds__(kThreads, 2) sparse_attn_bwd_wgmma16_kernel(co
 
 // One CTA per (token, 16-head group), two per SM.
 template <class Kernel>
-void launch16(Kernel kern, size_t smem, const H16Params& p, const char* op) {
+void launch16(Kernel kern, size_t smem, const SparseAttnParams& p, const char* op) {
   DSA_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   const int64_t blocks = int64_t(p.B) * p.T * (p.H / 16);
   kern<<<static_cast<unsigned>(blocks), kThreads, smem, stream()>>>(p);
@@ -452,25 +448,13 @@ bool applies16(const Tensor& q, int64_t dv, const Tensor& indices) {
   const bool dims = (Dk == 576 && dv == 512) || (Dk == 288 && dv == 256);
   return dims && H % 16 == 0 && q.numel() > 0 && indices.size(2) > 0 && sparse_attention_wgmma_enabled();
 }
-H16Params params16(const Tensor& q, const Tensor& kv, const Tensor& indices, double scale) {
-  H16Params p{};
-  p.q = reinterpret_cast<const __nv_bfloat16*>(q.data<bf16>());
-  p.kv = reinterpret_cast<const __nv_bfloat16*>(kv.data<bf16>());
-  p.idx = indices.data<int32_t>();
-  p.B = static_cast<int>(q.size(0));
-  p.T = static_cast<int>(q.size(1));
-  p.H = static_cast<int>(q.size(2));
-  p.K = static_cast<int>(indices.size(2));
-  p.scale = static_cast<float>(scale);
-  return p;
-}
 
 }  // namespace
 
 bool sparse_attention_wgmma16_forward(const Tensor& q, const Tensor& kv, int64_t dv, const Tensor& indices,
                                       double scale, Tensor& out, Tensor& lse) {
   if (!applies16(q, dv, indices)) return false;
-  H16Params p = params16(q, kv, indices, scale);
+  SparseAttnParams p = sparse_attn_params(q, kv, indices, scale);
   p.out = reinterpret_cast<__nv_bfloat16*>(out.data<bf16>());
   p.lse = lse.data<float>();
   const char* op = "sparse_attention_forward";
@@ -485,7 +469,7 @@ bool sparse_attention_wgmma_backward(const Tensor& dout, const Tensor& q, const 
                                      const Tensor& indices, const Tensor& lse, const float* delta, double scale,
                                      Tensor& dq, Tensor& dkv32, Tensor& probs_sum) {
   if (q.size(2) % 64 == 0 || !applies16(q, dv, indices)) return false;  // 64-head CTAs: the mma.sync kernel
-  H16Params p = params16(q, kv, indices, scale);
+  SparseAttnParams p = sparse_attn_params(q, kv, indices, scale);
   p.lse = const_cast<float*>(lse.data<float>());
   p.dout = reinterpret_cast<const __nv_bfloat16*>(dout.data<bf16>());
   p.delta = delta;
