@@ -114,6 +114,16 @@ struct Ring16 {
   }
 };
 
+// acc [64 rows, 16 heads] = a [64 rows][first D columns of LDA] . b [16 heads][D of LDB]^T: the chain of
+// K-major m64n16k16 products (issued; the caller fences, commits and waits).
+template <int D, int LDA, int LDB>
+__device__ __forceinline__ void chain_n16(float (&acc)[8], const __nv_bfloat16* a, const __nv_bfloat16* b) {
+#pragma unroll 4
+  for (int ks = 0; ks < D / 16; ++ks)
+    wgmma_m64n16k16_bf16_ss<0, 0>(acc, wgmma_desc(a + ks * 128, 128, LDA * 16), wgmma_desc(b + ks * 128, 128, LDB * 16),
+                                  ks > 0);
+}
+
 // dkv[idx[r]] += the piece's rows (64 keys x 96 columns from column n0): lanes c, c ^ 1 of a quad swap
 // halves of two adjacent 8-column groups so that each holds 4 consecutive columns (one float4 atomic).
 __device__ __forceinline__ void scatter_piece(const SparseAttnParams& p, int64_t b, const int* ids, int r0, int c,
@@ -175,10 +185,7 @@ __global__ void __launch_bounds__(kThreads, 2) sparse_attn_fwd_wgmma16_kernel(co
     for (int i = 0; i < 8; ++i) s[i] = 0.f;
     wgmma_fence_operand(s);
     wgmma_fence();
-#pragma unroll 4
-    for (int ks = 0; ks < DK / 16; ++ks)
-      wgmma_m64n16k16_bf16_ss<0, 0>(s, wgmma_desc(kvs + ks * 128, 128, DK * 16), wgmma_desc(sQ + ks * 128, 128, DK * 16),
-                                    ks > 0);
+    chain_n16<DK, DK, DK>(s, kvs, sQ);
     wgmma_commit();
     wgmma_wait<0>();
     wgmma_fence_operand(s);
@@ -331,14 +338,8 @@ __global__ void __launch_bounds__(kThreads, 2) sparse_attn_bwd_wgmma16_kernel(co
     wgmma_fence_operand(s);
     wgmma_fence_operand(dp);
     wgmma_fence();
-#pragma unroll 4
-    for (int ks = 0; ks < DK / 16; ++ks)
-      wgmma_m64n16k16_bf16_ss<0, 0>(s, wgmma_desc(kvs + ks * 128, 128, DK * 16), wgmma_desc(sQ + ks * 128, 128, DK * 16),
-                                    ks > 0);
-#pragma unroll 4
-    for (int ks = 0; ks < DV / 16; ++ks)
-      wgmma_m64n16k16_bf16_ss<0, 0>(dp, wgmma_desc(kvs + ks * 128, 128, DK * 16),
-                                    wgmma_desc(sdO + ks * 128, 128, DV * 16), ks > 0);
+    chain_n16<DK, DK, DK>(s, kvs, sQ);
+    chain_n16<DV, DK, DV>(dp, kvs, sdO);  // V = the block's first Dv columns
     wgmma_commit();
     wgmma_wait<0>();
     wgmma_fence_operand(s);
