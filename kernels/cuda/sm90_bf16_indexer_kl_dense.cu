@@ -148,7 +148,7 @@ __device__ __forceinline__ void gemm_64x64(float (&S)[32], const bf16_t* A, cons
     wgmma_fence_operand(S);
     wgmma_fence();
     for (int ks = 0; ks < dpad / 16; ++ks)  // k16 = two K-adjacent core matrices (128 elements)
-      wgmma_m64n64k16_bf16(S, wgmma_desc(A + ks * 128, 128, sbo), wgmma_desc(B + ks * 128, 128, sbo), ks > 0);
+      WgmmaBf16<64>::ss<0, 0>(S, wgmma_desc(A + ks * 128, 128, sbo), wgmma_desc(B + ks * 128, 128, sbo), ks > 0);
     wgmma_commit();
     wgmma_wait<0>();
     wgmma_fence_operand(S);

@@ -104,7 +104,7 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_attn_fwd_wgmma_kernel(cons
     wgmma_fence();
 #pragma unroll 4
     for (int ks = 0; ks < DK / 16; ++ks)
-      wgmma_m64n32k16_bf16(s, wgmma_desc(sQ + ks * 128, 128, C::kRowBlock),
+      WgmmaBf16<32>::ss<0, 0>(s, wgmma_desc(sQ + ks * 128, 128, C::kRowBlock),
                            wgmma_desc(kv_st + 4 * wg * (DK / 8) * 64 + ks * 128, 128, C::kRowBlock), ks > 0);
     wgmma_commit();
     wgmma_wait<0>();
@@ -173,7 +173,7 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_attn_fwd_wgmma_kernel(cons
 #pragma unroll
       for (int nb = 0; nb < C::kNB; ++nb) {
         const int col0 = wg * (DV / 2) + nb * 128;
-        wgmma_m64n128k16_bf16_bmn(o[nb], da, wgmma_desc(kv_st + 2 * ks * (DK / 8) * 64 + (col0 / 8) * 64, C::kRowBlock, 128),
+        WgmmaBf16<128>::ss<0, 1>(o[nb], da, wgmma_desc(kv_st + 2 * ks * (DK / 8) * 64 + (col0 / 8) * 64, C::kRowBlock, 128),
                                   1);
       }
     }

@@ -120,7 +120,7 @@ template <int D, int LDA, int LDB>
 __device__ __forceinline__ void chain_n16(float (&acc)[8], const __nv_bfloat16* a, const __nv_bfloat16* b) {
 #pragma unroll 4
   for (int ks = 0; ks < D / 16; ++ks)
-    wgmma_m64n16k16_bf16_ss<0, 0>(acc, wgmma_desc(a + ks * 128, 128, LDA * 16), wgmma_desc(b + ks * 128, 128, LDB * 16),
+    WgmmaBf16<16>::ss<0, 0>(acc, wgmma_desc(a + ks * 128, 128, LDA * 16), wgmma_desc(b + ks * 128, 128, LDB * 16),
                                   ks > 0);
 }
 
@@ -247,7 +247,7 @@ __global__ void __launch_bounds__(kThreads, 2) sparse_attn_fwd_wgmma16_kernel(co
     for (int mc = 0; mc < kMO; ++mc)
 #pragma unroll
       for (int ks = 0; ks < kBN / 16; ++ks)
-        wgmma_m64n16k16_bf16_ss<1, 1>(o[mc], wgmma_desc(kvs + (2 * ks * (DK / 8) + 8 * mc) * 64, DK * 16, 128),
+        WgmmaBf16<16>::ss<1, 1>(o[mc], wgmma_desc(kvs + (2 * ks * (DK / 8) + 8 * mc) * 64, DK * 16, 128),
                                       wgmma_desc(sP + 2 * ks * 2 * 64, 256, 128), 1);
     wgmma_commit();
     wgmma_wait<0>();
@@ -390,7 +390,7 @@ __global__ void __launch_bounds__(kThreads, 2) sparse_attn_bwd_wgmma16_kernel(co
     for (int mc = 0; mc < C::kM; ++mc)
 #pragma unroll
       for (int ks = 0; ks < kBN / 16; ++ks)
-        wgmma_m64n16k16_bf16_ss<1, 1>(dq[mc], wgmma_desc(kvs + (2 * ks * (DK / 8) + 8 * mc) * 64, DK * 16, 128),
+        WgmmaBf16<16>::ss<1, 1>(dq[mc], wgmma_desc(kvs + (2 * ks * (DK / 8) + 8 * mc) * 64, DK * 16, 128),
                                       wgmma_desc(sdS + 2 * ks * 2 * 64, 256, 128), 1);
     wgmma_commit();
 
@@ -402,14 +402,14 @@ __global__ void __launch_bounds__(kThreads, 2) sparse_attn_bwd_wgmma16_kernel(co
       for (int i = 0; i < kNC / 2; ++i) acc[i] = 0.f;
       wgmma_fence_operand(acc);
       wgmma_fence();
-      wgmma_m64nNk16_bf16_rs_bmn<kNC>(acc, a_ds, wgmma_desc(sQ + (n0 / 8) * 64, DK * 16, 128), 0);
+      WgmmaBf16<kNC>::rs<1>(acc, a_ds, wgmma_desc(sQ + (n0 / 8) * 64, DK * 16, 128), 0);
       const uint64_t d_o = wgmma_desc(sdO + (n0 / 8) * 64, DV * 16, 128);
       if (DV - n0 >= 96) {  // (DV % 32 == 0: what is left below Dv is 0, 32 or 64 columns)
-        wgmma_m64nNk16_bf16_rs_bmn<96>(acc, a_p, d_o, 1);
+        WgmmaBf16<96>::rs<1>(acc, a_p, d_o, 1);
       } else if (DV - n0 >= 64) {  // the accumulator's first 64 columns are its first 32 registers
-        wgmma_m64nNk16_bf16_rs_bmn<64>(*reinterpret_cast<float(*)[32]>(acc), a_p, d_o, 1);
+        WgmmaBf16<64>::rs<1>(*reinterpret_cast<float(*)[32]>(acc), a_p, d_o, 1);
       } else if (DV - n0 >= 32) {
-        wgmma_m64nNk16_bf16_rs_bmn<32>(*reinterpret_cast<float(*)[16]>(acc), a_p, d_o, 1);
+        WgmmaBf16<32>::rs<1>(*reinterpret_cast<float(*)[16]>(acc), a_p, d_o, 1);
       }
       wgmma_commit();
       wgmma_wait<0>();
