@@ -5,6 +5,7 @@
 # MN-major ((T,1,m),(8,k)):((1,T,SBO),(1T,LBO)), T = 8 bf16; lbo = K-adjacent core matrices, sbo = M/N-adjacent)
 # and of the accumulator / register-A fragment layouts documented in kernels/cuda/mma.cuh. It checks
 #   - sm90_bf16_sparse_attention_fwd_wgmma.cu: the S and P V descriptors (both head dims);
+#   - sm90_bf16_sparse_attention_bwd_wgmma.cu: S, dP, the dQ and dKV pieces' descriptors;
 #   - sm90_bf16_sparse_attention_wgmma_h16.cu: S^T, dP^T, the dKV pieces (A from registers), dS^T's store
 #     and dQ^T's descriptors, then the forward and backward thread by thread against a NumPy reference.
 # It validates the arithmetic under that model, not the hardware: the GPU tests (GpuDsa.SparseAttentionWgmma)
@@ -270,3 +271,33 @@ for Dk, Dv, K in ((288, 256, 100), (576, 512, 64)):
     assert np.allclose(dQe, dQ), "dQ"; assert np.allclose(dKVe, dKV), "dKV"; assert np.allclose(pe, probs), "probs"
     print("h16", Dk, Dv, K, "ok")
 fwd(288, 256); fwd(576, 512); bwd(288, 256); bwd(576, 512)
+
+def bwd64():  # sm90_bf16_sparse_attention_bwd_wgmma.cu (Dk 576, Dv 512, 64 heads)
+    DK, DV = 576, 512
+    Q = rng.standard_normal((64, DK)); dO = rng.standard_normal((64, DV)); KV = rng.standard_normal((64, DK))
+    P = rng.standard_normal((64, 64)); dS = rng.standard_normal((64, 64))  # [heads][keys]
+    sQ = np.zeros(64 * DK); sdO = np.zeros(64 * DV); st = np.zeros(64 * DK); sP = np.zeros(64 * 64); sdS = np.zeros(64 * 64)
+    for r in range(64):
+        for c in range(DK): sQ[tile_off(r, c, DK)] = Q[r, c]; st[tile_off(r, c, DK)] = KV[r, c]
+        for c in range(DV): sdO[tile_off(r, c, DV)] = dO[r, c]
+        for k in range(64): sP[tile_off(r, k, 64)] = P[r, k]; sdS[tile_off(r, k, 64)] = dS[r, k]
+    for wg in range(2):
+        kv_w = 4 * wg * (DK // 8) * 64
+        S = sum(read_kmajor(sQ, ks * 128, 128, DK * 16, 64) @ read_kmajor(st, kv_w + ks * 128, 128, DK * 16, 32).T for ks in range(DK // 16))
+        assert np.allclose(S, Q @ KV[32 * wg:32 * wg + 32].T), "S_w"
+        dP = sum(read_kmajor(sdO, ks * 128, 128, DV * 16, 64) @ read_kmajor(st, kv_w + ks * 128, 128, DK * 16, 32).T for ks in range(DV // 16))
+        assert np.allclose(dP, dO @ KV[32 * wg:32 * wg + 32, :DV].T), "dP_w"
+        for pc in range(3):
+            n0 = wg * (DK // 2) + pc * 96
+            dq = sum(read_kmajor(sdS, ks * 128, 128, 64 * 16, 64) @ read_mnmajor(st, (2 * ks * (DK // 8) + n0 // 8) * 64, DK * 16, 128, 96).T for ks in range(4))
+            assert np.allclose(dq, dS @ KV[:, n0:n0 + 96]), "dQ piece"
+            acc = sum(read_mnmajor(sdS, 2 * ks * 8 * 64, 64 * 16, 128, 64) @ read_mnmajor(sQ, (2 * ks * (DK // 8) + n0 // 8) * 64, DK * 16, 128, 96).T for ks in range(4))
+            ref = dS.T @ Q[:, n0:n0 + 96]
+            nv = 96 if DV - n0 >= 96 else (32 if DV - n0 == 32 else 0)
+            if nv:
+                acc[:, :nv] += sum(read_mnmajor(sP, 2 * ks * 8 * 64, 64 * 16, 128, 64) @ read_mnmajor(sdO, (2 * ks * (DV // 8) + n0 // 8) * 64, DV * 16, 128, nv).T for ks in range(4))
+                ref[:, :nv] += P.T @ dO[:, n0:n0 + nv]
+            assert np.allclose(acc, ref), "dKV piece %d" % n0
+    print("bwd64 576 512 ok")
+
+bwd64()

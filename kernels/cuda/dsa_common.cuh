@@ -185,10 +185,16 @@ bool sparse_attention_wgmma16_forward(const Tensor& q, const Tensor& kv, int64_t
 // The backward on wgmma with keys as M, 16 heads per CTA (sm90_bf16_sparse_attention_wgmma_h16.cu), for
 // H % 16 == 0 but not % 64 (64-head CTAs contract more heads per dKV atomic), the same (Dk, Dv), sm_90a and
 // DSA_SPARSE_ATTN_WGMMA=1; false launches nothing. delta [B * T, H] f32 from the caller; dq, dkv32 and
-// probs_sum as sparse_attention_mma_backward. sparse_attention_mma_backward tries it first.
+// probs_sum as sparse_attention_mma_backward. sparse_attention_mma_backward tries the 64-head one (below),
+// then this one.
 bool sparse_attention_wgmma_backward(const Tensor& dout, const Tensor& q, const Tensor& kv, int64_t dv,
                                      const Tensor& indices, const Tensor& lse, const float* delta, double scale,
                                      Tensor& dq, Tensor& dkv32, Tensor& probs_sum);
+// The backward on wgmma with 64 heads per CTA (sm90_bf16_sparse_attention_bwd_wgmma.cu): H % 64 == 0, Dk 576,
+// Dv 512, sm_90a and DSA_SPARSE_ATTN_WGMMA=1; otherwise false, launching nothing. Arguments as above.
+bool sparse_attention_wgmma_backward64(const Tensor& dout, const Tensor& q, const Tensor& kv, int64_t dv,
+                                       const Tensor& indices, const Tensor& lse, const float* delta, double scale,
+                                       Tensor& dq, Tensor& dkv32, Tensor& probs_sum);
 bool sparse_attention_wgmma_enabled();  // DSA_SPARSE_ATTN_WGMMA=1 and wgmma_available()
 }  // namespace dsa::cuda::dsa_detail
 

@@ -580,7 +580,9 @@ bool sparse_attention_mma_backward(const Tensor& dout, const Tensor& q, const Te
   p.dq = reinterpret_cast<__nv_bfloat16*>(dq.data<bf16>());
   p.dkv = dkv32.data<float>();
   p.probs = probs_sum.defined() ? probs_sum.data<float>() : nullptr;
-  if (sparse_attention_wgmma_backward(dout, q, kv, dv, indices, lse, p.delta, scale, dq, dkv32, probs_sum)) return true;
+  if (sparse_attention_wgmma_backward64(dout, q, kv, dv, indices, lse, p.delta, scale, dq, dkv32, probs_sum) ||
+      sparse_attention_wgmma_backward(dout, q, kv, dv, indices, lse, p.delta, scale, dq, dkv32, probs_sum))
+    return true;
   auto launch = [&](auto t) {
     using T = decltype(t);
     launch_kernel<T>(sparse_attn_bwd_kernel<T::DK, T::DV, T::HT, T::NT, T::BN, T::ST>, T::C::bwd_smem(), p, op);

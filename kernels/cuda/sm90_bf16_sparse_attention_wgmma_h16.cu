@@ -124,28 +124,6 @@ __device__ __forceinline__ void chain_n16(float (&acc)[8], const __nv_bfloat16* 
                                   ks > 0);
 }
 
-// dkv[idx[r]] += the piece's rows (64 keys x 96 columns from column n0): lanes c, c ^ 1 of a quad swap
-// halves of two adjacent 8-column groups so that each holds 4 consecutive columns (one float4 atomic).
-__device__ __forceinline__ void scatter_piece(const SparseAttnParams& p, int64_t b, const int* ids, int r0, int c,
-                                              const float (&acc)[kNC / 2], int n0, int dk) {
-  const bool odd = c & 1;
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int s = ids[r0 + 8 * i];
-#pragma unroll
-    for (int m = 0; m < kNC / 16; ++m) {
-      const float* a0 = acc + 8 * m;  // column group 2 m (e = 0..3)
-      const float* a1 = a0 + 4;       // column group 2 m + 1
-      const float sx = odd ? a0[2 * i] : a1[2 * i], sy = odd ? a0[2 * i + 1] : a1[2 * i + 1];
-      const float rx = __shfl_xor_sync(0xffffffffu, sx, 1), ry = __shfl_xor_sync(0xffffffffu, sy, 1);
-      if (s < 0) continue;
-      const float4 v = odd ? make_float4(rx, ry, a1[2 * i], a1[2 * i + 1]) : make_float4(a0[2 * i], a0[2 * i + 1], rx, ry);
-      float* row = p.dkv + (b * p.T + s) * dk + n0 + 16 * m + (odd ? 8 + 2 * (c - 1) : 2 * c);
-      atomicAdd(reinterpret_cast<float4*>(row), v);
-    }
-  }
-}
-
 // ------------------------------------------------------------------------------------------- forward
 template <int DK, int DV, int ST>
 __global__ void __launch_bounds__(kThreads, 2) sparse_attn_fwd_wgmma16_kernel(const SparseAttnParams p) {
@@ -414,7 +392,7 @@ __global__ void __launch_bounds__(kThreads, 2) sparse_attn_bwd_wgmma16_kernel(co
       wgmma_commit();
       wgmma_wait<0>();
       wgmma_fence_operand(acc);
-      scatter_piece(p, b, ids, r0, c, acc, n0, DK);
+      scatter_rows<kNC>(p.dkv + b * p.T * DK, DK, ids, r0, c, acc, n0);
     }
 #pragma unroll
     for (int mc = 0; mc < C::kM; ++mc) wgmma_fence_operand(dq[mc]);

@@ -1,6 +1,6 @@
-// Shared pieces of the wgmma sparse attention kernels (sm90_bf16_sparse_attention_fwd_wgmma.cu: 64 heads per
-// CTA; sm90_bf16_sparse_attention_wgmma_h16.cu: 16 heads per CTA, keys as M): the core-matrix tile layout,
-// the gather of a token's selected rows and the copy of dense rows into it.
+// Shared pieces of the wgmma sparse attention kernels (64 heads per CTA: sm90_bf16_sparse_attention_fwd_wgmma.cu
+// and _bwd_wgmma.cu; 16 heads per CTA with keys as M: sm90_bf16_sparse_attention_wgmma_h16.cu): the
+// core-matrix tile layout, the gather of a token's selected rows, the copy of dense rows, the dKV scatter.
 //
 // Tiles are wgmma's no-swizzle K-major layout (mma.cuh): 8-row x 8-element core matrices of 128 contiguous
 // bytes, column-adjacent ones 128 bytes apart, row-adjacent ones LD * 16 bytes apart. A tile of [rows][LD]
@@ -62,5 +62,31 @@ __device__ __forceinline__ bool gather_block(const __nv_bfloat16* kv, const int3
 // OR of `v` over the CTA (a barrier). The shuffle shows ptxas that the result is warp-uniform; without it a
 // branch on the result makes it serialize every wgmma of the kernel (C7520).
 __device__ __forceinline__ bool block_any(bool v) { return __shfl_sync(0xffffffffu, __syncthreads_or(v), 0); }
+
+// dst[ids[r], n0 ..] += the accumulator rows r0, r0 + 8 of this thread (a 64 x PW piece in the wgmma / m16n8
+// layout, rows = gathered slots, -1 skipped; dst rows of ld f32): lanes c, c ^ 1 of a quad swap halves of two
+// adjacent 8-column groups so that each holds 4 consecutive columns, one float4 atomic (sm_90) per row and
+// 16 columns. The volume is what the scatter is: one f32 per (slot, column) and piece.
+template <int PW>
+__device__ __forceinline__ void scatter_rows(float* dst, int ld, const int* ids, int r0, int c, const float (&acc)[PW / 2],
+                                             int n0) {
+  static_assert(PW % 16 == 0, "piece width");
+  const bool odd = c & 1;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int s = ids[r0 + 8 * i];
+#pragma unroll
+    for (int m = 0; m < PW / 16; ++m) {
+      const float* a0 = acc + 8 * m;  // column group 2 m (e = 0..3)
+      const float* a1 = a0 + 4;       // column group 2 m + 1
+      const float sx = odd ? a0[2 * i] : a1[2 * i], sy = odd ? a0[2 * i + 1] : a1[2 * i + 1];
+      const float rx = __shfl_xor_sync(0xffffffffu, sx, 1), ry = __shfl_xor_sync(0xffffffffu, sy, 1);
+      if (s < 0) continue;
+      const float4 v = odd ? make_float4(rx, ry, a1[2 * i], a1[2 * i + 1]) : make_float4(a0[2 * i], a0[2 * i + 1], rx, ry);
+      float* row = dst + int64_t(s) * ld + n0 + 16 * m + (odd ? 8 + 2 * (c - 1) : 2 * c);
+      atomicAdd(reinterpret_cast<float4*>(row), v);
+    }
+  }
+}
 
 }  // namespace dsa::cuda::dsa_detail

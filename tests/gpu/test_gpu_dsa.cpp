@@ -334,8 +334,9 @@ TEST(GpuDsa, SparseAttentionForwardBackward) {
 }
 
 // The wgmma kernels (DSA_SPARSE_ATTN_WGMMA=1: opt-in until this test has run on a GPU) against the CPU and
-// against the mma.sync kernels on the same inputs: the forward with 64 heads per CTA (H % 64 == 0) or 16
-// with keys as M (else), the keys-as-M backward (H % 64 != 0), with the head sums each returns. Indices:
+// against the mma.sync kernels on the same inputs: forward and backward with 64 heads per CTA where
+// H % 64 == 0 (the backward at Dk 576; at 288 it stays mma.sync), else 16 with keys as M, with the head sums
+// each returns. Indices:
 // random (-1 anywhere) and causal prefixes (rows t < K hold slots 0 .. t only, so whole 64-slot blocks are
 // empty and skipped); K below, at and off multiples of the 64-slot block; Dk % 64 != 0 (288) and == 0 (576).
 TEST(GpuDsa, SparseAttentionWgmma) {

@@ -10,9 +10,9 @@
 //   gemm               a square GEMM, bench-small's linear layers (fwd, dgrad, f32 wgrad), LM head + CE
 //   indexer_kl         dense indexer KL (loss, loss + grads) and recall; indexer top-k, fp8 and bf16
 //   sparse_attention   sparse MLA attention fwd / bwd; on the GPU the fused (mma), the wgmma
-//                      (DSA_SPARSE_ATTN_WGMMA=1: forward with 64 heads per CTA where H % 64 == 0, else
-//                      16 with keys as M; backward keys-as-M where H % 64 != 0, else the mma one) and
-//                      the gather + cuBLASLt (gemm, DSA_SPARSE_ATTN_GEMM=1) paths
+//                      (DSA_SPARSE_ATTN_WGMMA=1: 64 heads per CTA where H % 64 == 0 (the backward at Dk
+//                      576 only), else 16 with keys as M) and the gather + cuBLASLt (gemm,
+//                      DSA_SPARSE_ATTN_GEMM=1) paths
 //   indexer            the sparse stage's indexer route: scores, top-k, sparse KL, probabilities pass
 //   moe                grouped expert GEMM (fwd, bwd, host time of a call), routing and permutation ops
 #include "kernels/ops.h"

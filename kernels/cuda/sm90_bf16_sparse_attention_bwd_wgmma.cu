@@ -1,0 +1,235 @@
+// Sparse MQA attention backward on wgmma (sm_90a) for 64 heads per CTA: the production MLA shape (H a
+// multiple of 64, Dk 576, Dv 512). A CTA owns one token and 64 heads, two warpgroups; the token's selected
+// latent rows are gathered by index in blocks of 64 (one stage: the Q and dO tiles take the rest of shared
+// memory). Per block, warpgroup w:
+//   S_w, dP_w [64 heads, 32 keys (32 w ..)] = Q K_w^T, dO V_w^T       m64n32k16, K-major tiles
+//   P = exp2(S scale log2e - lse2), dS = P (dP - delta) scale  -> shared memory as [heads][keys] bf16 tiles
+//   (and the head sums of P, the sparse KL's target, when asked)
+//   dQ_w [64 heads, Dk / 2 columns (288 w ..)] += dS K                 m64n96k16 x 3, A = dS (K-major), B the
+//                                                                     block's MN-major view; in registers
+//   dKV [64 keys, the same 288 columns] = dS^T Q (+ P^T dO below Dv)   m64n96k16 pieces, A = dS^T and P^T
+//                                                                     (the [heads][keys] tiles read MN-major),
+//                                                                     B = the Q / dO tiles' MN-major views;
+//                                                                     float4 atomics into the f32 dKV
+// The composed reference is the mma.sync backward of sm90_bf16_sparse_attention_mma.cu (itself tested
+// against the CPU); the tests run both on the same inputs.
+//
+// NOTES:
+// - Opt-in (DSA_SPARSE_ATTN_WGMMA=1) until the GPU tests and the ops bench have run it: written in a
+//   session without a GPU (docs/perf_log.md v12).
+// - Shared memory: Q 72 KiB + dO 64 KiB + one 72 KiB stage + P and dS 16 KiB = 224 KiB of the 227 the SM
+//   allows, so the gather of block b + 1 does not overlap block b (one CTA per SM); the dQ chain is issued
+//   before the dKV pieces and completes under them.
+// - Registers: dQ 3 x 48 per thread over all blocks, one 48-register dKV piece at a time (S and dP are dead
+//   by then).
+#include <cmath>
+
+#include "kernels/cuda/dsa_common.cuh"
+#include "kernels/cuda/mma.cuh"
+#include "kernels/cuda/sparse_attention_wgmma.cuh"
+
+namespace dsa::cuda::dsa_detail {
+
+namespace {
+
+constexpr int kDK = 576, kDV = 512;   // the production MLA head dims (the only instantiation)
+constexpr int kBN = kSparseBlock;     // keys per block: 32 per warpgroup in S and dP
+constexpr int kThreads = 256;         // two warpgroups
+constexpr int kPW = 96;               // dQ / dKV columns per piece; Dk / 2 = 3 pieces per warpgroup
+constexpr float kLog2e = 1.4426950408889634f;
+
+struct Plan {
+  static constexpr int kQ = 64 * kDK, kO = 64 * kDV, kTile = kBN * kDK, kP = 64 * kBN;  // elements
+  static constexpr size_t smem() { return size_t(kQ + kO + kTile + 2 * kP) * 2 + kBN * 4; }
+};
+static_assert(Plan::smem() <= 227 * 1024, "shared memory");
+static_assert(kDK % (2 * kPW) == 0 && kDV % 32 == 0, "pieces");
+
+// P and dS of the warpgroup's 32 keys (accumulator element 4 j + e: head row r0 + 8 (e / 2), key
+// 32 wg + 8 j + 2 c + e % 2) into the [64 heads][64 keys] tiles; with probs, the 16 heads of this warp
+// summed per key and added to probs (four warps, and H / 64 CTAs, per slot).
+__device__ __forceinline__ void softmax_grad(const SparseAttnParams& p, int64_t bt, int blk, const int* ids, int wg,
+                                             int r0, int g, int c, const float (&s)[16], const float (&dp)[16],
+                                             const float (&lse2)[2], const float (&dlt)[2], __nv_bfloat16* sP,
+                                             __nv_bfloat16* sdS) {
+  const float sl2 = p.scale * kLog2e;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int key = 32 * wg + 8 * j + 2 * c;
+    const bool ok[2] = {ids[key] >= 0, ids[key + 1] >= 0};
+    float pv[4], dsv[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      pv[e] = ok[e % 2] ? exp2f(s[4 * j + e] * sl2 - lse2[e / 2]) : 0.f;
+      dsv[e] = pv[e] * (dp[4 * j + e] - dlt[e / 2]) * p.scale;
+    }
+    if (p.probs) {
+      float cs[2] = {pv[0] + pv[2], pv[1] + pv[3]};
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+#pragma unroll
+        for (int o = 4; o < 32; o <<= 1) cs[i] += __shfl_xor_sync(0xffffffffu, cs[i], o);
+        if (g == 0 && ok[i]) atomicAdd(p.probs + bt * p.K + blk * kBN + key + i, cs[i]);
+      }
+    }
+    *reinterpret_cast<uint32_t*>(sP + tile_off<kBN>(r0, key)) = pack_bf16(pv[0], pv[1]);
+    *reinterpret_cast<uint32_t*>(sP + tile_off<kBN>(r0 + 8, key)) = pack_bf16(pv[2], pv[3]);
+    *reinterpret_cast<uint32_t*>(sdS + tile_off<kBN>(r0, key)) = pack_bf16(dsv[0], dsv[1]);
+    *reinterpret_cast<uint32_t*>(sdS + tile_off<kBN>(r0 + 8, key)) = pack_bf16(dsv[2], dsv[3]);
+  }
+}
+
+__global__ void __launch_bounds__(kThreads, 1) sparse_attn_bwd_wgmma_kernel(const SparseAttnParams p) {
+  using C = Plan;
+  extern __shared__ __align__(128) unsigned char smem[];
+  __nv_bfloat16* sQ = reinterpret_cast<__nv_bfloat16*>(smem);  // [64 heads][576] core-matrix tile
+  __nv_bfloat16* sdO = sQ + C::kQ;                               // [64 heads][512]
+  __nv_bfloat16* sKV = sdO + C::kO;                              // [64 keys][576]
+  __nv_bfloat16* sP = sKV + C::kTile;                            // [64 heads][64 keys]
+  __nv_bfloat16* sdS = sP + C::kP;                               // [64 heads][64 keys]
+  int* sIdx = reinterpret_cast<int*>(sdS + C::kP);               // [64]
+  const int groups = p.H / 64;
+  const int64_t bt = blockIdx.x / groups, b = bt / p.T, t = bt % p.T;
+  const int h0 = (blockIdx.x % groups) * 64;
+  const int wg = threadIdx.x / 128, wi = (threadIdx.x / 32) % 4, g = (threadIdx.x % 32) / 4, c = threadIdx.x % 4;
+  const int r0 = 16 * wi + g;  // rows r0, r0 + 8: heads in S, dP, dQ; keys in the dKV pieces
+  const int nblk = (p.K + kBN - 1) / kBN;
+
+  load_dense_rows<kDK, 64, kThreads>(sQ, p.q + (bt * p.H + h0) * kDK, kDK);
+  load_dense_rows<kDV, 64, kThreads>(sdO, p.dout + (bt * p.H + h0) * kDV, kDV);
+  cp_async_commit();
+  float lse2[2], dlt[2];  // rows r0, r0 + 8: lse in log2 units (+inf: empty row, P = 0), delta
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int h = h0 + r0 + 8 * i;
+    const float l = p.lse[(b * p.H + h) * p.T + t];
+    lse2[i] = l == -INFINITY ? INFINITY : l * kLog2e;
+    dlt[i] = p.delta[bt * p.H + h];
+  }
+  float dq[kDK / 2 / kPW][kPW / 2];
+#pragma unroll
+  for (int pc = 0; pc < kDK / 2 / kPW; ++pc)
+#pragma unroll
+    for (int i = 0; i < kPW / 2; ++i) dq[pc][i] = 0.f;
+
+  for (int blk = 0; blk < nblk; ++blk) {
+    __syncthreads();  // the previous block's readers are done with the stage, sP and sdS
+    const bool mine = gather_block<kDK, kThreads>(p.kv, p.idx, p.K, p.T, bt, blk, sKV, sIdx);
+    cp_async_commit();
+    cp_async_wait<0>();
+    fence_proxy_async();
+    if (!block_any(mine)) continue;
+    const __nv_bfloat16* kv_w = sKV + 4 * wg * (kDK / 8) * 64;  // this group's 32 key rows
+
+    // S_w and dP_w.
+    float s[16], dp[16];
+#pragma unroll
+    for (int i = 0; i < 16; ++i) s[i] = dp[i] = 0.f;
+    wgmma_fence_operand(s);
+    wgmma_fence_operand(dp);
+    wgmma_fence();
+#pragma unroll 4
+    for (int ks = 0; ks < kDK / 16; ++ks)
+      WgmmaBf16<32>::ss<0, 0>(s, wgmma_desc(sQ + ks * 128, 128, kDK * 16), wgmma_desc(kv_w + ks * 128, 128, kDK * 16),
+                              ks > 0);
+#pragma unroll 4
+    for (int ks = 0; ks < kDV / 16; ++ks)
+      WgmmaBf16<32>::ss<0, 0>(dp, wgmma_desc(sdO + ks * 128, 128, kDV * 16), wgmma_desc(kv_w + ks * 128, 128, kDK * 16),
+                              ks > 0);
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_fence_operand(s);
+    wgmma_fence_operand(dp);
+    softmax_grad(p, bt, blk, sIdx, wg, r0, g, c, s, dp, lse2, dlt, sP, sdS);
+    fence_proxy_async();
+    __syncthreads();  // both groups' P and dS in shared memory
+
+    // dQ_w += dS K: K = the block's 64 keys; N = this group's 288 columns in three pieces.
+#pragma unroll
+    for (int pc = 0; pc < kDK / 2 / kPW; ++pc) wgmma_fence_operand(dq[pc]);
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < kBN / 16; ++ks) {
+      const uint64_t da = wgmma_desc(sdS + ks * 128, 128, kBN * 16);
+#pragma unroll
+      for (int pc = 0; pc < kDK / 2 / kPW; ++pc) {
+        const int n0 = wg * (kDK / 2) + pc * kPW;
+        WgmmaBf16<kPW>::ss<0, 1>(dq[pc], da, wgmma_desc(sKV + (2 * ks * (kDK / 8) + n0 / 8) * 64, kDK * 16, 128), 1);
+      }
+    }
+    wgmma_commit();
+
+    // dKV pieces: M = the block's 64 keys, K = the 64 heads (four k16 steps: head row blocks 2 ks, 2 ks + 1),
+    // A = dS^T / P^T (the [heads][keys] tiles read MN-major: lbo = the head row-block stride, sbo = 128),
+    // B = the Q / dO tiles read MN-major.
+#pragma unroll 1
+    for (int pc = 0; pc < kDK / 2 / kPW; ++pc) {
+      // Warp-uniform; the shuffle shows ptxas so (a branch on wg alone makes it serialize every wgmma: C7520).
+      const int n0 = __shfl_sync(0xffffffffu, wg * (kDK / 2) + pc * kPW, 0);
+      float acc[kPW / 2];
+#pragma unroll
+      for (int i = 0; i < kPW / 2; ++i) acc[i] = 0.f;
+      wgmma_fence_operand(acc);
+      wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < 4; ++ks)
+        WgmmaBf16<kPW>::ss<1, 1>(acc, wgmma_desc(sdS + 2 * ks * 8 * 64, kBN * 16, 128),
+                                 wgmma_desc(sQ + (2 * ks * (kDK / 8) + n0 / 8) * 64, kDK * 16, 128), 1);
+      if (kDV - n0 >= kPW) {
+#pragma unroll
+        for (int ks = 0; ks < 4; ++ks)
+          WgmmaBf16<kPW>::ss<1, 1>(acc, wgmma_desc(sP + 2 * ks * 8 * 64, kBN * 16, 128),
+                                   wgmma_desc(sdO + (2 * ks * (kDV / 8) + n0 / 8) * 64, kDV * 16, 128), 1);
+      } else if (kDV - n0 == 32) {  // 480 .. 511: the piece's first 32 columns, its first 16 registers
+#pragma unroll
+        for (int ks = 0; ks < 4; ++ks)
+          WgmmaBf16<32>::ss<1, 1>(*reinterpret_cast<float(*)[16]>(acc), wgmma_desc(sP + 2 * ks * 8 * 64, kBN * 16, 128),
+                                  wgmma_desc(sdO + (2 * ks * (kDV / 8) + n0 / 8) * 64, kDV * 16, 128), 1);
+      }
+      wgmma_commit();
+      wgmma_wait<0>();  // (the first piece's wait also completes the dQ chain)
+      wgmma_fence_operand(acc);
+      scatter_rows<kPW>(p.dkv + b * p.T * kDK, kDK, sIdx, r0, c, acc, n0);
+    }
+#pragma unroll
+    for (int pc = 0; pc < kDK / 2 / kPW; ++pc) wgmma_fence_operand(dq[pc]);
+  }
+  cp_async_wait<0>();
+
+  // dQ: element 4 j + e of piece pc is (head r0 + 8 (e / 2), column 288 wg + 96 pc + 8 j + 2 c + e % 2).
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    __nv_bfloat16* row = p.dq + (bt * p.H + h0 + r0 + 8 * i) * kDK + wg * (kDK / 2);
+#pragma unroll
+    for (int pc = 0; pc < kDK / 2 / kPW; ++pc)
+#pragma unroll
+      for (int j = 0; j < kPW / 8; ++j)
+        *reinterpret_cast<uint32_t*>(row + pc * kPW + 8 * j + 2 * c) =
+            pack_bf16(dq[pc][4 * j + 2 * i], dq[pc][4 * j + 2 * i + 1]);
+  }
+}
+
+}  // namespace
+
+bool sparse_attention_wgmma_backward64(const Tensor& dout, const Tensor& q, const Tensor& kv, int64_t dv,
+                                       const Tensor& indices, const Tensor& lse, const float* delta, double scale,
+                                       Tensor& dq, Tensor& dkv32, Tensor& probs_sum) {
+  if (q.size(2) % 64 != 0 || q.size(3) != kDK || dv != kDV || q.numel() == 0 || indices.size(2) == 0 ||
+      !sparse_attention_wgmma_enabled())
+    return false;
+  SparseAttnParams p = sparse_attn_params(q, kv, indices, scale);
+  p.lse = const_cast<float*>(lse.data<float>());
+  p.dout = reinterpret_cast<const __nv_bfloat16*>(dout.data<bf16>());
+  p.delta = delta;
+  p.dq = reinterpret_cast<__nv_bfloat16*>(dq.data<bf16>());
+  p.dkv = dkv32.data<float>();
+  p.probs = probs_sum.defined() ? probs_sum.data<float>() : nullptr;
+  DSA_CUDA_CHECK(cudaFuncSetAttribute(sparse_attn_bwd_wgmma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(Plan::smem())));
+  const int64_t blocks = int64_t(p.B) * p.T * (p.H / 64);
+  sparse_attn_bwd_wgmma_kernel<<<static_cast<unsigned>(blocks), kThreads, Plan::smem(), stream()>>>(p);
+  check_launch("sparse_attention_backward");
+  return true;
+}
+
+}  // namespace dsa::cuda::dsa_detail
