@@ -174,27 +174,17 @@ bool sparse_attention_mma_forward(const Tensor& q, const Tensor& kv, int64_t dv,
 bool sparse_attention_mma_backward(const Tensor& dout, const Tensor& q, const Tensor& kv, int64_t dv,
                                    const Tensor& indices, const Tensor& out, const Tensor& lse, double scale,
                                    Tensor& dq, Tensor& dkv32, Tensor& probs_sum /*undefined: not wanted*/);
-// The forward's out and lse on wgmma: 64 heads per CTA where H % 64 == 0 (sm90_bf16_sparse_attention_fwd_wgmma.cu),
-// else 16 with keys as M (sparse_attention_wgmma16_forward); false, launching nothing, unless (Dk, Dv) is
-// (576, 512) or (288, 256), H % 16 == 0, sm_90a code runs and DSA_SPARSE_ATTN_WGMMA=1 (opt-in until run on a
-// GPU: docs/perf_log.md v12). sparse_attention_mma_forward tries it first.
-bool sparse_attention_wgmma_forward(const Tensor& q, const Tensor& kv, int64_t dv, const Tensor& indices, double scale,
-                                    Tensor& out, Tensor& lse);
-bool sparse_attention_wgmma16_forward(const Tensor& q, const Tensor& kv, int64_t dv, const Tensor& indices,
-                                      double scale, Tensor& out, Tensor& lse);
-// The backward on wgmma with keys as M, 16 heads per CTA (sm90_bf16_sparse_attention_wgmma_h16.cu), for
-// H % 16 == 0 but not % 64 (64-head CTAs contract more heads per dKV atomic), the same (Dk, Dv), sm_90a and
-// DSA_SPARSE_ATTN_WGMMA=1; false launches nothing. delta [B * T, H] f32 from the caller; dq, dkv32 and
-// probs_sum as sparse_attention_mma_backward. sparse_attention_mma_backward tries the 64-head one (below),
-// then this one.
-bool sparse_attention_wgmma_backward(const Tensor& dout, const Tensor& q, const Tensor& kv, int64_t dv,
-                                     const Tensor& indices, const Tensor& lse, const float* delta, double scale,
-                                     Tensor& dq, Tensor& dkv32, Tensor& probs_sum);
-// The backward on wgmma with 64 heads per CTA (sm90_bf16_sparse_attention_bwd_wgmma.cu): H % 64 == 0, Dk 576,
-// Dv 512, sm_90a and DSA_SPARSE_ATTN_WGMMA=1; otherwise false, launching nothing. Arguments as above.
-bool sparse_attention_wgmma_backward64(const Tensor& dout, const Tensor& q, const Tensor& kv, int64_t dv,
-                                       const Tensor& indices, const Tensor& lse, const float* delta, double scale,
-                                       Tensor& dq, Tensor& dkv32, Tensor& probs_sum);
+// The wgmma kernels (opt-in: DSA_SPARSE_ATTN_WGMMA=1, read at each call, until run on a GPU: docs/perf_log.md
+// v12), on the parameters sparse_attention_mma_forward / _backward built (shapes checked there: (Dk, Dv)
+// (576, 512) or (288, 256), H % 16 == 0): false, launching nothing, where they do not apply (switch off, no
+// sm_90a code, or the shape below). The forward writes out and lse (p.out, p.lse); the backward dq, dkv and
+// probs (p.dq, p.dkv, p.probs) from p.lse and p.delta. Both try them first.
+//  - H % 64 == 0: 64 heads per CTA, sm90_bf16_sparse_attention_fwd_wgmma.cu and _bwd_wgmma.cu (Dk 576 only);
+//  - else 16 heads per CTA with the gathered keys as M, sm90_bf16_sparse_attention_wgmma_h16.cu.
+bool sparse_attention_wgmma_forward(const SparseAttnParams& p, int dk, int dv);
+bool sparse_attention_wgmma_backward(const SparseAttnParams& p, int dk, int dv);
+bool sparse_attention_wgmma16_forward(const SparseAttnParams& p, int dk, int dv);
+bool sparse_attention_wgmma16_backward(const SparseAttnParams& p, int dk, int dv);
 bool sparse_attention_wgmma_enabled();  // DSA_SPARSE_ATTN_WGMMA=1 and wgmma_available()
 }  // namespace dsa::cuda::dsa_detail
 

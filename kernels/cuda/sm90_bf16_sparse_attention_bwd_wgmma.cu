@@ -211,19 +211,10 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_attn_bwd_wgmma_kernel(cons
 
 }  // namespace
 
-bool sparse_attention_wgmma_backward64(const Tensor& dout, const Tensor& q, const Tensor& kv, int64_t dv,
-                                       const Tensor& indices, const Tensor& lse, const float* delta, double scale,
-                                       Tensor& dq, Tensor& dkv32, Tensor& probs_sum) {
-  if (q.size(2) % 64 != 0 || q.size(3) != kDK || dv != kDV || q.numel() == 0 || indices.size(2) == 0 ||
-      !sparse_attention_wgmma_enabled())
-    return false;
-  SparseAttnParams p = sparse_attn_params(q, kv, indices, scale);
-  p.lse = const_cast<float*>(lse.data<float>());
-  p.dout = reinterpret_cast<const __nv_bfloat16*>(dout.data<bf16>());
-  p.delta = delta;
-  p.dq = reinterpret_cast<__nv_bfloat16*>(dq.data<bf16>());
-  p.dkv = dkv32.data<float>();
-  p.probs = probs_sum.defined() ? probs_sum.data<float>() : nullptr;
+bool sparse_attention_wgmma_backward(const SparseAttnParams& p, int dk, int dv) {
+  if (!sparse_attention_wgmma_enabled()) return false;
+  if (p.H % 64 != 0) return sparse_attention_wgmma16_backward(p, dk, dv);
+  if (dk != kDK || dv != kDV) return false;  // 288 / 256 with 64-head groups: the mma.sync kernel
   DSA_CUDA_CHECK(cudaFuncSetAttribute(sparse_attn_bwd_wgmma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(Plan::smem())));
   const int64_t blocks = int64_t(p.B) * p.T * (p.H / 64);

@@ -231,18 +231,13 @@ bool sparse_attention_wgmma_enabled() {
   return e && std::strcmp(e, "1") == 0 && wgmma_available();
 }
 
-bool sparse_attention_wgmma_forward(const Tensor& q, const Tensor& kv, int64_t dv, const Tensor& indices, double scale,
-                                    Tensor& out, Tensor& lse) {
-  const int64_t H = q.size(2), Dk = q.size(3);
-  if (H % 64 != 0) return sparse_attention_wgmma16_forward(q, kv, dv, indices, scale, out, lse);
-  const bool dims = (Dk == 576 && dv == 512) || (Dk == 288 && dv == 256);
-  if (!dims || q.numel() == 0 || indices.size(2) == 0 || !sparse_attention_wgmma_enabled()) return false;
-  SparseAttnParams p = sparse_attn_params(q, kv, indices, scale);
-  p.out = reinterpret_cast<__nv_bfloat16*>(out.data<bf16>());
-  p.lse = lse.data<float>();
+bool sparse_attention_wgmma_forward(const SparseAttnParams& p, int dk, int dv) {
+  if (!sparse_attention_wgmma_enabled()) return false;
+  if (p.H % 64 != 0) return sparse_attention_wgmma16_forward(p, dk, dv);
   const char* op = "sparse_attention_forward";
-  if (Dk == 576) launch<576, 512, 2>(p, op);
-  else launch<288, 256, 3>(p, op);
+  if (dk == 576 && dv == 512) launch<576, 512, 2>(p, op);
+  else if (dk == 288 && dv == 256) launch<288, 256, 3>(p, op);
+  else return false;
   return true;
 }
 

@@ -544,7 +544,7 @@ bool sparse_attention_mma_forward(const Tensor& q, const Tensor& kv, int64_t dv,
       else launch(Tiles<576, 512, 1, 2, 32, 2>{});
     }
   };
-  if (!sparse_attention_wgmma_forward(q, kv, dv, indices, scale, out, lse))
+  if (!sparse_attention_wgmma_forward(p, static_cast<int>(Dk), static_cast<int>(dv)))
     fwd_side([&](auto t) {
       using T = decltype(t);
       launch_kernel<T>(sparse_attn_fwd_kernel<T::DK, T::DV, T::HT, T::NT, T::BN, T::ST>, T::C::fwd_smem(), p, op);
@@ -580,9 +580,7 @@ bool sparse_attention_mma_backward(const Tensor& dout, const Tensor& q, const Te
   p.dq = reinterpret_cast<__nv_bfloat16*>(dq.data<bf16>());
   p.dkv = dkv32.data<float>();
   p.probs = probs_sum.defined() ? probs_sum.data<float>() : nullptr;
-  if (sparse_attention_wgmma_backward64(dout, q, kv, dv, indices, lse, p.delta, scale, dq, dkv32, probs_sum) ||
-      sparse_attention_wgmma_backward(dout, q, kv, dv, indices, lse, p.delta, scale, dq, dkv32, probs_sum))
-    return true;
+  if (sparse_attention_wgmma_backward(p, static_cast<int>(Dk), static_cast<int>(dv))) return true;
   auto launch = [&](auto t) {
     using T = decltype(t);
     launch_kernel<T>(sparse_attn_bwd_kernel<T::DK, T::DV, T::HT, T::NT, T::BN, T::ST>, T::C::bwd_smem(), p, op);

@@ -420,46 +420,29 @@ void launch16(Kernel kern, size_t smem, const SparseAttnParams& p, const char* o
   check_launch(op);
 }
 
-// The instantiations' common checks and parameters: false where they do not apply (the callers then run
-// the mma.sync kernels).
-bool applies16(const Tensor& q, int64_t dv, const Tensor& indices) {
-  const int64_t H = q.size(2), Dk = q.size(3);
-  const bool dims = (Dk == 576 && dv == 512) || (Dk == 288 && dv == 256);
-  return dims && H % 16 == 0 && q.numel() > 0 && indices.size(2) > 0 && sparse_attention_wgmma_enabled();
-}
-
 }  // namespace
 
-bool sparse_attention_wgmma16_forward(const Tensor& q, const Tensor& kv, int64_t dv, const Tensor& indices,
-                                      double scale, Tensor& out, Tensor& lse) {
-  if (!applies16(q, dv, indices)) return false;
-  SparseAttnParams p = sparse_attn_params(q, kv, indices, scale);
-  p.out = reinterpret_cast<__nv_bfloat16*>(out.data<bf16>());
-  p.lse = lse.data<float>();
+bool sparse_attention_wgmma16_forward(const SparseAttnParams& p, int dk, int dv) {
   const char* op = "sparse_attention_forward";
-  if (q.size(3) == 576)
+  if (p.H % 16 != 0) return false;
+  if (dk == 576 && dv == 512)
     launch16(sparse_attn_fwd_wgmma16_kernel<576, 512, 1>, Cfg16<576, 512, 1>::fwd_smem(), p, op);
-  else
+  else if (dk == 288 && dv == 256)
     launch16(sparse_attn_fwd_wgmma16_kernel<288, 256, 2>, Cfg16<288, 256, 2>::fwd_smem(), p, op);
+  else
+    return false;
   return true;
 }
 
-bool sparse_attention_wgmma_backward(const Tensor& dout, const Tensor& q, const Tensor& kv, int64_t dv,
-                                     const Tensor& indices, const Tensor& lse, const float* delta, double scale,
-                                     Tensor& dq, Tensor& dkv32, Tensor& probs_sum) {
-  if (q.size(2) % 64 == 0 || !applies16(q, dv, indices)) return false;  // 64-head CTAs: the mma.sync kernel
-  SparseAttnParams p = sparse_attn_params(q, kv, indices, scale);
-  p.lse = const_cast<float*>(lse.data<float>());
-  p.dout = reinterpret_cast<const __nv_bfloat16*>(dout.data<bf16>());
-  p.delta = delta;
-  p.dq = reinterpret_cast<__nv_bfloat16*>(dq.data<bf16>());
-  p.dkv = dkv32.data<float>();
-  p.probs = probs_sum.defined() ? probs_sum.data<float>() : nullptr;
+bool sparse_attention_wgmma16_backward(const SparseAttnParams& p, int dk, int dv) {
   const char* op = "sparse_attention_backward";
-  if (q.size(3) == 576)
+  if (p.H % 16 != 0) return false;
+  if (dk == 576 && dv == 512)
     launch16(sparse_attn_bwd_wgmma16_kernel<576, 512, 1>, Cfg16<576, 512, 1>::bwd_smem(), p, op);
-  else
+  else if (dk == 288 && dv == 256)
     launch16(sparse_attn_bwd_wgmma16_kernel<288, 256, 2>, Cfg16<288, 256, 2>::bwd_smem(), p, op);
+  else
+    return false;
   return true;
 }
 
