@@ -420,30 +420,36 @@ void launch16(Kernel kern, size_t smem, const SparseAttnParams& p, const char* o
   check_launch(op);
 }
 
-}  // namespace
-
-bool sparse_attention_wgmma16_forward(const SparseAttnParams& p, int dk, int dv) {
-  const char* op = "sparse_attention_forward";
-  if (p.H % 16 != 0) return false;
-  if (dk == 576 && dv == 512)
-    launch16(sparse_attn_fwd_wgmma16_kernel<576, 512, 1>, Cfg16<576, 512, 1>::fwd_smem(), p, op);
-  else if (dk == 288 && dv == 256)
-    launch16(sparse_attn_fwd_wgmma16_kernel<288, 256, 2>, Cfg16<288, 256, 2>::fwd_smem(), p, op);
-  else
-    return false;
+// The instantiations as types: (576, 512) takes one stage (two CTAs per SM), (288, 256) two. Calls
+// launch(Dims<...>{}) for (dk, dv); false where there is none.
+template <int DK, int DV, int ST>
+struct Dims {
+  static constexpr int kDK = DK, kDV = DV, kST = ST;
+};
+template <class Launch>
+bool by_dims(int dk, int dv, Launch launch) {
+  if (dk == 576 && dv == 512) launch(Dims<576, 512, 1>{});
+  else if (dk == 288 && dv == 256) launch(Dims<288, 256, 2>{});
+  else return false;
   return true;
 }
 
+}  // namespace
+
+bool sparse_attention_wgmma16_forward(const SparseAttnParams& p, int dk, int dv) {
+  return p.H % 16 == 0 && by_dims(dk, dv, [&](auto d) {
+    using D = decltype(d);
+    launch16(sparse_attn_fwd_wgmma16_kernel<D::kDK, D::kDV, D::kST>, Cfg16<D::kDK, D::kDV, D::kST>::fwd_smem(), p,
+             "sparse_attention_forward");
+  });
+}
+
 bool sparse_attention_wgmma16_backward(const SparseAttnParams& p, int dk, int dv) {
-  const char* op = "sparse_attention_backward";
-  if (p.H % 16 != 0) return false;
-  if (dk == 576 && dv == 512)
-    launch16(sparse_attn_bwd_wgmma16_kernel<576, 512, 1>, Cfg16<576, 512, 1>::bwd_smem(), p, op);
-  else if (dk == 288 && dv == 256)
-    launch16(sparse_attn_bwd_wgmma16_kernel<288, 256, 2>, Cfg16<288, 256, 2>::bwd_smem(), p, op);
-  else
-    return false;
-  return true;
+  return p.H % 16 == 0 && by_dims(dk, dv, [&](auto d) {
+    using D = decltype(d);
+    launch16(sparse_attn_bwd_wgmma16_kernel<D::kDK, D::kDV, D::kST>, Cfg16<D::kDK, D::kDV, D::kST>::bwd_smem(), p,
+             "sparse_attention_backward");
+  });
 }
 
 }  // namespace dsa::cuda::dsa_detail
