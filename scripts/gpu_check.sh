@@ -3,8 +3,11 @@
 # a GPU training smoke run, the benchmarks (dsa-bench ops, kernels, train) and their PyTorch peers; the
 # summary table prints last.
 #
-#   bash scripts/gpu_check.sh [all|tests|bench|long|build]   (results under $OUT, default /tmp/dsa_gpu)
+#   bash scripts/gpu_check.sh [all|tests|bench|long|wgmma|build]   (results under $OUT, default /tmp/dsa_gpu)
 #       long: the three stages at 32K, 64K and 128K (one sequence, recompute) and their table alone
+#       wgmma: the opt-in wgmma sparse MLA kernels (DSA_SPARSE_ATTN_WGMMA=1, docs/perf_log.md v12) in one call:
+#              their test and racecheck, the sparse attention ops, the kernel rows, the sparse step at 16K
+#              with and without them
 #   bash scripts/gpu_check.sh multi [tests|scale|ep|memory|resume ...]
 #       a machine with several GPUs: scripts/gpu_check_multi.sh after the build (its table last)
 # The GPU image has no PCRE2 -dev package: pcre2.h comes from .carry/pcre2 when present.
@@ -49,6 +52,21 @@ if [[ $what == all || $what == tests ]]; then
       stages.warmup.steps=30 stages.sparse.steps=30 >"$OUT/quickstart_gpu.log" 2>&1 || status=1
     grep -E "^\[(dense|warmup|sparse|train)\]" "$OUT/quickstart_gpu.log" | grep -E "val|done|model" | tail -12
   fi
+fi
+if [[ $what == wgmma ]]; then
+  "$BUILD/bin/test_gpu_dsa" --gtest_filter='*SparseAttention*' >"$OUT/wgmma_tests.log" 2>&1 || status=1
+  grep -E "^\[  (PASSED|FAILED) |Failure|rel err|vs CPU|vs mma" "$OUT/wgmma_tests.log" | head -30
+  if command -v compute-sanitizer >/dev/null; then
+    timeout 240 compute-sanitizer --tool racecheck --error-exitcode 9 "$BUILD/bin/test_gpu_dsa" \
+      --gtest_filter='*SparseAttentionWgmma*' >"$OUT/wgmma_racecheck.log" 2>&1
+    echo "[gpu_check] racecheck SparseAttentionWgmma: rc $?, $(grep -E 'RACECHECK SUMMARY|hazard' "$OUT/wgmma_racecheck.log" | tail -1)"
+  fi
+  "$BUILD/bin/dsa-bench" ops --only sparse_attention 2>&1 | grep -E "sparse_attention" | head -24
+  "$BUILD/bin/dsa-bench" kernels 2>&1 | grep -E "sparse MLA"
+  for wg in 0 1; do
+    echo "[gpu_check] DSA_SPARSE_ATTN_WGMMA=$wg"
+    DSA_SPARSE_ATTN_WGMMA=$wg "$BUILD/bin/dsa-bench" train --seq-len 16384 --stages sparse 2>&1 | tail -2
+  done
 fi
 if [[ $what == all || $what == bench ]]; then
   rm -f "$OUT/bench.jsonl"
