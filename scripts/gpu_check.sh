@@ -5,9 +5,9 @@
 #
 #   bash scripts/gpu_check.sh [all|tests|bench|long|wgmma|build]   (results under $OUT, default /tmp/dsa_gpu)
 #       long: the three stages at 32K, 64K and 128K (one sequence, recompute) and their table alone
-#       wgmma: the opt-in wgmma sparse MLA kernels (DSA_SPARSE_ATTN_WGMMA=1, docs/perf_log.md v12) in one call:
-#              their test and racecheck, the sparse attention ops, the kernel rows, the sparse step at 16K
-#              with and without them
+#       wgmma: the wgmma sparse MLA kernels (docs/perf_log.md v12) in one call: their test and racecheck,
+#              the sparse attention ops, the kernel rows, the sparse step at 16K with DSA_SPARSE_ATTN_WGMMA
+#              0 (mma.sync only), unset (the default: wgmma where measured faster) and 1 (every wgmma kernel)
 #   bash scripts/gpu_check.sh multi [tests|scale|ep|memory|resume ...]
 #       a machine with several GPUs: scripts/gpu_check_multi.sh after the build (its table last)
 # The GPU image has no PCRE2 -dev package: pcre2.h comes from .carry/pcre2 when present.
@@ -63,8 +63,8 @@ if [[ $what == wgmma ]]; then
   fi
   "$BUILD/bin/dsa-bench" ops --only sparse_attention 2>&1 | grep -E "sparse_attention" | head -24
   "$BUILD/bin/dsa-bench" kernels 2>&1 | grep -E "sparse MLA"
-  for wg in 0 1; do
-    echo "[gpu_check] DSA_SPARSE_ATTN_WGMMA=$wg"
+  for wg in 0 "" 1; do
+    echo "[gpu_check] DSA_SPARSE_ATTN_WGMMA=${wg:-unset}"
     DSA_SPARSE_ATTN_WGMMA=$wg "$BUILD/bin/dsa-bench" train --seq-len 16384 --stages sparse 2>&1 | tail -2
   done
 fi

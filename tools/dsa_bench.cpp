@@ -297,15 +297,15 @@ void kernel_bench(int argc, char** argv) {
     report("sparse MLA attention bwd", time_median(dev, 1, 3, [&] {
              ops::sparse_attention_backward(dout, q, kv, kvl, ind, o, lse, sm);
            }), 2.5 * flops);
-    if (dev == Device::CUDA) {  // the opt-in wgmma kernels (64 heads per CTA), same inputs
+    if (dev == Device::CUDA) {  // the mma.sync kernels the wgmma ones replaced (DSA_SPARSE_ATTN_WGMMA=0), same inputs
       struct Unset {
         ~Unset() { unsetenv("DSA_SPARSE_ATTN_WGMMA"); }
       } unset;
-      setenv("DSA_SPARSE_ATTN_WGMMA", "1", 1);
-      report("sparse MLA attention fwd (wgmma)", time_median(dev, 1, 3, [&] {
+      setenv("DSA_SPARSE_ATTN_WGMMA", "0", 1);
+      report("sparse MLA attention fwd (mma.sync)", time_median(dev, 1, 3, [&] {
                o = ops::sparse_attention_forward(q, kv, kvl, ind, sm, &lse);
              }), flops);
-      report("sparse MLA attention bwd (wgmma)", time_median(dev, 1, 3, [&] {
+      report("sparse MLA attention bwd (mma.sync)", time_median(dev, 1, 3, [&] {
                ops::sparse_attention_backward(dout, q, kv, kvl, ind, o, lse, sm);
              }), 2.5 * flops);
     }

@@ -174,18 +174,21 @@ bool sparse_attention_mma_forward(const Tensor& q, const Tensor& kv, int64_t dv,
 bool sparse_attention_mma_backward(const Tensor& dout, const Tensor& q, const Tensor& kv, int64_t dv,
                                    const Tensor& indices, const Tensor& out, const Tensor& lse, double scale,
                                    Tensor& dq, Tensor& dkv32, Tensor& probs_sum /*undefined: not wanted*/);
-// The wgmma kernels (opt-in: DSA_SPARSE_ATTN_WGMMA=1, read at each call, until run on a GPU: docs/perf_log.md
-// v12), on the parameters sparse_attention_mma_forward / _backward built (shapes checked there: (Dk, Dv)
-// (576, 512) or (288, 256), H % 16 == 0): false, launching nothing, where they do not apply (switch off, no
-// sm_90a code, or the shape below). The forward writes out and lse (p.out, p.lse); the backward dq, dkv and
-// probs (p.dq, p.dkv, p.probs) from p.lse and p.delta. Both try them first.
+// The wgmma kernels, on the parameters sparse_attention_mma_forward / _backward built (shapes checked there:
+// (Dk, Dv) (576, 512) or (288, 256), H % 16 == 0): false, launching nothing, where they do not apply (switch
+// off, no sm_90a code, or the shape below). The forward writes out and lse (p.out, p.lse); the backward dq,
+// dkv and probs (p.dq, p.dkv, p.probs) from p.lse and p.delta. Both try them first.
 //  - H % 64 == 0: 64 heads per CTA, sm90_bf16_sparse_attention_fwd_wgmma.cu and _bwd_wgmma.cu (Dk 576 only);
-//  - else 16 heads per CTA with the gathered keys as M, sm90_bf16_sparse_attention_wgmma_h16.cu.
+//  - else 16 heads per CTA with the gathered keys as M, sm90_bf16_sparse_attention_wgmma_h16.cu (its forward
+//    only under DSA_SPARSE_ATTN_WGMMA=1: slower than the mma.sync kernel, docs/perf_log.md v12).
 bool sparse_attention_wgmma_forward(const SparseAttnParams& p, int dk, int dv);
 bool sparse_attention_wgmma_backward(const SparseAttnParams& p, int dk, int dv);
 bool sparse_attention_wgmma16_forward(const SparseAttnParams& p, int dk, int dv);
 bool sparse_attention_wgmma16_backward(const SparseAttnParams& p, int dk, int dv);
-bool sparse_attention_wgmma_enabled();  // DSA_SPARSE_ATTN_WGMMA=1 and wgmma_available()
+// DSA_SPARSE_ATTN_WGMMA, read at each call: unset = where measured faster (kMeasured), 0 = never, 1 = every
+// wgmma kernel (the tests and the ops bench); kOff without sm_90a code. Another value is refused.
+enum class SparseWgmmaMode { kOff, kMeasured, kAll };
+SparseWgmmaMode sparse_attention_wgmma_mode();
 }  // namespace dsa::cuda::dsa_detail
 
 namespace dsa::cuda::dsa_detail {

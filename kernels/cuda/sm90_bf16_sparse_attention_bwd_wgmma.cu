@@ -15,8 +15,8 @@
 // against the CPU); the tests run both on the same inputs.
 //
 // NOTES:
-// - Opt-in (DSA_SPARSE_ATTN_WGMMA=1) until the GPU tests and the ops bench have run it: written in a
-//   session without a GPU (docs/perf_log.md v12).
+// - The default (DSA_SPARSE_ATTN_WGMMA=0 keeps the mma.sync kernel): 247 vs 153 TFLOP/s (ops bench count)
+//   at the production shape (docs/perf_log.md v12).
 // - Shared memory: Q 72 KiB + dO 64 KiB + one 72 KiB stage + P and dS 16 KiB = 224 KiB of the 227 the SM
 //   allows, so the gather of block b + 1 does not overlap block b (one CTA per SM); the dQ chain is issued
 //   before the dKV pieces and completes under them.
@@ -212,7 +212,7 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_attn_bwd_wgmma_kernel(cons
 }  // namespace
 
 bool sparse_attention_wgmma_backward(const SparseAttnParams& p, int dk, int dv) {
-  if (!sparse_attention_wgmma_enabled()) return false;
+  if (sparse_attention_wgmma_mode() == SparseWgmmaMode::kOff) return false;
   if (p.H % 64 != 0) return sparse_attention_wgmma16_backward(p, dk, dv);
   if (dk != kDK || dv != kDV) return false;  // 288 / 256 with 64-head groups: the mma.sync kernel
   DSA_CUDA_CHECK(cudaFuncSetAttribute(sparse_attn_bwd_wgmma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,

@@ -12,8 +12,8 @@
 // against the CPU); the tests run both on the same inputs.
 //
 // NOTES:
-// - Opt-in (DSA_SPARSE_ATTN_WGMMA=1, read at each call) until the GPU tests and the ops bench have run it:
-//   written in a session without a GPU (docs/perf_log.md v12).
+// - The default where H % 64 == 0 (DSA_SPARSE_ATTN_WGMMA=0 keeps the mma.sync kernel; read at each call):
+//   266 vs 207 TFLOP/s at the production shape (docs/perf_log.md v12).
 // - Shared memory (576 / 512): Q 72 KiB + two 72 KiB stages + P 8 KiB = 225 KiB of the 227 the SM allows;
 //   (288 / 256) takes three stages.
 // - Tiles, the gather and block_any: sparse_attention_wgmma.cuh.
@@ -226,14 +226,23 @@ void launch(const SparseAttnParams& p, const char* op) {
 
 }  // namespace
 
-bool sparse_attention_wgmma_enabled() {
+SparseWgmmaMode sparse_attention_wgmma_mode() {
   const char* e = std::getenv("DSA_SPARSE_ATTN_WGMMA");
-  return e && std::strcmp(e, "1") == 0 && wgmma_available();
+  SparseWgmmaMode mode = SparseWgmmaMode::kMeasured;
+  if (e && *e) {
+    DSA_CHECK(std::strcmp(e, "0") == 0 || std::strcmp(e, "1") == 0,
+              "[sparse_attention] DSA_SPARSE_ATTN_WGMMA must be 0, 1 or unset, got '", e, "'");
+    mode = *e == '0' ? SparseWgmmaMode::kOff : SparseWgmmaMode::kAll;
+  }
+  return wgmma_available() ? mode : SparseWgmmaMode::kOff;
 }
 
 bool sparse_attention_wgmma_forward(const SparseAttnParams& p, int dk, int dv) {
-  if (!sparse_attention_wgmma_enabled()) return false;
-  if (p.H % 64 != 0) return sparse_attention_wgmma16_forward(p, dk, dv);
+  const SparseWgmmaMode mode = sparse_attention_wgmma_mode();
+  if (mode == SparseWgmmaMode::kOff) return false;
+  // NOTES: the 16-head forward (keys as M, N = 16 per wgmma) measured slower than the mma.sync kernel
+  // (bench-small T = 16K: 2.18 vs 1.85 ms, docs/perf_log.md v12): it runs only when asked for (=1).
+  if (p.H % 64 != 0) return mode == SparseWgmmaMode::kAll && sparse_attention_wgmma16_forward(p, dk, dv);
   const char* op = "sparse_attention_forward";
   if (dk == 576 && dv == 512) launch<576, 512, 2>(p, op);
   else if (dk == 288 && dv == 256) launch<288, 256, 3>(p, op);

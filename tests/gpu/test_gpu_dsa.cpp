@@ -333,7 +333,7 @@ TEST(GpuDsa, SparseAttentionForwardBackward) {
   }
 }
 
-// The wgmma kernels (DSA_SPARSE_ATTN_WGMMA=1: opt-in until this test has run on a GPU) against the CPU and
+// The wgmma kernels (DSA_SPARSE_ATTN_WGMMA=1: all of them, the 16-head forward too) against the CPU and
 // against the mma.sync kernels on the same inputs: forward and backward with 64 heads per CTA where
 // H % 64 == 0 (the backward at Dk 576; at 288 it stays mma.sync), else 16 with keys as M, with the head sums
 // each returns. Indices:
@@ -393,6 +393,17 @@ TEST(GpuDsa, SparseAttentionWgmma) {
       EXPECT_TRUE(rel_close(gw.dq, gm.dq, std::sqrt(2.0) * tol_bwd)) << "dq vs mma.sync, " << what;
       EXPECT_TRUE(rel_close(gw.dkv, gm.dkv, std::sqrt(2.0) * tol_bwd)) << "dkv vs mma.sync, " << what;
     }
+  // A value the switch cannot honour is refused by name, not read as the default.
+  setenv("DSA_SPARSE_ATTN_WGMMA", "yes", 1);
+  const Pair q = rand_pair({1, 8, 16, 288}, 60), kv = rand_pair({1, 8, 288}, 61);
+  const Tensor idx = rand_indices(1, 8, 4, 62).to(Device::CUDA);
+  try {
+    Tensor lse;
+    ops::sparse_attention_forward(q.gpu, kv.gpu, 256, idx, 0.06, &lse, nullptr);
+    ADD_FAILURE() << "DSA_SPARSE_ATTN_WGMMA=yes was accepted";
+  } catch (const std::exception& e) {
+    EXPECT_NE(std::string(e.what()).find("DSA_SPARSE_ATTN_WGMMA"), std::string::npos) << e.what();
+  }
 }
 
 // --------------------------------------------------------------------------------- indexer losses
