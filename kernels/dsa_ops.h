@@ -67,18 +67,27 @@ void indexer_scores_backward(const Tensor& dI, const Tensor& q_I, const Tensor& 
                              Tensor* dq_I, Tensor* dk_I, Tensor* dw_I);
 
 // --------------------------------------------------------------------------------------- top-k
+// Order of a row's selected slots. The set is the same either way: the K highest scores, equal scores
+// ranked by lower index (NaN below -inf).
+//   kScore: higher score first, equal scores lower index first (torch.topk's sorted order).
+//   kIndex: ascending key index. Attention and the indexer losses do not depend on the slots' order
+//           (up to the summation order of their floating-point sums); on the GPU this order needs no sort
+//           of the winners (docs/perf_log.md v13), and gathers read the keys in address order.
+enum class TopkOrder { kScore, kIndex };
+const char* topk_order_name(TopkOrder o);  // "score" / "index"
+
 // Top-k of score rows t = t0 + r over s <= t: scores [B, R, T] (entries s > t are ignored) ->
-// indices [B, R, K] i32. Order: higher score first; equal scores: lower index first. Every s <= t is
-// selected when t + 1 <= K; unused slots (after the valid ones) hold -1.
-Tensor topk_causal(const Tensor& scores, int64_t t0, int64_t topk);
+// indices [B, R, K] i32 in `order`. Every s <= t is selected when t + 1 <= K; unused slots (after the
+// valid ones) hold -1.
+Tensor topk_causal(const Tensor& scores, int64_t t0, int64_t topk, TopkOrder order = TopkOrder::kScore);
 // S_t for every token: indices [B, T, K] i32, scored row block by row block (never [B, T, T]).
 // fp8 = true scores the indexer_fp8_operands (Hadamard + FP8, as in production); fp8 = false scores
 // the unquantized q_I, k_I in f32/f64 (ablation and reference). block_rows: query rows per streamed
 // block (0 = automatic, about 32 MiB of scores); the result does not depend on it. scores_out (may be
 // null) gets [B, T, K] the selected slots' scores (-inf on -1 slots; CPU: q_I's dtype, CUDA: f32), which
-// indexer_kl_sparse_from_probs can take instead of scoring the slots again.
+// indexer_kl_sparse_from_probs can take instead of scoring the slots again. Slots in `order` (topk_causal's).
 Tensor indexer_topk(const Tensor& q_I, const Tensor& k_I, const Tensor& w_I, int64_t topk, bool fp8,
-                    int64_t block_rows = 0, Tensor* scores_out = nullptr);
+                    int64_t block_rows = 0, Tensor* scores_out = nullptr, TopkOrder order = TopkOrder::kScore);
 
 // ------------------------------------------------------------------------------ sparse attention
 // MQA-form attention of each query over its selected latent rows (slots with index -1 are skipped;

@@ -303,7 +303,8 @@ void indexer_scores_backward(const Tensor& dI, const Tensor& q_I, const Tensor& 
 
 namespace {
 template <class T>
-void topk_rows(const T* scores, int64_t B, int64_t R, int64_t T_, int64_t t0, int64_t K, int32_t* out) {
+void topk_rows(const T* scores, int64_t B, int64_t R, int64_t T_, int64_t t0, int64_t K, TopkOrder order,
+               int32_t* out) {
 #pragma omp parallel if(B * R * T_ > dsa_cpu::kOmpMinWork)
   {
     std::vector<int32_t> cand;
@@ -321,7 +322,8 @@ void topk_rows(const T* scores, int64_t B, int64_t R, int64_t T_, int64_t t0, in
       cand.resize(static_cast<size_t>(n));
       for (int64_t s = 0; s < n; ++s) cand[s] = static_cast<int32_t>(s);
       if (kk < n) std::nth_element(cand.begin(), cand.begin() + (kk - 1), cand.end(), better);
-      std::sort(cand.begin(), cand.begin() + kk, better);
+      if (order == TopkOrder::kScore) std::sort(cand.begin(), cand.begin() + kk, better);
+      else std::sort(cand.begin(), cand.begin() + kk);
       int32_t* o = out + br * K;
       for (int64_t i = 0; i < K; ++i) o[i] = i < kk ? cand[i] : -1;
     }
@@ -329,8 +331,10 @@ void topk_rows(const T* scores, int64_t B, int64_t R, int64_t T_, int64_t t0, in
 }
 }  // namespace
 
-Tensor topk_causal(const Tensor& scores, int64_t t0, int64_t topk) {
-  DSA_DISPATCH_CUDA(on_cuda(scores), "topk_causal", cuda::topk_causal(scores, t0, topk));
+const char* topk_order_name(TopkOrder o) { return o == TopkOrder::kScore ? "score" : "index"; }
+
+Tensor topk_causal(const Tensor& scores, int64_t t0, int64_t topk, TopkOrder order) {
+  DSA_DISPATCH_CUDA(on_cuda(scores), "topk_causal", cuda::topk_causal(scores, t0, topk, order));
   const char* op = "topk_causal";
   check_cpu_float(op, {{"scores", &scores}});
   expect_shape(op, "scores", scores, {-1, -1, -1});
@@ -339,16 +343,16 @@ Tensor topk_causal(const Tensor& scores, int64_t t0, int64_t topk) {
   DSA_CHECK(t0 >= 0 && t0 + R <= T, "[", op, "] rows [", t0, ", ", t0 + R, ") out of range for T = ", T);
   Tensor out = Tensor::empty({B, R, topk}, DType::I32);
   if (scores.dtype() == DType::F32)
-    topk_rows(scores.data<float>(), B, R, T, t0, topk, out.data<int32_t>());
+    topk_rows(scores.data<float>(), B, R, T, t0, topk, order, out.data<int32_t>());
   else
-    topk_rows(scores.data<double>(), B, R, T, t0, topk, out.data<int32_t>());
+    topk_rows(scores.data<double>(), B, R, T, t0, topk, order, out.data<int32_t>());
   return out;
 }
 
 Tensor indexer_topk(const Tensor& q_I, const Tensor& k_I, const Tensor& w_I, int64_t topk, bool fp8,
-                    int64_t block_rows, Tensor* scores_out) {
+                    int64_t block_rows, Tensor* scores_out, TopkOrder order) {
   const char* op = "indexer_topk";
-  DSA_DISPATCH_CUDA(on_cuda(q_I), op, cuda::indexer_topk(q_I, k_I, w_I, topk, fp8, block_rows, scores_out));
+  DSA_DISPATCH_CUDA(on_cuda(q_I), op, cuda::indexer_topk(q_I, k_I, w_I, topk, fp8, block_rows, scores_out, order));
   check_indexer_operands(op, q_I, k_I, &w_I);
   DSA_CHECK(topk >= 1, "[", op, "] topk must be >= 1, got ", topk);
   const int64_t B = q_I.size(0), T = q_I.size(1), Hi = q_I.size(2);
@@ -362,7 +366,7 @@ Tensor indexer_topk(const Tensor& q_I, const Tensor& k_I, const Tensor& w_I, int
   for (int64_t t0 = 0; t0 < T; t0 += rb) {
     const int64_t t1 = std::min(T, t0 + rb), R = t1 - t0;
     const Tensor S = indexer_scores_forward(q, k, w_I, t0, t1);  // [B, R, T]
-    const Tensor idx = topk_causal(S, t0, topk);                   // [B, R, K]
+    const Tensor idx = topk_causal(S, t0, topk, order);            // [B, R, K]
     for (int64_t b = 0; b < B; ++b) {
       std::copy_n(idx.data<int32_t>() + b * R * topk, R * topk, out.data<int32_t>() + (b * T + t0) * topk);
       if (!scores_out) continue;

@@ -158,7 +158,7 @@ Tensor Model::layer_forward(int64_t l, LayerCache& lc, const Tensor& h_in, const
       lc.indices = ops::indexer_topk(lc.indexer.q.view({B, T, cfg_.index_n_heads, cfg_.index_head_dim}),
                                      lc.indexer.k.view({B, T, cfg_.index_head_dim}),
                                      lc.indexer.w.view({B, T, cfg_.index_n_heads}), x.topk, opts.fp8_indexer, 0,
-                                     keep_scores ? &lc.index_scores : nullptr);
+                                     keep_scores ? &lc.index_scores : nullptr, opts.topk_order);
     }
   }
   Tensor attn_out;

@@ -3,11 +3,14 @@
 # a GPU training smoke run, the benchmarks (dsa-bench ops, kernels, train) and their PyTorch peers; the
 # summary table prints last.
 #
-#   bash scripts/gpu_check.sh [all|tests|bench|long|wgmma|build]   (results under $OUT, default /tmp/dsa_gpu)
+#   bash scripts/gpu_check.sh [all|tests|bench|long|wgmma|indexer|build]   (results under $OUT, default /tmp/dsa_gpu)
 #       long: the three stages at 32K, 64K and 128K (one sequence, recompute) and their table alone
 #       wgmma: the wgmma sparse MLA kernels (docs/perf_log.md v12) in one call: their test and racecheck,
 #              the sparse attention ops, the kernel rows, the sparse step at 16K with DSA_SPARSE_ATTN_WGMMA
 #              0 (mma.sync only), unset (the default: wgmma where measured faster) and 1 (every wgmma kernel)
+#       indexer: the warp-specialized indexer scoring (DSA_INDEXER_WGMMA=ws) and the index-order top-k
+#              (docs/perf_log.md v13) in one call: the indexer / top-k tests, racecheck and synccheck of the
+#              new tests, the kernels and ops rows, the sparse step at 16K and 128K with each of them
 #   bash scripts/gpu_check.sh multi [tests|scale|ep|memory|resume ...]
 #       a machine with several GPUs: scripts/gpu_check_multi.sh after the build (its table last)
 # The GPU image has no PCRE2 -dev package: pcre2.h comes from .carry/pcre2 when present.
@@ -66,6 +69,27 @@ if [[ $what == wgmma ]]; then
   for wg in 0 "" 1; do
     echo "[gpu_check] DSA_SPARSE_ATTN_WGMMA=${wg:-unset}"
     DSA_SPARSE_ATTN_WGMMA=$wg "$BUILD/bin/dsa-bench" train --seq-len 16384 --stages sparse 2>&1 | tail -2
+  done
+fi
+if [[ $what == indexer ]]; then
+  "$BUILD/bin/test_gpu_dsa" --gtest_filter='*Indexer*:*Topk*' >"$OUT/indexer_tests.log" 2>&1 || status=1
+  grep -E "^\[  (PASSED|FAILED) |Failure|\[topk\]" "$OUT/indexer_tests.log" | head -40
+  if command -v compute-sanitizer >/dev/null; then
+    for tool in racecheck synccheck; do
+      timeout 200 compute-sanitizer --tool $tool --error-exitcode 9 "$BUILD/bin/test_gpu_dsa" \
+        --gtest_filter='*IndexerTopkFp8WarpSpecialized*:*TopkIndexOrder*' >"$OUT/indexer_$tool.log" 2>&1
+      echo "[gpu_check] $tool (ws scoring, index order): rc $?, $(grep -E 'SUMMARY' "$OUT/indexer_$tool.log" | tail -1)"
+    done
+  fi
+  "$BUILD/bin/dsa-bench" kernels 2>&1 | grep -E "indexer|FP8 GEMM"
+  "$BUILD/bin/dsa-bench" ops --only indexer 2>&1 | grep -E "indexer_topk fp8"
+  for v in "" ws; do
+    for order in score index; do
+      echo "[gpu_check] DSA_INDEXER_WGMMA=${v:-unset} --topk-order $order"
+      DSA_INDEXER_WGMMA=$v "$BUILD/bin/dsa-bench" train --seq-len 16384 --stages sparse --topk-order $order 2>&1 | tail -1
+      DSA_INDEXER_WGMMA=$v "$BUILD/bin/dsa-bench" train --seq-len 131072 --tokens 131072 --recompute --steps 2 \
+        --warmup 1 --stages sparse --topk-order $order 2>&1 | tail -1
+    done
   done
 fi
 if [[ $what == all || $what == bench ]]; then

@@ -1,7 +1,7 @@
 // dsa-bench: training-step throughput per stage and per-kernel / per-op times.
 //
 //   dsa-bench train   [--config bench-small] [--seq-len 4096,16384] [--tokens 16384] [--stages dense,warmup,sparse]
-//                     [--steps 5] [--warmup 2] [--recompute] [--json FILE]
+//                     [--steps 5] [--warmup 2] [--recompute] [--topk-order score|index] [--json FILE]
 //   dsa-bench kernels [--seq-len 8192] [--sparse-seq-len 4096] [--json FILE]   production DSA shapes (SPEC.md §4)
 //   dsa-bench ops     [--only SECTIONS] [--json FILE]   every op family, bench-small and production shapes
 //                     (tools/dsa_bench/ops.cpp; the CPU in f32 at CPU-sized shapes when no GPU is present)
@@ -112,6 +112,7 @@ void train_bench(int argc, char** argv) {
   int64_t tokens = 16384;
   int steps = 5, warm = 2;
   bool recompute = false;
+  ops::TopkOrder topk_order = ops::TopkOrder::kScore;
   for (int i = 0; i < argc; ++i) {
     const std::string a = argv[i];
     auto next = [&] { return std::string(i + 1 < argc ? argv[++i] : ""); };
@@ -122,14 +123,19 @@ void train_bench(int argc, char** argv) {
     else if (a == "--steps") steps = std::stoi(next());
     else if (a == "--warmup") warm = std::stoi(next());
     else if (a == "--recompute") recompute = true;
-    else if (a == "--json") json_path = next();
+    else if (a == "--topk-order") {
+      const std::string v = next();
+      if (v != "score" && v != "index")
+        throw std::runtime_error("[dsa-bench] --topk-order must be score or index, got '" + v + "'");
+      topk_order = v == "index" ? ops::TopkOrder::kIndex : ops::TopkOrder::kScore;
+    } else if (a == "--json") json_path = next();
     else throw std::runtime_error("[dsa-bench] unknown train option " + a);
   }
   const Device dev = bench_device();
   ModelConfig cfg = preset_config(config);
   const double peak = measure_peak(dev);
-  std::printf("[bench] device %s, bf16 GEMM ceiling %.0f TFLOP/s, model %s (%.1fM parameters)\n", device_name(dev),
-              peak, config.c_str(), cfg.parameter_count() / 1e6);
+  std::printf("[bench] device %s, bf16 GEMM ceiling %.0f TFLOP/s, model %s (%.1fM parameters), top-k order %s\n",
+              device_name(dev), peak, config.c_str(), cfg.parameter_count() / 1e6, ops::topk_order_name(topk_order));
   std::ofstream json;
   if (!json_path.empty()) json.open(json_path, std::ios::app);
   Model model(cfg, DType::F32, dev);
@@ -150,6 +156,7 @@ void train_bench(int argc, char** argv) {
     Tensor tid = Tensor::from_vector(ids, {B * T}), ttg = Tensor::from_vector(tg, {B * T});
     for (const std::string& stage : stages) {
       StepOptions o = stage_options(stage, recompute);
+      o.topk_order = topk_order;
       o.lm_grad_scale = 1.0 / (B * T);
       o.indexer_grad_scale = 1.0 / (B * T * cfg.num_hidden_layers);
       if (dev == Device::CUDA) cuda::reset_peak();
@@ -198,7 +205,8 @@ void train_bench(int argc, char** argv) {
              << ",\"ms\":" << ms << ",\"tokens_per_s\":" << tps << ",\"tflops\":" << tflops
              << ",\"mfu\":" << tflops / peak << ",\"peak_gb\":" << peak_gb << ",\"peak_tflops\":" << peak
              << ",\"config\":\"" << config << "\",\"parameters\":" << model.params().numel()
-             << ",\"recompute\":" << (recompute ? "true" : "false") << "}\n";
+             << ",\"recompute\":" << (recompute ? "true" : "false") << ",\"topk_order\":\""
+             << ops::topk_order_name(topk_order) << "\"}\n";
     }
   }
 }
@@ -265,11 +273,21 @@ void kernel_bench(int argc, char** argv) {
              w = random_tensor({1, TT, Hi}, dt, dev, 7, 0.1);
       const double flops = 2.0 * Hi * di * (static_cast<double>(TT) * TT / 2);
       report(name, time_median(dev, 1, 3, [&] { ops::indexer_topk(q, k, w, K, true); }), flops);
+      if (dev == Device::CUDA) {  // the warp-specialized scoring kernel (DSA_INDEXER_WGMMA=ws), same inputs
+        const ScopedEnv ws("DSA_INDEXER_WGMMA", "ws");
+        report("indexer top-k fp8 (T=" + std::to_string(TT) + ", warp-specialized)",
+               time_median(dev, 1, 3, [&] { ops::indexer_topk(q, k, w, K, true); }), flops);
+      }
       // The selection alone, on the same rows' scores (all T rows in one block, as indexer_topk streams
       // them at T <= 8K; at 32K it streams row blocks of the same total): scoring = the rest.
+      report("indexer top-k fp8 (T=" + std::to_string(TT) + ", index order)",
+             time_median(dev, 1, 3, [&] { ops::indexer_topk(q, k, w, K, true, 0, nullptr, ops::TopkOrder::kIndex); }),
+             flops);
       const Tensor S = ops::indexer_scores_forward(q, k, w, 0, TT);
       report("indexer selection only (T=" + std::to_string(TT) + ")",
              time_median(dev, 1, 3, [&] { ops::topk_causal(S, 0, K); }), 0.0);
+      report("indexer selection only (T=" + std::to_string(TT) + ", index order)",
+             time_median(dev, 1, 3, [&] { ops::topk_causal(S, 0, K, ops::TopkOrder::kIndex); }), 0.0);
     });
   }
   guarded("sparse MLA attention fwd", [&] {
@@ -298,10 +316,7 @@ void kernel_bench(int argc, char** argv) {
              ops::sparse_attention_backward(dout, q, kv, kvl, ind, o, lse, sm);
            }), 2.5 * flops);
     if (dev == Device::CUDA) {  // the mma.sync kernels the wgmma ones replaced (DSA_SPARSE_ATTN_WGMMA=0), same inputs
-      struct Unset {
-        ~Unset() { unsetenv("DSA_SPARSE_ATTN_WGMMA"); }
-      } unset;
-      setenv("DSA_SPARSE_ATTN_WGMMA", "0", 1);
+      const ScopedEnv mma("DSA_SPARSE_ATTN_WGMMA", "0");
       report("sparse MLA attention fwd (mma.sync)", time_median(dev, 1, 3, [&] {
                o = ops::sparse_attention_forward(q, kv, kvl, ind, sm, &lse);
              }), flops);

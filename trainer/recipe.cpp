@@ -26,6 +26,7 @@ const char* to_string(IndexerLoss v) {
   return v == IndexerLoss::none ? "none" : v == IndexerLoss::dense ? "dense" : "sparse";
 }
 const char* to_string(IndexerPrecision v) { return v == IndexerPrecision::fp8 ? "fp8" : "bf16"; }
+const char* to_string(TopkOrder v) { return v == TopkOrder::score ? "score" : "index"; }
 const char* to_string(OnNonfinite v) { return v == OnNonfinite::skip ? "skip" : "stop"; }
 const char* to_string(RunDevice v) { return v == RunDevice::auto_ ? "auto" : v == RunDevice::cpu ? "cpu" : "cuda"; }
 
@@ -127,7 +128,7 @@ const std::vector<std::string> kStageKeys = {
     "global_batch", "grad_accum",   "lr_main",        "lr_indexer",
     "warmup_steps", "schedule",     "min_lr_ratio",   "train_main",
     "train_indexer", "attention",   "topk",           "indexer_loss",
-    "indexer_loss_coef", "detach_indexer_input", "indexer_precision", "moe_bias_update_rate",
+    "indexer_loss_coef", "detach_indexer_input", "indexer_precision", "topk_order", "moe_bias_update_rate",
     "seq_balance_loss_alpha", "eval_interval", "eval_batches", "log_interval",
     "init_from", "recompute", "seq_aux", "mtp_loss_weight", "data_stage", "remove"};
 
@@ -207,6 +208,8 @@ StageSpec read_stage(const RNode& own, const RNode* defaults, int64_t index, con
   if (auto* v = m.find("indexer_precision"))
     s.indexer_precision = as_enum<IndexerPrecision>(*v, key("indexer_precision"),
                                                     {{"fp8", IndexerPrecision::fp8}, {"bf16", IndexerPrecision::bf16}});
+  if (auto* v = m.find("topk_order"))
+    s.topk_order = as_enum<TopkOrder>(*v, key("topk_order"), {{"score", TopkOrder::score}, {"index", TopkOrder::index}});
   // Softmax routing has no correction bias to update: the rate defaults to 0 and any other value is refused.
   const bool softmax = r.model.scoring_func == "softmax";
   if (softmax) s.moe_bias_update_rate = 0;
@@ -634,6 +637,7 @@ std::string Recipe::to_yaml() const {
       << "\n    detach_indexer_input: " << (s.detach_indexer_input ? "true" : "false")
       << "\n    recompute: " << (s.recompute ? "true" : "false")
       << "\n    indexer_precision: " << to_string(s.indexer_precision)
+      << "\n    topk_order: " << to_string(s.topk_order)
       << "\n    moe_bias_update_rate: " << num(s.moe_bias_update_rate)
       << "\n    seq_balance_loss_alpha: " << num(s.seq_balance_loss_alpha)
       << "\n    seq_aux: " << (s.seq_aux ? "true" : "false") << "\n    mtp_loss_weight: " << num(s.mtp_loss_weight)

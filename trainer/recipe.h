@@ -21,6 +21,7 @@ enum class Schedule { constant, cosine };
 enum class Attention { dense, sparse };
 enum class IndexerLoss { none, dense, sparse };
 enum class IndexerPrecision { fp8, bf16 };
+enum class TopkOrder { score, index };  // the selected slots' order (ops::TopkOrder)
 enum class OnNonfinite { skip, stop };
 enum class RunDevice { auto_, cpu, cuda };
 
@@ -29,6 +30,7 @@ const char* to_string(Schedule v);
 const char* to_string(Attention v);
 const char* to_string(IndexerLoss v);
 const char* to_string(IndexerPrecision v);
+const char* to_string(TopkOrder v);
 const char* to_string(OnNonfinite v);
 const char* to_string(RunDevice v);  // "auto", "cpu", "cuda"
 
@@ -70,6 +72,7 @@ struct StageSpec {
   bool detach_indexer_input = true;  // indexer reads x and c_q detached from the main graph
   bool recompute = false;            // activation recomputation per layer (memory for time)
   IndexerPrecision indexer_precision = IndexerPrecision::fp8;
+  TopkOrder topk_order = TopkOrder::score;  // slots by score, or by key index (no sort on the GPU; same set)
   double moe_bias_update_rate = 1e-3;  // bias_e += rate * sign(mean_load - load_e) after each step
                                        // (0 for softmax-routed models: they have no bias)
   double seq_balance_loss_alpha = 1e-4;  // balance loss weight (DeepSeek-V2's aux_loss_alpha)

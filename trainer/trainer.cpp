@@ -51,6 +51,7 @@ StepOptions step_options(const StageSpec& st, const ModelConfig& cfg) {
                                                             : IndexerLossMode::None;
   o.detach_indexer_input = st.detach_indexer_input;
   o.fp8_indexer = st.indexer_precision == IndexerPrecision::fp8;
+  o.topk_order = st.topk_order == TopkOrder::index ? ops::TopkOrder::kIndex : ops::TopkOrder::kScore;
   o.train_main = st.train_main;
   o.train_indexer = st.train_indexer;
   o.balance_alpha = st.train_main ? st.seq_balance_loss_alpha : 0.0;

@@ -207,5 +207,10 @@ void launch_scores(const ScoreOperands& o, const Tensor& w_I /*[B, T, Hi] bf16*/
 // not apply (bf16, Hi not 16/32/64, D not 64/128, no sm_90a code, DSA_INDEXER_WGMMA=0); launch_scores tries it first.
 bool launch_scores_wgmma(const ScoreOperands& o, const Tensor& w_I, int B, int T, int Hi, int D, int t0, int R,
                          float* out);
+// DSA_INDEXER_WGMMA, read at each call: unset or 1 = the wgmma kernel with a CTA barrier per key tile, ws = its
+// warp-specialized sibling (producer warp, mbarriers; opt-in until measured, docs/perf_log.md v13), 0 = the
+// mma.sync kernel; another value is refused.
+enum class IndexerScoreKernel { kMma, kWgmma, kWgmmaWarpSpecialized };
+IndexerScoreKernel indexer_score_kernel();
 bool wgmma_available();  // an sm_90 device and this build's sm_90a code
 }  // namespace dsa::cuda::dsa_detail

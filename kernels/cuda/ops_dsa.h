@@ -27,9 +27,9 @@ void indexer_fp8_operands(const Tensor& q_I, const Tensor& k_I, Tensor* q_hat, T
 // Scores of rows [t0, t1): f32 [B, t1 - t0, T], -inf above the diagonal (bf16 tensor-core dots).
 Tensor indexer_scores_forward(const Tensor& q_I, const Tensor& k_I, const Tensor& w_I, int64_t t0, int64_t t1);
 // scores f32 [B, R, T] -> indices i32 [B, R, K].
-Tensor topk_causal(const Tensor& scores, int64_t t0, int64_t topk);
+Tensor topk_causal(const Tensor& scores, int64_t t0, int64_t topk, ops::TopkOrder order);
 Tensor indexer_topk(const Tensor& q_I, const Tensor& k_I, const Tensor& w_I, int64_t topk, bool fp8,
-                    int64_t block_rows, Tensor* scores_out);
+                    int64_t block_rows, Tensor* scores_out, ops::TopkOrder order);
 
 // q bf16 [B, T, H, Dk], kv bf16 [B, T, Dk], indices i32 [B, T, K] -> out bf16 [B, T, H, Dv], lse f32 [B, H, T],
 // probs_sum f32 [B, T, K] (optional).

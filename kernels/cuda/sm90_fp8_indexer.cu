@@ -405,10 +405,49 @@ struct TopkParams {
   int T_out, out_row0;
   int cap;              // capacity of the candidate list (u64 entries after buf)
   int vec;              // rows 16-byte aligned (T % 4 == 0, aligned base): float4 reads
+  int index_order;      // 1: slots in ascending key index (TopkOrder::kIndex), 0: higher score first
 };
 
 constexpr int kTopkThreads = 512;
 constexpr int kTopkBins = 4096;  // first pass: the top 12 bits of the composite; later passes 10 or 12 bits
+
+// The K winners of a row of n > K keys (composites in win[0, K), any order) written in ascending index
+// order: each winner's bit set in `bits` (ceil(n / 32) <= kTopkBins words), then every thread takes a
+// contiguous run of words, counts its bits, finds its first slot from a block-wide exclusive scan of the
+// counts and writes its winners in order. vo (may be null) gets each winner's score read from the row.
+__device__ void topk_write_index_order(const unsigned long long* win, int K, int n, const float* row,
+                                       uint32_t* bits /*[kTopkBins]*/, uint32_t* warp_sum /*[warps]*/,
+                                       int32_t* o, float* vo) {
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, words = (n + 31) >> 5;
+  for (int i = tid; i < words; i += blockDim.x) bits[i] = 0;
+  __syncthreads();
+  for (int i = tid; i < K; i += blockDim.x) {
+    const uint32_t s = 0xffffffffu - static_cast<uint32_t>(win[i] & 0xffffffffull);
+    atomicOr(&bits[s >> 5], 1u << (s & 31));
+  }
+  __syncthreads();
+  const int per = (words + blockDim.x - 1) / blockDim.x;
+  const int w0 = min(words, tid * per), w1 = min(words, w0 + per);
+  uint32_t cnt = 0;
+  for (int w = w0; w < w1; ++w) cnt += __popc(bits[w]);
+  uint32_t incl = cnt;  // inclusive scan over the warp, then over the warps before this one
+#pragma unroll
+  for (int d = 1; d < 32; d <<= 1) {
+    const uint32_t y = __shfl_up_sync(0xffffffffu, incl, d);
+    if (lane >= d) incl += y;
+  }
+  if (lane == 31) warp_sum[warp] = incl;
+  __syncthreads();
+  uint32_t at = incl - cnt;
+  for (int i = 0; i < warp; ++i) at += warp_sum[i];
+  for (int w = w0; w < w1; ++w)
+    for (uint32_t m = bits[w]; m != 0; m &= m - 1) {
+      const int s = (w << 5) + __ffs(m) - 1;
+      o[at] = s;
+      if (vo) vo[at] = row[s];
+      ++at;
+    }
+}
 
 // NOTES: one CTA per row, rows from the last (longest) to the first. Each key s is ranked by the unique
 // 64-bit composite (order_key(score) << 32 | ~s): larger = higher score, then lower index, so the K
@@ -422,7 +461,9 @@ constexpr int kTopkBins = 4096;  // first pass: the top 12 bits of the composite
 // the later passes re-read the whole row. Histograms use warp-aggregated shared atomics
 // (__match_any_sync: near-equal scores share the top digits, so plain atomics would serialize); the
 // digit is found with a block-wide suffix scan (8 or 2 bins per thread). The K winners are sorted
-// by composite with a bitonic sort.
+// by composite with a bitonic sort (TopkOrder::kScore), or written in index order (kIndex): marked in a
+// bitmap of the row's keys (the histogram's 4096 words: rows up to 131072 keys) and compacted in one
+// ordered pass, no sort; longer rows sort the composites with their halves swapped (index first).
 __global__ void __launch_bounds__(kTopkThreads) topk_kernel(TopkParams p) {
   extern __shared__ unsigned long long buf[];  // [P] winners, then candidates [cap]
   __shared__ uint32_t hist[kTopkBins];
@@ -593,6 +634,26 @@ __global__ void __launch_bounds__(kTopkThreads) topk_kernel(TopkParams p) {
     }
   }
   __syncthreads();
+  int32_t* o = p.out + (static_cast<int64_t>(b) * p.T_out + p.out_row0 + r) * p.K;
+  float* vo = p.values ? p.values + (static_cast<int64_t>(b) * p.T_out + p.out_row0 + r) * p.K : nullptr;
+  if (p.index_order && n <= p.K) {  // every key, already in index order
+    for (int i = tid; i < p.K; i += blockDim.x) {
+      o[i] = i < n ? i : -1;
+      if (vo) vo[i] = i < n ? row[i] : -INFINITY;
+    }
+    return;
+  }
+  if (p.index_order && n <= 32 * kTopkBins) {
+    topk_write_index_order(buf, p.K, n, row, hist, warp_sum, o, vo);
+    return;
+  }
+  // kScore, or kIndex past the bitmap: sort descending by composite, for kIndex with the halves swapped
+  // (~s in the upper half: descending = ascending index; empty slots stay 0 and last).
+  auto swap_halves = [](unsigned long long c) { return (c << 32) | (c >> 32); };
+  if (p.index_order) {
+    for (int i = tid; i < p.P; i += blockDim.x) buf[i] = swap_halves(buf[i]);
+    __syncthreads();
+  }
   for (int size = 2; size <= p.P; size <<= 1)
     for (int stride = size >> 1; stride > 0; stride >>= 1) {
       for (int i = tid; i < p.P; i += blockDim.x) {
@@ -608,15 +669,17 @@ __global__ void __launch_bounds__(kTopkThreads) topk_kernel(TopkParams p) {
       }
       __syncthreads();
     }
-  int32_t* o = p.out + (static_cast<int64_t>(b) * p.T_out + p.out_row0 + r) * p.K;
+  if (p.index_order) {
+    for (int i = tid; i < p.P; i += blockDim.x) buf[i] = swap_halves(buf[i]);
+    __syncthreads();
+  }
   const int kk = min(n, p.K);
   for (int i = tid; i < p.K; i += blockDim.x)
     o[i] = i < kk ? static_cast<int32_t>(0xffffffffu - static_cast<uint32_t>(buf[i] & 0xffffffffull)) : -1;
-  if (p.values) {  // the score bits back from the composite's upper half (order_key inverted; NaN stays NaN)
-    float* v = p.values + (static_cast<int64_t>(b) * p.T_out + p.out_row0 + r) * p.K;
+  if (vo) {  // the score bits back from the composite's upper half (order_key inverted; NaN stays NaN)
     for (int i = tid; i < p.K; i += blockDim.x) {
       const uint32_t key = static_cast<uint32_t>(buf[i] >> 32);
-      v[i] = i < kk ? __uint_as_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key) : -INFINITY;
+      vo[i] = i < kk ? __uint_as_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key) : -INFINITY;
     }
   }
 }
@@ -735,9 +798,9 @@ void launch_scores(const ScoreOperands& o, const Tensor& w_I, int B, int T, int 
 
 namespace {
 
-void launch_topk(const float* scores, int B, int R, int T, int t0, int K, int32_t* out, int T_out, int out_row0,
-                 float* values = nullptr) {
-  TopkParams p{scores, out, values, B, R, T, t0, K, 1, T_out, out_row0, 0, 0};
+void launch_topk(const float* scores, int B, int R, int T, int t0, int K, ops::TopkOrder order, int32_t* out, int T_out,
+                 int out_row0, float* values = nullptr) {
+  TopkParams p{scores, out, values, B, R, T, t0, K, 1, T_out, out_row0, 0, 0, order == ops::TopkOrder::kIndex ? 1 : 0};
   p.vec = (T % 4 == 0 && reinterpret_cast<uintptr_t>(scores) % 16 == 0) ? 1 : 0;
   while (p.P < K) p.P <<= 1;
   // NOTES: 4096 candidates (32 KB) + 16 KB of histogram: 4 CTAs per SM at K = 512, 3 at K = 2048.
@@ -874,7 +937,7 @@ Tensor indexer_scores_forward(const Tensor& q_I, const Tensor& k_I, const Tensor
   return out;
 }
 
-Tensor topk_causal(const Tensor& scores, int64_t t0, int64_t topk) {
+Tensor topk_causal(const Tensor& scores, int64_t t0, int64_t topk, ops::TopkOrder order) {
   const char* op = "topk_causal";
   expect_cuda(op, "scores", scores, DType::F32);
   expect_shape(op, "scores", scores, {-1, -1, -1});
@@ -882,12 +945,13 @@ Tensor topk_causal(const Tensor& scores, int64_t t0, int64_t topk) {
   DSA_CHECK(topk >= 1, "[", op, "] topk must be >= 1, got ", topk);
   DSA_CHECK(t0 >= 0 && t0 + R <= T, "[", op, "] rows [", t0, ", ", t0 + R, ") out of range for T = ", T);
   Tensor out = Tensor::empty({B, R, topk}, DType::I32, Device::CUDA);
-  if (B * R > 0) launch_topk(scores.data<float>(), (int)B, (int)R, (int)T, (int)t0, (int)topk, out.data<int32_t>(), (int)R, 0);
+  if (B * R > 0)
+    launch_topk(scores.data<float>(), (int)B, (int)R, (int)T, (int)t0, (int)topk, order, out.data<int32_t>(), (int)R, 0);
   return out;
 }
 
 Tensor indexer_topk(const Tensor& q_I, const Tensor& k_I, const Tensor& w_I, int64_t topk, bool fp8,
-                    int64_t block_rows, Tensor* scores_out) {
+                    int64_t block_rows, Tensor* scores_out, ops::TopkOrder order) {
   const char* op = "indexer_topk";
   expect_shape(op, "q_I", q_I, {-1, -1, -1, -1});
   check_indexer_gpu(op, q_I, q_I, k_I, w_I);
@@ -906,8 +970,8 @@ Tensor indexer_topk(const Tensor& q_I, const Tensor& k_I, const Tensor& w_I, int
   for (int64_t t0 = 0; t0 < T; t0 += rb) {
     const int64_t R = std::min(T, t0 + rb) - t0;
     launch_scores(o, w_I, (int)B, (int)T, (int)Hi, (int)D, (int)t0, (int)R, S.data<float>());
-    launch_topk(S.data<float>(), (int)B, (int)R, (int)T, (int)t0, (int)topk, out.data<int32_t>(), (int)T, (int)t0,
-                vals);
+    launch_topk(S.data<float>(), (int)B, (int)R, (int)T, (int)t0, (int)topk, order, out.data<int32_t>(), (int)T,
+                (int)t0, vals);
   }
   return out;
 }

@@ -6,6 +6,7 @@
 #include <functional>
 #include <cmath>
 #include <limits>
+#include <map>
 #include <numeric>
 #include <set>
 
@@ -70,6 +71,15 @@ Tensor naive_topk(const Tensor& I, int64_t K) {
       for (int64_t i = 0; i < K; ++i) out.data<int32_t>()[(b * T + t) * K + i] = i <= t ? c[i] : -1;
     }
   return out;
+}
+
+// One batch, rows t = 2..4 of T = 5 (t0 = 2) with ties; entries beyond t are ignored whatever they hold.
+Tensor tie_rows() {
+  const double X = 1e9;
+  return Tensor::from_vector(std::vector<float>{1, 3, 3, X, X,   // t = 2
+                                                3, 3, 0, 3, X,    // t = 3
+                                                1, 3, 3, 2, 3},   // t = 4
+                             {1, 3, 5});
 }
 
 struct Operands {
@@ -151,12 +161,7 @@ TEST(IndexerScores, ShapeErrorsNameTheOp) {
 }
 
 TEST(IndexerTopk, TiesPreferTheLowerIndexAndUnusedSlotsAreMinusOne) {
-  // One batch, rows t = 2..4 of T = 5 (t0 = 2); entries beyond t are ignored whatever they hold.
-  const double X = 1e9;
-  const Tensor scores = Tensor::from_vector(std::vector<float>{1, 3, 3, X, X,   // t = 2
-                                                              3, 3, 0, 3, X,    // t = 3
-                                                              1, 3, 3, 2, 3},   // t = 4
-                                            {1, 3, 5});
+  const Tensor scores = tie_rows();
   const Tensor top3 = ops::topk_causal(scores, 2, 3);
   EXPECT_EQ(std::vector<int32_t>(top3.data<int32_t>(), top3.data<int32_t>() + 9),
             (std::vector<int32_t>{1, 2, 0, 0, 1, 3, 1, 2, 4}));
@@ -169,6 +174,57 @@ TEST(IndexerTopk, TiesPreferTheLowerIndexAndUnusedSlotsAreMinusOne) {
     for (int64_t t = 0; t < 6; ++t)
       for (int64_t i = 0; i < 3; ++i)
         EXPECT_EQ(flat.data<int32_t>()[(b * 6 + t) * 3 + i], i <= t ? i : -1) << b << " " << t << " " << i;
+}
+
+TEST(IndexerTopk, IndexOrderIsTheSameSetInAscendingIndex) {
+  // The rows of the ties test: the same winners as the score order, sorted by index, -1 padding last.
+  const Tensor scores = tie_rows();
+  const Tensor top3 = ops::topk_causal(scores, 2, 3, ops::TopkOrder::kIndex);
+  EXPECT_EQ(std::vector<int32_t>(top3.data<int32_t>(), top3.data<int32_t>() + 9),
+            (std::vector<int32_t>{0, 1, 2, 0, 1, 3, 1, 2, 4}));
+  const Tensor top6 = ops::topk_causal(scores, 2, 6, ops::TopkOrder::kIndex);
+  EXPECT_EQ(std::vector<int32_t>(top6.data<int32_t>(), top6.data<int32_t>() + 18),
+            (std::vector<int32_t>{0, 1, 2, -1, -1, -1, 0, 1, 2, 3, -1, -1, 0, 1, 2, 3, 4, -1}));
+  // Random rows with ties and a NaN: per row, the index order is the score order's slots sorted.
+  Tensor r = randn({2, 40, 60}, 81, 1.0, DType::F32);
+  for (int64_t i = 0; i < r.numel(); i += 3) r.data<float>()[i] = std::round(r.data<float>()[i]);
+  r.data<float>()[7] = std::numeric_limits<float>::quiet_NaN();
+  for (const int64_t K : {1, 8, 33, 64}) {
+    const Tensor by_score = ops::topk_causal(r, 20, K), by_index = ops::topk_causal(r, 20, K, ops::TopkOrder::kIndex);
+    ASSERT_EQ(by_index.shape(), by_score.shape());
+    for (int64_t row = 0; row < 2 * 40; ++row) {
+      const int32_t* a = by_score.data<int32_t>() + row * K;
+      const int32_t* b = by_index.data<int32_t>() + row * K;
+      std::vector<int32_t> want(a, a + K);
+      const auto valid_end = std::partition(want.begin(), want.end(), [](int32_t v) { return v >= 0; });
+      std::sort(want.begin(), valid_end);
+      EXPECT_EQ(std::vector<int32_t>(b, b + K), want) << "K " << K << " row " << row;
+    }
+  }
+}
+
+TEST(IndexerTopk, IndexOrderCarriesTheScoresOfItsSlots) {
+  const Operands o = random_operands(1, 30, 4, 16, 90, DType::F32);
+  Tensor v_score, v_index;
+  const Tensor a = ops::indexer_topk(o.q, o.k, o.w, 8, /*fp8=*/true, 7, &v_score);
+  const Tensor b = ops::indexer_topk(o.q, o.k, o.w, 8, /*fp8=*/true, 7, &v_index, ops::TopkOrder::kIndex);
+  for (int64_t row = 0; row < 30; ++row) {
+    std::map<int32_t, double> by_slot;
+    for (int64_t i = 0; i < 8; ++i)
+      if (a.data<int32_t>()[row * 8 + i] >= 0) by_slot[a.data<int32_t>()[row * 8 + i]] = v_score.item(row * 8 + i);
+    int32_t prev = -1;
+    for (int64_t i = 0; i < 8; ++i) {
+      const int32_t s = b.data<int32_t>()[row * 8 + i];
+      if (s < 0) {
+        EXPECT_TRUE(std::isinf(v_index.item(row * 8 + i))) << "row " << row << " slot " << i;
+        continue;
+      }
+      EXPECT_GT(s, prev) << "row " << row;
+      prev = s;
+      ASSERT_EQ(by_slot.count(s), 1u) << "row " << row << ": index " << s << " not in the score order's set";
+      EXPECT_EQ(v_index.item(row * 8 + i), by_slot[s]) << "row " << row << " index " << s;
+    }
+  }
 }
 
 TEST(IndexerTopk, MatchesFullSortAndDoesNotDependOnTheBlock) {

@@ -223,6 +223,48 @@ TEST(GpuDsa, IndexerTopkFp8) {
     check_topk(c, true);
 }
 
+// The warp-specialized wgmma scoring (DSA_INDEXER_WGMMA=ws: a producer warp filling a 6-stage mbarrier ring,
+// the two math warpgroups taking turns) on IndexerTopkFp8's wgmma shapes, plus rows whose key prefix runs
+// through the ring several times (T = 1600, no row blocks: 12-13 key tiles per CTA), and row blocks of 100
+// (t0 = 4 mod 8: some key tiles lie past warpgroup 0's queries but not warpgroup 1's, so one warpgroup takes
+// its turn without products); then against the default wgmma kernel on the same inputs; then a value of the
+// switch that names no kernel.
+TEST(GpuDsa, IndexerTopkFp8WarpSpecialized) {
+  DSA_REQUIRE_GPU();
+  struct Env {  // the switch never outlives this test, even when an assertion throws
+    ~Env() { unsetenv("DSA_INDEXER_WGMMA"); }
+  } env;
+  setenv("DSA_INDEXER_WGMMA", "ws", 1);
+  for (const IndexerCase& c : {IndexerCase{2, 300, 16, 128, 64}, IndexerCase{1, 777, 64, 128, 256, 200},
+                               IndexerCase{2, 531, 16, 64, 64}, IndexerCase{1, 301, 32, 64, 48, 97},
+                               IndexerCase{1, 130, 64, 64, 16}, IndexerCase{1, 1600, 64, 64, 128},
+                               IndexerCase{1, 900, 64, 128, 64, 100}})
+    check_topk(c, true);
+  {
+    const IndexerCase c{1, 1600, 64, 64, 128};
+    const Pair q = rand_pair({c.B, c.T, c.Hi, c.D}, 70), k = rand_pair({c.B, c.T, c.D}, 71),
+               w = rand_pair({c.B, c.T, c.Hi}, 72, 0.5);
+    const Tensor ws = ops::indexer_topk(q.gpu, k.gpu, w.gpu, c.K, true).to(Device::CPU);
+    unsetenv("DSA_INDEXER_WGMMA");
+    const Tensor def = ops::indexer_topk(q.gpu, k.gpu, w.gpu, c.K, true).to(Device::CPU);
+    Tensor qs, ks;
+    ops::indexer_fp8_operands(q.cpu, k.cpu, &qs, &ks);
+    const Tensor scores = ops::indexer_scores_forward(qs, ks, w.cpu, 0, c.T);
+    int64_t exact = 0;
+    EXPECT_TRUE(same_selection(ws, def, scores, 2e-3, &exact)) << "ws vs the default wgmma kernel";
+    std::printf("[topk] ws vs default wgmma: %.5f of the slots identical\n",
+                static_cast<double>(exact) / static_cast<double>(def.numel()));
+  }
+  setenv("DSA_INDEXER_WGMMA", "yes", 1);
+  const Pair q = rand_pair({1, 40, 16, 64}, 73), k = rand_pair({1, 40, 64}, 74), w = rand_pair({1, 40, 16}, 75, 0.5);
+  try {
+    ops::indexer_topk(q.gpu, k.gpu, w.gpu, 8, true);
+    ADD_FAILURE() << "DSA_INDEXER_WGMMA=yes was accepted";
+  } catch (const std::exception& e) {
+    EXPECT_NE(std::string(e.what()).find("DSA_INDEXER_WGMMA"), std::string::npos) << e.what();
+  }
+}
+
 TEST(GpuDsa, TopkCausalTies) {
   DSA_REQUIRE_GPU();
   // Many exact ties (integers), some NaN: order must be higher score first, then lower index.
@@ -260,6 +302,61 @@ TEST(GpuDsa, TopkCausalLongRows) {
       const Tensor gpu = ops::topk_causal(to_gpu(s, DType::F32), T - R, K).to(Device::CPU);
       EXPECT_TRUE(same_bits(gpu, cpu)) << "dist " << dist << " K " << K;
     }
+}
+
+// The index-order top-k (ops::TopkOrder::kIndex): the winners marked in a bitmap and compacted in index
+// order (rows up to 131072 keys), the swapped-composite sort past that (a row of 140000 keys), the rows of
+// t + 1 <= K; bit-exact to the CPU on the same scores. Then indexer_topk: the score order's slots sorted by
+// index, with the same scores.
+TEST(GpuDsa, TopkIndexOrder) {
+  DSA_REQUIRE_GPU();
+  const auto order = ops::TopkOrder::kIndex;
+  struct Rows {
+    int64_t R, T, K;
+    int dist;
+  };
+  for (const Rows& c : {Rows{40, 300, 50, 1}, Rows{24, 9000, 64, 0}, Rows{24, 9000, 512, 1}, Rows{24, 9000, 2048, 2},
+                        Rows{24, 9000, 512, 3}, Rows{3, 140000, 512, 0}, Rows{300, 300, 64, 0}}) {
+    Tensor s = Tensor::empty({1, c.R, c.T}, DType::F32);
+    std::mt19937 rng(17 + c.dist);
+    std::normal_distribution<float> nd(0.f, 1.f);
+    for (int64_t i = 0; i < s.numel(); ++i) {
+      float v = nd(rng);
+      if (c.dist == 1) v = static_cast<float>(rng() % 3) - 1.f;
+      if (c.dist == 2) v = static_cast<float>(rng() % 2);
+      if (c.dist == 3) v = 1.f + 1e-3f * v;
+      s.data<float>()[i] = v;
+    }
+    s.data<float>()[5] = std::nanf("");
+    const Tensor cpu = ops::topk_causal(s, c.T - c.R, c.K, order);
+    const Tensor gpu = ops::topk_causal(to_gpu(s, DType::F32), c.T - c.R, c.K, order).to(Device::CPU);
+    EXPECT_TRUE(same_bits(gpu, cpu)) << "T " << c.T << " K " << c.K << " dist " << c.dist;
+  }
+  const IndexerCase c{2, 531, 16, 64, 64};
+  const Pair q = rand_pair({c.B, c.T, c.Hi, c.D}, 80), k = rand_pair({c.B, c.T, c.D}, 81),
+             w = rand_pair({c.B, c.T, c.Hi}, 82, 0.5);
+  Tensor vs, vi;
+  const Tensor by_score = ops::indexer_topk(q.gpu, k.gpu, w.gpu, c.K, true, 0, &vs).to(Device::CPU);
+  const Tensor by_index = ops::indexer_topk(q.gpu, k.gpu, w.gpu, c.K, true, 0, &vi, order).to(Device::CPU);
+  const Tensor vs_c = vs.to(Device::CPU), vi_c = vi.to(Device::CPU);
+  for (int64_t row = 0; row < c.B * c.T; ++row) {
+    std::vector<std::pair<int32_t, float>> want;
+    for (int64_t i = 0; i < c.K; ++i)
+      if (by_score.data<int32_t>()[row * c.K + i] >= 0)
+        want.emplace_back(by_score.data<int32_t>()[row * c.K + i], vs_c.data<float>()[row * c.K + i]);
+    std::sort(want.begin(), want.end());
+    for (int64_t i = 0; i < c.K; ++i) {
+      const int32_t got = by_index.data<int32_t>()[row * c.K + i];
+      const float gv = vi_c.data<float>()[row * c.K + i];
+      if (i >= static_cast<int64_t>(want.size())) {
+        EXPECT_EQ(got, -1) << "row " << row << " slot " << i;
+        EXPECT_TRUE(std::isinf(gv) && gv < 0) << "row " << row << " slot " << i;
+        continue;
+      }
+      EXPECT_EQ(got, want[i].first) << "row " << row << " slot " << i;
+      EXPECT_EQ(gv, want[i].second) << "row " << row << " slot " << i;
+    }
+  }
 }
 
 // ------------------------------------------------------------------------------- sparse attention

@@ -60,6 +60,35 @@ TEST(ModelDsa, SparseWithTopkCoveringEverythingEqualsDense) {
   }
 }
 
+// The slots' order is not part of the sparse model: the index order (the GPU's sort-free selection) gives
+// the score order's losses and gradients up to the order of the f64 sums over the slots (the fixture's
+// index_topk = 3 of up to 7 keys, so the two orders differ in most rows).
+TEST(ModelDsa, TopkOrderChangesNothingButTheSummationOrder) {
+  Fixture a(25), b(25);
+  StepOptions o;
+  o.attention = AttentionMode::Sparse;
+  o.indexer_loss = IndexerLossMode::Sparse;
+  o.train_indexer = true;
+  o.detach_indexer_input = true;
+  StepOptions oi = o;
+  oi.topk_order = ops::TopkOrder::kIndex;
+  std::vector<Tensor> idx_s, idx_i;
+  o.capture_indices = &idx_s;
+  oi.capture_indices = &idx_i;
+  const StepStats sa = a.run(o, true), sb = b.run(oi, true);
+  ASSERT_EQ(idx_s.size(), idx_i.size());
+  bool reordered = false;
+  for (size_t l = 0; l < idx_s.size(); ++l)
+    for (int64_t i = 0; i < idx_s[l].numel(); ++i) reordered |= idx_s[l].item(i) != idx_i[l].item(i);
+  EXPECT_TRUE(reordered) << "the two orders gave the same slots: the test compares nothing";
+  EXPECT_NEAR(sa.lm_loss_sum, sb.lm_loss_sum, 1e-12 * std::fabs(sa.lm_loss_sum));
+  EXPECT_NEAR(sa.indexer_kl_sum, sb.indexer_kl_sum, 1e-12 * std::fabs(sa.indexer_kl_sum) + 1e-15);
+  for (const Param& p : a.m.params().all()) {
+    if (!p.grad.defined()) continue;
+    EXPECT_TRUE(all_close(b.m.params().grad(p.name), p.grad, 1e-10, 1e-13)) << p.name;
+  }
+}
+
 TEST(ModelDsa, SparseModelGradientsMatchFiniteDifferences) {
   Fixture f(22);
   StepOptions o;

@@ -198,6 +198,18 @@ TEST(Recipe, AblationsChangeOnlyWhatTheySay) {
 
 // ---- defaults and lookups ----
 
+TEST(Recipe, TopkOrderIsAStageKey) {
+  const std::string sparse_head = "  - name: sparse\n    kind: sparse\n";
+  std::string text = kMinimal;
+  const size_t at = text.find(sparse_head);
+  ASSERT_NE(at, std::string::npos);
+  text.insert(at + sparse_head.size(), "    topk_order: index\n");
+  const Recipe r = parse_recipe(text, "index_order.yaml");
+  EXPECT_EQ(r.stages[2].topk_order, TopkOrder::index);
+  EXPECT_EQ(r.stages[0].topk_order, TopkOrder::score);
+  EXPECT_EQ(parse_recipe(r.resolved_yaml, "again").stages[2].topk_order, TopkOrder::index);
+}
+
 TEST(Recipe, KindDefaultsFollowTheSpec) {
   const Recipe r = parse_recipe(kMinimal, "minimal.yaml");
   const StageSpec &d = r.stages[0], &w = r.stages[1], &s = r.stages[2];
@@ -218,6 +230,7 @@ TEST(Recipe, KindDefaultsFollowTheSpec) {
   EXPECT_DOUBLE_EQ(s.lr_main, 7.3e-6);
   EXPECT_EQ(s.topk, 4);
   EXPECT_EQ(s.indexer_precision, IndexerPrecision::fp8);
+  EXPECT_EQ(s.topk_order, TopkOrder::score);
   EXPECT_EQ(r.device, RunDevice::auto_);
   EXPECT_EQ(r.checkpoint.dir, "runs/test/checkpoints");
   EXPECT_EQ(r.optimizer.on_nonfinite, OnNonfinite::skip);
@@ -331,6 +344,8 @@ TEST(Recipe, BadRecipesStopWithFileLineAndKey) {
        "key 'stages.1.kind': must be one of dense, indexer_warmup, sparse, got 'warmup'"},
       {"bad_precision", replaced(kMinimal, sparse_head, sparse_head + "    indexer_precision: fp16\n"),
        "indexer_precision", "key 'stages.2.indexer_precision': must be one of fp8, bf16, got 'fp16'"},
+      {"bad_topk_order", replaced(kMinimal, sparse_head, sparse_head + "    topk_order: random\n"), "topk_order",
+       "key 'stages.2.topk_order': must be one of score, index, got 'random'"},
       {"bad_loss", replaced(kMinimal, sparse_head, sparse_head + "    indexer_loss: kl\n"), "indexer_loss",
        "key 'stages.2.indexer_loss': must be one of none, dense, sparse, got 'kl'"},
       {"bad_nonfinite", replaced(kMinimal, "output_dir:", "optimizer:\n  on_nonfinite: ignore\noutput_dir:"),

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdlib>
 #include <cstdint>
 #include <cstdio>
 #include <functional>
@@ -24,6 +25,28 @@
 #include "kernels/tensor.h"
 
 namespace dsa::bench {
+
+// Sets an environment switch the kernels read at each call (DSA_INDEXER_WGMMA, DSA_SPARSE_ATTN_WGMMA, ...)
+// for one scope and puts back what was there, also when the scope throws.
+class ScopedEnv {
+ public:
+  ScopedEnv(const char* name, const char* value) : name_(name) {
+    const char* old = std::getenv(name);
+    had_ = old != nullptr;
+    if (had_) old_ = old;
+    setenv(name, value, 1);
+  }
+  ~ScopedEnv() {
+    if (had_) setenv(name_.c_str(), old_.c_str(), 1);
+    else unsetenv(name_.c_str());
+  }
+  ScopedEnv(const ScopedEnv&) = delete;
+  ScopedEnv& operator=(const ScopedEnv&) = delete;
+
+ private:
+  std::string name_, old_;
+  bool had_ = false;
+};
 
 inline Device bench_device() { return cuda::available() ? Device::CUDA : Device::CPU; }
 
