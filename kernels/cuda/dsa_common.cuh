@@ -9,6 +9,7 @@
 
 #include "kernels/cuda/check.cuh"
 #include "kernels/cuda/context.h"
+#include "kernels/dsa_ops.h"
 #include "kernels/tensor.h"
 
 namespace dsa::cuda::dsa_detail {
@@ -213,4 +214,9 @@ bool launch_scores_wgmma(const ScoreOperands& o, const Tensor& w_I, int B, int T
 enum class IndexerScoreKernel { kMma, kWgmma, kWgmmaWarpSpecialized };
 IndexerScoreKernel indexer_score_kernel();
 bool wgmma_available();  // an sm_90 device and this build's sm_90a code
+// Causal top-k of score rows t = t0 + r (sm90_f32_topk_causal.cu): scores [B, R, T] f32 -> out rows
+// out_row0 .. out_row0 + R - 1 of [B, T_out, K] i32 in `order`; values (may be null) the same rows of
+// [B, T_out, K] f32, the winners' scores.
+void launch_topk(const float* scores, int B, int R, int T, int t0, int K, ops::TopkOrder order, int32_t* out, int T_out,
+                 int out_row0, float* values);
 }  // namespace dsa::cuda::dsa_detail
