@@ -10,7 +10,8 @@
 #              0 (mma.sync only), unset (the default: wgmma where measured faster) and 1 (every wgmma kernel)
 #       indexer: the warp-specialized indexer scoring (DSA_INDEXER_WGMMA=ws) and the index-order top-k
 #              (docs/perf_log.md v13) in one call: the indexer / top-k tests, racecheck and synccheck of the
-#              new tests, the kernels and ops rows, the sparse step at 16K and 128K with each of them
+#              new tests, the kernels and ops rows, a per-kernel Nsight Systems summary of one 128K sparse step
+#              (when nsys is installed), the sparse step at 16K and 128K with each of them
 #   bash scripts/gpu_check.sh multi [tests|scale|ep|memory|resume ...]
 #       a machine with several GPUs: scripts/gpu_check_multi.sh after the build (its table last)
 # The GPU image has no PCRE2 -dev package: pcre2.h comes from .carry/pcre2 when present.
@@ -83,6 +84,14 @@ if [[ $what == indexer ]]; then
   fi
   "$BUILD/bin/dsa-bench" kernels 2>&1 | grep -E "indexer|FP8 GEMM"
   "$BUILD/bin/dsa-bench" ops --only indexer 2>&1 | grep -E "indexer_topk fp8"
+  # Where the 128K sparse step's time goes, per kernel (Nsight Systems, when the image has it).
+  if command -v nsys >/dev/null; then
+    nsys profile -o "$OUT/sparse128k" --force-overwrite true "$BUILD/bin/dsa-bench" train --seq-len 131072 \
+      --tokens 131072 --recompute --steps 1 --warmup 0 --stages sparse >"$OUT/nsys.log" 2>&1
+    nsys stats --report cuda_gpu_kern_sum --format csv "$OUT/sparse128k.nsys-rep" 2>/dev/null |
+      python3 -c "import csv,sys; r=[x for x in csv.DictReader(l for l in sys.stdin if ',' in l)]; [print(f\"{float(x['Time (%)']):5.1f}% {float(x['Total Time (ns)'])/1e6:9.1f} ms {x['Instances']:>6} {x['Name'][:90]}\") for x in r[:14]]" ||
+      echo "[gpu_check] nsys stats: no kernel summary (see $OUT/nsys.log)"
+  fi
   for v in "" ws; do
     for order in score index; do
       echo "[gpu_check] DSA_INDEXER_WGMMA=${v:-unset} --topk-order $order"
