@@ -73,33 +73,35 @@ if [[ $what == wgmma ]]; then
   done
 fi
 if [[ $what == indexer ]]; then
-  "$BUILD/bin/test_gpu_dsa" --gtest_filter='*Indexer*:*Topk*' >"$OUT/indexer_tests.log" 2>&1 || status=1
+  # Each step under a timeout: a kernel that hangs (a barrier protocol gone wrong) costs its step, not the call.
+  timeout 180 "$BUILD/bin/test_gpu_dsa" --gtest_filter='*Indexer*:*Topk*' >"$OUT/indexer_tests.log" 2>&1 || status=1
   grep -E "^\[  (PASSED|FAILED) |Failure|\[topk\]" "$OUT/indexer_tests.log" | head -40
-  if command -v compute-sanitizer >/dev/null; then
-    for tool in racecheck synccheck; do
-      timeout 200 compute-sanitizer --tool $tool --error-exitcode 9 "$BUILD/bin/test_gpu_dsa" \
-        --gtest_filter='*IndexerTopkFp8WarpSpecialized*:*TopkIndexOrder*' >"$OUT/indexer_$tool.log" 2>&1
-      echo "[gpu_check] $tool (ws scoring, index order): rc $?, $(grep -E 'SUMMARY' "$OUT/indexer_$tool.log" | tail -1)"
+  timeout 150 "$BUILD/bin/dsa-bench" kernels 2>&1 | grep -E "indexer|FP8 GEMM"
+  timeout 90 "$BUILD/bin/dsa-bench" ops --only indexer 2>&1 | grep -E "indexer_topk fp8"
+  for v in "" ws; do
+    for order in score index; do
+      echo "[gpu_check] DSA_INDEXER_WGMMA=${v:-unset} --topk-order $order"
+      DSA_INDEXER_WGMMA=$v timeout 60 "$BUILD/bin/dsa-bench" train --seq-len 16384 --stages sparse \
+        --topk-order $order 2>&1 | tail -1
+      DSA_INDEXER_WGMMA=$v timeout 90 "$BUILD/bin/dsa-bench" train --seq-len 131072 --tokens 131072 --recompute \
+        --steps 2 --warmup 1 --stages sparse --topk-order $order 2>&1 | tail -1
     done
-  fi
-  "$BUILD/bin/dsa-bench" kernels 2>&1 | grep -E "indexer|FP8 GEMM"
-  "$BUILD/bin/dsa-bench" ops --only indexer 2>&1 | grep -E "indexer_topk fp8"
+  done
   # Where the 128K sparse step's time goes, per kernel (Nsight Systems, when the image has it).
   if command -v nsys >/dev/null; then
-    nsys profile -o "$OUT/sparse128k" --force-overwrite true "$BUILD/bin/dsa-bench" train --seq-len 131072 \
-      --tokens 131072 --recompute --steps 1 --warmup 0 --stages sparse >"$OUT/nsys.log" 2>&1
+    timeout 120 nsys profile -o "$OUT/sparse128k" --force-overwrite true "$BUILD/bin/dsa-bench" train \
+      --seq-len 131072 --tokens 131072 --recompute --steps 1 --warmup 0 --stages sparse >"$OUT/nsys.log" 2>&1
     nsys stats --report cuda_gpu_kern_sum --format csv "$OUT/sparse128k.nsys-rep" 2>/dev/null |
       python3 -c "import csv,sys; r=[x for x in csv.DictReader(l for l in sys.stdin if ',' in l)]; [print(f\"{float(x['Time (%)']):5.1f}% {float(x['Total Time (ns)'])/1e6:9.1f} ms {x['Instances']:>6} {x['Name'][:90]}\") for x in r[:14]]" ||
       echo "[gpu_check] nsys stats: no kernel summary (see $OUT/nsys.log)"
   fi
-  for v in "" ws; do
-    for order in score index; do
-      echo "[gpu_check] DSA_INDEXER_WGMMA=${v:-unset} --topk-order $order"
-      DSA_INDEXER_WGMMA=$v "$BUILD/bin/dsa-bench" train --seq-len 16384 --stages sparse --topk-order $order 2>&1 | tail -1
-      DSA_INDEXER_WGMMA=$v "$BUILD/bin/dsa-bench" train --seq-len 131072 --tokens 131072 --recompute --steps 2 \
-        --warmup 1 --stages sparse --topk-order $order 2>&1 | tail -1
+  if command -v compute-sanitizer >/dev/null; then
+    for tool in racecheck synccheck; do
+      timeout 100 compute-sanitizer --tool $tool --error-exitcode 9 "$BUILD/bin/test_gpu_dsa" \
+        --gtest_filter='*IndexerTopkFp8WarpSpecialized*:*TopkIndexOrder*' >"$OUT/indexer_$tool.log" 2>&1
+      echo "[gpu_check] $tool (ws scoring, index order): rc $?, $(grep -E 'SUMMARY' "$OUT/indexer_$tool.log" | tail -1)"
     done
-  done
+  fi
 fi
 if [[ $what == all || $what == bench ]]; then
   rm -f "$OUT/bench.jsonl"
