@@ -42,7 +42,7 @@ struct StepOptions {
   IndexerLossMode indexer_loss = IndexerLossMode::None;
   bool detach_indexer_input = true;  // x and c_q reach the indexer as constants
   bool fp8_indexer = true;           // selection scores through Hadamard + FP8 (else f32/f64)
-  ops::TopkOrder topk_order = ops::TopkOrder::kScore;  // the selected slots' order (the set is the same)
+  ops::TopkOrder topk_order = ops::TopkOrder::kIndex;  // the selected slots' order (the set is the same)
   bool train_main = true;            // LM-loss backward into every non-indexer parameter
   bool train_indexer = false;        // indexer-loss backward into the indexer's parameters
   double lm_grad_scale = 1.0;        // gradient of (lm_grad_scale * sum of token losses)

@@ -8,10 +8,10 @@
 #       wgmma: the wgmma sparse MLA kernels (docs/perf_log.md v12) in one call: their test and racecheck,
 #              the sparse attention ops, the kernel rows, the sparse step at 16K with DSA_SPARSE_ATTN_WGMMA
 #              0 (mma.sync only), unset (the default: wgmma where measured faster) and 1 (every wgmma kernel)
-#       indexer: the warp-specialized indexer scoring (DSA_INDEXER_WGMMA=ws) and the index-order top-k
-#              (docs/perf_log.md v13) in one call: the indexer / top-k tests, racecheck and synccheck of the
-#              new tests, the kernels and ops rows, a per-kernel Nsight Systems summary of one 128K sparse step
-#              (when nsys is installed), the sparse step at 16K and 128K with each of them
+#       indexer: the indexer's top-k in one call (docs/perf_log.md v13): the indexer / top-k tests, the
+#              kernels and ops rows in both slot orders, the sparse step at 16K and 128K with --topk-order
+#              index (the default) and score, a per-kernel Nsight Systems summary of one 128K sparse step
+#              (when nsys is installed), racecheck and synccheck of the index-order test
 #   bash scripts/gpu_check.sh multi [tests|scale|ep|memory|resume ...]
 #       a machine with several GPUs: scripts/gpu_check_multi.sh after the build (its table last)
 # The GPU image has no PCRE2 -dev package: pcre2.h comes from .carry/pcre2 when present.
@@ -73,19 +73,16 @@ if [[ $what == wgmma ]]; then
   done
 fi
 if [[ $what == indexer ]]; then
-  # Each step under a timeout: a kernel that hangs (a barrier protocol gone wrong) costs its step, not the call.
+  # Each step under a timeout: a kernel that hangs costs its step, not the call.
   timeout 180 "$BUILD/bin/test_gpu_dsa" --gtest_filter='*Indexer*:*Topk*' >"$OUT/indexer_tests.log" 2>&1 || status=1
   grep -E "^\[  (PASSED|FAILED) |Failure|\[topk\]" "$OUT/indexer_tests.log" | head -40
   timeout 150 "$BUILD/bin/dsa-bench" kernels 2>&1 | grep -E "indexer|FP8 GEMM"
   timeout 90 "$BUILD/bin/dsa-bench" ops --only indexer 2>&1 | grep -E "indexer_topk fp8"
-  for v in "" ws; do
-    for order in score index; do
-      echo "[gpu_check] DSA_INDEXER_WGMMA=${v:-unset} --topk-order $order"
-      DSA_INDEXER_WGMMA=$v timeout 60 "$BUILD/bin/dsa-bench" train --seq-len 16384 --stages sparse \
-        --topk-order $order 2>&1 | tail -1
-      DSA_INDEXER_WGMMA=$v timeout 90 "$BUILD/bin/dsa-bench" train --seq-len 131072 --tokens 131072 --recompute \
-        --steps 2 --warmup 1 --stages sparse --topk-order $order 2>&1 | tail -1
-    done
+  for order in index score; do
+    echo "[gpu_check] --topk-order $order"
+    timeout 60 "$BUILD/bin/dsa-bench" train --seq-len 16384 --stages sparse --topk-order $order 2>&1 | tail -1
+    timeout 90 "$BUILD/bin/dsa-bench" train --seq-len 131072 --tokens 131072 --recompute --steps 2 --warmup 1 \
+      --stages sparse --topk-order $order 2>&1 | tail -1
   done
   # Where the 128K sparse step's time goes, per kernel (Nsight Systems, when the image has it).
   if command -v nsys >/dev/null; then
@@ -98,8 +95,8 @@ if [[ $what == indexer ]]; then
   if command -v compute-sanitizer >/dev/null; then
     for tool in racecheck synccheck; do
       timeout 100 compute-sanitizer --tool $tool --error-exitcode 9 "$BUILD/bin/test_gpu_dsa" \
-        --gtest_filter='*IndexerTopkFp8WarpSpecialized*:*TopkIndexOrder*' >"$OUT/indexer_$tool.log" 2>&1
-      echo "[gpu_check] $tool (ws scoring, index order): rc $?, $(grep -E 'SUMMARY' "$OUT/indexer_$tool.log" | tail -1)"
+        --gtest_filter='*TopkIndexOrder*' >"$OUT/indexer_$tool.log" 2>&1
+      echo "[gpu_check] $tool TopkIndexOrder: rc $?, $(grep -E 'SUMMARY' "$OUT/indexer_$tool.log" | tail -1)"
     done
   fi
 fi

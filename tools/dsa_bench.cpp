@@ -112,7 +112,7 @@ void train_bench(int argc, char** argv) {
   int64_t tokens = 16384;
   int steps = 5, warm = 2;
   bool recompute = false;
-  ops::TopkOrder topk_order = ops::TopkOrder::kScore;
+  ops::TopkOrder topk_order = ops::TopkOrder::kIndex;  // the trainer's default (StageSpec::topk_order)
   for (int i = 0; i < argc; ++i) {
     const std::string a = argv[i];
     auto next = [&] { return std::string(i + 1 < argc ? argv[++i] : ""); };
@@ -272,17 +272,13 @@ void kernel_bench(int argc, char** argv) {
       Tensor q = random_tensor({1, TT, Hi, di}, dt, dev, 5), k = random_tensor({1, TT, di}, dt, dev, 6),
              w = random_tensor({1, TT, Hi}, dt, dev, 7, 0.1);
       const double flops = 2.0 * Hi * di * (static_cast<double>(TT) * TT / 2);
+      // Slots by score (the op's default order) and by index (the trainer's: no sort of the winners).
       report(name, time_median(dev, 1, 3, [&] { ops::indexer_topk(q, k, w, K, true); }), flops);
-      if (dev == Device::CUDA) {  // the warp-specialized scoring kernel (DSA_INDEXER_WGMMA=ws), same inputs
-        const ScopedEnv ws("DSA_INDEXER_WGMMA", "ws");
-        report("indexer top-k fp8 (T=" + std::to_string(TT) + ", warp-specialized)",
-               time_median(dev, 1, 3, [&] { ops::indexer_topk(q, k, w, K, true); }), flops);
-      }
-      // The selection alone, on the same rows' scores (all T rows in one block, as indexer_topk streams
-      // them at T <= 8K; at 32K it streams row blocks of the same total): scoring = the rest.
       report("indexer top-k fp8 (T=" + std::to_string(TT) + ", index order)",
              time_median(dev, 1, 3, [&] { ops::indexer_topk(q, k, w, K, true, 0, nullptr, ops::TopkOrder::kIndex); }),
              flops);
+      // The selection alone, on the same rows' scores (all T rows in one block, as indexer_topk streams
+      // them at T <= 8K; at 32K it streams row blocks of the same total): scoring = the rest.
       const Tensor S = ops::indexer_scores_forward(q, k, w, 0, TT);
       report("indexer selection only (T=" + std::to_string(TT) + ")",
              time_median(dev, 1, 3, [&] { ops::topk_causal(S, 0, K); }), 0.0);

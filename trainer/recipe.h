@@ -72,7 +72,7 @@ struct StageSpec {
   bool detach_indexer_input = true;  // indexer reads x and c_q detached from the main graph
   bool recompute = false;            // activation recomputation per layer (memory for time)
   IndexerPrecision indexer_precision = IndexerPrecision::fp8;
-  TopkOrder topk_order = TopkOrder::score;  // slots by score, or by key index (no sort on the GPU; same set)
+  TopkOrder topk_order = TopkOrder::index;  // slots by key index (no sort on the GPU) or by score; same set
   double moe_bias_update_rate = 1e-3;  // bias_e += rate * sign(mean_load - load_e) after each step
                                        // (0 for softmax-routed models: they have no bias)
   double seq_balance_loss_alpha = 1e-4;  // balance loss weight (DeepSeek-V2's aux_loss_alpha)

@@ -205,14 +205,10 @@ ScoreOperands make_operands(const Tensor& q_I, const Tensor& k_I, bool fp8);
 void launch_scores(const ScoreOperands& o, const Tensor& w_I /*[B, T, Hi] bf16*/, int B, int T, int Hi, int D, int t0,
                    int R, float* out);
 // The same scores on wgmma (sm90_fp8_indexer_scores_wgmma.cu): returns false, launching nothing, where it does
-// not apply (bf16, Hi not 16/32/64, D not 64/128, no sm_90a code, DSA_INDEXER_WGMMA=0); launch_scores tries it first.
+// not apply (bf16, Hi not 16/32/64, D not 64/128, no sm_90a code, DSA_INDEXER_WGMMA=0, read at each call; another
+// value than 0, 1 or unset is refused); launch_scores tries it first.
 bool launch_scores_wgmma(const ScoreOperands& o, const Tensor& w_I, int B, int T, int Hi, int D, int t0, int R,
                          float* out);
-// DSA_INDEXER_WGMMA, read at each call: unset or 1 = the wgmma kernel with a CTA barrier per key tile, ws = its
-// warp-specialized sibling (producer warp, mbarriers; opt-in until measured, docs/perf_log.md v13), 0 = the
-// mma.sync kernel; another value is refused.
-enum class IndexerScoreKernel { kMma, kWgmma, kWgmmaWarpSpecialized };
-IndexerScoreKernel indexer_score_kernel();
 bool wgmma_available();  // an sm_90 device and this build's sm_90a code
 // Causal top-k of score rows t = t0 + r (sm90_f32_topk_causal.cu): scores [B, R, T] f32 -> out rows
 // out_row0 .. out_row0 + R - 1 of [B, T_out, K] i32 in `order`; values (may be null) the same rows of

@@ -70,6 +70,7 @@ TEST(ModelDsa, TopkOrderChangesNothingButTheSummationOrder) {
   o.indexer_loss = IndexerLossMode::Sparse;
   o.train_indexer = true;
   o.detach_indexer_input = true;
+  o.topk_order = ops::TopkOrder::kScore;
   StepOptions oi = o;
   oi.topk_order = ops::TopkOrder::kIndex;
   std::vector<Tensor> idx_s, idx_i;

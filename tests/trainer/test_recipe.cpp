@@ -203,11 +203,11 @@ TEST(Recipe, TopkOrderIsAStageKey) {
   std::string text = kMinimal;
   const size_t at = text.find(sparse_head);
   ASSERT_NE(at, std::string::npos);
-  text.insert(at + sparse_head.size(), "    topk_order: index\n");
-  const Recipe r = parse_recipe(text, "index_order.yaml");
-  EXPECT_EQ(r.stages[2].topk_order, TopkOrder::index);
-  EXPECT_EQ(r.stages[0].topk_order, TopkOrder::score);
-  EXPECT_EQ(parse_recipe(r.resolved_yaml, "again").stages[2].topk_order, TopkOrder::index);
+  text.insert(at + sparse_head.size(), "    topk_order: score\n");
+  const Recipe r = parse_recipe(text, "score_order.yaml");
+  EXPECT_EQ(r.stages[2].topk_order, TopkOrder::score);
+  EXPECT_EQ(r.stages[0].topk_order, TopkOrder::index);
+  EXPECT_EQ(parse_recipe(r.resolved_yaml, "again").stages[2].topk_order, TopkOrder::score);
 }
 
 TEST(Recipe, KindDefaultsFollowTheSpec) {
@@ -230,7 +230,7 @@ TEST(Recipe, KindDefaultsFollowTheSpec) {
   EXPECT_DOUBLE_EQ(s.lr_main, 7.3e-6);
   EXPECT_EQ(s.topk, 4);
   EXPECT_EQ(s.indexer_precision, IndexerPrecision::fp8);
-  EXPECT_EQ(s.topk_order, TopkOrder::score);
+  EXPECT_EQ(s.topk_order, TopkOrder::index);
   EXPECT_EQ(r.device, RunDevice::auto_);
   EXPECT_EQ(r.checkpoint.dir, "runs/test/checkpoints");
   EXPECT_EQ(r.optimizer.on_nonfinite, OnNonfinite::skip);

@@ -13,8 +13,8 @@
 //                      (DSA_SPARSE_ATTN_WGMMA=1: 64 heads per CTA where H % 64 == 0 (the backward at Dk
 //                      576 only), else 16 with keys as M) and the gather + cuBLASLt (gemm,
 //                      DSA_SPARSE_ATTN_GEMM=1) paths
-//   indexer            the sparse stage's indexer route: scores, top-k (fp8 on the GPU also with the
-//                      warp-specialized scoring, DSA_INDEXER_WGMMA=ws), sparse KL, probabilities pass
+//   indexer            the sparse stage's indexer route: scores, top-k (fp8 in both slot orders), sparse KL,
+//                      probabilities pass
 //   moe                grouped expert GEMM (fwd, bwd, host time of a call), routing and permutation ops
 #include "kernels/ops.h"
 
@@ -251,10 +251,6 @@ void indexer(const Ops& o) {
     o.report("indexer_topk fp8 index order " + d, o.time(3, 3, [&] {
                ops::indexer_topk(q, k, w, c.K, true, 0, nullptr, ops::TopkOrder::kIndex);
              }));
-    if (o.gpu) {  // the warp-specialized wgmma scoring (opt-in), same inputs
-      const ScopedEnv ws("DSA_INDEXER_WGMMA", "ws");
-      o.report("indexer_topk fp8 ws " + d, o.time(3, 3, [&] { ops::indexer_topk(q, k, w, c.K, true); }));
-    }
     o.report("indexer_topk bf16 " + d, o.time(3, 3, [&] { ops::indexer_topk(q, k, w, c.K, false); }));
   }
   struct Case {
