@@ -281,6 +281,10 @@ TEST(GpuDsa, TopkCausalLongRows) {
 // order (rows up to 131072 keys), the swapped-composite sort past that (a row of 140000 keys), the rows of
 // t + 1 <= K; bit-exact to the CPU on the same scores. Then indexer_topk: the score order's slots sorted by
 // index, with the same scores.
+// NOTES: exact equality on purpose. The selection does no arithmetic: both backends rank the same f32 bits
+// (host-generated, copied bit for bit) by the same total order (score, then lower index, NaN lowest), so
+// the derived tolerance is zero and one wrong slot is a bug. The second half compares one GPU scoring
+// computation (same kernel, same inputs and shapes) read out in two orders.
 TEST(GpuDsa, TopkIndexOrder) {
   DSA_REQUIRE_GPU();
   const auto order = ops::TopkOrder::kIndex;
