@@ -107,7 +107,7 @@ if [[ $what == all || $what == bench ]]; then
     "$BUILD/bin/dsa-bench" ops --json "$OUT/bench.jsonl" >"$OUT/ops.log" 2>&1 || status=1
     echo "[gpu_check] dsa-bench ops: $(grep -c ' ms' "$OUT/ops.log") figures in $OUT/ops.log; $(tail -1 "$OUT/ops.log")"
   fi
-  "$BUILD/bin/dsa-bench" kernels --json "$OUT/bench.jsonl" 2>&1 | tail -12
+  "$BUILD/bin/dsa-bench" kernels --json "$OUT/bench.jsonl" 2>&1 | tail -24
   "$BUILD/bin/dsa-bench" train --seq-len 4096,16384 --json "$OUT/bench.jsonl" 2>&1 | tail -10
   "$BUILD/bin/dsa-bench" train --seq-len 32768 --tokens 32768 --json "$OUT/bench.jsonl" 2>&1 | tail -4
   PYTHONUNBUFFERED=1 timeout "${DSA_PEERS_TIMEOUT:-900}" python3 tools/bench_peers.py --json "$OUT/bench.jsonl" \

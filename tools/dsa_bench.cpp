@@ -2,7 +2,7 @@
 //
 //   dsa-bench train   [--config bench-small] [--seq-len 4096,16384] [--tokens 16384] [--stages dense,warmup,sparse]
 //                     [--steps 5] [--warmup 2] [--recompute] [--topk-order score|index] [--json FILE]
-//   dsa-bench kernels [--seq-len 8192] [--sparse-seq-len 4096] [--json FILE]   production DSA shapes (SPEC.md §4)
+//   dsa-bench kernels [--seq-len 8192] [--sparse-seq-len 4096] [--only NAME] [--json FILE]   production DSA shapes (SPEC.md §4)
 //   dsa-bench ops     [--only SECTIONS] [--json FILE]   every op family, bench-small and production shapes
 //                     (tools/dsa_bench/ops.cpp; the CPU in f32 at CPU-sized shapes when no GPU is present)
 //   dsa-bench peak    bf16 GEMM ceiling (8192^3), used for MFU
@@ -212,11 +212,12 @@ void train_bench(int argc, char** argv) {
 }
 
 void kernel_bench(int argc, char** argv) {
-  std::string json_path;
+  std::string json_path, only;
   int64_t T = 8192, Ts = 4096;
   for (int i = 0; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--json" && i + 1 < argc) json_path = argv[++i];
+    else if (a == "--only" && i + 1 < argc) only = argv[++i];
     else if (a == "--seq-len" && i + 1 < argc) T = std::stoll(argv[++i]);
     else if (a == "--sparse-seq-len" && i + 1 < argc) Ts = std::stoll(argv[++i]);
     else throw std::runtime_error("[dsa-bench] unknown kernels option " + a);
@@ -232,6 +233,7 @@ void kernel_bench(int argc, char** argv) {
            << ",\"tflops\":" << flops / s / 1e12 << "}\n";
   };
   auto guarded = [&](const std::string& name, const std::function<void()>& f) {
+    if (!only.empty() && name.find(only) == std::string::npos) return;
     try {
       f();
     } catch (const std::exception& e) {
@@ -279,7 +281,9 @@ void kernel_bench(int argc, char** argv) {
              flops);
       // The selection alone, on the same rows' scores (all T rows in one block, as indexer_topk streams
       // them at T <= 8K; at 32K it streams row blocks of the same total): scoring = the rest.
-      const Tensor S = ops::indexer_scores_forward(q, k, w, 0, TT);
+      Tensor S = ops::indexer_scores_forward(q, k, w, 0, TT);
+      report("indexer scoring only (T=" + std::to_string(TT) + ")",
+             time_median(dev, 1, 3, [&] { S = ops::indexer_scores_forward(q, k, w, 0, TT); }), flops);
       report("indexer selection only (T=" + std::to_string(TT) + ")",
              time_median(dev, 1, 3, [&] { ops::topk_causal(S, 0, K); }), 0.0);
       report("indexer selection only (T=" + std::to_string(TT) + ", index order)",

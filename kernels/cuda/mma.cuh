@@ -395,4 +395,50 @@ struct WgmmaBf16<128> {
   }
 };
 
+// -------------------------------------------------------------- mbarriers (sm_90)
+// A ring of shared-memory stages without a CTA-wide barrier per stage: each stage has a "full" mbarrier
+// (every loading thread arrives once its own copies have landed and been fenced for the async proxy) and an
+// "empty" one (every consumer arrives once its wgmmas and epilogue are done with the stage). Use u of a
+// stage completes phase u, so waiting for use u takes parity u & 1.
+// NOTES: mbarrier_arrive has release semantics and the try_wait loop acquire semantics (PTX defaults, .cta
+// scope): what a thread wrote before its arrive is visible to a thread whose wait returned. Only compiled
+// with the wgmma code (sm_90a); elsewhere the wrappers trap.
+__device__ __forceinline__ void mbarrier_init(uint64_t* bar, int count) {
+#if DSA_WGMMA_ENABLED
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count) : "memory");
+#else
+  (void)bar; (void)count;
+  __trap();
+#endif
+}
+// After the inits, before the __syncthreads that publishes them.
+__device__ __forceinline__ void fence_mbarrier_init() {
+#if DSA_WGMMA_ENABLED
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void mbarrier_arrive(uint64_t* bar) {
+#if DSA_WGMMA_ENABLED
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(bar)) : "memory");
+#else
+  (void)bar;
+  __trap();
+#endif
+}
+// Spins until the phase of parity `parity` has completed.
+__device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
+#if DSA_WGMMA_ENABLED
+  asm volatile(
+      "{\n.reg .pred done;\n"
+      "WAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT;\n}\n" ::"r"(smem_u32(bar)),
+      "r"(parity)
+      : "memory");
+#else
+  (void)bar; (void)parity;
+  __trap();
+#endif
+}
+
 }  // namespace dsa::cuda
