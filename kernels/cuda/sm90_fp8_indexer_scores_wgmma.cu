@@ -8,7 +8,6 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
-#include <type_traits>
 
 #include "kernels/cuda/dsa_common.cuh"
 #include "kernels/cuda/mma.cuh"
@@ -32,7 +31,6 @@ constexpr int kWgThreads = 256;  // two consumer warpgroups
 constexpr int kWgCols = 512;     // query-head columns per CTA: 256 per warpgroup, two wgmma halves of 128
 constexpr int kWgKeys = 64;      // keys per tile: the wgmma M
 constexpr int kWgStages = 3;     // key tiles in flight (cp.async ring)
-constexpr int kMbStages = 4;     // the same with mbarriers (MB): two tiles of slack between the warpgroups
 
 // Shared-memory byte offset of 16-byte chunk `ch` of row `row` in a no-swizzle K-major tile of D-byte rows:
 // 8-row x 16-byte core matrices, K-adjacent ones 128 bytes apart (lbo), M-adjacent ones 8 D apart (sbo).
@@ -49,7 +47,7 @@ __device__ __forceinline__ int core_offset(int row, int ch) {
 // second half's MMAs run. Key tiles come through a 3-stage cp.async ring; row blocks run longest first.
 // The two warpgroups share the key tiles (tried: one warpgroup per CTA at three CTAs per SM, each CTA
 // reading the keys for half as many queries, was slower).
-template <int HI, int D, bool RW, bool MB>
+template <int HI, int D>
 __global__ void __launch_bounds__(kWgThreads, 1) score_wgmma_kernel(WgScoreParams p) {
   constexpr int QB = kWgCols / HI;   // queries per CTA
   constexpr int QW = QB / 2;         // per warpgroup
@@ -59,14 +57,11 @@ __global__ void __launch_bounds__(kWgThreads, 1) score_wgmma_kernel(WgScoreParam
   constexpr int CH = D / 16;         // 16-byte chunks per row
   constexpr int NV = 2 * QH;         // (query, key row) sums per thread before the quad reduce-scatter
   static_assert(NV >= 4 && NV % 4 == 0, "HI must be 16, 32 or 64");
-  constexpr int NS = MB ? kMbStages : kWgStages;
   extern __shared__ __align__(128) uint8_t smem[];
   uint8_t* Qs = smem;                                            // [512 rows, D] core-matrix layout
-  uint8_t* Ks = Qs + kWgCols * D;                                // [NS][64 rows, D]
-  float* weff = reinterpret_cast<float*>(Ks + NS * kWgKeys * D);  // [512] w * c * q scale / 2
-  float* ksc = weff + kWgCols;                                   // [NS][64] key scales
-  uint64_t* full = reinterpret_cast<uint64_t*>(ksc + NS * kWgKeys);  // [NS] (MB only)
-  uint64_t* empty = full + NS;                                       // [NS] (MB only)
+  uint8_t* Ks = Qs + kWgCols * D;                                // [kWgStages][64 rows, D]
+  float* weff = reinterpret_cast<float*>(Ks + kWgStages * kWgKeys * D);  // [512] w * c * q scale / 2
+  float* ksc = weff + kWgCols;                                   // [kWgStages][64] key scales
   const int b = blockIdx.y, tid = threadIdx.x, lane = tid & 31, wg = tid >> 7, wwarp = (tid >> 5) & 3;
   const int g = lane >> 2, c4 = lane & 3;
   const int r0 = (gridDim.x - 1 - blockIdx.x) * QB;  // first row (relative to t0); longest blocks first
@@ -93,15 +88,6 @@ __global__ void __launch_bounds__(kWgThreads, 1) score_wgmma_kernel(WgScoreParam
       else ksc[stage * kWgKeys + i] = 0.f;
     }
   };
-  if constexpr (MB) {
-    if (tid == 0) {
-      for (int i = 0; i < NS; ++i) {
-        mbarrier_init(full + i, kWgThreads);
-        mbarrier_init(empty + i, kWgThreads);
-      }
-      fence_mbarrier_init();
-    }
-  }
   // Prologue: the query block (rows past the end are zero) with key tile ib, then key tile ib + 1.
   for (int i = tid; i < kWgCols * CH; i += kWgThreads) {
     const int row = i / CH, ch = i % CH, qi = row / HI;
@@ -122,46 +108,28 @@ __global__ void __launch_bounds__(kWgThreads, 1) score_wgmma_kernel(WgScoreParam
   const int t_last = p.t0 + r0 + wq_end - 1;  // the warpgroup's last query
   const uint8_t* Qw = Qs + wg * 256 * D;
   float acc[2][64];
-  // RW: this thread's head weights (columns 8 j + 2 c4, + 1 of each half) held in registers for the whole
-  // key stream instead of re-read from shared memory at every tile.
-  float wr[RW ? 2 : 1][RW ? 2 * QH * NJ : 1];
-  if constexpr (RW || MB) __syncthreads();  // weff written, mbarriers initialized
-  if constexpr (RW) {
+  // This thread's head weights (columns 8 j + 2 c4 and + 1 of each half, 64 floats) stay in registers for the
+  // whole key stream.
+  // NOTES: read from shared memory at every tile they were a quarter of the shared-memory wavefronts
+  // (ncu, docs/perf_log.md v14); in registers the kernel takes 235 registers without spills (-Xptxas -v).
+  float wr[2][2 * QH * NJ];
+  __syncthreads();  // weff written
 #pragma unroll
-    for (int h = 0; h < 2; ++h)
+  for (int h = 0; h < 2; ++h)
 #pragma unroll
-      for (int j = 0; j < QH * NJ; ++j) {
-        const float2 wv = *reinterpret_cast<const float2*>(weff + wg * 256 + h * 128 + 8 * j + 2 * c4);
-        wr[h][2 * j] = wv.x;
-        wr[h][2 * j + 1] = wv.y;
-      }
-  }
+    for (int j = 0; j < QH * NJ; ++j) {
+      const float2 wv = *reinterpret_cast<const float2*>(weff + wg * 256 + h * 128 + 8 * j + 2 * c4);
+      wr[h][2 * j] = wv.x;
+      wr[h][2 * j + 1] = wv.y;
+    }
   for (int it = ib; it < ie; ++it) {
-    const int j = it - ib, stage = j % NS, s0 = it * kWgKeys;
-    if constexpr (MB) {
-      // MB: no CTA barrier per tile. Tile it + 2 goes into its stage once both warpgroups are done with the
-      // tile that used it last; this thread publishes its own copies of tile it, then waits for everyone's.
-      if (it + 2 < ie) {
-        const int u2 = (j + 2) / NS;
-        if (u2 > 0) mbarrier_wait(empty + (j + 2) % NS, (u2 - 1) & 1);
-        load_keys((j + 2) % NS, s0 + 2 * kWgKeys);
-      }
-      cp_async_commit();
-      cp_async_wait<2>();  // this thread's copies of tile it (and of the query block) have landed
-      fence_proxy_async();
-      mbarrier_arrive(full + stage);
-      mbarrier_wait(full + stage, (j / NS) & 1);
-    } else {
-      cp_async_wait<1>();  // tile it has landed (tile it + 1 may still be in flight)
-      fence_proxy_async();
-      __syncthreads();     // every thread's copies visible; every warpgroup done with tile it - 1's stage
-      if (it + 2 < ie) load_keys((it - ib + 2) % kWgStages, s0 + 2 * kWgKeys);
-      cp_async_commit();
-    }
-    if (wq_end <= wg * QW || s0 > t_last) {  // no queries here, or the tile is in their future
-      if constexpr (MB) mbarrier_arrive(empty + stage);
-      continue;
-    }
+    const int stage = (it - ib) % kWgStages, s0 = it * kWgKeys;
+    cp_async_wait<1>();  // tile it has landed (tile it + 1 may still be in flight)
+    fence_proxy_async();
+    __syncthreads();     // every thread's copies visible; every warpgroup done with tile it - 1's stage
+    if (it + 2 < ie) load_keys((it - ib + 2) % kWgStages, s0 + 2 * kWgKeys);
+    cp_async_commit();
+    if (wq_end <= wg * QW || s0 > t_last) continue;  // no queries here, or the tile is in their future
     const uint8_t* Kt = Ks + stage * kWgKeys * D;
     wgmma_fence_operand(acc[0]);
     wgmma_fence_operand(acc[1]);
@@ -174,15 +142,12 @@ __global__ void __launch_bounds__(kWgThreads, 1) score_wgmma_kernel(WgScoreParam
                               wgmma_desc(Qw + h * 128 * D + ks * 256, 128, 8 * D), ks > 0);
       wgmma_commit();
     }
-    const float ks0 = ksc[stage * kWgKeys + wwarp * 16 + g], ks1 = ksc[stage * kWgKeys + wwarp * 16 + g + 8];
+    const float* kscale = ksc + stage * kWgKeys;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       if (h == 0) wgmma_wait<1>();
       else wgmma_wait<0>();
       wgmma_fence_operand(acc[h]);
-      if constexpr (MB) {
-        if (h == 1) mbarrier_arrive(empty + stage);  // the stage's keys and scales are read
-      }
       // relu(z * sq * sk) * w = relu(z) * (w * c * sq) * sk: per query, per key row g and g + 8.
       // NOTES: relu(z) = (z + |z|) / 2 with the 1/2 in weff: one FADD (|z| is an operand modifier) on the
       // FMA pipe instead of an FMNMX on the half-rate ALU pipe, the busiest one (ncu, 41%). Exact: z + |z| is
@@ -194,11 +159,10 @@ __global__ void __launch_bounds__(kWgThreads, 1) score_wgmma_kernel(WgScoreParam
 #pragma unroll
         for (int jj = 0; jj < NJ; ++jj) {
           const int j = qh * NJ + jj;
-          const float2 wv = RW ? make_float2(wr[RW ? h : 0][RW ? 2 * j : 0], wr[RW ? h : 0][RW ? 2 * j + 1 : 0])
-                               : *reinterpret_cast<const float2*>(weff + wg * 256 + h * 128 + 8 * j + 2 * c4);
           const float* z = acc[h] + 4 * j;
-          a0 += (z[0] + fabsf(z[0])) * wv.x + (z[1] + fabsf(z[1])) * wv.y;
-          a1 += (z[2] + fabsf(z[2])) * wv.x + (z[3] + fabsf(z[3])) * wv.y;
+          const float wx = wr[h][2 * j], wy = wr[h][2 * j + 1];
+          a0 += (z[0] + fabsf(z[0])) * wx + (z[1] + fabsf(z[1])) * wy;
+          a1 += (z[2] + fabsf(z[2])) * wx + (z[3] + fabsf(z[3])) * wy;
         }
         v[2 * qh] = a0;
         v[2 * qh + 1] = a1;
@@ -210,7 +174,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) score_wgmma_kernel(WgScoreParam
         const int e = (c4 >> 1) * (NV / 2) + (c4 & 1) * (NV / 4) + i;
         const int qi = wg * QW + h * QH + e / 2;  // local query
         const int key = wwarp * 16 + g + 8 * (e & 1), s = s0 + key, t = p.t0 + r0 + qi;
-        if (qi < nq && s <= t) p.out[(static_cast<int64_t>(b) * p.R + r0 + qi) * p.T + s] = x[i] * ((e & 1) ? ks1 : ks0);
+        if (qi < nq && s <= t) p.out[(static_cast<int64_t>(b) * p.R + r0 + qi) * p.T + s] = x[i] * kscale[key];
       }
     }
   }
@@ -258,11 +222,7 @@ bool launch_scores_wgmma(const ScoreOperands& o, const Tensor& w_I, int B, int T
   p.c = 1.0f / std::sqrt(static_cast<float>(D));
   p.B = B; p.T = T; p.t0 = t0; p.R = R;
   const int QB = kWgCols / Hi;
-  const char* mbe = std::getenv("DSA_INDEXER_MB");  // experiment knob (removed before landing)
-  const bool mb = mbe && std::strcmp(mbe, "1") == 0;
-  const int ns = mb ? kMbStages : kWgStages;
-  const size_t smem = static_cast<size_t>(kWgCols + ns * kWgKeys) * D + sizeof(float) * (kWgCols + ns * kWgKeys) +
-                      2 * ns * sizeof(uint64_t);
+  const size_t smem = static_cast<size_t>(kWgCols + kWgStages * kWgKeys) * D + sizeof(float) * (kWgCols + kWgStages * kWgKeys);
   // NOTES: where the query blocks alone leave SMs idle, the key prefix splits over gridDim.z (each split
   // writes its own keys' scores: no reduction). Long rows stream in small row blocks (the 256 MiB score
   // budget holds 512 rows at T = 128K: 16 CTAs at Hi = 16), which one CTA per query block left on 16 of
@@ -274,26 +234,15 @@ bool launch_scores_wgmma(const ScoreOperands& o, const Tensor& w_I, int B, int T
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     kernel<<<grid, kWgThreads, smem, stream()>>>(p);
   };
-  const char* rwe = std::getenv("DSA_INDEXER_REGW");  // experiment knob (removed before landing)
-  const bool rw = rwe && std::strcmp(rwe, "1") == 0;
-  auto pick = [&](auto rw_c, auto mb_c) {
-    constexpr bool R = decltype(rw_c)::value, M = decltype(mb_c)::value;
-    if (D == 64) {
-      if (Hi == 16) launch(score_wgmma_kernel<16, 64, R, M>);
-      else if (Hi == 32) launch(score_wgmma_kernel<32, 64, R, M>);
-      else launch(score_wgmma_kernel<64, 64, R, M>);
-    } else {
-      if (Hi == 16) launch(score_wgmma_kernel<16, 128, R, M>);
-      else if (Hi == 32) launch(score_wgmma_kernel<32, 128, R, M>);
-      else launch(score_wgmma_kernel<64, 128, R, M>);
-    }
-  };
-  using T_ = std::true_type;
-  using F_ = std::false_type;
-  if (rw && mb) pick(T_{}, T_{});
-  else if (rw) pick(T_{}, F_{});
-  else if (mb) pick(F_{}, T_{});
-  else pick(F_{}, F_{});
+  if (D == 64) {
+    if (Hi == 16) launch(score_wgmma_kernel<16, 64>);
+    else if (Hi == 32) launch(score_wgmma_kernel<32, 64>);
+    else launch(score_wgmma_kernel<64, 64>);
+  } else {
+    if (Hi == 16) launch(score_wgmma_kernel<16, 128>);
+    else if (Hi == 32) launch(score_wgmma_kernel<32, 128>);
+    else launch(score_wgmma_kernel<64, 128>);
+  }
   check_launch("indexer_scores_wgmma");
   return true;
 }
