@@ -281,8 +281,10 @@ void kernel_bench(int argc, char** argv) {
              flops);
       // The selection alone, on the same rows' scores (all T rows in one block, as indexer_topk streams
       // them at T <= 8K; at 32K it streams row blocks of the same total): scoring = the rest.
+      // indexer_scores_forward is the differentiable bf16 scoring (the warm-up's and the backward's), not
+      // the FP8 one inside indexer_topk: its own row.
       Tensor S = ops::indexer_scores_forward(q, k, w, 0, TT);
-      report("indexer scoring only (T=" + std::to_string(TT) + ")",
+      report("indexer scoring bf16 (T=" + std::to_string(TT) + ")",
              time_median(dev, 1, 3, [&] { S = ops::indexer_scores_forward(q, k, w, 0, TT); }), flops);
       report("indexer selection only (T=" + std::to_string(TT) + ")",
              time_median(dev, 1, 3, [&] { ops::topk_causal(S, 0, K); }), 0.0);
