@@ -212,7 +212,7 @@ void train_bench(int argc, char** argv) {
 }
 
 void kernel_bench(int argc, char** argv) {
-  std::string json_path, only;
+  std::string json_path, only;  // only: run the rows whose group name contains it
   int64_t T = 8192, Ts = 4096;
   for (int i = 0; i < argc; ++i) {
     const std::string a = argv[i];
@@ -232,8 +232,10 @@ void kernel_bench(int argc, char** argv) {
       json << "{\"bench\":\"kernel\",\"name\":\"" << name << "\",\"ms\":" << 1e3 * s
            << ",\"tflops\":" << flops / s / 1e12 << "}\n";
   };
+  bool matched = false;
   auto guarded = [&](const std::string& name, const std::function<void()>& f) {
     if (!only.empty() && name.find(only) == std::string::npos) return;
+    matched = true;
     try {
       f();
     } catch (const std::exception& e) {
@@ -327,6 +329,9 @@ void kernel_bench(int argc, char** argv) {
              }), 2.5 * flops);
     }
   });
+  if (!only.empty() && !matched)
+    throw std::runtime_error("[dsa-bench] kernels --only '" + only +
+                             "' matches no row group (dense attention, indexer top-k fp8, sparse MLA attention)");
 }
 
 }  // namespace

@@ -110,8 +110,8 @@ __global__ void __launch_bounds__(kWgThreads, 1) score_wgmma_kernel(WgScoreParam
   float acc[2][64];
   // This thread's head weights (columns 8 j + 2 c4 and + 1 of each half, 64 floats) stay in registers for the
   // whole key stream.
-  // NOTES: read from shared memory at every tile they were a quarter of the shared-memory wavefronts
-  // (ncu, docs/perf_log.md v14); in registers the kernel takes 235 registers without spills (-Xptxas -v).
+  // NOTES: read from shared memory they cost one LDS.64 per head group, half and tile; in registers the
+  // top-k ran ~3% faster (docs/perf_log.md v14, H100) at 235 registers without spills (-Xptxas -v).
   float wr[2][2 * QH * NJ];
   __syncthreads();  // weff written
 #pragma unroll

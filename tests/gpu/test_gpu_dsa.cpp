@@ -388,7 +388,7 @@ TEST(GpuDsa, SparseAttentionForwardBackward) {
     const double tol_bwd = bf16_tol(4, std::sqrt(2.0));
     EXPECT_TRUE(rel_close(gg.dq, gc.dq, tol_bwd)) << "dq, T = " << c.T;
     EXPECT_TRUE(rel_close(gg.dkv, gc.dkv, tol_bwd)) << "dkv, T = " << c.T;
-    {  // the backward's head sums: the forward's probs_sum (within tol_f32; bit for bit within the mma.sync family), same dq/dkv
+    {  // the backward's head sums: the forward's probs_sum (tol_f32; bit for bit within one family), same dq/dkv
       Tensor ps_c, ps_f;
       ops::sparse_attention_forward(q.cpu, kv.cpu, c.Dv, idx, scale, nullptr, &ps_c);
       ops::sparse_attention_forward(q.gpu, kv.gpu, c.Dv, idx_g, scale, nullptr, &ps_f);
