@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #include "kernels/cuda/dsa_common.cuh"
 #include "kernels/cuda/mma.cuh"
@@ -30,7 +31,6 @@ struct WgScoreParams {
 constexpr int kWgThreads = 256;  // two consumer warpgroups
 constexpr int kWgCols = 512;     // query-head columns per CTA: 256 per warpgroup, two wgmma halves of 128
 constexpr int kWgKeys = 64;      // keys per tile: the wgmma M
-constexpr int kWgStages = 3;     // key tiles in flight (cp.async ring)
 
 // Shared-memory byte offset of 16-byte chunk `ch` of row `row` in a no-swizzle K-major tile of D-byte rows:
 // 8-row x 16-byte core matrices, K-adjacent ones 128 bytes apart (lbo), M-adjacent ones 8 D apart (sbo).
@@ -39,15 +39,63 @@ __device__ __forceinline__ int core_offset(int row, int ch) {
   return ((row >> 3) * (D / 16) + ch) * 128 + (row & 7) * 16;
 }
 
+// One half's epilogue: relu(z * sq * sk) * w = relu(z) * (w * c * sq) * sk summed over the heads, per query
+// and key row g and g + 8, then the quad reduce-scatter and the stores of this thread's quarter.
+// NOTES: relu(z) = (z + |z|) / 2 with the 1/2 in weff: one FADD (|z| is an operand modifier) on the FMA pipe
+// instead of an FMNMX on the half-rate ALU pipe, the busiest one (ncu, 41%). Exact: z + |z| is 2z or +0, and
+// (2z) (w/2) is the same product. KFMA writes the head sum as an explicit fmaf chain (two instructions a
+// product); the expression form compiled to five a pair of products (docs/perf_log.md v14).
+template <int HI, bool KFMA>
+__device__ __forceinline__ void score_epilogue(const float (&acc)[64], const float (&w)[2 * (128 / HI) * (HI / 8)],
+                                               const WgScoreParams& p, const float* kscale, int b, int r0, int nq,
+                                               int qbase, int key_lo, int s0, int c4) {
+  constexpr int QH = 128 / HI, NJ = HI / 8, NV = 2 * QH;
+  float v[NV];
+#pragma unroll
+  for (int qh = 0; qh < QH; ++qh) {
+    float a0 = 0.f, a1 = 0.f;
+#pragma unroll
+    for (int jj = 0; jj < NJ; ++jj) {
+      const int j = qh * NJ + jj;
+      const float* z = acc + 4 * j;
+      const float wx = w[2 * j], wy = w[2 * j + 1];
+      if constexpr (KFMA) {
+        a0 = fmaf(z[0] + fabsf(z[0]), wx, a0);
+        a0 = fmaf(z[1] + fabsf(z[1]), wy, a0);
+        a1 = fmaf(z[2] + fabsf(z[2]), wx, a1);
+        a1 = fmaf(z[3] + fabsf(z[3]), wy, a1);
+      } else {
+        a0 += (z[0] + fabsf(z[0])) * wx + (z[1] + fabsf(z[1])) * wy;
+        a1 += (z[2] + fabsf(z[2])) * wx + (z[3] + fabsf(z[3])) * wy;
+      }
+    }
+    v[2 * qh] = a0;
+    v[2 * qh + 1] = a1;
+  }
+  float x[NV / 4];
+  quad_reduce_scatter<NV>(v, x, c4);
+#pragma unroll
+  for (int i = 0; i < NV / 4; ++i) {
+    const int e = (c4 >> 1) * (NV / 2) + (c4 & 1) * (NV / 4) + i;
+    const int qi = qbase + e / 2;  // local query
+    const int key = key_lo + 8 * (e & 1), s = s0 + key, t = p.t0 + r0 + qi;
+    if (qi < nq && s <= t) p.out[(static_cast<int64_t>(b) * p.R + r0 + qi) * p.T + s] = x[i] * kscale[key];
+  }
+}
+
 // NOTES: keys are M (64 per tile, the accumulator rows) and query-heads are N, as in the mma.sync kernel:
 // a thread's accumulator holds 2 keys x 32 head columns per half, so the head sum is in-thread adds and a
 // quad reduce-scatter (each lane ends with a quarter of the (query, key) sums to store). A CTA holds
-// 512 / HI queries (all their heads) and streams the causal key prefix once for all of them; each
-// warpgroup issues its two halves as two wgmma groups and runs the first half's epilogue while the
-// second half's MMAs run. Key tiles come through a 3-stage cp.async ring; row blocks run longest first.
-// The two warpgroups share the key tiles (tried: one warpgroup per CTA at three CTAs per SM, each CTA
-// reading the keys for half as many queries, was slower).
-template <int HI, int D>
+// 512 / HI queries (all their heads) and streams the causal key prefix once for all of them. Key tiles
+// come through a cp.async ring; row blocks run longest first. The two warpgroups share the key tiles
+// (tried: one warpgroup per CTA at three CTAs per SM, each CTA reading the keys for half as many queries,
+// was slower).
+// PIPE (software pipelining across tiles): each warpgroup issues tile i's half 0, runs tile i - 1's half-1
+// epilogue while it computes, issues tile i's half 1, runs tile i's half-0 epilogue: the tensor cores
+// always hold one half of each warpgroup while the other half's epilogue runs, and the per-tile barrier
+// waits behind MMAs in flight. A half-1 MMA still reads its tile after the next barrier: 4 stages.
+// Without PIPE both halves issue together and the second half's epilogue runs with no MMA behind it.
+template <int HI, int D, bool PIPE, bool KFMA>
 __global__ void __launch_bounds__(kWgThreads, 1) score_wgmma_kernel(WgScoreParams p) {
   constexpr int QB = kWgCols / HI;   // queries per CTA
   constexpr int QW = QB / 2;         // per warpgroup
@@ -55,13 +103,13 @@ __global__ void __launch_bounds__(kWgThreads, 1) score_wgmma_kernel(WgScoreParam
   constexpr int NJ = HI / 8;         // n8 column groups per query
   constexpr int KS = D / 32;         // wgmma k steps
   constexpr int CH = D / 16;         // 16-byte chunks per row
-  constexpr int NV = 2 * QH;         // (query, key row) sums per thread before the quad reduce-scatter
-  static_assert(NV >= 4 && NV % 4 == 0, "HI must be 16, 32 or 64");
+  constexpr int ST = PIPE ? 4 : 3;   // key-tile stages
+  static_assert(2 * QH >= 4, "HI must be 16, 32 or 64");
   extern __shared__ __align__(128) uint8_t smem[];
   uint8_t* Qs = smem;                                            // [512 rows, D] core-matrix layout
-  uint8_t* Ks = Qs + kWgCols * D;                                // [kWgStages][64 rows, D]
-  float* weff = reinterpret_cast<float*>(Ks + kWgStages * kWgKeys * D);  // [512] w * c * q scale / 2
-  float* ksc = weff + kWgCols;                                   // [kWgStages][64] key scales
+  uint8_t* Ks = Qs + kWgCols * D;                                // [ST][64 rows, D]
+  float* weff = reinterpret_cast<float*>(Ks + ST * kWgKeys * D);  // [512] w * c * q scale / 2
+  float* ksc = weff + kWgCols;                                   // [ST][64] key scales
   const int b = blockIdx.y, tid = threadIdx.x, lane = tid & 31, wg = tid >> 7, wwarp = (tid >> 5) & 3;
   const int g = lane >> 2, c4 = lane & 3;
   const int r0 = (gridDim.x - 1 - blockIdx.x) * QB;  // first row (relative to t0); longest blocks first
@@ -122,62 +170,78 @@ __global__ void __launch_bounds__(kWgThreads, 1) score_wgmma_kernel(WgScoreParam
       wr[h][2 * j] = wv.x;
       wr[h][2 * j + 1] = wv.y;
     }
-  for (int it = ib; it < ie; ++it) {
-    const int stage = (it - ib) % kWgStages, s0 = it * kWgKeys;
-    cp_async_wait<1>();  // tile it has landed (tile it + 1 may still be in flight)
-    fence_proxy_async();
-    __syncthreads();     // every thread's copies visible; every warpgroup done with tile it - 1's stage
-    if (it + 2 < ie) load_keys((it - ib + 2) % kWgStages, s0 + 2 * kWgKeys);
-    cp_async_commit();
-    if (wq_end <= wg * QW || s0 > t_last) continue;  // no queries here, or the tile is in their future
-    const uint8_t* Kt = Ks + stage * kWgKeys * D;
-    wgmma_fence_operand(acc[0]);
-    wgmma_fence_operand(acc[1]);
+  const int key_lo = wwarp * 16 + g;
+  auto issue = [&](int h, const uint8_t* Kt) {
+    wgmma_fence_operand(acc[h]);
     wgmma_fence();
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
+    for (int ks = 0; ks < KS; ++ks)
+      wgmma_m64n128k32_e4m3(acc[h], wgmma_desc(Kt + ks * 256, 128, 8 * D),
+                            wgmma_desc(Qw + h * 128 * D + ks * 256, 128, 8 * D), ks > 0);
+    wgmma_commit();
+  };
+  // Top of tile it: wait for its copy, barrier, start tile it + 2's copy. Every warpgroup runs it for tiles
+  // ib .. ie (tile ie: a barrier alone), so the barrier counts match whatever each one computes.
+  auto tile_top = [&](int it) {
+    cp_async_wait<1>();  // tile it has landed (tile it + 1 may still be in flight)
+    fence_proxy_async();
+    __syncthreads();     // every thread's copies visible; no MMA in flight still reads the stage refilled next
+    if (it + 2 < ie) load_keys((it - ib + 2) % ST, (it + 2) * kWgKeys);
+    cp_async_commit();
+  };
+  // This warpgroup's tiles with work are [ib, ia_end): a warpgroup without queries, or a tile in their
+  // future (then so are the later ones), only keeps the barriers.
+  const int ia_end = wq_end > wg * QW ? max(ib, min(ie, t_last / kWgKeys + 1)) : ib;
+  const auto stage_of = [&](int it) { return (it - ib) % ST; };
+  int it = ib;
+  tile_top(ib);
+  if constexpr (PIPE) {
+    // NOTES: ptxas serializes every wgmma of the kernel (C7514/C7515) or injects a wait (C7517) when
+    // accumulators are read while a wgmma is in flight unless the wgmma that wrote them was waited for in
+    // the same iteration (a wait at the end of the previous one does not count: hence the wait<0> before
+    // issuing half 0, a no-op at run time), and when a wgmma or wait sits in a data-dependent branch (C7518).
+    // So the first tile's "previous half 1" epilogue runs on a zero accumulator with no query to store
+    // (nqp = 0), and the last half 1's runs after the loop. Tile it + 1's barrier runs while half 1 computes
+    // (4 stages: its refill targets the stage of tile it - 1, which no MMA or epilogue reads any more).
+    int s0p = 0, nqp = 0;
+    const float* kscp = ksc;
 #pragma unroll
-      for (int ks = 0; ks < KS; ++ks)
-        wgmma_m64n128k32_e4m3(acc[h], wgmma_desc(Kt + ks * 256, 128, 8 * D),
-                              wgmma_desc(Qw + h * 128 * D + ks * 256, 128, 8 * D), ks > 0);
-      wgmma_commit();
+    for (int i = 0; i < 64; ++i) acc[1][i] = 0.f;
+    for (; it < ia_end; ++it) {
+      const int stage = stage_of(it), s0 = it * kWgKeys;
+      const float* kscale = ksc + stage * kWgKeys;
+      wgmma_wait<0>();
+      issue(0, Ks + stage * kWgKeys * D);
+      score_epilogue<HI, KFMA>(acc[1], wr[1], p, kscp, b, r0, nqp, wg * QW + QH, key_lo, s0p, c4);
+      wgmma_wait<0>();  // half 0
+      wgmma_fence_operand(acc[0]);
+      issue(1, Ks + stage * kWgKeys * D);
+      tile_top(it + 1);
+      score_epilogue<HI, KFMA>(acc[0], wr[0], p, kscale, b, r0, nq, wg * QW, key_lo, s0, c4);
+      wgmma_wait<0>();  // half 1: its epilogue runs behind the next tile's half 0
+      wgmma_fence_operand(acc[1]);
+      s0p = s0;
+      nqp = nq;
+      kscp = kscale;
     }
-    const float* kscale = ksc + stage * kWgKeys;
+    score_epilogue<HI, KFMA>(acc[1], wr[1], p, kscp, b, r0, nqp, wg * QW + QH, key_lo, s0p, c4);
+  } else {
+    for (; it < ia_end; ++it) {
+      const int stage = stage_of(it), s0 = it * kWgKeys;
+      issue(0, Ks + stage * kWgKeys * D);
+      issue(1, Ks + stage * kWgKeys * D);
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      if (h == 0) wgmma_wait<1>();
-      else wgmma_wait<0>();
-      wgmma_fence_operand(acc[h]);
-      // relu(z * sq * sk) * w = relu(z) * (w * c * sq) * sk: per query, per key row g and g + 8.
-      // NOTES: relu(z) = (z + |z|) / 2 with the 1/2 in weff: one FADD (|z| is an operand modifier) on the
-      // FMA pipe instead of an FMNMX on the half-rate ALU pipe, the busiest one (ncu, 41%). Exact: z + |z| is
-      // 2z or +0, and (2z) (w/2) is the same product.
-      float v[NV];
-#pragma unroll
-      for (int qh = 0; qh < QH; ++qh) {
-        float a0 = 0.f, a1 = 0.f;
-#pragma unroll
-        for (int jj = 0; jj < NJ; ++jj) {
-          const int j = qh * NJ + jj;
-          const float* z = acc[h] + 4 * j;
-          const float wx = wr[h][2 * j], wy = wr[h][2 * j + 1];
-          a0 += (z[0] + fabsf(z[0])) * wx + (z[1] + fabsf(z[1])) * wy;
-          a1 += (z[2] + fabsf(z[2])) * wx + (z[3] + fabsf(z[3])) * wy;
-        }
-        v[2 * qh] = a0;
-        v[2 * qh + 1] = a1;
+      for (int h = 0; h < 2; ++h) {
+        if (h == 0) wgmma_wait<1>();
+        else wgmma_wait<0>();
+        wgmma_fence_operand(acc[h]);
+        score_epilogue<HI, KFMA>(acc[h], wr[h], p, ksc + stage * kWgKeys, b, r0, nq, wg * QW + h * QH, key_lo, s0,
+                                 c4);
       }
-      float x[NV / 4];
-      quad_reduce_scatter<NV>(v, x, c4);
-#pragma unroll
-      for (int i = 0; i < NV / 4; ++i) {
-        const int e = (c4 >> 1) * (NV / 2) + (c4 & 1) * (NV / 4) + i;
-        const int qi = wg * QW + h * QH + e / 2;  // local query
-        const int key = wwarp * 16 + g + 8 * (e & 1), s = s0 + key, t = p.t0 + r0 + qi;
-        if (qi < nq && s <= t) p.out[(static_cast<int64_t>(b) * p.R + r0 + qi) * p.T + s] = x[i] * kscale[key];
-      }
+      tile_top(it + 1);
     }
   }
+  for (++it; it <= ie; ++it) tile_top(it);
 }
 
 __global__ void wgmma_probe_kernel(int* out) { *out = DSA_WGMMA_ENABLED; }
@@ -222,7 +286,14 @@ bool launch_scores_wgmma(const ScoreOperands& o, const Tensor& w_I, int B, int T
   p.c = 1.0f / std::sqrt(static_cast<float>(D));
   p.B = B; p.T = T; p.t0 = t0; p.R = R;
   const int QB = kWgCols / Hi;
-  const size_t smem = static_cast<size_t>(kWgCols + kWgStages * kWgKeys) * D + sizeof(float) * (kWgCols + kWgStages * kWgKeys);
+  // NOTES: experiment switch of docs/perf_log.md v15, until an A/B on a GPU decides: DSA_INDEXER_VAR = 0 or
+  // unset (the v14 kernel: no pipelining, expression epilogue), 1 (fmaf epilogue), 2 (pipelined), 3 (both).
+  const char* ve = std::getenv("DSA_INDEXER_VAR");
+  const int var = ve && *ve ? std::atoi(ve) : 0;
+  DSA_CHECK(var >= 0 && var <= 3, "[indexer_scores] DSA_INDEXER_VAR must be 0, 1, 2, 3 or unset, got '", ve, "'");
+  const bool pipe = var >= 2, fma = var & 1;
+  const int stages = pipe ? 4 : 3;
+  const size_t smem = static_cast<size_t>(kWgCols + stages * kWgKeys) * D + sizeof(float) * (kWgCols + stages * kWgKeys);
   // NOTES: where the query blocks alone leave SMs idle, the key prefix splits over gridDim.z (each split
   // writes its own keys' scores: no reduction). Long rows stream in small row blocks (the 256 MiB score
   // budget holds 512 rows at T = 128K: 16 CTAs at Hi = 16), which one CTA per query block left on 16 of
@@ -234,15 +305,24 @@ bool launch_scores_wgmma(const ScoreOperands& o, const Tensor& w_I, int B, int T
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     kernel<<<grid, kWgThreads, smem, stream()>>>(p);
   };
-  if (D == 64) {
-    if (Hi == 16) launch(score_wgmma_kernel<16, 64>);
-    else if (Hi == 32) launch(score_wgmma_kernel<32, 64>);
-    else launch(score_wgmma_kernel<64, 64>);
-  } else {
-    if (Hi == 16) launch(score_wgmma_kernel<16, 128>);
-    else if (Hi == 32) launch(score_wgmma_kernel<32, 128>);
-    else launch(score_wgmma_kernel<64, 128>);
-  }
+  auto by_shape = [&](auto pipe_c, auto fma_c) {
+    constexpr bool P = decltype(pipe_c)::value, F = decltype(fma_c)::value;
+    if (D == 64) {
+      if (Hi == 16) launch(score_wgmma_kernel<16, 64, P, F>);
+      else if (Hi == 32) launch(score_wgmma_kernel<32, 64, P, F>);
+      else launch(score_wgmma_kernel<64, 64, P, F>);
+    } else {
+      if (Hi == 16) launch(score_wgmma_kernel<16, 128, P, F>);
+      else if (Hi == 32) launch(score_wgmma_kernel<32, 128, P, F>);
+      else launch(score_wgmma_kernel<64, 128, P, F>);
+    }
+  };
+  using T0 = std::false_type;
+  using T1 = std::true_type;
+  if (pipe && fma) by_shape(T1{}, T1{});
+  else if (pipe) by_shape(T1{}, T0{});
+  else if (fma) by_shape(T0{}, T1{});
+  else by_shape(T0{}, T0{});
   check_launch("indexer_scores_wgmma");
   return true;
 }
