@@ -8,7 +8,6 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
-#include <type_traits>
 
 #include "kernels/cuda/dsa_common.cuh"
 #include "kernels/cuda/mma.cuh"
@@ -90,11 +89,13 @@ __device__ __forceinline__ void score_epilogue(const float (&acc)[64], const flo
 // come through a cp.async ring; row blocks run longest first. The two warpgroups share the key tiles
 // (tried: one warpgroup per CTA at three CTAs per SM, each CTA reading the keys for half as many queries,
 // was slower).
-// PIPE (software pipelining across tiles): each warpgroup issues tile i's half 0, runs tile i - 1's half-1
-// epilogue while it computes, issues tile i's half 1, runs tile i's half-0 epilogue: the tensor cores
-// always hold one half of each warpgroup while the other half's epilogue runs, and the per-tile barrier
-// waits behind MMAs in flight. A half-1 MMA still reads its tile after the next barrier: 4 stages.
-// Without PIPE both halves issue together and the second half's epilogue runs with no MMA behind it.
+// PIPE (software pipelining across tiles): each warpgroup issues tile i's half 0 and runs tile i - 1's half-1
+// epilogue under it, then issues half 1 and runs tile i + 1's barrier and copy and tile i's half-0 epilogue
+// under that: no epilogue or barrier waits with the warpgroup's tensor work done. Without PIPE both halves
+// issue together and the second half's epilogue and the next barrier run with no MMA of the warpgroup
+// behind them. PIPE gained only ~3% (docs/perf_log.md v15): per ncu the kernel is bound by instruction
+// issue and latency (~590 instructions a warp and tile, 264 of them the epilogue's FADD / FFMA), not by idle
+// tensor cores between tiles.
 template <int HI, int D, bool PIPE, bool KFMA>
 __global__ void __launch_bounds__(kWgThreads, 1) score_wgmma_kernel(WgScoreParams p) {
   constexpr int QB = kWgCols / HI;   // queries per CTA
@@ -286,12 +287,10 @@ bool launch_scores_wgmma(const ScoreOperands& o, const Tensor& w_I, int B, int T
   p.c = 1.0f / std::sqrt(static_cast<float>(D));
   p.B = B; p.T = T; p.t0 = t0; p.R = R;
   const int QB = kWgCols / Hi;
-  // NOTES: experiment switch of docs/perf_log.md v15, until an A/B on a GPU decides: DSA_INDEXER_VAR = 0 or
-  // unset (the v14 kernel: no pipelining, expression epilogue), 1 (fmaf epilogue), 2 (pipelined), 3 (both).
-  const char* ve = std::getenv("DSA_INDEXER_VAR");
-  const int var = ve && *ve ? std::atoi(ve) : 0;
-  DSA_CHECK(var >= 0 && var <= 3, "[indexer_scores] DSA_INDEXER_VAR must be 0, 1, 2, 3 or unset, got '", ve, "'");
-  const bool pipe = var >= 2, fma = var & 1;
+  // NOTES: 64 heads (the production shape) take the pipelined kernel with the fmaf epilogue, fewer heads the
+  // plain one: on an H100 (docs/perf_log.md v15, same call) the first took the top-k at T = 32K from 14.8-15.0
+  // to 14.3 ms and 8K from 1.26 to 1.22 ms, and made bench-small's (16 heads, D 64) 1.61 -> 1.66 ms.
+  const bool pipe = Hi == 64;
   const int stages = pipe ? 4 : 3;
   const size_t smem = static_cast<size_t>(kWgCols + stages * kWgKeys) * D + sizeof(float) * (kWgCols + stages * kWgKeys);
   // NOTES: where the query blocks alone leave SMs idle, the key prefix splits over gridDim.z (each split
@@ -305,24 +304,15 @@ bool launch_scores_wgmma(const ScoreOperands& o, const Tensor& w_I, int B, int T
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     kernel<<<grid, kWgThreads, smem, stream()>>>(p);
   };
-  auto by_shape = [&](auto pipe_c, auto fma_c) {
-    constexpr bool P = decltype(pipe_c)::value, F = decltype(fma_c)::value;
-    if (D == 64) {
-      if (Hi == 16) launch(score_wgmma_kernel<16, 64, P, F>);
-      else if (Hi == 32) launch(score_wgmma_kernel<32, 64, P, F>);
-      else launch(score_wgmma_kernel<64, 64, P, F>);
-    } else {
-      if (Hi == 16) launch(score_wgmma_kernel<16, 128, P, F>);
-      else if (Hi == 32) launch(score_wgmma_kernel<32, 128, P, F>);
-      else launch(score_wgmma_kernel<64, 128, P, F>);
-    }
-  };
-  using T0 = std::false_type;
-  using T1 = std::true_type;
-  if (pipe && fma) by_shape(T1{}, T1{});
-  else if (pipe) by_shape(T1{}, T0{});
-  else if (fma) by_shape(T0{}, T1{});
-  else by_shape(T0{}, T0{});
+  if (D == 64) {
+    if (Hi == 16) launch(score_wgmma_kernel<16, 64, false, false>);
+    else if (Hi == 32) launch(score_wgmma_kernel<32, 64, false, false>);
+    else launch(score_wgmma_kernel<64, 64, true, true>);
+  } else {
+    if (Hi == 16) launch(score_wgmma_kernel<16, 128, false, false>);
+    else if (Hi == 32) launch(score_wgmma_kernel<32, 128, false, false>);
+    else launch(score_wgmma_kernel<64, 128, true, true>);
+  }
   check_launch("indexer_scores_wgmma");
   return true;
 }
