@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <climits>
 #include <cstring>
 
 #include "kernels/cuda/dsa_common.cuh"
@@ -45,9 +46,8 @@ __device__ __forceinline__ int core_offset(int row, int ch) {
 // (2z) (w/2) is the same product. KFMA writes the head sum as an explicit fmaf chain (two instructions a
 // product); the expression form compiled to five a pair of products (docs/perf_log.md v14).
 template <int HI, bool KFMA>
-__device__ __forceinline__ void score_epilogue(const float (&acc)[64], const float (&w)[2 * (128 / HI) * (HI / 8)],
-                                               const WgScoreParams& p, const float* kscale, int b, int r0, int nq,
-                                               int qbase, int key_lo, int s0, int c4) {
+__device__ __forceinline__ void head_sum(const float (&acc)[64], const float (&w)[2 * (128 / HI) * (HI / 8)],
+                                         float (&x)[2 * (128 / HI) / 4], int c4) {
   constexpr int QH = 128 / HI, NJ = HI / 8, NV = 2 * QH;
   float v[NV];
 #pragma unroll
@@ -71,15 +71,41 @@ __device__ __forceinline__ void score_epilogue(const float (&acc)[64], const flo
     v[2 * qh] = a0;
     v[2 * qh + 1] = a1;
   }
-  float x[NV / 4];
   quad_reduce_scatter<NV>(v, x, c4);
+}
+// The i-th of this thread's NV / 4 sums after the reduce-scatter: (query qbase + e / 2, key row of the tile).
+template <int NV>
+__device__ __forceinline__ int sum_slot(int c4, int i) { return (c4 >> 1) * (NV / 2) + (c4 & 1) * (NV / 4) + i; }
+
+template <int HI, bool KFMA>
+__device__ __forceinline__ void score_epilogue(const float (&acc)[64], const float (&w)[2 * (128 / HI) * (HI / 8)],
+                                               const WgScoreParams& p, const float* kscale, int b, int r0, int nq,
+                                               int qbase, int key_lo, int s0, int c4) {
+  constexpr int NV = 2 * (128 / HI);
+  float x[NV / 4];
+  head_sum<HI, KFMA>(acc, w, x, c4);
 #pragma unroll
   for (int i = 0; i < NV / 4; ++i) {
-    const int e = (c4 >> 1) * (NV / 2) + (c4 & 1) * (NV / 4) + i;
+    const int e = sum_slot<NV>(c4, i);
     const int qi = qbase + e / 2;  // local query
     const int key = key_lo + 8 * (e & 1), s = s0 + key, t = p.t0 + r0 + qi;
     if (qi < nq && s <= t) p.out[(static_cast<int64_t>(b) * p.R + r0 + qi) * p.T + s] = x[i] * kscale[key];
   }
+}
+// The same with the stores' addresses made once per thread (LEAN): the i-th sum goes to orow[i][s0] when
+// s0 <= tq[i] (tq: the query's position minus the key row, or -1 for a query past the block's end).
+template <int HI, bool KFMA>
+__device__ __forceinline__ void score_epilogue_lean(const float (&acc)[64], const float (&w)[2 * (128 / HI) * (HI / 8)],
+                                                    float* const (&orow)[2 * (128 / HI) / 4],
+                                                    const int (&tq)[2 * (128 / HI) / 4],
+                                                    const int (&key)[2 * (128 / HI) / 4], const float* kscale, int s0,
+                                                    int c4) {
+  constexpr int NV = 2 * (128 / HI);
+  float x[NV / 4];
+  head_sum<HI, KFMA>(acc, w, x, c4);
+#pragma unroll
+  for (int i = 0; i < NV / 4; ++i)
+    if (s0 <= tq[i]) orow[i][s0] = x[i] * kscale[key[i]];
 }
 
 // NOTES: keys are M (64 per tile, the accumulator rows) and query-heads are N, as in the mma.sync kernel:
@@ -96,7 +122,10 @@ __device__ __forceinline__ void score_epilogue(const float (&acc)[64], const flo
 // behind them. PIPE gained only ~3% (docs/perf_log.md v15): per ncu the kernel is bound by instruction
 // issue and latency (~590 instructions a warp and tile, 264 of them the epilogue's FADD / FFMA), not by idle
 // tensor cores between tiles.
-template <int HI, int D, bool PIPE, bool KFMA>
+// LEAN (PIPE only; docs/perf_log.md v16): fewer instructions a tile: the wgmma descriptors made once (a key
+// tile's is its stage's base plus 16 a k step) from a warpgroup index broadcast from lane 0, so the compiler
+// may keep them uniform, and the stores' row addresses made once per thread.
+template <int HI, int D, bool PIPE, bool KFMA, bool LEAN = false>
 __global__ void __launch_bounds__(kWgThreads, 1) score_wgmma_kernel(WgScoreParams p) {
   constexpr int QB = kWgCols / HI;   // queries per CTA
   constexpr int QW = QB / 2;         // per warpgroup
@@ -105,13 +134,16 @@ __global__ void __launch_bounds__(kWgThreads, 1) score_wgmma_kernel(WgScoreParam
   constexpr int KS = D / 32;         // wgmma k steps
   constexpr int CH = D / 16;         // 16-byte chunks per row
   constexpr int ST = PIPE ? 4 : 3;   // key-tile stages
-  static_assert(2 * QH >= 4, "HI must be 16, 32 or 64");
+  constexpr int NV = 2 * QH;         // (query, key row) sums per thread before the quad reduce-scatter
+  static_assert(NV >= 4, "HI must be 16, 32 or 64");
+  static_assert(PIPE || !LEAN, "LEAN comes with PIPE");
   extern __shared__ __align__(128) uint8_t smem[];
   uint8_t* Qs = smem;                                            // [512 rows, D] core-matrix layout
   uint8_t* Ks = Qs + kWgCols * D;                                // [ST][64 rows, D]
   float* weff = reinterpret_cast<float*>(Ks + ST * kWgKeys * D);  // [512] w * c * q scale / 2
   float* ksc = weff + kWgCols;                                   // [ST][64] key scales
-  const int b = blockIdx.y, tid = threadIdx.x, lane = tid & 31, wg = tid >> 7, wwarp = (tid >> 5) & 3;
+  const int b = blockIdx.y, tid = threadIdx.x, lane = tid & 31, wwarp = (tid >> 5) & 3;
+  const int wg = LEAN ? __shfl_sync(0xffffffffu, tid >> 7, 0) : tid >> 7;
   const int g = lane >> 2, c4 = lane & 3;
   const int r0 = (gridDim.x - 1 - blockIdx.x) * QB;  // first row (relative to t0); longest blocks first
   const int nq = min(QB, p.R - r0);
@@ -172,14 +204,43 @@ __global__ void __launch_bounds__(kWgThreads, 1) score_wgmma_kernel(WgScoreParam
       wr[h][2 * j + 1] = wv.y;
     }
   const int key_lo = wwarp * 16 + g;
-  auto issue = [&](int h, const uint8_t* Kt) {
+  const uint64_t qdesc = wgmma_desc(Qw, 128, 8 * D), kdesc = wgmma_desc(Ks, 128, 8 * D);
+  auto issue = [&](int h, int stage) {
+    const uint8_t* Kt = Ks + stage * kWgKeys * D;
     wgmma_fence_operand(acc[h]);
     wgmma_fence();
 #pragma unroll
-    for (int ks = 0; ks < KS; ++ks)
-      wgmma_m64n128k32_e4m3(acc[h], wgmma_desc(Kt + ks * 256, 128, 8 * D),
-                            wgmma_desc(Qw + h * 128 * D + ks * 256, 128, 8 * D), ks > 0);
+    for (int ks = 0; ks < KS; ++ks) {
+      if constexpr (LEAN)  // shared addresses < 256 KiB: the offset stays in the descriptor's address field
+        wgmma_m64n128k32_e4m3(acc[h], kdesc + static_cast<uint64_t>((stage * kWgKeys * D + ks * 256) >> 4),
+                              qdesc + static_cast<uint64_t>((h * 128 * D + ks * 256) >> 4), ks > 0);
+      else
+        wgmma_m64n128k32_e4m3(acc[h], wgmma_desc(Kt + ks * 256, 128, 8 * D),
+                              wgmma_desc(Qw + h * 128 * D + ks * 256, 128, 8 * D), ks > 0);
+    }
     wgmma_commit();
+  };
+  // LEAN: this thread's store targets, per half and reduce-scatter slot.
+  float* orow[2][NV / 4];
+  int tq[2][NV / 4], keyv[NV / 4];
+#pragma unroll
+  for (int i = 0; i < NV / 4; ++i) {
+    const int e = sum_slot<NV>(c4, i);
+    keyv[i] = key_lo + 8 * (e & 1);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int qi = wg * QW + h * QH + e / 2;  // local query
+      const bool ok = qi < nq;
+      orow[h][i] = p.out + (static_cast<int64_t>(b) * p.R + r0 + (ok ? qi : 0)) * p.T + keyv[i];
+      tq[h][i] = ok ? p.t0 + r0 + qi - keyv[i] : -1;
+    }
+  }
+  // Half h's epilogue for the tile at s0 (key scales at kscale), with nqx queries (0: nothing to store).
+  auto epilogue = [&](int h, const float* kscale, int s0, int nqx) {
+    if constexpr (LEAN)
+      score_epilogue_lean<HI, KFMA>(acc[h], wr[h], orow[h], tq[h], keyv, kscale, nqx > 0 ? s0 : INT_MAX, c4);
+    else
+      score_epilogue<HI, KFMA>(acc[h], wr[h], p, kscale, b, r0, nqx, wg * QW + h * QH, key_lo, s0, c4);
   };
   // Top of tile it: wait for its copy, barrier, start tile it + 2's copy. Every warpgroup runs it for tiles
   // ib .. ie (tile ie: a barrier alone), so the barrier counts match whatever each one computes.
@@ -212,32 +273,31 @@ __global__ void __launch_bounds__(kWgThreads, 1) score_wgmma_kernel(WgScoreParam
       const int stage = stage_of(it), s0 = it * kWgKeys;
       const float* kscale = ksc + stage * kWgKeys;
       wgmma_wait<0>();
-      issue(0, Ks + stage * kWgKeys * D);
-      score_epilogue<HI, KFMA>(acc[1], wr[1], p, kscp, b, r0, nqp, wg * QW + QH, key_lo, s0p, c4);
+      issue(0, stage);
+      epilogue(1, kscp, s0p, nqp);
       wgmma_wait<0>();  // half 0
       wgmma_fence_operand(acc[0]);
-      issue(1, Ks + stage * kWgKeys * D);
+      issue(1, stage);
       tile_top(it + 1);
-      score_epilogue<HI, KFMA>(acc[0], wr[0], p, kscale, b, r0, nq, wg * QW, key_lo, s0, c4);
+      epilogue(0, kscale, s0, nq);
       wgmma_wait<0>();  // half 1: its epilogue runs behind the next tile's half 0
       wgmma_fence_operand(acc[1]);
       s0p = s0;
       nqp = nq;
       kscp = kscale;
     }
-    score_epilogue<HI, KFMA>(acc[1], wr[1], p, kscp, b, r0, nqp, wg * QW + QH, key_lo, s0p, c4);
+    epilogue(1, kscp, s0p, nqp);
   } else {
     for (; it < ia_end; ++it) {
       const int stage = stage_of(it), s0 = it * kWgKeys;
-      issue(0, Ks + stage * kWgKeys * D);
-      issue(1, Ks + stage * kWgKeys * D);
+      issue(0, stage);
+      issue(1, stage);
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         if (h == 0) wgmma_wait<1>();
         else wgmma_wait<0>();
         wgmma_fence_operand(acc[h]);
-        score_epilogue<HI, KFMA>(acc[h], wr[h], p, ksc + stage * kWgKeys, b, r0, nq, wg * QW + h * QH, key_lo, s0,
-                                 c4);
+        epilogue(h, ksc + stage * kWgKeys, s0, nq);
       }
       tile_top(it + 1);
     }
@@ -274,6 +334,12 @@ bool launch_scores_wgmma(const ScoreOperands& o, const Tensor& w_I, int B, int T
   const bool enabled = !e || !*e || std::strcmp(e, "1") == 0;
   DSA_CHECK(enabled || std::strcmp(e, "0") == 0, "[indexer_scores] DSA_INDEXER_WGMMA must be 0, 1 or unset, got '", e,
             "'");
+  // NOTES: DSA_INDEXER_LEAN=1 takes the LEAN kernel at 64 heads: an experiment of docs/perf_log.md v16, not
+  // yet run on a GPU (its A/B decides, then the switch goes); unset, empty or 0 keeps v15's.
+  const char* le = std::getenv("DSA_INDEXER_LEAN");
+  const bool lean = le && std::strcmp(le, "1") == 0;
+  DSA_CHECK(!le || !*le || lean || std::strcmp(le, "0") == 0,
+            "[indexer_scores] DSA_INDEXER_LEAN must be 0, 1 or unset, got '", le, "'");
   if (!enabled || !o.fp8 || !(Hi == 16 || Hi == 32 || Hi == 64) || !(D == 64 || D == 128)) return false;
   const auto aligned = [](const void* ptr, uintptr_t a) { return reinterpret_cast<uintptr_t>(ptr) % a == 0; };
   if (!aligned(o.q.raw(), 16) || !aligned(o.k.raw(), 16) || !wgmma_available()) return false;
@@ -292,7 +358,8 @@ bool launch_scores_wgmma(const ScoreOperands& o, const Tensor& w_I, int B, int T
   // to 14.3 ms and 8K from 1.26 to 1.22 ms, and made bench-small's (16 heads, D 64) 1.61 -> 1.66 ms.
   const bool pipe = Hi == 64;
   const int stages = pipe ? 4 : 3;
-  const size_t smem = static_cast<size_t>(kWgCols + stages * kWgKeys) * D + sizeof(float) * (kWgCols + stages * kWgKeys);
+  const size_t smem =
+      static_cast<size_t>(kWgCols + stages * kWgKeys) * D + sizeof(float) * (kWgCols + stages * kWgKeys);
   // NOTES: where the query blocks alone leave SMs idle, the key prefix splits over gridDim.z (each split
   // writes its own keys' scores: no reduction). Long rows stream in small row blocks (the 256 MiB score
   // budget holds 512 rows at T = 128K: 16 CTAs at Hi = 16), which one CTA per query block left on 16 of
@@ -307,10 +374,12 @@ bool launch_scores_wgmma(const ScoreOperands& o, const Tensor& w_I, int B, int T
   if (D == 64) {
     if (Hi == 16) launch(score_wgmma_kernel<16, 64, false, false>);
     else if (Hi == 32) launch(score_wgmma_kernel<32, 64, false, false>);
+    else if (lean) launch(score_wgmma_kernel<64, 64, true, true, true>);
     else launch(score_wgmma_kernel<64, 64, true, true>);
   } else {
     if (Hi == 16) launch(score_wgmma_kernel<16, 128, false, false>);
     else if (Hi == 32) launch(score_wgmma_kernel<32, 128, false, false>);
+    else if (lean) launch(score_wgmma_kernel<64, 128, true, true, true>);
     else launch(score_wgmma_kernel<64, 128, true, true>);
   }
   check_launch("indexer_scores_wgmma");

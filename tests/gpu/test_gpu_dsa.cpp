@@ -224,17 +224,20 @@ TEST(GpuDsa, IndexerTopkFp8) {
                                IndexerCase{1, 301, 32, 64, 48, 97}, IndexerCase{1, 130, 64, 64, 16},
                                IndexerCase{1, 1600, 64, 64, 128}, IndexerCase{1, 900, 64, 128, 64, 100}})
     check_topk(c, true);
-  // A value of the kernel switch that names no kernel is refused by name, not read as the default.
-  struct Env {
-    ~Env() { unsetenv("DSA_INDEXER_WGMMA"); }
-  } env;
-  setenv("DSA_INDEXER_WGMMA", "yes", 1);
+  // A value of a kernel switch that names no kernel is refused by name, not read as the default.
   const Pair q = rand_pair({1, 40, 16, 64}, 73), k = rand_pair({1, 40, 64}, 74), w = rand_pair({1, 40, 16}, 75, 0.5);
-  try {
-    ops::indexer_topk(q.gpu, k.gpu, w.gpu, 8, true);
-    ADD_FAILURE() << "DSA_INDEXER_WGMMA=yes was accepted";
-  } catch (const std::exception& e) {
-    EXPECT_NE(std::string(e.what()).find("DSA_INDEXER_WGMMA"), std::string::npos) << e.what();
+  for (const char* name : {"DSA_INDEXER_WGMMA", "DSA_INDEXER_LEAN"}) {
+    struct Env {
+      const char* name;
+      ~Env() { unsetenv(name); }
+    } env{name};
+    setenv(name, "yes", 1);
+    try {
+      ops::indexer_topk(q.gpu, k.gpu, w.gpu, 8, true);
+      ADD_FAILURE() << name << "=yes was accepted";
+    } catch (const std::exception& e) {
+      EXPECT_NE(std::string(e.what()).find(name), std::string::npos) << e.what();
+    }
   }
 }
 
