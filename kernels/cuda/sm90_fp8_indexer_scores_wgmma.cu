@@ -6,8 +6,8 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <climits>
+#include <cstdlib>
 #include <cstring>
 
 #include "kernels/cuda/dsa_common.cuh"
@@ -135,7 +135,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) score_wgmma_kernel(WgScoreParam
   constexpr int CH = D / 16;         // 16-byte chunks per row
   constexpr int ST = PIPE ? 4 : 3;   // key-tile stages
   constexpr int NV = 2 * QH;         // (query, key row) sums per thread before the quad reduce-scatter
-  static_assert(NV >= 4, "HI must be 16, 32 or 64");
+  static_assert(NV >= 4 && NV % 4 == 0, "HI must be 16, 32 or 64");
   static_assert(PIPE || !LEAN, "LEAN comes with PIPE");
   extern __shared__ __align__(128) uint8_t smem[];
   uint8_t* Qs = smem;                                            // [512 rows, D] core-matrix layout
@@ -220,7 +220,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) score_wgmma_kernel(WgScoreParam
     }
     wgmma_commit();
   };
-  // LEAN: this thread's store targets, per half and reduce-scatter slot.
+  // LEAN: this thread's store targets, per half and reduce-scatter slot (unused, and compiled away, otherwise).
   float* orow[2][NV / 4];
   int tq[2][NV / 4], keyv[NV / 4];
 #pragma unroll
