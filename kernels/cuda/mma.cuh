@@ -172,6 +172,27 @@ __device__ __forceinline__ void wgmma_m64n128k32_e4m3(float (&d)[64], uint64_t d
 #endif
 }
 
+// d[32] (64 x 64, f32) = (accumulate ? d : 0) + A (64 x 32, e4m3, K-major) * B (64 x 32, e4m3, K-major)^T.
+__device__ __forceinline__ void wgmma_m64n64k32_e4m3(float (&d)[32], uint64_t desc_a, uint64_t desc_b,
+                                                     int accumulate) {
+#if DSA_WGMMA_ENABLED
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+      "}, %32, %33, p, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+#else
+  (void)d; (void)desc_a; (void)desc_b; (void)accumulate;
+  __trap();
+#endif
+}
+
 // bf16 wgmma m64nNk16 with f32 accumulators: d[N / 2] (64 x N) = (accumulate ? d : 0) + A (64 x 16) * B (16 x N).
 //  - WgmmaBf16<N>::ss<kTA, kTB>: A and B from shared memory (descriptors); kTA / kTB = 1: that operand
 //    MN-major (core matrices of 8 K-rows x 8 contiguous M or N elements), 0: K-major. With no swizzle lbo is

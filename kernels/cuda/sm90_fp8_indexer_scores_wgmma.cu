@@ -9,6 +9,7 @@
 #include <climits>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 
 #include "kernels/cuda/dsa_common.cuh"
 #include "kernels/cuda/mma.cuh"
@@ -39,38 +40,40 @@ __device__ __forceinline__ int core_offset(int row, int ch) {
   return ((row >> 3) * (D / 16) + ch) * 128 + (row & 7) * 16;
 }
 
-// One half's epilogue: relu(z * sq * sk) * w = relu(z) * (w * c * sq) * sk summed over the heads, per query
-// and key row g and g + 8, then the quad reduce-scatter and the stores of this thread's quarter.
+// The epilogue: relu(z * sq * sk) * w = relu(z) * (w * c * sq) * sk summed over the heads, per query and key
+// row g and g + 8, then the quad reduce-scatter and the stores of this thread's quarter.
 // NOTES: relu(z) = (z + |z|) / 2 with the 1/2 in weff: one FADD (|z| is an operand modifier) on the FMA pipe
 // instead of an FMNMX on the half-rate ALU pipe, the busiest one (ncu, 41%). Exact: z + |z| is 2z or +0, and
 // (2z) (w/2) is the same product. KFMA writes the head sum as an explicit fmaf chain (two instructions a
 // product); the expression form compiled to five a pair of products (docs/perf_log.md v14).
+// query_sum: one query's head sum over NJ n8 column groups of an accumulator (z: 4 NJ floats, w: 2 NJ
+// weights), a0 for key row g, a1 for g + 8 (times sk still to come).
+template <int NJ, bool KFMA>
+__device__ __forceinline__ void query_sum(const float* z, const float* w, float& a0, float& a1) {
+  a0 = 0.f;
+  a1 = 0.f;
+#pragma unroll
+  for (int j = 0; j < NJ; ++j, z += 4) {
+    const float wx = w[2 * j], wy = w[2 * j + 1];
+    if constexpr (KFMA) {
+      a0 = fmaf(z[0] + fabsf(z[0]), wx, a0);
+      a0 = fmaf(z[1] + fabsf(z[1]), wy, a0);
+      a1 = fmaf(z[2] + fabsf(z[2]), wx, a1);
+      a1 = fmaf(z[3] + fabsf(z[3]), wy, a1);
+    } else {
+      a0 += (z[0] + fabsf(z[0])) * wx + (z[1] + fabsf(z[1])) * wy;
+      a1 += (z[2] + fabsf(z[2])) * wx + (z[3] + fabsf(z[3])) * wy;
+    }
+  }
+}
+// head_sum: the 128 / HI queries of a 128-column half, reduce-scattered over the quad.
 template <int HI, bool KFMA>
 __device__ __forceinline__ void head_sum(const float (&acc)[64], const float (&w)[2 * (128 / HI) * (HI / 8)],
                                          float (&x)[2 * (128 / HI) / 4], int c4) {
   constexpr int QH = 128 / HI, NJ = HI / 8, NV = 2 * QH;
   float v[NV];
 #pragma unroll
-  for (int qh = 0; qh < QH; ++qh) {
-    float a0 = 0.f, a1 = 0.f;
-#pragma unroll
-    for (int jj = 0; jj < NJ; ++jj) {
-      const int j = qh * NJ + jj;
-      const float* z = acc + 4 * j;
-      const float wx = w[2 * j], wy = w[2 * j + 1];
-      if constexpr (KFMA) {
-        a0 = fmaf(z[0] + fabsf(z[0]), wx, a0);
-        a0 = fmaf(z[1] + fabsf(z[1]), wy, a0);
-        a1 = fmaf(z[2] + fabsf(z[2]), wx, a1);
-        a1 = fmaf(z[3] + fabsf(z[3]), wy, a1);
-      } else {
-        a0 += (z[0] + fabsf(z[0])) * wx + (z[1] + fabsf(z[1])) * wy;
-        a1 += (z[2] + fabsf(z[2])) * wx + (z[3] + fabsf(z[3])) * wy;
-      }
-    }
-    v[2 * qh] = a0;
-    v[2 * qh + 1] = a1;
-  }
+  for (int qh = 0; qh < QH; ++qh) query_sum<NJ, KFMA>(acc + 4 * NJ * qh, w + 2 * NJ * qh, v[2 * qh], v[2 * qh + 1]);
   quad_reduce_scatter<NV>(v, x, c4);
 }
 // The i-th of this thread's NV / 4 sums after the reduce-scatter: (query qbase + e / 2, key row of the tile).
@@ -305,6 +308,121 @@ __global__ void __launch_bounds__(kWgThreads, 1) score_wgmma_kernel(WgScoreParam
   for (++it; it <= ie; ++it) tile_top(it);
 }
 
+// W4 (64 heads; an experiment of docs/perf_log.md v17): four warpgroups of 128 threads, each owning two of the
+// CTA's 8 queries (128 of its 512 columns) as two m64n64 accumulators, one per query: 64 registers of
+// accumulator instead of 128, so 16 warps an SM (4 a scheduler) instead of 8 hide each other's latency.
+// Per tile a warpgroup issues both queries' MMAs, joins the next tile's barrier under them, then runs query
+// 0's head sum under query 1's MMAs, query 1's after, one quad reduce-scatter and one store a thread. The
+// barrier of tile x only needs every warpgroup to have issued tile x - 1, so a warpgroup may start tile x + 1
+// while another still sums tile x: the epilogues of some run under the MMAs of others. Tile x's barrier
+// refills the stage of tile x - 2 (4 stages), which every warpgroup has waited for.
+template <int D>
+__global__ void __launch_bounds__(4 * 128, 1) score_wgmma4_kernel(WgScoreParams p) {
+  constexpr int HI = 64, QB = kWgCols / HI, NT = 4 * 128;
+  constexpr int KS = D / 32, CH = D / 16, ST = 4, NJ = HI / 8;
+  extern __shared__ __align__(128) uint8_t smem[];
+  uint8_t* Qs = smem;                                            // [512 rows, D] core-matrix layout
+  uint8_t* Ks = Qs + kWgCols * D;                                // [ST][64 rows, D]
+  float* weff = reinterpret_cast<float*>(Ks + ST * kWgKeys * D);  // [512] w * c * q scale / 2
+  float* ksc = weff + kWgCols;                                   // [ST][64] key scales
+  const int b = blockIdx.y, tid = threadIdx.x, lane = tid & 31, wwarp = (tid >> 5) & 3;
+  const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0);  // warp-uniform, so descriptors may stay uniform
+  const int g = lane >> 2, c4 = lane & 3;
+  const int r0 = (gridDim.x - 1 - blockIdx.x) * QB;  // first row (relative to t0); longest blocks first
+  const int nq = min(QB, p.R - r0);
+  const int tmax = p.t0 + r0 + nq - 1;
+  const int ntiles = tmax / kWgKeys + 1;
+  const int ib = static_cast<int>(static_cast<int64_t>(ntiles) * blockIdx.z / gridDim.z);
+  const int ie = static_cast<int>(static_cast<int64_t>(ntiles) * (blockIdx.z + 1) / gridDim.z);
+  if (ib >= ie) return;  // the whole CTA, before any copy or barrier
+  const int64_t tok0 = static_cast<int64_t>(b) * p.T + p.t0 + r0;
+
+  auto load_keys = [&](int stage, int s0) {
+    uint8_t* Kd = Ks + stage * kWgKeys * D;
+    for (int i = tid; i < kWgKeys * CH; i += NT) {
+      const int row = i / CH, ch = i % CH, s = s0 + row;
+      const bool ok = s < p.T;
+      cp_async16(Kd + core_offset<D>(row, ch), p.k + (static_cast<int64_t>(b) * p.T + (ok ? s : 0)) * D + ch * 16,
+                 ok ? 16 : 0);
+    }
+    if (tid < kWgKeys) {
+      const int s = s0 + tid;
+      if (s < p.T) cp_async4(ksc + stage * kWgKeys + tid, p.k_scale + static_cast<int64_t>(b) * p.T + s);
+      else ksc[stage * kWgKeys + tid] = 0.f;
+    }
+  };
+  for (int i = tid; i < kWgCols * CH; i += NT) {
+    const int row = i / CH, ch = i % CH, qi = row / HI;
+    const bool ok = qi < nq;
+    cp_async16(Qs + core_offset<D>(row, ch), p.q + ((ok ? tok0 : 0) * HI + (ok ? row : 0)) * D + ch * 16, ok ? 16 : 0);
+  }
+  {
+    const int qi = tid / HI;
+    weff[tid] = qi < nq ? __bfloat162float(p.w[tok0 * HI + tid]) * p.c * p.q_scale[tok0 * HI + tid] * 0.5f : 0.f;
+  }
+  load_keys(0, ib * kWgKeys);
+  cp_async_commit();
+  if (ib + 1 < ie) load_keys(1, (ib + 1) * kWgKeys);
+  cp_async_commit();
+
+  const int qa = 2 * wg;                      // this warpgroup's first local query
+  const int wq_end = min(nq, qa + 2);
+  const int t_last = p.t0 + r0 + wq_end - 1;  // the warpgroup's last query
+  float acc[2][32];                           // [query][64 keys x 64 heads, m64n64 layout]
+  float wr[2][2 * NJ];                        // [query][this thread's 16 heads' weights]
+  __syncthreads();  // weff written
+#pragma unroll
+  for (int q = 0; q < 2; ++q)
+#pragma unroll
+    for (int j = 0; j < NJ; ++j) {
+      const float2 wv = *reinterpret_cast<const float2*>(weff + (qa + q) * HI + 8 * j + 2 * c4);
+      wr[q][2 * j] = wv.x;
+      wr[q][2 * j + 1] = wv.y;
+    }
+  // Shared addresses < 256 KiB: a tile's or k step's offset stays in the descriptor's address field.
+  const uint64_t qdesc = wgmma_desc(Qs + qa * HI * D, 128, 8 * D), kdesc = wgmma_desc(Ks, 128, 8 * D);
+  auto issue = [&](int q, int stage) {
+    wgmma_fence_operand(acc[q]);
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks)
+      wgmma_m64n64k32_e4m3(acc[q], kdesc + static_cast<uint64_t>((stage * kWgKeys * D + ks * 256) >> 4),
+                           qdesc + static_cast<uint64_t>((q * HI * D + ks * 256) >> 4), ks > 0);
+    wgmma_commit();
+  };
+  // This thread's one sum after the reduce-scatter: query qa + (c4 >> 1), key row key of the tile; stored to
+  // orow[s0] when s0 <= tq (tq = -1: a query past the block's end).
+  const int e = sum_slot<4>(c4, 0), qi = qa + e / 2, key = wwarp * 16 + g + 8 * (e & 1);
+  float* const orow = p.out + (static_cast<int64_t>(b) * p.R + r0 + (qi < nq ? qi : 0)) * p.T + key;
+  const int tq = qi < nq ? p.t0 + r0 + qi - key : -1;
+  auto tile_top = [&](int it) {
+    cp_async_wait<1>();  // tile it has landed (tile it + 1 may still be in flight)
+    fence_proxy_async();
+    __syncthreads();     // every thread's copies visible; every warpgroup done with tile it - 2's stage
+    if (it + 2 < ie) load_keys((it - ib + 2) % ST, (it + 2) * kWgKeys);
+    cp_async_commit();
+  };
+  const int ia_end = wq_end > qa ? max(ib, min(ie, t_last / kWgKeys + 1)) : ib;
+  int it = ib;
+  tile_top(ib);
+  for (; it < ia_end; ++it) {
+    const int stage = (it - ib) % ST, s0 = it * kWgKeys;
+    issue(0, stage);
+    issue(1, stage);
+    tile_top(it + 1);
+    float v[4], x[1];
+    wgmma_wait<1>();
+    wgmma_fence_operand(acc[0]);
+    query_sum<NJ, true>(acc[0], wr[0], v[0], v[1]);
+    wgmma_wait<0>();
+    wgmma_fence_operand(acc[1]);
+    query_sum<NJ, true>(acc[1], wr[1], v[2], v[3]);
+    quad_reduce_scatter<4>(v, x, c4);
+    if (s0 <= tq) orow[s0] = x[0] * ksc[stage * kWgKeys + key];
+  }
+  for (++it; it <= ie; ++it) tile_top(it);
+}
+
 __global__ void wgmma_probe_kernel(int* out) { *out = DSA_WGMMA_ENABLED; }
 
 }  // namespace
@@ -334,12 +452,14 @@ bool launch_scores_wgmma(const ScoreOperands& o, const Tensor& w_I, int B, int T
   const bool enabled = !e || !*e || std::strcmp(e, "1") == 0;
   DSA_CHECK(enabled || std::strcmp(e, "0") == 0, "[indexer_scores] DSA_INDEXER_WGMMA must be 0, 1 or unset, got '", e,
             "'");
-  // NOTES: DSA_INDEXER_LEAN=1 takes the LEAN kernel at 64 heads: an experiment of docs/perf_log.md v16, not
-  // yet run on a GPU (its A/B decides, then the switch goes); unset, empty or 0 keeps v15's.
-  const char* le = std::getenv("DSA_INDEXER_LEAN");
-  const bool lean = le && std::strcmp(le, "1") == 0;
-  DSA_CHECK(!le || !*le || lean || std::strcmp(le, "0") == 0,
-            "[indexer_scores] DSA_INDEXER_LEAN must be 0, 1 or unset, got '", le, "'");
+  // NOTES: DSA_INDEXER_SCORE picks the 64-head kernel for the experiments of docs/perf_log.md v16 / v17, not
+  // yet run on a GPU (their A/B decides, then the switch goes): unset, empty or "pipe" v15's pipelined kernel,
+  // "lean" its LEAN form, "w4" four warpgroups; another value is refused.
+  const char* se = std::getenv("DSA_INDEXER_SCORE");
+  const std::string variant = se && *se ? se : "pipe";
+  DSA_CHECK(variant == "pipe" || variant == "lean" || variant == "w4",
+            "[indexer_scores] DSA_INDEXER_SCORE must be pipe, lean, w4 or unset, got '", variant, "'");
+  const bool lean = variant == "lean", w4 = variant == "w4" && Hi == 64;
   if (!enabled || !o.fp8 || !(Hi == 16 || Hi == 32 || Hi == 64) || !(D == 64 || D == 128)) return false;
   const auto aligned = [](const void* ptr, uintptr_t a) { return reinterpret_cast<uintptr_t>(ptr) % a == 0; };
   if (!aligned(o.q.raw(), 16) || !aligned(o.k.raw(), 16) || !wgmma_available()) return false;
@@ -357,7 +477,7 @@ bool launch_scores_wgmma(const ScoreOperands& o, const Tensor& w_I, int B, int T
   // plain one: on an H100 (docs/perf_log.md v15, same call) the first took the top-k at T = 32K from 14.8-15.0
   // to 14.3 ms and 8K from 1.26 to 1.22 ms, and made bench-small's (16 heads, D 64) 1.61 -> 1.66 ms.
   const bool pipe = Hi == 64;
-  const int stages = pipe ? 4 : 3;
+  const int stages = pipe ? 4 : 3;  // w4: 4 too
   const size_t smem =
       static_cast<size_t>(kWgCols + stages * kWgKeys) * D + sizeof(float) * (kWgCols + stages * kWgKeys);
   // NOTES: where the query blocks alone leave SMs idle, the key prefix splits over gridDim.z (each split
@@ -369,9 +489,12 @@ bool launch_scores_wgmma(const ScoreOperands& o, const Tensor& w_I, int B, int T
   dim3 grid(static_cast<unsigned>(ceil_div(R, QB)), static_cast<unsigned>(B), static_cast<unsigned>(splits));
   auto launch = [&](auto kernel) {
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    kernel<<<grid, kWgThreads, smem, stream()>>>(p);
+    kernel<<<grid, w4 ? 4 * 128 : kWgThreads, smem, stream()>>>(p);
   };
-  if (D == 64) {
+  if (w4) {
+    if (D == 64) launch(score_wgmma4_kernel<64>);
+    else launch(score_wgmma4_kernel<128>);
+  } else if (D == 64) {
     if (Hi == 16) launch(score_wgmma_kernel<16, 64, false, false>);
     else if (Hi == 32) launch(score_wgmma_kernel<32, 64, false, false>);
     else if (lean) launch(score_wgmma_kernel<64, 64, true, true, true>);
