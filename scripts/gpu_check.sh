@@ -9,10 +9,10 @@
 #              the sparse attention ops, the kernel rows, the sparse step at 16K with DSA_SPARSE_ATTN_WGMMA
 #              0 (mma.sync only), unset (the default: wgmma where measured faster) and 1 (every wgmma kernel)
 #       indexer: the indexer's top-k in one call (docs/perf_log.md v13): the indexer / top-k tests, the
-#              kernels and ops rows in both slot orders, the 64-head scoring experiments' tests, racecheck and
-#              A/B (v16, v17), the sparse step at 16K and 128K with --topk-order
+#              kernels and ops rows in both slot orders, the sparse step at 16K and 128K with --topk-order
 #              index (the default) and score, a per-kernel Nsight Systems summary of one 128K sparse step
-#              (when nsys is installed), racecheck and synccheck of the index-order test
+#              (when nsys is installed), racecheck of the scoring test, racecheck and synccheck of the
+#              index-order test
 #   bash scripts/gpu_check.sh multi [tests|scale|ep|memory|resume ...]
 #       a machine with several GPUs: scripts/gpu_check_multi.sh after the build (its table last)
 # The GPU image has no PCRE2 -dev package: pcre2.h comes from .carry/pcre2 when present.
@@ -78,22 +78,6 @@ if [[ $what == indexer ]]; then
   timeout 180 "$BUILD/bin/test_gpu_dsa" --gtest_filter='*Indexer*:*Topk*' >"$OUT/indexer_tests.log" 2>&1 || status=1
   grep -E "^\[  (PASSED|FAILED) |Failure|\[topk\]" "$OUT/indexer_tests.log" | head -40
   timeout 150 "$BUILD/bin/dsa-bench" kernels 2>&1 | grep -E "indexer|FP8 GEMM"
-  # The 64-head scoring experiments behind DSA_INDEXER_SCORE (docs/perf_log.md v16 lean, v17 w4) until this
-  # A/B decides: each one's tests and racecheck, then the top-k rows of pipe (the default) and each in turn.
-  for v in lean w4; do
-    DSA_INDEXER_SCORE=$v timeout 120 "$BUILD/bin/test_gpu_dsa" --gtest_filter='*Indexer*:*Topk*' >"$OUT/${v}_tests.log" 2>&1 ||
-      status=1
-    echo "[gpu_check] DSA_INDEXER_SCORE=$v tests: $(grep -E '^\[  (PASSED|FAILED) ' "$OUT/${v}_tests.log" | tr '\n' ' ')"
-    if command -v compute-sanitizer >/dev/null; then
-      DSA_INDEXER_SCORE=$v timeout 100 compute-sanitizer --tool racecheck --error-exitcode 9 "$BUILD/bin/test_gpu_dsa" \
-        --gtest_filter='*IndexerTopkFp8*' >"$OUT/${v}_racecheck.log" 2>&1
-      echo "[gpu_check] racecheck IndexerTopkFp8, $v: rc $?, $(grep -E 'SUMMARY' "$OUT/${v}_racecheck.log" | tail -1)"
-    fi
-  done
-  for v in pipe lean w4 pipe lean w4; do
-    echo "[gpu_check] DSA_INDEXER_SCORE=$v"
-    DSA_INDEXER_SCORE=$v timeout 60 "$BUILD/bin/dsa-bench" kernels --only indexer 2>&1 | grep -E "top-k"
-  done
   timeout 90 "$BUILD/bin/dsa-bench" ops --only indexer 2>&1 | grep -E "indexer_topk fp8"
   for order in index score; do
     echo "[gpu_check] --topk-order $order"
@@ -110,6 +94,9 @@ if [[ $what == indexer ]]; then
       echo "[gpu_check] nsys stats: no kernel summary (see $OUT/nsys.log)"
   fi
   if command -v compute-sanitizer >/dev/null; then
+    timeout 100 compute-sanitizer --tool racecheck --error-exitcode 9 "$BUILD/bin/test_gpu_dsa" \
+      --gtest_filter='*IndexerTopkFp8*' >"$OUT/scoring_racecheck.log" 2>&1
+    echo "[gpu_check] racecheck IndexerTopkFp8: rc $?, $(grep -E 'SUMMARY' "$OUT/scoring_racecheck.log" | tail -1)"
     for tool in racecheck synccheck; do
       timeout 100 compute-sanitizer --tool $tool --error-exitcode 9 "$BUILD/bin/test_gpu_dsa" \
         --gtest_filter='*TopkIndexOrder*' >"$OUT/indexer_$tool.log" 2>&1

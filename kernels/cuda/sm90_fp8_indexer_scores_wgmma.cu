@@ -6,10 +6,8 @@
 
 #include <algorithm>
 #include <cmath>
-#include <climits>
 #include <cstdlib>
 #include <cstring>
-#include <string>
 
 #include "kernels/cuda/dsa_common.cuh"
 #include "kernels/cuda/mma.cuh"
@@ -95,21 +93,6 @@ __device__ __forceinline__ void score_epilogue(const float (&acc)[64], const flo
     if (qi < nq && s <= t) p.out[(static_cast<int64_t>(b) * p.R + r0 + qi) * p.T + s] = x[i] * kscale[key];
   }
 }
-// The same with the stores' addresses made once per thread (LEAN): the i-th sum goes to orow[i][s0] when
-// s0 <= tq[i] (tq: the query's position minus the key row, or -1 for a query past the block's end).
-template <int HI, bool KFMA>
-__device__ __forceinline__ void score_epilogue_lean(const float (&acc)[64], const float (&w)[2 * (128 / HI) * (HI / 8)],
-                                                    float* const (&orow)[2 * (128 / HI) / 4],
-                                                    const int (&tq)[2 * (128 / HI) / 4],
-                                                    const int (&key)[2 * (128 / HI) / 4], const float* kscale, int s0,
-                                                    int c4) {
-  constexpr int NV = 2 * (128 / HI);
-  float x[NV / 4];
-  head_sum<HI, KFMA>(acc, w, x, c4);
-#pragma unroll
-  for (int i = 0; i < NV / 4; ++i)
-    if (s0 <= tq[i]) orow[i][s0] = x[i] * kscale[key[i]];
-}
 
 // NOTES: keys are M (64 per tile, the accumulator rows) and query-heads are N, as in the mma.sync kernel:
 // a thread's accumulator holds 2 keys x 32 head columns per half, so the head sum is in-thread adds and a
@@ -118,17 +101,9 @@ __device__ __forceinline__ void score_epilogue_lean(const float (&acc)[64], cons
 // come through a cp.async ring; row blocks run longest first. The two warpgroups share the key tiles
 // (tried: one warpgroup per CTA at three CTAs per SM, each CTA reading the keys for half as many queries,
 // was slower).
-// PIPE (software pipelining across tiles): each warpgroup issues tile i's half 0 and runs tile i - 1's half-1
-// epilogue under it, then issues half 1 and runs tile i + 1's barrier and copy and tile i's half-0 epilogue
-// under that: no epilogue or barrier waits with the warpgroup's tensor work done. Without PIPE both halves
-// issue together and the second half's epilogue and the next barrier run with no MMA of the warpgroup
-// behind them. PIPE gained only ~3% (docs/perf_log.md v15): per ncu the kernel is bound by instruction
-// issue and latency (~590 instructions a warp and tile, 264 of them the epilogue's FADD / FFMA), not by idle
-// tensor cores between tiles.
-// LEAN (PIPE only; docs/perf_log.md v16): fewer instructions a tile: the wgmma descriptors made once (a key
-// tile's is its stage's base plus 16 a k step) from a warpgroup index broadcast from lane 0, so the compiler
-// may keep them uniform, and the stores' row addresses made once per thread.
-template <int HI, int D, bool PIPE, bool KFMA, bool LEAN = false>
+// 16 and 32 heads: both halves of a warpgroup issue together after the tile's barrier, then their epilogues
+// run in turn. 64 heads take score_wgmma4_kernel below (docs/perf_log.md v15-v17 for the forms tried).
+template <int HI, int D>
 __global__ void __launch_bounds__(kWgThreads, 1) score_wgmma_kernel(WgScoreParams p) {
   constexpr int QB = kWgCols / HI;   // queries per CTA
   constexpr int QW = QB / 2;         // per warpgroup
@@ -136,17 +111,15 @@ __global__ void __launch_bounds__(kWgThreads, 1) score_wgmma_kernel(WgScoreParam
   constexpr int NJ = HI / 8;         // n8 column groups per query
   constexpr int KS = D / 32;         // wgmma k steps
   constexpr int CH = D / 16;         // 16-byte chunks per row
-  constexpr int ST = PIPE ? 4 : 3;   // key-tile stages
-  constexpr int NV = 2 * QH;         // (query, key row) sums per thread before the quad reduce-scatter
-  static_assert(NV >= 4 && NV % 4 == 0, "HI must be 16, 32 or 64");
-  static_assert(PIPE || !LEAN, "LEAN comes with PIPE");
+  constexpr int ST = 3;              // key-tile stages
+  static_assert(HI == 16 || HI == 32, "score_wgmma_kernel: HI must be 16 or 32 (64: score_wgmma4_kernel)");
   extern __shared__ __align__(128) uint8_t smem[];
   uint8_t* Qs = smem;                                            // [512 rows, D] core-matrix layout
   uint8_t* Ks = Qs + kWgCols * D;                                // [ST][64 rows, D]
   float* weff = reinterpret_cast<float*>(Ks + ST * kWgKeys * D);  // [512] w * c * q scale / 2
   float* ksc = weff + kWgCols;                                   // [ST][64] key scales
   const int b = blockIdx.y, tid = threadIdx.x, lane = tid & 31, wwarp = (tid >> 5) & 3;
-  const int wg = LEAN ? __shfl_sync(0xffffffffu, tid >> 7, 0) : tid >> 7;
+  const int wg = tid >> 7;
   const int g = lane >> 2, c4 = lane & 3;
   const int r0 = (gridDim.x - 1 - blockIdx.x) * QB;  // first row (relative to t0); longest blocks first
   const int nq = min(QB, p.R - r0);
@@ -207,43 +180,15 @@ __global__ void __launch_bounds__(kWgThreads, 1) score_wgmma_kernel(WgScoreParam
       wr[h][2 * j + 1] = wv.y;
     }
   const int key_lo = wwarp * 16 + g;
-  const uint64_t qdesc = wgmma_desc(Qw, 128, 8 * D), kdesc = wgmma_desc(Ks, 128, 8 * D);
   auto issue = [&](int h, int stage) {
     const uint8_t* Kt = Ks + stage * kWgKeys * D;
     wgmma_fence_operand(acc[h]);
     wgmma_fence();
 #pragma unroll
-    for (int ks = 0; ks < KS; ++ks) {
-      if constexpr (LEAN)  // shared addresses < 256 KiB: the offset stays in the descriptor's address field
-        wgmma_m64n128k32_e4m3(acc[h], kdesc + static_cast<uint64_t>((stage * kWgKeys * D + ks * 256) >> 4),
-                              qdesc + static_cast<uint64_t>((h * 128 * D + ks * 256) >> 4), ks > 0);
-      else
-        wgmma_m64n128k32_e4m3(acc[h], wgmma_desc(Kt + ks * 256, 128, 8 * D),
-                              wgmma_desc(Qw + h * 128 * D + ks * 256, 128, 8 * D), ks > 0);
-    }
+    for (int ks = 0; ks < KS; ++ks)
+      wgmma_m64n128k32_e4m3(acc[h], wgmma_desc(Kt + ks * 256, 128, 8 * D),
+                            wgmma_desc(Qw + h * 128 * D + ks * 256, 128, 8 * D), ks > 0);
     wgmma_commit();
-  };
-  // LEAN: this thread's store targets, per half and reduce-scatter slot (unused, and compiled away, otherwise).
-  float* orow[2][NV / 4];
-  int tq[2][NV / 4], keyv[NV / 4];
-#pragma unroll
-  for (int i = 0; i < NV / 4; ++i) {
-    const int e = sum_slot<NV>(c4, i);
-    keyv[i] = key_lo + 8 * (e & 1);
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int qi = wg * QW + h * QH + e / 2;  // local query
-      const bool ok = qi < nq;
-      orow[h][i] = p.out + (static_cast<int64_t>(b) * p.R + r0 + (ok ? qi : 0)) * p.T + keyv[i];
-      tq[h][i] = ok ? p.t0 + r0 + qi - keyv[i] : -1;
-    }
-  }
-  // Half h's epilogue for the tile at s0 (key scales at kscale), with nqx queries (0: nothing to store).
-  auto epilogue = [&](int h, const float* kscale, int s0, int nqx) {
-    if constexpr (LEAN)
-      score_epilogue_lean<HI, KFMA>(acc[h], wr[h], orow[h], tq[h], keyv, kscale, nqx > 0 ? s0 : INT_MAX, c4);
-    else
-      score_epilogue<HI, KFMA>(acc[h], wr[h], p, kscale, b, r0, nqx, wg * QW + h * QH, key_lo, s0, c4);
   };
   // Top of tile it: wait for its copy, barrier, start tile it + 2's copy. Every warpgroup runs it for tiles
   // ib .. ie (tile ie: a barrier alone), so the barrier counts match whatever each one computes.
@@ -257,65 +202,36 @@ __global__ void __launch_bounds__(kWgThreads, 1) score_wgmma_kernel(WgScoreParam
   // This warpgroup's tiles with work are [ib, ia_end): a warpgroup without queries, or a tile in their
   // future (then so are the later ones), only keeps the barriers.
   const int ia_end = wq_end > wg * QW ? max(ib, min(ie, t_last / kWgKeys + 1)) : ib;
-  const auto stage_of = [&](int it) { return (it - ib) % ST; };
   int it = ib;
   tile_top(ib);
-  if constexpr (PIPE) {
-    // NOTES: ptxas serializes every wgmma of the kernel (C7514/C7515) or injects a wait (C7517) when
-    // accumulators are read while a wgmma is in flight unless the wgmma that wrote them was waited for in
-    // the same iteration (a wait at the end of the previous one does not count: hence the wait<0> before
-    // issuing half 0, a no-op at run time), and when a wgmma or wait sits in a data-dependent branch (C7518).
-    // So the first tile's "previous half 1" epilogue runs on a zero accumulator with no query to store
-    // (nqp = 0), and the last half 1's runs after the loop. Tile it + 1's barrier runs while half 1 computes
-    // (4 stages: its refill targets the stage of tile it - 1, which no MMA or epilogue reads any more).
-    int s0p = 0, nqp = 0;
-    const float* kscp = ksc;
+  for (; it < ia_end; ++it) {
+    const int stage = (it - ib) % ST, s0 = it * kWgKeys;
+    issue(0, stage);
+    issue(1, stage);
 #pragma unroll
-    for (int i = 0; i < 64; ++i) acc[1][i] = 0.f;
-    for (; it < ia_end; ++it) {
-      const int stage = stage_of(it), s0 = it * kWgKeys;
-      const float* kscale = ksc + stage * kWgKeys;
-      wgmma_wait<0>();
-      issue(0, stage);
-      epilogue(1, kscp, s0p, nqp);
-      wgmma_wait<0>();  // half 0
-      wgmma_fence_operand(acc[0]);
-      issue(1, stage);
-      tile_top(it + 1);
-      epilogue(0, kscale, s0, nq);
-      wgmma_wait<0>();  // half 1: its epilogue runs behind the next tile's half 0
-      wgmma_fence_operand(acc[1]);
-      s0p = s0;
-      nqp = nq;
-      kscp = kscale;
+    for (int h = 0; h < 2; ++h) {
+      if (h == 0) wgmma_wait<1>();
+      else wgmma_wait<0>();
+      wgmma_fence_operand(acc[h]);
+      score_epilogue<HI, false>(acc[h], wr[h], p, ksc + stage * kWgKeys, b, r0, nq, wg * QW + h * QH, key_lo, s0, c4);
     }
-    epilogue(1, kscp, s0p, nqp);
-  } else {
-    for (; it < ia_end; ++it) {
-      const int stage = stage_of(it), s0 = it * kWgKeys;
-      issue(0, stage);
-      issue(1, stage);
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        if (h == 0) wgmma_wait<1>();
-        else wgmma_wait<0>();
-        wgmma_fence_operand(acc[h]);
-        epilogue(h, ksc + stage * kWgKeys, s0, nq);
-      }
-      tile_top(it + 1);
-    }
+    tile_top(it + 1);
   }
   for (++it; it <= ie; ++it) tile_top(it);
 }
 
-// W4 (64 heads; an experiment of docs/perf_log.md v17): four warpgroups of 128 threads, each owning two of the
-// CTA's 8 queries (128 of its 512 columns) as two m64n64 accumulators, one per query: 64 registers of
-// accumulator instead of 128, so 16 warps an SM (4 a scheduler) instead of 8 hide each other's latency.
-// Per tile a warpgroup issues both queries' MMAs, joins the next tile's barrier under them, then runs query
-// 0's head sum under query 1's MMAs, query 1's after, one quad reduce-scatter and one store a thread. The
-// barrier of tile x only needs every warpgroup to have issued tile x - 1, so a warpgroup may start tile x + 1
-// while another still sums tile x: the epilogues of some run under the MMAs of others. Tile x's barrier
-// refills the stage of tile x - 2 (4 stages), which every warpgroup has waited for.
+// 64 heads (the production shape): four warpgroups of 128 threads, each owning two of the CTA's 8 queries
+// (128 of its 512 columns) as two m64n64 accumulators, one per query: 64 registers of accumulator, 128 in
+// all, so 16 warps an SM. Per tile a warpgroup issues both queries' MMAs, joins the next tile's barrier under
+// them, then runs query 0's head sum under query 1's MMAs, query 1's after, one quad reduce-scatter and one
+// store a thread; descriptors and store rows are made once. The barrier of tile x only needs every warpgroup
+// to have issued tile x - 1, so a warpgroup may start tile x + 1 while another still sums tile x. Tile x's
+// barrier refills the stage of tile x - 2 (4 stages), which every warpgroup has waited for.
+// NOTES: measured against v15's two-warpgroup kernel with each warpgroup's halves pipelined across tiles
+// (238 registers) and its LEAN form (descriptors and store rows made once): this one and LEAN both took the
+// top-k at T = 32K on an H100 from 14.3-14.4 to 13.7-13.9 ms (docs/perf_log.md v17, same call); this one
+// passed the whole GPU suite, has half the registers and no loop-carried wgmma (ptxas serializes or injects
+// waits for those, v15's NOTES), so it replaced both.
 template <int D>
 __global__ void __launch_bounds__(4 * 128, 1) score_wgmma4_kernel(WgScoreParams p) {
   constexpr int HI = 64, QB = kWgCols / HI, NT = 4 * 128;
@@ -452,14 +368,6 @@ bool launch_scores_wgmma(const ScoreOperands& o, const Tensor& w_I, int B, int T
   const bool enabled = !e || !*e || std::strcmp(e, "1") == 0;
   DSA_CHECK(enabled || std::strcmp(e, "0") == 0, "[indexer_scores] DSA_INDEXER_WGMMA must be 0, 1 or unset, got '", e,
             "'");
-  // NOTES: DSA_INDEXER_SCORE picks the 64-head kernel for the experiments of docs/perf_log.md v16 / v17, not
-  // yet run on a GPU (their A/B decides, then the switch goes): unset, empty or "pipe" v15's pipelined kernel,
-  // "lean" its LEAN form, "w4" four warpgroups; another value is refused.
-  const char* se = std::getenv("DSA_INDEXER_SCORE");
-  const std::string variant = se && *se ? se : "pipe";
-  DSA_CHECK(variant == "pipe" || variant == "lean" || variant == "w4",
-            "[indexer_scores] DSA_INDEXER_SCORE must be pipe, lean, w4 or unset, got '", variant, "'");
-  const bool lean = variant == "lean", w4 = variant == "w4" && Hi == 64;
   if (!enabled || !o.fp8 || !(Hi == 16 || Hi == 32 || Hi == 64) || !(D == 64 || D == 128)) return false;
   const auto aligned = [](const void* ptr, uintptr_t a) { return reinterpret_cast<uintptr_t>(ptr) % a == 0; };
   if (!aligned(o.q.raw(), 16) || !aligned(o.k.raw(), 16) || !wgmma_available()) return false;
@@ -473,11 +381,8 @@ bool launch_scores_wgmma(const ScoreOperands& o, const Tensor& w_I, int B, int T
   p.c = 1.0f / std::sqrt(static_cast<float>(D));
   p.B = B; p.T = T; p.t0 = t0; p.R = R;
   const int QB = kWgCols / Hi;
-  // NOTES: 64 heads (the production shape) take the pipelined kernel with the fmaf epilogue, fewer heads the
-  // plain one: on an H100 (docs/perf_log.md v15, same call) the first took the top-k at T = 32K from 14.8-15.0
-  // to 14.3 ms and 8K from 1.26 to 1.22 ms, and made bench-small's (16 heads, D 64) 1.61 -> 1.66 ms.
-  const bool pipe = Hi == 64;
-  const int stages = pipe ? 4 : 3;  // w4: 4 too
+  const bool w4 = Hi == 64;  // score_wgmma4_kernel
+  const int stages = w4 ? 4 : 3;
   const size_t smem =
       static_cast<size_t>(kWgCols + stages * kWgKeys) * D + sizeof(float) * (kWgCols + stages * kWgKeys);
   // NOTES: where the query blocks alone leave SMs idle, the key prefix splits over gridDim.z (each split
@@ -491,19 +396,14 @@ bool launch_scores_wgmma(const ScoreOperands& o, const Tensor& w_I, int B, int T
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     kernel<<<grid, w4 ? 4 * 128 : kWgThreads, smem, stream()>>>(p);
   };
-  if (w4) {
-    if (D == 64) launch(score_wgmma4_kernel<64>);
-    else launch(score_wgmma4_kernel<128>);
-  } else if (D == 64) {
-    if (Hi == 16) launch(score_wgmma_kernel<16, 64, false, false>);
-    else if (Hi == 32) launch(score_wgmma_kernel<32, 64, false, false>);
-    else if (lean) launch(score_wgmma_kernel<64, 64, true, true, true>);
-    else launch(score_wgmma_kernel<64, 64, true, true>);
+  if (D == 64) {
+    if (Hi == 16) launch(score_wgmma_kernel<16, 64>);
+    else if (Hi == 32) launch(score_wgmma_kernel<32, 64>);
+    else launch(score_wgmma4_kernel<64>);
   } else {
-    if (Hi == 16) launch(score_wgmma_kernel<16, 128, false, false>);
-    else if (Hi == 32) launch(score_wgmma_kernel<32, 128, false, false>);
-    else if (lean) launch(score_wgmma_kernel<64, 128, true, true, true>);
-    else launch(score_wgmma_kernel<64, 128, true, true>);
+    if (Hi == 16) launch(score_wgmma_kernel<16, 128>);
+    else if (Hi == 32) launch(score_wgmma_kernel<32, 128>);
+    else launch(score_wgmma4_kernel<128>);
   }
   check_launch("indexer_scores_wgmma");
   return true;
