@@ -106,7 +106,8 @@ if [[ $what == indexer ]]; then
 fi
 if [[ $what == all || $what == bench ]]; then
   rm -f "$OUT/bench.jsonl"
-  # DSA_BENCH_OPS=0 leaves out the per-op figures (a call that must fit the table in its time).
+  # DSA_BENCH_OPS=0 leaves out the per-op figures, DSA_PEERS_SEQ_LENS=16384 runs the peers at 16K alone (a call
+  # that must fit the table in its time).
   if [[ ${DSA_BENCH_OPS:-1} != 0 ]]; then
     "$BUILD/bin/dsa-bench" ops --json "$OUT/bench.jsonl" >"$OUT/ops.log" 2>&1 || status=1
     echo "[gpu_check] dsa-bench ops: $(grep -c ' ms' "$OUT/ops.log") figures in $OUT/ops.log; $(tail -1 "$OUT/ops.log")"
@@ -115,7 +116,7 @@ if [[ $what == all || $what == bench ]]; then
   "$BUILD/bin/dsa-bench" train --seq-len 4096,16384 --json "$OUT/bench.jsonl" 2>&1 | tail -10
   "$BUILD/bin/dsa-bench" train --seq-len 32768 --tokens 32768 --json "$OUT/bench.jsonl" 2>&1 | tail -4
   PYTHONUNBUFFERED=1 timeout "${DSA_PEERS_TIMEOUT:-900}" python3 tools/bench_peers.py --json "$OUT/bench.jsonl" \
-    --seq-lens 4096,16384,32768 \
+    --seq-lens "${DSA_PEERS_SEQ_LENS:-4096,16384,32768}" \
     >"$OUT/peers.log" 2>&1 || status=1
   tail -3 "$OUT/peers.log"
 fi

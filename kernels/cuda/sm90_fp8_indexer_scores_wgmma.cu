@@ -230,8 +230,10 @@ __global__ void __launch_bounds__(kWgThreads, 1) score_wgmma_kernel(WgScoreParam
 // NOTES: measured against v15's two-warpgroup kernel with each warpgroup's halves pipelined across tiles
 // (238 registers) and its LEAN form (descriptors and store rows made once): this one and LEAN both took the
 // top-k at T = 32K on an H100 from 14.3-14.4 to 13.7-13.9 ms (docs/perf_log.md v17, same call); this one
-// passed the whole GPU suite, has half the registers and no loop-carried wgmma (ptxas serializes or injects
-// waits for those, v15's NOTES), so it replaced both.
+// passed the whole GPU suite, has half the registers and no wgmma in flight across the loop's back edge,
+// so it replaced both. Keep it so: ptxas serializes every wgmma of the kernel (C7514/C7515) for a group in
+// flight across the back edge or a wait in a data-dependent branch (C7518), and injects a wait (C7517) where
+// an accumulator is read that was not waited for in the same iteration (docs/perf_log.md v15).
 template <int D>
 __global__ void __launch_bounds__(4 * 128, 1) score_wgmma4_kernel(WgScoreParams p) {
   constexpr int HI = 64, QB = kWgCols / HI, NT = 4 * 128;
