@@ -11,8 +11,8 @@
 #       indexer: the indexer's top-k in one call (docs/perf_log.md v13): the indexer / top-k tests, the
 #              kernels and ops rows in both slot orders, the sparse step at 16K and 128K with --topk-order
 #              index (the default) and score, a per-kernel Nsight Systems summary of one 128K sparse step
-#              (when nsys is installed), racecheck of the scoring test, racecheck and synccheck of the
-#              index-order test
+#              (when nsys is installed), an ncu summary of the 64-head scoring (when ncu is), racecheck of
+#              the scoring test, racecheck and synccheck of the index-order test
 #   bash scripts/gpu_check.sh multi [tests|scale|ep|memory|resume ...]
 #       a machine with several GPUs: scripts/gpu_check_multi.sh after the build (its table last)
 # The GPU image has no PCRE2 -dev package: pcre2.h comes from .carry/pcre2 when present.
@@ -85,6 +85,16 @@ if [[ $what == indexer ]]; then
     timeout 90 "$BUILD/bin/dsa-bench" train --seq-len 131072 --tokens 131072 --recompute --steps 2 --warmup 1 \
       --stages sparse --topk-order $order 2>&1 | tail -1
   done
+  # Where the 64-head scoring's cycles go (Nsight Compute, when the image has it; docs/perf_log.md v17's next
+  # step): one launch at T = 8192, its speed of light, pipes, warp states and scheduler, as CSV.
+  if command -v ncu >/dev/null; then
+    timeout 150 ncu --kernel-name regex:score_wgmma4 --launch-count 1 --csv --section SpeedOfLight \
+      --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section WarpStateStats \
+      --section SchedulerStats "$BUILD/bin/dsa-bench" kernels --only indexer >"$OUT/ncu_scoring.csv" 2>&1
+    echo "[gpu_check] ncu scoring: rc $?, $(grep -c , "$OUT/ncu_scoring.csv") rows in $OUT/ncu_scoring.csv"
+    grep -E '"(Duration|Elapsed Cycles|SM Frequency|Compute \(SM\) Throughput|Memory Throughput|Issue Slots Busy|No Eligible|Active Warps Per Scheduler|Eligible Warps Per Scheduler|Warp Cycles Per Issued Instruction)"' \
+      "$OUT/ncu_scoring.csv" | awk -F'","' '{print "[ncu] " $(NF-2) ": " $NF " " $(NF-1)}' | tr -d '"' | head -12
+  fi
   # Where the 128K sparse step's time goes, per kernel (Nsight Systems, when the image has it).
   if command -v nsys >/dev/null; then
     timeout 120 nsys profile -o "$OUT/sparse128k" --force-overwrite true "$BUILD/bin/dsa-bench" train \
