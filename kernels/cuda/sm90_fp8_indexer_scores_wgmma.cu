@@ -255,6 +255,8 @@ __global__ void __launch_bounds__(4 * 128, 1) score_wgmma4_kernel(WgScoreParams 
   if (ib >= ie) return;  // the whole CTA, before any copy or barrier
   const int64_t tok0 = static_cast<int64_t>(b) * p.T + p.t0 + r0;
 
+  // NOTES: the copies below are score_wgmma_kernel's over NT threads. Helpers shared by both kernels changed
+  // the code of both (PTX compared); merge them in a session that can rerun the GPU tests.
   auto load_keys = [&](int stage, int s0) {
     uint8_t* Kd = Ks + stage * kWgKeys * D;
     for (int i = tid; i < kWgKeys * CH; i += NT) {
