@@ -12,7 +12,7 @@
 #              kernels and ops rows in both slot orders, the sparse step at 16K and 128K with --topk-order
 #              index (the default) and score, a per-kernel Nsight Systems summary of one 128K sparse step
 #              (when nsys is installed), an ncu summary of the 64-head scoring (when ncu is), racecheck of
-#              the scoring test, racecheck and synccheck of the index-order test
+#              the scoring test, racecheck and synccheck of the index-order test, the wgmma rate probe
 #   bash scripts/gpu_check.sh multi [tests|scale|ep|memory|resume ...]
 #       a machine with several GPUs: scripts/gpu_check_multi.sh after the build (its table last)
 # The GPU image has no PCRE2 -dev package: pcre2.h comes from .carry/pcre2 when present.
@@ -77,6 +77,8 @@ if [[ $what == indexer ]]; then
   # Each step under a timeout: a kernel that hangs costs its step, not the call.
   timeout 180 "$BUILD/bin/test_gpu_dsa" --gtest_filter='*Indexer*:*Topk*' >"$OUT/indexer_tests.log" 2>&1 || status=1
   grep -E "^\[  (PASSED|FAILED) |Failure|\[topk\]" "$OUT/indexer_tests.log" | head -40
+  # What the tensor cores sustain for the scoring's wgmma pattern alone (docs/perf_log.md v18).
+  [[ -x "$BUILD/bin/dsa-wgmma-rate" ]] && timeout 90 "$BUILD/bin/dsa-wgmma-rate" 2>&1 | tee "$OUT/wgmma_rate.log"
   timeout 150 "$BUILD/bin/dsa-bench" kernels 2>&1 | grep -E "indexer|FP8 GEMM"
   timeout 90 "$BUILD/bin/dsa-bench" ops --only indexer 2>&1 | grep -E "indexer_topk fp8"
   for order in index score; do

@@ -116,6 +116,23 @@ __device__ __forceinline__ uint64_t wgmma_desc(const void* smem_tile, uint32_t l
          (static_cast<uint64_t>((sbo_bytes >> 4) & 0x3FFFu) << 32);  // base offset 0, swizzle none
 }
 
+// The swizzled form for K-major tiles of ROWB-byte rows, ROWB = 128 (e4m3 with K = 128) or 64 (K = 64): 8-row
+// x ROWB-byte atoms, 8 ROWB bytes apart along M / N (sbo), the tile 8 ROWB-byte aligned (base offset 0), layout
+// 1 (128-byte swizzle) or 2 (64-byte). 16-byte chunk c of row r sits at chunk c ^ ((r * ROWB / 128) % (ROWB / 16))
+// of the row (swizzle_offset: the address bits 4.. XORed with bits 7..). A k step adds its byte offset within
+// the row to the start address (32 bytes: + 2 encoded); the tensor cores apply the XOR to the address they form.
+template <int ROWB>
+__device__ __forceinline__ uint64_t wgmma_desc_swizzle(const void* smem_tile) {
+  static_assert(ROWB == 64 || ROWB == 128, "wgmma_desc_swizzle: rows of 64 or 128 bytes");
+  const uint64_t a = smem_u32(smem_tile);
+  return ((a & 0x3FFFFull) >> 4) | (1ull << 16) | (static_cast<uint64_t>(8 * ROWB >> 4) << 32) |
+         (static_cast<uint64_t>(ROWB == 128 ? 1 : 2) << 62);
+}
+template <int ROWB>
+__device__ __forceinline__ int swizzle_offset(int row, int ch) {
+  return row * ROWB + ((ch ^ ((row * ROWB >> 7) & (ROWB / 16 - 1))) << 4);
+}
+
 __device__ __forceinline__ void fence_proxy_async() {
 #if DSA_WGMMA_ENABLED
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
@@ -189,6 +206,27 @@ __device__ __forceinline__ void wgmma_m64n64k32_e4m3(float (&d)[32], uint64_t de
       : "l"(desc_a), "l"(desc_b), "r"(accumulate));
 #else
   (void)d; (void)desc_a; (void)desc_b; (void)accumulate;
+  __trap();
+#endif
+}
+
+// The same with A from registers (the m16n8k32 e4m3 A fragment of each warp's 16 rows: 4 x 4 bytes a thread).
+__device__ __forceinline__ void wgmma_m64n64k32_e4m3_rs(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b,
+                                                        int accumulate) {
+#if DSA_WGMMA_ENABLED
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+      "}, {%32, %33, %34, %35}, %36, p, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
+#else
+  (void)d; (void)a; (void)desc_b; (void)accumulate;
   __trap();
 #endif
 }
