@@ -37,7 +37,8 @@ __global__ void __launch_bounds__(N == 64 ? 512 : 384, 1) rate_kernel(int iters,
   // k step stride: no swizzle, two 16-byte core matrices 128 bytes apart (lbo) = 256; swizzled, 32 bytes in the row.
   constexpr int kstep = SWZ ? 32 : 256;
   const uint64_t adesc = SWZ ? wgmma_desc_swizzle<128>(As) : wgmma_desc(As, 128, 8 * kD);
-  const uint64_t bdesc = SWZ ? wgmma_desc_swizzle<128>(Bs + wg * 2 * N * kD) : wgmma_desc(Bs + wg * 2 * N * kD, 128, 8 * kD);
+  uint8_t* const Bw = Bs + wg * 2 * N * kD;
+  const uint64_t bdesc = SWZ ? wgmma_desc_swizzle<128>(Bw) : wgmma_desc(Bw, 128, 8 * kD);
   float acc[2][N / 2];
 #pragma unroll
   for (int q = 0; q < 2; ++q)

@@ -32,15 +32,11 @@ constexpr int kWgCols = 512;     // query-head columns per CTA: 256 per warpgrou
 constexpr int kWgKeys = 64;      // keys per tile: the wgmma M
 
 // The tiles (key tiles and the query block) are K-major rows of D bytes in the swizzled layout (mma.cuh
-// wgmma_desc_swizzle: the 128-byte swizzle at D = 128, the 64-byte one at D = 64), 1024-byte aligned; a wgmma
-// k step (32 bytes of K) starts 32 bytes further into the rows.
+// swizzle_offset / wgmma_desc_swizzle: the 128-byte swizzle at D = 128, the 64-byte one at D = 64),
+// 1024-byte aligned; a wgmma k step (32 bytes of K) starts 32 bytes further into the rows.
 // NOTES: measured against the no-swizzle core-matrix layout (docs/perf_log.md v18, one H100, same call): the
 // top-k at T = 32K 13.59 / 13.76 -> 13.40 / 13.49 ms, at 8K 1.183 -> 1.160; the wgmma pattern alone runs at
 // the FP8 peak in either layout (dsa-wgmma-rate), so the gain is not the MMA rate's.
-template <int D>
-__device__ __forceinline__ int tile_offset(int row, int ch) { return swizzle_offset<D>(row, ch); }
-template <int D>
-__device__ __forceinline__ uint64_t tile_desc(const void* tile) { return wgmma_desc_swizzle<D>(tile); }
 constexpr int kKStepBytes = 32;
 __device__ __forceinline__ uint8_t* aligned_smem(uint8_t* raw) {  // the launch adds 1024 bytes of slack
   return raw + ((1024 - (smem_u32(raw) & 1023)) & 1023);
@@ -123,7 +119,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) score_wgmma_kernel(WgScoreParam
   static_assert(HI == 16 || HI == 32, "score_wgmma_kernel: HI must be 16 or 32 (64: score_wgmma4_kernel)");
   extern __shared__ __align__(128) uint8_t smem_raw[];
   uint8_t* const smem = aligned_smem(smem_raw);
-  uint8_t* Qs = smem;                                            // [512 rows, D] swizzled rows (tile_offset)
+  uint8_t* Qs = smem;                                            // [512 rows, D] swizzled rows
   uint8_t* Ks = Qs + kWgCols * D;                                // [ST][64 rows, D]
   float* weff = reinterpret_cast<float*>(Ks + ST * kWgKeys * D);  // [512] w * c * q scale / 2
   float* ksc = weff + kWgCols;                                   // [ST][64] key scales
@@ -145,8 +141,8 @@ __global__ void __launch_bounds__(kWgThreads, 1) score_wgmma_kernel(WgScoreParam
     for (int i = tid; i < kWgKeys * CH; i += kWgThreads) {
       const int row = i / CH, ch = i % CH, s = s0 + row;
       const bool ok = s < p.T;
-      cp_async16(Kd + tile_offset<D>(row, ch), p.k + (static_cast<int64_t>(b) * p.T + (ok ? s : 0)) * D + ch * 16,
-                 ok ? 16 : 0);
+      cp_async16(Kd + swizzle_offset<D>(row, ch),
+                 p.k + (static_cast<int64_t>(b) * p.T + (ok ? s : 0)) * D + ch * 16, ok ? 16 : 0);
     }
     for (int i = tid; i < kWgKeys; i += kWgThreads) {
       const int s = s0 + i;
@@ -158,7 +154,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) score_wgmma_kernel(WgScoreParam
   for (int i = tid; i < kWgCols * CH; i += kWgThreads) {
     const int row = i / CH, ch = i % CH, qi = row / HI;
     const bool ok = qi < nq;
-    cp_async16(Qs + tile_offset<D>(row, ch), p.q + ((ok ? tok0 : 0) * HI + (ok ? row : 0)) * D + ch * 16,
+    cp_async16(Qs + swizzle_offset<D>(row, ch), p.q + ((ok ? tok0 : 0) * HI + (ok ? row : 0)) * D + ch * 16,
                ok ? 16 : 0);
   }
   for (int i = tid; i < kWgCols; i += kWgThreads) {
@@ -196,8 +192,8 @@ __global__ void __launch_bounds__(kWgThreads, 1) score_wgmma_kernel(WgScoreParam
     wgmma_fence();
 #pragma unroll
     for (int ks = 0; ks < KS; ++ks)
-      wgmma_m64n128k32_e4m3(acc[h], tile_desc<D>(Kt + ks * kKStepBytes),
-                            tile_desc<D>(Qw + h * 128 * D + ks * kKStepBytes), ks > 0);
+      wgmma_m64n128k32_e4m3(acc[h], wgmma_desc_swizzle<D>(Kt + ks * kKStepBytes),
+                            wgmma_desc_swizzle<D>(Qw + h * 128 * D + ks * kKStepBytes), ks > 0);
     wgmma_commit();
   };
   // Top of tile it: wait for its copy, barrier, start tile it + 2's copy. Every warpgroup runs it for tiles
@@ -250,7 +246,7 @@ __global__ void __launch_bounds__(4 * 128, 1) score_wgmma4_kernel(WgScoreParams 
   constexpr int KS = D / 32, CH = D / 16, ST = 4, NJ = HI / 8;
   extern __shared__ __align__(128) uint8_t smem_raw[];
   uint8_t* const smem = aligned_smem(smem_raw);
-  uint8_t* Qs = smem;                                            // [512 rows, D] swizzled rows (tile_offset)
+  uint8_t* Qs = smem;                                            // [512 rows, D] swizzled rows
   uint8_t* Ks = Qs + kWgCols * D;                                // [ST][64 rows, D]
   float* weff = reinterpret_cast<float*>(Ks + ST * kWgKeys * D);  // [512] w * c * q scale / 2
   float* ksc = weff + kWgCols;                                   // [ST][64] key scales
@@ -273,7 +269,7 @@ __global__ void __launch_bounds__(4 * 128, 1) score_wgmma4_kernel(WgScoreParams 
     for (int i = tid; i < kWgKeys * CH; i += NT) {
       const int row = i / CH, ch = i % CH, s = s0 + row;
       const bool ok = s < p.T;
-      cp_async16(Kd + tile_offset<D>(row, ch),
+      cp_async16(Kd + swizzle_offset<D>(row, ch),
                  p.k + (static_cast<int64_t>(b) * p.T + (ok ? s : 0)) * D + ch * 16, ok ? 16 : 0);
     }
     if (tid < kWgKeys) {
@@ -285,7 +281,7 @@ __global__ void __launch_bounds__(4 * 128, 1) score_wgmma4_kernel(WgScoreParams 
   for (int i = tid; i < kWgCols * CH; i += NT) {
     const int row = i / CH, ch = i % CH, qi = row / HI;
     const bool ok = qi < nq;
-    cp_async16(Qs + tile_offset<D>(row, ch),
+    cp_async16(Qs + swizzle_offset<D>(row, ch),
                p.q + ((ok ? tok0 : 0) * HI + (ok ? row : 0)) * D + ch * 16, ok ? 16 : 0);
   }
   {
@@ -312,15 +308,14 @@ __global__ void __launch_bounds__(4 * 128, 1) score_wgmma4_kernel(WgScoreParams 
       wr[q][2 * j + 1] = wv.y;
     }
   // Shared addresses < 256 KiB: a tile's or k step's offset stays in the descriptor's address field.
-  constexpr int kstep = kKStepBytes;
-  const uint64_t qdesc = tile_desc<D>(Qs + qa * HI * D), kdesc = tile_desc<D>(Ks);
+  const uint64_t qdesc = wgmma_desc_swizzle<D>(Qs + qa * HI * D), kdesc = wgmma_desc_swizzle<D>(Ks);
   auto issue = [&](int q, int stage) {
     wgmma_fence_operand(acc[q]);
     wgmma_fence();
 #pragma unroll
     for (int ks = 0; ks < KS; ++ks)
-      wgmma_m64n64k32_e4m3(acc[q], kdesc + static_cast<uint64_t>((stage * kWgKeys * D + ks * kstep) >> 4),
-                           qdesc + static_cast<uint64_t>((q * HI * D + ks * kstep) >> 4), ks > 0);
+      wgmma_m64n64k32_e4m3(acc[q], kdesc + static_cast<uint64_t>((stage * kWgKeys * D + ks * kKStepBytes) >> 4),
+                           qdesc + static_cast<uint64_t>((q * HI * D + ks * kKStepBytes) >> 4), ks > 0);
     wgmma_commit();
   };
   // This thread's one sum after the reduce-scatter: query qa + (c4 >> 1), key row key of the tile; stored to
