@@ -89,6 +89,60 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
+// ------------------------------------------------------------------------------ mbarrier and TMA (sm_90)
+// A shared-memory mbarrier (8 bytes, 8-byte aligned) completes a phase when `count` arrivals and the
+// transaction bytes announced by arrive_expect_tx have landed; waiters name the phase by its parity (0 for
+// the first). A TMA copy (cp.async.bulk.tensor) writes a box of a tensor map into shared memory through
+// the async proxy and adds its bytes to an mbarrier's transaction count; a thread that saw the phase
+// complete may read the box (generic loads or wgmma) with no further fence.
+// NOTES: the wait spins on try_wait (which itself suspends the thread for a while) rather than test_wait.
+__device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count) : "memory");
+}
+// After the inits, before the barriers' first use by another thread or a TMA copy (then a CTA barrier).
+__device__ __forceinline__ void mbar_fence_init() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(bar)) : "memory");
+}
+// One arrival that also announces `bytes` of TMA transactions for the current phase.
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(bytes) : "memory");
+#else
+  (void)bar; (void)bytes;
+  __trap();
+#endif
+}
+// Returns once the phase of parity `parity` has completed.
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile(
+      "{\n.reg .pred done;\nwait_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra wait_%=;\n}\n" ::"r"(smem_u32(bar)), "r"(parity) : "memory");
+#else
+  (void)bar; (void)parity;
+  __trap();
+#endif
+}
+// The box of a rank-3 tensor map at element coordinates (c0 innermost, c1, c2) -> dst; completes on `bar`.
+// `tmap` is the address of a __grid_constant__ kernel parameter (a CUtensorMap, 64-byte aligned).
+__device__ __forceinline__ void tma_load_3d(void* dst, const void* tmap, uint64_t* bar, int c0, int c1, int c2) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5}], [%2];\n"
+      ::"r"(smem_u32(dst)), "l"(tmap), "r"(smem_u32(bar)), "r"(c0), "r"(c1), "r"(c2)
+      : "memory");
+#else
+  (void)dst; (void)tmap; (void)bar; (void)c0; (void)c1; (void)c2;
+  __trap();
+#endif
+}
+
 // ------------------------------------------------------------------------------------- wgmma (sm_90a)
 // Warpgroup MMA: the four warps of a warpgroup (128 threads, warp-aligned) compute one 64 x N tile with
 // both operands read from shared memory through 64-bit matrix descriptors. Only compiled for sm_90a

@@ -2,6 +2,8 @@
 // block per row (D <= 128), ReLU, head weights and the head sum fused into the epilogue. The mma.sync
 // kernel in sm90_fp8_indexer.cu stays the fallback (other head counts and dims, bf16, several scale
 // blocks, no sm_90a code) and computes the same scores; both are tested against the CPU reference.
+#include <cuda.h>
+#include <cudaTypedefs.h>
 #include <cuda_fp8.h>
 
 #include <algorithm>
@@ -82,112 +84,174 @@ __device__ __forceinline__ void head_sum(const float (&acc)[64], const float (&w
 template <int NV>
 __device__ __forceinline__ int sum_slot(int c4, int i) { return (c4 >> 1) * (NV / 2) + (c4 & 1) * (NV / 4) + i; }
 
+// ks0 / ks1: the scales of key rows key_lo and key_lo + 8 (a slot's key row parity is i's: NV / 4 is even).
 template <int HI, bool KFMA>
 __device__ __forceinline__ void score_epilogue(const float (&acc)[64], const float (&w)[2 * (128 / HI) * (HI / 8)],
-                                               const WgScoreParams& p, const float* kscale, int b, int r0, int nq,
+                                               const WgScoreParams& p, float ks0, float ks1, int b, int r0, int nq,
                                                int qbase, int key_lo, int s0, int c4) {
   constexpr int NV = 2 * (128 / HI);
+  static_assert((NV / 4) % 2 == 0, "score_epilogue: a slot's key row parity must be its index's");
   float x[NV / 4];
   head_sum<HI, KFMA>(acc, w, x, c4);
 #pragma unroll
   for (int i = 0; i < NV / 4; ++i) {
     const int e = sum_slot<NV>(c4, i);
     const int qi = qbase + e / 2;  // local query
-    const int key = key_lo + 8 * (e & 1), s = s0 + key, t = p.t0 + r0 + qi;
-    if (qi < nq && s <= t) p.out[(static_cast<int64_t>(b) * p.R + r0 + qi) * p.T + s] = x[i] * kscale[key];
+    const int key = key_lo + 8 * (i & 1), s = s0 + key, t = p.t0 + r0 + qi;
+    if (qi < nq && s <= t) p.out[(static_cast<int64_t>(b) * p.R + r0 + qi) * p.T + s] = x[i] * ((i & 1) ? ks1 : ks0);
   }
+}
+
+// ------------------------------------------------------------------------------ what both kernels share
+// A CTA's rows and keys: query rows r0 .. r0 + nq - 1 (relative to t0; blocks of QB, the longest first), key
+// tiles [ib, ie) of the causal prefix of its last row (gridDim.z splits the prefix).
+struct ScoreBlock {
+  int r0, nq, ib, ie;
+  int64_t tok0;  // the block's first query token, b T + t0 + r0
+};
+__device__ __forceinline__ ScoreBlock score_block(const WgScoreParams& p, int QB) {
+  ScoreBlock k;
+  k.r0 = (gridDim.x - 1 - blockIdx.x) * QB;
+  k.nq = min(QB, p.R - k.r0);
+  const int ntiles = (p.t0 + k.r0 + k.nq - 1) / kWgKeys + 1;
+  k.ib = static_cast<int>(static_cast<int64_t>(ntiles) * blockIdx.z / gridDim.z);
+  k.ie = static_cast<int>(static_cast<int64_t>(ntiles) * (blockIdx.z + 1) / gridDim.z);
+  k.tok0 = static_cast<int64_t>(blockIdx.y) * p.T + p.t0 + k.r0;
+  return k;
+}
+
+// The key tiles' ring: ST stages of 64 keys x D bytes (swizzled rows), filled by TMA LA tiles ahead of the
+// consumers by one producer thread. Tile x of [ib, ie) sits in stage (x - ib) % ST; its barriers' phase has
+// parity ((x - ib) / ST) & 1. full[s]: the producer's arrival and the tile's bytes; empty[s]: one arrival a
+// consumer warp once it is done with the stage (its MMAs waited for). A warp takes and releases every tile of
+// [ib, ie), also those past its queries, so that each phase of empty sees all warps; an arrival for tile
+// x + ST cannot count towards tile x's phase, as it follows tile x + ST's landing, which follows that phase.
+constexpr int kRingStages = 6, kRingAhead = 3;  // the consumers may drift ST - LA = 3 tiles apart
+template <int D>
+struct KeyRing {
+  static constexpr int ST = kRingStages, LA = kRingAhead;
+  static constexpr uint32_t kTileBytes = kWgKeys * D;
+  static_assert(LA >= 1 && LA < ST, "KeyRing: 1 <= tiles ahead < stages");
+  uint8_t* tiles;   // [ST][64 rows, D]
+  uint64_t* full;   // [ST]
+  uint64_t* empty;  // [ST]
+  int ib, b;
+  __device__ __forceinline__ int stage(int x) const { return (x - ib) % ST; }
+  __device__ __forceinline__ uint32_t parity(int x) const { return ((x - ib) / ST) & 1; }
+  // Producer: tile x into its stage once every consumer warp has released tile x - ST.
+  __device__ __forceinline__ void load(const CUtensorMap* map, int x) const {
+    const int s = stage(x);
+    if (x - ST >= ib) mbar_wait(&empty[s], parity(x - ST));
+    mbar_arrive_expect_tx(&full[s], kTileBytes);
+    tma_load_3d(tiles + s * kTileBytes, map, &full[s], 0, x * kWgKeys, b);
+  }
+  __device__ __forceinline__ void wait(int x) const { mbar_wait(&full[stage(x)], parity(x)); }
+  __device__ __forceinline__ void release(int x, int lane) const {
+    __syncwarp();
+    if (lane == 0) mbar_arrive(&empty[stage(x)]);
+  }
+};
+// Shared memory of both kernels (from the 1024-aligned base): the query block, the ring, weff, the barriers.
+template <int D>
+struct ScoreSmem {
+  uint8_t* q;      // [512 rows, D] swizzled rows
+  uint8_t* k;      // [ST][64 rows, D]
+  float* weff;     // [512] w * c * q scale / 2
+  uint64_t* full;  // [ST]
+  uint64_t* empty; // [ST]
+  __device__ __forceinline__ explicit ScoreSmem(uint8_t* base)
+      : q(base), k(q + kWgCols * D), weff(reinterpret_cast<float*>(k + kRingStages * kWgKeys * D)),
+        full(reinterpret_cast<uint64_t*>(weff + kWgCols)), empty(full + kRingStages) {}
+};
+size_t score_smem_bytes(int D) {
+  return static_cast<size_t>(kWgCols + kRingStages * kWgKeys) * D + sizeof(float) * kWgCols +
+         2 * kRingStages * sizeof(uint64_t) + 1024;  // + alignment slack
+}
+
+// Both kernels' start: the producer initializes the ring and issues its first LA tiles; all NT threads copy
+// the query block (rows past the block's end are zero) and weff; then the CTA barrier that publishes them.
+template <int HI, int D, int NT>
+__device__ __forceinline__ void score_prologue(const WgScoreParams& p, const CUtensorMap* map, const KeyRing<D>& ring,
+                                               const ScoreSmem<D>& sm, const ScoreBlock& blk, bool producer) {
+  constexpr int CH = D / 16;
+  const int tid = threadIdx.x;
+  if (producer) {
+    for (int s = 0; s < KeyRing<D>::ST; ++s) {
+      mbar_init(&ring.full[s], 1);
+      mbar_init(&ring.empty[s], NT / 32);
+    }
+    mbar_fence_init();
+    for (int x = blk.ib; x < min(blk.ie, blk.ib + KeyRing<D>::LA); ++x) ring.load(map, x);
+  }
+  for (int i = tid; i < kWgCols * CH; i += NT) {
+    const int row = i / CH, ch = i % CH;
+    const bool ok = row / HI < blk.nq;
+    cp_async16(sm.q + swizzle_offset<D>(row, ch), p.q + ((ok ? blk.tok0 : 0) * HI + (ok ? row : 0)) * D + ch * 16,
+               ok ? 16 : 0);
+  }
+  cp_async_commit();
+  for (int i = tid; i < kWgCols; i += NT) {
+    const int64_t j = blk.tok0 * HI + i;
+    sm.weff[i] = i / HI < blk.nq ? __bfloat162float(p.w[j]) * p.c * p.q_scale[j] * 0.5f : 0.f;
+  }
+  cp_async_wait<0>();
+  fence_proxy_async();
+  __syncthreads();
 }
 
 // NOTES: keys are M (64 per tile, the accumulator rows) and query-heads are N, as in the mma.sync kernel:
 // a thread's accumulator holds 2 keys x 32 head columns per half, so the head sum is in-thread adds and a
 // quad reduce-scatter (each lane ends with a quarter of the (query, key) sums to store). A CTA holds
-// 512 / HI queries (all their heads) and streams the causal key prefix once for all of them. Key tiles
-// come through a cp.async ring; row blocks run longest first. The two warpgroups share the key tiles
-// (tried: one warpgroup per CTA at three CTAs per SM, each CTA reading the keys for half as many queries,
-// was slower).
-// 16 and 32 heads: both halves of a warpgroup issue together after the tile's barrier, then their epilogues
-// run in turn. 64 heads take score_wgmma4_kernel below (docs/perf_log.md v15-v17 for the forms tried).
+// 512 / HI queries (all their heads) and streams the causal key prefix once for all of them through the
+// KeyRing; row blocks run longest first. The two warpgroups share the key tiles (tried: one warpgroup per
+// CTA at three CTAs per SM, each CTA reading the keys for half as many queries, was slower). The producer
+// is the first thread of the last warpgroup with queries (it computes every tile of the CTA). Key scales
+// come from global memory at the top of a tile (two a thread), their latency under the MMAs.
+// 16 and 32 heads: both halves of a warpgroup issue together once the tile has landed, then their
+// epilogues run in turn. 64 heads take score_wgmma4_kernel below (docs/perf_log.md v15-v17 for the forms
+// tried, v19 for the ring).
 template <int HI, int D>
-__global__ void __launch_bounds__(kWgThreads, 1) score_wgmma_kernel(WgScoreParams p) {
+__global__ void __launch_bounds__(kWgThreads, 1) score_wgmma_kernel(const __grid_constant__ CUtensorMap kmap,
+                                                                    WgScoreParams p) {
   constexpr int QB = kWgCols / HI;   // queries per CTA
   constexpr int QW = QB / 2;         // per warpgroup
   constexpr int QH = 128 / HI;       // per half
   constexpr int NJ = HI / 8;         // n8 column groups per query
   constexpr int KS = D / 32;         // wgmma k steps
-  constexpr int CH = D / 16;         // 16-byte chunks per row
-  constexpr int ST = 3;              // key-tile stages
   static_assert(HI == 16 || HI == 32, "score_wgmma_kernel: HI must be 16 or 32 (64: score_wgmma4_kernel)");
   extern __shared__ __align__(128) uint8_t smem_raw[];
-  uint8_t* const smem = aligned_smem(smem_raw);
-  uint8_t* Qs = smem;                                            // [512 rows, D] swizzled rows
-  uint8_t* Ks = Qs + kWgCols * D;                                // [ST][64 rows, D]
-  float* weff = reinterpret_cast<float*>(Ks + ST * kWgKeys * D);  // [512] w * c * q scale / 2
-  float* ksc = weff + kWgCols;                                   // [ST][64] key scales
+  const ScoreSmem<D> sm(aligned_smem(smem_raw));
+  const ScoreBlock blk = score_block(p, QB);
+  if (blk.ib >= blk.ie) return;  // the whole CTA, before any copy or barrier
   const int b = blockIdx.y, tid = threadIdx.x, lane = tid & 31, wwarp = (tid >> 5) & 3;
   const int wg = tid >> 7;
   const int g = lane >> 2, c4 = lane & 3;
-  const int r0 = (gridDim.x - 1 - blockIdx.x) * QB;  // first row (relative to t0); longest blocks first
-  const int nq = min(QB, p.R - r0);
-  const int tmax = p.t0 + r0 + nq - 1;
-  // This CTA's share of the causal key prefix: tiles [ib, ie) of the block's tmax / 64 + 1 (gridDim.z splits).
-  const int ntiles = tmax / kWgKeys + 1;
-  const int ib = static_cast<int>(static_cast<int64_t>(ntiles) * blockIdx.z / gridDim.z);
-  const int ie = static_cast<int>(static_cast<int64_t>(ntiles) * (blockIdx.z + 1) / gridDim.z);
-  if (ib >= ie) return;  // the whole CTA, before any copy or barrier
-  const int64_t tok0 = static_cast<int64_t>(b) * p.T + p.t0 + r0;
-
-  auto load_keys = [&](int stage, int s0) {
-    uint8_t* Kd = Ks + stage * kWgKeys * D;
-    for (int i = tid; i < kWgKeys * CH; i += kWgThreads) {
-      const int row = i / CH, ch = i % CH, s = s0 + row;
-      const bool ok = s < p.T;
-      cp_async16(Kd + swizzle_offset<D>(row, ch),
-                 p.k + (static_cast<int64_t>(b) * p.T + (ok ? s : 0)) * D + ch * 16, ok ? 16 : 0);
-    }
-    for (int i = tid; i < kWgKeys; i += kWgThreads) {
-      const int s = s0 + i;
-      if (s < p.T) cp_async4(ksc + stage * kWgKeys + i, p.k_scale + static_cast<int64_t>(b) * p.T + s);
-      else ksc[stage * kWgKeys + i] = 0.f;
-    }
-  };
-  // Prologue: the query block (rows past the end are zero) with key tile ib, then key tile ib + 1.
-  for (int i = tid; i < kWgCols * CH; i += kWgThreads) {
-    const int row = i / CH, ch = i % CH, qi = row / HI;
-    const bool ok = qi < nq;
-    cp_async16(Qs + swizzle_offset<D>(row, ch), p.q + ((ok ? tok0 : 0) * HI + (ok ? row : 0)) * D + ch * 16,
-               ok ? 16 : 0);
-  }
-  for (int i = tid; i < kWgCols; i += kWgThreads) {
-    const int qi = i / HI;
-    weff[i] = qi < nq ? __bfloat162float(p.w[tok0 * HI + i]) * p.c * p.q_scale[tok0 * HI + i] * 0.5f : 0.f;
-  }
-  load_keys(0, ib * kWgKeys);
-  cp_async_commit();
-  if (ib + 1 < ie) load_keys(1, (ib + 1) * kWgKeys);
-  cp_async_commit();
+  const KeyRing<D> ring{sm.k, sm.full, sm.empty, blk.ib, b};
+  const bool producer = tid == (blk.nq - 1) / QW * 128;
+  score_prologue<HI, D, kWgThreads>(p, &kmap, ring, sm, blk, producer);
 
   // This warpgroup's queries: local rows wg * QW .. wg * QW + QW - 1 (fewer at the last block).
-  const int wq_end = min(nq, (wg + 1) * QW);
-  const int t_last = p.t0 + r0 + wq_end - 1;  // the warpgroup's last query
-  const uint8_t* Qw = Qs + wg * 256 * D;
+  const int wq_end = min(blk.nq, (wg + 1) * QW);
+  const int t_last = p.t0 + blk.r0 + wq_end - 1;  // the warpgroup's last query
+  const uint8_t* Qw = sm.q + wg * 256 * D;
   float acc[2][64];
   // This thread's head weights (columns 8 j + 2 c4 and + 1 of each half, 64 floats) stay in registers for the
   // whole key stream.
   // NOTES: read from shared memory they cost one LDS.64 per head group, half and tile; in registers the
   // top-k ran ~3% faster (docs/perf_log.md v14, H100) at 235 registers without spills (-Xptxas -v).
   float wr[2][2 * QH * NJ];
-  __syncthreads();  // weff written
 #pragma unroll
   for (int h = 0; h < 2; ++h)
 #pragma unroll
     for (int j = 0; j < QH * NJ; ++j) {
-      const float2 wv = *reinterpret_cast<const float2*>(weff + wg * 256 + h * 128 + 8 * j + 2 * c4);
+      const float2 wv = *reinterpret_cast<const float2*>(sm.weff + wg * 256 + h * 128 + 8 * j + 2 * c4);
       wr[h][2 * j] = wv.x;
       wr[h][2 * j + 1] = wv.y;
     }
   const int key_lo = wwarp * 16 + g;
+  const float* const ksc = p.k_scale + static_cast<int64_t>(b) * p.T + key_lo;
   auto issue = [&](int h, int stage) {
-    const uint8_t* Kt = Ks + stage * kWgKeys * D;
+    const uint8_t* Kt = sm.k + stage * KeyRing<D>::kTileBytes;
     wgmma_fence_operand(acc[h]);
     wgmma_fence();
 #pragma unroll
@@ -196,22 +260,14 @@ __global__ void __launch_bounds__(kWgThreads, 1) score_wgmma_kernel(WgScoreParam
                             wgmma_desc_swizzle<D>(Qw + h * 128 * D + ks * kKStepBytes), ks > 0);
     wgmma_commit();
   };
-  // Top of tile it: wait for its copy, barrier, start tile it + 2's copy. Every warpgroup runs it for tiles
-  // ib .. ie (tile ie: a barrier alone), so the barrier counts match whatever each one computes.
-  auto tile_top = [&](int it) {
-    cp_async_wait<1>();  // tile it has landed (tile it + 1 may still be in flight)
-    fence_proxy_async();
-    __syncthreads();     // every thread's copies visible; no MMA in flight still reads the stage refilled next
-    if (it + 2 < ie) load_keys((it - ib + 2) % ST, (it + 2) * kWgKeys);
-    cp_async_commit();
-  };
-  // This warpgroup's tiles with work are [ib, ia_end): a warpgroup without queries, or a tile in their
-  // future (then so are the later ones), only keeps the barriers.
-  const int ia_end = wq_end > wg * QW ? max(ib, min(ie, t_last / kWgKeys + 1)) : ib;
-  int it = ib;
-  tile_top(ib);
+  // This warpgroup's tiles with work are [ib, ia_end); it takes and releases the later ones only.
+  const int ia_end = wq_end > wg * QW ? max(blk.ib, min(blk.ie, t_last / kWgKeys + 1)) : blk.ib;
+  int it = blk.ib;
   for (; it < ia_end; ++it) {
-    const int stage = (it - ib) % ST, s0 = it * kWgKeys;
+    if (producer && it + KeyRing<D>::LA < blk.ie) ring.load(&kmap, it + KeyRing<D>::LA);
+    const int stage = ring.stage(it), s0 = it * kWgKeys;
+    const float ks0 = s0 + key_lo < p.T ? ksc[s0] : 0.f, ks1 = s0 + key_lo + 8 < p.T ? ksc[s0 + 8] : 0.f;
+    ring.wait(it);
     issue(0, stage);
     issue(1, stage);
 #pragma unroll
@@ -219,125 +275,84 @@ __global__ void __launch_bounds__(kWgThreads, 1) score_wgmma_kernel(WgScoreParam
       if (h == 0) wgmma_wait<1>();
       else wgmma_wait<0>();
       wgmma_fence_operand(acc[h]);
-      score_epilogue<HI, false>(acc[h], wr[h], p, ksc + stage * kWgKeys, b, r0, nq, wg * QW + h * QH, key_lo, s0, c4);
+      score_epilogue<HI, false>(acc[h], wr[h], p, ks0, ks1, b, blk.r0, blk.nq, wg * QW + h * QH, key_lo, s0, c4);
     }
-    tile_top(it + 1);
+    ring.release(it, lane);
   }
-  for (++it; it <= ie; ++it) tile_top(it);
+  for (; it < blk.ie; ++it) {
+    ring.wait(it);
+    ring.release(it, lane);
+  }
 }
 
 // 64 heads (the production shape): four warpgroups of 128 threads, each owning two of the CTA's 8 queries
 // (128 of its 512 columns) as two m64n64 accumulators, one per query: 64 registers of accumulator, 128 in
-// all, so 16 warps an SM. Per tile a warpgroup issues both queries' MMAs, joins the next tile's barrier under
-// them, then runs query 0's head sum under query 1's MMAs, query 1's after, one quad reduce-scatter and one
-// store a thread; descriptors and store rows are made once. The barrier of tile x only needs every warpgroup
-// to have issued tile x - 1, so a warpgroup may start tile x + 1 while another still sums tile x. Tile x's
-// barrier refills the stage of tile x - 2 (4 stages), which every warpgroup has waited for.
-// NOTES: measured against v15's two-warpgroup kernel with each warpgroup's halves pipelined across tiles
-// (238 registers) and its LEAN form (descriptors and store rows made once): this one and LEAN both took the
-// top-k at T = 32K on an H100 from 14.3-14.4 to 13.7-13.9 ms (docs/perf_log.md v17, same call); this one
-// passed the whole GPU suite, has half the registers and no wgmma in flight across the loop's back edge,
-// so it replaced both. Keep it so: ptxas serializes every wgmma of the kernel (C7514/C7515) for a group in
-// flight across the back edge or a wait in a data-dependent branch (C7518), and injects a wait (C7517) where
-// an accumulator is read that was not waited for in the same iteration (docs/perf_log.md v15).
+// all, so 16 warps an SM. Per tile a warpgroup waits for the tile to land, issues both queries' MMAs, runs
+// query 0's head sum under query 1's MMAs, query 1's after, one quad reduce-scatter and one store a thread
+// (descriptors and store rows made once), then releases the tile. No CTA barrier in the loop: the
+// warpgroups drift up to ST - LA tiles apart, one's epilogue under another's MMAs.
+// NOTES: v19 replaced a CTA barrier every tile and key tiles copied by all 512 threads with cp.async (ncu:
+// the barrier the largest stall, issue slots half idle; docs/perf_log.md v18-v19). v17 measured this form
+// against v15's two-warpgroup kernel with each warpgroup's halves pipelined across tiles (238 registers): top-k
+// at T = 32K on an H100 14.3-14.4 -> 13.7-13.9 ms, half the registers, no wgmma in flight across the loop's
+// back edge. Keep it so: ptxas serializes every wgmma of the kernel (C7514/C7515) for a group in flight
+// across the back edge or a wait in a data-dependent branch (C7518), and injects a wait (C7517) where an
+// accumulator is read that was not waited for in the same iteration (docs/perf_log.md v15).
 template <int D>
-__global__ void __launch_bounds__(4 * 128, 1) score_wgmma4_kernel(WgScoreParams p) {
-  constexpr int HI = 64, QB = kWgCols / HI, NT = 4 * 128;
-  constexpr int KS = D / 32, CH = D / 16, ST = 4, NJ = HI / 8;
+__global__ void __launch_bounds__(4 * 128, 1) score_wgmma4_kernel(const __grid_constant__ CUtensorMap kmap,
+                                                                  WgScoreParams p) {
+  constexpr int HI = 64, QB = kWgCols / HI, NT = 4 * 128, KS = D / 32, NJ = HI / 8;
   extern __shared__ __align__(128) uint8_t smem_raw[];
-  uint8_t* const smem = aligned_smem(smem_raw);
-  uint8_t* Qs = smem;                                            // [512 rows, D] swizzled rows
-  uint8_t* Ks = Qs + kWgCols * D;                                // [ST][64 rows, D]
-  float* weff = reinterpret_cast<float*>(Ks + ST * kWgKeys * D);  // [512] w * c * q scale / 2
-  float* ksc = weff + kWgCols;                                   // [ST][64] key scales
+  const ScoreSmem<D> sm(aligned_smem(smem_raw));
+  const ScoreBlock blk = score_block(p, QB);
+  if (blk.ib >= blk.ie) return;  // the whole CTA, before any copy or barrier
   const int b = blockIdx.y, tid = threadIdx.x, lane = tid & 31, wwarp = (tid >> 5) & 3;
   const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0);  // warp-uniform, so descriptors may stay uniform
   const int g = lane >> 2, c4 = lane & 3;
-  const int r0 = (gridDim.x - 1 - blockIdx.x) * QB;  // first row (relative to t0); longest blocks first
-  const int nq = min(QB, p.R - r0);
-  const int tmax = p.t0 + r0 + nq - 1;
-  const int ntiles = tmax / kWgKeys + 1;
-  const int ib = static_cast<int>(static_cast<int64_t>(ntiles) * blockIdx.z / gridDim.z);
-  const int ie = static_cast<int>(static_cast<int64_t>(ntiles) * (blockIdx.z + 1) / gridDim.z);
-  if (ib >= ie) return;  // the whole CTA, before any copy or barrier
-  const int64_t tok0 = static_cast<int64_t>(b) * p.T + p.t0 + r0;
+  const KeyRing<D> ring{sm.k, sm.full, sm.empty, blk.ib, b};
+  const bool producer = tid == (blk.nq - 1) / 2 * 128;
+  score_prologue<HI, D, NT>(p, &kmap, ring, sm, blk, producer);
 
-  // NOTES: the copies below are score_wgmma_kernel's over NT threads. Helpers shared by both kernels changed
-  // the code of both (PTX compared); merge them in a session that can rerun the GPU tests.
-  auto load_keys = [&](int stage, int s0) {
-    uint8_t* Kd = Ks + stage * kWgKeys * D;
-    for (int i = tid; i < kWgKeys * CH; i += NT) {
-      const int row = i / CH, ch = i % CH, s = s0 + row;
-      const bool ok = s < p.T;
-      cp_async16(Kd + swizzle_offset<D>(row, ch),
-                 p.k + (static_cast<int64_t>(b) * p.T + (ok ? s : 0)) * D + ch * 16, ok ? 16 : 0);
-    }
-    if (tid < kWgKeys) {
-      const int s = s0 + tid;
-      if (s < p.T) cp_async4(ksc + stage * kWgKeys + tid, p.k_scale + static_cast<int64_t>(b) * p.T + s);
-      else ksc[stage * kWgKeys + tid] = 0.f;
-    }
-  };
-  for (int i = tid; i < kWgCols * CH; i += NT) {
-    const int row = i / CH, ch = i % CH, qi = row / HI;
-    const bool ok = qi < nq;
-    cp_async16(Qs + swizzle_offset<D>(row, ch),
-               p.q + ((ok ? tok0 : 0) * HI + (ok ? row : 0)) * D + ch * 16, ok ? 16 : 0);
-  }
-  {
-    const int qi = tid / HI;
-    weff[tid] = qi < nq ? __bfloat162float(p.w[tok0 * HI + tid]) * p.c * p.q_scale[tok0 * HI + tid] * 0.5f : 0.f;
-  }
-  load_keys(0, ib * kWgKeys);
-  cp_async_commit();
-  if (ib + 1 < ie) load_keys(1, (ib + 1) * kWgKeys);
-  cp_async_commit();
-
-  const int qa = 2 * wg;                      // this warpgroup's first local query
-  const int wq_end = min(nq, qa + 2);
-  const int t_last = p.t0 + r0 + wq_end - 1;  // the warpgroup's last query
-  float acc[2][32];                           // [query][64 keys x 64 heads, m64n64 layout]
-  float wr[2][2 * NJ];                        // [query][this thread's 16 heads' weights]
-  __syncthreads();  // weff written
+  const int qa = 2 * wg;                             // this warpgroup's first local query
+  const int wq_end = min(blk.nq, qa + 2);
+  const int t_last = p.t0 + blk.r0 + wq_end - 1;     // the warpgroup's last query
+  float acc[2][32];                                  // [query][64 keys x 64 heads, m64n64 layout]
+  float wr[2][2 * NJ];                               // [query][this thread's 16 heads' weights]
 #pragma unroll
   for (int q = 0; q < 2; ++q)
 #pragma unroll
     for (int j = 0; j < NJ; ++j) {
-      const float2 wv = *reinterpret_cast<const float2*>(weff + (qa + q) * HI + 8 * j + 2 * c4);
+      const float2 wv = *reinterpret_cast<const float2*>(sm.weff + (qa + q) * HI + 8 * j + 2 * c4);
       wr[q][2 * j] = wv.x;
       wr[q][2 * j + 1] = wv.y;
     }
   // Shared addresses < 256 KiB: a tile's or k step's offset stays in the descriptor's address field.
-  const uint64_t qdesc = wgmma_desc_swizzle<D>(Qs + qa * HI * D), kdesc = wgmma_desc_swizzle<D>(Ks);
+  const uint64_t qdesc = wgmma_desc_swizzle<D>(sm.q + qa * HI * D), kdesc = wgmma_desc_swizzle<D>(sm.k);
   auto issue = [&](int q, int stage) {
     wgmma_fence_operand(acc[q]);
     wgmma_fence();
 #pragma unroll
     for (int ks = 0; ks < KS; ++ks)
-      wgmma_m64n64k32_e4m3(acc[q], kdesc + static_cast<uint64_t>((stage * kWgKeys * D + ks * kKStepBytes) >> 4),
+      wgmma_m64n64k32_e4m3(acc[q],
+                           kdesc + static_cast<uint64_t>((stage * KeyRing<D>::kTileBytes + ks * kKStepBytes) >> 4),
                            qdesc + static_cast<uint64_t>((q * HI * D + ks * kKStepBytes) >> 4), ks > 0);
     wgmma_commit();
   };
   // This thread's one sum after the reduce-scatter: query qa + (c4 >> 1), key row key of the tile; stored to
-  // orow[s0] when s0 <= tq (tq = -1: a query past the block's end).
+  // orow[s0] when s0 <= tq (tq = -1: a query past the block's end), times the key's scale ksc[s0].
   const int e = sum_slot<4>(c4, 0), qi = qa + e / 2, key = wwarp * 16 + g + 8 * (e & 1);
-  float* const orow = p.out + (static_cast<int64_t>(b) * p.R + r0 + (qi < nq ? qi : 0)) * p.T + key;
-  const int tq = qi < nq ? p.t0 + r0 + qi - key : -1;
-  auto tile_top = [&](int it) {
-    cp_async_wait<1>();  // tile it has landed (tile it + 1 may still be in flight)
-    fence_proxy_async();
-    __syncthreads();     // every thread's copies visible; every warpgroup done with tile it - 2's stage
-    if (it + 2 < ie) load_keys((it - ib + 2) % ST, (it + 2) * kWgKeys);
-    cp_async_commit();
-  };
-  const int ia_end = wq_end > qa ? max(ib, min(ie, t_last / kWgKeys + 1)) : ib;
-  int it = ib;
-  tile_top(ib);
+  float* const orow = p.out + (static_cast<int64_t>(b) * p.R + blk.r0 + (qi < blk.nq ? qi : 0)) * p.T + key;
+  const float* const ksc = p.k_scale + static_cast<int64_t>(b) * p.T + key;
+  const int tq = qi < blk.nq ? p.t0 + blk.r0 + qi - key : -1;
+  const int ia_end = wq_end > qa ? max(blk.ib, min(blk.ie, t_last / kWgKeys + 1)) : blk.ib;
+  int it = blk.ib;
   for (; it < ia_end; ++it) {
-    const int stage = (it - ib) % ST, s0 = it * kWgKeys;
+    if (producer && it + KeyRing<D>::LA < blk.ie) ring.load(&kmap, it + KeyRing<D>::LA);
+    const int stage = ring.stage(it), s0 = it * kWgKeys;
+    const float ks = s0 <= tq ? ksc[s0] : 0.f;
+    ring.wait(it);
     issue(0, stage);
     issue(1, stage);
-    tile_top(it + 1);
     float v[4], x[1];
     wgmma_wait<1>();
     wgmma_fence_operand(acc[0]);
@@ -346,9 +361,13 @@ __global__ void __launch_bounds__(4 * 128, 1) score_wgmma4_kernel(WgScoreParams 
     wgmma_fence_operand(acc[1]);
     query_sum<NJ, true>(acc[1], wr[1], v[2], v[3]);
     quad_reduce_scatter<4>(v, x, c4);
-    if (s0 <= tq) orow[s0] = x[0] * ksc[stage * kWgKeys + key];
+    if (s0 <= tq) orow[s0] = x[0] * ks;
+    ring.release(it, lane);
   }
-  for (++it; it <= ie; ++it) tile_top(it);
+  for (; it < blk.ie; ++it) {
+    ring.wait(it);
+    ring.release(it, lane);
+  }
 }
 
 __global__ void wgmma_probe_kernel(int* out) { *out = DSA_WGMMA_ENABLED; }
@@ -372,6 +391,33 @@ bool wgmma_available() {
   return ok;
 }
 
+// The keys [B, T, D] e4m3 as a rank-3 tensor map (D innermost) with 64-key x D boxes in the layout
+// the scoring kernels' descriptors read (128-byte swizzle at D = 128, 64-byte at D = 64); keys past T
+// read as zeros. The driver's encoder comes through the runtime (no link against libcuda).
+CUtensorMap key_tensor_map(const uint8_t* k, int B, int T, int D) {
+  static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    const cudaError_t err = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000,
+                                                             cudaEnableDefault, &found);
+    DSA_CHECK(err == cudaSuccess && found == cudaDriverEntryPointSuccess && fn,
+              "[indexer_scores] the driver has no cuTensorMapEncodeTiled (", cudaGetErrorString(err), ")");
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }();
+  CUtensorMap map{};
+  const cuuint64_t dims[3] = {static_cast<cuuint64_t>(D), static_cast<cuuint64_t>(T), static_cast<cuuint64_t>(B)};
+  const cuuint64_t strides[2] = {static_cast<cuuint64_t>(D), static_cast<cuuint64_t>(T) * D};  // bytes, dims 1, 2
+  const cuuint32_t box[3] = {static_cast<cuuint32_t>(D), static_cast<cuuint32_t>(kWgKeys), 1};
+  const cuuint32_t elem_strides[3] = {1, 1, 1};
+  const CUresult r = encode(&map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 3, const_cast<uint8_t*>(k), dims, strides, box,
+                            elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                            D == 128 ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_64B,
+                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  DSA_CHECK(r == CUDA_SUCCESS, "[indexer_scores] cuTensorMapEncodeTiled refused the keys [", B, ", ", T, ", ", D,
+            "] (CUresult ", static_cast<int>(r), ")");
+  return map;
+}
+
 bool launch_scores_wgmma(const ScoreOperands& o, const Tensor& w_I, int B, int T, int Hi, int D, int t0, int R,
                          float* out) {
   // NOTES: DSA_INDEXER_WGMMA=0 keeps the mma.sync kernel (the benchmark's before/after, and a way round a
@@ -393,10 +439,6 @@ bool launch_scores_wgmma(const ScoreOperands& o, const Tensor& w_I, int B, int T
   p.c = 1.0f / std::sqrt(static_cast<float>(D));
   p.B = B; p.T = T; p.t0 = t0; p.R = R;
   const int QB = kWgCols / Hi;
-  const bool w4 = Hi == 64;  // score_wgmma4_kernel
-  const int stages = w4 ? 4 : 3;
-  const size_t smem = static_cast<size_t>(kWgCols + stages * kWgKeys) * D +
-                      sizeof(float) * (kWgCols + stages * kWgKeys) + 1024;  // + alignment slack
   // NOTES: where the query blocks alone leave SMs idle, the key prefix splits over gridDim.z (each split
   // writes its own keys' scores: no reduction). Long rows stream in small row blocks (the 256 MiB score
   // budget holds 512 rows at T = 128K: 16 CTAs at Hi = 16), which one CTA per query block left on 16 of
@@ -404,19 +446,13 @@ bool launch_scores_wgmma(const ScoreOperands& o, const Tensor& w_I, int B, int T
   const int ctas = static_cast<int>(ceil_div(R, QB)) * B, want = 2 * sm_count(), tiles = (t0 + R - 1) / kWgKeys + 1;
   const int splits = ctas >= want ? 1 : std::max(1, std::min(static_cast<int>(ceil_div(want, ctas)), tiles / 2));
   dim3 grid(static_cast<unsigned>(ceil_div(R, QB)), static_cast<unsigned>(B), static_cast<unsigned>(splits));
-  auto launch = [&](auto kernel) {
-    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    kernel<<<grid, w4 ? 4 * 128 : kWgThreads, smem, stream()>>>(p);
-  };
-  if (D == 64) {
-    if (Hi == 16) launch(score_wgmma_kernel<16, 64>);
-    else if (Hi == 32) launch(score_wgmma_kernel<32, 64>);
-    else launch(score_wgmma4_kernel<64>);
-  } else {
-    if (Hi == 16) launch(score_wgmma_kernel<16, 128>);
-    else if (Hi == 32) launch(score_wgmma_kernel<32, 128>);
-    else launch(score_wgmma4_kernel<128>);
-  }
+  const CUtensorMap kmap = key_tensor_map(p.k, B, T, D);
+  const size_t smem = score_smem_bytes(D);
+  const auto kernel = Hi == 64 ? (D == 64 ? score_wgmma4_kernel<64> : score_wgmma4_kernel<128>)
+                      : D == 64 ? (Hi == 16 ? score_wgmma_kernel<16, 64> : score_wgmma_kernel<32, 64>)
+                                : (Hi == 16 ? score_wgmma_kernel<16, 128> : score_wgmma_kernel<32, 128>);
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  kernel<<<grid, Hi == 64 ? 4 * 128 : kWgThreads, smem, stream()>>>(kmap, p);
   check_launch("indexer_scores_wgmma");
   return true;
 }

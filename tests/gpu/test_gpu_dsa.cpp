@@ -217,13 +217,15 @@ TEST(GpuDsa, IndexerTopkBf16) {
 TEST(GpuDsa, IndexerTopkFp8) {
   DSA_REQUIRE_GPU();
   // Hi 16/32/64 with D 64/128 take the wgmma kernels on sm_90a (odd T, a last CTA with few queries, row
-  // blocks starting mid-tile; T = 1600 in one block: a CTA streams 12-13 key tiles through its 4-stage
-  // ring, its warpgroups up to a tile apart; row blocks of 100 start at t0 = 4 mod 8, so some key tiles lie
-  // past one warpgroup's queries but not another's); Hi = 4 and D = 256 (two scale blocks) the mma.sync one.
+  // blocks starting mid-tile; T = 1600 in one block: a CTA streams 12-13 key tiles through its ring (Hi = 64:
+  // 6 stages, warpgroups up to 3 tiles apart); row blocks of 100 start at t0 = 4 mod 8, so some key tiles lie
+  // past one warpgroup's queries but not another's; B = 2 at Hi = 64: the TMA box's sequence coordinate,
+  // last tiles running past T); Hi = 4 and D = 256 (two scale blocks) the mma.sync one.
   for (const IndexerCase& c : {IndexerCase{2, 37, 4, 64, 8}, IndexerCase{2, 300, 16, 128, 64}, IndexerCase{1, 300, 64, 256, 32},
                                IndexerCase{1, 777, 64, 128, 256, 200}, IndexerCase{2, 531, 16, 64, 64},
                                IndexerCase{1, 301, 32, 64, 48, 97}, IndexerCase{1, 130, 64, 64, 16},
-                               IndexerCase{1, 1600, 64, 64, 128}, IndexerCase{1, 900, 64, 128, 64, 100}})
+                               IndexerCase{1, 1600, 64, 64, 128}, IndexerCase{1, 900, 64, 128, 64, 100},
+                               IndexerCase{2, 333, 64, 128, 40, 70}, IndexerCase{2, 1200, 64, 64, 96}})
     check_topk(c, true);
   // A value of a kernel switch that names no kernel is refused by name, not read as the default.
   const Pair q = rand_pair({1, 40, 16, 64}, 73), k = rand_pair({1, 40, 64}, 74), w = rand_pair({1, 40, 16}, 75, 0.5);
