@@ -18,8 +18,10 @@
 // - The default (DSA_SPARSE_ATTN_WGMMA=0 keeps the mma.sync kernel): 247 vs 153 TFLOP/s (ops bench count)
 //   at the production shape (docs/perf_log.md v12).
 // - Shared memory: Q 72 KiB + dO 64 KiB + one 72 KiB stage + P and dS 16 KiB = 224 KiB of the 227 the SM
-//   allows, so the gather of block b + 1 does not overlap block b (one CTA per SM); the dQ chain is issued
-//   before the dKV pieces and completes under them.
+//   allows (one CTA per SM), so there is one stage: the stage's last readers are S, dP and the dQ chain,
+//   and the gather of block b + 1 is issued once both groups' dQ chains for block b are done, under block
+//   b's dKV pieces and their scatter (they read Q, dO, P and dS only). The slots' indices are double
+//   buffered (the scatter of block b reads them while block b + 1's land).
 // - Registers: dQ 3 x 48 per thread over all blocks, one 48-register dKV piece at a time (S and dP are dead
 //   by then).
 #include <cmath>
@@ -40,7 +42,7 @@ constexpr float kLog2e = 1.4426950408889634f;
 
 struct Plan {
   static constexpr int kQ = 64 * kDK, kO = 64 * kDV, kTile = kBN * kDK, kP = 64 * kBN;  // elements
-  static constexpr size_t smem() { return size_t(kQ + kO + kTile + 2 * kP) * 2 + kBN * 4; }
+  static constexpr size_t smem() { return size_t(kQ + kO + kTile + 2 * kP) * 2 + 2 * kBN * 4; }
 };
 static_assert(Plan::smem() <= 227 * 1024, "shared memory");
 static_assert(kDK % (2 * kPW) == 0 && kDV % 32 == 0, "pieces");
@@ -87,7 +89,7 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_attn_bwd_wgmma_kernel(cons
   __nv_bfloat16* sKV = sdO + C::kO;                              // [64 keys][576]
   __nv_bfloat16* sP = sKV + C::kTile;                            // [64 heads][64 keys]
   __nv_bfloat16* sdS = sP + C::kP;                               // [64 heads][64 keys]
-  int* sIdx = reinterpret_cast<int*>(sdS + C::kP);               // [64]
+  int* sIdx = reinterpret_cast<int*>(sdS + C::kP);               // [2][64] (block parity)
   const int groups = p.H / 64;
   const int64_t bt = blockIdx.x / groups, b = bt / p.T, t = bt % p.T;
   const int h0 = (blockIdx.x % groups) * 64;
@@ -97,7 +99,14 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_attn_bwd_wgmma_kernel(cons
 
   load_dense_rows<kDK, 64, kThreads>(sQ, p.q + (bt * p.H + h0) * kDK, kDK);
   load_dense_rows<kDV, 64, kThreads>(sdO, p.dout + (bt * p.H + h0) * kDV, kDV);
+  // mine: one of this thread's gathered rows of the block in the stage is a valid slot.
+  bool mine = gather_block<kDK, kThreads>(p.kv, p.idx, p.K, p.T, bt, 0, sKV, sIdx);
   cp_async_commit();
+  auto gather_next = [&](int blk) {  // block blk + 1 into the stage (every reader of the stage is done)
+    mine = blk + 1 < nblk && gather_block<kDK, kThreads>(p.kv, p.idx, p.K, p.T, bt, blk + 1, sKV,
+                                                         sIdx + ((blk + 1) & 1) * kBN);
+    cp_async_commit();
+  };
   float lse2[2], dlt[2];  // rows r0, r0 + 8: lse in log2 units (+inf: empty row, P = 0), delta
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
@@ -113,12 +122,15 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_attn_bwd_wgmma_kernel(cons
     for (int i = 0; i < kPW / 2; ++i) dq[pc][i] = 0.f;
 
   for (int blk = 0; blk < nblk; ++blk) {
-    __syncthreads();  // the previous block's readers are done with the stage, sP and sdS
-    const bool mine = gather_block<kDK, kThreads>(p.kv, p.idx, p.K, p.T, bt, blk, sKV, sIdx);
-    cp_async_commit();
     cp_async_wait<0>();
     fence_proxy_async();
-    if (!block_any(mine)) continue;
+    // The barrier in block_any: the block's rows landed for all, the previous block's readers of sP and sdS
+    // done.
+    if (!block_any(mine)) {
+      gather_next(blk);
+      continue;
+    }
+    const int* ids = sIdx + (blk & 1) * kBN;
     const __nv_bfloat16* kv_w = sKV + 4 * wg * (kDK / 8) * 64;  // this group's 32 key rows
 
     // S_w and dP_w.
@@ -140,7 +152,7 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_attn_bwd_wgmma_kernel(cons
     wgmma_wait<0>();
     wgmma_fence_operand(s);
     wgmma_fence_operand(dp);
-    softmax_grad(p, bt, blk, sIdx, wg, r0, g, c, s, dp, lse2, dlt, sP, sdS);
+    softmax_grad(p, bt, blk, ids, wg, r0, g, c, s, dp, lse2, dlt, sP, sdS);
     fence_proxy_async();
     __syncthreads();  // both groups' P and dS in shared memory
 
@@ -158,6 +170,11 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_attn_bwd_wgmma_kernel(cons
       }
     }
     wgmma_commit();
+    wgmma_wait<0>();
+#pragma unroll
+    for (int pc = 0; pc < kDK / 2 / kPW; ++pc) wgmma_fence_operand(dq[pc]);
+    __syncthreads();  // both groups' S, dP and dQ reads of the stage done
+    gather_next(blk);
 
     // dKV pieces: M = the block's 64 keys, K = the 64 heads (four k16 steps: head row blocks 2 ks, 2 ks + 1),
     // A = dS^T / P^T (the [heads][keys] tiles read MN-major: lbo = the head row-block stride, sbo = 128),
@@ -187,12 +204,10 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_attn_bwd_wgmma_kernel(cons
                                   wgmma_desc(sdO + (2 * ks * (kDV / 8) + n0 / 8) * 64, kDV * 16, 128), 1);
       }
       wgmma_commit();
-      wgmma_wait<0>();  // (the first piece's wait also completes the dQ chain)
+      wgmma_wait<0>();
       wgmma_fence_operand(acc);
-      scatter_rows<kPW>(p.dkv + b * p.T * kDK, kDK, sIdx, r0, c, acc, n0);
+      scatter_rows<kPW>(p.dkv + b * p.T * kDK, kDK, ids, r0, c, acc, n0);
     }
-#pragma unroll
-    for (int pc = 0; pc < kDK / 2 / kPW; ++pc) wgmma_fence_operand(dq[pc]);
   }
   cp_async_wait<0>();
 
