@@ -36,7 +36,7 @@ namespace {
 
 constexpr int kDK = 576, kDV = 512;   // the production MLA head dims (the only instantiation)
 constexpr int kBN = kSparseBlock;     // keys per block: 32 per warpgroup in S and dP
-constexpr int kThreads = 256;         // two warpgroups
+constexpr int kThreads = 256;         // two warpgroups (gather_block_256)
 constexpr int kPW = 96;               // dQ / dKV columns per piece; Dk / 2 = 3 pieces per warpgroup
 constexpr float kLog2e = 1.4426950408889634f;
 
@@ -102,10 +102,11 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_attn_bwd_wgmma_kernel(cons
   // mine: one of this thread's gathered rows of the block in the stage is a valid slot.
   bool mine = gather_block<kDK, kThreads>(p.kv, p.idx, p.K, p.T, bt, 0, sKV, sIdx);
   cp_async_commit();
+  int s_next = gather_index_256(p.idx, p.K, bt, 1);  // this thread's slot index of block 1, then blk + 2
   auto gather_next = [&](int blk) {  // block blk + 1 into the stage (every reader of the stage is done)
-    mine = blk + 1 < nblk && gather_block<kDK, kThreads>(p.kv, p.idx, p.K, p.T, bt, blk + 1, sKV,
-                                                         sIdx + ((blk + 1) & 1) * kBN);
+    mine = blk + 1 < nblk && gather_block_256<kDK>(p.kv, s_next, p.T, bt, sKV, sIdx + ((blk + 1) & 1) * kBN);
     cp_async_commit();
+    s_next = gather_index_256(p.idx, p.K, bt, blk + 2);
   };
   float lse2[2], dlt[2];  // rows r0, r0 + 8: lse in log2 units (+inf: empty row, P = 0), delta
 #pragma unroll

@@ -32,7 +32,7 @@ namespace dsa::cuda::dsa_detail {
 namespace {
 
 constexpr int kBN = kSparseBlock;  // keys per block: 32 per warpgroup in S, all 64 in P V
-constexpr int kThreads = 256;  // two warpgroups
+constexpr int kThreads = 256;  // two warpgroups (gather_block_256)
 constexpr float kLog2e = 1.4426950408889634f;
 
 template <int DK, int DV, int ST>
@@ -71,6 +71,7 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_attn_fwd_wgmma_kernel(cons
       live_bits |= 1u << i;
     cp_async_commit();
   }
+  int s_next = gather_index_256(p.idx, p.K, bt, ST - 1);  // this thread's slot index of the next gathered block
 
   float o[C::kNB][64];
 #pragma unroll
@@ -85,14 +86,20 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_attn_fwd_wgmma_kernel(cons
     cp_async_wait<ST - 2>();
     fence_proxy_async();  // this thread's copies visible to wgmma's async proxy
     const bool live = block_any((live_bits >> st) & 1u);
-    {  // the stage block blk - 1 used is free: every thread passed the barrier after its P V
+    // Block blk + ST - 1 into the stage block blk - 1 used (every thread passed the barrier after its P V),
+    // issued under this block's S MMAs.
+    auto gather_ahead = [&] {
       const int nb = blk + ST - 1, ns = nb % ST;
       live_bits &= ~(1u << ns);
-      if (nb < nblk && gather_block<DK, kThreads>(p.kv, p.idx, p.K, p.T, bt, nb, sKV + ns * C::kTile, sIdx + ns * kBN))
+      if (nb < nblk && gather_block_256<DK>(p.kv, s_next, p.T, bt, sKV + ns * C::kTile, sIdx + ns * kBN))
         live_bits |= 1u << ns;
       cp_async_commit();
+      s_next = gather_index_256(p.idx, p.K, bt, nb + 1);
+    };
+    if (!live) {
+      gather_ahead();
+      continue;
     }
-    if (!live) continue;
     const __nv_bfloat16* kv_st = sKV + st * C::kTile;
     const int* idx_st = sIdx + st * kBN + 32 * wg;
 
@@ -107,6 +114,7 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_attn_fwd_wgmma_kernel(cons
       WgmmaBf16<32>::ss<0, 0>(s, wgmma_desc(sQ + ks * 128, 128, C::kRowBlock),
                            wgmma_desc(kv_st + 4 * wg * (DK / 8) * 64 + ks * 128, 128, C::kRowBlock), ks > 0);
     wgmma_commit();
+    gather_ahead();
     wgmma_wait<0>();
     wgmma_fence_operand(s);
 

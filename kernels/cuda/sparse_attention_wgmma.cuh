@@ -33,30 +33,57 @@ __device__ __forceinline__ void load_dense_rows(__nv_bfloat16* tile, const __nv_
   }
 }
 
+// Row r of a [64][DK] stage: kv[b, s] (s >= 0) or zeros (s = -1); sidx[r] = s. The warp's lanes l, l + 8,
+// l + 16, l + 24 copy the row (lanes as load_dense_rows): r is 8 rb + l % 8 for the warp's row block rb.
+template <int DK>
+__device__ __forceinline__ void gather_row(const __nv_bfloat16* kv, int s, int T, int64_t bt, int r,
+                                           __nv_bfloat16* stage, int* sidx) {
+  const int lane = threadIdx.x & 31;
+  if (lane < 8) sidx[r] = s;
+  const __nv_bfloat16* src = s >= 0 ? kv + ((bt / T) * T + s) * DK : kv;
+#pragma unroll 3
+  for (int cq = 0; cq < DK / 32; ++cq) {
+    const int ch = cq * 4 + (lane >> 3);
+    cp_async16(stage + tile_off<DK>(r, ch * 8), src + ch * 8, s >= 0 ? 16 : 0);
+  }
+}
+// The slot index of row r of block blk: idx[bt, blk * 64 + r], -1 past K.
+__device__ __forceinline__ int slot_index(const int32_t* idx, int K, int64_t bt, int blk, int r) {
+  const int slot = blk * kSparseBlock + r;
+  return slot < K ? __ldg(idx + bt * K + slot) : -1;
+}
+
 // Block blk (slots blk * 64 ..) of token bt's selection into a [64][DK] stage: row r = kv[b, idx[bt, slot]],
 // zero-filled where the slot is -1 or past K; sidx[r] = the slot's index (-1 for those). Warp w copies rows
-// 8 rb + l % 8 for rb = w, w + THREADS / 32, ... (lanes as load_dense_rows). Returns whether one of this
-// thread's rows is a valid slot (the caller ORs it over the block).
+// 8 rb + l % 8 for rb = w, w + THREADS / 32, ... Returns whether one of this thread's rows is a valid slot
+// (the caller ORs it over the block).
 template <int DK, int THREADS>
 __device__ __forceinline__ bool gather_block(const __nv_bfloat16* kv, const int32_t* idx, int K, int T, int64_t bt,
                                              int blk, __nv_bfloat16* stage, int* sidx) {
   static_assert(DK % 32 == 0 && THREADS % 32 == 0 && THREADS <= 256, "gather shape");
-  const int lane = threadIdx.x & 31;
   bool any = false;
 #pragma unroll
   for (int rb = threadIdx.x >> 5; rb < 8; rb += THREADS / 32) {
-    const int r = rb * 8 + (lane & 7), slot = blk * kSparseBlock + r;
-    const int s = slot < K ? __ldg(idx + bt * K + slot) : -1;
-    if (lane < 8) sidx[r] = s;
-    const __nv_bfloat16* src = s >= 0 ? kv + ((bt / T) * T + s) * DK : kv;
-#pragma unroll 3
-    for (int cq = 0; cq < DK / 32; ++cq) {
-      const int ch = cq * 4 + (lane >> 3);
-      cp_async16(stage + tile_off<DK>(r, ch * 8), src + ch * 8, s >= 0 ? 16 : 0);
-    }
+    const int r = rb * 8 + (threadIdx.x & 7), s = slot_index(idx, K, bt, blk, r);
+    gather_row<DK>(kv, s, T, bt, r, stage, sidx);
     any |= s >= 0;
   }
   return any;
+}
+// The same for 256 threads (one row a thread) in two halves, so that a kernel loads the indices of a block
+// one block ahead of its gather: the index load's latency (a global read that the copies' addresses wait
+// for) then hides under a block's compute. gather_index_256 returns this thread's slot index of block blk,
+// gather_block_256 copies the row and returns whether it is a valid slot.
+// NOTES: the 64-head kernels on an H100 (docs/perf_log.md v21, same call): forward 263 -> 272-274 TFLOP/s,
+// backward 314-315 -> 319-321.
+__device__ __forceinline__ int gather_index_256(const int32_t* idx, int K, int64_t bt, int blk) {
+  return slot_index(idx, K, bt, blk, (threadIdx.x >> 5) * 8 + (threadIdx.x & 7));
+}
+template <int DK>
+__device__ __forceinline__ bool gather_block_256(const __nv_bfloat16* kv, int s, int T, int64_t bt,
+                                                 __nv_bfloat16* stage, int* sidx) {
+  gather_row<DK>(kv, s, T, bt, (threadIdx.x >> 5) * 8 + (threadIdx.x & 7), stage, sidx);
+  return s >= 0;
 }
 
 // OR of `v` over the CTA (a barrier). The shuffle shows ptxas that the result is warp-uniform; without it a
