@@ -3,7 +3,7 @@
 # a GPU training smoke run, the benchmarks (dsa-bench ops, kernels, train) and their PyTorch peers; the
 # summary table prints last.
 #
-#   bash scripts/gpu_check.sh [all|tests|bench|long|wgmma|indexer|build]   (results under $OUT, default /tmp/dsa_gpu)
+#   bash scripts/gpu_check.sh [all|tests|bench|long|wgmma|indexer|profile|build]   (results under $OUT, default /tmp/dsa_gpu)
 #       long: the three stages at 32K, 64K and 128K (one sequence, recompute) and their table alone
 #       wgmma: the wgmma sparse MLA kernels (docs/perf_log.md v12) in one call: their test and racecheck,
 #              the sparse attention ops, the kernel rows, the sparse step at 16K with DSA_SPARSE_ATTN_WGMMA
@@ -13,12 +13,18 @@
 #              index (the default) and score, a per-kernel Nsight Systems summary of one 128K sparse step
 #              (when nsys is installed), an ncu summary of the 64-head scoring (when ncu is), racecheck of
 #              the scoring test, racecheck and synccheck of the index-order test, the wgmma rate probe
+#       profile: where the step's time goes (DSA_PROFILE=1, synchronized sections): dense and sparse at 16K,
+#              sparse at 128K (one sequence, recompute), each section's ms and share, largest first
 #   bash scripts/gpu_check.sh multi [tests|scale|ep|memory|resume ...]
 #       a machine with several GPUs: scripts/gpu_check_multi.sh after the build (its table last)
 # The GPU image has no PCRE2 -dev package: pcre2.h comes from .carry/pcre2 when present.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-all}
+case $what in
+  all | tests | bench | long | wgmma | indexer | profile | build | multi) ;;
+  *) echo "[gpu_check] unknown mode '$what' (all|tests|bench|long|wgmma|indexer|profile|build|multi)" >&2; exit 2 ;;
+esac
 OUT=${OUT:-/tmp/dsa_gpu}
 mkdir -p "$OUT"
 BUILD=${DSA_GPU_BUILD:-build-gpu}
@@ -115,6 +121,12 @@ if [[ $what == indexer ]]; then
       echo "[gpu_check] $tool TopkIndexOrder: rc $?, $(grep -E 'SUMMARY' "$OUT/indexer_$tool.log" | tail -1)"
     done
   fi
+fi
+if [[ $what == profile ]]; then
+  DSA_PROFILE=1 timeout 150 "$BUILD/bin/dsa-bench" train --seq-len 16384 --stages dense,sparse 2>&1 |
+    grep -v "^\[bench\]"
+  DSA_PROFILE=1 timeout 200 "$BUILD/bin/dsa-bench" train --seq-len 131072 --tokens 131072 --recompute --steps 1 \
+    --warmup 1 --stages sparse 2>&1 | grep -v "^\[bench\]"
 fi
 if [[ $what == all || $what == bench ]]; then
   rm -f "$OUT/bench.jsonl"
