@@ -36,7 +36,8 @@ namespace {
 
 constexpr int kDK = 576, kDV = 512;   // the production MLA head dims (the only instantiation)
 constexpr int kBN = kSparseBlock;     // keys per block: 32 per warpgroup in S and dP
-constexpr int kThreads = 256;         // two warpgroups (gather_block_256)
+constexpr int kThreads = 256;         // two warpgroups
+static_assert(kThreads == 256, "gather_block_256 / gather_index_256: one gathered row a thread");
 constexpr int kPW = 96;               // dQ / dKV columns per piece; Dk / 2 = 3 pieces per warpgroup
 constexpr float kLog2e = 1.4426950408889634f;
 

@@ -32,7 +32,8 @@ namespace dsa::cuda::dsa_detail {
 namespace {
 
 constexpr int kBN = kSparseBlock;  // keys per block: 32 per warpgroup in S, all 64 in P V
-constexpr int kThreads = 256;  // two warpgroups (gather_block_256)
+constexpr int kThreads = 256;  // two warpgroups
+static_assert(kThreads == 256, "gather_block_256 / gather_index_256: one gathered row a thread");
 constexpr float kLog2e = 1.4426950408889634f;
 
 template <int DK, int DV, int ST>
