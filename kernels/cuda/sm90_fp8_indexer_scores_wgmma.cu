@@ -126,7 +126,8 @@ __device__ __forceinline__ ScoreBlock score_block(const WgScoreParams& p, int QB
 // consumer warp once it is done with the stage (its MMAs waited for). A warp takes and releases every tile of
 // [ib, ie), also those past its queries, so that each phase of empty sees all warps; an arrival for tile
 // x + ST cannot count towards tile x's phase, as it follows tile x + ST's landing, which follows that phase.
-constexpr int kRingStages = 6, kRingAhead = 3;  // the consumers may drift ST - LA = 3 tiles apart
+constexpr int kRingStages = 8, kRingAhead = 4;  // the consumers may drift ST - LA = 4 tiles apart
+static_assert((kRingStages & (kRingStages - 1)) == 0, "KeyRing: stages a power of two (mask and shift)");
 template <int D>
 struct KeyRing {
   static constexpr int ST = kRingStages, LA = kRingAhead;
@@ -136,8 +137,8 @@ struct KeyRing {
   uint64_t* full;   // [ST]
   uint64_t* empty;  // [ST]
   int ib, b;
-  __device__ __forceinline__ int stage(int x) const { return (x - ib) % ST; }
-  __device__ __forceinline__ uint32_t parity(int x) const { return ((x - ib) / ST) & 1; }
+  __device__ __forceinline__ int stage(int x) const { return static_cast<int>(unsigned(x - ib) % ST); }
+  __device__ __forceinline__ uint32_t parity(int x) const { return (unsigned(x - ib) / ST) & 1u; }
   // Producer: tile x into its stage once every consumer warp has released tile x - ST.
   __device__ __forceinline__ void load(const CUtensorMap* map, int x) const {
     const int s = stage(x);

@@ -218,7 +218,7 @@ TEST(GpuDsa, IndexerTopkFp8) {
   DSA_REQUIRE_GPU();
   // Hi 16/32/64 with D 64/128 take the wgmma kernels on sm_90a (odd T, a last CTA with few queries, row
   // blocks starting mid-tile; T = 1600 in one block: a CTA streams 12-13 key tiles through its ring (Hi = 64:
-  // 6 stages, warpgroups up to 3 tiles apart); row blocks of 100 start at t0 = 4 mod 8, so some key tiles lie
+  // 8 stages, warpgroups up to 4 tiles apart); row blocks of 100 start at t0 = 4 mod 8, so some key tiles lie
   // past one warpgroup's queries but not another's; B = 2 at Hi = 64: the TMA box's sequence coordinate,
   // last tiles running past T); Hi = 4 and D = 256 (two scale blocks) the mma.sync one.
   for (const IndexerCase& c : {IndexerCase{2, 37, 4, 64, 8}, IndexerCase{2, 300, 16, 128, 64}, IndexerCase{1, 300, 64, 256, 32},
