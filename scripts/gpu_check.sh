@@ -68,9 +68,11 @@ if [[ $what == wgmma ]]; then
   "$BUILD/bin/test_gpu_dsa" --gtest_filter='*SparseAttention*' >"$OUT/wgmma_tests.log" 2>&1 || status=1
   grep -E "^\[  (PASSED|FAILED) |Failure|rel err|vs CPU|vs mma" "$OUT/wgmma_tests.log" | head -30
   if command -v compute-sanitizer >/dev/null; then
-    timeout 240 compute-sanitizer --tool racecheck --error-exitcode 9 "$BUILD/bin/test_gpu_dsa" \
-      --gtest_filter='*SparseAttentionWgmma*' >"$OUT/wgmma_racecheck.log" 2>&1
-    echo "[gpu_check] racecheck SparseAttentionWgmma: rc $?, $(grep -E 'RACECHECK SUMMARY|hazard' "$OUT/wgmma_racecheck.log" | tail -1)"
+    for t in SparseAttentionWgmma SparseAttentionForwardWs; do  # the second: the opt-in ws forward (perf_log v24)
+      timeout 240 compute-sanitizer --tool racecheck --error-exitcode 9 "$BUILD/bin/test_gpu_dsa" \
+        --gtest_filter="*$t*" >"$OUT/racecheck_$t.log" 2>&1
+      echo "[gpu_check] racecheck $t: rc $?, $(grep -E 'RACECHECK SUMMARY|hazard' "$OUT/racecheck_$t.log" | tail -1)"
+    done
   fi
   "$BUILD/bin/dsa-bench" ops --only sparse_attention 2>&1 | grep -E "sparse_attention" | head -24
   "$BUILD/bin/dsa-bench" kernels 2>&1 | grep -E "sparse MLA"

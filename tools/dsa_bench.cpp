@@ -309,6 +309,8 @@ void kernel_bench(int argc, char** argv) {
       }
     }
     Tensor ind = Tensor::from_vector(idx, {1, T, K}).to(dev);
+    // NOTES: every slot counted, also the causal prefix's -1 slots (rows t < K hold t + 1); the wgmma kernels
+    // skip the 64-slot blocks with no valid slot: at T 4096, K 2048 they execute 75.8% of this count.
     const double flops = 2.0 * T * K * H * ((kvl + dr) + kvl);
     Tensor lse, o;
     const double sm = 1.0 / std::sqrt(192.0);
@@ -319,6 +321,12 @@ void kernel_bench(int argc, char** argv) {
     report("sparse MLA attention bwd", time_median(dev, 1, 3, [&] {
              ops::sparse_attention_backward(dout, q, kv, kvl, ind, o, lse, sm);
            }), 2.5 * flops);
+    if (dev == Device::CUDA) {  // the warp-specialized forward (opt-in, DSA_SPARSE_ATTN_FWD_WS=1), same inputs
+      const ScopedEnv ws("DSA_SPARSE_ATTN_FWD_WS", "1");
+      report("sparse MLA attention fwd (ws)", time_median(dev, 1, 3, [&] {
+               o = ops::sparse_attention_forward(q, kv, kvl, ind, sm, &lse);
+             }), flops);
+    }
     if (dev == Device::CUDA) {  // the mma.sync kernels the wgmma ones replaced (DSA_SPARSE_ATTN_WGMMA=0), same inputs
       const ScopedEnv mma("DSA_SPARSE_ATTN_WGMMA", "0");
       report("sparse MLA attention fwd (mma.sync)", time_median(dev, 1, 3, [&] {

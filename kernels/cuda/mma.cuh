@@ -89,6 +89,36 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
+// One arrival on `bar` once every cp.async this thread issued so far has landed (the mbarrier's pending
+// count is raised now and lowered then, so the thread still makes its own arrival: mbar_arrive).
+__device__ __forceinline__ void cp_async_mbar_arrive(uint64_t* bar) {
+  asm volatile("cp.async.mbarrier.arrive.shared::cta.b64 [%0];\n" ::"r"(smem_u32(bar)) : "memory");
+}
+
+// ------------------------------------------------------------------ named barriers and register budgets
+// Barrier `id` (1 .. 15; 0 is __syncthreads) of `n` threads (a multiple of 32): sync waits for the n
+// arrivals, arrive adds this warp's and goes on (a producer's release, a consumer's acquire).
+__device__ __forceinline__ void named_bar_sync(int id, int n) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory");
+}
+__device__ __forceinline__ void named_bar_arrive(int id, int n) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(n) : "memory");
+}
+// The warpgroup's registers a thread (sm_90a; R a multiple of 8 in 24 .. 256): a warp-specialized kernel
+// moves them from its producer warpgroup to its MMA warpgroups.
+template <int R>
+__device__ __forceinline__ void setmaxnreg_inc() {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(R));
+#endif
+}
+template <int R>
+__device__ __forceinline__ void setmaxnreg_dec() {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(R));
+#endif
+}
+
 // ------------------------------------------------------------------------------ mbarrier and TMA (sm_90)
 // A shared-memory mbarrier (8 bytes, 8-byte aligned) completes a phase when `count` arrivals and the
 // transaction bytes announced by arrive_expect_tx have landed; waiters name the phase by its parity (0 for
@@ -181,6 +211,13 @@ __device__ __forceinline__ uint64_t wgmma_desc_swizzle(const void* smem_tile) {
   const uint64_t a = smem_u32(smem_tile);
   return ((a & 0x3FFFFull) >> 4) | (1ull << 16) | (static_cast<uint64_t>(8 * ROWB >> 4) << 32) |
          (static_cast<uint64_t>(ROWB == 128 ? 1 : 2) << 62);
+}
+// The 128-byte swizzle with explicit strides, for an MN-major operand whose 128-byte rows run along K
+// (CUTLASS's canonical ((8 elements, 8 chunks, m), (8 rows, k)) : ((1, 8, lbo), (64, sbo))): lbo = the byte
+// distance between 64-element column panels (along M / N), sbo = between 8-row groups (along K); the start
+// 1024-aligned plus whole 8-row groups (base offset 0).
+__device__ __forceinline__ uint64_t wgmma_desc_sw128(const void* smem_tile, uint32_t lbo_bytes, uint32_t sbo_bytes) {
+  return wgmma_desc(smem_tile, lbo_bytes, sbo_bytes) | (1ull << 62);
 }
 template <int ROWB>
 __device__ __forceinline__ int swizzle_offset(int row, int ch) {

@@ -18,7 +18,9 @@
 //   (288 / 256) takes three stages.
 // - Tiles, the gather and block_any: sparse_attention_wgmma.cuh.
 // - Each phase waits for its wgmma chain (wait_group 0): overlapping the next block's S with this block's
-//   P V needs a second S buffer and is the next step once this runs.
+//   P V needs a second S buffer. The warp-specialized kernel (sm90_bf16_sparse_attention_fwd_wgmma_ws.cu,
+//   DSA_SPARSE_ATTN_FWD_WS=1 at 576 / 512) does that with the blocks taken in turn by two warpgroups: 2.1x
+//   this kernel on an H200 (docs/perf_log.md v24).
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -246,14 +248,24 @@ SparseWgmmaMode sparse_attention_wgmma_mode() {
   return wgmma_available() ? mode : SparseWgmmaMode::kOff;
 }
 
+bool sparse_attention_fwd_ws_enabled() {
+  const char* e = std::getenv("DSA_SPARSE_ATTN_FWD_WS");
+  if (!e || !*e) return false;
+  DSA_CHECK(std::strcmp(e, "0") == 0 || std::strcmp(e, "1") == 0,
+            "[sparse_attention] DSA_SPARSE_ATTN_FWD_WS must be 0, 1 or unset, got '", e, "'");
+  return *e == '1';
+}
+
 bool sparse_attention_wgmma_forward(const SparseAttnParams& p, int dk, int dv) {
+  const bool ws = sparse_attention_fwd_ws_enabled();  // read (and a bad value refused) on every device
   const SparseWgmmaMode mode = sparse_attention_wgmma_mode();
   if (mode == SparseWgmmaMode::kOff) return false;
   // NOTES: the 16-head forward (keys as M, N = 16 per wgmma) measured slower than the mma.sync kernel
   // (bench-small T = 16K: 2.18 vs 1.85 ms, docs/perf_log.md v12): it runs only when asked for (=1).
   if (p.H % 64 != 0) return mode == SparseWgmmaMode::kAll && sparse_attention_wgmma16_forward(p, dk, dv);
   const char* op = "sparse_attention_forward";
-  if (dk == 576 && dv == 512) launch<576, 512, 2>(p, op);
+  if (dk == 576 && dv == 512 && ws) sparse_attention_fwd_ws(p);
+  else if (dk == 576 && dv == 512) launch<576, 512, 2>(p, op);
   else if (dk == 288 && dv == 256) launch<288, 256, 3>(p, op);
   else return false;
   return true;

@@ -498,6 +498,66 @@ TEST(GpuDsa, SparseAttentionWgmma) {
   }
 }
 
+// The warp-specialized forward (DSA_SPARSE_ATTN_FWD_WS=1: Dk 576 / Dv 512, 64 heads a CTA, blocks of 64 slots
+// taken in turn by two warpgroups) against the CPU and against the two-warpgroup kernel on the same inputs.
+// Block counts 1 .. 5: K 300 has two whole pairs of blocks and one alone (the producer's and both consumers'
+// steady state, the odd tail's hand-over), K 256 pairs only, K 48 one block at H = 128 (two head groups a
+// token); random indices with every fifth row empty (nothing gathered: out 0, lse -inf), and causal prefixes
+// (odd and even block counts).
+TEST(GpuDsa, SparseAttentionForwardWs) {
+  DSA_REQUIRE_GPU();
+  struct Env {  // the switch never outlives this test, even when an assertion throws
+    ~Env() { unsetenv("DSA_SPARSE_ATTN_FWD_WS"); }
+  } env;
+  for (const AttnCase& c : {AttnCase{1, 200, 64, 576, 512, 300}, AttnCase{2, 70, 64, 576, 512, 256},
+                            AttnCase{1, 65, 128, 576, 512, 48}})
+    for (const bool prefix : {false, true}) {
+      const double scale = 1.0 / std::sqrt(static_cast<double>(c.Dk));
+      const Pair q = rand_pair({c.B, c.T, c.H, c.Dk}, 70), kv = rand_pair({c.B, c.T, c.Dk}, 71);
+      Tensor idx = rand_indices(c.B, c.T, c.K, 72);
+      for (int64_t bt = 0; bt < c.B * c.T; ++bt)
+        for (int64_t k = 0; k < c.K; ++k) {
+          const int64_t t = bt % c.T;
+          int32_t& v = idx.data<int32_t>()[bt * c.K + k];
+          if (prefix && t < c.K) v = k <= t ? static_cast<int32_t>(k) : -1;
+          if (!prefix && t % 5 == 0) v = -1;
+        }
+      const Tensor idx_g = idx.to(Device::CUDA);
+      const std::string what = "T = " + std::to_string(c.T) + " H = " + std::to_string(c.H) +
+                               " K = " + std::to_string(c.K) + (prefix ? " prefix" : " random, empty rows");
+      Tensor lse_c, lse_o, lse_w;
+      const Tensor out_c = ops::sparse_attention_forward(q.cpu, kv.cpu, c.Dv, idx, scale, &lse_c, nullptr);
+      setenv("DSA_SPARSE_ATTN_FWD_WS", "0", 1);
+      const Tensor out_o = ops::sparse_attention_forward(q.gpu, kv.gpu, c.Dv, idx_g, scale, &lse_o, nullptr);
+      setenv("DSA_SPARSE_ATTN_FWD_WS", "1", 1);
+      const Tensor out_w = ops::sparse_attention_forward(q.gpu, kv.gpu, c.Dv, idx_g, scale, &lse_w, nullptr);
+      // Empty rows: lse -inf in all three, then 0 so that the norm-wise comparisons below take the rest.
+      Tensor l_c = lse_c.to(DType::F32), l_o = lse_o.to(Device::CPU), l_w = lse_w.to(Device::CPU);
+      for (int64_t i = 0; i < l_c.numel(); ++i) {
+        if (!std::isinf(l_c.data<float>()[i])) continue;
+        EXPECT_TRUE(std::isinf(l_w.data<float>()[i]) && std::isinf(l_o.data<float>()[i]))
+            << "lse " << i << ", " << what;
+        l_c.data<float>()[i] = l_o.data<float>()[i] = l_w.data<float>()[i] = 0.f;
+      }
+      // As SparseAttentionWgmma: P and O rounded to bf16 (r = 2), kappa = sqrt 2 between the two kernels.
+      EXPECT_TRUE(rel_close(out_w, out_c, bf16_tol(2))) << "out vs CPU, " << what;
+      EXPECT_TRUE(rel_close(l_w, l_c, 1e-4)) << "lse vs CPU, " << what;
+      EXPECT_TRUE(rel_close(out_w, out_o, bf16_tol(2, std::sqrt(2.0)))) << "out vs two-warpgroup kernel, " << what;
+      EXPECT_TRUE(rel_close(l_w, l_o, 1e-4)) << "lse vs two-warpgroup kernel, " << what;
+    }
+  // A value the switch cannot honour is refused by name, not read as the default.
+  setenv("DSA_SPARSE_ATTN_FWD_WS", "yes", 1);
+  const Pair q = rand_pair({1, 8, 64, 576}, 73), kv = rand_pair({1, 8, 576}, 74);
+  const Tensor idx = rand_indices(1, 8, 4, 75).to(Device::CUDA);
+  try {
+    Tensor lse;
+    ops::sparse_attention_forward(q.gpu, kv.gpu, 512, idx, 0.04, &lse, nullptr);
+    ADD_FAILURE() << "DSA_SPARSE_ATTN_FWD_WS=yes was accepted";
+  } catch (const std::exception& e) {
+    EXPECT_NE(std::string(e.what()).find("DSA_SPARSE_ATTN_FWD_WS"), std::string::npos) << e.what();
+  }
+}
+
 // --------------------------------------------------------------------------------- indexer losses
 
 // lse [B, H, T] of dense causal attention (f64 loops), as f32.
