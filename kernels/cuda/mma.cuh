@@ -96,16 +96,16 @@ __device__ __forceinline__ void cp_async_mbar_arrive(uint64_t* bar) {
 }
 
 // ------------------------------------------------------------------ named barriers and register budgets
-// Barrier `id` (1 .. 15; 0 is __syncthreads) of `n` threads (a multiple of 32): sync waits for the n
-// arrivals, arrive adds this warp's and goes on (a producer's release, a consumer's acquire).
+// Barrier `id` (1 .. 15; 0 is __syncthreads) of `n` threads (a multiple of 32): sync adds this warp's
+// arrival and waits for all n (a consumer's acquire), arrive adds it and goes on (a producer's release).
 __device__ __forceinline__ void named_bar_sync(int id, int n) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory");
 }
 __device__ __forceinline__ void named_bar_arrive(int id, int n) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(n) : "memory");
 }
-// The warpgroup's registers a thread (sm_90a; R a multiple of 8 in 24 .. 256): a warp-specialized kernel
-// moves them from its producer warpgroup to its MMA warpgroups.
+// Sets the registers each thread of this warpgroup owns to R (sm_90a; a multiple of 8 in 24 .. 256): a
+// warp-specialized kernel moves them from its producer warpgroup to its MMA warpgroups.
 template <int R>
 __device__ __forceinline__ void setmaxnreg_inc() {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
