@@ -184,10 +184,9 @@ bool sparse_attention_mma_backward(const Tensor& dout, const Tensor& q, const Te
 //    only under DSA_SPARSE_ATTN_WGMMA=1: slower than the mma.sync kernel, docs/perf_log.md v12).
 bool sparse_attention_wgmma_forward(const SparseAttnParams& p, int dk, int dv);
 bool sparse_attention_wgmma_backward(const SparseAttnParams& p, int dk, int dv);
-// The warp-specialized forward at (576, 512), H % 64 == 0 (sm90_bf16_sparse_attention_fwd_wgmma_ws.cu); taken
-// in place of the two-warpgroup kernel where DSA_SPARSE_ATTN_FWD_WS=1 (0 or unset: not; anything else refused,
-// read at each call). Opt-in until its racecheck report and a K >= 256 test have run on a GPU (docs/perf_log.md
-// v24).
+// The warp-specialized forward at (576, 512), H % 64 == 0 (sm90_bf16_sparse_attention_fwd_wgmma_ws.cu): taken
+// in place of the two-warpgroup kernel unless DSA_SPARSE_ATTN_FWD_WS=0 (1 or unset: taken; anything else
+// refused, read at each call; docs/perf_log.md v24, v25).
 void sparse_attention_fwd_ws(const SparseAttnParams& p);
 bool sparse_attention_fwd_ws_enabled();
 bool sparse_attention_wgmma16_forward(const SparseAttnParams& p, int dk, int dv);

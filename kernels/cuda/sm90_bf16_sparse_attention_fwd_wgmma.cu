@@ -18,9 +18,10 @@
 //   (288 / 256) takes three stages.
 // - Tiles, the gather and block_any: sparse_attention_wgmma.cuh.
 // - Each phase waits for its wgmma chain (wait_group 0): overlapping the next block's S with this block's
-//   P V needs a second S buffer. The warp-specialized kernel (sm90_bf16_sparse_attention_fwd_wgmma_ws.cu,
-//   DSA_SPARSE_ATTN_FWD_WS=1 at 576 / 512) does that with the blocks taken in turn by two warpgroups: 2.1x
-//   this kernel on an H200 (docs/perf_log.md v24).
+//   P V needs a second S buffer. The warp-specialized kernel (sm90_bf16_sparse_attention_fwd_wgmma_ws.cu)
+//   does that with the blocks taken in turn by two warpgroups, 2.1x this kernel on an H200 (docs/perf_log.md
+//   v24): it is the default at 576 / 512, this kernel's instantiation there the composed reference
+//   (DSA_SPARSE_ATTN_FWD_WS=0) that SparseAttentionForwardWs runs beside it.
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -250,7 +251,7 @@ SparseWgmmaMode sparse_attention_wgmma_mode() {
 
 bool sparse_attention_fwd_ws_enabled() {
   const char* e = std::getenv("DSA_SPARSE_ATTN_FWD_WS");
-  if (!e || !*e) return false;
+  if (!e || !*e) return true;
   DSA_CHECK(std::strcmp(e, "0") == 0 || std::strcmp(e, "1") == 0,
             "[sparse_attention] DSA_SPARSE_ATTN_FWD_WS must be 0, 1 or unset, got '", e, "'");
   return *e == '1';

@@ -11,9 +11,9 @@
 //   so that one warpgroup's softmax runs under the other's MMAs, and each MMA is m64n64 or wider (the
 //   two-warpgroup kernel of sm90_bf16_sparse_attention_fwd_wgmma.cu splits S into m64n32 halves whose
 //   shared-memory reads exceed what the tensor cores use).
-// Taken where DSA_SPARSE_ATTN_FWD_WS=1 (sm90_bf16_sparse_attention_fwd_wgmma.cu dispatches). The composed
-// references are the CPU op and the two-warpgroup kernel; SparseAttentionForwardWs runs all three on the same
-// inputs.
+// The default at that shape (DSA_SPARSE_ATTN_FWD_WS=0 takes the two-warpgroup kernel of
+// sm90_bf16_sparse_attention_fwd_wgmma.cu, which dispatches). The composed references are the CPU op and the
+// two-warpgroup kernel; SparseAttentionForwardWs runs all three on the same inputs.
 //
 // A stage is 9 panels of 64 columns (128 bytes) x 64 gathered rows: chunk j (8 columns) of row r sits at
 // r * 128 + ((j ^ r % 8) * 16) of its panel, wgmma's 128-byte-swizzled K-major atom; S reads it K-major,
@@ -35,11 +35,15 @@
 //   valid slot before it is computed, its P zero.
 // - One H200 (docs/perf_log.md v24, `dsa-bench kernels --only sparse`, T 4096, H 128, K 2048): 3.97 ms, 588
 //   TFLOP/s at the bench's count against 8.50 ms, 274.9 for the two-warpgroup kernel. ncu: 2.5 sectors an L2
-//   request against 1.0 (whole lines), L2 tag lookups 23% of peak against 53%.
-// - Opt-in for now: compute-sanitizer racecheck reports hazards on pairs of accesses that mbarrier waits
-//   (cp.async completion, the producer's flags) and named-barrier arrive / sync pairs order, and on the
-//   epilogue's exchange across a 256-thread bar.sync after the producer warps exited; the test passes under
-//   it. Whether they are the tool's (the producer kept to the kernel's end is the next experiment) is open.
+//   request against 1.0 (whole lines), L2 tag lookups 23% of peak against 53%. One H100 (v25): 599 against
+//   275; every slot valid (the count all executed) 492 against 228.
+// - compute-sanitizer racecheck reports hazards on hand-overs that the PTX memory model orders: the slot flags
+//   and the cp.async stores against the consumers' accesses (mbarriers: full after the producer's arrivals,
+//   empty after __syncwarp and one lane's arrival), the row maxima (bar.arrive / bar.sync) and the epilogue's
+//   row sums (bar.sync of the 256 consumer threads). The producer kept to the kernel's end (instead of
+//   returning) left them unchanged. tools/dsa_racecheck_probe.cu has each kind of hand-over alone in a few lines
+//   (what the tool models; scripts/gpu_check.sh wgmma runs it; not yet run on a GPU). The default on the
+//   tests (SparseAttentionForwardWs, SparseAttentionWgmma, `ctest -L gpu` with it forced: docs/perf_log.md v25).
 #include <cmath>
 
 #include "kernels/cuda/dsa_common.cuh"
