@@ -6,7 +6,8 @@
 #   bash scripts/gpu_check.sh [all|tests|bench|long|wgmma|indexer|profile|build]   (results under $OUT, default /tmp/dsa_gpu)
 #       long: the three stages at 32K, 64K and 128K (one sequence, recompute) and their table alone
 #       wgmma: the wgmma sparse MLA kernels (docs/perf_log.md v12) in one call: their test and racecheck,
-#              the sparse attention ops, the kernel rows, the sparse step at 16K with DSA_SPARSE_ATTN_WGMMA
+#              racecheck's own probes (tools/dsa_racecheck_probe.cu), an ncu summary of the backward, the
+#              sparse attention ops, the kernel rows, the sparse step at 16K with DSA_SPARSE_ATTN_WGMMA
 #              0 (mma.sync only), unset (the default: wgmma where measured faster) and 1 (every wgmma kernel)
 #       indexer: the indexer's top-k in one call (docs/perf_log.md v13): the indexer / top-k tests, the
 #              kernels and ops rows in both slot orders, the sparse step at 16K and 128K with --topk-order
@@ -68,11 +69,37 @@ if [[ $what == wgmma ]]; then
   "$BUILD/bin/test_gpu_dsa" --gtest_filter='*SparseAttention*' >"$OUT/wgmma_tests.log" 2>&1 || status=1
   grep -E "^\[  (PASSED|FAILED) |Failure|rel err|vs CPU|vs mma" "$OUT/wgmma_tests.log" | head -30
   if command -v compute-sanitizer >/dev/null; then
-    for t in SparseAttentionWgmma SparseAttentionForwardWs; do  # the second: the opt-in ws forward (perf_log v24)
+    # SparseAttentionWgmma and SparseAttentionForwardWs run the ws forward (perf_log v24, v25); the third the
+    # backward's split variant (DSA_SPARSE_ATTN_BWD_SPLIT=1, perf_log Next).
+    for t in SparseAttentionWgmma SparseAttentionForwardWs SparseAttentionBackwardSplit; do
       timeout 240 compute-sanitizer --tool racecheck --error-exitcode 9 "$BUILD/bin/test_gpu_dsa" \
         --gtest_filter="*$t*" >"$OUT/racecheck_$t.log" 2>&1
       echo "[gpu_check] racecheck $t: rc $?, $(grep -E 'RACECHECK SUMMARY|hazard' "$OUT/racecheck_$t.log" | tail -1)"
     done
+    # Which hand-overs racecheck itself models (tools/dsa_racecheck_probe.cu): each probe is correct by the PTX
+    # memory model, so a hazard reported on one is the tool's.
+    for pr in syncthreads bar_sync bar_sync_exit bar_sync_stay arrive_sync mbar_elected mbar_all cp_async_mbar; do
+      timeout 60 compute-sanitizer --tool racecheck "$BUILD/bin/dsa-racecheck-probe" $pr >"$OUT/probe_$pr.log" 2>&1
+      rc=$?
+      echo "[gpu_check] racecheck probe $pr: rc $rc, $(grep -E 'wrong values' "$OUT/probe_$pr.log" | sed 's/.*: //')," \
+        "$(grep -E 'RACECHECK SUMMARY' "$OUT/probe_$pr.log" | sed 's/.*SUMMARY: //')"
+    done
+  fi
+  # Where the sparse backward's cycles go (Nsight Compute, one launch at the kernel bench's shape): its raw
+  # metrics, the throughputs, pipes and stall reasons, filtered.
+  if command -v ncu >/dev/null; then
+    # (the first launch: the default kernel; the bench's "(split)" row comes later)
+    ops_sectors=lts__t_sectors_op_red.sum,lts__t_sectors_op_atom.sum,lts__t_sectors_op_read.sum,lts__t_sectors_op_write.sum
+    timeout 150 ncu --kernel-name regex:sparse_attn_bwd_wgmma --launch-count 1 --csv --page raw \
+      --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+      --section WarpStateStats --metrics "$ops_sectors" \
+      "$BUILD/bin/dsa-bench" kernels --only sparse >"$OUT/ncu_sparse_bwd.csv" 2>&1
+    echo "[gpu_check] ncu sparse bwd: rc $?"
+    keep='gpu__time_duration.sum|sm__throughput.avg.pct|l1tex__throughput.avg.pct|lts__throughput.avg.pct'
+    keep+='|dram__throughput.avg.pct|issue_active.avg.pct|pipe_tensor.*pct|pipe_(alu|fma|fp64|lsu|xu).*pct'
+    keep+='|issue_stalled_.*per_warp_active.pct|lts__t_sectors_op|l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum'
+    keep+='|l1tex__data_pipe_lsu_wavefronts_mem_shared.sum'
+    python3 tools/ncu_raw_filter.py "$OUT/ncu_sparse_bwd.csv" "$keep" | head -48
   fi
   "$BUILD/bin/dsa-bench" ops --only sparse_attention 2>&1 | grep -E "sparse_attention" | head -24
   "$BUILD/bin/dsa-bench" kernels 2>&1 | grep -E "sparse MLA"
