@@ -327,6 +327,12 @@ void kernel_bench(int argc, char** argv) {
                o = ops::sparse_attention_forward(q, kv, kvl, ind, sm, &lse);
              }), flops);
     }
+    if (dev == Device::CUDA) {  // the backward's split variant (DSA_SPARSE_ATTN_BWD_SPLIT=1, opt-in), same inputs
+      const ScopedEnv split("DSA_SPARSE_ATTN_BWD_SPLIT", "1");
+      report("sparse MLA attention bwd (split)", time_median(dev, 1, 3, [&] {
+               ops::sparse_attention_backward(dout, q, kv, kvl, ind, o, lse, sm);
+             }), 2.5 * flops);
+    }
     if (dev == Device::CUDA) {  // the mma.sync kernels the wgmma ones replaced (DSA_SPARSE_ATTN_WGMMA=0), same inputs
       const ScopedEnv mma("DSA_SPARSE_ATTN_WGMMA", "0");
       report("sparse MLA attention fwd (mma.sync)", time_median(dev, 1, 3, [&] {
@@ -346,6 +352,12 @@ void kernel_bench(int argc, char** argv) {
     report("sparse MLA bwd all-valid", time_median(dev, 1, 3, [&] {
              ops::sparse_attention_backward(dout, q, kv, kvl, ind, o, lse, sm);
            }), 2.5 * flops);
+    if (dev == Device::CUDA) {
+      const ScopedEnv split("DSA_SPARSE_ATTN_BWD_SPLIT", "1");
+      report("sparse MLA bwd (split) all-valid", time_median(dev, 1, 3, [&] {
+               ops::sparse_attention_backward(dout, q, kv, kvl, ind, o, lse, sm);
+             }), 2.5 * flops);
+    }
     if (dev == Device::CUDA) {
       const ScopedEnv ws("DSA_SPARSE_ATTN_FWD_WS", "0");
       report("sparse MLA fwd (2wg) all-valid", time_median(dev, 1, 3, [&] {

@@ -24,7 +24,13 @@
 //   buffered (the scatter of block b reads them while block b + 1's land).
 // - Registers: dQ 3 x 48 per thread over all blocks, one 48-register dKV piece at a time (S and dP are dead
 //   by then).
+// - DSA_SPARSE_ATTN_BWD_SPLIT=1 (0 / unset: off; anything else refused) takes a variant, NOT yet run on a GPU
+//   (docs/perf_log.md Next): S on WG 0 and dP on WG 1, each m64n64 over all 64 keys (A = Q or dO read once a
+//   block instead of twice), the halves crossed as f32 through sP / sdS; the dKV pieces 48 columns wide, two in
+//   flight, so that a piece's MMAs run under the previous piece's scatter. 238 registers, no spills.
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 
 #include "kernels/cuda/dsa_common.cuh"
 #include "kernels/cuda/mma.cuh"
@@ -39,6 +45,7 @@ constexpr int kBN = kSparseBlock;     // keys per block: 32 per warpgroup in S a
 constexpr int kThreads = 256;         // two warpgroups
 static_assert(kThreads == 256, "gather_block_256 / gather_index_256: one gathered row a thread");
 constexpr int kPW = 96;               // dQ / dKV columns per piece; Dk / 2 = 3 pieces per warpgroup
+constexpr int kPD = 48;               // the split variant's dKV pieces: 6 per warpgroup, two in flight
 constexpr float kLog2e = 1.4426950408889634f;
 
 struct Plan {
@@ -82,6 +89,138 @@ __device__ __forceinline__ void softmax_grad(const SparseAttnParams& p, int64_t 
   }
 }
 
+// S and dP of this warpgroup's 32 keys (32 wg ..) as m64n32 accumulators. kSplit: WG 0 computes S and WG 1 dP
+// of all 64 keys at m64n64 (A = Q or dO read once, not by both), then the halves cross as f32 through sP / sdS
+// (free until softmax_grad) thread to thread (the same accumulator positions): float4 [4][128], a warp's store
+// 512 contiguous bytes.
+template <bool kSplit>
+__device__ __forceinline__ void scores_and_grads(const __nv_bfloat16* sQ, const __nv_bfloat16* sdO,
+                                                 const __nv_bfloat16* sKV, __nv_bfloat16* sP, __nv_bfloat16* sdS,
+                                                 int wg, float (&s)[16], float (&dp)[16]) {
+  if constexpr (!kSplit) {
+    const __nv_bfloat16* kv_w = sKV + 4 * wg * (kDK / 8) * 64;  // this group's 32 key rows
+#pragma unroll
+    for (int i = 0; i < 16; ++i) s[i] = dp[i] = 0.f;
+    wgmma_fence_operand(s);
+    wgmma_fence_operand(dp);
+    wgmma_fence();
+#pragma unroll 4
+    for (int ks = 0; ks < kDK / 16; ++ks)
+      WgmmaBf16<32>::ss<0, 0>(s, wgmma_desc(sQ + ks * 128, 128, kDK * 16), wgmma_desc(kv_w + ks * 128, 128, kDK * 16),
+                              ks > 0);
+#pragma unroll 4
+    for (int ks = 0; ks < kDV / 16; ++ks)
+      WgmmaBf16<32>::ss<0, 0>(dp, wgmma_desc(sdO + ks * 128, 128, kDV * 16), wgmma_desc(kv_w + ks * 128, 128, kDK * 16),
+                              ks > 0);
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_fence_operand(s);
+    wgmma_fence_operand(dp);
+  } else {
+    float x[32];
+#pragma unroll
+    for (int i = 0; i < 32; ++i) x[i] = 0.f;
+    // Warp-uniform; the shuffle shows ptxas so (C7520 otherwise).
+    const int nk = __shfl_sync(0xffffffffu, wg == 0 ? kDK / 16 : kDV / 16, 0);
+    const __nv_bfloat16* a_t = wg == 0 ? sQ : sdO;
+    const int a_sbo = (wg == 0 ? kDK : kDV) * 16;
+    wgmma_fence_operand(x);
+    wgmma_fence();
+#pragma unroll 4
+    for (int ks = 0; ks < nk; ++ks)  // B: the block's rows (V = their first 512 columns)
+      WgmmaBf16<64>::ss<0, 0>(x, wgmma_desc(a_t + ks * 128, 128, a_sbo), wgmma_desc(sKV + ks * 128, 128, kDK * 16),
+                              ks > 0);
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_fence_operand(x);
+    float4* give = reinterpret_cast<float4*>(wg == 0 ? sP : sdS) + (threadIdx.x & 127);
+    const float4* take = reinterpret_cast<const float4*>(wg == 0 ? sdS : sP) + (threadIdx.x & 127);
+    const bool w0 = wg == 0;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const int i = 4 * k;
+      give[128 * k] = w0 ? make_float4(x[16 + i], x[17 + i], x[18 + i], x[19 + i])
+                         : make_float4(x[i], x[i + 1], x[i + 2], x[i + 3]);
+    }
+    named_bar_sync(1, kThreads);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const float4 v = take[128 * k];
+      const float o[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[4 * k + e] = w0 ? x[4 * k + e] : o[e];
+        dp[4 * k + e] = w0 ? o[e] : x[16 + 4 * k + e];
+      }
+    }
+    named_bar_sync(1, kThreads);  // both read before softmax_grad overwrites sP / sdS
+  }
+}
+
+// dKV of the block into dkv (f32 rows of Dk, this sequence's): M = the block's 64 keys, K = the 64 heads (four
+// k16 steps: head row blocks 2 ks, 2 ks + 1), A = dS^T / P^T (the [heads][keys] tiles read MN-major: lbo = the
+// head row-block stride, sbo = 128), B = the Q / dO tiles read MN-major; this warpgroup's Dk / 2 columns in
+// pieces of PW, each scattered (float4 atomics) once its MMAs are done. kSplit: pieces of kPD, two in flight
+// (piece pc + 1's MMAs under piece pc's scatter).
+template <int PW>
+__device__ __forceinline__ void dkv_piece_issue(float (&a)[PW / 2], const __nv_bfloat16* sQ, const __nv_bfloat16* sdO,
+                                                const __nv_bfloat16* sP, const __nv_bfloat16* sdS, int n0) {
+#pragma unroll
+  for (int i = 0; i < PW / 2; ++i) a[i] = 0.f;
+  wgmma_fence_operand(a);
+  wgmma_fence();
+#pragma unroll
+  for (int ks = 0; ks < 4; ++ks)
+    WgmmaBf16<PW>::template ss<1, 1>(a, wgmma_desc(sdS + 2 * ks * 8 * 64, kBN * 16, 128),
+                                     wgmma_desc(sQ + (2 * ks * (kDK / 8) + n0 / 8) * 64, kDK * 16, 128), 1);
+  if (kDV - n0 >= PW) {
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks)
+      WgmmaBf16<PW>::template ss<1, 1>(a, wgmma_desc(sP + 2 * ks * 8 * 64, kBN * 16, 128),
+                                       wgmma_desc(sdO + (2 * ks * (kDV / 8) + n0 / 8) * 64, kDV * 16, 128), 1);
+  } else if (kDV - n0 == 32) {  // 480 .. 511: the piece's first 32 columns, its first 16 registers
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks)
+      WgmmaBf16<32>::ss<1, 1>(*reinterpret_cast<float(*)[16]>(a), wgmma_desc(sP + 2 * ks * 8 * 64, kBN * 16, 128),
+                              wgmma_desc(sdO + (2 * ks * (kDV / 8) + n0 / 8) * 64, kDV * 16, 128), 1);
+  }
+  wgmma_commit();
+}
+template <bool kSplit>
+__device__ __forceinline__ void dkv_pieces(float* dkv, const __nv_bfloat16* sQ, const __nv_bfloat16* sdO,
+                                           const __nv_bfloat16* sP, const __nv_bfloat16* sdS, const int* ids, int wg,
+                                           int r0, int c) {
+  // n0 warp-uniform through a shuffle: a branch on wg alone makes ptxas serialize every wgmma (C7520).
+  auto col0 = [&](int pc, int pw) { return __shfl_sync(0xffffffffu, wg * (kDK / 2) + pc * pw, 0); };
+  if constexpr (!kSplit) {
+#pragma unroll 1
+    for (int pc = 0; pc < kDK / 2 / kPW; ++pc) {
+      const int n0 = col0(pc, kPW);
+      float acc[kPW / 2];
+      dkv_piece_issue<kPW>(acc, sQ, sdO, sP, sdS, n0);
+      wgmma_wait<0>();
+      wgmma_fence_operand(acc);
+      scatter_rows<kPW>(dkv, kDK, ids, r0, c, acc, n0);
+    }
+  } else {
+    constexpr int kN = kDK / 2 / kPD;
+    float acc[2][kPD / 2];
+    dkv_piece_issue<kPD>(acc[0], sQ, sdO, sP, sdS, col0(0, kPD));
+#pragma unroll
+    for (int pc = 0; pc < kN; ++pc) {
+      if (pc + 1 < kN) {
+        dkv_piece_issue<kPD>(acc[(pc + 1) & 1], sQ, sdO, sP, sdS, col0(pc + 1, kPD));
+        wgmma_wait<1>();
+      } else {
+        wgmma_wait<0>();
+      }
+      wgmma_fence_operand(acc[pc & 1]);
+      scatter_rows<kPD>(dkv, kDK, ids, r0, c, acc[pc & 1], wg * (kDK / 2) + pc * kPD);
+    }
+  }
+}
+
+template <bool kSplit>
 __global__ void __launch_bounds__(kThreads, 1) sparse_attn_bwd_wgmma_kernel(const SparseAttnParams p) {
   using C = Plan;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -133,27 +272,9 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_attn_bwd_wgmma_kernel(cons
       continue;
     }
     const int* ids = sIdx + (blk & 1) * kBN;
-    const __nv_bfloat16* kv_w = sKV + 4 * wg * (kDK / 8) * 64;  // this group's 32 key rows
 
-    // S_w and dP_w.
     float s[16], dp[16];
-#pragma unroll
-    for (int i = 0; i < 16; ++i) s[i] = dp[i] = 0.f;
-    wgmma_fence_operand(s);
-    wgmma_fence_operand(dp);
-    wgmma_fence();
-#pragma unroll 4
-    for (int ks = 0; ks < kDK / 16; ++ks)
-      WgmmaBf16<32>::ss<0, 0>(s, wgmma_desc(sQ + ks * 128, 128, kDK * 16), wgmma_desc(kv_w + ks * 128, 128, kDK * 16),
-                              ks > 0);
-#pragma unroll 4
-    for (int ks = 0; ks < kDV / 16; ++ks)
-      WgmmaBf16<32>::ss<0, 0>(dp, wgmma_desc(sdO + ks * 128, 128, kDV * 16), wgmma_desc(kv_w + ks * 128, 128, kDK * 16),
-                              ks > 0);
-    wgmma_commit();
-    wgmma_wait<0>();
-    wgmma_fence_operand(s);
-    wgmma_fence_operand(dp);
+    scores_and_grads<kSplit>(sQ, sdO, sKV, sP, sdS, wg, s, dp);
     softmax_grad(p, bt, blk, ids, wg, r0, g, c, s, dp, lse2, dlt, sP, sdS);
     fence_proxy_async();
     __syncthreads();  // both groups' P and dS in shared memory
@@ -178,38 +299,7 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_attn_bwd_wgmma_kernel(cons
     __syncthreads();  // both groups' S, dP and dQ reads of the stage done
     gather_next(blk);
 
-    // dKV pieces: M = the block's 64 keys, K = the 64 heads (four k16 steps: head row blocks 2 ks, 2 ks + 1),
-    // A = dS^T / P^T (the [heads][keys] tiles read MN-major: lbo = the head row-block stride, sbo = 128),
-    // B = the Q / dO tiles read MN-major.
-#pragma unroll 1
-    for (int pc = 0; pc < kDK / 2 / kPW; ++pc) {
-      // Warp-uniform; the shuffle shows ptxas so (a branch on wg alone makes it serialize every wgmma: C7520).
-      const int n0 = __shfl_sync(0xffffffffu, wg * (kDK / 2) + pc * kPW, 0);
-      float acc[kPW / 2];
-#pragma unroll
-      for (int i = 0; i < kPW / 2; ++i) acc[i] = 0.f;
-      wgmma_fence_operand(acc);
-      wgmma_fence();
-#pragma unroll
-      for (int ks = 0; ks < 4; ++ks)
-        WgmmaBf16<kPW>::ss<1, 1>(acc, wgmma_desc(sdS + 2 * ks * 8 * 64, kBN * 16, 128),
-                                 wgmma_desc(sQ + (2 * ks * (kDK / 8) + n0 / 8) * 64, kDK * 16, 128), 1);
-      if (kDV - n0 >= kPW) {
-#pragma unroll
-        for (int ks = 0; ks < 4; ++ks)
-          WgmmaBf16<kPW>::ss<1, 1>(acc, wgmma_desc(sP + 2 * ks * 8 * 64, kBN * 16, 128),
-                                   wgmma_desc(sdO + (2 * ks * (kDV / 8) + n0 / 8) * 64, kDV * 16, 128), 1);
-      } else if (kDV - n0 == 32) {  // 480 .. 511: the piece's first 32 columns, its first 16 registers
-#pragma unroll
-        for (int ks = 0; ks < 4; ++ks)
-          WgmmaBf16<32>::ss<1, 1>(*reinterpret_cast<float(*)[16]>(acc), wgmma_desc(sP + 2 * ks * 8 * 64, kBN * 16, 128),
-                                  wgmma_desc(sdO + (2 * ks * (kDV / 8) + n0 / 8) * 64, kDV * 16, 128), 1);
-      }
-      wgmma_commit();
-      wgmma_wait<0>();
-      wgmma_fence_operand(acc);
-      scatter_rows<kPW>(p.dkv + b * p.T * kDK, kDK, ids, r0, c, acc, n0);
-    }
+    dkv_pieces<kSplit>(p.dkv + b * p.T * kDK, sQ, sdO, sP, sdS, ids, wg, r0, c);
   }
   cp_async_wait<0>();
 
@@ -229,13 +319,18 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_attn_bwd_wgmma_kernel(cons
 }  // namespace
 
 bool sparse_attention_wgmma_backward(const SparseAttnParams& p, int dk, int dv) {
+  const char* e = std::getenv("DSA_SPARSE_ATTN_BWD_SPLIT");  // read (and a bad value refused) on every device
+  DSA_CHECK(!e || !*e || std::strcmp(e, "0") == 0 || std::strcmp(e, "1") == 0,
+            "[sparse_attention] DSA_SPARSE_ATTN_BWD_SPLIT must be 0, 1 or unset, got '", e, "'");
+  const bool split = e && *e == '1';
   if (sparse_attention_wgmma_mode() == SparseWgmmaMode::kOff) return false;
   if (p.H % 64 != 0) return sparse_attention_wgmma16_backward(p, dk, dv);
   if (dk != kDK || dv != kDV) return false;  // 288 / 256 with 64-head groups: the mma.sync kernel
-  DSA_CUDA_CHECK(cudaFuncSetAttribute(sparse_attn_bwd_wgmma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+  auto kernel = split ? sparse_attn_bwd_wgmma_kernel<true> : sparse_attn_bwd_wgmma_kernel<false>;
+  DSA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(Plan::smem())));
   const int64_t blocks = int64_t(p.B) * p.T * (p.H / 64);
-  sparse_attn_bwd_wgmma_kernel<<<static_cast<unsigned>(blocks), kThreads, Plan::smem(), stream()>>>(p);
+  kernel<<<static_cast<unsigned>(blocks), kThreads, Plan::smem(), stream()>>>(p);
   check_launch("sparse_attention_backward");
   return true;
 }

@@ -498,7 +498,7 @@ TEST(GpuDsa, SparseAttentionWgmma) {
   }
 }
 
-// The warp-specialized forward (DSA_SPARSE_ATTN_FWD_WS=1: Dk 576 / Dv 512, 64 heads a CTA, blocks of 64 slots
+// The warp-specialized forward (the default at Dk 576 / Dv 512, H % 64 == 0: 64 heads a CTA, blocks of 64 slots
 // taken in turn by two warpgroups) against the CPU and against the two-warpgroup kernel on the same inputs.
 // Block counts 1 .. 5: K 300 has two whole pairs of blocks and one alone (the producer's and both consumers'
 // steady state, the odd tail's hand-over), K 256 pairs only, K 48 one block at H = 128 (two head groups a
@@ -555,6 +555,65 @@ TEST(GpuDsa, SparseAttentionForwardWs) {
     ADD_FAILURE() << "DSA_SPARSE_ATTN_FWD_WS=yes was accepted";
   } catch (const std::exception& e) {
     EXPECT_NE(std::string(e.what()).find("DSA_SPARSE_ATTN_FWD_WS"), std::string::npos) << e.what();
+  }
+}
+
+// The backward's split variant (DSA_SPARSE_ATTN_BWD_SPLIT=1: S on warpgroup 0 and dP on warpgroup 1 at m64n64,
+// the halves crossed through shared memory; the dKV pieces 48 columns wide, two in flight) against the CPU
+// and against the default kernel on the same inputs: K 48 (one block), 130 (a partial third), 300 (five, the
+// last partial); H 64 and 128; random indices with every fifth row empty, and causal prefixes; with the head
+// sums of P (probs) asked for.
+TEST(GpuDsa, SparseAttentionBackwardSplit) {
+  DSA_REQUIRE_GPU();
+  struct Env {  // the switch never outlives this test, even when an assertion throws
+    ~Env() { unsetenv("DSA_SPARSE_ATTN_BWD_SPLIT"); }
+  } env;
+  for (const AttnCase& c : {AttnCase{1, 65, 128, 576, 512, 48}, AttnCase{1, 200, 64, 576, 512, 130},
+                            AttnCase{2, 90, 64, 576, 512, 300}})
+    for (const bool prefix : {false, true}) {
+      const double scale = 1.0 / std::sqrt(static_cast<double>(c.Dk));
+      const Pair q = rand_pair({c.B, c.T, c.H, c.Dk}, 80), kv = rand_pair({c.B, c.T, c.Dk}, 81),
+                 dout = rand_pair({c.B, c.T, c.H, c.Dv}, 83);
+      Tensor idx = rand_indices(c.B, c.T, c.K, 82);
+      for (int64_t bt = 0; bt < c.B * c.T; ++bt)
+        for (int64_t k = 0; k < c.K; ++k) {
+          const int64_t t = bt % c.T;
+          int32_t& v = idx.data<int32_t>()[bt * c.K + k];
+          if (prefix && t < c.K) v = k <= t ? static_cast<int32_t>(k) : -1;
+          if (!prefix && t % 5 == 0) v = -1;
+        }
+      const Tensor idx_g = idx.to(Device::CUDA);
+      const std::string what = "T = " + std::to_string(c.T) + " H = " + std::to_string(c.H) +
+                               " K = " + std::to_string(c.K) + (prefix ? " prefix" : " random, empty rows");
+      Tensor lse_c, ps_c;
+      const Tensor out_c = ops::sparse_attention_forward(q.cpu, kv.cpu, c.Dv, idx, scale, &lse_c, &ps_c);
+      const Tensor out_g = out_c.to(Device::CUDA), lse_g = lse_c.to(Device::CUDA);
+      const ops::SparseAttentionGrads gc =
+          ops::sparse_attention_backward(dout.cpu, q.cpu, kv.cpu, c.Dv, idx, out_c, lse_c, scale, true);
+      setenv("DSA_SPARSE_ATTN_BWD_SPLIT", "0", 1);
+      const ops::SparseAttentionGrads gd =
+          ops::sparse_attention_backward(dout.gpu, q.gpu, kv.gpu, c.Dv, idx_g, out_g, lse_g, scale, true);
+      setenv("DSA_SPARSE_ATTN_BWD_SPLIT", "1", 1);
+      const ops::SparseAttentionGrads gs =
+          ops::sparse_attention_backward(dout.gpu, q.gpu, kv.gpu, c.Dv, idx_g, out_g, lse_g, scale, true);
+      // As SparseAttentionWgmma: r = 4, kappa = sqrt 2 against the CPU, sqrt 2 more between the two kernels.
+      const double tol_bwd = bf16_tol(4, std::sqrt(2.0)), tol_f32 = 1e-4;
+      EXPECT_TRUE(rel_close(gs.dq, gc.dq, tol_bwd)) << "dq vs CPU, " << what;
+      EXPECT_TRUE(rel_close(gs.dkv, gc.dkv, tol_bwd)) << "dkv vs CPU, " << what;
+      EXPECT_TRUE(rel_close(gs.probs_sum, ps_c, tol_f32)) << "probs_sum vs CPU, " << what;
+      EXPECT_TRUE(rel_close(gs.dq, gd.dq, std::sqrt(2.0) * tol_bwd)) << "dq vs the default kernel, " << what;
+      EXPECT_TRUE(rel_close(gs.dkv, gd.dkv, std::sqrt(2.0) * tol_bwd)) << "dkv vs the default kernel, " << what;
+    }
+  // A value the switch cannot honour is refused by name, not read as the default.
+  setenv("DSA_SPARSE_ATTN_BWD_SPLIT", "yes", 1);
+  const Pair q = rand_pair({1, 8, 64, 576}, 84), kv = rand_pair({1, 8, 576}, 85), dout = rand_pair({1, 8, 64, 512}, 86);
+  const Tensor idx = rand_indices(1, 8, 4, 87).to(Device::CUDA);
+  const Tensor lse = Tensor::zeros({1, 64, 8}, DType::F32).to(Device::CUDA);
+  try {
+    ops::sparse_attention_backward(dout.gpu, q.gpu, kv.gpu, 512, idx, dout.gpu, lse, 0.04);
+    ADD_FAILURE() << "DSA_SPARSE_ATTN_BWD_SPLIT=yes was accepted";
+  } catch (const std::exception& e) {
+    EXPECT_NE(std::string(e.what()).find("DSA_SPARSE_ATTN_BWD_SPLIT"), std::string::npos) << e.what();
   }
 }
 
