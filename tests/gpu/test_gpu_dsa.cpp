@@ -52,6 +52,20 @@ Tensor rand_indices(int64_t B, int64_t T, int64_t K, uint64_t seed) {
   return idx;
 }
 
+// rand_indices, then either causal prefixes (rows t < K take slots 0 .. t, the rest -1) or every fifth row
+// empty (all slots -1: nothing gathered, out 0, lse -inf).
+Tensor masked_indices(int64_t B, int64_t T, int64_t K, uint64_t seed, bool prefix) {
+  Tensor idx = rand_indices(B, T, K, seed);
+  for (int64_t bt = 0; bt < B * T; ++bt)
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t t = bt % T;
+      int32_t& v = idx.data<int32_t>()[bt * K + k];
+      if (prefix && t < K) v = k <= t ? static_cast<int32_t>(k) : -1;
+      if (!prefix && t % 5 == 0) v = -1;
+    }
+  return idx;
+}
+
 // ------------------------------------------------------------------------------------ hadamard / fp8
 
 TEST(GpuDsa, HadamardBitExact) {
@@ -514,14 +528,7 @@ TEST(GpuDsa, SparseAttentionForwardWs) {
     for (const bool prefix : {false, true}) {
       const double scale = 1.0 / std::sqrt(static_cast<double>(c.Dk));
       const Pair q = rand_pair({c.B, c.T, c.H, c.Dk}, 70), kv = rand_pair({c.B, c.T, c.Dk}, 71);
-      Tensor idx = rand_indices(c.B, c.T, c.K, 72);
-      for (int64_t bt = 0; bt < c.B * c.T; ++bt)
-        for (int64_t k = 0; k < c.K; ++k) {
-          const int64_t t = bt % c.T;
-          int32_t& v = idx.data<int32_t>()[bt * c.K + k];
-          if (prefix && t < c.K) v = k <= t ? static_cast<int32_t>(k) : -1;
-          if (!prefix && t % 5 == 0) v = -1;
-        }
+      const Tensor idx = masked_indices(c.B, c.T, c.K, 72, prefix);
       const Tensor idx_g = idx.to(Device::CUDA);
       const std::string what = "T = " + std::to_string(c.T) + " H = " + std::to_string(c.H) +
                                " K = " + std::to_string(c.K) + (prefix ? " prefix" : " random, empty rows");
@@ -574,14 +581,7 @@ TEST(GpuDsa, SparseAttentionBackwardSplit) {
       const double scale = 1.0 / std::sqrt(static_cast<double>(c.Dk));
       const Pair q = rand_pair({c.B, c.T, c.H, c.Dk}, 80), kv = rand_pair({c.B, c.T, c.Dk}, 81),
                  dout = rand_pair({c.B, c.T, c.H, c.Dv}, 83);
-      Tensor idx = rand_indices(c.B, c.T, c.K, 82);
-      for (int64_t bt = 0; bt < c.B * c.T; ++bt)
-        for (int64_t k = 0; k < c.K; ++k) {
-          const int64_t t = bt % c.T;
-          int32_t& v = idx.data<int32_t>()[bt * c.K + k];
-          if (prefix && t < c.K) v = k <= t ? static_cast<int32_t>(k) : -1;
-          if (!prefix && t % 5 == 0) v = -1;
-        }
+      const Tensor idx = masked_indices(c.B, c.T, c.K, 82, prefix);
       const Tensor idx_g = idx.to(Device::CUDA);
       const std::string what = "T = " + std::to_string(c.T) + " H = " + std::to_string(c.H) +
                                " K = " + std::to_string(c.K) + (prefix ? " prefix" : " random, empty rows");
