@@ -25,7 +25,7 @@
 // - Registers: dQ 3 x 48 per thread over all blocks, one 48-register dKV piece at a time (S and dP are dead
 //   by then).
 // - DSA_SPARSE_ATTN_BWD_SPLIT=1 (0 / unset: off; anything else refused) takes a variant, NOT yet run on a GPU
-//   (docs/perf_log.md Next): S on WG 0 and dP on WG 1, each m64n64 over all 64 keys (A = Q or dO read once a
+//   (docs/perf_log.md v26): S on WG 0 and dP on WG 1, each m64n64 over all 64 keys (A = Q or dO read once a
 //   block instead of twice), the halves crossed as f32 through sP / sdS; the dKV pieces 48 columns wide, two in
 //   flight, so that a piece's MMAs run under the previous piece's scatter. 238 registers, no spills.
 #include <cmath>
