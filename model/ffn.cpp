@@ -1,5 +1,7 @@
 #include "model/ffn.h"
 
+#include "model/profile.h"
+
 namespace dsa {
 
 Tensor mlp_forward(const ParamStore& ps, const std::string& p, const Tensor& x, MlpCache& c) {
@@ -87,12 +89,16 @@ Tensor moe_forward(const ParamStore& ps, const std::string& p, const ModelConfig
   if (ep && ep->size() > 1) {
     c.yp = ep_experts_forward(*ep, c.xp, c.perm, ps.w(p + "experts.gate_up_proj"), ps.w(p + "experts.down_proj"), I, c.ep);
   } else {
+    ProfileScope ps_("routed experts");
     c.gu = ops::grouped_linear_forward(c.xp, ps.w(p + "experts.gate_up_proj"), c.perm);
     c.h = ops::swiglu_forward(ops::slice_last(c.gu, 0, I), ops::slice_last(c.gu, I, 2 * I));
     c.yp = ops::grouped_linear_forward(c.h, ps.w(p + "experts.down_proj"), c.perm);
   }
   Tensor y = ops::moe_combine(c.yp, c.routing.weights, c.perm);
-  if (cfg.n_shared_experts > 0) ops::add_(y, mlp_forward(ps, p + "shared_experts.", x, c.shared));
+  if (cfg.n_shared_experts > 0) {
+    ProfileScope ps_("shared experts");
+    ops::add_(y, mlp_forward(ps, p + "shared_experts.", x, c.shared));
+  }
   if (balance_alpha > 0) c.balance_loss = ops::moe_seq_balance_loss(c.routing, E, B, T, balance_alpha, nullptr);
   return y;
 }
@@ -108,6 +114,7 @@ Tensor moe_backward(ParamStore& ps, const std::string& p, const ModelConfig& cfg
     dxp = ep_experts_backward(*ep, dyp, ps.w(p + "experts.gate_up_proj"), ps.w(p + "experts.down_proj"), I, c.ep,
                               ps.grad(p + "experts.gate_up_proj"), ps.grad(p + "experts.down_proj"));
   } else {
+    ProfileScope ps_("routed experts");
     Tensor dh = ops::grouped_linear_backward(dyp, c.h, ps.w(p + "experts.down_proj"), c.perm,
                                              &ps.grad(p + "experts.down_proj"));
     Tensor dgate, dup;
@@ -127,7 +134,10 @@ Tensor moe_backward(ParamStore& ps, const std::string& p, const ModelConfig& cfg
   ops::add_(dx, ops::cast(ops::linear_backward(dlogits, ops::cast(c.x, router_dtype(c.x)), ps[p + "gate.weight"],
                                                &ps.grad(p + "gate.weight")),
                           dx.dtype()));
-  if (cfg.n_shared_experts > 0) ops::add_(dx, mlp_backward(ps, p + "shared_experts.", dy, c.shared));
+  if (cfg.n_shared_experts > 0) {
+    ProfileScope ps_("shared experts");
+    ops::add_(dx, mlp_backward(ps, p + "shared_experts.", dy, c.shared));
+  }
   return dx;
 }
 

@@ -3,6 +3,7 @@
 #include "kernels/dsa_ops.h"
 #include "kernels/layout_ops.h"
 #include "kernels/ops.h"
+#include "model/profile.h"
 
 namespace dsa {
 
@@ -72,7 +73,10 @@ Tensor mla_forward(const ParamStore& ps, const std::string& prefix, const ModelC
     ops::narrow_accumulate_(k, ops::repeat_dim1(c.kpe, d.H), 2, d.dn);
     c.k = k.view({B, T, d.H, d.dk});
     c.v = ops::narrow(kvb, 2, d.dn, d.dn + d.dv).view({B, T, d.H, d.dv});
-    c.attn = ops::attention_forward(c.q.view({B, T, d.H, d.dk}), c.k, c.v, scale, &c.lse);
+    {
+      ProfileScope ps_("attention");
+      c.attn = ops::attention_forward(c.q.view({B, T, d.H, d.dk}), c.k, c.v, scale, &c.lse);
+    }
     c.o = c.attn.view({d.N, d.H * d.dv});
   } else {
     // Absorb W_uk into the query: q_lat_h = q_nope_h @ W_uk_h, W_uk_h = kv_b_proj rows of head h's keys.
@@ -85,10 +89,12 @@ Tensor mla_forward(const ParamStore& ps, const std::string& prefix, const ModelC
     c.q_abs = ops::concat_last(ops::transpose01(ql_t), ops::narrow(c.q, 2, d.dn, d.dk)).view({B, T, d.H, d.kvl + d.dr});
     c.kv_lat = ops::concat_last(c.ckv, c.kpe.view({d.N, d.dr})).view({B, T, d.kvl + d.dr});
     if (c.sparse) {
+      ProfileScope ps_("attention");
       c.indices = *sparse_indices;
       c.attn = ops::sparse_attention_forward(c.q_abs, c.kv_lat, d.kvl, c.indices, scale, &c.lse,
                                              c.probs_in_forward ? &c.probs_sum : nullptr);
     } else {
+      ProfileScope ps_("attention");
       c.attn = ops::attention_forward(c.q_abs, c.kv_lat.view({B, T, 1, d.kvl + d.dr}), c.ckv.view({B, T, 1, d.kvl}),
                                       scale, &c.lse);
     }
@@ -119,9 +125,12 @@ Tensor mla_backward(ParamStore& ps, const std::string& prefix, const ModelConfig
   Tensor dckv, dkpe;                                       // [N, kvl], [N, 1, dr]
 
   if (c.form == MlaForm::MHA) {
-    ops::AttentionGrads g =
-        ops::attention_backward(d_o.view({B, T, d.H, d.dv}), c.q.view({B, T, d.H, d.dk}), c.k, c.v, c.attn, c.lse,
-                                scale);
+    ops::AttentionGrads g;
+    {
+      ProfileScope ps_("attention");
+      g = ops::attention_backward(d_o.view({B, T, d.H, d.dv}), c.q.view({B, T, d.H, d.dk}), c.k, c.v, c.attn, c.lse,
+                                  scale);
+    }
     ops::add_(dq, g.dq.view({d.N, d.H, d.dk}));
     Tensor dk = g.dk.view({d.N, d.H, d.dk});
     Tensor dkvb = Tensor::zeros({d.N, d.H, d.dn + d.dv}, dt, dev);
@@ -145,12 +154,14 @@ Tensor mla_backward(ParamStore& ps, const std::string& prefix, const ModelConfig
     Tensor dattn = ops::transpose01(dol_t).view({B, T, d.H, d.kvl});
     Tensor dq_abs, dkv_lat;  // [B, T, H, kvl+dr], [B, T, kvl+dr] (value gradient folded in)
     if (c.sparse) {
+      ProfileScope ps_("attention");
       ops::SparseAttentionGrads g = ops::sparse_attention_backward(dattn, c.q_abs, c.kv_lat, d.kvl, c.indices, c.attn,
                                                                    c.lse, scale, probs_sum_out != nullptr);
       dq_abs = g.dq;
       dkv_lat = g.dkv;
       if (probs_sum_out) *probs_sum_out = g.probs_sum;
     } else {
+      ProfileScope ps_("attention");
       ops::AttentionGrads g = ops::attention_backward(dattn, c.q_abs, c.kv_lat.view({B, T, 1, d.kvl + d.dr}),
                                                       c.ckv.view({B, T, 1, d.kvl}), c.attn, c.lse, scale);
       dq_abs = g.dq;

@@ -321,10 +321,14 @@ void Model::layer_backward(int64_t l, LayerCache& lc, Tensor& dh, const LayerCon
   Tensor probs_sum;  // [B, T, K] the sparse KL's target, from the attention backward (kl_in_backward)
   {
     ProfileScope ps_b("layer bwd");
-    Tensor dffn_in = lc.moe ? moe_backward(params_, p + "mlp.", cfg_, dh, lc.moe_cache, opts.balance_alpha, ep_)
-                            : mlp_backward(params_, p + "mlp.", dh, lc.mlp);
-    ops::add_(dh, ops::rmsnorm_backward(dffn_in, lc.h_mid, params_.w(p + "post_attention_layernorm.weight"),
-                                        lc.ffn_rstd, &params_.grad(p + "post_attention_layernorm.weight")));
+    {
+      ProfileScope ps_f("FFN bwd (+ norm)");
+      Tensor dffn_in = lc.moe ? moe_backward(params_, p + "mlp.", cfg_, dh, lc.moe_cache, opts.balance_alpha, ep_)
+                              : mlp_backward(params_, p + "mlp.", dh, lc.mlp);
+      ops::add_(dh, ops::rmsnorm_backward(dffn_in, lc.h_mid, params_.w(p + "post_attention_layernorm.weight"),
+                                          lc.ffn_rstd, &params_.grad(p + "post_attention_layernorm.weight")));
+    }
+    ProfileScope ps_m("MLA bwd (+ norm)");
     Tensor dattn_in = mla_backward(params_, p, cfg_, rope_, ctx.positions, dh, lc.mla,
                                    lc.dcq_from_indexer.defined() ? &lc.dcq_from_indexer : nullptr,
                                    ctx.kl_in_backward ? &probs_sum : nullptr);

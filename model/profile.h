@@ -1,5 +1,6 @@
 // Optional section timing of the model step (DSA_PROFILE=1): each section synchronizes the device at
-// its ends, so the figures are exact per section but the step runs slower. Off: no cost.
+// its ends, so the figures are exact per section but the step runs slower. Off: no cost. A section opened
+// inside another is recorded as "outer > inner" and reported under it (not counted twice in the total).
 #pragma once
 
 #include <map>
@@ -25,7 +26,7 @@ class ProfileScope {
   ProfileScope& operator=(const ProfileScope&) = delete;
 
  private:
-  const char* section_;
+  std::string name_;  // "outer > inner" when opened inside another section
   double start_ = 0;
 };
 
