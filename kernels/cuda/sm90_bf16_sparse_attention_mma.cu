@@ -23,6 +23,8 @@
 // - Instantiations: (Dk, Dv) = (288, 256) (bench-small) and (576, 512) (production), H a multiple of 16;
 //   other shapes return false and the caller uses the gather + cuBLASLt path.
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 
 #include "kernels/cuda/dsa_common.cuh"
 #include "kernels/cuda/mma.cuh"
@@ -33,12 +35,15 @@ namespace {
 
 __device__ __forceinline__ void pair_bar(int pair) { asm volatile("bar.sync %0, 64;\n" ::"r"(pair + 1)); }
 // Shared-memory plan and the kv-block loader common to both kernels.
-template <int DK, int DV, int HT, int NT, int BN, int ST> struct Cfg {
+// GL: the gather's threads per row (0: kThreads / kRows, one pass over the rows; 8: whole 128-byte
+// segments of a row per eight lanes, several passes).
+template <int DK, int DV, int HT, int NT, int BN, int ST, int GL = 0> struct Cfg {
   static constexpr int kR = HT * 16;              // heads per CTA
   static constexpr int kWarps = 2 * HT * NT, kThreads = 32 * kWarps;
   static constexpr int kQS = DK + 8, kPS = BN + 8;  // padded row strides (elements); dO rows: DV + 8
   static constexpr int kRows = NT * BN;           // kv rows per stage
-  static constexpr int kTpr = kThreads >= kRows ? kThreads / kRows : 1;  // loader threads per row
+  static constexpr int kTpr = GL > 0 ? GL : kThreads >= kRows ? kThreads / kRows : 1;  // loader threads per row
+  static constexpr int kPass = kThreads / kTpr, kPasses = (kRows + kPass - 1) / kPass;  // rows per pass, passes
   static constexpr int kQ = NT * kR * kQS;        // elements of sQ
   static constexpr int kKV = ST * kRows * kQS;    // elements of sKV
   static constexpr int kP = NT * kR * kPS;        // elements of sP / sdS
@@ -46,11 +51,13 @@ template <int DK, int DV, int HT, int NT, int BN, int ST> struct Cfg {
   static constexpr size_t bwd_smem() { return size_t(kQ + NT * kR * (DV + 8) + kKV + 2 * kP) * 2 + ST * kRows * 4; }
   static_assert(DK % 32 == 0 && DV % 32 == 0 && BN % 32 == 0, "tile shapes");
   static_assert(kThreads % kRows == 0 || kRows % kThreads == 0, "loader mapping");
+  static_assert(kThreads % kTpr == 0 && kPasses <= 8, "loader passes");
 
   // Issues the cp.async gather of block `blk` of the CTA's tokens into stage `st` (rows of invalid slots
   // zero-filled, their index -1 in sIdx). Returns whether this thread saw a valid slot.
   static __device__ __forceinline__ bool load(const SparseAttnParams& p, int64_t bt0, int blk, int st, __nv_bfloat16* sKV,
                                               int* sIdx) {
+    if constexpr (GL > 0) return load_lines(p, bt0, blk, st, sKV, sIdx);
     const int64_t N = int64_t(p.B) * p.T;
     bool any = false;
     for (int row = threadIdx.x / kTpr; row < kRows; row += kThreads / kTpr) {
@@ -58,6 +65,36 @@ template <int DK, int DV, int HT, int NT, int BN, int ST> struct Cfg {
       const int64_t bt = bt0 + tk;
       int s = -1;
       if (bt < N && slot < p.K) s = __ldg(p.idx + bt * p.K + slot);
+      any |= s >= 0;
+      if (threadIdx.x % kTpr == 0) sIdx[st * kRows + row] = s;
+      const __nv_bfloat16* src = s >= 0 ? p.kv + ((bt / p.T) * p.T + s) * DK : p.kv;
+      __nv_bfloat16* dst = sKV + (st * kRows + row) * kQS;
+      for (int ch = threadIdx.x % kTpr; ch < DK / 8; ch += kTpr)
+        cp_async16(dst + ch * 8, src + ch * 8, s >= 0 ? 16 : 0);
+    }
+    return any;
+  }
+  // load() with GL lanes per row over kPasses passes (DSA_SPARSE_ATTN_MMA_LINES, perf_log v27): the indices
+  // of all passes are read first, so that their latencies overlap (the copies' addresses wait for them).
+  // NOTES: kept beside the one-pass loader, whose code the measured default runs, until the GPU decides.
+  static __device__ __forceinline__ bool load_lines(const SparseAttnParams& p, int64_t bt0, int blk, int st,
+                                                    __nv_bfloat16* sKV, int* sIdx) {
+    const int64_t N = int64_t(p.B) * p.T;
+    int sv[kPasses];
+#pragma unroll
+    for (int i = 0; i < kPasses; ++i) {
+      const int row = threadIdx.x / kTpr + i * kPass, tk = row / BN, slot = blk * BN + row % BN;
+      const int64_t bt = bt0 + tk;
+      sv[i] = -1;
+      if (row < kRows && bt < N && slot < p.K) sv[i] = __ldg(p.idx + bt * p.K + slot);
+    }
+    bool any = false;
+#pragma unroll
+    for (int i = 0; i < kPasses; ++i) {
+      const int row = threadIdx.x / kTpr + i * kPass;
+      if (kRows % kPass != 0 && row >= kRows) break;
+      const int64_t bt = bt0 + row / BN;
+      const int s = sv[i];
       any |= s >= 0;
       if (threadIdx.x % kTpr == 0) sIdx[st * kRows + row] = s;
       const __nv_bfloat16* src = s >= 0 ? p.kv + ((bt / p.T) * p.T + s) * DK : p.kv;
@@ -178,9 +215,9 @@ __device__ __forceinline__ void mma_atb16(float (&acc)[2][4], const __nv_bfloat1
 constexpr float kLog2e = 1.4426950408889634f;
 
 // ------------------------------------------------------------------------------------------- forward
-template <int DK, int DV, int HT, int NT, int BN, int ST>
+template <int DK, int DV, int HT, int NT, int BN, int ST, int GL>
 __global__ void __launch_bounds__(64 * HT * NT, 1) sparse_attn_fwd_kernel(const SparseAttnParams p) {
-  using C = Cfg<DK, DV, HT, NT, BN, ST>;
+  using C = Cfg<DK, DV, HT, NT, BN, ST, GL>;
   extern __shared__ __align__(16) unsigned char smem[];
   __nv_bfloat16* sQ = reinterpret_cast<__nv_bfloat16*>(smem);  // [NT][kR][kQS]
   __nv_bfloat16* sKV = sQ + C::kQ;                               // [ST][NT * BN][kQS]
@@ -294,9 +331,9 @@ __global__ void __launch_bounds__(64 * HT * NT, 1) sparse_attn_fwd_kernel(const 
 // and no P through shared memory). Only forward-only steps use it; a training step takes the sums from
 // the backward kernel, which recomputes P anyway. With one 16-head tile per token (H = 16) every (token, slot) gets a
 // single atomicAdd onto zero (deterministic); otherwise H / 16 adds per slot in f32.
-template <int DK, int DV, int HT, int NT, int BN, int ST>
+template <int DK, int DV, int HT, int NT, int BN, int ST, int GL>
 __global__ void __launch_bounds__(64 * HT * NT, 1) sparse_attn_probs_kernel(const SparseAttnParams p) {
-  using C = Cfg<DK, DV, HT, NT, BN, ST>;
+  using C = Cfg<DK, DV, HT, NT, BN, ST, GL>;
   extern __shared__ __align__(16) unsigned char smem[];
   __nv_bfloat16* sQ = reinterpret_cast<__nv_bfloat16*>(smem);  // [NT][kR][kQS]
   __nv_bfloat16* sKV = sQ + C::kQ;                               // [ST][NT * BN][kQS]
@@ -350,9 +387,9 @@ __global__ void __launch_bounds__(64 * HT * NT, 1) sparse_attn_probs_kernel(cons
 }
 
 // ------------------------------------------------------------------------------------------ backward
-template <int DK, int DV, int HT, int NT, int BN, int ST>
+template <int DK, int DV, int HT, int NT, int BN, int ST, int GL>
 __global__ void __launch_bounds__(64 * HT * NT, 1) sparse_attn_bwd_kernel(const SparseAttnParams p) {
-  using C = Cfg<DK, DV, HT, NT, BN, ST>;
+  using C = Cfg<DK, DV, HT, NT, BN, ST, GL>;
   constexpr int kOS = DV + 8;  // dO row stride
   extern __shared__ __align__(16) unsigned char smem[];
   __nv_bfloat16* sQ = reinterpret_cast<__nv_bfloat16*>(smem);  // [NT][kR][kQS]
@@ -499,10 +536,10 @@ __global__ void delta_kernel(const __nv_bfloat16* __restrict__ dout, const __nv_
 }
 
 // A tile configuration as a type, so one dispatch serves several launchers.
-template <int DK_, int DV_, int HT_, int NT_, int BN_, int ST_>
+template <int DK_, int DV_, int HT_, int NT_, int BN_, int ST_, int GL_ = 0>
 struct Tiles {
-  static constexpr int DK = DK_, DV = DV_, HT = HT_, NT = NT_, BN = BN_, ST = ST_;
-  using C = Cfg<DK, DV, HT, NT, BN, ST>;
+  static constexpr int DK = DK_, DV = DV_, HT = HT_, NT = NT_, BN = BN_, ST = ST_, GL = GL_;
+  using C = Cfg<DK, DV, HT, NT, BN, ST, GL>;
 };
 
 // One CTA per NT tokens and kR-head group.
@@ -522,6 +559,16 @@ int config_of(int64_t H, int64_t Dk, int64_t Dv) {
   return H % 64 == 0 ? 4 : 1;
 }
 
+// DSA_SPARSE_ATTN_MMA_LINES=1 (0 / unset: off; anything else refused): the 16-head tile configurations
+// gather with eight lanes per row (whole 128-byte segments, four rows a warp instruction) instead of two
+// (one 32-byte sector a row and instruction: sixteen one-sector L2 requests). docs/perf_log.md v27.
+bool mma_gather_lines() {
+  const char* e = std::getenv("DSA_SPARSE_ATTN_MMA_LINES");
+  DSA_CHECK(!e || !*e || std::strcmp(e, "0") == 0 || std::strcmp(e, "1") == 0,
+            "[sparse_attention] DSA_SPARSE_ATTN_MMA_LINES must be 0, 1 or unset, got '", e, "'");
+  return e && *e == '1';
+}
+
 
 }  // namespace
 
@@ -535,25 +582,28 @@ bool sparse_attention_mma_forward(const Tensor& q, const Tensor& kv, int64_t dv,
   p.out = reinterpret_cast<__nv_bfloat16*>(out.data<bf16>());
   p.lse = lse.data<float>();
   // The forward and the probs pass share their tiles.
+  const bool lines = mma_gather_lines();
   auto fwd_side = [&](auto launch) {
     if (Dk == 288) {
       if (cfg == 4) launch(Tiles<288, 256, 4, 1, 32, 3>{});
+      else if (lines) launch(Tiles<288, 256, 1, 2, 32, 2, 8>{});
       else launch(Tiles<288, 256, 1, 2, 32, 2>{});
     } else {
       if (cfg == 4) launch(Tiles<576, 512, 4, 1, 32, 3>{});
+      else if (lines) launch(Tiles<576, 512, 1, 2, 32, 2, 8>{});
       else launch(Tiles<576, 512, 1, 2, 32, 2>{});
     }
   };
   if (!sparse_attention_wgmma_forward(p, static_cast<int>(Dk), static_cast<int>(dv)))
     fwd_side([&](auto t) {
       using T = decltype(t);
-      launch_kernel<T>(sparse_attn_fwd_kernel<T::DK, T::DV, T::HT, T::NT, T::BN, T::ST>, T::C::fwd_smem(), p, op);
+      launch_kernel<T>(sparse_attn_fwd_kernel<T::DK, T::DV, T::HT, T::NT, T::BN, T::ST, T::GL>, T::C::fwd_smem(), p, op);
     });
   if (probs_sum.defined()) {
     p.probs = probs_sum.data<float>();
     fwd_side([&](auto t) {
       using T = decltype(t);
-      launch_kernel<T>(sparse_attn_probs_kernel<T::DK, T::DV, T::HT, T::NT, T::BN, T::ST>,
+      launch_kernel<T>(sparse_attn_probs_kernel<T::DK, T::DV, T::HT, T::NT, T::BN, T::ST, T::GL>,
                        size_t(T::C::kQ + T::C::kKV) * 2 + T::ST * T::C::kRows * 4, p, op);
     });
   }
@@ -580,16 +630,19 @@ bool sparse_attention_mma_backward(const Tensor& dout, const Tensor& q, const Te
   p.dq = reinterpret_cast<__nv_bfloat16*>(dq.data<bf16>());
   p.dkv = dkv32.data<float>();
   p.probs = probs_sum.defined() ? probs_sum.data<float>() : nullptr;
+  const bool lines = mma_gather_lines();
   if (sparse_attention_wgmma_backward(p, static_cast<int>(Dk), static_cast<int>(dv))) return true;
   auto launch = [&](auto t) {
     using T = decltype(t);
-    launch_kernel<T>(sparse_attn_bwd_kernel<T::DK, T::DV, T::HT, T::NT, T::BN, T::ST>, T::C::bwd_smem(), p, op);
+    launch_kernel<T>(sparse_attn_bwd_kernel<T::DK, T::DV, T::HT, T::NT, T::BN, T::ST, T::GL>, T::C::bwd_smem(), p, op);
   };
   if (Dk == 288) {
     if (cfg == 4) launch(Tiles<288, 256, 4, 1, 32, 2>{});
+    else if (lines) launch(Tiles<288, 256, 1, 3, 32, 2, 8>{});
     else launch(Tiles<288, 256, 1, 3, 32, 2>{});
   } else {
     if (cfg == 4) launch(Tiles<576, 512, 4, 1, 32, 2>{});
+    else if (lines) launch(Tiles<576, 512, 1, 1, 32, 2, 8>{});
     else launch(Tiles<576, 512, 1, 1, 32, 2>{});
   }
   return true;

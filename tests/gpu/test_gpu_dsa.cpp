@@ -617,6 +617,83 @@ TEST(GpuDsa, SparseAttentionBackwardSplit) {
   }
 }
 
+// The mma.sync kernels' 16-head tiles with the whole-segment gather (DSA_SPARSE_ATTN_MMA_LINES=1: eight lanes a
+// row, several passes) against the default one-pass gather and against the CPU, every kernel forced to
+// mma.sync (DSA_SPARSE_ATTN_WGMMA=0). The shared-memory tiles are the same, so the forward, its head sums and
+// dq are bit for bit the default's; dkv (f32 atomics in any order) and the backward's head sums within the
+// tolerances. H 16 and 32 (two head groups), Dk 288 (rows of 576 bytes: half of them start mid-line) and
+// 576; random indices with every fifth row empty, and causal prefixes.
+TEST(GpuDsa, SparseAttentionMmaLines) {
+  DSA_REQUIRE_GPU();
+  struct Env {  // the switches never outlive this test, even when an assertion throws
+    Env() { setenv("DSA_SPARSE_ATTN_WGMMA", "0", 1); }
+    ~Env() { unsetenv("DSA_SPARSE_ATTN_MMA_LINES"), unsetenv("DSA_SPARSE_ATTN_WGMMA"); }
+  } env;
+  for (const AttnCase& c : {AttnCase{2, 150, 16, 288, 256, 130}, AttnCase{1, 90, 16, 576, 512, 64},
+                            AttnCase{1, 140, 32, 576, 512, 100}, AttnCase{1, 65, 32, 288, 256, 48}})
+    for (const bool prefix : {false, true}) {
+      const double scale = 1.0 / std::sqrt(static_cast<double>(c.Dk));
+      const Pair q = rand_pair({c.B, c.T, c.H, c.Dk}, 90), kv = rand_pair({c.B, c.T, c.Dk}, 91),
+                 dout = rand_pair({c.B, c.T, c.H, c.Dv}, 93);
+      const Tensor idx = masked_indices(c.B, c.T, c.K, 92, prefix);
+      const Tensor idx_g = idx.to(Device::CUDA);
+      const std::string what = "T = " + std::to_string(c.T) + " H = " + std::to_string(c.H) + " Dk = " +
+                               std::to_string(c.Dk) + " K = " + std::to_string(c.K) +
+                               (prefix ? " prefix" : " random, empty rows");
+      Tensor lse_c, ps_c;
+      const Tensor out_c = ops::sparse_attention_forward(q.cpu, kv.cpu, c.Dv, idx, scale, &lse_c, &ps_c);
+      const ops::SparseAttentionGrads gc =
+          ops::sparse_attention_backward(dout.cpu, q.cpu, kv.cpu, c.Dv, idx, out_c, lse_c, scale, true);
+      struct Run {
+        Tensor out, lse, ps;
+        ops::SparseAttentionGrads g;
+      } run[2];
+      for (int lines = 0; lines < 2; ++lines) {
+        setenv("DSA_SPARSE_ATTN_MMA_LINES", lines ? "1" : "0", 1);
+        Run& r = run[lines];
+        r.out = ops::sparse_attention_forward(q.gpu, kv.gpu, c.Dv, idx_g, scale, &r.lse, &r.ps);
+        r.g = ops::sparse_attention_backward(dout.gpu, q.gpu, kv.gpu, c.Dv, idx_g, r.out, r.lse, scale, true);
+      }
+      const Run &d = run[0], &l = run[1];
+      auto same_bits = [](const Tensor& a, const Tensor& b) {
+        const Tensor x = a.to(Device::CPU), y = b.to(Device::CPU);
+        return x.shape() == y.shape() && std::memcmp(x.raw(), y.raw(), x.nbytes()) == 0;
+      };
+      EXPECT_TRUE(same_bits(l.out, d.out)) << "out vs the one-pass gather, " << what;
+      EXPECT_TRUE(same_bits(l.lse, d.lse)) << "lse vs the one-pass gather, " << what;
+      EXPECT_TRUE(same_bits(l.ps, d.ps)) << "forward probs_sum vs the one-pass gather, " << what;
+      EXPECT_TRUE(same_bits(l.g.dq, d.g.dq)) << "dq vs the one-pass gather, " << what;
+      // Against the CPU as SparseAttentionWgmma (empty rows: out 0 and lse -inf on both sides, compared below).
+      Tensor l_c = lse_c.to(DType::F32), l_l = l.lse.to(Device::CPU);
+      for (int64_t i = 0; i < l_c.numel(); ++i) {
+        if (!std::isinf(l_c.data<float>()[i])) continue;
+        EXPECT_TRUE(std::isinf(l_l.data<float>()[i])) << "lse " << i << ", " << what;
+        l_c.data<float>()[i] = l_l.data<float>()[i] = 0.f;
+      }
+      const double tol_bwd = bf16_tol(4, std::sqrt(2.0)), tol_f32 = 1e-4;
+      EXPECT_TRUE(rel_close(l.out, out_c, bf16_tol(2))) << "out vs CPU, " << what;
+      EXPECT_TRUE(rel_close(l_l, l_c, tol_f32)) << "lse vs CPU, " << what;
+      EXPECT_TRUE(rel_close(l.ps, ps_c, tol_f32)) << "forward probs_sum vs CPU, " << what;
+      EXPECT_TRUE(rel_close(l.g.dq, gc.dq, tol_bwd)) << "dq vs CPU, " << what;
+      EXPECT_TRUE(rel_close(l.g.dkv, gc.dkv, tol_bwd)) << "dkv vs CPU, " << what;
+      EXPECT_TRUE(rel_close(l.g.probs_sum, ps_c, tol_f32)) << "backward probs_sum vs CPU, " << what;
+      // The same f32 sums in another order (~2^-24 each), of which the rare one that crosses a bf16 rounding
+      // boundary moves by one unit (2^-8): far below 1e-3 norm-wise; a missed or misplaced row is not.
+      EXPECT_TRUE(rel_close(l.g.dkv, d.g.dkv, 1e-3)) << "dkv vs the one-pass gather (atomics' order), " << what;
+    }
+  // A value the switch cannot honour is refused by name, not read as the default.
+  setenv("DSA_SPARSE_ATTN_MMA_LINES", "yes", 1);
+  const Pair q = rand_pair({1, 8, 16, 288}, 94), kv = rand_pair({1, 8, 288}, 95);
+  const Tensor idx = rand_indices(1, 8, 4, 96).to(Device::CUDA);
+  try {
+    Tensor lse;
+    ops::sparse_attention_forward(q.gpu, kv.gpu, 256, idx, 0.06, &lse, nullptr);
+    ADD_FAILURE() << "DSA_SPARSE_ATTN_MMA_LINES=yes was accepted";
+  } catch (const std::exception& e) {
+    EXPECT_NE(std::string(e.what()).find("DSA_SPARSE_ATTN_MMA_LINES"), std::string::npos) << e.what();
+  }
+}
+
 // --------------------------------------------------------------------------------- indexer losses
 
 // lse [B, H, T] of dense causal attention (f64 loops), as f32.
