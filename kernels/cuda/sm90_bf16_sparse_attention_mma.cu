@@ -74,9 +74,8 @@ template <int DK, int DV, int HT, int NT, int BN, int ST, int GL = 0> struct Cfg
     }
     return any;
   }
-  // load() with GL lanes per row over kPasses passes (DSA_SPARSE_ATTN_MMA_LINES, perf_log v27): the indices
+  // load() with GL lanes per row over kPasses passes (the 16-head tiles' default, perf_log v27): the indices
   // of all passes are read first, so that their latencies overlap (the copies' addresses wait for them).
-  // NOTES: kept beside the one-pass loader, whose code the measured default runs, until the GPU decides.
   static __device__ __forceinline__ bool load_lines(const SparseAttnParams& p, int64_t bt0, int blk, int st,
                                                     __nv_bfloat16* sKV, int* sIdx) {
     const int64_t N = int64_t(p.B) * p.T;
@@ -559,14 +558,15 @@ int config_of(int64_t H, int64_t Dk, int64_t Dv) {
   return H % 64 == 0 ? 4 : 1;
 }
 
-// DSA_SPARSE_ATTN_MMA_LINES=1 (0 / unset: off; anything else refused): the 16-head tile configurations
-// gather with eight lanes per row (whole 128-byte segments, four rows a warp instruction) instead of two
-// (one 32-byte sector a row and instruction: sixteen one-sector L2 requests). docs/perf_log.md v27.
+// The 16-head tile configurations gather with eight lanes per row (whole 128-byte segments, four rows a warp
+// instruction); DSA_SPARSE_ATTN_MMA_LINES=0 takes the one-pass gather of two lanes a row (one 32-byte sector
+// a row and instruction: sixteen one-sector L2 requests), 1 / unset the default, anything else is refused.
+// Measured (docs/perf_log.md v27, H100): the bench-small forward 1.90 -> 1.69 ms.
 bool mma_gather_lines() {
   const char* e = std::getenv("DSA_SPARSE_ATTN_MMA_LINES");
   DSA_CHECK(!e || !*e || std::strcmp(e, "0") == 0 || std::strcmp(e, "1") == 0,
             "[sparse_attention] DSA_SPARSE_ATTN_MMA_LINES must be 0, 1 or unset, got '", e, "'");
-  return e && *e == '1';
+  return !(e && *e == '0');
 }
 
 

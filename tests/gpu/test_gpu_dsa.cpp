@@ -587,7 +587,7 @@ TEST(GpuDsa, SparseAttentionBackwardSplit) {
                                " K = " + std::to_string(c.K) + (prefix ? " prefix" : " random, empty rows");
       Tensor lse_c, ps_c;
       const Tensor out_c = ops::sparse_attention_forward(q.cpu, kv.cpu, c.Dv, idx, scale, &lse_c, &ps_c);
-      const Tensor out_g = out_c.to(Device::CUDA), lse_g = lse_c.to(Device::CUDA);
+      const Tensor out_g = out_c.to(DType::BF16).to(Device::CUDA), lse_g = lse_c.to(DType::F32).to(Device::CUDA);
       const ops::SparseAttentionGrads gc =
           ops::sparse_attention_backward(dout.cpu, q.cpu, kv.cpu, c.Dv, idx, out_c, lse_c, scale, true);
       setenv("DSA_SPARSE_ATTN_BWD_SPLIT", "0", 1);

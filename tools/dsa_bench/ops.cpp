@@ -12,8 +12,8 @@
 //   sparse_attention   sparse MLA attention fwd / bwd; on the GPU the fused (mma), the wgmma
 //                      (DSA_SPARSE_ATTN_WGMMA=1: 64 heads per CTA where H % 64 == 0 (the backward at Dk
 //                      576 only), else 16 with keys as M) and the gather + cuBLASLt (gemm,
-//                      DSA_SPARSE_ATTN_GEMM=1) paths; mma-lines: the mma.sync kernels' 16-head tiles with the
-//                      whole-segment gather (DSA_SPARSE_ATTN_MMA_LINES=1)
+//                      DSA_SPARSE_ATTN_GEMM=1) paths; mma-1pass: the mma.sync kernels' 16-head tiles with the
+//                      one-pass gather the whole-segment one replaced (DSA_SPARSE_ATTN_MMA_LINES=0)
 //   indexer            the sparse stage's indexer route: scores, top-k (fp8 in both slot orders), sparse KL,
 //                      probabilities pass
 //   moe                grouped expert GEMM (fwd, bwd, host time of a call), routing and permutation ops
@@ -200,7 +200,7 @@ void sparse_attention(const Ops& o) {
   const std::vector<Case> cases = o.gpu ? std::vector<Case>{{4096, 128, 576, 512, 2048}, {16384, 16, 288, 256, 512}}
                                         : std::vector<Case>{{1024, 16, 288, 256, 512}};
   const std::vector<std::string> paths =
-      o.gpu ? std::vector<std::string>{"mma", "mma-lines", "wgmma", "gemm"} : std::vector<std::string>{"cpu"};
+      o.gpu ? std::vector<std::string>{"mma", "mma-1pass", "wgmma", "gemm"} : std::vector<std::string>{"cpu"};
   struct Unset {  // the forced path never outlives this section, even when it throws
     ~Unset() {
       unsetenv("DSA_SPARSE_ATTN_GEMM");
@@ -213,7 +213,7 @@ void sparse_attention(const Ops& o) {
       if (o.gpu) {  // read at each call
         setenv("DSA_SPARSE_ATTN_GEMM", path == "gemm" ? "1" : "0", 1);
         setenv("DSA_SPARSE_ATTN_WGMMA", path == "wgmma" ? "1" : "0", 1);
-        setenv("DSA_SPARSE_ATTN_MMA_LINES", path == "mma-lines" ? "1" : "0", 1);
+        setenv("DSA_SPARSE_ATTN_MMA_LINES", path == "mma-1pass" ? "0" : "1", 1);
       }
       const Tensor q = o.uniform({1, c.T, c.H, c.Dk}, 4, 0.05f), kv = o.uniform({1, c.T, c.Dk}, 5, 1.f),
                    dout = o.uniform({1, c.T, c.H, c.Dv}, 6, 1.f);
