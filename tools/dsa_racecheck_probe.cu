@@ -12,6 +12,8 @@
 //   bar_sync_exit     384 threads, WG 2 returns at once, WG 0 / 1 exchange across bar.sync 1, 256
 //   bar_sync_stay     384 threads, WG 2 waits at a 384-thread bar.sync at the end, the same exchange
 //   arrive_sync       256 threads, WG 1 writes, bar.arrive 2, 256; WG 0 bar.sync 2, 256, reads
+//   arrive_war        256 threads, WG 0 reads, bar.arrive 2, 256; WG 1 bar.sync 2, 256, then overwrites (the
+//                     ws forward's sm.mn and P0 hand-backs: the reader arrives, the next writer syncs)
 //   mbar_elected      384 threads, WG 2 writes (all lanes), __syncwarp, lane 0 of each warp arrives on an
 //                     mbarrier of count 4; WG 0 waits on it and reads
 //   mbar_all          the same, every WG 2 thread arrives (count 128)
@@ -76,6 +78,19 @@ __global__ void arrive_sync_kernel(int* bad) {
     if (buf[threadIdx.x] != 1000 * static_cast<int>(blockIdx.x) + threadIdx.x + 128) atomicAdd(bad, 1);
   }
 }
+__global__ void arrive_war_kernel(int* bad) {
+  __shared__ int buf[128];
+  if (threadIdx.x < 128) buf[threadIdx.x] = 7;
+  __syncthreads();
+  if (threadIdx.x < 128) {
+    const int v = buf[threadIdx.x];
+    named_bar_arrive(2, 256);
+    if (v != 7) atomicAdd(bad, 1);
+  } else {
+    named_bar_sync(2, 256);
+    buf[threadIdx.x - 128] = 1000 * blockIdx.x + threadIdx.x;
+  }
+}
 // WG 2 (threads 256 ..) writes buf[t - 256]; WG 0 (threads 0 .. 127) reads buf[t] after the mbarrier; WG 1 idles.
 template <bool kElected>
 __global__ void mbar_kernel(int* bad) {
@@ -123,7 +138,7 @@ __global__ void cp_async_mbar_kernel(const int4* src, int* bad) {
 
 int main(int argc, char** argv) {
   const char* probes =
-      "syncthreads bar_sync bar_sync_exit bar_sync_stay arrive_sync mbar_elected mbar_all cp_async_mbar";
+      "syncthreads bar_sync bar_sync_exit bar_sync_stay arrive_sync arrive_war mbar_elected mbar_all cp_async_mbar";
   if (argc != 2) {
     std::fprintf(stderr, "usage: dsa-racecheck-probe <probe>   probes: %s\n", probes);
     return 2;
@@ -142,6 +157,7 @@ int main(int argc, char** argv) {
   else if (what == "bar_sync_exit") bar_sync_exit_kernel<<<kBlocks, 384>>>(bad);
   else if (what == "bar_sync_stay") bar_sync_stay_kernel<<<kBlocks, 384>>>(bad);
   else if (what == "arrive_sync") arrive_sync_kernel<<<kBlocks, 256>>>(bad);
+  else if (what == "arrive_war") arrive_war_kernel<<<kBlocks, 256>>>(bad);
   else if (what == "mbar_elected") mbar_kernel<true><<<kBlocks, 384>>>(bad);
   else if (what == "mbar_all") mbar_kernel<false><<<kBlocks, 384>>>(bad);
   else if (what == "cp_async_mbar") cp_async_mbar_kernel<<<kBlocks, 384>>>(src, bad);
