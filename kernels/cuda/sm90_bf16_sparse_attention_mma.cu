@@ -18,6 +18,9 @@
 // - Blocks in which no token of the CTA has a valid slot are skipped (__syncthreads_or at the top of the
 //   iteration), which removes most of the causal prefix work (t < K) at no cost.
 // - Shared-memory rows are padded by 16 bytes (stride Dk + 8) so ldmatrix rows fall in distinct banks.
+// - The gather (Cfg::load): the 16-head tiles give a row eight lanes (whole 128-byte segments, in one wavefront
+//   on the padded rows) over several passes; two lanes a row (one sector a row and instruction) cost 11% on the
+//   bench-small forward (docs/perf_log.md v27). The 64-head tiles already have eight (256 threads, 32 rows).
 // - Registers: the production backward keeps dQ for 16 heads x 288 columns per warp (144 f32 registers);
 //   one CTA per SM with 8 warps, so the 255-register cap leaves room for the S/dP tiles.
 // - Instantiations: (Dk, Dv) = (288, 256) (bench-small) and (576, 512) (production), H a multiple of 16;
