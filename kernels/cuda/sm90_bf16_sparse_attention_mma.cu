@@ -79,6 +79,9 @@ template <int DK, int DV, int HT, int NT, int BN, int ST, int GL = 0> struct Cfg
   }
   // load() with GL lanes per row over kPasses passes (the 16-head tiles' default, perf_log v27): the indices
   // of all passes are read first, so that their latencies overlap (the copies' addresses wait for them).
+  // NOTES: with one pass it computes what load() does, but not in the same instructions (PTX compared): load()
+  // stays as the code the 64-head tiles and DSA_SPARSE_ATTN_MMA_LINES=0 were tested and measured with, until
+  // a GPU run checks those tiles through this one.
   static __device__ __forceinline__ bool load_lines(const SparseAttnParams& p, int64_t bt0, int blk, int st,
                                                     __nv_bfloat16* sKV, int* sIdx) {
     const int64_t N = int64_t(p.B) * p.T;

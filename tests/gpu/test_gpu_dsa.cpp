@@ -52,6 +52,19 @@ Tensor rand_indices(int64_t B, int64_t T, int64_t K, uint64_t seed) {
   return idx;
 }
 
+// Sets the switch `name` to a value no switch takes ("yes") and expects `call` to be refused with an error that
+// names it: a value the code cannot honour is never read as the default. The caller restores the variable.
+template <class F>
+void expect_refused_by_name(const char* name, F&& call) {
+  setenv(name, "yes", 1);
+  try {
+    call();
+    ADD_FAILURE() << name << "=yes was accepted";
+  } catch (const std::exception& e) {
+    EXPECT_NE(std::string(e.what()).find(name), std::string::npos) << e.what();
+  }
+}
+
 // rand_indices, then either causal prefixes (rows t < K take slots 0 .. t, the rest -1) or every fifth row
 // empty (all slots -1: nothing gathered, out 0, lse -inf).
 Tensor masked_indices(int64_t B, int64_t T, int64_t K, uint64_t seed, bool prefix) {
@@ -250,13 +263,9 @@ TEST(GpuDsa, IndexerTopkFp8) {
     bool had;
     ~Env() { had ? setenv(name, old.c_str(), 1) : unsetenv(name); }
   } env{name, std::getenv(name) ? std::getenv(name) : "", std::getenv(name) != nullptr};
-  setenv(name, "yes", 1);
-  try {
+  expect_refused_by_name(name, [&] {
     ops::indexer_topk(q.gpu, k.gpu, w.gpu, 8, true);
-    ADD_FAILURE() << name << "=yes was accepted";
-  } catch (const std::exception& e) {
-    EXPECT_NE(std::string(e.what()).find(name), std::string::npos) << e.what();
-  }
+  });
 }
 
 TEST(GpuDsa, TopkCausalTies) {
@@ -500,16 +509,12 @@ TEST(GpuDsa, SparseAttentionWgmma) {
       EXPECT_TRUE(rel_close(gw.dkv, gm.dkv, std::sqrt(2.0) * tol_bwd)) << "dkv vs mma.sync, " << what;
     }
   // A value the switch cannot honour is refused by name, not read as the default.
-  setenv("DSA_SPARSE_ATTN_WGMMA", "yes", 1);
   const Pair q = rand_pair({1, 8, 16, 288}, 60), kv = rand_pair({1, 8, 288}, 61);
   const Tensor idx = rand_indices(1, 8, 4, 62).to(Device::CUDA);
-  try {
+  expect_refused_by_name("DSA_SPARSE_ATTN_WGMMA", [&] {
     Tensor lse;
     ops::sparse_attention_forward(q.gpu, kv.gpu, 256, idx, 0.06, &lse, nullptr);
-    ADD_FAILURE() << "DSA_SPARSE_ATTN_WGMMA=yes was accepted";
-  } catch (const std::exception& e) {
-    EXPECT_NE(std::string(e.what()).find("DSA_SPARSE_ATTN_WGMMA"), std::string::npos) << e.what();
-  }
+  });
 }
 
 // The warp-specialized forward (the default at Dk 576 / Dv 512, H % 64 == 0: 64 heads a CTA, blocks of 64 slots
@@ -553,16 +558,12 @@ TEST(GpuDsa, SparseAttentionForwardWs) {
       EXPECT_TRUE(rel_close(l_w, l_o, 1e-4)) << "lse vs two-warpgroup kernel, " << what;
     }
   // A value the switch cannot honour is refused by name, not read as the default.
-  setenv("DSA_SPARSE_ATTN_FWD_WS", "yes", 1);
   const Pair q = rand_pair({1, 8, 64, 576}, 73), kv = rand_pair({1, 8, 576}, 74);
   const Tensor idx = rand_indices(1, 8, 4, 75).to(Device::CUDA);
-  try {
+  expect_refused_by_name("DSA_SPARSE_ATTN_FWD_WS", [&] {
     Tensor lse;
     ops::sparse_attention_forward(q.gpu, kv.gpu, 512, idx, 0.04, &lse, nullptr);
-    ADD_FAILURE() << "DSA_SPARSE_ATTN_FWD_WS=yes was accepted";
-  } catch (const std::exception& e) {
-    EXPECT_NE(std::string(e.what()).find("DSA_SPARSE_ATTN_FWD_WS"), std::string::npos) << e.what();
-  }
+  });
 }
 
 // The backward's split variant (DSA_SPARSE_ATTN_BWD_SPLIT=1: S on warpgroup 0 and dP on warpgroup 1 at m64n64,
@@ -605,16 +606,12 @@ TEST(GpuDsa, SparseAttentionBackwardSplit) {
       EXPECT_TRUE(rel_close(gs.dkv, gd.dkv, std::sqrt(2.0) * tol_bwd)) << "dkv vs the default kernel, " << what;
     }
   // A value the switch cannot honour is refused by name, not read as the default.
-  setenv("DSA_SPARSE_ATTN_BWD_SPLIT", "yes", 1);
   const Pair q = rand_pair({1, 8, 64, 576}, 84), kv = rand_pair({1, 8, 576}, 85), dout = rand_pair({1, 8, 64, 512}, 86);
   const Tensor idx = rand_indices(1, 8, 4, 87).to(Device::CUDA);
   const Tensor lse = Tensor::zeros({1, 64, 8}, DType::F32).to(Device::CUDA);
-  try {
+  expect_refused_by_name("DSA_SPARSE_ATTN_BWD_SPLIT", [&] {
     ops::sparse_attention_backward(dout.gpu, q.gpu, kv.gpu, 512, idx, dout.gpu, lse, 0.04);
-    ADD_FAILURE() << "DSA_SPARSE_ATTN_BWD_SPLIT=yes was accepted";
-  } catch (const std::exception& e) {
-    EXPECT_NE(std::string(e.what()).find("DSA_SPARSE_ATTN_BWD_SPLIT"), std::string::npos) << e.what();
-  }
+  });
 }
 
 // The mma.sync kernels' 16-head tiles with the whole-segment gather (DSA_SPARSE_ATTN_MMA_LINES=1: eight lanes a
@@ -682,16 +679,12 @@ TEST(GpuDsa, SparseAttentionMmaLines) {
       EXPECT_TRUE(rel_close(l.g.dkv, d.g.dkv, 1e-3)) << "dkv vs the one-pass gather (atomics' order), " << what;
     }
   // A value the switch cannot honour is refused by name, not read as the default.
-  setenv("DSA_SPARSE_ATTN_MMA_LINES", "yes", 1);
   const Pair q = rand_pair({1, 8, 16, 288}, 94), kv = rand_pair({1, 8, 288}, 95);
   const Tensor idx = rand_indices(1, 8, 4, 96).to(Device::CUDA);
-  try {
+  expect_refused_by_name("DSA_SPARSE_ATTN_MMA_LINES", [&] {
     Tensor lse;
     ops::sparse_attention_forward(q.gpu, kv.gpu, 256, idx, 0.06, &lse, nullptr);
-    ADD_FAILURE() << "DSA_SPARSE_ATTN_MMA_LINES=yes was accepted";
-  } catch (const std::exception& e) {
-    EXPECT_NE(std::string(e.what()).find("DSA_SPARSE_ATTN_MMA_LINES"), std::string::npos) << e.what();
-  }
+  });
 }
 
 // --------------------------------------------------------------------------------- indexer losses
