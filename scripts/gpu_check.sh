@@ -78,7 +78,8 @@ if [[ $what == wgmma ]]; then
     done
     # Which hand-overs racecheck itself models (tools/dsa_racecheck_probe.cu): each probe is correct by the PTX
     # memory model, so a hazard reported on one is the tool's.
-    for pr in syncthreads bar_sync bar_sync_exit bar_sync_stay arrive_sync arrive_war mbar_elected mbar_all cp_async_mbar; do
+    probes="syncthreads bar_sync bar_sync_exit bar_sync_stay arrive_sync arrive_war mbar_elected mbar_all cp_async_mbar"
+    for pr in $probes; do
       timeout 60 compute-sanitizer --tool racecheck "$BUILD/bin/dsa-racecheck-probe" $pr >"$OUT/probe_$pr.log" 2>&1
       rc=$?
       echo "[gpu_check] racecheck probe $pr: rc $rc, $(grep -E 'wrong values' "$OUT/probe_$pr.log" | sed 's/.*: //')," \

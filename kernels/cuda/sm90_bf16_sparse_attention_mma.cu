@@ -603,7 +603,8 @@ bool sparse_attention_mma_forward(const Tensor& q, const Tensor& kv, int64_t dv,
   if (!sparse_attention_wgmma_forward(p, static_cast<int>(Dk), static_cast<int>(dv)))
     fwd_side([&](auto t) {
       using T = decltype(t);
-      launch_kernel<T>(sparse_attn_fwd_kernel<T::DK, T::DV, T::HT, T::NT, T::BN, T::ST, T::GL>, T::C::fwd_smem(), p, op);
+      launch_kernel<T>(sparse_attn_fwd_kernel<T::DK, T::DV, T::HT, T::NT, T::BN, T::ST, T::GL>, T::C::fwd_smem(), p,
+                       op);
     });
   if (probs_sum.defined()) {
     p.probs = probs_sum.data<float>();
