@@ -76,7 +76,9 @@ if [[ $what == wgmma ]]; then
         --gtest_filter="*$t*" >"$OUT/racecheck_$t.log" 2>&1
       echo "[gpu_check] racecheck $t: rc $?, $(grep -E 'RACECHECK SUMMARY|hazard' "$OUT/racecheck_$t.log" | tail -1)"
       # Each reported pair of accesses once, with its source lines (the build has -lineinfo), most frequent first.
-      grep -E "Race reported" "$OUT/racecheck_$t.log" | sed -E 's/.*between //; s/ at 0x[0-9a-f]+//g; s#/[^ ]*/##g' |
+      # (racecheck prints the pair over two lines: "... between <access> ... in <file:line>" and "and <access> ...")
+      awk '/Race reported/ {a = $0; getline b; print a " " b}' "$OUT/racecheck_$t.log" |
+        sed -E 's/=+//g; s/.*between //; s/\+0x[0-9a-f]+//g; s/ at 0x[0-9a-f]+//g; s#/[^ ]*/##g; s/\([^)]*\)//g' |
         sort | uniq -c | sort -rn | head -8 | cut -c1-200
     done
     # Which hand-overs racecheck itself models (tools/dsa_racecheck_probe.cu): each probe is correct by the PTX
